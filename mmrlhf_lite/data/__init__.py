@@ -1,0 +1,55 @@
+"""Preference data: readers for each format, validation, pair expansion, media, the demo set.
+
+    python -m mmrlhf_lite.data stats runs/demo/data/demo.jsonl
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .groups import PreferenceGroup, Response, text_to_turn  # noqa: F401 - public API
+
+
+def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int = 0
+                 ) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """Deterministic train/eval split by group: a group (hence its prompt) lands in one split only.
+
+    The split hashes (seed, group id), so it does not depend on file order and adding groups does not
+    move existing ones across splits.
+    """
+    if eval_fraction <= 0:
+        return list(groups), []
+    train, evals = [], []
+    for g in groups:
+        h = int(hashlib.sha256(f"{seed}:{g.id}".encode()).hexdigest()[:12], 16) / 16 ** 12
+        (evals if h < eval_fraction else train).append(g)
+    return train, evals
+
+
+def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
+    """Load, validate and split the recipe's data -> (train_groups, eval_groups).
+
+    `data.path: demo` writes the synthetic set into `<run dir>/data/demo` first (in dry runs too, since
+    the plan counts its tokens).
+    """
+    from .demo import write_demo
+    from .readers import load_groups
+
+    cfg = recipe.data
+    path = cfg.path
+    if path == "demo":
+        d = cfg.demo
+        path = str(write_demo(Path(run_dir) / "data" / "demo", d.groups, d.seed, d.image_size, d.safety_fraction))
+    result = load_groups(path, fmt=cfg.format, media_root=cfg.media_root, on_error=cfg.on_error,
+                         max_frames=cfg.max_frames, events=events)
+    groups = result.groups
+    if cfg.max_groups:
+        groups = groups[: cfg.max_groups]
+    if cfg.eval_path:
+        evals = load_groups(cfg.eval_path, fmt=cfg.format, media_root=cfg.media_root, on_error=cfg.on_error,
+                            max_frames=cfg.max_frames, events=events).groups
+        train = groups
+    else:
+        train, evals = split_groups(groups, cfg.eval_fraction, cfg.split_seed)
+    events.info(f"data: {len(train)} train groups, {len(evals)} eval groups from {path}", stage="data")
+    return train, evals

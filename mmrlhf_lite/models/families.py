@@ -1,0 +1,98 @@
+"""What each VLM family needs, in one table (no `if family == ...` chains elsewhere).
+
+    python -c "from mmrlhf_lite.models.families import FAMILIES; print(sorted(FAMILIES))"
+
+Per family: the processor classes (with the torchvision-free image processor used when torchvision is
+missing), where the language model and the vision tower live (LoRA targets only the former by default,
+4-bit skips the latter), whether positions are M-RoPE (3-D, from the model's own rope-index function)
+and which processor outputs the forward takes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    model_types: tuple[str, ...]
+    processor_class: str
+    image_processor_class: str                  # torchvision-free (PIL) image processor
+    text_prefix: str                            # module path of the language model decoder
+    vision_prefixes: tuple[str, ...]            # vision tower + projector modules
+    mrope: bool = False                         # 3-D M-RoPE positions from `get_rope_index`
+    forward_keys: tuple[str, ...] = ("pixel_values",)
+    unsloth: bool = True                        # FastVisionModel supports this family
+    packing: bool = True                        # attention takes a 4-D mask + explicit positions
+
+    @property
+    def skip_4bit(self) -> tuple[str, ...]:
+        """Module-path prefixes bitsandbytes leaves unquantised: the vision side and the LM head."""
+        return self.vision_prefixes + ("lm_head",)
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec for spec in (
+        FamilySpec(
+            name="qwen2_vl", model_types=("qwen2_vl",),
+            processor_class="Qwen2VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+            text_prefix="model.language_model", vision_prefixes=("model.visual",), mrope=True,
+            forward_keys=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+        ),
+        FamilySpec(
+            name="qwen2_5_vl", model_types=("qwen2_5_vl",),
+            processor_class="Qwen2_5_VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+            text_prefix="model.language_model", vision_prefixes=("model.visual",), mrope=True,
+            forward_keys=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+            notes="The vision MLP reuses gate/up/down_proj names: LoRA targets are anchored to the language model.",
+        ),
+        FamilySpec(
+            name="llava_onevision", model_types=("llava_onevision",),
+            processor_class="LlavaOnevisionProcessor", image_processor_class="LlavaOnevisionImageProcessorPil",
+            text_prefix="model.language_model", vision_prefixes=("model.vision_tower", "model.multi_modal_projector"), mrope=False,
+            forward_keys=("pixel_values", "image_sizes"),
+        ),
+    )
+}
+
+
+def family_of_model_type(model_type: str) -> FamilySpec:
+    for spec in FAMILIES.values():
+        if model_type in spec.model_types:
+            return spec
+    raise ValueError(f"model type '{model_type}' is not supported yet; supported families: "
+                     f"{', '.join(sorted(FAMILIES))}")
+
+
+def detect_family(model_path: str | Path, family: str = "auto") -> FamilySpec:
+    if family != "auto":
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model.family '{family}'; known: {', '.join(sorted(FAMILIES))}")
+        return FAMILIES[family]
+    cfg = Path(model_path) / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{cfg} not found: is '{model_path}' a model folder?")
+    return family_of_model_type(json.loads(cfg.read_text()).get("model_type", ""))
+
+
+def prompt_positions(model: torch.nn.Module, spec: FamilySpec, inputs: dict) -> torch.Tensor:
+    """Position ids of an (unpadded, batch 1) prompt: (3, 1, P) for M-RoPE families, else (1, P).
+
+    Responses packed after the prompt continue from `positions.max() + 1` in every dimension, exactly
+    as an unpacked sequence would (text tokens after the image advance all three M-RoPE axes together).
+    """
+    ids = inputs["input_ids"]
+    if not spec.mrope:
+        return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    backbone = model.model
+    kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+    positions, _ = backbone.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], **kwargs)
+    return positions
+
+

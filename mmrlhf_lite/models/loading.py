@@ -1,0 +1,358 @@
+"""`load_model(model_cfg) -> (model, processor)`: one entry point whatever the backend.
+
+    python -c "from mmrlhf_lite.recipe import load_recipe; from mmrlhf_lite.models.loading import load_model; \
+print(load_model(load_recipe('recipes/demo.yaml').model)[0])"
+
+Backends: `unsloth` (FastVisionModel, CUDA only), `transformers` (bitsandbytes nf4 + double quant,
+peft LoRA; also runs on CPU), `auto` = unsloth when CUDA and unsloth are importable, else transformers.
+The 4-bit model keeps every non-quantised weight in the compute dtype: peft's
+`prepare_model_for_kbit_training` would upcast them to fp32 (3x slower, +50% memory on a 7B step),
+so gradient checkpointing and input gradients are enabled here directly.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..recipe import ModelConfig
+from .families import FamilySpec, detect_family
+from .heads import RewardHead
+
+log = logging.getLogger(__name__)
+
+META_FILE = "mmrlhf_lite.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """What the rest of the code needs besides the module itself."""
+    path: str
+    family: FamilySpec
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_model_path(path: str) -> str:
+    if path.startswith("tiny:"):
+        from .tiny import ensure_tiny
+        return str(ensure_tiny(path))
+    return path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def unsloth_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("unsloth")
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+
+
+def resolve_backend(cfg: ModelConfig, device: torch.device, family: FamilySpec) -> str:
+    if cfg.backend == "unsloth":
+        if device.type != "cuda":
+            raise ModelLoadError("model.backend=unsloth needs a CUDA GPU (FastVisionModel is CUDA only); "
+                                 "use model.backend=transformers (4-bit also works on CPU) or auto")
+        if not unsloth_available():
+            raise ModelLoadError("model.backend=unsloth but unsloth is not importable; "
+                                 "pip install -r requirements-gpu.txt, or use model.backend=transformers")
+        return "unsloth"
+    if cfg.backend == "auto" and device.type == "cuda" and family.unsloth and unsloth_available():
+        return "unsloth"
+    return "transformers"
+
+
+# --------------------------------------------------------------------------------------------------
+# processor
+
+def _torchvision_available() -> bool:
+    try:
+        importlib.import_module("torchvision")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class FramesOnlyVideoProcessor:
+    """Stands in for a torchvision video processor: mmrlhf-lite feeds videos as sampled frames (images)."""
+
+    merge_size = 2
+    temporal_patch_size = 2
+
+    def __call__(self, *args, **kwargs):
+        raise ModelLoadError("native video input needs torchvision; mmrlhf-lite passes videos as frames")
+
+
+def _image_only_processor_class(base: type) -> type:
+    class ImageOnly(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if isinstance(argument, FramesOnlyVideoProcessor):
+                return FramesOnlyVideoProcessor
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = base.__name__
+    return ImageOnly
+
+
+def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None):
+    """AutoProcessor where it works; without torchvision, the family's PIL image processor and no video one."""
+    import transformers
+
+    image_kwargs: dict[str, Any] = {}
+    if cfg is not None and cfg.max_pixels:
+        image_kwargs["max_pixels"] = cfg.max_pixels
+    if cfg is not None and cfg.min_pixels:
+        image_kwargs["min_pixels"] = cfg.min_pixels
+    trust = bool(cfg and cfg.trust_remote_code)
+    if _torchvision_available():
+        processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        module = importlib.import_module(f"transformers.models.{family.name}")
+        ip_cls = getattr(module, family.image_processor_class, None) or getattr(
+            transformers, family.image_processor_class)
+        image_processor = ip_cls.from_pretrained(path)
+        proc_cls = _image_only_processor_class(getattr(transformers, family.processor_class))
+        chat_template = tokenizer.chat_template
+        tpl = Path(path) / "chat_template.jinja"
+        if chat_template is None and tpl.exists():
+            chat_template = tpl.read_text()
+        kwargs = {"video_processor": FramesOnlyVideoProcessor()}
+        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                             **kwargs)
+    for key, value in image_kwargs.items():
+        setattr(processor.image_processor, key, value)
+        if hasattr(processor.image_processor, "size") and isinstance(processor.image_processor.size, dict) \
+                and key in ("max_pixels", "min_pixels"):
+            size_key = {"max_pixels": "longest_edge", "min_pixels": "shortest_edge"}[key]
+            if size_key in processor.image_processor.size:
+                processor.image_processor.size[size_key] = value
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+
+def _quantization_config(cfg: ModelConfig, family: FamilySpec, dtype: torch.dtype):
+    if not cfg.load_in_4bit:
+        return None
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"model.load_in_4bit needs bitsandbytes ({exc}); pip install bitsandbytes, "
+                             "or set model.load_in_4bit=false") from None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(family.skip_4bit))
+
+
+def _disable_bnb_cpu_packed_kernel(model: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes switches eval-mode no-grad 4-bit matmuls to a packed kernel
+    that needs a hub download and crashes offline; keep the portable kernel."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # noqa: BLE001
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_target_names(model: torch.nn.Module, family: FamilySpec, cfg: ModelConfig) -> list[str]:
+    """Full module names LoRA wraps: the language model's named linears, plus (optionally) every linear
+    of the vision tower/projector. Anchoring on the module path keeps Qwen2.5-VL's vision MLP (which
+    reuses gate/up/down_proj) out unless asked for."""
+    wanted = set(cfg.lora_target_modules)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) and type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        if name.startswith(family.text_prefix + ".") and name.rsplit(".", 1)[-1] in wanted:
+            names.append(name)
+        elif cfg.lora_vision and any(name.startswith(p + ".") or name == p for p in family.vision_prefixes):
+            names.append(name)
+    if not names:
+        raise ModelLoadError(f"no linear layer named {sorted(wanted)} under '{family.text_prefix}'; "
+                             "check model.lora_target_modules")
+    return names
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    base.config.use_cache = False
+
+
+def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, trainable: bool = True,
+               reward_head: dict | None = None, lora: bool = True):
+    """Load model + processor.
+
+    adapter: a saved adapter folder to load (trainable or frozen); else a fresh LoRA when `lora`.
+    reward_head: {"kind": "mlp"|"linear", "dropout": p} attaches a scalar head saved with the adapter.
+    Returns (model, processor); `model.mmrlhf` is a `LoadedModel` with family/backend/device/dtype.
+    """
+    path = resolve_model_path(cfg.path)
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelLoadError(f"model.path '{cfg.path}' is not a local folder and the hub is offline")
+    try:
+        family = detect_family(path, cfg.family)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ModelLoadError(str(exc)) from None
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    backend = resolve_backend(cfg, device, family)
+    if adapter is not None:
+        meta_path = Path(adapter) / META_FILE
+        if meta_path.exists() and reward_head is None:
+            reward_head = json.loads(meta_path.read_text()).get("reward_head")
+
+    if backend == "unsloth":
+        model = _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora)
+    else:
+        model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora)
+    processor = load_processor(path, family, cfg)
+    model.mmrlhf = LoadedModel(path=path, family=family, backend=backend, device=device, dtype=dtype)
+    return model, processor
+
+
+def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    quant = _quantization_config(cfg, family, dtype)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                  trust_remote_code=cfg.trust_remote_code)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        with _quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model from '{path}': {exc}") from None
+    if quant is None:
+        model.to(device)
+    if device.type == "cpu":
+        _disable_bnb_cpu_packed_kernel(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if reward_head is not None:
+        hidden = model.config.get_text_config().hidden_size
+        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0)).to(
+            device=device, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    elif lora:
+        targets = lora_target_names(model, family, cfg)
+        lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets, bias="none",
+                              modules_to_save=["reward_head"] if reward_head is not None else None)
+        model = get_peft_model(model, lora_cfg)
+    if trainable and cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if not trainable:
+        model.eval()
+    if device.type == "cpu":
+        _disable_bnb_cpu_packed_kernel(model)
+    return model
+
+
+def _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora):  # pragma: no cover - CUDA
+    from unsloth import FastVisionModel  # noqa: I001 - must come first on CUDA
+
+    model, _ = FastVisionModel.from_pretrained(path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
+                                               use_gradient_checkpointing=cfg.gradient_checkpointing and trainable,
+                                               trust_remote_code=cfg.trust_remote_code)
+    if reward_head is not None:
+        hidden = model.config.get_text_config().hidden_size
+        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0)).to(
+            device=model.device, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    elif lora:
+        model = FastVisionModel.get_peft_model(
+            model, finetune_vision_layers=cfg.lora_vision, finetune_language_layers=True,
+            finetune_attention_modules=True, finetune_mlp_modules=True, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, bias="none",
+            modules_to_save=["reward_head"] if reward_head is not None else None)
+    if trainable:
+        FastVisionModel.for_training(model)
+    else:
+        FastVisionModel.for_inference(model)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers import logging as hf_logging
+    from transformers.utils import logging as tl
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    bars = tl.is_progress_bar_enabled()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            tl.enable_progress_bar()
+
+
+def save_adapter(model, out_dir: str | os.PathLike, **meta: Any) -> Path:
+    """Adapter (+ reward head, saved by peft as a module-to-save) and a small JSON of how to reload it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "reward_head", None)
+    info = {"base_model": getattr(model, "mmrlhf", None) and model.mmrlhf.path, **meta}
+    if head is not None:
+        info["reward_head"] = {"kind": head.kind, "dropout": head.dropout_p}
+    (out / META_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers `...ForConditionalGeneration` under peft/compile wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

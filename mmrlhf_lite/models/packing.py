@@ -1,0 +1,327 @@
+"""A group of K responses as one packed sequence: `[prompt with image][r1][r2]...[rK]`.
+
+DESIGN.md, "A group is one packed sequence": the prompt and its image tokens are run once per group,
+not once per response. Each response ("branch") attends to the prompt and to itself only (4-D boolean
+mask), and its positions continue from the prompt's end (3-D M-RoPE ids from the model's own
+rope-index function on the prompt). Log-probs are gathered on branch target tokens only, through a
+chunked LM head: full-vocabulary logits are never built for image or prompt positions.
+
+The unpacked path (one ordinary row per branch, the model computing masks and positions itself) is
+the fallback for families whose attention cannot take the mask, and the test oracle.
+
+    python -m pytest tests/test_packing.py -q
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .families import FamilySpec, prompt_positions
+from .loading import unwrap
+
+TOKEN_LEVEL_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class Branch:
+    """Tokens that follow the shared prefix. `target[i]` marks tokens whose log-prob is gathered
+    (a response for DPO, a critique for the reward model's LM loss)."""
+    ids: list[int]
+    target: list[bool]
+
+    def __post_init__(self):
+        if len(self.ids) != len(self.target):
+            raise ValueError("branch ids and target mask differ in length")
+        if not self.ids:
+            raise ValueError("empty branch")
+
+
+@dataclass
+class EncodedGroup:
+    """A prefix (processor outputs for batch 1, image inputs included) and its branches."""
+    prefix: dict[str, torch.Tensor]
+    branches: list[Branch]
+    group_id: str = ""
+    source: str = ""
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.prefix["input_ids"].shape[1])
+
+    def lengths(self) -> list[int]:
+        return [self.prefix_len + len(b.ids) for b in self.branches]
+
+    def packed_len(self) -> int:
+        return self.prefix_len + sum(len(b.ids) for b in self.branches)
+
+
+@dataclass
+class BranchOutput:
+    """Per branch of each group, in input order."""
+    logps: list[torch.Tensor] = field(default_factory=list)       # summed target log-prob, scalar
+    token_logps: list[torch.Tensor] = field(default_factory=list)  # (n_target,)
+    n_tokens: list[int] = field(default_factory=list)
+    last_hidden: list[torch.Tensor] = field(default_factory=list)  # (h,) at the branch's last token
+
+
+# --------------------------------------------------------------------------------------------------
+# row building
+
+@dataclass
+class _Row:
+    ids: list[int]
+    token_keys: dict[str, list[int]]
+    positions: torch.Tensor          # (3, L) or (1, L)
+    spans: list[tuple[int, int]]     # branch [start, end) in the row
+    prefix_len: int
+    prefix: dict[str, torch.Tensor]
+    owners: list[tuple[int, int]]    # (group index, branch index) for each span
+
+
+def plan_rows(groups: Sequence[EncodedGroup], max_row_tokens: int | None) -> list[list[tuple[int, list[int]]]]:
+    """Split each group's branches over as few rows as fit `max_row_tokens` (prefix repeated per row).
+
+    Returns, per row, [(group index, [branch indices])]. One group per row: rows of different groups
+    are batched, never concatenated, so no prefix ever attends to another group.
+    """
+    rows = []
+    for gi, g in enumerate(groups):
+        current, used = [], g.prefix_len
+        for bi, b in enumerate(g.branches):
+            n = len(b.ids)
+            if current and max_row_tokens is not None and used + n > max_row_tokens:
+                rows.append([(gi, current)])
+                current, used = [], g.prefix_len
+            current.append(bi)
+            used += n
+        if current:
+            rows.append([(gi, current)])
+    return rows
+
+
+def _build_row(model, spec: FamilySpec, g: EncodedGroup, gi: int, branch_idx: list[int]) -> _Row:
+    base = unwrap(model)
+    prefix = g.prefix
+    ids = prefix["input_ids"][0].tolist()
+    pos_prefix = prompt_positions(base, spec, prefix)[:, 0] if spec.mrope else prompt_positions(base, spec, prefix)
+    nxt = int(pos_prefix.max()) + 1
+    token_keys = {k: prefix[k][0].tolist() for k in TOKEN_LEVEL_KEYS if k in prefix}
+    pos_parts, spans, owners = [pos_prefix.to(torch.long).cpu()], [], []
+    for bi in branch_idx:
+        b = g.branches[bi]
+        start = len(ids)
+        ids.extend(b.ids)
+        for k in token_keys:
+            token_keys[k].extend([0] * len(b.ids))
+        p = torch.arange(nxt, nxt + len(b.ids), dtype=torch.long)
+        pos_parts.append(p.unsqueeze(0).expand(pos_prefix.shape[0], -1))
+        spans.append((start, len(ids)))
+        owners.append((gi, bi))
+    return _Row(ids=ids, token_keys=token_keys, positions=torch.cat(pos_parts, dim=1), spans=spans,
+                prefix_len=g.prefix_len, prefix=prefix, owners=owners)
+
+
+def packed_mask(prefix_len: int, spans: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """(L, L) boolean, True = may attend: causal prefix; each branch sees the prefix and itself
+    (causally); padding sees only itself (a fully masked row would give NaN in SDPA)."""
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask[:prefix_len, :prefix_len] = causal[:prefix_len, :prefix_len]
+    for s, e in spans:
+        mask[s:e, :prefix_len] = True
+        mask[s:e, s:e] = causal[: e - s, : e - s]
+    used = spans[-1][1] if spans else prefix_len
+    idx = torch.arange(used, length)
+    mask[idx, idx] = True
+    return mask
+
+
+def _cat_media(prefixes: list[dict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in keys:
+        if k in TOKEN_LEVEL_KEYS:
+            continue
+        vals = [p[k] for p in prefixes if k in p and p[k] is not None]
+        if vals:
+            out[k] = torch.cat(vals, dim=0)
+    return out
+
+
+def _forward_keys(spec: FamilySpec, prefixes: list[dict]) -> list[str]:
+    keys = list(spec.forward_keys)
+    for p in prefixes:
+        for k in p:
+            if k not in keys and k not in ("input_ids", "attention_mask"):
+                keys.append(k)
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# log-probs through a chunked LM head
+
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+
+
+def token_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
+                chunk: int = 1024) -> torch.Tensor:
+    """log p(target_t | h_t) for (N, h) hidden states, N target ids -> (N,) float32.
+
+    Chunks of `chunk` tokens, each recomputed in backward (activation checkpointing), so at most one
+    chunk's (chunk, vocab) logits exist at a time.
+    """
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    outs = []
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            outs.append(checkpoint(_chunk_logps, h, t, weight, bias, use_reentrant=False))
+        else:
+            outs.append(_chunk_logps(h, t, weight, bias))
+    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _collect(hidden: torch.Tensor, prefix_lens: list[int], spans_per_row, owners_per_row, groups, lm_head,
+             want_logps: bool, want_hidden: bool) -> BranchOutput:
+    """Per-branch outputs from (B, L, h) hidden states of a packed or unpacked batch.
+
+    Token 0 of a branch is predicted by the last prefix token (also in a packed row, where the previous
+    position belongs to another branch); token t > 0 by the token before it.
+    """
+    device = hidden.device
+    pred_rows, pred_cols, target_ids, owner_of = [], [], [], []
+    last = {}
+    for r, (spans, owners) in enumerate(zip(spans_per_row, owners_per_row)):
+        for (s, e), (gi, bi) in zip(spans, owners):
+            b = groups[gi].branches[bi]
+            if want_logps:
+                for t, is_target in enumerate(b.target):
+                    if is_target:
+                        pred_rows.append(r)
+                        pred_cols.append(prefix_lens[r] - 1 if t == 0 else s + t - 1)
+                        target_ids.append(b.ids[t])
+                        owner_of.append((gi, bi))
+            if want_hidden:
+                last[(gi, bi)] = hidden[r, e - 1]
+    out = BranchOutput()
+    order = [(gi, bi) for gi, g in enumerate(groups) for bi in range(len(g.branches))]
+    if want_logps:
+        if pred_rows:
+            h = hidden[torch.tensor(pred_rows, device=device), torch.tensor(pred_cols, device=device)]
+            lp = token_logps(h, torch.tensor(target_ids, device=device), lm_head)
+        else:
+            lp = hidden.new_zeros(0, dtype=torch.float32)
+        index: dict[tuple[int, int], list[int]] = {k: [] for k in order}
+        for i, key in enumerate(owner_of):
+            index[key].append(i)
+        for key in order:
+            tl = lp[torch.tensor(index[key], device=device, dtype=torch.long)]
+            out.token_logps.append(tl)
+            out.logps.append(tl.sum())
+            out.n_tokens.append(len(index[key]))
+    if want_hidden:
+        out.last_hidden = [last[k] for k in order]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the two forwards
+
+def backbone(model) -> torch.nn.Module:
+    """The multimodal backbone (`...ForConditionalGeneration.model`) returning last hidden states."""
+    return unwrap(model).model
+
+
+def lm_head_of(model) -> torch.nn.Module:
+    return unwrap(model).get_output_embeddings()
+
+
+def packed_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, logps: bool = True,
+                   hidden: bool = False, max_row_tokens: int | None = None) -> BranchOutput:
+    """One row per group (split under `max_row_tokens`), each branch attending to prefix + itself."""
+    device = next(p for p in model.parameters()).device
+    plan = plan_rows(groups, max_row_tokens)
+    rows = [_build_row(model, spec, groups[gi], gi, bidx) for ((gi, bidx),) in plan]
+    L = max(len(r.ids) for r in rows)
+    pad_id = 0
+    B = len(rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    n_pos = rows[0].positions.shape[0]
+    positions = torch.zeros((n_pos, B, L), dtype=torch.long)
+    mask = torch.zeros((B, 1, L, L), dtype=torch.bool)
+    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for k in rows[0].token_keys}
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        input_ids[i, :n] = torch.tensor(r.ids)
+        positions[:, i, :n] = r.positions
+        mask[i, 0] = packed_mask(r.prefix_len, r.spans, L)
+        for k, v in r.token_keys.items():
+            token_keys[k][i, :n] = torch.tensor(v)
+    prefixes = [r.prefix for r in rows]
+    kwargs = _cat_media(prefixes, _forward_keys(spec, prefixes))
+    kwargs.update(token_keys)
+    pos_arg = positions if spec.mrope else positions[0]
+    out = backbone(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                          position_ids=pos_arg.to(device), use_cache=False,
+                          **{k: v.to(device) for k, v in kwargs.items()})
+    return _collect(out.last_hidden_state, [r.prefix_len for r in rows], [r.spans for r in rows],
+                    [r.owners for r in rows], groups, lm_head_of(model), logps, hidden)
+
+
+def unpacked_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, logps: bool = True,
+                     hidden: bool = False) -> BranchOutput:
+    """One ordinary right-padded row per branch; the model builds its own mask and positions."""
+    device = next(p for p in model.parameters()).device
+    rows, prefixes, spans, owners = [], [], [], []
+    for gi, g in enumerate(groups):
+        for bi, b in enumerate(g.branches):
+            ids = g.prefix["input_ids"][0].tolist() + list(b.ids)
+            rows.append((ids, {k: g.prefix[k][0].tolist() + [0] * len(b.ids) for k in TOKEN_LEVEL_KEYS
+                               if k in g.prefix}))
+            prefixes.append(g.prefix)
+            spans.append([(g.prefix_len, len(ids))])
+            owners.append([(gi, bi)])
+    L = max(len(ids) for ids, _ in rows)
+    B = len(rows)
+    input_ids = torch.zeros((B, L), dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for k in rows[0][1]}
+    for i, (ids, tk) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attn[i, :len(ids)] = 1
+        for k, v in tk.items():
+            token_keys[k][i, :len(v)] = torch.tensor(v)
+    kwargs = _cat_media(prefixes, _forward_keys(spec, prefixes))
+    kwargs.update(token_keys)
+    base = backbone(model)
+    if hasattr(base, "rope_deltas"):
+        base.rope_deltas = None  # stale deltas from a previous generate() must not leak into this pass
+    out = base(input_ids=input_ids.to(device), attention_mask=attn.to(device), use_cache=False,
+               **{k: v.to(device) for k, v in kwargs.items()})
+    return _collect(out.last_hidden_state, [groups[o[0][0]].prefix_len for o in owners], spans, owners, groups,
+                    lm_head_of(model), logps, hidden)
+
+
+def group_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, packed: bool, logps: bool = True,
+                  hidden: bool = False, max_row_tokens: int | None = None) -> BranchOutput:
+    if packed:
+        return packed_forward(model, spec, groups, logps=logps, hidden=hidden, max_row_tokens=max_row_tokens)
+    return unpacked_forward(model, spec, groups, logps=logps, hidden=hidden)
+
+
+def use_packing(spec: FamilySpec, setting: str, attn_implementation: str) -> bool:
+    """`auto` packs where the family and attention kernel take a 4-D mask."""
+    if setting == "unpacked":
+        return False
+    ok = spec.packing and attn_implementation in ("sdpa", "eager")
+    if setting == "packed" and not ok:
+        raise ValueError(f"model.packing=packed is not supported for {spec.name} with "
+                         f"attn_implementation={attn_implementation}; use sdpa or model.packing=auto")
+    return ok
+

@@ -1,0 +1,232 @@
+"""Offline tiny-model kit: random-init VLMs with a locally trained tokenizer, processor and chat template.
+
+Each model is built from a config, saved with `save_pretrained` into a cache folder and then loaded
+back through the normal loader (`load_model`), so tests and the demo exercise the real loading code.
+Nothing is downloaded.
+
+    python -m mmrlhf_lite.models.tiny qwen2_vl          # builds (once) and prints the folder
+    python -m mmrlhf_lite.models.tiny qwen2_5_vl:xs
+
+Model paths in recipes: `tiny:<family>[:<size>]`, e.g. `tiny:qwen2_vl` or `tiny:qwen2_vl:xs`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+KIT_VERSION = 3  # bump when the kit's output changes: cached folders are keyed by it
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
+
+# Qwen-style chat template (the real Qwen2-VL one without its default system turn, to keep sequences
+# short). Image parts become <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_depth: int
+    vision_dim: int
+    vision_heads: int
+    image_size: int  # the processor resizes every image to about image_size^2 pixels
+    vocab: int
+
+
+SIZES = {
+    # tests: fastest that still exercises every code path
+    "xs": TinySize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=1,
+                   vision_dim=32, vision_heads=2, image_size=56, vocab=640),
+    # the demo recipe: big enough to learn the synthetic image-grounded task on CPU in minutes
+    "s": TinySize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vision_depth=2,
+                  vision_dim=64, vision_heads=2, image_size=112, vocab=1024),
+}
+
+
+def _corpus() -> list[str]:
+    """Text the tokenizer is trained on: the demo's vocabulary, the critique template, plain English."""
+    colours = "red green blue yellow purple orange black white gray pink brown cyan".split()
+    shapes = "circle circles square squares triangle triangles star stars shape shapes".split()
+    places = "top bottom left right center middle upper lower corner side above below".split()
+    numbers = "zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9".split()
+    words = ("the a an is are there in of on at to and or but not no yes this that it image picture "
+             "question answer response evaluation correct incorrect wrong right partially accurate "
+             "hallucinated mentions says shows contains describes count colour color position how many "
+             "what which where sorry cannot help with request harmful unsafe please assistant user "
+             "helpful detailed careful looks like I can see see".split())
+    rng = random.Random(0)
+    vocab = colours + shapes + places + numbers + words
+    lines = [" ".join(rng.choices(vocab, k=rng.randint(4, 16))) for _ in range(4000)]
+    lines += [
+        "You are an unbiased and fair evaluator tasked with assessing the quality of answers provided by a "
+        "Large Multimodal Model (LMM). Given the following question and the LMM's response, please evaluate "
+        "the correctness, clarity, and completeness of the answer. Provide a detailed explanation of your "
+        "assessment, including specific points of strength and areas for improvement.",
+        "[Question]: [LMM Response]: [Evaluation]:",
+        "The response correctly identifies the red circle. The response is wrong: the image shows blue.",
+        "How many circles are in the image? What colour is the square? Where is the triangle?",
+    ]
+    return lines
+
+
+def build_tokenizer(size: TinySize, chat_template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size.vocab, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", model_max_length=32768)
+    fast.chat_template = chat_template
+    return fast
+
+
+def _vision_token_ids(tok) -> dict:
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return ids
+
+
+def _build_qwen(family: str, size: TinySize, out: Path) -> None:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
+        Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = build_tokenizer(size, QWEN_CHAT_TEMPLATE)
+    ids = _vision_token_ids(tok)
+    head_dim = size.hidden // size.heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2 (temporal, height, width)
+    text = dict(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
+                num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
+                tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
+    if family == "qwen2_vl":
+        vision = dict(depth=size.vision_depth, embed_dim=size.vision_dim, hidden_size=size.hidden,
+                      num_heads=size.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_chans=3)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    else:
+        vision = dict(depth=size.vision_depth, hidden_size=size.vision_dim, out_hidden_size=size.hidden,
+                      intermediate_size=size.vision_dim * 2, num_heads=size.vision_heads, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[size.vision_depth - 1])
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    px = size.image_size * size.image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2,
+                                               temporal_patch_size=2)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    _write_processor_files(out, processor_class, QWEN_CHAT_TEMPLATE)
+
+
+def _write_processor_files(out: Path, processor_class: str, chat_template: str) -> None:
+    """What `processor.save_pretrained` writes, without needing a torchvision video processor here."""
+    (out / "chat_template.jinja").write_text(chat_template)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["processor_class"] = processor_class
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+
+
+BUILDERS = {"qwen2_vl": _build_qwen, "qwen2_5_vl": _build_qwen}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MMRLHF_LITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mmrlhf_lite")
+    return Path(root)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`tiny:qwen2_vl[:xs]` -> ("qwen2_vl", "xs")."""
+    body = spec[len("tiny:"):] if spec.startswith("tiny:") else spec
+    family, _, size = body.partition(":")
+    size = size or "s"
+    if family not in BUILDERS:
+        raise ValueError(f"no tiny model for family '{family}'; tiny families: {', '.join(sorted(BUILDERS))}")
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny size '{size}'; sizes: {', '.join(SIZES)}")
+    return family, size
+
+
+def ensure_tiny(spec: str, root: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Build the tiny model once (atomically) and return its folder."""
+    family, size_name = parse_spec(spec)
+    size = SIZES[size_name]
+    key = hashlib.sha256(json.dumps([KIT_VERSION, family, asdict(size), seed]).encode()).hexdigest()[:10]
+    out = Path(root or cache_root()) / "tiny" / f"{family}-{size_name}-{key}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        import torch
+        from transformers import logging as hf_logging
+
+        torch.manual_seed(seed)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            BUILDERS[family](family, size, tmp)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        (tmp / "TINY_MODEL.json").write_text(json.dumps({"family": family, "size": size_name, "seed": seed,
+                                                         "kit_version": KIT_VERSION, **asdict(size)}, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:] or ["qwen2_vl"]:
+        print(ensure_tiny(arg if arg.startswith("tiny:") else f"tiny:{arg}"))

@@ -1,0 +1,408 @@
+"""Typed recipes: YAML sections map 1:1 onto dataclasses; defaults and help text live here only.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml --dry-run dpo.beta=0.2
+
+`load_recipe(path, overrides)` reads a YAML file, applies `key.path=value` overrides and validates
+everything; every error names the file and the key path (and the closest valid key for typos).
+The same field metadata (type, default, help) feeds the CLI's `--help-recipe` and the UI's form.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STAGES = ("reward", "score", "reference", "dpo", "eval")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, with the file and key path it concerns."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        self.source, self.key, self.message = source, key, message
+        where = ", ".join(p for p in (f"{source}" if source else "", f"key '{key}'" if key else "") if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, gt: float | None = None,
+       ge: float | None = None, le: float | None = None, lt: float | None = None):
+    """A recipe field: default + help text + optional range/choices checked by `validate`."""
+    meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("tiny:qwen2_vl", "Local folder or hub id of an image-text-to-text model; "
+                   "`tiny:<family>` builds the offline tiny random-init model (tests, demo).")
+    family: str = _f("auto", "Model family (see mmrlhf_lite.models.families); `auto` reads config.json.")
+    backend: str = _f("auto", "`unsloth` (CUDA only), `transformers` (bitsandbytes + peft, CPU too), "
+                      "`auto` = unsloth when CUDA and unsloth are available, else transformers.",
+                      choices=("auto", "transformers", "unsloth"))
+    device: str = _f("auto", "`auto` = cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
+    load_in_4bit: bool = _f(True, "Quantise the language model's linear layers to nf4 + double quant (QLoRA).")
+    compute_dtype: str = _f("auto", "Compute dtype: `auto` = bfloat16 on CUDA (float16 if the GPU lacks bf16), "
+                            "float32 on CPU.", choices=("auto", "bfloat16", "float16", "float32"))
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.",
+                                  choices=("sdpa", "eager", "flash_attention_2"))
+    lora_r: int = _f(16, "LoRA rank.", gt=0)
+    lora_alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r).", gt=0)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", ge=0, lt=1)
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "Linear layer names LoRA wraps inside the language model.")
+    lora_vision: bool = _f(False, "Also put LoRA on the vision tower's and projector's linear layers.")
+    gradient_checkpointing: bool = _f(True, "Non-reentrant gradient checkpointing with input grads enabled.")
+    max_pixels: int | None = _f(None, "Cap on image pixels given to the processor (fewer image tokens).", gt=0)
+    min_pixels: int | None = _f(None, "Floor on image pixels given to the processor.", gt=0)
+    packing: str = _f("auto", "`packed`: one sequence per group [prompt][r1]..[rK] with a 4-D mask; "
+                      "`unpacked`: one row per response; `auto` = packed where the family supports it.",
+                      choices=("auto", "packed", "unpacked"))
+    trust_remote_code: bool = _f(False, "Allow model code from the model folder / hub (only when you trust it).")
+
+
+@dataclass
+class DemoDataConfig:
+    groups: int = _f(480, "Number of synthetic preference groups.", gt=0)
+    seed: int = _f(0, "Seed of the synthetic data generator.")
+    image_size: int = _f(112, "Canvas size in pixels (square).", ge=28)
+    safety_fraction: float = _f(0.05, "Share of safety-style prompts where the refusal ranks first.", ge=0, le=1)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("demo", "Preference data: a JSONL/JSON/Parquet file, a folder of them, a `datasets` folder "
+                   "saved with save_to_disk, or `demo` for the synthetic image-grounded demo set.")
+    format: str = _f("auto", "Row format; `auto` detects it from the fields.",
+                     choices=("auto", "ranked", "mmrlhf", "mmrlhf_bench", "trl", "swift", "llamafactory",
+                              "vlfeedback", "rlaifv"))
+    media_root: str | None = _f(None, "Folder that relative image/video paths resolve against "
+                                "(default: the data file's folder).")
+    max_frames: int = _f(8, "Frames sampled from each video (a folder of frames or a list).", gt=0)
+    eval_fraction: float = _f(0.15, "Share of groups held out for evaluation (split by group).", ge=0, lt=1)
+    eval_path: str | None = _f(None, "Separate evaluation data (replaces the split when given).")
+    split_seed: int = _f(0, "Seed of the deterministic train/eval split.")
+    max_groups: int | None = _f(None, "Use at most this many groups (after validation).", gt=0)
+    on_error: str = _f("raise", "`raise` stops at the first bad row; `skip` drops it and counts it by reason.",
+                       choices=("raise", "skip"))
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig, metadata={"help": "Synthetic demo data."})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by the reward and DPO trainers."""
+    learning_rate: float = _f(2e-4, "Peak learning rate.", gt=0)
+    epochs: float = _f(1.0, "Passes over the training groups (ignored when max_steps > 0).", gt=0)
+    max_steps: int = _f(0, "Optimizer steps; 0 = use epochs.", ge=0)
+    groups_per_step: int = _f(1, "Groups (each one packed sequence) per micro-batch.", gt=0)
+    grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step.", gt=0)
+    warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up.", ge=0, lt=1)
+    lr_scheduler: str = _f("cosine", "transformers scheduler name.",
+                           choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", gt=0)
+    max_length: int = _f(4096, "Longest tokenised sequence allowed (prompt with image tokens + one response "
+                         "+ critique); longer samples are reported, never truncated.", gt=0)
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps (resume point).", gt=0)
+    logging_steps: int = _f(5, "Log metrics every N optimizer steps.", gt=0)
+    save_total_limit: int = _f(2, "Checkpoints kept.", gt=0)
+
+
+@dataclass
+class RewardConfig:
+    head: str = _f("mlp", "`mlp` = the paper's dropout-Linear(h,h)-tanh-dropout-Linear(h,1); `linear` = Linear(h,1).",
+                   choices=("mlp", "linear"))
+    head_dropout: float = _f(0.0, "Dropout inside the reward head.", ge=0, lt=1)
+    w_rank: float = _f(1.0, "Weight of the Bradley-Terry ranking loss.", ge=0)
+    w_tie: float = _f(0.1, "Weight of the tie loss mean((r_c - r_r)^2) on tied pairs.", ge=0)
+    w_center: float = _f(0.01, "Weight of the centering loss mean((r_c + r_r)^2).", ge=0)
+    w_crit: float = _f(1.0, "Weight of the critique cross-entropy (critique tokens only).", ge=0)
+    margin_scale: float = _f(0.0, "Bradley-Terry margin = margin_scale * (score gap) when scores are given; "
+                             "0 = plain BT.", ge=0)
+    critique_mode: str = _f("generate", "How `score` gets critiques: `generate` (the model writes them), "
+                            "`given` (the dataset's), `none` (score without critique).",
+                            choices=("generate", "given", "none"))
+    n_samples: int = _f(1, "Critiques sampled per response; scores are averaged (1 = greedy).", gt=0)
+    temperature: float = _f(0.7, "Sampling temperature when n_samples > 1.", gt=0)
+    max_new_tokens: int = _f(96, "Longest generated critique.", gt=0)
+    generation_batch_size: int = _f(8, "Responses per batched generate call.", gt=0)
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Reward-model optimisation."})
+
+
+@dataclass
+class CacheConfig:
+    dir: str | None = _f(None, "Cache folder for reward scores and reference log-probs; default "
+                         "`<run dir>/cache`. Point several runs at one folder to share entries.")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _f(0.1, "beta_0 of MM-DPO.", gt=0)
+    w: float = _f(0.1, "Dynamic reward scaling weight: beta_i = beta*(1 + w*(1 - exp(-k*delta_i))); "
+                  "0 = plain DPO.", ge=0)
+    k: float = _f(0.5, "Dynamic reward scaling sharpness k.", ge=0)
+    beta_floor: float = _f(1e-3, "Positive floor on beta_i.", gt=0)
+    pairs: str = _f("all", "`all` ranked pairs of a group, or `best_vs_worst`.", choices=("all", "best_vs_worst"))
+    loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo`.", choices=("sigmoid", "ipo"))
+    alpha: float = _f(1.0, "Weight of the DPO term.", ge=0)
+    gamma: float = _f(0.25, "Weight of the SFT (NLL) term on the best response.", ge=0)
+    label_smoothing: float = _f(0.0, "Conservative DPO label smoothing (sigmoid loss only).", ge=0, lt=0.5)
+    margin_source: str = _f("reward", "Where delta_i comes from: `reward` (the reward cache of stage score), "
+                            "`scores` (the dataset's scores), `none` (delta = 0, plain DPO beta).",
+                            choices=("reward", "scores", "none"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5),
+                               metadata={"help": "MM-DPO optimisation."})
+
+
+@dataclass
+class EvalConfig:
+    critique_modes: list = _f(["given", "none", "generate"], "Reward-bench critique modes to report.")
+    max_groups: int | None = _f(None, "Evaluate at most this many held-out groups.", gt=0)
+    policy_samples: int = _f(1, "Answers sampled per held-out prompt for the win-rate (before vs after DPO).",
+                             ge=0)
+    max_new_tokens: int = _f(48, "Longest generated policy answer.", gt=0)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/demo", "Run folder: resolved recipe, events.jsonl, logs, and each stage's outputs.")
+    seed: int = _f(0, "Seed of model init, sampling and data order.")
+    stages: list = _f(list(STAGES), "Stages to run, in order: reward, score, reference, dpo, eval.")
+    report_to: str = _f("none", "transformers `report_to` (none, tensorboard, wandb).")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and adapters."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Preference data."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Critique reward model."})
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata={"help": "Content-keyed caches."})
+    dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "MM-DPO."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run folder and stages."})
+    source: str | None = field(default=None, repr=False, metadata={"help": "", "internal": True})
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and validation
+
+def recipe_fields(cls=Recipe, prefix: str = ""):
+    """Yield (key_path, dataclass_field, type) for every leaf field: the single source for CLI help and UI."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            yield from recipe_fields(t, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, t
+
+
+def _type_name(t) -> str:
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value: Any, t, key: str, source: str | None) -> Any:
+    """Check/convert one YAML value to the field type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif t is str:
+        if isinstance(value, str):
+            return value
+    elif t is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    else:
+        return value
+    raise RecipeError(f"expected {_type_name(t)}, got {type(value).__name__} {value!r}", source=source, key=key)
+
+
+def _build(cls, data: dict, prefix: str, source: str | None):
+    if not isinstance(data, dict):
+        raise RecipeError(f"expected a mapping (section), got {type(data).__name__}", source=source,
+                          key=prefix.rstrip(".") or None)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"unknown key{hint}", source=source, key=f"{prefix}{key}")
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            kwargs[key] = _build(t, value or {}, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, t, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, key_path: str, value: Any, source: str) -> None:
+    """Apply one override to the raw YAML tree (validated later with the rest)."""
+    parts = key_path.split(".")
+    node, cls = tree, Recipe
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        if part not in names:
+            close = difflib.get_close_matches(part, list(names), n=1, cutoff=0.5)
+            prefix = ".".join(parts[:i])
+            prefix = prefix + "." if prefix else ""
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"unknown key{hint}", source=source, key=key_path)
+        t = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(t):
+                raise RecipeError("is a section; override one of its keys", source=source, key=key_path)
+            node[part] = value
+        else:
+            if not dataclasses.is_dataclass(t):
+                raise RecipeError(f"'{'.'.join(parts[:i + 1])}' is not a section", source=source, key=key_path)
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise RecipeError("expected a mapping (section)", source=source, key=".".join(parts[:i + 1]))
+            node, cls = node[part], t
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`dpo.beta=0.2` -> ("dpo.beta", 0.2); the value is parsed as YAML (so `null`, `[a, b]`, `true` work)."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' is not of the form key.path=value", source="command line")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(recipe: Recipe, source: str | None = None) -> Recipe:
+    """Range and choice checks from field metadata, plus cross-field rules."""
+    for key, f, _ in recipe_fields():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        m = f.metadata
+        if value is None:
+            continue
+        if m.get("choices") and value not in m["choices"]:
+            close = difflib.get_close_matches(str(value), [str(c) for c in m["choices"]], n=1, cutoff=0.4)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{value!r} is not one of {', '.join(map(str, m['choices']))}{hint}",
+                              source=source, key=key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            for op, bound, ok in (("gt", m.get("gt"), lambda v, b: v > b), ("ge", m.get("ge"), lambda v, b: v >= b),
+                                  ("lt", m.get("lt"), lambda v, b: v < b), ("le", m.get("le"), lambda v, b: v <= b)):
+                if bound is not None and not ok(value, bound):
+                    sym = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[op]
+                    raise RecipeError(f"must be {sym} {bound}, got {value}", source=source, key=key)
+    bad = [s for s in recipe.run.stages if s not in STAGES]
+    if bad:
+        close = difflib.get_close_matches(bad[0], STAGES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise RecipeError(f"unknown stage '{bad[0]}'{hint}; stages are {', '.join(STAGES)}", source=source,
+                          key="run.stages")
+    for mode in recipe.eval.critique_modes:
+        if mode not in ("generate", "given", "none"):
+            raise RecipeError(f"unknown critique mode {mode!r}; use generate, given or none", source=source,
+                              key="eval.critique_modes")
+    if not recipe.model.lora_target_modules:
+        raise RecipeError("needs at least one module name", source=source, key="model.lora_target_modules")
+    return recipe
+
+
+def _check_paths(recipe: Recipe, base: Path, source: str | None) -> None:
+    """Relative paths resolve against the recipe file's folder first, then the working directory."""
+    def resolve(value: str | None, key: str, must_exist: bool) -> str | None:
+        if value is None or value == "demo" and key == "data.path" or value.startswith("tiny:"):
+            return value
+        p = Path(os.path.expanduser(value))
+        if not p.is_absolute():
+            cands = [Path.cwd() / p, base / p]
+            p = next((c for c in cands if c.exists()), cands[0])
+        if must_exist and not p.exists():
+            raise RecipeError(f"path not found: {value}", source=source, key=key)
+        return str(p)
+
+    recipe.data.path = resolve(recipe.data.path, "data.path", True)
+    recipe.data.eval_path = resolve(recipe.data.eval_path, "data.eval_path", True)
+    recipe.data.media_root = resolve(recipe.data.media_root, "data.media_root", True)
+    mp = recipe.model.path
+    if mp.startswith((".", "/", "~")) or os.path.sep in mp and Path(mp).expanduser().exists():
+        recipe.model.path = resolve(mp, "model.path", True)
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple = (),
+                check_paths: bool = True) -> Recipe:
+    """Load + override + validate. `path=None` gives the defaults (the demo recipe's base)."""
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise RecipeError("recipe file not found", source=source)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise RecipeError(f"not valid YAML: {getattr(e, 'problem', e)}", source=f"{source}{line}") from None
+        if not isinstance(tree, dict):
+            raise RecipeError("a recipe is a mapping of sections (model, data, reward, ...)", source=source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value, f"{source} (override {text})")
+    recipe = _build(Recipe, tree, "", source)
+    recipe.source = source
+    validate(recipe, source)
+    if check_paths:
+        _check_paths(recipe, Path(path).resolve().parent if path is not None else Path.cwd(), source)
+    return recipe
+
+
+def describe_fields() -> str:
+    """Help text for every key (the CLI's --help-recipe; the UI form uses `recipe_fields` directly)."""
+    lines = []
+    defaults = Recipe()
+    for key, f, t in recipe_fields():
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        choices = f" [{'|'.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
+        lines.append(f"  {key} ({_type_name(t)}{choices}, default {value!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)

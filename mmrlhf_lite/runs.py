@@ -1,0 +1,199 @@
+"""Run folders: the resolved recipe, events, logs, per-stage status, stop requests, resume.
+
+    runs/demo/
+      recipe.yaml          the resolved recipe of the latest invocation
+      events.jsonl         progress/metrics/warnings/errors (mmrlhf_lite.events)
+      train.log            python logging of the CLI
+      stages/<stage>.json  {"status": "done", "inputs": {...}, ...} once a stage has finished
+      data/ reward/ cache/ dpo/ eval/   each stage's outputs
+
+A second invocation on the same folder skips finished stages whose inputs are unchanged, resumes
+unfinished ones from their checkpoints / caches, and refuses (naming the changed keys) to mix a
+finished stage with a changed recipe: nothing finished is ever silently overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from .recipe import Recipe
+
+# Which recipe sections each stage's outputs depend on (a change invalidates a finished stage).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "reward": ("model", "data", "reward.head", "reward.head_dropout", "reward.w_rank", "reward.w_tie",
+               "reward.w_center", "reward.w_crit", "reward.margin_scale", "reward.train", "run.seed"),
+    "score": ("reward",),
+    "reference": ("model", "data"),
+    "dpo": ("model", "data", "dpo", "run.seed"),
+    "eval": ("eval", "reward.critique_mode", "reward.n_samples", "reward.max_new_tokens"),
+}
+STAGE_DIRS = {"reward": "reward", "score": "score", "reference": "reference", "dpo": "dpo", "eval": "eval"}
+STOP_FILE = "STOP"
+LOCK_FILE = "run.lock"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked; the message says what to do."""
+
+
+def _lookup(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def stage_inputs(recipe_dict: dict, stage: str) -> dict:
+    return {k: _lookup(recipe_dict, k) for k in STAGE_INPUTS[stage]}
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ----- layout
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / STAGE_DIRS[stage]
+
+    def status_file(self, stage: str) -> Path:
+        return self.path / "stages" / f"{stage}.json"
+
+    def status(self, stage: str) -> dict | None:
+        f = self.status_file(stage)
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_done(self, stage: str) -> bool:
+        st = self.status(stage)
+        return bool(st and st.get("status") == "done")
+
+    def mark_done(self, stage: str, recipe: Recipe, **info: Any) -> None:
+        f = self.status_file(stage)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"status": "done", "finished": time.time(), "inputs": stage_inputs(recipe.to_dict(), stage), **info}
+        write_atomic(f, json.dumps(payload, indent=2, default=str))
+
+    def clear(self, stage: str) -> None:
+        """Forget a finished stage and delete its outputs (`--redo STAGE`: an explicit request)."""
+        self.status_file(stage).unlink(missing_ok=True)
+        d = self.stage_dir(stage)
+        if d.exists():
+            shutil.rmtree(d)
+
+    # ----- consistency with an earlier invocation
+    def check_recipe(self, recipe: Recipe, stages: list[str]) -> list[str]:
+        """Stages already done with the same inputs (skipped). Raises if a finished stage would be
+        reused or overwritten with different inputs."""
+        now = recipe.to_dict()
+        skip = []
+        for stage in STAGE_INPUTS:
+            st = self.status(stage)
+            if not st or st.get("status") != "done":
+                continue
+            changed = _diff(st.get("inputs", {}), stage_inputs(now, stage), "")
+            if changed:
+                raise RunFolderError(
+                    f"run folder {self.path} has finished stage '{stage}' with different settings "
+                    f"(changed: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
+                    f"use a new run.dir, or pass --redo {stage} to recompute it (its outputs are deleted)")
+            if stage in stages:
+                skip.append(stage)
+        return skip
+
+    # ----- lock and stop requests
+    def acquire(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK_FILE
+        if lock.exists():
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (ValueError, IndexError):
+                pid = -1
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                raise RunFolderError(f"run folder {self.path} is in use by process {pid}; wait for it, "
+                                     f"stop it (touch {self.path / STOP_FILE}), or use another run.dir")
+        lock.write_text(f"{os.getpid()} {time.time()}\n")
+        self.stop_file.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        lock = self.path / LOCK_FILE
+        try:
+            if lock.exists() and lock.read_text().split()[0] == str(os.getpid()):
+                lock.unlink()
+        except (OSError, IndexError):
+            pass
+
+    def running_pid(self) -> int | None:
+        lock = self.path / LOCK_FILE
+        try:
+            pid = int(lock.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP_FILE
+
+    def request_stop(self) -> None:
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.write_text(str(time.time()))
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask for a clean stop (checkpoint, then exit); a second SIGINT aborts."""
+        def handler(signum, frame):
+            if self.stop_requested() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.request_stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. notebooks)
+                pass
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file + rename, so a kill or a full disk never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,258 @@
+"""The CLI and the one pipeline function that the UI and notebooks also call.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml                      # all stages
+    python -m mmrlhf_lite.train recipes/demo.yaml --dry-run            # validate + plan, no model
+    python -m mmrlhf_lite.train recipes/demo.yaml --stages reward,score dpo.beta=0.2 run.dir=runs/x
+
+Stages run in order: reward -> score -> reference -> dpo -> eval. Each reads the previous stages'
+files from the run folder, so any stage can be re-run or resumed alone. Exit codes: 0 done,
+1 error (a clear message, no traceback), 2 usage error / stage not available, 3 stopped on request
+(resume with the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .events import EventLog, StageStopped
+from .recipe import STAGES, Recipe, RecipeError, describe_fields, load_recipe
+from .runs import RunDir, RunFolderError
+
+log = logging.getLogger("mmrlhf_lite")
+
+# stage -> "module:function(ctx)"; the module is imported only when the stage runs.
+STAGE_RUNNERS = {
+    "reward": "mmrlhf_lite.reward.trainer:run_stage",
+    "score": "mmrlhf_lite.reward.scorer:run_stage",
+    "reference": "mmrlhf_lite.cache.reference:run_stage",
+    "dpo": "mmrlhf_lite.dpo.trainer:run_stage",
+    "eval": "mmrlhf_lite.evaluate.pipeline:run_stage",
+}
+
+
+class StageUnavailable(RuntimeError):
+    pass
+
+
+class UserError(RuntimeError):
+    """Bad input (data, recipe, run folder): reported as one clear message."""
+
+
+@dataclass
+class RunContext:
+    """What every stage gets: the recipe, the run folder, the event stream and the (lazily loaded) data."""
+    recipe: Recipe
+    run: RunDir
+    events: EventLog
+    _data: Any = field(default=None, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.recipe.cache.dir) if self.recipe.cache.dir else self.run.path / "cache"
+
+    def data(self):
+        """(train_groups, eval_groups), loaded and validated once per process."""
+        if self._data is None:
+            from .data import prepare_data
+            self._data = prepare_data(self.recipe, self.run.path, self.events)
+        return self._data
+
+    def stop_requested(self) -> bool:
+        return self.run.stop_requested()
+
+
+def _runner(stage: str):
+    module_name, func = STAGE_RUNNERS[stage].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("mmrlhf_lite"):
+            raise StageUnavailable(f"stage '{stage}' is not available in this version") from None
+        raise
+    if not hasattr(module, func):
+        raise StageUnavailable(f"stage '{stage}' is not available in this version")
+    return getattr(module, func)
+
+
+def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple[str, ...] = (),
+                 echo: bool = True) -> RunContext:
+    """Run `stages` (default: recipe.run.stages) into recipe.run.dir. Raises on error; `StageStopped`
+    when a stop was requested (the stage saved its state; calling again resumes)."""
+    stages = list(stages or recipe.run.stages)
+    run = RunDir(recipe.run.dir)
+    run.acquire()
+    try:
+        events = EventLog(run.path, echo=echo)
+        for stage in redo:
+            run.clear(stage)
+            events.info(f"--redo {stage}: its earlier outputs were deleted")
+        skip = run.check_recipe(recipe, stages)
+        recipe.save(run.path / "recipe.yaml")
+        ctx = RunContext(recipe=recipe, run=run, events=events)
+        events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"))
+        for stage in stages:
+            if stage in skip:
+                events.info(f"stage {stage} already done with these settings; skipped (--redo {stage} recomputes)",
+                            stage=stage)
+                continue
+            runner = _runner(stage)
+            with events.stage_run(stage):
+                info = runner(ctx) or {}
+            run.mark_done(stage, recipe, **info)
+        events.emit("run_end", status="done")
+        return ctx
+    except StageStopped:
+        EventLog(run.path, echo=False).emit("run_end", status="stopped")
+        raise
+    except BaseException as exc:
+        EventLog(run.path, echo=False).emit("run_end", status="error", message=str(exc) or type(exc).__name__)
+        raise
+    finally:
+        run.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# dry run: recipe + data + plan, no model
+
+def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> dict:
+    from .data import prepare_data
+    from .plan import make_plan, format_plan
+
+    events = EventLog(None, echo=False)
+    run_dir = Path(recipe.run.dir)
+    train, evals = prepare_data(recipe, run_dir, events, dry_run=True)
+    plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
+    print(format_plan(plan))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmrlhf_lite.train",
+        description="MM-RLHF on one GPU: critique reward model -> reward scores -> reference log-probs -> "
+                    "MM-DPO -> evaluation, driven by a YAML recipe.",
+        epilog="Overrides are key.path=value pairs, e.g. dpo.beta=0.2 reward.train.max_steps=50 "
+               "run.dir=runs/try2 (values are YAML: true, null, [a, b]). --help-recipe lists every key. "
+               "Exit codes: 0 done, 1 error, 2 usage/unavailable stage, 3 stopped (re-run to resume).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="recipe YAML (e.g. recipes/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: run.stages)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate recipe and data and print the plan (stages, counts, tokens, memory); no model")
+    p.add_argument("--gpu-mem", help="memory budget for the dry-run estimate, e.g. 16GB (default: the GPU found)")
+    p.add_argument("--redo", default="", help="comma-separated finished stages to recompute (outputs deleted)")
+    p.add_argument("--help-recipe", action="store_true", help="list every recipe key with type, default, help")
+    p.add_argument("-q", "--quiet", action="store_true", help="no terminal progress (events.jsonl still written)")
+    return p
+
+
+def _split_stages(text: str | None, key: str) -> list[str] | None:
+    if not text:
+        return None
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            raise RecipeError(f"unknown stage '{s}'; stages are {', '.join(STAGES)}", source="command line", key=key)
+    return stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.help_recipe:
+        print(describe_fields())
+        return 0
+    if not args.recipe:
+        build_parser().print_usage(sys.stderr)
+        print("error: a recipe is required (try recipes/demo.yaml)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        stages = _split_stages(args.stages, "--stages")
+        redo = tuple(_split_stages(args.redo, "--redo") or ())
+        recipe = load_recipe(args.recipe, args.overrides)
+        stages = stages or list(recipe.run.stages)
+        if args.dry_run:
+            dry_run(recipe, stages, args.gpu_mem)
+            return 0
+        _attach_file_log(Path(recipe.run.dir))
+        start = time.time()
+        run_pipeline(recipe, stages, redo=redo, echo=not args.quiet)
+        print(f"done in {time.time() - start:.1f} s: {recipe.run.dir}", file=sys.stderr)
+        return 0
+    except StageUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StageStopped as exc:
+        print(f"stopped: {exc}. Run the same command again to resume.", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted. Run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        return 3
+    except (RecipeError, RunFolderError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RecipeError) else 1
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {exc.filename or 'run outputs'}; free space and run the same "
+                  "command again: finished stages are kept and training resumes from its last checkpoint.",
+                  file=sys.stderr)
+            return 1
+        return _unexpected(exc)
+    except Exception as exc:  # noqa: BLE001 - last resort: a readable message, the trace goes to train.log
+        return _unexpected(exc)
+
+
+def _known_user_errors() -> tuple[type, ...]:
+    out: list[type] = []
+    for mod, name in (("mmrlhf_lite.data.errors", "DataError"), ("mmrlhf_lite.data.media", "MediaError"),
+                      ("mmrlhf_lite.models.loading", "ModelLoadError"),
+                      ("mmrlhf_lite.models.encoding", "SequenceTooLong")):
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+def _unexpected(exc: BaseException) -> int:
+    log.debug("".join(traceback.format_exception(exc)))
+    if isinstance(exc, _known_user_errors()):
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("mmrlhf_lite").error("unexpected error\n%s", "".join(traceback.format_exception(exc)))
+    print(f"error: {type(exc).__name__}: {exc}\n(the full trace is in the run folder's train.log)", file=sys.stderr)
+    return 1
+
+
+def _attach_file_log(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    # the terminal keeps INFO; the file also gets DEBUG traces of unexpected errors
+    logging.getLogger("mmrlhf_lite").setLevel(logging.DEBUG)
+    for h in logging.getLogger().handlers:
+        if h is not handler:
+            h.setLevel(logging.INFO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
