@@ -173,7 +173,7 @@ def _split_stages(text: str | None, key: str) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.help_recipe:
         print(describe_fields())
         return 0
@@ -232,11 +232,10 @@ def _known_user_errors() -> tuple[type, ...]:
 
 
 def _unexpected(exc: BaseException) -> int:
-    log.debug("".join(traceback.format_exception(exc)))
     if isinstance(exc, _known_user_errors()):
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    logging.getLogger("mmrlhf_lite").error("unexpected error\n%s", "".join(traceback.format_exception(exc)))
+    log.debug("unexpected error\n%s", "".join(traceback.format_exception(exc)))
     print(f"error: {type(exc).__name__}: {exc}\n(the full trace is in the run folder's train.log)", file=sys.stderr)
     return 1
 

@@ -8,6 +8,7 @@ derived from the K values (REFERENCE.md, "MM-DPO": all comparison pairs).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ class PreferenceGroup:
             return max(range(len(wins)), key=lambda i: wins[i])
         ranks = self.ranks()
         return min(range(len(ranks)), key=lambda i: ranks[i])
+
+    def subset(self, indices: list[int]) -> "PreferenceGroup":
+        """The same prompt and media with only some responses (e.g. just the cache entries still missing)."""
+        if list(indices) == list(range(len(self.responses))):
+            return self
+        return dataclasses.replace(self, responses=[self.responses[i] for i in indices], explicit_pairs=None,
+                                   explicit_ties=None)
 
     # ----- prompt views
     @property

@@ -1,0 +1,115 @@
+"""Stage `reference`: summed log-prob of every response under the frozen starting policy, once.
+
+REFERENCE.md ("MM-DPO"): reference log-probs are precomputed so that DPO training runs no reference
+forward pass. The starting policy is the base model (a fresh LoRA starts at zero, so "adapter off" and
+"base" agree); each group is one packed forward without gradients. Entries are keyed by content
+(base-model fingerprint, prompt turns, media bytes, response text, processor settings), written as
+produced, and reused by any later run that points `cache.dir` at the same folder.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml --stages reference
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..data.groups import PreferenceGroup
+from ..events import StageStopped
+from ..models.encoding import GroupEncoder
+from ..models.loading import load_model, resolve_model_path
+from ..models.packing import group_forward, use_packing
+from ..recipe import ModelConfig
+from .store import JsonlStore, content_key, directory_fingerprint, group_content
+
+REFERENCE_CACHE = "reference.jsonl"
+POLICY_TEMPLATE = "policy-v1"
+
+
+def policy_settings(model_cfg: ModelConfig) -> dict:
+    """Settings that change a response's tokens or image tokens (hence its log-prob)."""
+    return {"max_pixels": model_cfg.max_pixels, "min_pixels": model_cfg.min_pixels,
+            "load_in_4bit": model_cfg.load_in_4bit, "compute_dtype": model_cfg.compute_dtype}
+
+
+def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, max_frames: int) -> list[list[str]]:
+    fp = directory_fingerprint(resolve_model_path(model_cfg.path))
+    settings = policy_settings(model_cfg)
+    keys = []
+    for g in groups:
+        content = group_content(g)
+        keys.append([content_key("reference", fp, POLICY_TEMPLATE, settings, max_frames, content, r.text)
+                     for r in g.responses])
+    return keys
+
+
+@torch.no_grad()
+def compute_reference(model, spec, encoder: GroupEncoder, groups: Sequence[PreferenceGroup], packed: bool,
+                      max_row_tokens: int | None = None) -> list[list[tuple[float, int]]]:
+    """[(summed log-prob, n_tokens)] per response of each group."""
+    encoded = [encoder.encode_policy(g) for g in groups]
+    out = group_forward(model, spec, encoded, packed=packed, logps=True, max_row_tokens=max_row_tokens)
+    res, k = [], 0
+    for g in groups:
+        res.append([(float(out.logps[k + i]), out.n_tokens[k + i]) for i in range(len(g.responses))])
+        k += len(g.responses)
+    return res
+
+
+def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg: ModelConfig,
+                   max_frames: int) -> list[list[float]]:
+    """Reference log-probs for every response; a clear error if the cache lacks any."""
+    store = JsonlStore(Path(cache_dir) / REFERENCE_CACHE)
+    keys = reference_keys(groups, model_cfg, max_frames)
+    out, missing = [], 0
+    for g, ks in zip(groups, keys):
+        row = []
+        for k in ks:
+            rec = store.get(k)
+            if rec is None:
+                missing += 1
+                row.append(float("nan"))
+            else:
+                row.append(rec["logp"])
+        out.append(row)
+    if missing:
+        raise FileNotFoundError(f"{missing} response(s) have no reference log-prob in {store.path}: run the "
+                                "`reference` stage first (it computes only what is missing)")
+    return out
+
+
+def run_stage(ctx) -> dict:
+    recipe, events = ctx.recipe, ctx.events
+    train, evals = ctx.data()
+    groups = train + evals
+    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE)
+    if store.torn_lines:
+        events.warning(f"reference cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
+    keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
+    todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
+    total, done, computed = len(groups), len(groups) - len(todo), 0
+    events.progress(done, total, unit="group")
+    if todo:
+        model, processor = load_model(recipe.model, trainable=False, lora=False)
+        spec = model.mmrlhf.family
+        packed = use_packing(spec, recipe.model.packing, recipe.model.attn_implementation)
+        encoder = GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
+                               max_frames=recipe.data.max_frames)
+        per_batch = max(1, recipe.dpo.train.groups_per_step)
+        for s in range(0, len(todo), per_batch):
+            if ctx.stop_requested():
+                raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
+            idx = todo[s:s + per_batch]
+            missing = [[ri for ri, k in enumerate(keys[gi]) if k not in store] for gi in idx]
+            batch = [groups[gi].subset(m) for gi, m in zip(idx, missing)]
+            results = compute_reference(model, spec, encoder, batch, packed)
+            records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, "logp": lp, "n_tokens": n}
+                       for gi, m, res in zip(idx, missing, results) for ri, (lp, n) in zip(m, res)]
+            store.put_many(records)
+            computed += len(records)
+            done += len(idx)
+            events.progress(done, total, unit="group")
+    n = sum(len(g.responses) for g in groups)
+    events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
+    return {"responses": n, "computed": computed, "reused": n - computed}

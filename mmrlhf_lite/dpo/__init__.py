@@ -1,0 +1,1 @@
+"""MM-DPO: loss with dynamic reward scaling and an SFT term, group collator, trainer."""

@@ -1,0 +1,1 @@
+"""Evaluation: reward bench (Acc, Acc+ per category), policy metrics, reports."""

@@ -1,0 +1,69 @@
+"""Batched generation after an encoded prefix (+ optional context tokens): critiques for the reward
+model, answers for the policy win-rate. Rows are left-padded; each row carries its own image inputs.
+
+    python -m mmrlhf_lite.evaluate reward runs/demo --data runs/demo/data/demo/demo.jsonl --critique generate
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .families import FamilySpec
+from .packing import TOKEN_LEVEL_KEYS, _cat_media, _forward_keys
+
+
+def _stop_ids(processor, end_of_turn: str) -> list[int]:
+    tok = processor.tokenizer
+    ids = set()
+    eot = tok(end_of_turn, add_special_tokens=False)["input_ids"]
+    if len(eot) == 1:
+        ids.add(eot[0])
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[dict, list[int]]], *,
+                   end_of_turn: str, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                   batch_size: int = 8, seed: int | None = None) -> list[str]:
+    """For each (prefix inputs, context ids): the decoded continuation, cut at the end of turn."""
+    device = next(p for p in model.parameters()).device
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    stop = _stop_ids(processor, end_of_turn)
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    try:
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s:s + batch_size]
+            rows = [(p["input_ids"][0].tolist() + list(ctx), p) for p, ctx in chunk]
+            L = max(len(ids) for ids, _ in rows)
+            B = len(rows)
+            input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+            attn = torch.zeros((B, L), dtype=torch.long)
+            token_keys = {k: torch.zeros((B, L), dtype=torch.long) for k in TOKEN_LEVEL_KEYS if k in rows[0][1]}
+            for i, (ids, p) in enumerate(rows):
+                input_ids[i, L - len(ids):] = torch.tensor(ids)
+                attn[i, L - len(ids):] = 1
+                for k in token_keys:
+                    v = p[k][0].tolist()
+                    token_keys[k][i, L - len(ids):L - len(ids) + len(v)] = torch.tensor(v)
+            prefixes = [p for _, p in rows]
+            media = _cat_media(prefixes, _forward_keys(spec, prefixes))
+            kwargs = {k: v.to(device) for k, v in {**media, **token_keys}.items()}
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs,
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                 eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
+            for row in gen[:, L:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+                texts.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    finally:
+        if was_training:
+            model.train()
+    return texts

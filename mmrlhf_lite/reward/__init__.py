@@ -1,0 +1,1 @@
+"""Critique-based reward model: prompt template, loss, trainer, scorer (critique -> score)."""

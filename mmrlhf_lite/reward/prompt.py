@@ -1,0 +1,83 @@
+"""The critique prompt and its encoding as one packed group.
+
+REFERENCE.md ("Critique-based reward model"): the image, an "unbiased and fair evaluator" instruction,
+then `[Question]: {question}` `[LMM Response]: {answer}` `[Evaluation]:`; the model's reply is the
+critique; the scalar head reads the last token of [prompt + response + critique].
+
+Packing: the text before the response (image + instruction + question) is the shared prefix of the
+K responses; each branch is `response + [Evaluation]: + assistant header` (context) followed by
+`critique + end of turn` (target tokens of the critique LM loss, masked by position).
+
+    python -m pytest tests/test_reward.py -q
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.groups import PreferenceGroup
+from ..models.encoding import GroupEncoder
+from ..models.packing import Branch, EncodedGroup
+
+TEMPLATE_VERSION = "critique-v1"
+
+INSTRUCTION = (
+    "You are an unbiased and fair evaluator tasked with assessing the quality of answers provided by a Large "
+    "Multimodal Model (LMM). Given the following question and the LMM's response, please evaluate the "
+    "correctness, clarity, and completeness of the answer. Provide a detailed explanation of your assessment, "
+    "including specific points of strength and areas for improvement."
+)
+_MARK = "\x1eMMRLHF_RESPONSE\x1e"
+
+
+@dataclass
+class CritiqueParts:
+    """Token pieces of one response's critique sequence (after the shared prefix)."""
+    context: list[int]   # response + "[Evaluation]:" + end of user turn + assistant header
+    critique: list[int]  # critique text + end of turn ([] when scoring without critique)
+
+
+class CritiqueEncoder:
+    """Builds reward-model inputs from a group: shared prefix + per-response branches."""
+
+    def __init__(self, encoder: GroupEncoder):
+        self.encoder = encoder
+        self._split_cache: dict[tuple[str, int], tuple[str, str]] = {}
+
+    def _template_split(self, group: PreferenceGroup) -> tuple[list[dict], list, str, str]:
+        """(messages, images, text after the prefix up to the response, text after the response).
+
+        The user turn is rendered once with a marker in place of the response and split there, so the
+        chat template decides every separator exactly as in a full rendering.
+        """
+        messages, images = self.encoder.media(group)
+        image_parts = [p for t in messages for p in t["content"] if p["type"] == "image"]
+        text = f"{INSTRUCTION}\n[Question]: {group.question_text()}\n[LMM Response]: {_MARK}\n[Evaluation]:"
+        user = {"role": "user", "content": image_parts + [{"type": "text", "text": text}]}
+        rendered = self.encoder.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        before, after = rendered.split(_MARK, 1)
+        return [user], images, before, after
+
+    def encode(self, group: PreferenceGroup, critiques: list[str | None] | None = None,
+               with_critique: bool = True) -> tuple[EncodedGroup, list[CritiqueParts]]:
+        """One EncodedGroup whose branch i scores response i (with critique i when given)."""
+        messages, images, before, after = self._template_split(group)
+        proc = self.encoder.processor
+        full = proc(text=[before], images=images or None, return_tensors="pt")
+        prefix = {k: v for k, v in full.items() if hasattr(v, "shape") and k != "attention_mask"}
+        if critiques is None:
+            critiques = [r.critique for r in group.responses]
+        parts, branches = [], []
+        for r, crit in zip(group.responses, critiques):
+            context = self.encoder.tokens(r.text + after)
+            critique = self.encoder.tokens(crit + self.encoder.end_of_turn) if with_critique and crit else []
+            parts.append(CritiqueParts(context, critique))
+            branches.append(Branch(ids=context + critique, target=[False] * len(context) + [True] * len(critique)))
+        enc = EncodedGroup(prefix=prefix, branches=branches, group_id=group.id, source=group.source)
+        self.encoder.check_length(group, enc, "critique prompt + response + critique")
+        return enc, parts
+
+    def generation_inputs(self, group: PreferenceGroup) -> tuple[dict, list[list[int]]]:
+        """(prefix inputs, per-response context ids): the prompt for generating each critique is
+        prefix + context_i (the model continues after the assistant header)."""
+        enc, parts = self.encode(group, with_critique=False)
+        return enc.prefix, [p.context for p in parts]

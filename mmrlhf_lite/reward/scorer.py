@@ -1,0 +1,246 @@
+"""Scoring with the critique reward model (stage `score`, and a Python API for the UI and notebooks).
+
+For each response: generate a critique (greedy; `n_samples > 1` samples several and averages their
+scores), append it, score once (`generate`); or use the dataset's critique (`given`); or score without
+one (`none`). Results go to the reward cache (`<cache>/reward.jsonl`), keyed by content, written as
+they are produced; `<run>/score/margins.jsonl` then lists, per group, the scores and every pair's
+margin delta = r(better) - r(worse) that MM-DPO's dynamic beta uses.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml --stages score
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..cache.store import JsonlStore, content_key, directory_fingerprint, group_content
+from ..data.groups import PreferenceGroup, Response, text_to_turn
+from ..models.encoding import GroupEncoder
+from ..models.generation import generate_after
+from ..models.loading import load_model, resolve_model_path
+from ..models.packing import use_packing
+from ..recipe import ModelConfig, RewardConfig
+from ..runs import write_atomic
+from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+from .trainer import compute_rewards, reward_model_dir
+
+REWARD_CACHE = "reward.jsonl"
+
+
+@dataclass
+class ScoredResponse:
+    score: float
+    scores: list[float]
+    critiques: list[str]
+
+
+class RewardScorer:
+    """A loaded critique reward model that scores groups in any critique mode."""
+
+    def __init__(self, model, processor, *, max_length: int = 4096, max_frames: int = 8, packing: str = "auto",
+                 attn_implementation: str = "sdpa"):
+        self.model, self.processor = model, processor
+        self.spec = model.mmrlhf.family
+        self.packed = use_packing(self.spec, packing, attn_implementation)
+        self.encoder = GroupEncoder(processor, self.spec, max_length=max_length, max_frames=max_frames)
+        self.crit = CritiqueEncoder(self.encoder)
+        model.eval()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8):
+        adapter = reward_model_dir(Path(run_dir))
+        if not (adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"no trained reward model in {adapter}: run the `reward` stage first")
+        model, processor = load_model(model_cfg, adapter=adapter, trainable=False)
+        return cls(model, processor, max_length=max_length, max_frames=max_frames, packing=model_cfg.packing,
+                   attn_implementation=model_cfg.attn_implementation)
+
+    # ----- critiques
+    def generate_critiques(self, groups: Sequence[PreferenceGroup], *, n_samples: int = 1, temperature: float = 0.7,
+                           max_new_tokens: int = 96, batch_size: int = 8, seed: int = 0) -> list[list[list[str]]]:
+        """critiques[g][r][s] for group g, response r, sample s."""
+        prompts, index = [], []
+        for gi, g in enumerate(groups):
+            prefix, contexts = self.crit.generation_inputs(g)
+            for ri, ctx in enumerate(contexts):
+                for si in range(n_samples):
+                    prompts.append((prefix, ctx))
+                    index.append((gi, ri, si))
+        texts = generate_after(self.model, self.spec, self.processor, prompts, end_of_turn=self.encoder.end_of_turn,
+                               max_new_tokens=max_new_tokens, do_sample=n_samples > 1, temperature=temperature,
+                               batch_size=batch_size, seed=seed)
+        out = [[[""] * n_samples for _ in g.responses] for g in groups]
+        for (gi, ri, si), t in zip(index, texts):
+            out[gi][ri][si] = t
+        return out
+
+    # ----- scores
+    @torch.no_grad()
+    def score_with(self, groups: Sequence[PreferenceGroup], critiques: list[list[list[str]]] | None,
+                   batch_groups: int = 4) -> list[list[list[float]]]:
+        """scores[g][r][s]; `critiques=None` scores without critique (mode `none`)."""
+        jobs = []  # expand samples into extra branches of the same group (same prefix, same image)
+        for gi, g in enumerate(groups):
+            n = len(critiques[gi][0]) if critiques is not None else 1
+            for si in range(n):
+                crit = [critiques[gi][ri][si] for ri in range(len(g.responses))] if critiques is not None else None
+                jobs.append((gi, si, g, crit))
+        scores = [[[0.0] * (len(critiques[gi][0]) if critiques is not None else 1) for _ in g.responses]
+                  for gi, g in enumerate(groups)]
+        for s in range(0, len(jobs), batch_groups):
+            chunk = jobs[s:s + batch_groups]
+            encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None)[0] for _, _, g, c in chunk]
+            rewards, _ = compute_rewards(self.model, self.spec, encoded, self.packed, with_logps=False)
+            off = 0
+            for gi, si, g, _ in chunk:
+                for ri in range(len(g.responses)):
+                    scores[gi][ri][si] = float(rewards[off + ri])
+                off += len(g.responses)
+        return scores
+
+    def score_groups(self, groups: Sequence[PreferenceGroup], mode: str = "generate", *, n_samples: int = 1,
+                     temperature: float = 0.7, max_new_tokens: int = 96, batch_size: int = 8,
+                     seed: int = 0) -> list[list[ScoredResponse]]:
+        if mode == "generate":
+            crits = self.generate_critiques(groups, n_samples=n_samples, temperature=temperature,
+                                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        elif mode == "given":
+            missing = [g.source or g.id for g in groups if any(not r.critique for r in g.responses)]
+            if missing:
+                raise ValueError(f"critique mode 'given' but {len(missing)} group(s) lack critiques, e.g. {missing[0]}")
+            crits = [[[r.critique] for r in g.responses] for g in groups]
+        elif mode == "none":
+            crits = None
+        else:
+            raise ValueError(f"unknown critique mode {mode!r}")
+        scores = self.score_with(groups, crits)
+        return [[ScoredResponse(score=sum(sc) / len(sc), scores=sc, critiques=crits[gi][ri] if crits else [])
+                 for ri, sc in enumerate(group_scores)] for gi, group_scores in enumerate(scores)]
+
+    def score_answers(self, image, question: str, answers: list[str], mode: str = "generate",
+                      max_new_tokens: int = 96) -> list[ScoredResponse]:
+        """Playground API: one image (path, bytes or None), a question, 1-5 answers."""
+        images = [image] if image is not None else []
+        g = PreferenceGroup(id="playground", prompt=[text_to_turn(question, len(images))],
+                            responses=[Response(a) for a in answers], images=images)
+        return self.score_groups([g], mode, max_new_tokens=max_new_tokens)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# stage `score`
+
+def response_keys(groups: Sequence[PreferenceGroup], fingerprint: str, cfg: RewardConfig, mode: str,
+                  seed: int) -> list[list[str]]:
+    gen = {"n_samples": cfg.n_samples, "temperature": cfg.temperature if cfg.n_samples > 1 else None,
+           "max_new_tokens": cfg.max_new_tokens, "seed": seed} if mode == "generate" else {}
+    keys = []
+    for g in groups:
+        content = group_content(g)
+        keys.append([content_key("reward", fingerprint, TEMPLATE_VERSION, mode, gen, content, r.text,
+                                 r.critique if mode == "given" else None) for r in g.responses])
+    return keys
+
+
+def reward_fingerprint(model_cfg: ModelConfig, adapter_dir: Path) -> str:
+    return content_key(directory_fingerprint(resolve_model_path(model_cfg.path)),
+                       directory_fingerprint(adapter_dir, hash_files=("adapter_model.safetensors",)))
+
+
+def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
+                     scorer_factory) -> tuple[list[list[dict]], int]:
+    """Fill `store` for every response of `groups`; returns (records per group/response, newly computed)."""
+    recipe, events = ctx.recipe, ctx.events
+    rc = recipe.reward
+    fp = reward_fingerprint(recipe.model, reward_model_dir(ctx.run_dir))
+    keys = response_keys(groups, fp, rc, mode, recipe.run.seed)
+    todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
+    total = len(groups)
+    events.progress(total - len(todo), total, unit="group")
+    computed = 0
+    if todo:
+        scorer = scorer_factory()
+        per_batch = max(1, rc.generation_batch_size // 4) if mode == "generate" else 4
+        done = total - len(todo)
+        for s in range(0, len(todo), per_batch):
+            if ctx.stop_requested():
+                from ..events import StageStopped
+                raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
+            idx = todo[s:s + per_batch]
+            missing = [[ri for ri, k in enumerate(keys[gi]) if k not in store] for gi in idx]
+            batch = [groups[gi].subset(m) for gi, m in zip(idx, missing)]
+            scored = scorer.score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                         max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                         seed=recipe.run.seed)
+            records = []
+            for gi, m, group_scores in zip(idx, missing, scored):
+                for ri, sr in zip(m, group_scores):
+                    records.append({"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri,
+                                    "score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode})
+            store.put_many(records)
+            computed += len(records)
+            done += len(idx)
+            events.progress(done, total, unit="group")
+    return [[store.get(k) for k in ks] for ks in keys], computed
+
+
+def write_margins(path: Path, groups: list[PreferenceGroup], records: list[list[dict]], split: dict[str, str]) -> None:
+    """Per group: scores and each ranked pair's margin delta = r(better) - r(worse)."""
+    lines = []
+    for g, recs in zip(groups, records):
+        scores = [r["score"] for r in recs]
+        lines.append(json.dumps({
+            "group_id": g.id, "split": split.get(g.id, "train"), "category": g.category, "scores": scores,
+            "critiques": [r["critiques"] for r in recs],
+            "pairs": [{"better": b, "worse": w, "delta": scores[b] - scores[w]} for b, w in g.pairs()],
+        }))
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def load_margins(run_dir: Path) -> dict[str, dict]:
+    path = Path(run_dir) / "score" / "margins.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the `score` stage first (or set dpo.margin_source)")
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["group_id"]] = rec
+    return out
+
+
+def run_stage(ctx) -> dict:
+    recipe, events = ctx.recipe, ctx.events
+    rc = recipe.reward
+    train, evals = ctx.data()
+    groups = train + evals
+    mode = rc.critique_mode
+    if mode == "given" and any(not r.critique for g in groups for r in g.responses):
+        events.warning("critique_mode 'given' but some responses lack critiques; those are scored without one")
+    store = JsonlStore(ctx.cache_dir / REWARD_CACHE)
+    if store.torn_lines:
+        events.warning(f"reward cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
+
+    def factory():
+        return RewardScorer.from_run(ctx.run_dir, recipe.model, max_length=rc.train.max_length,
+                                     max_frames=recipe.data.max_frames)
+
+    if mode == "given":
+        with_crit = [g for g in groups if all(r.critique for r in g.responses)]
+        without = [g for g in groups if not all(r.critique for r in g.responses)]
+        rec_a, n_a = score_into_cache(ctx, with_crit, "given", store, factory)
+        rec_b, n_b = score_into_cache(ctx, without, "none", store, factory)
+        by_id = {g.id: r for g, r in zip(with_crit + without, rec_a + rec_b)}
+        records, computed = [by_id[g.id] for g in groups], n_a + n_b
+    else:
+        records, computed = score_into_cache(ctx, groups, mode, store, factory)
+    split = {g.id: "eval" for g in evals}
+    out_dir = ctx.run.stage_dir("score")
+    write_margins(out_dir / "margins.jsonl", groups, records, split)
+    n = sum(len(g.responses) for g in groups)
+    events.info(f"scored {n} responses ({computed} computed, {n - computed} from cache) in mode {mode}")
+    return {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}

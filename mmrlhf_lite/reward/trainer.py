@@ -1,0 +1,143 @@
+"""Stage `reward`: train the critique reward model (LoRA + scalar head) on preference groups.
+
+Per group, one packed forward scores all K responses: each branch is response + critique, the
+critique tokens carry the LM loss and the last token feeds the head; every pair's Bradley-Terry term
+comes from the K rewards (reward/loss.py). The image is encoded once per group.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..events import EventLog
+from ..models.encoding import GroupEncoder
+from ..models.loading import load_model, save_adapter, unwrap
+from ..models.packing import group_forward, use_packing
+from ..recipe import RewardConfig
+from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
+from .loss import reward_loss
+from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+
+
+def pair_tensors(groups, offsets: list[int], margin_scale: float = 0.0):
+    """Flat (P, 2) ranked pairs, (T, 2) tie pairs and (P,) margins for responses laid out group after group."""
+    pairs, ties, margins = [], [], []
+    for g, off in zip(groups, offsets):
+        for b, w in g.pairs():
+            pairs.append((off + b, off + w))
+            sb, sw = g.responses[b].score, g.responses[w].score
+            margins.append(margin_scale * (sb - sw) if margin_scale and sb is not None and sw is not None else 0.0)
+        for i, j in g.ties():
+            ties.append((off + i, off + j))
+    as_idx = lambda x: torch.tensor(x, dtype=torch.long).reshape(-1, 2)  # noqa: E731
+    return as_idx(pairs), as_idx(ties), torch.tensor(margins, dtype=torch.float32)
+
+
+class RewardCollator:
+    def __init__(self, critique_encoder: CritiqueEncoder, margin_scale: float):
+        self.enc = critique_encoder
+        self.margin_scale = margin_scale
+
+    def __call__(self, groups) -> dict:
+        encoded, offsets, n = [], [], 0
+        for g in groups:
+            e, _ = self.enc.encode(g)
+            encoded.append(e)
+            offsets.append(n)
+            n += len(g.responses)
+        pairs, ties, margins = pair_tensors(groups, offsets, self.margin_scale)
+        return {"encoded": encoded, "pairs": pairs, "ties": ties,
+                "margins": margins if self.margin_scale else None}
+
+
+def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool):
+    """(rewards (N,), per-branch target token log-probs) for a list of encoded critique groups."""
+    out = group_forward(model, spec, encoded, packed=packed, logps=with_logps, hidden=True)
+    head = unwrap(model).reward_head
+    rewards = head(torch.stack(out.last_hidden))
+    return rewards, out.token_logps
+
+
+class RewardTrainer(GroupTrainer):
+    def __init__(self, *args, cfg: RewardConfig, spec, packed: bool, **kwargs):
+        self.cfg, self.spec, self.packed = cfg, spec, packed
+        super().__init__(*args, **kwargs)
+
+    def group_loss(self, model, batch):
+        c = self.cfg
+        rewards, token_logps = compute_rewards(model, self.spec, batch["encoded"], self.packed, c.w_crit > 0)
+        return reward_loss(rewards, batch["pairs"].to(rewards.device), batch["ties"].to(rewards.device),
+                           token_logps if c.w_crit > 0 else [], w_rank=c.w_rank, w_tie=c.w_tie,
+                           w_center=c.w_center, w_crit=c.w_crit,
+                           margins=None if batch["margins"] is None else batch["margins"].to(rewards.device))
+
+
+def trainable_groups(groups, events: EventLog):
+    keep = [g for g in groups if g.pairs() or g.ties()]
+    if len(keep) < len(groups):
+        events.warning(f"{len(groups) - len(keep)} groups have no ranked or tied pair and are not used")
+    if not keep:
+        raise ValueError("no training group has a ranked or tied pair")
+    return keep
+
+
+@torch.no_grad()
+def given_critique_accuracy(model, spec, crit: CritiqueEncoder, groups, packed: bool, batch: int = 4) -> float | None:
+    """Held-out pair accuracy with the dataset's critiques (teacher-forced; no generation)."""
+    model.eval()
+    right = total = 0
+    for s in range(0, len(groups), batch):
+        chunk = groups[s:s + batch]
+        encoded = [crit.encode(g)[0] for g in chunk]
+        rewards, _ = compute_rewards(model, spec, encoded, packed, with_logps=False)
+        off = 0
+        for g in chunk:
+            for b, w in g.pairs():
+                right += int(rewards[off + b] > rewards[off + w])
+                total += 1
+            off += len(g.responses)
+    return right / total if total else None
+
+
+def run_stage(ctx) -> dict:
+    recipe, events = ctx.recipe, ctx.events
+    out_dir = ctx.run.stage_dir("reward")
+    final = out_dir / "final"
+    if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
+        return json.loads((out_dir / "train_result.json").read_text())  # finished; killed before marked done
+    train_groups, eval_groups = ctx.data()
+    seed_everything(recipe.run.seed)
+    train_groups = trainable_groups(train_groups, events)
+    rc = recipe.reward
+    model, processor = load_model(recipe.model, reward_head={"kind": rc.head, "dropout": rc.head_dropout})
+    info = model.mmrlhf
+    packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
+    events.info(f"reward model: {info.family.name} via {info.backend} on {info.device}, "
+                f"{'packed groups' if packed else 'one row per response (unpacked)'}")
+    encoder = GroupEncoder(processor, info.family, max_length=rc.train.max_length, max_frames=recipe.data.max_frames)
+    crit = CritiqueEncoder(encoder)
+    args = training_arguments(rc.train, out_dir / "checkpoints", device=info.device, dtype=info.dtype,
+                              seed=recipe.run.seed, report_to=recipe.run.report_to)
+    trainer = RewardTrainer(model, args, groups=train_groups, collate=RewardCollator(crit, rc.margin_scale),
+                            events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
+    start = time.time()
+    result = run_training(trainer, out_dir / "checkpoints")
+    save_adapter(model, final, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
+    result["train_seconds"] = round(time.time() - start, 1)
+    if eval_groups:
+        acc = given_critique_accuracy(model, info.family, crit, [g for g in eval_groups if g.pairs()], packed)
+        if acc is not None:
+            result["eval_pair_accuracy_given"] = acc
+            events.metrics(step=result["steps"], eval_pair_accuracy_given=acc)
+    (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+    remove_checkpoints(out_dir / "checkpoints")
+    return result
+
+
+def reward_model_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "reward" / "final"

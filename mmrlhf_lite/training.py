@@ -1,0 +1,155 @@
+"""The one training loop both trainers share: a `transformers.Trainer` subclass over preference groups.
+
+Resume, gradient accumulation, schedulers, checkpoint rotation, `report_to` logging and multi-GPU via
+`accelerate launch` come from the library. Subclasses give `group_loss(model, batch) -> (loss, metrics)`
+only; the collator turns group indices into encoded groups. Progress and metrics go to the run's
+event stream; a stop request (the run folder's STOP file, SIGTERM, Ctrl-C) saves a checkpoint and
+raises `StageStopped`, and the next invocation resumes from it.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .events import EventLog, StageStopped
+from .recipe import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class GroupIndexDataset(Dataset):
+    """Items are group indices; the collator encodes them (images are processed lazily per step)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def training_arguments(cfg: TrainConfig, out_dir: Path, *, device: torch.device, dtype: torch.dtype,
+                       seed: int, report_to: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=cfg.groups_per_step,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 takes a ratio here when < 1
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_strategy="steps",
+        report_to=[] if report_to == "none" else [report_to],
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16 and device.type == "cuda",
+        fp16=dtype == torch.float16 and device.type == "cuda",
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,  # enabled by the loader (non-reentrant, input grads on)
+    )
+
+
+class _EventsCallback(TrainerCallback):
+    def __init__(self, trainer: "GroupTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        t.events.progress(state.global_step, state.max_steps, unit="step")
+        if t.stop_check():
+            t.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class GroupTrainer(Trainer):
+    """Trainer over preference groups; subclasses implement `group_loss`."""
+
+    def __init__(self, model, args: TrainingArguments, *, groups: Sequence, collate: Callable[[list], Any],
+                 events: EventLog, stop_check: Callable[[], bool] = lambda: False):
+        self.groups = list(groups)
+        self.events = events
+        self.stop_check = stop_check
+        self.stopped = False
+        self._metric_sums: dict[str, float] = defaultdict(float)
+        self._metric_counts: dict[str, int] = defaultdict(int)
+        super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
+                         data_collator=lambda idx: collate([self.groups[i] for i in idx]))
+        self.model_accepts_loss_kwargs = False  # our loss is already a mean; Trainer divides by grad_accum
+        self.remove_callback(PrinterCallback)  # metrics reach the terminal through the event stream
+        self.add_callback(_EventsCallback(self))
+
+    def group_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.group_loss(model, inputs)
+        for k, v in metrics.items():
+            if v is not None and math.isfinite(v):
+                self._metric_sums[k] += float(v)
+                self._metric_counts[k] += 1
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for k in list(self._metric_sums):
+                logs[k] = self._metric_sums[k] / max(1, self._metric_counts[k])
+            self._metric_sums.clear()
+            self._metric_counts.clear()
+            step_logs = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            if torch.cuda.is_available():
+                step_logs["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            self.events.metrics(step=self.state.global_step, **step_logs)
+        super().log(logs, start_time)
+
+
+def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
+    """Train (resuming from the newest checkpoint in out_dir) and return the final log history entry.
+
+    Raises StageStopped after saving a checkpoint when a stop was requested.
+    """
+    last = get_last_checkpoint(str(out_dir)) if out_dir.exists() else None
+    if last:
+        trainer.events.info(f"resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+    if trainer.stopped:
+        raise StageStopped(f"stopped at step {trainer.state.global_step}; checkpoint saved in {out_dir}")
+    return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+            "seconds": result.metrics.get("train_runtime")}
+
+
+def remove_checkpoints(out_dir: Path) -> None:
+    """After the final adapter is saved, the resume checkpoints (optimizer state) are not needed."""
+    for d in out_dir.glob("checkpoint-*"):
+        shutil.rmtree(d, ignore_errors=True)
