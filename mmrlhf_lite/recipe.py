@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 STAGES = ("reward", "score", "reference", "dpo", "eval")
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class RecipeError(ValueError):
@@ -239,14 +241,21 @@ def _coerce(value: Any, t, key: str, source: str | None) -> Any:
     elif t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads `2e-4` as a string; people write it anyway
     elif t is str:
         if isinstance(value, str):
             return value
     elif t is list or origin is list:
-        if isinstance(value, list):
-            return value
+        # every list field is a list of names (modules, stages, modes)
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            bad = [v for v in value if not isinstance(v, str)]
+            if not bad:
+                return value
+            raise RecipeError(f"expected a list of strings, got {type(bad[0]).__name__} {bad[0]!r} in {value!r}",
+                              source=source, key=key)
     else:
         return value
     raise RecipeError(f"expected {_type_name(t)}, got {type(value).__name__} {value!r}", source=source, key=key)
@@ -266,7 +275,7 @@ def _build(cls, data: dict, prefix: str, source: str | None):
             raise RecipeError(f"unknown key{hint}", source=source, key=f"{prefix}{key}")
         t = hints[key]
         if dataclasses.is_dataclass(t):
-            kwargs[key] = _build(t, value or {}, f"{prefix}{key}.", source)
+            kwargs[key] = _build(t, {} if value is None else value, f"{prefix}{key}.", source)
         else:
             kwargs[key] = _coerce(value, t, f"{prefix}{key}", source)
     return cls(**kwargs)
@@ -347,7 +356,7 @@ def validate(recipe: Recipe, source: str | None = None) -> Recipe:
 
 
 def _check_paths(recipe: Recipe, base: Path, source: str | None) -> None:
-    """Relative paths resolve against the recipe file's folder first, then the working directory."""
+    """Relative paths resolve against the working directory first, then the recipe file's folder."""
     def resolve(value: str | None, key: str, must_exist: bool) -> str | None:
         if value is None or value == "demo" and key == "data.path" or value.startswith("tiny:"):
             return value
@@ -384,12 +393,19 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple = (
             raise RecipeError(f"not valid YAML: {getattr(e, 'problem', e)}", source=f"{source}{line}") from None
         if not isinstance(tree, dict):
             raise RecipeError("a recipe is a mapping of sections (model, data, reward, ...)", source=source)
+    overridden: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value, f"{source} (override {text})")
-    recipe = _build(Recipe, tree, "", source)
-    recipe.source = source
-    validate(recipe, source)
+        overridden[key] = text
+    try:
+        recipe = _build(Recipe, tree, "", source)
+        recipe.source = source
+        validate(recipe, source)
+    except RecipeError as exc:
+        if exc.key in overridden:  # the bad value came from the command line, not the file
+            raise RecipeError(exc.message, source=f"{source} (override {overridden[exc.key]})", key=exc.key) from None
+        raise
     if check_paths:
         _check_paths(recipe, Path(path).resolve().parent if path is not None else Path.cwd(), source)
     return recipe

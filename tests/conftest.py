@@ -1,0 +1,93 @@
+"""Shared test setup: offline, quiet, 2 threads, seeded, and the tiny models built once per cache.
+
+Everything here runs before any test module imports transformers/gradio, so the environment
+variables below take effect (they are read at import time). The tiny-model cache defaults to
+`<repo>/.cache/test` (git-ignored) and honours an existing `MMRLHF_LITE_CACHE`, so CI and repeated
+local runs build each tiny model once.
+
+    python -m pytest -q tests/test_loading.py
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("MMRLHF_LITE_CACHE", str(REPO / ".cache" / "test"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SEED = 0
+
+
+def seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch/transformers
+        return
+    np.random.seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same RNG state, whatever ran before it."""
+    seed_everything()
+    yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The tiny-model/test cache folder of this session (MMRLHF_LITE_CACHE)."""
+    path = Path(os.environ["MMRLHF_LITE_CACHE"])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _tiny(spec: str) -> Path:
+    from mmrlhf_lite.models.tiny import ensure_tiny
+    return ensure_tiny(spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_xs(cache_dir) -> Path:
+    """Folder of the tiny random-init Qwen2-VL (size xs), built once per cache."""
+    return _tiny("tiny:qwen2_vl:xs")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_xs(cache_dir) -> Path:
+    """Folder of the tiny random-init Qwen2.5-VL (size xs), built once per cache."""
+    return _tiny("tiny:qwen2_5_vl:xs")
+
+
+# (name, size, colour): distinct content and two aspect ratios (the processor resizes both)
+IMAGE_SPECS = (("red.png", (56, 56), (220, 40, 40)), ("blue.png", (64, 48), (40, 80, 220)),
+               ("green.jpg", (40, 72), (40, 170, 60)))
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    """A few small RGB images on disk (PNG and JPEG), each with a white square so they are not flat."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for name, size, colour in IMAGE_SPECS:
+        img = Image.new("RGB", size, colour)
+        ImageDraw.Draw(img).rectangle((4, 4, 16, 16), fill=(255, 255, 255))
+        path = tmp_path / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        out.append(path)
+    return out
