@@ -130,7 +130,7 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> di
     from .data import prepare_data
     from .plan import make_plan, format_plan
 
-    events = EventLog(None, echo=False)
+    events = EventLog(None, echo=True)  # data warnings (skipped rows, ...) belong in the dry run's output
     run_dir = Path(recipe.run.dir)
     train, evals = prepare_data(recipe, run_dir, events, dry_run=True)
     plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         stages = stages or list(recipe.run.stages)
         if args.dry_run:
-            dry_run(recipe, stages, args.gpu_mem)
-            return 0
+            plan = dry_run(recipe, stages, args.gpu_mem)
+            return 1 if plan["errors"] else 0
         _attach_file_log(Path(recipe.run.dir))
         start = time.time()
         run_pipeline(recipe, stages, redo=redo, echo=not args.quiet)
