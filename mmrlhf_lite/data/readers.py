@@ -1,33 +1,128 @@
-"""Readers (minimal: native ranked JSONL). The full set of formats comes with the data layer."""
+"""`load_groups(path, ...)`: any supported source and format -> validated `PreferenceGroup`s.
+
+Pipeline: `sources` (files -> raw rows with file:line) -> `formats` (detect, parse one row: media
+resolved and checked, prompt typed, responses checked) -> `merge` (pair rows -> groups, ranks
+recovered). A bad row raises `DataError` naming file:line (`data.on_error: raise`), or is counted by
+reason and left out (`skip`); the counts go to the event stream as one `data_skipped` event.
+
+    python -m mmrlhf_lite.data stats runs/demo/data/demo/demo.jsonl
+"""
 from __future__ import annotations
 
-import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .groups import PreferenceGroup, Response
+from .errors import DataError
+from .formats import FORMATS, PARSERS, detect
+from .groups import PreferenceGroup
+from .merge import GroupBuilder
+from .rows import PairRow, RowContext
+from .sources import iter_rows, list_sources
+from .validate import MediaChecker
+
+MAX_EVENT_WARNINGS = 20       # per kind; the rest are counted in one summary line
+ONCE_PER_FILE = {"templated"}  # warnings that say something about a whole file
 
 
 @dataclass
 class LoadResult:
     groups: list[PreferenceGroup]
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)   # reason -> rows left out (on_error=skip)
     warnings: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # file -> format used
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> first skipped row's message
+    rows: int = 0                                           # rows read (including skipped ones)
+
+
+class _Warnings:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+        self._once: set[tuple[str, str]] = set()
+
+    def add(self, kind: str, message: str, file: str = "") -> None:
+        if kind in ONCE_PER_FILE:
+            if (kind, file) in self._once:
+                return
+            self._once.add((kind, file))
+        self.items.append((kind, message))
 
 
 def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=8, events=None) -> LoadResult:
-    path = Path(path)
-    root = Path(media_root) if media_root else path.parent
-    groups = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            groups.append(PreferenceGroup(
-                id=str(rec["id"]), prompt=rec["prompt"], category=rec.get("category", "general"),
-                images=[str(root / p) for p in rec.get("images", [])],
-                responses=[Response(r["text"], r.get("rank"), r.get("score"), r.get("critique"))
-                           for r in rec["responses"]], source=f"{path}:{n}"))
-    return LoadResult(groups)
+    """Read every row under `path` (file, folder, `datasets` folder) into groups; see the module doc."""
+    if fmt not in FORMATS:
+        raise DataError("", f"unknown data.format '{fmt}'; choose one of {', '.join(FORMATS)}", reason="bad_value")
+    if on_error not in ("raise", "skip"):
+        raise DataError("", f"unknown data.on_error '{on_error}'; choose raise or skip", reason="bad_value")
+    result = LoadResult(groups=[])
+    checker, builder, warnings = MediaChecker(), GroupBuilder(), _Warnings()
+    for file in list_sources(path):
+        root = str(media_root) if media_root else (file if os.path.isdir(file) else os.path.dirname(file) or ".")
+        file_fmt = None if fmt == "auto" else fmt
+        warn = (lambda f: lambda kind, msg: warnings.add(kind, msg, f))(file)
+        for raw in iter_rows(file):
+            result.rows += 1
+            try:
+                if raw.error is not None:
+                    raise raw.error
+                if file_fmt is None:
+                    file_fmt = _detect(raw.source, raw.row)
+                    result.formats[file] = file_fmt
+                ctx = RowContext(raw.source, root, max_frames, checker, file_fmt, warn)
+                parsed = PARSERS[file_fmt](raw.row, ctx)
+                if isinstance(parsed, PairRow):
+                    builder.add_pair(parsed)
+                else:
+                    builder.add_group(parsed)
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                result.skipped[err.reason] += 1
+                result.examples.setdefault(err.reason, str(err))
+        if file_fmt is not None:
+            result.formats.setdefault(file, file_fmt)
+    groups, merge_warnings = builder.finish()
+    for kind, message in merge_warnings:
+        warnings.add(kind, message)
+    result.groups = groups
+    result.warnings = [m for _, m in warnings.items]
+    _report(result, warnings.items, events)
+    if not groups:
+        summary = f" ({skip_summary(result.skipped)})" if result.skipped else ""
+        raise DataError(str(path), f"no preference groups were loaded from {result.rows} row(s){summary}",
+                        reason="bad_source")
+    return result
+
+
+def _detect(source: str, row: dict) -> str:
+    found = detect(row)
+    if found is None:
+        keys = sorted(k for k, v in row.items() if v is not None)
+        raise DataError(source, f"cannot tell the format from the fields {keys}; set data.format to one of "
+                        f"{', '.join(f for f in FORMATS if f != 'auto')} (docs/data-formats.md)",
+                        reason="unknown_format")
+    return found
+
+
+def skip_summary(skipped: Counter) -> str:
+    total = sum(skipped.values())
+    return f"skipped {total} row(s): " + ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+
+
+def _report(result: LoadResult, items: list[tuple[str, str]], events) -> None:
+    if events is None:
+        return
+    per_kind: Counter = Counter()
+    for kind, message in items:
+        per_kind[kind] += 1
+        if per_kind[kind] <= MAX_EVENT_WARNINGS:
+            events.warning(message, stage="data")
+    for kind, n in per_kind.items():
+        if n > MAX_EVENT_WARNINGS:
+            events.warning(f"... and {n - MAX_EVENT_WARNINGS} more '{kind}' warnings (LoadResult.warnings has all)",
+                           stage="data")
+    if result.skipped:
+        events.warning(skip_summary(result.skipped), stage="data")
+        events.emit("data_skipped", stage="data", counts=dict(result.skipped), examples=dict(result.examples),
+                    message=skip_summary(result.skipped))
+

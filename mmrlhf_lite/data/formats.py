@@ -1,0 +1,77 @@
+"""The format registry and auto-detection from a row's fields.
+
+`detect(row)` looks at the first readable row of each file (rules in order, first match wins):
+
+    1. `responses`                                       -> ranked       (our native K-response rows)
+    2. `completions`                                     -> vlfeedback
+    3. `chosen_messages`                                 -> llamafactory (v1)
+    4. `rejected_response` | `rejected_messages` | `rejected_images`
+                                                         -> swift
+    5. `conversations` | `messages`, with `chosen` an object (a single message)
+                                                         -> llamafactory (sharegpt)
+    6. `conversations` + `rejected` but no `chosen`      -> rlhfv        (LLaVA style)
+    7. `question` + `chosen` + `rejected`                -> rlaifv
+    8. `chosen` + `rejected`, and chosen/rejected/prompt are chat messages, or `images` (a list) is
+       given, or the prompt is a chat-templated string   -> trl
+    9. `chosen` + `rejected` as plain strings (with `prompt` or `conversations`)
+                                                         -> mmrlhf (also MM-RLHF-RewardBench)
+
+`data.format` forces one (`mmrlhf_bench` = `mmrlhf` with a required `id`). A forced or detected
+format then parses every row of the file; a row that lacks its fields is reported by name.
+
+    python -m mmrlhf_lite.data stats path/to/file.jsonl   # prints the detected format
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .formats_pairs import (parse_llamafactory, parse_mmrlhf, parse_mmrlhf_bench, parse_rlaifv, parse_rlhfv,
+                            parse_swift, parse_trl)
+from .formats_ranked import parse_ranked, parse_vlfeedback
+from .rows import present
+from .templated import template_style
+
+PARSERS: dict[str, Callable] = {
+    "ranked": parse_ranked,
+    "mmrlhf": parse_mmrlhf,
+    "mmrlhf_bench": parse_mmrlhf_bench,
+    "trl": parse_trl,
+    "swift": parse_swift,
+    "llamafactory": parse_llamafactory,
+    "rlaifv": parse_rlaifv,
+    "rlhfv": parse_rlhfv,
+    "vlfeedback": parse_vlfeedback,
+}
+FORMATS = ("auto",) + tuple(PARSERS)
+
+
+def _is_chat(value) -> bool:
+    return isinstance(value, (list, dict))
+
+
+def detect(row: dict) -> str | None:
+    """The format of a row from its fields (None when nothing matches); see the module doc for the rules."""
+    has = lambda key: present(row, key)  # noqa: E731 - Arrow fills absent keys with None
+    if has("responses"):
+        return "ranked"
+    if has("completions"):
+        return "vlfeedback"
+    if has("chosen_messages"):
+        return "llamafactory"
+    if has("rejected_response") or has("rejected_messages") or has("rejected_images"):
+        return "swift"
+    if (has("conversations") or has("messages")) and isinstance(row.get("chosen"), dict):
+        return "llamafactory"
+    if has("conversations") and has("rejected") and not has("chosen"):
+        return "rlhfv"
+    if not (has("chosen") and has("rejected")):
+        return None
+    if has("question"):
+        return "rlaifv"
+    prompt = row.get("prompt")
+    if _is_chat(row["chosen"]) or _is_chat(row["rejected"]) or _is_chat(prompt) or has("images") \
+            or (isinstance(prompt, str) and template_style(prompt)):
+        return "trl"
+    if has("prompt") or has("conversations"):
+        return "mmrlhf"
+    return None

@@ -1,0 +1,261 @@
+"""Where rows come from: a file (JSONL, JSON, Parquet), a folder of them, or a `datasets` folder.
+
+Yields raw rows (plain dicts) with their location, `"file:line"` (`"file:row N"` for Parquet / Arrow),
+so every later error can name it. Format detection and parsing happen in `formats.py`.
+
+- JSONL: small files are read line by line with `json`; files of `DATASETS_MIN_BYTES` or more go through
+  `datasets` (`load_dataset("json")`), which converts them once to a memory-mapped Arrow cache under
+  `$MMRLHF_LITE_CACHE/datasets` and streams them back in batches. A row index maps back to its line
+  number (blank lines skipped). When `datasets` cannot read the file (a malformed line, a row that is
+  not an object), the line reader takes over and reports the exact `file:line`.
+- A `.jsonl` that holds one JSON array (LLaMA-Factory's shipped files do) and `.json` arrays are parsed
+  whole; each element is located by the line it starts on.
+- Parquet and `save_to_disk` folders load through `datasets`; image columns are read undecoded
+  (`{"bytes", "path"}`) so images stay encoded bytes in memory.
+
+Arrow fills absent keys with `None`, so readers treat `None` exactly like a missing key.
+
+    python -m mmrlhf_lite.data stats path/to/pairs.jsonl
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DataError
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+# files a data folder may hold that are not rows (dataset registries, demo settings)
+NOT_ROWS = {"dataset_info.json", "dataset_dict.json", "state.json", "demo_settings.json"}
+DATASETS_MIN_BYTES = 16 * 1024 * 1024
+BATCH = 2048
+
+
+@dataclass
+class RawRow:
+    """One row as read (`row`), or the reason it could not be read (`error`)."""
+    source: str
+    row: dict | None = None
+    error: DataError | None = None
+
+
+def cache_dir() -> str:
+    root = os.environ.get("MMRLHF_LITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mmrlhf_lite")
+    return os.path.join(root, "datasets")
+
+
+def list_sources(path: str | os.PathLike) -> list[str]:
+    """The files (or `datasets` folders) under `path`, in a stable order."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(str(path), "data path not found", reason="bad_source", path=str(path))
+    if p.is_file():
+        if p.suffix.lower() not in DATA_SUFFIXES:
+            raise DataError(str(path), f"unsupported file type '{p.suffix}'; expected one of "
+                            f"{', '.join(DATA_SUFFIXES)} (or a folder)", reason="bad_source")
+        return [str(path)]
+    if _is_saved_dataset(p) or (p / "dataset_dict.json").exists():
+        return [str(path)]
+    files = sorted(str(f) for f in p.iterdir()
+                   if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and f.name not in NOT_ROWS
+                   and not f.name.startswith("."))
+    if not files:
+        raise DataError(str(path), f"folder holds no data files ({', '.join(DATA_SUFFIXES)}) and is not a "
+                        "`datasets` save_to_disk folder", reason="bad_source")
+    return files
+
+
+def iter_rows(source: str) -> Iterator[RawRow]:
+    """Rows of one file or `datasets` folder from `list_sources`."""
+    p = Path(source)
+    if p.is_dir():
+        yield from _iter_saved(p)
+        return
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        yield from _iter_parquet(p)
+        return
+    first = _first_char(p)
+    if first == "":
+        return
+    if first == "[":
+        yield from _iter_json_array(p)
+    elif suffix == ".json" and first == "{" and (single := _single_object(p)) is not None:
+        yield single
+    elif p.stat().st_size >= DATASETS_MIN_BYTES:
+        yield from _iter_jsonl_datasets(p)
+    else:
+        yield from _iter_jsonl_lines(p)
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+def _first_char(p: Path) -> str:
+    with open(p, "rb") as fh:
+        while chunk := fh.read(4096):
+            s = chunk.lstrip()
+            if s.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM
+                s = s[3:].lstrip()
+            if s:
+                return chr(s[0])
+    return ""
+
+
+def _decode_error(source: str, exc: json.JSONDecodeError, line_offset: int = 0) -> DataError:
+    return DataError(f"{source}:{exc.lineno + line_offset}", f"malformed JSON: {exc.msg} (column {exc.colno})",
+                     reason="malformed_json")
+
+
+def _as_row(source: str, value) -> RawRow:
+    if isinstance(value, dict):
+        return RawRow(source, value)
+    return RawRow(source, error=DataError(source, f"expected a JSON object, got {type(value).__name__}",
+                                          reason="not_an_object"))
+
+
+def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
+    with open(p, encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield RawRow(f"{p}:{n}", error=DataError(f"{p}:{n}", f"malformed JSON: {exc.msg} (column {exc.colno})",
+                                                         reason="malformed_json"))
+                continue
+            yield _as_row(f"{p}:{n}", value)
+
+
+def _single_object(p: Path) -> RawRow | None:
+    """A `.json` file holding one object is one row; None when it is JSON Lines after all."""
+    text = p.read_text(encoding="utf-8-sig")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            return None
+        raise _decode_error(str(p), exc) from None
+    return _as_row(f"{p}:1", value)
+
+
+def _iter_json_array(p: Path) -> Iterator[RawRow]:
+    """Elements of a top-level JSON array, each located by the line its `{` is on.
+
+    A syntax error anywhere makes the whole file unreadable, so it raises (even with on_error=skip).
+    """
+    text = p.read_text(encoding="utf-8-sig")
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _decode_error(str(p), exc) from None
+    if not isinstance(values, list):  # pragma: no cover - guarded by the first character
+        raise DataError(str(p), "expected a JSON array of rows", reason="not_an_object")
+    decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
+    for value in values:
+        while text[pos] in " \t\r\n,":
+            if text[pos] == "\n":
+                line += 1
+            pos += 1
+        _, end = decoder.raw_decode(text, pos)
+        yield _as_row(f"{p}:{line}", value)
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(level)
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _line_numbers(p: Path) -> list[int]:
+    """1-based numbers of the non-blank lines (`datasets` skips blank ones)."""
+    with open(p, "rb") as fh:
+        return [n for n, line in enumerate(fh, 1) if line.strip()]
+
+
+def _iter_jsonl_datasets(p: Path) -> Iterator[RawRow]:
+    with _quiet_datasets() as datasets:
+        try:
+            ds = datasets.load_dataset("json", data_files=str(p), split="train", cache_dir=cache_dir())
+        except Exception:  # noqa: BLE001 - any failure: the line reader names the bad line
+            ds = None
+    lines = _line_numbers(p) if ds is not None else []
+    if ds is None or len(lines) != len(ds):
+        yield from _iter_jsonl_lines(p)
+        return
+    for i, row in enumerate(_dataset_rows(ds)):
+        yield RawRow(f"{p}:{lines[i]}", row)
+
+
+def _undecoded(feature):
+    """The same features with every Image read as {"bytes", "path"} instead of a PIL image."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, datasets.List):
+        return datasets.List(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, (dict, datasets.Features)):
+        return {k: _undecoded(v) for k, v in feature.items()}
+    return feature
+
+
+def _dataset_rows(ds) -> Iterator[dict]:
+    import datasets
+
+    features = datasets.Features(_undecoded(ds.features))
+    if features != ds.features:
+        ds = ds.cast(features)
+    for batch in ds.iter(batch_size=BATCH):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield dict(zip(keys, values))
+
+
+def _iter_parquet(p: Path) -> Iterator[RawRow]:
+    with _quiet_datasets() as datasets:
+        try:
+            ds = datasets.Dataset.from_parquet(str(p), cache_dir=cache_dir())
+        except Exception as exc:  # noqa: BLE001 - reported with the file name, no library traceback
+            raise DataError(str(p), f"cannot read Parquet file: {exc}", reason="bad_source") from None
+    for i, row in enumerate(_dataset_rows(ds), 1):
+        yield RawRow(f"{p}:row {i}", row)
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return (p / "state.json").exists() and (p / "dataset_info.json").exists()
+
+
+def _iter_saved(p: Path) -> Iterator[RawRow]:
+    if not _is_saved_dataset(p):
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        if len(splits) != 1:
+            raise DataError(str(p), f"this `datasets` folder holds the splits {', '.join(splits)}; point data.path at "
+                            f"one of them, e.g. {p / splits[0]}" if splits else "empty DatasetDict folder",
+                            reason="bad_source")
+        p = p / splits[0]
+    with _quiet_datasets() as datasets:
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(str(p), f"cannot load `datasets` folder: {exc}", reason="bad_source") from None
+    for i, row in enumerate(_dataset_rows(ds), 1):
+        yield RawRow(f"{p}:row {i}", row)
