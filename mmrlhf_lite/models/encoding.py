@@ -78,7 +78,9 @@ class GroupEncoder:
     def encode_prefix(self, messages: list[dict], images: list, text_after: str = "") -> dict[str, torch.Tensor]:
         """Processor outputs (batch 1) for the generation prompt, optionally followed by `text_after`."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + text_after
-        out = self.processor(text=[text], images=images or None, return_tensors="pt")
+        # images nested per sample: LLaVA-OV encodes the images of a multi-image prompt (and video
+        # frames) without anyres tiles, as in its training, only when it sees them as one sample's
+        out = self.processor(text=[text], images=[images] if images else None, return_tensors="pt")
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
 
     def check_length(self, group: PreferenceGroup, enc: EncodedGroup, what: str) -> None:

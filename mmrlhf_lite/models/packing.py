@@ -2,9 +2,10 @@
 
 DESIGN.md, "A group is one packed sequence": the prompt and its image tokens are run once per group,
 not once per response. Each response ("branch") attends to the prompt and to itself only (4-D boolean
-mask), and its positions continue from the prompt's end (3-D M-RoPE ids from the model's own
-rope-index function on the prompt). Log-probs are gathered on branch target tokens only, through a
-chunked LM head: full-vocabulary logits are never built for image or prompt positions.
+mask; 0/-inf floats for eager attention, which adds the mask to the scores), and its positions continue
+from the prompt's end (3-D M-RoPE ids from the model's own rope-index function on the prompt).
+Log-probs are gathered on branch target tokens only, through a chunked LM head: full-vocabulary
+logits are never built for image or prompt positions.
 
 The unpacked path (one ordinary row per branch, the model computing masks and positions itself) is
 the fallback for families whose attention cannot take the mask, and the test oracle.
@@ -140,6 +141,17 @@ def packed_mask(prefix_len: int, spans: list[tuple[int, int]], length: int) -> t
     return mask
 
 
+def _attention_mask(mask: torch.Tensor, model) -> torch.Tensor:
+    """The packed mask in the form the decoder's attention takes: SDPA (and unsloth) take the boolean
+    mask as is; eager attention adds the mask to the scores, so it needs 0 / dtype-min floats in the
+    hidden-state dtype (a boolean mask would be added as 0/1 and mask nothing)."""
+    base = unwrap(model)
+    if getattr(base.config.get_text_config(), "_attn_implementation", None) != "eager":
+        return mask
+    dtype = base.get_input_embeddings().weight.dtype
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def _cat_media(prefixes: list[dict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
     out = {}
     for k in keys:
@@ -147,8 +159,24 @@ def _cat_media(prefixes: list[dict], keys: Sequence[str]) -> dict[str, torch.Ten
             continue
         vals = [p[k] for p in prefixes if k in p and p[k] is not None]
         if vals:
-            out[k] = torch.cat(vals, dim=0)
+            out[k] = _cat_padded(vals)
     return out
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate on dim 0, zero-padding the other dims to the largest, as the processor pads a batch.
+
+    LLaVA-OV's pixel_values (images, anyres tiles, 3, H, W) differ in tile count with the aspect ratio,
+    Idefics3's (rows, images, 3, H, W) in image count; both models drop all-zero padding tiles/images.
+    """
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = []
+        for d in reversed(range(1, t.dim())):
+            pad += [0, shape[d - 1] - t.shape[d]]
+        padded.append(F.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded, dim=0)
 
 
 def _forward_keys(spec: FamilySpec, prefixes: list[dict]) -> list[str]:
@@ -163,9 +191,8 @@ def _forward_keys(spec: FamilySpec, prefixes: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # log-probs through a chunked LM head
 
-def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    logits = lm_head(hidden).float()
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
 
 
@@ -174,16 +201,18 @@ def token_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.M
     """log p(target_t | h_t) for (N, h) hidden states, N target ids -> (N,) float32.
 
     Chunks of `chunk` tokens, each recomputed in backward (activation checkpointing), so at most one
-    chunk's (chunk, vocab) logits exist at a time.
+    chunk's (chunk, vocab) logits exist at a time. The head is called as a module, so whatever wraps
+    it (LoRA on the head, a hook) takes part.
     """
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     outs = []
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            outs.append(checkpoint(_chunk_logps, h, t, weight, bias, use_reentrant=False))
+        if needs_grad:
+            outs.append(checkpoint(_chunk_logps, h, t, lm_head, use_reentrant=False))
         else:
-            outs.append(_chunk_logps(h, t, weight, bias))
+            outs.append(_chunk_logps(h, t, lm_head))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -255,7 +284,7 @@ def packed_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, l
     n_pos = rows[0].positions.shape[0]
     positions = torch.zeros((n_pos, B, L), dtype=torch.long)
     mask = torch.zeros((B, 1, L, L), dtype=torch.bool)
-    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for k in rows[0].token_keys}
+    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for r in rows for k in r.token_keys}
     for i, r in enumerate(rows):
         n = len(r.ids)
         input_ids[i, :n] = torch.tensor(r.ids)
@@ -267,7 +296,8 @@ def packed_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, l
     kwargs = _cat_media(prefixes, _forward_keys(spec, prefixes))
     kwargs.update(token_keys)
     pos_arg = positions if spec.mrope else positions[0]
-    out = backbone(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+    attention_mask = _attention_mask(mask, model).to(device)
+    out = backbone(model)(input_ids=input_ids.to(device), attention_mask=attention_mask,
                           position_ids=pos_arg.to(device), use_cache=False,
                           **{k: v.to(device) for k, v in kwargs.items()})
     return _collect(out.last_hidden_state, [r.prefix_len for r in rows], [r.spans for r in rows],
@@ -291,7 +321,7 @@ def unpacked_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *,
     B = len(rows)
     input_ids = torch.zeros((B, L), dtype=torch.long)
     attn = torch.zeros((B, L), dtype=torch.long)
-    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for k in rows[0][1]}
+    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for _, tk in rows for k in tk}
     for i, (ids, tk) in enumerate(rows):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attn[i, :len(ids)] = 1
