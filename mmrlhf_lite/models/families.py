@@ -9,6 +9,7 @@ and which processor outputs the forward takes.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,41 +23,74 @@ class FamilySpec:
     model_types: tuple[str, ...]
     processor_class: str
     image_processor_class: str                  # torchvision-free (PIL) image processor
+    image_processor_module: str                 # the module defining it (see `image_processor_type`)
     text_prefix: str                            # module path of the language model decoder
     vision_prefixes: tuple[str, ...]            # vision tower + projector modules
     mrope: bool = False                         # 3-D M-RoPE positions from `get_rope_index`
     forward_keys: tuple[str, ...] = ("pixel_values",)
     unsloth: bool = True                        # FastVisionModel supports this family
     packing: bool = True                        # attention takes a 4-D mask + explicit positions
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
 
     @property
     def skip_4bit(self) -> tuple[str, ...]:
         """Module-path prefixes bitsandbytes leaves unquantised: the vision side and the LM head."""
         return self.vision_prefixes + ("lm_head",)
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
+    def image_processor_type(self) -> type:
+        """The PIL image processor class, imported from its defining module: the package-level name
+        of some (Idefics3's) is a placeholder that demands torchvision although the class never uses it."""
+        return getattr(importlib.import_module(self.image_processor_module), self.image_processor_class)
+
+
+_QWEN2_VL_PIL = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec for spec in (
         FamilySpec(
             name="qwen2_vl", model_types=("qwen2_vl",),
             processor_class="Qwen2VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+            image_processor_module=_QWEN2_VL_PIL,
             text_prefix="model.language_model", vision_prefixes=("model.visual",), mrope=True,
             forward_keys=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
         ),
         FamilySpec(
             name="qwen2_5_vl", model_types=("qwen2_5_vl",),
             processor_class="Qwen2_5_VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+            image_processor_module=_QWEN2_VL_PIL,
             text_prefix="model.language_model", vision_prefixes=("model.visual",), mrope=True,
             forward_keys=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
             notes="The vision MLP reuses gate/up/down_proj names: LoRA targets are anchored to the language model.",
         ),
         FamilySpec(
+            name="qwen3_vl", model_types=("qwen3_vl",),
+            processor_class="Qwen3VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+            image_processor_module=_QWEN2_VL_PIL,
+            text_prefix="model.language_model", vision_prefixes=("model.visual",), mrope=True,
+            forward_keys=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+            notes="Qwen2-VL's image processor with patch 16; interleaved M-RoPE from the model's get_rope_index "
+                  "(needs mm_token_type_ids); DeepStack adds vision features at image positions of the first "
+                  "decoder layers, which a packed row keeps in the prefix.",
+        ),
+        FamilySpec(
             name="llava_onevision", model_types=("llava_onevision",),
             processor_class="LlavaOnevisionProcessor", image_processor_class="LlavaOnevisionImageProcessorPil",
-            text_prefix="model.language_model", vision_prefixes=("model.vision_tower", "model.multi_modal_projector"), mrope=False,
-            forward_keys=("pixel_values", "image_sizes"),
+            image_processor_module="transformers.models.llava_onevision.image_processing_pil_llava_onevision",
+            text_prefix="model.language_model",
+            vision_prefixes=("model.vision_tower", "model.multi_modal_projector"),
+            forward_keys=("pixel_values", "image_sizes", "batch_num_images"),
+            notes="pixel_values is (images, anyres tiles, 3, H, W), padded to the most tiles in a batch; "
+                  "1-D positions (Qwen2 decoder).",
+        ),
+        FamilySpec(
+            name="idefics3", model_types=("idefics3",),
+            processor_class="Idefics3Processor", image_processor_class="Idefics3ImageProcessorPil",
+            image_processor_module="transformers.models.idefics3.image_processing_pil_idefics3",
+            text_prefix="model.text_model", vision_prefixes=("model.vision_model", "model.connector"),
+            forward_keys=("pixel_values", "pixel_attention_mask"),
+            notes="SmolVLM v1 checkpoints are this model type. pixel_values is (rows, images, 3, H, W): all-zero "
+                  "images are padding the model drops; 1-D positions (Llama decoder).",
         ),
     )
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -124,6 +125,18 @@ def _image_only_processor_class(base: type) -> type:
     return ImageOnly
 
 
+def _saved_processor_kwargs(path: str, proc_cls: type) -> dict[str, Any]:
+    """The processor's own settings from processor_config.json (LLaVA-OV's `num_image_tokens`,
+    Idefics3's `image_seq_len`), as AutoProcessor would pass them: they fix how many image tokens
+    the text gets, so leaving them at the class defaults would mismatch the model."""
+    cfg_file = Path(path) / "processor_config.json"
+    if not cfg_file.exists():
+        return {}
+    accepted = set(inspect.signature(proc_cls.__init__).parameters) - set(proc_cls.get_attributes()) - {
+        "self", "chat_template", "args", "kwargs"}
+    return {k: v for k, v in json.loads(cfg_file.read_text()).items() if k in accepted}
+
+
 def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None):
     """AutoProcessor where it works; without torchvision, the family's PIL image processor and no video one."""
     import transformers
@@ -138,16 +151,15 @@ def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None
         processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        module = importlib.import_module(f"transformers.models.{family.name}")
-        ip_cls = getattr(module, family.image_processor_class, None) or getattr(
-            transformers, family.image_processor_class)
-        image_processor = ip_cls.from_pretrained(path)
+        image_processor = family.image_processor_type().from_pretrained(path)
         proc_cls = _image_only_processor_class(getattr(transformers, family.processor_class))
         chat_template = tokenizer.chat_template
         tpl = Path(path) / "chat_template.jinja"
         if chat_template is None and tpl.exists():
             chat_template = tpl.read_text()
-        kwargs = {"video_processor": FramesOnlyVideoProcessor()}
+        kwargs = _saved_processor_kwargs(path, proc_cls)
+        if "video_processor" in proc_cls.get_attributes():
+            kwargs["video_processor"] = FramesOnlyVideoProcessor()
         processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                              **kwargs)
     for key, value in image_kwargs.items():

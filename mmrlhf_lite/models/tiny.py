@@ -5,7 +5,7 @@ back through the normal loader (`load_model`), so tests and the demo exercise th
 Nothing is downloaded.
 
     python -m mmrlhf_lite.models.tiny qwen2_vl          # builds (once) and prints the folder
-    python -m mmrlhf_lite.models.tiny qwen2_5_vl:xs
+    python -m mmrlhf_lite.models.tiny qwen2_5_vl:xs llava_onevision:xs qwen3_vl:xs idefics3:xs
 
 Model paths in recipes: `tiny:<family>[:<size>]`, e.g. `tiny:qwen2_vl` or `tiny:qwen2_vl:xs`.
 """
@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-KIT_VERSION = 3  # bump when the kit's output changes: cached folders are keyed by it
+KIT_VERSION = 4  # bump when the kit's output changes: cached folders are keyed by it
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
@@ -39,6 +39,7 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# LLaVA-OneVision's Qwen2-style template; the processor expands `<image>` into the anyres tile tokens.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -49,6 +50,20 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# SmolVLM/Idefics3 layout (`User:<image>question<end_of_utterance>\nAssistant:`), with the role always
+# followed by a bare colon so that a rendered reply starts exactly where the generation prompt ends.
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
 
 @dataclass(frozen=True)
@@ -101,17 +116,18 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(size: TinySize, chat_template: str):
+def build_tokenizer(size: TinySize, chat_template: str, extra_special: tuple[str, ...] = (),
+                    eos: str = "<|im_end|>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size.vocab, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=size.vocab, special_tokens=SPECIAL_TOKENS + list(extra_special),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>",
                                    padding_side="left", model_max_length=32768)
     fast.chat_template = chat_template
     return fast
@@ -135,7 +151,8 @@ def _build_qwen(family: str, size: TinySize, out: Path) -> None:
     text = dict(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
                 num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
                 max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
-                tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+                tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                   eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
@@ -155,25 +172,134 @@ def _build_qwen(family: str, size: TinySize, out: Path) -> None:
     px = size.image_size * size.image_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2,
                                                temporal_patch_size=2)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    _save(out, model, tok, image_processor, processor_class, QWEN_CHAT_TEMPLATE)
+
+
+def _build_qwen3_vl(family: str, size: TinySize, out: Path) -> None:
+    """Qwen3-VL: 16 px patches (32 px per merged token), interleaved M-RoPE, DeepStack.
+
+    Interleaved M-RoPE assigns rotary frequency i to height when i % 3 == 1 and width when i % 3 == 2
+    (for i < 3 * section), the rest to time: the section sizes below fill head_dim / 2 that way.
+    DeepStack adds the vision tower's intermediate features to the first decoder layers' hidden states
+    at image positions; every vision block feeds one decoder layer here.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = build_tokenizer(size, QWEN_CHAT_TEMPLATE)
+    ids = _vision_token_ids(tok)
+    head_dim = size.hidden // size.heads
+    half = head_dim // 2
+    spatial = (half - 2) // 3
+    text = dict(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
+                num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                head_dim=head_dim, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                 "mrope_section": [half - 2 * spatial, spatial, spatial], "mrope_interleaved": True},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=size.vision_depth, hidden_size=size.vision_dim, out_hidden_size=size.hidden,
+                  intermediate_size=size.vision_dim * 2, num_heads=size.vision_heads, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(range(min(size.vision_depth, size.layers))))
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    model = Qwen3VLForConditionalGeneration(cfg)
+    side = max(32, round(size.image_size / 32) * 32)  # a multiple of patch 16 x merge 2
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2,
+                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    _save(out, model, tok, image_processor, "Qwen3VLProcessor", QWEN_CHAT_TEMPLATE)
+
+
+def _build_llava_onevision(family: str, size: TinySize, out: Path) -> None:
+    """LLaVA-OneVision: SigLIP tower on `tile` px crops, Qwen2 decoder, anyres up to 2 x 2 tiles.
+
+    An image becomes the base tile's tokens, plus the unpadded tile grid with one newline token per
+    row; tile = image_size / 2 keeps the whole grid near `image_size` px like the other families.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
+        LlavaOnevisionImageProcessorPil
+
+    tok = build_tokenizer(size, LLAVA_CHAT_TEMPLATE)
+    ids = _vision_token_ids(tok)
+    tile, patch = size.image_size // 2, 14
+    pinpoints = [[tile * rows, tile * cols] for rows in (1, 2) for cols in (1, 2)]
+    vision = dict(model_type="siglip_vision_model", hidden_size=size.vision_dim,
+                  intermediate_size=size.vision_dim * 2, num_hidden_layers=size.vision_depth,
+                  num_attention_heads=size.vision_heads, image_size=tile, patch_size=patch)
+    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=size.hidden,
+                intermediate_size=size.intermediate, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                num_key_value_heads=size.kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+                               video_token_index=ids["<video>"], image_grid_pinpoints=pinpoints,
+                               vision_feature_select_strategy="full", vision_feature_layer=-1,
+                               vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
+                                                      image_grid_pinpoints=pinpoints)
+    _save(out, model, tok, image_processor, "LlavaOnevisionProcessor", LLAVA_CHAT_TEMPLATE,
+          processor_kwargs={"num_image_tokens": (tile // patch) ** 2, "vision_feature_select_strategy": "full",
+                            "vision_aspect_ratio": "anyres_max_9"})
+
+
+def _build_idefics3(family: str, size: TinySize, out: Path) -> None:
+    """Idefics3 (SmolVLM v1): SigLIP-style tower, pixel-shuffle connector (scale 2), Llama decoder.
+
+    Image splitting is off: each image is resized to one `image_size` square and becomes
+    `<fake_token_around_image><global-img>` + (image_size / 14)^2 / 4 `<image>` tokens + `<fake_token_around_image>`.
+    """
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = build_tokenizer(size, IDEFICS3_CHAT_TEMPLATE, extra_special=tuple(IDEFICS3_TOKENS), eos="<end_of_utterance>")
+    eos, pad = tok.convert_tokens_to_ids("<end_of_utterance>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    patch, scale = 14, 2
+    vision = dict(hidden_size=size.vision_dim, intermediate_size=size.vision_dim * 2,
+                  num_hidden_layers=size.vision_depth, num_attention_heads=size.vision_heads,
+                  image_size=size.image_size, patch_size=patch)
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=size.hidden,
+                intermediate_size=size.intermediate, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                num_key_value_heads=size.kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+                eos_token_id=eos, pad_token_id=pad)
+    cfg = Idefics3Config(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         scale_factor=scale, pad_token_id=pad, tie_word_embeddings=False)
+    model = Idefics3ForConditionalGeneration(cfg)
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": size.image_size},
+                                                max_image_size={"longest_edge": size.image_size})
+    _save(out, model, tok, image_processor, "Idefics3Processor", IDEFICS3_CHAT_TEMPLATE,
+          processor_kwargs={"image_seq_len": (size.image_size // patch) ** 2 // scale ** 2})
+
+
+def _save(out: Path, model, tok, image_processor, processor_class: str, chat_template: str,
+          processor_kwargs: dict | None = None) -> None:
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
     image_processor.save_pretrained(out)
-    processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
-    _write_processor_files(out, processor_class, QWEN_CHAT_TEMPLATE)
+    _write_processor_files(out, processor_class, chat_template, processor_kwargs or {})
 
 
-def _write_processor_files(out: Path, processor_class: str, chat_template: str) -> None:
-    """What `processor.save_pretrained` writes, without needing a torchvision video processor here."""
+def _write_processor_files(out: Path, processor_class: str, chat_template: str, processor_kwargs: dict) -> None:
+    """What `processor.save_pretrained` writes, without needing a torchvision video processor here.
+
+    `processor_kwargs` are the processor's own constructor arguments (LLaVA-OV's `num_image_tokens`,
+    Idefics3's `image_seq_len`): `load_processor` passes them on, as `AutoProcessor` would.
+    """
     (out / "chat_template.jinja").write_text(chat_template)
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": processor_class, **processor_kwargs}, indent=2))
     pre = json.loads((out / "preprocessor_config.json").read_text())
     pre["processor_class"] = processor_class
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
 
-BUILDERS = {"qwen2_vl": _build_qwen, "qwen2_5_vl": _build_qwen}
+BUILDERS = {"qwen2_vl": _build_qwen, "qwen2_5_vl": _build_qwen, "qwen3_vl": _build_qwen3_vl,
+            "llava_onevision": _build_llava_onevision, "idefics3": _build_idefics3}
 
 
 def cache_root() -> Path:
