@@ -83,9 +83,11 @@ class DemoDataConfig:
 class DataConfig:
     path: str = _f("demo", "Preference data: a JSONL/JSON/Parquet file, a folder of them, a `datasets` folder "
                    "saved with save_to_disk, or `demo` for the synthetic image-grounded demo set.")
-    format: str = _f("auto", "Row format; `auto` detects it from the fields.",
+    format: str = _f("auto", "Row format; `auto` detects it from the fields (docs/data-formats.md): `ranked` (K "
+                     "responses per row), MM-RLHF pairs `mmrlhf` / `mmrlhf_bench`, `trl`, `swift`, `llamafactory`, "
+                     "`rlaifv`, `rlhfv` (LLaVA style), `vlfeedback`.",
                      choices=("auto", "ranked", "mmrlhf", "mmrlhf_bench", "trl", "swift", "llamafactory",
-                              "vlfeedback", "rlaifv"))
+                              "rlaifv", "rlhfv", "vlfeedback"))
     media_root: str | None = _f(None, "Folder that relative image/video paths resolve against "
                                 "(default: the data file's folder).")
     max_frames: int = _f(8, "Frames sampled from each video (a folder of frames or a list).", gt=0)

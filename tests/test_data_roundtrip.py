@@ -134,3 +134,11 @@ def test_turn_text_writes_tags_only_where_needed():
     assert (turn_text(turn), turn_text(turn, tags=False)) == ("<image>Look.", "Look.")
     turn = text_to_turn("Look <image> here.", 1)
     assert turn_text(turn, tags=False) == "Look <image> here."
+
+
+def test_from_record_inverts_to_record(demo, rich):
+    _, groups = demo
+    for g in groups + rich + [PreferenceGroup("e", [text_to_turn("q", 0)], [Response("a"), Response("b")],
+                                              explicit_pairs=[(1, 0)], explicit_ties=[])]:
+        again = PreferenceGroup.from_record(g.to_record(), source=g.source)
+        assert again == g

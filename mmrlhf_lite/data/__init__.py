@@ -1,6 +1,6 @@
 """Preference data: readers for each format, validation, pair expansion, media, the demo set.
 
-    python -m mmrlhf_lite.data stats runs/demo/data/demo.jsonl
+    python -m mmrlhf_lite.data stats runs/demo/data/demo/demo.jsonl
 """
 from __future__ import annotations
 
@@ -51,5 +51,8 @@ def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
         train = groups
     else:
         train, evals = split_groups(groups, cfg.eval_fraction, cfg.split_seed)
-    events.info(f"data: {len(train)} train groups, {len(evals)} eval groups from {path}", stage="data")
+    fmts = ", ".join(sorted(set(result.formats.values())))
+    skipped = f"; {sum(result.skipped.values())} rows skipped" if result.skipped else ""
+    events.info(f"data: {len(train)} train groups, {len(evals)} eval groups from {path} ({fmts}{skipped})",
+                stage="data")
     return train, evals

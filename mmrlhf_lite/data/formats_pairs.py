@@ -37,14 +37,15 @@ def make_pair(ctx: RowContext, row: dict, *, turns: list, prompt_key: str, image
     """The checks and resolution every pair format ends with."""
     check_response_text(chosen, ctx.source, keys[0])
     check_response_text(rejected, ctx.source, keys[1])
-    check_distinct([chosen, rejected], ctx.source, list(keys))
+    if chosen.strip() == rejected.strip():
+        check_distinct([chosen, rejected], ctx.source, list(keys))
     if not as_list(images) and inline and any(s is not None for s in inline):
         if any(s is None for s in inline):
             raise ctx.error(f"key '{prompt_key}': some image parts name their image and some do not", "media_mismatch",
                             key=prompt_key)
         images, images_key = inline, f"{prompt_key} image parts"
     resolved = resolve_images(images, ctx, images_key)
-    prompt = chat.build_prompt(turns, len(resolved), video is not None, ctx, prompt_key)
+    prompt = _prompt(turns, len(resolved), video is not None, ctx, prompt_key)
     gid = get(row, "id")
     return PairRow(source=ctx.source, group_id=None if gid is None else str(gid), prompt=prompt, images=resolved,
                    video=video, chosen=chosen, rejected=rejected, chosen_critique=critiques[0],
@@ -53,8 +54,15 @@ def make_pair(ctx: RowContext, row: dict, *, turns: list, prompt_key: str, image
                    fallback_id=None if fallback_id is None else str(fallback_id), meta=meta or {})
 
 
-def _video(row: dict, ctx: RowContext, key: str) -> list | None:
-    return resolve_video(row[key], ctx, key) if present(row, key) else None
+def _prompt(turns: list, n_images: int, has_video: bool, ctx: RowContext, key: str) -> list[dict]:
+    """`chat.build_prompt`, memoised for string turns: the pairs of one prompt repeat it row after row."""
+    if not all(isinstance(c, str) for _, c in turns):
+        return chat.build_prompt(turns, n_images, has_video, ctx, key)
+    memo_key = ("prompt", tuple(turns), n_images, has_video)
+    built = ctx.memo.get(memo_key)
+    if built is None:
+        built = ctx.remember(memo_key, chat.build_prompt(turns, n_images, has_video, ctx, key))
+    return built  # shared between rows; `merge` copies it once per group
 
 
 # ------------------------------------------------------------------------------------------- MM-RLHF
@@ -62,10 +70,10 @@ def _video(row: dict, ctx: RowContext, key: str) -> list | None:
 def parse_mmrlhf(row: dict, ctx: RowContext, require_id: bool = False) -> PairRow:
     if require_id:
         need(row, "id", ctx, (str, int))
-    if present(row, "prompt"):
+    prompt = row.get("prompt")
+    if prompt is not None:
         prompt_key = "prompt"
-        value = row["prompt"]
-        turns = [("user", value)] if isinstance(value, str) else chat.messages(value, ctx, "prompt")[0]
+        turns = [("user", prompt)] if isinstance(prompt, str) else chat.messages(prompt, ctx, "prompt")[0]
     elif present(row, "conversations"):  # train_dpo.py reads `conversations` when there is no `prompt`
         prompt_key = "conversations"
         turns = chat.messages(row["conversations"], ctx, prompt_key)[0]
@@ -73,13 +81,13 @@ def parse_mmrlhf(row: dict, ctx: RowContext, require_id: bool = False) -> PairRo
             turns = turns[:-1]
     else:
         raise ctx.error(f"missing field 'prompt' (format {ctx.fmt})", "missing_field", key="prompt")
-    video = _video(row, ctx, "video")
-    media = row.get("video") if video is not None else row.get("image")
-    return make_pair(ctx, row, turns=turns, prompt_key=prompt_key, images=row.get("image"), images_key="image",
+    video_raw, image_raw = row.get("video"), row.get("image")
+    video = None if video_raw is None else resolve_video(video_raw, ctx, "video")
+    return make_pair(ctx, row, turns=turns, prompt_key=prompt_key, images=image_raw, images_key="image",
                      video=video, chosen=need(row, "chosen", ctx), rejected=need(row, "rejected", ctx),
                      critiques=(optional_text(row.get("chosen_reason")), optional_text(row.get("rejected_reason"))),
                      tie=parse_bool(row.get("is_tie"), ctx, "is_tie"),
-                     category=category_from_media(media, video is not None))
+                     category=category_from_media(image_raw if video is None else video_raw, video is not None))
 
 
 def parse_mmrlhf_bench(row: dict, ctx: RowContext) -> PairRow:

@@ -138,6 +138,21 @@ class PreferenceGroup:
             rec["meta"] = self.meta
         return rec
 
+    @classmethod
+    def from_record(cls, rec: dict, source: str = "") -> "PreferenceGroup":
+        """The inverse of `to_record`, taken as written: no validation, media paths unchanged.
+
+        Files from users go through `readers.load_groups`, which checks every field and resolves paths.
+        """
+        pairs, ties = rec.get("pairs"), rec.get("ties")
+        return cls(id=str(rec["id"]), prompt=rec["prompt"], category=rec.get("category", "general"),
+                   images=list(rec.get("images") or []), video=rec.get("video"), source=source,
+                   responses=[Response(r["text"], r.get("rank"), r.get("score"), r.get("critique"))
+                              for r in rec["responses"]],
+                   explicit_pairs=None if pairs is None else [tuple(p) for p in pairs],
+                   explicit_ties=None if pairs is None else [tuple(p) for p in (ties or [])],
+                   meta=dict(rec.get("meta") or {}))
+
 
 def text_to_turn(text: str, n_images: int, has_video: bool = False, role: str = "user") -> dict:
     """A prompt string -> one typed-content turn.

@@ -122,6 +122,10 @@ class GroupBuilder:
         return prev
 
     def _new(self, gid: str, row: PairRow) -> _Pending:
+        # parsers share prompt / media lists between rows (memoised); each group gets its own copy
+        row.prompt = [{"role": t["role"], "content": [dict(p) for p in t["content"]]} for t in row.prompt]
+        row.images = list(row.images)
+        row.video = None if row.video is None else list(row.video)
         pending = _Pending(gid, row)
         self._by_id[gid] = pending
         self._order.append(pending)
@@ -153,8 +157,9 @@ def _source(item: PreferenceGroup | _Pending) -> str:
 def _difference(a: PairRow, b: PairRow) -> str:
     if a.prompt != b.prompt:
         return "prompt"
-    ka, kb = media_key(a.images, a.video), media_key(b.images, b.video)
-    return "" if ka == kb else ("images" if ka[0] != kb[0] else "video")
+    if a.images != b.images:
+        return "images"
+    return "" if a.video == b.video else "video"
 
 
 def build_group(p: _Pending) -> tuple[PreferenceGroup, str | None]:
@@ -185,6 +190,10 @@ def recover_ranks(n: int, prefs: set[tuple[int, int]], ties: set[tuple[int, int]
         t = names[i].strip()
         return repr(t if len(t) <= 40 else t[:37] + "...")
 
+    if not ties and len(prefs) == n * (n - 1) // 2:
+        ranks = _tournament_ranks(n, prefs)
+        if ranks is not None:
+            return ranks, None
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -232,6 +241,17 @@ def recover_ranks(n: int, prefs: set[tuple[int, int]], ties: set[tuple[int, int]
         elif (ranks[i] < ranks[j] and (i, j) not in prefs) or (ranks[i] > ranks[j] and (j, i) not in prefs):
             return None, None
     return ranks, None
+
+
+def _tournament_ranks(n: int, prefs: set[tuple[int, int]]) -> list[int] | None:
+    """Fast path: every pair compared once, no ties. Transitive iff the win counts are n-1, ..., 0 and
+    every preference agrees with them; then rank = n - wins. (None: let the general path explain.)"""
+    wins = [0] * n
+    for b, _ in prefs:
+        wins[b] += 1
+    if sorted(wins) != list(range(n)) or any(wins[b] <= wins[w] for b, w in prefs):
+        return None
+    return [n - w for w in wins]
 
 
 class _Cycle(Exception):

@@ -55,21 +55,24 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
     if on_error not in ("raise", "skip"):
         raise DataError("", f"unknown data.on_error '{on_error}'; choose raise or skip", reason="bad_value")
     result = LoadResult(groups=[])
-    checker, builder, warnings = MediaChecker(), GroupBuilder(), _Warnings()
+    checker, builder, warnings, memo = MediaChecker(), GroupBuilder(), _Warnings(), {}
     for file in list_sources(path):
         root = str(media_root) if media_root else (file if os.path.isdir(file) else os.path.dirname(file) or ".")
         file_fmt = None if fmt == "auto" else fmt
         warn = (lambda f: lambda kind, msg: warnings.add(kind, msg, f))(file)
+        ctx = RowContext(file, root, max_frames, checker, file_fmt or "", warn, memo)
+        parse = PARSERS.get(file_fmt)
         for raw in iter_rows(file):
             result.rows += 1
+            ctx.source = raw.source
             try:
                 if raw.error is not None:
                     raise raw.error
-                if file_fmt is None:
-                    file_fmt = _detect(raw.source, raw.row)
+                if parse is None:
+                    file_fmt = ctx.fmt = _detect(raw.source, raw.row)
                     result.formats[file] = file_fmt
-                ctx = RowContext(raw.source, root, max_frames, checker, file_fmt, warn)
-                parsed = PARSERS[file_fmt](raw.row, ctx)
+                    parse = PARSERS[file_fmt]
+                parsed = parse(raw.row, ctx)
                 if isinstance(parsed, PairRow):
                     builder.add_pair(parsed)
                 else:

@@ -8,6 +8,7 @@ responses) or a `PairRow` (one chosen/rejected comparison), which `merge.py` fol
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .validate import MediaChecker
 
 # MM-RLHF and its RewardBench encode the category only in the media path (`mcq/...`, `video/...`)
 KNOWN_CATEGORIES = ("mcq", "long", "short", "safety", "video")
+MEMO_LIMIT = 100_000
 
 
 @dataclass
@@ -31,6 +33,13 @@ class RowContext:
     checker: MediaChecker
     fmt: str
     warn: Callable[[str, str], None] = lambda kind, msg: None   # (kind, message) -> collected warning
+    memo: dict = field(default_factory=dict)  # per-load cache: resolved paths, video folders, built prompts
+
+    def remember(self, key, value):
+        if len(self.memo) > MEMO_LIMIT:
+            self.memo.clear()
+        self.memo[key] = value
+        return value
 
     def error(self, message: str, reason: str, key: str | None = None, path: str | None = None) -> DataError:
         return DataError(self.source, message, reason=reason, key=key, path=path)
@@ -135,8 +144,12 @@ def as_list(value: Any) -> list:
 # -------------------------------------------------------------------------------------------- media
 
 def resolve_path(raw: str, ctx: RowContext) -> str:
-    raw = os.path.expanduser(raw)
-    return os.path.normpath(raw if os.path.isabs(raw) else os.path.join(ctx.root, raw))
+    key = ("path", ctx.root, raw)
+    path = ctx.memo.get(key)
+    if path is None:
+        full = os.path.expanduser(raw)
+        path = ctx.remember(key, os.path.normpath(full if os.path.isabs(full) else os.path.join(ctx.root, full)))
+    return path
 
 
 def resolve_image(item: Any, ctx: RowContext, key: str) -> Media:
@@ -167,6 +180,13 @@ def resolve_image(item: Any, ctx: RowContext, key: str) -> Media:
 
 
 def resolve_images(value: Any, ctx: RowContext, key: str) -> list[Media]:
+    """All images of a row (a list shared between rows with the same value; `merge` copies it per group)."""
+    if isinstance(value, str):  # the common case, memoised: pair rows repeat their image
+        memo_key = ("images", ctx.root, value)
+        found = ctx.memo.get(memo_key)
+        if found is None:
+            found = ctx.remember(memo_key, [resolve_image(value, ctx, key)])
+        return found
     items = as_list(value)
     return [resolve_image(item, ctx, key if len(items) == 1 else f"{key}[{i}]") for i, item in enumerate(items)]
 
@@ -177,6 +197,9 @@ def resolve_video(value: Any, ctx: RowContext, key: str) -> list[Media]:
         if not value.strip():
             raise ctx.error(f"key '{key}': empty video path", "bad_video", key=key)
         folder = resolve_path(value, ctx)
+        cached = ctx.memo.get(("video", folder, ctx.max_frames))
+        if cached is not None:
+            return list(cached)
         if os.path.isfile(folder):
             raise ctx.error(f"key '{key}': video files are not decoded; give a folder of frames or a list of frame "
                             f"paths instead: {folder}", "bad_video", key=key, path=folder)
@@ -190,7 +213,7 @@ def resolve_video(value: Any, ctx: RowContext, key: str) -> list[Media]:
         picked = sample_frames(frames, ctx.max_frames)
         for f in picked:
             ctx.checker.check(f, ctx.source, key)
-        return picked
+        return list(ctx.remember(("video", folder, ctx.max_frames), picked))
     if isinstance(value, (list, tuple)) and value:
         picked = sample_frames(list(value), ctx.max_frames)
         return [resolve_image(f, ctx, key) for f in picked]
@@ -219,7 +242,12 @@ def category_from_media(raw: Any, is_video: bool) -> str:
     """MM-RLHF's category: the first path component named like one (`mcq/x.png` -> mcq)."""
     for item in as_list(raw):
         if isinstance(item, str):
-            for part in item.replace("\\", "/").split("/"):
-                if part in KNOWN_CATEGORIES:
-                    return part
+            found = _category_of_path(item)
+            if found:
+                return found
     return "video" if is_video else "general"
+
+
+@functools.lru_cache(maxsize=65536)
+def _category_of_path(path: str) -> str:
+    return next((part for part in path.replace("\\", "/").split("/") if part in KNOWN_CATEGORIES), "")

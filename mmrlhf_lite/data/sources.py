@@ -118,17 +118,19 @@ def _as_row(source: str, value) -> RawRow:
 
 
 def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
+    prefix, loads = f"{p}:", json.loads
     with open(p, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            source = prefix + str(n)
             try:
-                value = json.loads(line)
+                value = loads(line)
             except json.JSONDecodeError as exc:
-                yield RawRow(f"{p}:{n}", error=DataError(f"{p}:{n}", f"malformed JSON: {exc.msg} (column {exc.colno})",
-                                                         reason="malformed_json"))
+                yield RawRow(source, error=DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})",
+                                                     reason="malformed_json"))
                 continue
-            yield _as_row(f"{p}:{n}", value)
+            yield RawRow(source, value) if isinstance(value, dict) else _as_row(source, value)
 
 
 def _single_object(p: Path) -> RawRow | None:
@@ -201,8 +203,9 @@ def _iter_jsonl_datasets(p: Path) -> Iterator[RawRow]:
     if ds is None or len(lines) != len(ds):
         yield from _iter_jsonl_lines(p)
         return
+    prefix = f"{p}:"
     for i, row in enumerate(_dataset_rows(ds)):
-        yield RawRow(f"{p}:{lines[i]}", row)
+        yield RawRow(prefix + str(lines[i]), row)
 
 
 def _undecoded(feature):
