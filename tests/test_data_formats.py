@@ -401,3 +401,25 @@ def test_unknown_row_shape_names_its_fields(tmp_path):
     assert str(err.value) == (f"{path}:1: cannot tell the format from the fields ['answer', 'prompt']; set "
                               "data.format to one of ranked, mmrlhf, mmrlhf_bench, trl, swift, llamafactory, rlaifv, "
                               "rlhfv, vlfeedback (docs/data-formats.md)")
+
+
+def test_llamafactory_video_folder_and_swift_image_dicts(tmp_path):
+    for i in range(3):
+        png(tmp_path / "clips" / "a" / f"{i}.png", colour=(i * 50, 0, 0))
+    png(tmp_path / "x.png")
+    rows = [{"messages": [user("<video>What moves?")], "chosen": {"role": "assistant", "content": "A car."},
+             "rejected": {"role": "assistant", "content": "A tree."}, "videos": ["clips/a"]}]
+    [g] = load_groups(jsonl(tmp_path / "lf_video.jsonl", rows)).groups
+    assert g.video == [str(tmp_path / "clips" / "a" / f"{i}.png") for i in range(3)]
+    assert g.prompt == [user([{"type": "video"}, {"type": "text", "text": "What moves?"}])]
+    rows = [{"messages": [user("<image>Q?"), {"role": "assistant", "content": "A"}], "rejected_response": "B",
+             "images": [{"bytes": None, "path": "x.png"}]}]
+    [g] = load_groups(jsonl(tmp_path / "sw_dict.jsonl", rows)).groups
+    assert g.images == [str(tmp_path / "x.png")]
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00")
+    rows[0]["videos"] = ["clip.mp4"]
+    path = jsonl(tmp_path / "sw_mp4.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_groups(path)
+    assert str(err.value) == (f"{path}:1: key 'videos[0]': video files are not decoded; give a folder of frames or a "
+                              f"list of frame paths instead: {tmp_path / 'clip.mp4'}")
