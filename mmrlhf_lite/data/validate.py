@@ -45,31 +45,48 @@ class MediaChecker:
 
 
 def _file_problem(path: str) -> tuple[str, str] | None:
+    """Reads only what the checks need: PNG chunks (verify), a JPEG's header and last KiB."""
     if not os.path.isfile(path):
         what = "is a folder, not an image" if os.path.isdir(path) else "not found"
         return "missing_image", f"image {what}: {path}"
     try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "corrupt_image", f"image is empty (0 bytes): {path}"
         with open(path, "rb") as fh:
-            data = fh.read()
+            problem = _verify(fh, path)
+            if problem is None and _format_of(fh) == "JPEG":
+                fh.seek(max(0, size - JPEG_TAIL))
+                if JPEG_EOI not in fh.read():
+                    problem = "corrupt_image", f"corrupt or unreadable image: {path} (truncated JPEG: no end-of-image marker)"
     except OSError as exc:
         return "missing_image", f"image not readable: {path} ({exc.strerror})"
-    return _image_problem(data, path)
+    return problem
 
 
-def _image_problem(data: bytes, where: str) -> tuple[str, str] | None:
-    if not data:
-        return "corrupt_image", f"image is empty (0 bytes): {where}"
+def _format_of(fh) -> str:
+    fh.seek(0)
+    return "JPEG" if fh.read(3) == b"\xff\xd8\xff" else ""
+
+
+def _verify(fh, where: str) -> tuple[str, str] | None:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
+        with Image.open(fh) as img:
             img.verify()
     except UnidentifiedImageError:
         return "corrupt_image", f"corrupt or unreadable image: {where} (not a format PIL recognises)"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return "corrupt_image", f"corrupt or unreadable image: {where} ({exc})"
-    if fmt == "JPEG" and JPEG_EOI not in data[-JPEG_TAIL:]:
-        return "corrupt_image", f"corrupt or unreadable image: {where} (truncated JPEG: no end-of-image marker)"
     return None
+
+
+def _image_problem(data: bytes, where: str) -> tuple[str, str] | None:
+    if not data:
+        return "corrupt_image", f"image is empty (0 bytes): {where}"
+    problem = _verify(io.BytesIO(data), where)
+    if problem is None and data[:3] == b"\xff\xd8\xff" and JPEG_EOI not in data[-JPEG_TAIL:]:
+        problem = "corrupt_image", f"corrupt or unreadable image: {where} (truncated JPEG: no end-of-image marker)"
+    return problem
 
 
 def check_response_text(text: str, source: str, key: str) -> None:
