@@ -66,6 +66,17 @@ def test_malformed_json_array_names_the_line_of_the_syntax_error(root):
     assert error_of(path) == f"{path}:3: malformed JSON: Expecting property name enclosed in double quotes (column 18)"
 
 
+@pytest.mark.parametrize("text,line,message", [
+    ('[\n  {"prompt": "q"}\n  {"prompt": "r"}\n]\n', 3, "Expecting ',' delimiter (column 3)"),
+    ('[\n  {"prompt": "q"}\n]\n]\n', 4, "Extra data (column 1)"),
+    ('[\n  {"prompt": "q"},\n]\n', 3, "Expecting value (column 1)"),
+])
+def test_json_array_structure_errors(root, text, line, message):
+    path = root / "arr.json"
+    path.write_text(text)
+    assert error_of(path, on_error="skip") == f"{path}:{line}: malformed JSON: {message}"
+
+
 def test_row_that_is_not_an_object(root):
     path = write(root / "list.jsonl", [pair(), "[1, 2]"])
     assert error_of(path) == f"{path}:2: expected a JSON object, got list"

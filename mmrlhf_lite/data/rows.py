@@ -180,13 +180,13 @@ def resolve_image(item: Any, ctx: RowContext, key: str) -> Media:
 
 
 def resolve_images(value: Any, ctx: RowContext, key: str) -> list[Media]:
-    """All images of a row (a list shared between rows with the same value; `merge` copies it per group)."""
+    """All images of a row, each resolved and checked."""
     if isinstance(value, str):  # the common case, memoised: pair rows repeat their image
         memo_key = ("images", ctx.root, value)
         found = ctx.memo.get(memo_key)
         if found is None:
             found = ctx.remember(memo_key, [resolve_image(value, ctx, key)])
-        return found
+        return list(found)
     items = as_list(value)
     return [resolve_image(item, ctx, key if len(items) == 1 else f"{key}[{i}]") for i, item in enumerate(items)]
 

@@ -146,27 +146,44 @@ def _single_object(p: Path) -> RawRow | None:
 
 
 def _iter_json_array(p: Path) -> Iterator[RawRow]:
-    """Elements of a top-level JSON array, each located by the line its `{` is on.
+    """Elements of a top-level JSON array in one pass, each located by the line its value starts on.
 
-    A syntax error anywhere makes the whole file unreadable, so it raises (even with on_error=skip).
+    A syntax error makes the rest of the file unreadable, so it raises (even with on_error=skip).
     """
     text = p.read_text(encoding="utf-8-sig")
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _decode_error(str(p), exc) from None
-    if not isinstance(values, list):  # pragma: no cover - guarded by the first character
-        raise DataError(str(p), "expected a JSON array of rows", reason="not_an_object")
-    decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
-    for value in values:
-        while text[pos] in " \t\r\n,":
-            if text[pos] == "\n":
-                line += 1
-            pos += 1
-        _, end = decoder.raw_decode(text, pos)
+    decoder, ws = json.JSONDecoder(), " \t\r\n"
+    pos = text.index("[") + 1
+    line = 1 + text.count("\n", 0, pos)
+
+    def skip(i: int) -> int:
+        nonlocal line
+        while i < len(text) and text[i] in ws:
+            line += text[i] == "\n"
+            i += 1
+        return i
+
+    def fail(msg: str, i: int) -> DataError:
+        return _decode_error(str(p), json.JSONDecodeError(msg, text, i))
+
+    pos = skip(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise _decode_error(str(p), exc) from None
         yield _as_row(f"{p}:{line}", value)
         line += text.count("\n", pos, end)
-        pos = end
+        pos = skip(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip(pos + 1)
+        elif pos < len(text) and text[pos] == "]":
+            if skip(pos + 1) < len(text):
+                raise fail("Extra data", skip(pos + 1))
+            return
+        else:
+            raise fail("Expecting ',' delimiter", pos)
 
 
 # ------------------------------------------------------------------------------------------ datasets
