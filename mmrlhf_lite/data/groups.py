@@ -4,7 +4,7 @@ MM-RLHF annotates 3-5 ranked responses per prompt; the pair files expand them to
 different ranks. We keep the group: each response is scored / forwarded once, and every pair is
 derived from the K values (REFERENCE.md, "MM-DPO": all comparison pairs).
 
-    python -m mmrlhf_lite.data stats runs/demo/data/demo.jsonl
+    python -m mmrlhf_lite.data stats runs/demo/data/demo/demo.jsonl
 """
 from __future__ import annotations
 
