@@ -102,6 +102,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
         recipe.save(run.path / "recipe.yaml")
         ctx = RunContext(recipe=recipe, run=run, events=events)
         events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"))
+        refuse_over_long(ctx, [s for s in stages if s not in skip])
         for stage in stages:
             if stage in skip:
                 events.info(f"stage {stage} already done with these settings; skipped (--redo {stage} recomputes)",
@@ -121,6 +122,23 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
         raise
     finally:
         run.release()
+
+
+def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
+    """Pre-flight before any model loads: a sample longer than max_length stops the run here, naming its
+    file:line (nothing is ever truncated, so it would otherwise fail mid-stage)."""
+    from .plan import TOO_LONG_SHOWN, preflight_too_long
+
+    if not any(s in ("reward", "reference", "dpo", "eval") for s in stages):
+        return
+    train, evals = ctx.data()
+    too_long = preflight_too_long(ctx.recipe, stages, list(train) + list(evals))
+    if too_long:
+        from .models.encoding import SequenceTooLong
+        shown = "\n".join(f"  [{x['limit']}] {x['message']}" for x in too_long[:TOO_LONG_SHOWN])
+        more = f"\n  ... and {len(too_long) - TOO_LONG_SHOWN} more" if len(too_long) > TOO_LONG_SHOWN else ""
+        raise SequenceTooLong(f"{len(too_long)} sample(s) longer than max_length; not starting (samples are never "
+                              f"truncated; --dry-run lists them all):\n{shown}{more}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -152,5 +152,9 @@ def test_stage_status_done_skipped_and_changed(recipe, tmp_path):
 
 def test_gpu_mem_is_not_silently_ignored(recipe):
     plan = make_plan(recipe(), ["eval"], [group("g", [1, 2])], [], gpu_mem="16GB")
-    assert plan["notes"] == ["--gpu-mem 16GB: no memory estimate in this version; nothing was checked against it"]
+    m = plan["memory"]
+    assert m["available"] and m["budget"] == {"bytes": 16 * 10 ** 9, "source": "--gpu-mem 16GB", "gib": 14.9}
+    assert m["fits"] is True and list(m["stages"]) == ["eval"]  # the tiny model: see tests/test_memory.py
+    assert plan["notes"] == [] and plan["warnings"] == []
+    assert "  budget: 14.9 GiB (--gpu-mem 16GB): fits" in format_plan(plan)
     assert plan["steps"] == {}

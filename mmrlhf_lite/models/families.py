@@ -30,6 +30,7 @@ class FamilySpec:
     forward_keys: tuple[str, ...] = ("pixel_values",)
     unsloth: bool = True                        # FastVisionModel supports this family
     packing: bool = True                        # attention takes a 4-D mask + explicit positions
+    pixel_limits: str = "pixels"                # how model.max/min_pixels apply: see `apply_pixel_limits`
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -79,7 +80,7 @@ FAMILIES: dict[str, FamilySpec] = {
             image_processor_module="transformers.models.llava_onevision.image_processing_pil_llava_onevision",
             text_prefix="model.language_model",
             vision_prefixes=("model.vision_tower", "model.multi_modal_projector"),
-            forward_keys=("pixel_values", "image_sizes", "batch_num_images"),
+            forward_keys=("pixel_values", "image_sizes", "batch_num_images"), pixel_limits="none",
             notes="pixel_values is (images, anyres tiles, 3, H, W), padded to the most tiles in a batch; "
                   "1-D positions (Qwen2 decoder).",
         ),
@@ -88,12 +89,56 @@ FAMILIES: dict[str, FamilySpec] = {
             processor_class="Idefics3Processor", image_processor_class="Idefics3ImageProcessorPil",
             image_processor_module="transformers.models.idefics3.image_processing_pil_idefics3",
             text_prefix="model.text_model", vision_prefixes=("model.vision_model", "model.connector"),
-            forward_keys=("pixel_values", "pixel_attention_mask"),
+            forward_keys=("pixel_values", "pixel_attention_mask"), pixel_limits="longest_edge",
             notes="SmolVLM v1 checkpoints are this model type. pixel_values is (rows, images, 3, H, W): all-zero "
                   "images are padding the model drops; 1-D positions (Llama decoder).",
         ),
     )
 }
+
+
+def _resized(size, **changes):
+    """A copy of an image processor's `size` (a dict, or transformers' SizeDict) with `changes`."""
+    items = dict(size.items()) if isinstance(size, dict) else dict(iter(size))
+    return type(size)(**{**{k: v for k, v in items.items() if v is not None}, **changes})
+
+
+def apply_pixel_limits(image_processor, spec: FamilySpec, min_pixels: int | None, max_pixels: int | None) -> list[str]:
+    """Apply `model.min_pixels` / `model.max_pixels` the way the family's image processor understands them;
+    returns notes on what was not applied.
+
+    - `pixels` (Qwen2/2.5/3-VL): the processor's own min/max pixel bounds (its `size` holds them as
+      shortest_edge / longest_edge, in pixels); image tokens = pixels / (patch * merge)^2.
+    - `longest_edge` (Idefics3/SmolVLM): `size.longest_edge` is an edge length in pixels, split into
+      tiles of `max_image_size`; max_pixels becomes the longest edge sqrt(max_pixels) rounded down to
+      whole tiles (at least one), so a square image stays within max_pixels. min_pixels does not apply.
+    - `none` (LLaVA-OneVision): the anyres tile grid is fixed by the model config's
+      `image_grid_pinpoints` (processor and model must agree, or the forward fails on a feature/token
+      count mismatch), so the limits are not applied.
+    """
+    notes = []
+    if spec.pixel_limits == "pixels":
+        if min_pixels or max_pixels:
+            # both bounds, in `size` and as attributes: transformers 5 reads the attributes only when both
+            # are set, and `get_number_of_image_patches` reads `size`
+            size = image_processor.size
+            lo = min_pixels or size["shortest_edge"]
+            hi = max_pixels or size["longest_edge"]
+            lo = min(lo, hi)
+            image_processor.size = _resized(size, shortest_edge=lo, longest_edge=hi)
+            image_processor.min_pixels, image_processor.max_pixels = lo, hi
+    elif spec.pixel_limits == "longest_edge":
+        if max_pixels:
+            tile = image_processor.max_image_size["longest_edge"]
+            edge = max(tile, int(max_pixels ** 0.5) // tile * tile)
+            size = image_processor.size
+            image_processor.size = _resized(size, longest_edge=edge)
+        if min_pixels:
+            notes.append(f"{spec.name}: model.min_pixels is not applied (images are only scaled down)")
+    elif max_pixels or min_pixels:
+        notes.append(f"{spec.name}: model.max_pixels/min_pixels are not applied (the anyres tile grid is fixed "
+                     "by the model's image_grid_pinpoints); image tokens depend on each image's aspect ratio")
+    return notes
 
 
 def family_of_model_type(model_type: str) -> FamilySpec:
@@ -105,14 +150,27 @@ def family_of_model_type(model_type: str) -> FamilySpec:
 
 
 def detect_family(model_path: str | Path, family: str = "auto") -> FamilySpec:
+    """The family named in the recipe, else the one of the model's `model_type`: from a local folder's
+    config.json, or for a hub id from `AutoConfig` (the hub, or its local cache). Offline with a hub id,
+    name the family (`model.family`)."""
     if family != "auto":
         if family not in FAMILIES:
             raise ValueError(f"unknown model.family '{family}'; known: {', '.join(sorted(FAMILIES))}")
         return FAMILIES[family]
     cfg = Path(model_path) / "config.json"
-    if not cfg.exists():
+    if cfg.exists():
+        return family_of_model_type(json.loads(cfg.read_text()).get("model_type", ""))
+    if Path(model_path).exists():
         raise FileNotFoundError(f"{cfg} not found: is '{model_path}' a model folder?")
-    return family_of_model_type(json.loads(cfg.read_text()).get("model_type", ""))
+    try:
+        from transformers import AutoConfig
+        model_type = AutoConfig.from_pretrained(str(model_path)).model_type
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no access: one actionable message
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileNotFoundError(f"'{model_path}' is not a local model folder and its config could not be read "
+                                f"from the hub ({reason}); set model.family "
+                                f"({', '.join(sorted(FAMILIES))}) or use a local folder") from None
+    return family_of_model_type(model_type)
 
 
 def prompt_positions(model: torch.nn.Module, spec: FamilySpec, inputs: dict) -> torch.Tensor:

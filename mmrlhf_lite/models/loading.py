@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..recipe import ModelConfig
-from .families import FamilySpec, detect_family
+from .families import FamilySpec, apply_pixel_limits, detect_family
 from .heads import RewardHead
 
 log = logging.getLogger(__name__)
@@ -137,19 +137,24 @@ def _saved_processor_kwargs(path: str, proc_cls: type) -> dict[str, Any]:
     return {k: v for k, v in json.loads(cfg_file.read_text()).items() if k in accepted}
 
 
+def _local_processor_files(path: str) -> str:
+    """A hub id's tokenizer/processor files (no weights) as a local folder, for the torchvision-free
+    path that reads them by file name; a local folder is returned as is."""
+    if Path(path).exists():
+        return path
+    from huggingface_hub import snapshot_download
+    return snapshot_download(str(path), allow_patterns=["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"])
+
+
 def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None):
     """AutoProcessor where it works; without torchvision, the family's PIL image processor and no video one."""
     import transformers
 
-    image_kwargs: dict[str, Any] = {}
-    if cfg is not None and cfg.max_pixels:
-        image_kwargs["max_pixels"] = cfg.max_pixels
-    if cfg is not None and cfg.min_pixels:
-        image_kwargs["min_pixels"] = cfg.min_pixels
     trust = bool(cfg and cfg.trust_remote_code)
     if _torchvision_available():
         processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust)
     else:
+        path = _local_processor_files(path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         image_processor = family.image_processor_type().from_pretrained(path)
         proc_cls = _image_only_processor_class(getattr(transformers, family.processor_class))
@@ -162,13 +167,9 @@ def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None
             kwargs["video_processor"] = FramesOnlyVideoProcessor()
         processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                              **kwargs)
-    for key, value in image_kwargs.items():
-        setattr(processor.image_processor, key, value)
-        if hasattr(processor.image_processor, "size") and isinstance(processor.image_processor.size, dict) \
-                and key in ("max_pixels", "min_pixels"):
-            size_key = {"max_pixels": "longest_edge", "min_pixels": "shortest_edge"}[key]
-            if size_key in processor.image_processor.size:
-                processor.image_processor.size[size_key] = value
+    if cfg is not None:
+        for note in apply_pixel_limits(processor.image_processor, family, cfg.min_pixels, cfg.max_pixels):
+            log.warning(note)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor

@@ -1,0 +1,323 @@
+"""Pre-flight: token counts from image sizes equal the real encoding on every family's tiny twin; over-long
+samples are named by file:line and a run refuses to start before any model loads; hub ids work offline
+with `model.family` + a shipped config; every recipe's pre-flight fits the GPU class in its file name.
+
+    python -m pytest -q tests/test_preflight.py
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from mmrlhf_lite.data.groups import PreferenceGroup, Response, text_to_turn
+from mmrlhf_lite.models.encoding import GroupEncoder, SequenceTooLong
+from mmrlhf_lite.models.families import FAMILIES, detect_family
+from mmrlhf_lite.models.loading import load_processor
+from mmrlhf_lite.plan import (CountingProcessor, _count_qwen, _size_only_encoder_class, format_plan, make_plan,
+                              offline_processor)
+from mmrlhf_lite.recipe import ModelConfig, load_recipe
+from mmrlhf_lite.reward.prompt import CritiqueEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "tests" / "configs"
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "demo.yaml")
+
+# (width, height) per image of a group; () = text only. Sizes the processors resize very differently:
+# square, wide, tall, tiny (scaled up), large (scaled down / many tiles).
+LAYOUTS = [[(56, 56)], [(100, 40)], [(30, 90)], [(12, 12)], [(400, 300)], [(64, 48), (40, 72)], []]
+
+
+def _img(path: Path, size, seed: int) -> str:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    ImageDraw.Draw(img).rectangle((1, 1, size[0] // 2, size[1] // 2), fill=(255, 255, 255))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return str(path)
+
+
+def _groups(tmp_path: Path) -> list[PreferenceGroup]:
+    groups = []
+    for i, sizes in enumerate(LAYOUTS):
+        images = [_img(tmp_path / f"g{i}_{j}.png", s, 10 * i + j) for j, s in enumerate(sizes)]
+        groups.append(PreferenceGroup(
+            id=f"g{i}", prompt=[text_to_turn("<image>" * len(images) + f"Question {i}: what is shown here?",
+                                             len(images))],
+            responses=[Response("a red square on the left " * (r + 1), rank=r + 1,
+                                critique="correct colour, wrong side " * (r + 1)) for r in range(3)],
+            images=images, source=f"pairs.jsonl:{i + 1}"))
+    frames = [_img(tmp_path / "video" / f"{k:03d}.png", (80, 60), 100 + k) for k in range(5)]
+    groups.append(PreferenceGroup(id="video", prompt=[{"role": "user", "content": [
+        {"type": "video"}, {"type": "text", "text": "What happens?"}]}], video=frames,
+        responses=[Response("it moves", rank=1, critique="right"), Response("nothing", rank=2, critique="wrong")],
+        source="pairs.jsonl:99"))
+    return groups
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_twin(request, cache_dir):
+    from mmrlhf_lite.models.tiny import ensure_tiny
+
+    path = str(ensure_tiny(f"tiny:{request.param}:xs"))
+    family = detect_family(path)
+    return path, family, load_processor(path, family)
+
+
+def test_counts_from_image_sizes_equal_the_real_encoding(family_twin, tmp_path):
+    """Policy and critique sequences, image tokens and vision patches: counted == processed, per group."""
+    path, family, processor = family_twin
+    config = json.loads((Path(path) / "config.json").read_text())
+    real = GroupEncoder(processor, family, max_length=10 ** 9, max_frames=3)
+    counting = CountingProcessor(processor, family, config)
+    sized = _size_only_encoder_class()(counting, family, max_length=10 ** 9, max_frames=3)
+    for g in _groups(tmp_path):
+        a, b = real.encode_policy(g), sized.encode_policy(g)
+        assert (a.prefix_len, [len(x.ids) for x in a.branches]) == (b.prefix_len, [len(x.ids) for x in b.branches]), g.id
+        assert real.image_token_count(a.prefix) == sized.image_token_count(b.prefix), g.id
+        if g.images or g.video:
+            assert sum(counting.last_patches) == _vision_positions(family, a.prefix), g.id
+        ca, _ = CritiqueEncoder(real).encode(g)
+        cb, _ = CritiqueEncoder(sized).encode(g)
+        assert (ca.prefix_len, ca.lengths()) == (cb.prefix_len, cb.lengths()), g.id
+
+
+def _vision_positions(family, prefix) -> int:
+    """Patch positions the vision tower runs on, read off the processor's pixel tensors."""
+    pv = prefix["pixel_values"]
+    if family.mrope:
+        return int(pv.shape[0])                    # (patches, C * T * P * P)
+    if family.name == "llava_onevision":           # (images, tiles, 3, H, W); zero tiles are padding
+        per_tile = (pv.shape[-1] // 14) ** 2
+        return int((pv.flatten(2).abs().sum(-1) > 0).sum()) * per_tile
+    per_image = (pv.shape[-1] // 14) ** 2          # idefics3: (rows, images, 3, H, W)
+    return int((pv.flatten(2).abs().sum(-1) > 0).sum()) * per_image
+
+
+def test_offline_formula_equals_the_released_processor_settings():
+    """Offline counts for a hub id come from the family's processor class with the released settings."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from PIL import Image
+
+    config = json.loads((CONFIGS / "Qwen--Qwen2-VL-7B-Instruct.json").read_text())
+    proc = offline_processor(FAMILIES["qwen2_vl"], config, ModelConfig(max_pixels=802816))
+    ref = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=802816)
+    for size in ((896, 896), (1920, 1080), (300, 200), (4000, 3000)):
+        grid = ref(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"][0]
+        tokens, _, patches = _count_qwen(proc, [size], False, config)[0]
+        assert (patches, tokens) == (int(grid.prod()), int(grid.prod()) // 4), size
+    assert _count_qwen(proc, [(896, 896)], False, config)[0][0] == 1024
+    assert _count_qwen(proc, [(4000, 3000)], False, config)[0][0] <= 1024  # capped by max_pixels
+
+
+def test_max_pixels_reaches_the_image_processor(tiny_qwen2_vl_xs):
+    """model.max_pixels alone (without min_pixels) caps the image tokens (transformers 5 keeps the bounds in a
+    SizeDict and reads its pixel attributes only when both are set)."""
+    from PIL import Image
+
+    family = FAMILIES["qwen2_vl"]
+    img = Image.new("RGB", (560, 560))
+    grids = {}
+    for mx, mn in ((28 * 28 * 16, None), (28 * 28 * 64, 28 * 28 * 8)):
+        p = load_processor(str(tiny_qwen2_vl_xs), family, ModelConfig(max_pixels=mx, min_pixels=mn))
+        grids[mx] = p.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert p.image_processor.get_number_of_image_patches(560, 560) == grids[mx][1] * grids[mx][2]
+    assert grids == {28 * 28 * 16: [1, 8, 8], 28 * 28 * 64: [1, 16, 16]}
+
+
+def test_idefics3_max_pixels_caps_the_longest_edge_in_whole_tiles(cache_dir):
+    from mmrlhf_lite.models.tiny import ensure_tiny
+
+    path = str(ensure_tiny("tiny:idefics3:xs"))
+    p = load_processor(path, FAMILIES["idefics3"], ModelConfig(max_pixels=200_000))
+    tile = p.image_processor.max_image_size["longest_edge"]
+    assert p.image_processor.size["longest_edge"] == int(200_000 ** 0.5) // tile * tile
+
+
+# --------------------------------------------------------------------------------------------------
+# over-long samples: reported by file:line, and training refuses to start
+
+def _demo_recipe(tmp_path, *overrides):
+    return load_recipe(None, ["model.path=tiny:qwen2_vl:xs", "model.device=cpu", f"run.dir={tmp_path / 'run'}",
+                              "data.demo.groups=12", "data.demo.image_size=56", *overrides], check_paths=False)
+
+
+def _write_ranked(tmp_path: Path, groups: list[PreferenceGroup]) -> Path:
+    out = tmp_path / "data" / "pairs.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(g.to_record()) + "\n" for g in groups))
+    return out
+
+
+def test_image_too_large_for_max_length_is_named_and_training_refuses(tmp_path, monkeypatch):
+    """A large image under a high max_pixels does not fit max_length: the dry run names file:line (exit 1
+    through `errors`) and run_pipeline raises before loading any model; no stage starts."""
+    import mmrlhf_lite.models.loading as loading
+    from mmrlhf_lite.data import prepare_data
+    from mmrlhf_lite.events import EventLog
+    from mmrlhf_lite.train import run_pipeline
+
+    small = _img(tmp_path / "data" / "small.png", (56, 56), 1)
+    large = _img(tmp_path / "data" / "large.png", (560, 560), 2)
+    groups = [PreferenceGroup(id=f"g{i}", prompt=[text_to_turn("<image>What is it?", 1)], images=[img],
+                              responses=[Response("a square", rank=1, critique="right"),
+                                         Response("a circle", rank=2, critique="wrong")])
+              for i, img in enumerate([small, small, large, small])]
+    data = _write_ranked(tmp_path, groups)
+    recipe = load_recipe(None, ["model.path=tiny:qwen2_vl:xs", "model.device=cpu", f"run.dir={tmp_path / 'run'}",
+                                f"data.path={data}", "data.eval_fraction=0", "model.min_pixels=3136",
+                                "model.max_pixels=313600", "dpo.train.max_length=300",
+                                "reward.train.max_length=600"], check_paths=False)
+    train, evals = prepare_data(recipe, tmp_path / "run", EventLog(None, echo=False), dry_run=True)
+    plan = make_plan(recipe, ["reward", "score", "reference", "dpo", "eval"], train, evals)
+    assert {x["source"] for x in plan["too_long"]} == {f"{data}:3"}
+    msg = next(x["message"] for x in plan["too_long"] if x["limit"] == "dpo.train.max_length")
+    # 560 x 560 px under max_pixels 313600 = 400 image tokens
+    assert re.match(rf"{re.escape(str(data))}:3: prompt \+ response of response 1 is \d+ tokens \(prompt \d+, of "
+                    r"which image tokens 400\) > max_length 300", msg), msg
+    assert plan["errors"] == [f"{len(plan['too_long'])} sequence(s) longer than max_length (listed above)"]
+    assert f"[dpo.train.max_length] {msg}" in format_plan(plan)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded although a sample is too long")
+    monkeypatch.setattr(loading, "load_model", no_model)
+    for module in ("mmrlhf_lite.reward.trainer", "mmrlhf_lite.cache.reference", "mmrlhf_lite.dpo.trainer"):
+        monkeypatch.setattr(f"{module}.load_model", no_model)
+    with pytest.raises(SequenceTooLong) as info:
+        run_pipeline(recipe, echo=False)
+    assert f"{data}:3: prompt + response of response 1 is" in str(info.value)
+    assert "not starting" in str(info.value)
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["type"] == "stage_start"]
+    assert events[-1]["type"] == "run_end" and events[-1]["status"] == "error"
+    # without the large image the same recipe passes the pre-flight
+    assert make_plan(recipe, ["dpo"], [g for g in train if g.id != "g2"], evals)["too_long"] == []
+
+
+def test_cli_dry_run_exits_1_and_run_exits_1_on_the_same_sample(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = _write_ranked(tmp_path, [PreferenceGroup(
+        id="g", prompt=[text_to_turn("<image>What?", 1)], images=[_img(tmp_path / "data" / "a.png", (560, 560), 3)],
+        responses=[Response("yes", rank=1), Response("no", rank=2)])])
+    args = ["model.path=tiny:qwen2_vl:xs", "model.device=cpu", "model.min_pixels=3136", "model.max_pixels=313600",
+            f"data.path={data}", "data.eval_fraction=0", "dpo.train.max_length=300", f"run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    recipe = REPO / "recipes" / "demo.yaml"
+    dry = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), "--dry-run", "--stages", "dpo",
+                          *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 1 and f"[dpo.train.max_length] {data}:1: prompt + response" in dry.stdout
+    run = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), "--stages", "reference,dpo",
+                          "-q", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("error: 1 sample(s) longer than max_length; not starting")
+    assert f"{data}:1: prompt + response of response 1 is" in run.stderr and "Traceback" not in run.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# hub ids offline; every recipe's pre-flight
+
+@pytest.fixture
+def shipped_configs(monkeypatch):
+    monkeypatch.setenv("MMRLHF_LITE_CONFIG_DIRS", str(CONFIGS))
+
+
+def test_hub_id_without_family_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not a local model folder .* set model.family"):
+        detect_family("Qwen/Qwen2-VL-7B-Instruct")
+
+
+def worst_case_data(root: Path, frames: int, k: int = 5) -> Path:
+    """Groups as long as the real data gets: a large photo, a long video, two images; K responses of
+    ~250 tokens with ~150-token critiques (by characters / 4, as the offline count reads them)."""
+    rng = random.Random(0)
+    words = "the a red blue circle square image shows left right top there are three two answer".split()
+
+    def text(chars: int) -> str:
+        out = ""
+        while len(out) < chars:
+            out += rng.choice(words) + " "
+        return out.strip()
+
+    media = {"photo": [_img(root / "photo.jpg", (2304, 2304), 1)],
+             "wide": [_img(root / "wide.jpg", (1920, 1080), 2)],
+             "two": [_img(root / "a.jpg", (1024, 768), 3), _img(root / "b.jpg", (768, 1024), 4)]}
+    video = [_img(root / "video" / f"{i:03d}.jpg", (1280, 720), 10 + i) for i in range(frames + 4)]
+    rows = []
+    for name, images in media.items():
+        rows.append(PreferenceGroup(id=name, prompt=[text_to_turn("<image>" * len(images) + text(300), len(images))],
+                                    images=images, responses=[Response(text(1000), rank=r + 1, critique=text(600))
+                                                              for r in range(k)]).to_record())
+    rows.append(PreferenceGroup(id="video", prompt=[{"role": "user", "content": [{"type": "video"},
+                                                                                  {"type": "text", "text": text(300)}]}],
+                                video=video, responses=[Response(text(1000), rank=r + 1, critique=text(600))
+                                                        for r in range(k)]).to_record())
+    path = root / "worst.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def gpu_class_budget(recipe_path: Path) -> str:
+    m = re.search(r"-(\d+)gb\.yaml$", recipe_path.name)
+    assert m, f"{recipe_path.name}: recipe names end in -<GPU memory>gb.yaml"
+    return f"{m.group(1)}GB"
+
+
+def recipe_preflight(recipe_path: Path, tmp_path: Path) -> dict:
+    from mmrlhf_lite.data import prepare_data
+    from mmrlhf_lite.events import EventLog
+
+    recipe = load_recipe(recipe_path, check_paths=False)
+    data = worst_case_data(tmp_path / "data", recipe.data.max_frames)
+    recipe = load_recipe(recipe_path, [f"data.path={data}", "data.media_root=null", "data.eval_fraction=0",
+                                       f"run.dir={tmp_path / 'run'}"], check_paths=False)
+    train, evals = prepare_data(recipe, tmp_path / "run", EventLog(None, echo=False), dry_run=True)
+    return make_plan(recipe, list(recipe.run.stages), train, evals, gpu_mem=gpu_class_budget(recipe_path))
+
+
+@pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_preflight_fits_its_gpu_class(recipe_path, tmp_path, shipped_configs):
+    """Offline: the hub id's architecture from tests/configs, token counts by the family's formula; the
+    longest sample fits max_length and the estimated peak of every stage fits the GPU class."""
+    plan = recipe_preflight(recipe_path, tmp_path)
+    m = plan["memory"]
+    assert plan["tokens"]["method"] == "formula" and m["available"], plan["tokens"]["note"]
+    assert m["config"] == str(CONFIGS / f"{load_recipe(recipe_path, check_paths=False).model.path.replace('/', '--')}.json")
+    assert plan["too_long"] == [] and plan["errors"] == [], format_plan(plan)
+    assert m["fits"] is True, format_plan(plan)
+    assert list(m["stages"]) == ["reward", "score", "reference", "dpo", "eval"]
+    assert plan["warnings"] == []
+
+
+def test_over_budget_proposes_settings_that_fit(tmp_path, shipped_configs):
+    """The 7B recipe with 2 groups per micro-batch on a 12 GB budget does not fit; the proposed overrides
+    (one group per micro-batch, then a max_pixels cap) are re-planned and fit."""
+    path = REPO / "recipes" / "qwen2_vl_7b-24gb.yaml"
+    from mmrlhf_lite.data import prepare_data
+    from mmrlhf_lite.events import EventLog
+
+    data = worst_case_data(tmp_path / "data", 4, k=4)
+    base = [f"data.path={data}", "data.media_root=null", "data.eval_fraction=0", f"run.dir={tmp_path / 'run'}",
+            "dpo.train.groups_per_step=2", "dpo.train.grad_accum=4"]
+    recipe = load_recipe(path, base, check_paths=False)
+    train, evals = prepare_data(recipe, tmp_path / "run", EventLog(None, echo=False), dry_run=True)
+    plan = make_plan(recipe, ["dpo"], train, evals, gpu_mem="12GB")
+    m = plan["memory"]
+    assert m["fits"] is False and plan["warnings"] and plan["errors"] == []
+    fitting = [p for p in m["proposals"] if p["fits"]]
+    assert fitting, m["proposals"]
+    overrides = fitting[0]["overrides"]
+    assert "dpo.train.groups_per_step=1" in overrides and "dpo.train.grad_accum=8" in overrides
+    again = make_plan(load_recipe(path, base + overrides, check_paths=False), ["dpo"], train, evals, gpu_mem="12GB")
+    assert again["memory"]["fits"] is True, format_plan(again)
+    # the proposal is estimated by scaling each group's counts; the re-plan counts again (no worse)
+    assert again["memory"]["peak"]["needed_gib"] <= fitting[0]["needed_gib"] + 0.05
+    text = format_plan(plan)
+    assert "does NOT fit" in text and "  to fit: " + " ".join(overrides) in text
