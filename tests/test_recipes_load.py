@@ -1,4 +1,5 @@
-"""Every shipped recipe loads and validates (DESIGN.md: no YAML that no test loads).
+"""Every shipped recipe loads and validates (DESIGN.md: no YAML that no test loads); real-model recipes name
+their family and run the full pipeline (their pre-flight: tests/test_preflight.py).
 
     python -m pytest -q tests/test_recipes_load.py
 """
@@ -31,6 +32,10 @@ def test_recipe_loads_and_validates(path):
         recipe = load_recipe(path)  # paths too (model folders given as ./ or / paths must exist)
     # the file says something: at least one key differs from the defaults
     assert recipe.to_dict() != Recipe().to_dict()
+    if not recipe.model.path.startswith("tiny:"):
+        # a hub id must load offline too (pre-flight and loader): the family is named, not detected
+        assert recipe.model.family != "auto", f"{path.name}: set model.family for {recipe.model.path}"
+        assert recipe.run.stages == ["reward", "score", "reference", "dpo", "eval"]  # the full pipeline
 
 
 def test_demo_recipe_runs_on_cpu_with_the_tiny_model():
