@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mmrlhf_lite.data.demo import COLOURS, COUNT_WORDS, SHAPES, SIDES, generate, write_demo
+from mmrlhf_lite.data.demo import COLOURS, COUNT_WORDS, SHAPES, SIZES, generate, write_demo
 from mmrlhf_lite.data.readers import load_groups
 
-VALUES = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WORDS.values()), "position": list(SIDES)}
+VALUES = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WORDS.values()), "size": list(SIZES)}
 
 
 def records(groups, root: Path) -> list[dict]:
@@ -37,7 +37,7 @@ def test_same_seed_same_groups_and_images(tmp_path):
 def test_every_group_has_four_responses_ranked_1_to_4_except_safety(tmp_path):
     groups = generate(tmp_path, groups=200, seed=0, image_size=48, safety_fraction=0.1)
     kinds = Counter(g.category for g in groups)
-    assert set(kinds) == {"colour", "shape", "count", "position", "safety"} and kinds["safety"] > 0
+    assert set(kinds) == {"colour", "shape", "count", "size", "safety"} and kinds["safety"] > 0
     for g in groups:
         assert len(g.responses) == 4 and len(g.images) == 1 and all(r.critique for r in g.responses)
         if g.category == "safety":
@@ -82,8 +82,8 @@ def test_written_demo_reads_back_through_the_reader(tmp_path):
 
 @pytest.mark.parametrize("kind", list(VALUES))
 def test_asked_value_parser(kind):
-    assert asked_value(kind, {"colour": "The circle is red. It is on the left.",
-                              "shape": "The red object is a square. It is on the left.",
-                              "count": "There are two circles. They are red.",
-                              "position": "The circle is on the right. It is blue."}[kind]) \
-        == {"colour": "red", "shape": "square", "count": "two", "position": "right"}[kind]
+    assert asked_value(kind, {"colour": "The circle is red. It is big.",
+                              "shape": "The object is a square. It is red.",
+                              "count": "The number of circles is two. They are red.",
+                              "size": "The circle is small. It is blue."}[kind]) \
+        == {"colour": "red", "shape": "square", "count": "two", "size": "small"}[kind]

@@ -15,7 +15,7 @@ K(K-1)/2 pairs from K forwards. With w = 0 it is standard DPO. Pairs the reward 
 beta towards the floor.
 
 Worked example (tests/test_dpo_loss.py): beta=0.1, w=0.1, k=0.5, delta=2: beta_i = 0.1*(1 + 0.1*(1 - e^-1))
-= 0.1063212056; with h = 3: L = -log sigmoid(0.3189636) = 0.5544... .
+= 0.1063212056; with h = 3: L = -log sigmoid(0.3189636) = log(1 + e^-0.3189636) = 0.5463290494.
 """
 from __future__ import annotations
 

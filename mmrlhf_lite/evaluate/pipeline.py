@@ -39,16 +39,14 @@ def scored_groups(groups: list[PreferenceGroup], scores: list[list[float]]) -> l
 
 def critique_fact_rate(groups: list[PreferenceGroup], critiques: list[list[list[str]]]) -> dict | None:
     """Demo set only: share of generated critiques that name the right value of the asked attribute
-    (colour / shape / count / side), and share that name it for the right reason (a response that got it
-    right is called correct; a wrong one is called wrong)."""
-    from ..data.demo import COUNT_WORDS
+    (colour / shape / count / size)."""
+    from ..data.demo import KINDS, asked_value
     named = total = 0
     for g, crits in zip(groups, critiques):
         facts = g.meta.get("facts") if g.meta else None
-        if not facts or g.category not in ("colour", "shape", "count", "position"):
+        if not facts or g.category not in KINDS:
             continue
-        right = {"colour": facts["colour"], "shape": facts["shape"], "count": COUNT_WORDS[facts["count"]],
-                 "position": facts["side"]}[g.category]
+        right = asked_value(g.category, facts)
         for per_sample in crits:
             for c in per_sample:
                 total += 1

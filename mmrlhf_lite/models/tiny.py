@@ -78,6 +78,10 @@ class TinySize:
     vision_heads: int
     image_size: int  # the processor resizes every image to about image_size^2 pixels
     vocab: int
+    # Weight init std. transformers' 0.02 suits wide pretrained-size models; at hidden 128 with a frozen
+    # random LM head it caps every logit near 2.6 (RMSNorm keeps |h| ~ sqrt(hidden)), so no token can get
+    # probability above ~1-2% and LoRA cannot learn even the answer template (measured: NLL stuck at 4.3).
+    init_range: float = 0.02
 
 
 SIZES = {
@@ -86,7 +90,7 @@ SIZES = {
                    vision_dim=32, vision_heads=2, image_size=56, vocab=640),
     # the demo recipe: big enough to learn the synthetic image-grounded task on CPU in minutes
     "s": TinySize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vision_depth=2,
-                  vision_dim=64, vision_heads=2, image_size=112, vocab=1024),
+                  vision_dim=128, vision_heads=4, image_size=112, vocab=1024, init_range=0.08),
 }
 
 
@@ -173,7 +177,7 @@ def _build_qwen(family: str, size: TinySize, out: Path) -> None:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2,
                                                temporal_patch_size=2)
     processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
-    _save(out, model, tok, image_processor, processor_class, QWEN_CHAT_TEMPLATE)
+    _save(out, model, tok, image_processor, processor_class, QWEN_CHAT_TEMPLATE, init_range=size.init_range)
 
 
 def _build_qwen3_vl(family: str, size: TinySize, out: Path) -> None:
@@ -210,7 +214,7 @@ def _build_qwen3_vl(family: str, size: TinySize, out: Path) -> None:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=16,
                                                merge_size=2, temporal_patch_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    _save(out, model, tok, image_processor, "Qwen3VLProcessor", QWEN_CHAT_TEMPLATE)
+    _save(out, model, tok, image_processor, "Qwen3VLProcessor", QWEN_CHAT_TEMPLATE, init_range=size.init_range)
 
 
 def _build_llava_onevision(family: str, size: TinySize, out: Path) -> None:
@@ -243,7 +247,7 @@ def _build_llava_onevision(family: str, size: TinySize, out: Path) -> None:
                                                       image_grid_pinpoints=pinpoints)
     _save(out, model, tok, image_processor, "LlavaOnevisionProcessor", LLAVA_CHAT_TEMPLATE,
           processor_kwargs={"num_image_tokens": (tile // patch) ** 2, "vision_feature_select_strategy": "full",
-                            "vision_aspect_ratio": "anyres_max_9"})
+                            "vision_aspect_ratio": "anyres_max_9"}, init_range=size.init_range)
 
 
 def _build_idefics3(family: str, size: TinySize, out: Path) -> None:
@@ -271,11 +275,27 @@ def _build_idefics3(family: str, size: TinySize, out: Path) -> None:
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": size.image_size},
                                                 max_image_size={"longest_edge": size.image_size})
     _save(out, model, tok, image_processor, "Idefics3Processor", IDEFICS3_CHAT_TEMPLATE,
-          processor_kwargs={"image_seq_len": (size.image_size // patch) ** 2 // scale ** 2})
+          processor_kwargs={"image_seq_len": (size.image_size // patch) ** 2 // scale ** 2},
+          init_range=size.init_range)
+
+
+def _reinit(model, std: float) -> None:
+    """Re-draw every linear/conv/embedding weight from N(0, std) (biases 0, norms stay 1)."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv3d)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
 
 
 def _save(out: Path, model, tok, image_processor, processor_class: str, chat_template: str,
-          processor_kwargs: dict | None = None) -> None:
+          processor_kwargs: dict | None = None, init_range: float = 0.02) -> None:
+    if init_range != 0.02:
+        _reinit(model, init_range)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)

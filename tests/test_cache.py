@@ -1,0 +1,103 @@
+"""Content-keyed caches: interrupted + resumed == uninterrupted; one changed response -> one new entry;
+a torn last line is ignored; DPO reads reference log-probs from the cache without a reference pass."""
+import json
+
+import pytest
+
+from mmrlhf_lite.cache import reference as reference_mod
+from mmrlhf_lite.cache.store import JsonlStore, content_key
+from mmrlhf_lite.events import StageStopped
+from mmrlhf_lite.recipe import load_recipe
+from mmrlhf_lite.train import run_pipeline
+
+TINY = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu",
+        "data.demo.groups=10", "data.demo.image_size=56", "data.eval_fraction=0.2", "run.seed=0",
+        "dpo.train.groups_per_step=2", "dpo.train.grad_accum=1"]
+
+
+def _recipe(tmp_path, name, extra=()):
+    return load_recipe(None, TINY + [f"run.dir={tmp_path / name}", f"cache.dir={tmp_path / name / 'cache'}",
+                                     *extra])
+
+
+def _records(path):
+    return {r["key"]: round(r["logp"], 5) for r in JsonlStore(path).records.values()}
+
+
+def test_store_ignores_torn_line_and_appends_cleanly(tmp_path):
+    p = tmp_path / "c.jsonl"
+    s = JsonlStore(p)
+    s.put_many([{"key": "a", "v": 1}, {"key": "b", "v": 2}])
+    with open(p, "a") as fh:
+        fh.write('{"key": "c", "v"')                        # killed mid-write
+    s2 = JsonlStore(p)
+    assert sorted(s2.records) == ["a", "b"] and s2.torn_lines == 1
+    s2.put_many([{"key": "c", "v": 3}])
+    assert sorted(JsonlStore(p).records) == ["a", "b", "c"]
+
+
+def test_content_key_is_canonical():
+    assert content_key({"b": 1, "a": [1, 2]}) == content_key({"a": [1, 2], "b": 1})
+    assert content_key("x", 1) != content_key("x", 2)
+
+
+def test_interrupted_reference_resumes_to_the_same_cache(tmp_path, monkeypatch):
+    full = _recipe(tmp_path, "full")
+    run_pipeline(full, ["reference"], echo=False)
+    want = _records(tmp_path / "full" / "cache" / "reference.jsonl")
+    assert len(want) == 40  # 10 groups x 4 responses
+
+    real = reference_mod.compute_reference
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference_mod, "compute_reference", crash_on_third)
+    part = _recipe(tmp_path, "part")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_pipeline(part, ["reference"], echo=False)
+    partial = _records(tmp_path / "part" / "cache" / "reference.jsonl")
+    assert len(partial) == 16  # two batches of 2 groups were written before the kill
+    monkeypatch.setattr(reference_mod, "compute_reference", real)
+    ctx = run_pipeline(part, ["reference"], echo=False)
+    assert ctx.run.status("reference")["computed"] == 24 and ctx.run.status("reference")["reused"] == 16
+    got = _records(tmp_path / "part" / "cache" / "reference.jsonl")
+    assert got == want
+
+
+def test_changing_one_response_recomputes_exactly_one_entry(tmp_path):
+    r = _recipe(tmp_path, "one")
+    ctx = run_pipeline(r, ["reference"], echo=False)
+    data = ctx.run_dir / "data" / "demo" / "demo.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[3]["responses"][2]["text"] += " Also"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r2 = _recipe(tmp_path, "one2", [f"data.path={edited}", f"data.media_root={data.parent}",
+                                    f"cache.dir={tmp_path / 'one' / 'cache'}"])
+    ctx2 = run_pipeline(r2, ["reference"], echo=False)
+    st = ctx2.run.status("reference")
+    assert st["computed"] == 1 and st["reused"] == 39
+    # and nothing changed: nothing is computed
+    r3 = _recipe(tmp_path, "one3", [f"data.path={edited}", f"data.media_root={data.parent}",
+                                    f"cache.dir={tmp_path / 'one' / 'cache'}"])
+    assert run_pipeline(r3, ["reference"], echo=False).run.status("reference")["computed"] == 0
+
+
+def test_stop_request_keeps_partial_cache(tmp_path, monkeypatch):
+    r = _recipe(tmp_path, "stop")
+    from mmrlhf_lite import train as train_mod
+
+    calls = {"n": 0}
+
+    def stop_after_two(self):
+        calls["n"] += 1
+        return calls["n"] > 2
+    monkeypatch.setattr(train_mod.RunContext, "stop_requested", stop_after_two)
+    with pytest.raises(StageStopped):
+        run_pipeline(r, ["reference"], echo=False)
+    assert len(_records(tmp_path / "stop" / "cache" / "reference.jsonl")) == 16
