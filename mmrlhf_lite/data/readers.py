@@ -32,6 +32,7 @@ class LoadResult:
     warnings: list[str] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)  # file -> format used
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first skipped row's message
+    errors: list[DataError] = field(default_factory=list)   # every skipped row's error, in read order
     rows: int = 0                                           # rows read (including skipped ones)
 
 
@@ -48,8 +49,11 @@ class _Warnings:
         self.items.append((kind, message))
 
 
-def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=8, events=None) -> LoadResult:
-    """Read every row under `path` (file, folder, `datasets` folder) into groups; see the module doc."""
+def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=8, events=None,
+                allow_empty=False) -> LoadResult:
+    """Read every row under `path` (file, folder, `datasets` folder) into groups; see the module doc.
+
+    `allow_empty=True` returns a result without groups instead of raising (the UI lists its skipped rows)."""
     if fmt not in FORMATS:
         raise DataError("", f"unknown data.format '{fmt}'; choose one of {', '.join(FORMATS)}", reason="bad_value")
     if on_error not in ("raise", "skip"):
@@ -82,6 +86,7 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
                     raise
                 result.skipped[err.reason] += 1
                 result.examples.setdefault(err.reason, str(err))
+                result.errors.append(err)
         if file_fmt is not None:
             result.formats.setdefault(file, file_fmt)
     groups, merge_warnings = builder.finish()
@@ -90,7 +95,7 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
     result.groups = groups
     result.warnings = [m for _, m in warnings.items]
     _report(result, warnings.items, events)
-    if not groups:
+    if not groups and not allow_empty:
         summary = f" ({skip_summary(result.skipped)})" if result.skipped else ""
         raise DataError(str(path), f"no preference groups were loaded from {result.rows} row(s){summary}",
                         reason="bad_source")
