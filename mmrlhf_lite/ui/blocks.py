@@ -1,0 +1,251 @@
+"""The page: five tabs (Data, Train, Live, Reward playground, Compare) wired to `handlers.Handlers`.
+
+Layout and wiring only. GRADIO_ANALYTICS_ENABLED must be False before this module builds the Blocks
+(app.py sets it before importing gradio): then the page and the server make no outside request.
+Every event has an `api_name`, so `gradio_client` drives the same actions as the browser.
+
+    python app.py --runs-dir runs --data-dir data
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from ..data.formats import FORMATS
+from . import form, runview
+from .handlers import Handlers, UIConfig
+
+CSS = """
+.mm-progress {display:flex; flex-direction:column; gap:6px}
+.mm-stage {display:grid; grid-template-columns:90px 1fr 320px; align-items:center; gap:10px; font-size:14px}
+.mm-bar {background:#e5e7eb; border-radius:4px; height:12px; overflow:hidden}
+.mm-bar > div {height:100%}
+.mm-cards {display:flex; gap:12px; flex-wrap:wrap}
+.mm-card {flex:1 1 200px; border:1px solid #d1d5db; border-radius:8px; padding:10px; font-size:14px}
+.mm-card[data-rank='1'] {border-color:#16a34a; border-width:2px}
+.mm-card-answer {margin:6px 0; font-style:italic}
+.mm-card-critique {color:#374151; word-break:break-word}
+"""
+
+INTRO = ("**mmrlhf-lite**: preference data → critique reward model → MM-DPO, on one GPU. "
+         "Every job here is `python -m mmrlhf_lite.train` on a recipe written into its run folder; "
+         "this page only reads the run folders.")
+
+
+def _input(spec: form.FieldSpec):
+    common = {"label": spec.key, "info": spec.info, "elem_id": "f-" + spec.key.replace(".", "-")}
+    if spec.kind == "bool":
+        return gr.Checkbox(value=spec.default, **common)
+    if spec.kind == "choice":
+        return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
+    if spec.kind == "multi":
+        return gr.CheckboxGroup(choices=list(spec.choices), value=list(spec.default), **common)
+    if spec.kind in ("int", "float"):
+        return gr.Number(value=spec.default, precision=0 if spec.kind == "int" else None, **common)
+    if spec.kind == "list":
+        return gr.Textbox(value=", ".join(spec.default), **common)
+    return gr.Textbox(value=spec.default or "", **common)
+
+
+def _plot(name: str, height: int = 220):
+    title, ylabel, _ = runview.CURVES.get(name, (name, "", []))
+    return gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
+                       title=title, y_title=ylabel, x_title="step", height=height, elem_id=f"plot-{name}")
+
+
+def build_app(cfg: UIConfig) -> gr.Blocks:
+    if os.environ.get("GRADIO_ANALYTICS_ENABLED") != "False":
+        raise RuntimeError("set GRADIO_ANALYTICS_ENABLED=False before building the UI (app.py does)")
+    h = Handlers(cfg)
+    with gr.Blocks(title="mmrlhf-lite", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(INTRO)
+        with gr.Tabs(selected="data") as tabs:
+            data = _data_tab(h)
+            train = _train_tab(h)
+            live = _live_tab(h)
+            pg = _playground_tab(h)
+            cmp = _compare_tab(h)
+
+        # a (re)loaded page finds everything again from the folders, running jobs included
+        app.load(h.load_data, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
+        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False)
+        app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
+        app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
+        data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data")
+        train.start.click(h.start, [train.run_name, *train.form], [train.status, tabs, live.run],
+                          api_name="start").then(h.view, live.run, live.outputs, api_name=False)
+        tabs.select(h.refresh_lists, None, [live.run, pg.run, pg.cache_run, cmp.runs, data.scores_run],
+                    api_name=False)
+    return app
+
+
+# --------------------------------------------------------------------------------------------------
+# tabs
+
+def _data_tab(h: Handlers):
+    with gr.Tab("1 · Data", id="data"):
+        with gr.Row():
+            data_file = gr.Dropdown(label="Data file (under the data root)", choices=[], allow_custom_value=True,
+                                    elem_id="data-file", scale=3)
+            fmt = gr.Dropdown(list(FORMATS), value="auto", label="Format", scale=1)
+            media_root = gr.Textbox(label="Media root (folder under the data root; empty = the file's folder)",
+                                    scale=2)
+        with gr.Row():
+            upload = gr.File(label="Upload a data file (.jsonl .json .parquet) or a .zip of one with its images",
+                             file_types=[".jsonl", ".ndjson", ".json", ".parquet", ".zip"], type="filepath",
+                             elem_id="upload", height=120, scale=3)
+            with gr.Column(scale=1):
+                demo_groups = gr.Number(value=40, precision=0, label="Demo groups")
+                demo_btn = gr.Button("Create the demo set", elem_id="make-demo")
+                use_btn = gr.Button("Train on this data →", variant="primary", elem_id="use-data")
+        summary = gr.Markdown(elem_id="data-summary")
+        problems = gr.Dataframe(pd.DataFrame(columns=["where", "problem", "how to fix"]),
+                                label="Validation report: each problem with file:line and what to fix",
+                                wrap=True, elem_id="data-problems", max_height=300)
+        gr.Markdown("### Groups")
+        with gr.Row():
+            index = gr.Slider(0, 1, value=0, step=1, label="Group", elem_id="group-index", scale=3)
+            scores_run = gr.Dropdown(label="Reward scores and critiques from run (optional)", choices=[""],
+                                     value="", allow_custom_value=True, elem_id="scores-run", scale=2)
+        with gr.Row():
+            gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="group-images", scale=2)
+            with gr.Column(scale=3):
+                question = gr.Markdown(elem_id="group-question")
+                pairs = gr.Markdown(elem_id="group-pairs")
+        responses = gr.Dataframe(pd.DataFrame(columns=["#", "rank", "response"]), label="Responses", wrap=True,
+                                 elem_id="group-responses")
+
+    group_out = [gallery, question, responses, pairs]
+    inspect_out = [summary, problems, index, *group_out]
+    inspect_in = [data_file, fmt, media_root, scores_run]
+    upload.upload(h.upload, upload, data_file, api_name="upload").then(
+        h.inspect, inspect_in, inspect_out, api_name=False)
+    demo_btn.click(h.make_demo, demo_groups, data_file, api_name="make_demo").then(
+        h.inspect, inspect_in, inspect_out, api_name=False)
+    data_file.input(h.inspect, inspect_in, inspect_out, api_name="inspect")
+    fmt.input(h.inspect, inspect_in, inspect_out, api_name=False)
+    media_root.submit(h.inspect, inspect_in, inspect_out, api_name=False)
+    index.release(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name="group")
+    scores_run.input(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name=False)
+    return SimpleNamespace(file=data_file, scores_run=scores_run, use=use_btn, inspect_in=inspect_in,
+                           inspect_out=inspect_out)
+
+
+def _train_tab(h: Handlers):
+    inputs: dict[str, gr.components.Component] = {}
+    with gr.Tab("2 · Train", id="train"):
+        with gr.Row():
+            recipe_dd = gr.Dropdown(label="Recipe (recipes/ or the last one used)", choices=[], elem_id="recipe",
+                                    allow_custom_value=True,
+                                    scale=2)
+            run_name = gr.Textbox(label="Run name (a new folder under the runs root)", elem_id="run-name", scale=2)
+        with gr.Row():
+            run_fields = [s for s in form.FIELDS if s.section == "run"]
+            for spec in run_fields:
+                inputs[spec.key] = _input(spec)
+        with gr.Row():
+            start = gr.Button("Start", variant="primary", elem_id="start")
+            save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=2)
+            save = gr.Button("Save as recipe", elem_id="save-recipe")
+        status = gr.Markdown(elem_id="train-status")
+        for section in ("model", "data", "reward", "cache", "dpo", "eval"):
+            specs = [s for s in form.FIELDS if s.section == section]
+            with gr.Accordion(f"{section} ({len(specs)} settings)", open=section == "data"):
+                for i in range(0, len(specs), 3):
+                    with gr.Row():
+                        for spec in specs[i:i + 3]:
+                            inputs[spec.key] = _input(spec)
+    form_inputs = [inputs[s.key] for s in form.FIELDS]
+    recipe_dd.input(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe")
+    save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe")
+    return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
+                           start=start, status=status)
+
+
+def _live_tab(h: Handlers):
+    with gr.Tab("3 · Live", id="live"):
+        with gr.Row():
+            live_run = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, elem_id="live-run", scale=3)
+            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+            resume = gr.Button("Resume", interactive=False, elem_id="resume")
+        status = gr.Markdown(elem_id="run-status")
+        action = gr.Markdown(elem_id="run-action")
+        progress = gr.HTML(elem_id="run-progress")
+        error = gr.Markdown(elem_id="run-error")
+        points = gr.Markdown(elem_id="curve-points")
+        names = list(runview.CURVES)
+        plots = []
+        for i in range(0, len(names), 2):
+            with gr.Row():
+                plots += [_plot(n) for n in names[i:i + 2]]
+        with gr.Row():
+            speed = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value",
+                                color="series", title="DPO tokens/s", height=220, elem_id="plot-tokens")
+            gpu = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value",
+                              color="series", title="GPU memory (GB)", height=220, visible=False,
+                              elem_id="plot-gpu")
+        log = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
+                         elem_id="run-log")
+        jobs_table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "stages done", "updated"]), label="All runs", elem_id="jobs", interactive=False)
+        timer = gr.Timer(1.5)
+        sig = gr.State(None)
+    outputs = [status, progress, error, points, *plots, speed, gpu, log, jobs_table, stop, resume]
+    assert len(outputs) == Handlers.N_VIEW
+    live_run.input(h.view, live_run, outputs, api_name="view").then(lambda: "", None, action, api_name=False)
+    timer.tick(h.tick, [live_run, sig], [*outputs, sig], api_name=False, show_progress="hidden",
+               concurrency_limit=8)
+    stop.click(h.stop, live_run, action, api_name="stop").then(h.view, live_run, outputs, api_name=False)
+    resume.click(h.resume, live_run, action, api_name="resume").then(h.view, live_run, outputs, api_name=False)
+    return SimpleNamespace(run=live_run, outputs=outputs)
+
+
+def _playground_tab(h: Handlers):
+    with gr.Tab("4 · Reward playground", id="playground"):
+        with gr.Row():
+            pg_run = gr.Dropdown(label="Critique reward model (a run whose reward stage finished)", choices=[],
+                                 allow_custom_value=True, elem_id="pg-run", scale=3)
+            mode = gr.Radio(["generate", "none"], value="generate", label="Critique", scale=2)
+            max_tokens = gr.Number(value=48, precision=0, label="Critique length (tokens)", scale=1)
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=240,
+                             elem_id="pg-image", scale=1)
+            with gr.Column(scale=2):
+                question = gr.Textbox(label="Question", elem_id="pg-question")
+                answers = [gr.Textbox(label=f"Answer {i + 1}", elem_id=f"pg-answer-{i + 1}") for i in range(5)]
+        score = gr.Button("Score", variant="primary", elem_id="pg-score")
+        cards = gr.HTML(elem_id="pg-cards")
+        table = gr.Dataframe(pd.DataFrame(columns=["answer #", "rank", "score", "answer", "critique"]), label="Scores",
+                             elem_id="pg-table", wrap=True)
+        gr.Markdown("### Reward cache: every pair's margin and the dynamic beta it got")
+        with gr.Row():
+            cache_run = gr.Dropdown(label="Run (its score stage finished)", choices=[], allow_custom_value=True,
+                                    elem_id="cache-run", scale=3)
+            show = gr.Button("Show pairs", elem_id="cache-show")
+        cache_summary = gr.Markdown(elem_id="cache-summary")
+        cache_table = gr.Dataframe(pd.DataFrame(columns=["group", "better #", "worse #", "delta", "beta"]),
+                                   label="Pairs", elem_id="cache-table", max_height=400)
+    score.click(h.score, [pg_run, image, question, *answers, mode, max_tokens], [cards, table], api_name="score")
+    show.click(h.cache, cache_run, [cache_summary, cache_table], api_name="reward_cache")
+    return SimpleNamespace(run=pg_run, cache_run=cache_run)
+
+
+def _compare_tab(h: Handlers):
+    with gr.Tab("5 · Compare runs", id="compare"):
+        with gr.Row():
+            runs = gr.Dropdown(label="Runs", choices=[], multiselect=True, allow_custom_value=True,
+                               elem_id="cmp-runs", scale=3)
+            curve = gr.Dropdown([(title, name) for name, (title, _, _) in runview.CURVES.items()],
+                                value="dpo_acc", label="Curve", elem_id="cmp-curve", scale=2)
+            go = gr.Button("Compare", variant="primary", elem_id="cmp-go")
+        table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "critique mode", "Acc", "Acc+"]),
+                             label="Final evaluation (held-out)", elem_id="cmp-table", wrap=True)
+        plot = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
+                           title="Overlaid curves", height=300, elem_id="cmp-plot")
+    go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
+    return SimpleNamespace(runs=runs)
+
+
+LAUNCH_KWARGS = {"css": CSS, "ssr_mode": False, "mcp_server": False, "footer_links": ["api"]}

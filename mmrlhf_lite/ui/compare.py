@@ -1,0 +1,72 @@
+"""Compare runs: their final evaluation side by side and their training curves overlaid.
+
+Reads each run's `eval/report.json` (`evaluate.pipeline.load_report`) and `events.jsonl`; e.g. an
+MM-DPO run (dpo.w > 0) against plain DPO (dpo.w = 0) on the same data.
+
+    python app.py            # Compare runs tab
+"""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from .jobs import job_state, list_runs, run_path
+from .runview import CURVES, EventTail, curve_frame
+
+COMPARE_CURVES = {name: title for name, (title, _, _) in CURVES.items()}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
+    """One row per (run, critique mode): Acc / Acc+ overall and per category, policy metrics, DPO settings."""
+    runs = {name: run_path(runs_root, name) for name in names}
+    from ..evaluate.pipeline import load_report  # imports torch: only once the names are known to be safe
+
+    rows, categories = [], set()
+    reports = {}
+    for name, run in runs.items():
+        try:
+            reports[name] = load_report(run)
+        except ValueError:
+            reports[name] = None
+        for res in ((reports[name] or {}).get("reward_model") or {}).get("modes", {}).values():
+            categories.update(res.get("by_category", {}))
+    cats = sorted(categories)
+    for name in names:
+        report = reports[name]
+        base = {"run": name, "status": job_state(run_path(runs_root, name)).status}
+        if not report:
+            rows.append({**base, "critique mode": "(no evaluation yet)"})
+            continue
+        pol = report.get("policy") or {}
+        wr = (pol.get("win_rate") or {}).get("win_rate")
+        d = report.get("dpo") or {}
+        extra = {"implicit acc": _pct(pol.get("implicit_accuracy")), "win rate after vs before": _pct(wr),
+                 "dpo": f"beta={d.get('beta')} w={d.get('w')} k={d.get('k')}" + (" (plain DPO)" if d.get("w") == 0 else "")}
+        modes = (report.get("reward_model") or {}).get("modes", {}) or {"-": None}
+        for mode, res in modes.items():
+            row = {**base, "critique mode": mode}
+            if res:
+                row["Acc"], row["Acc+"] = _pct(res["overall"]["acc"]), _pct(res["overall"]["acc_plus"])
+                for c in cats:
+                    cr = res.get("by_category", {}).get(c)
+                    row[f"{c} Acc / Acc+"] = f"{_pct(cr['acc'])} / {_pct(cr['acc_plus'])}" if cr else "-"
+            rows.append({**row, **extra})
+    columns = ["run", "status", "critique mode", "Acc", "Acc+"] + [f"{c} Acc / Acc+" for c in cats] + [
+        "implicit acc", "win rate after vs before", "dpo"]
+    return pd.DataFrame(rows, columns=columns).fillna("-")
+
+
+def overlay(runs_root: str | os.PathLike, names: list[str], curve: str, tail: EventTail) -> pd.DataFrame:
+    """One curve of several runs in one long table; series are `<run>: <label>`."""
+    frames = [curve_frame(tail.events(run_path(runs_root, n)), curve, run_label=n) for n in names]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "series"])
+
+
+def comparable_runs(runs_root: str | os.PathLike) -> list[str]:
+    return list_runs(runs_root)

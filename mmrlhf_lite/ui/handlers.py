@@ -1,0 +1,388 @@
+"""Event handlers: thin adapters from gradio inputs to the ui modules, with readable errors.
+
+Each handler takes plain values from the page and returns values or `gr.update`s; the work is done
+by jobs / runview / databrowser / form / playground / compare. A refused or failed request becomes a
+`gr.Error` whose text is one readable sentence (the trace goes to the app's log, never the page).
+Job state is read from the run folders on every call, never kept here.
+
+    python app.py
+"""
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from ..recipe import STAGES, RecipeError
+from ..runs import RunDir, RunFolderError
+from . import compare, databrowser, form, jobs, playground, runview
+from .safety import Refused
+
+log = logging.getLogger("mmrlhf_lite.ui")
+
+
+@dataclass(frozen=True)
+class UIConfig:
+    data_root: Path
+    runs_root: Path
+    recipes_root: Path
+    upload_dir: Path
+    max_upload_bytes: int
+
+
+def readable(fn):
+    """Turn any exception into a gr.Error with a one-line message (HTML-escaped; no stack trace)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (Refused, RecipeError, RunFolderError, ValueError, FileNotFoundError) as exc:
+            raise gr.Error(html.escape(str(exc)), print_exception=False) from None
+        except Exception as exc:  # noqa: BLE001 - the page gets a sentence, the log gets the trace
+            log.exception("UI handler %s failed", fn.__name__)
+            raise gr.Error(html.escape(f"{type(exc).__name__}: {exc}"), print_exception=False) from None
+    return wrapper
+
+
+class Handlers:
+    def __init__(self, cfg: UIConfig):
+        self.cfg = cfg
+        self.tail = runview.EventTail()
+        self._margins: dict = {}
+        self._margins_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ page load
+    def load_data(self):
+        files = self.data_choices()
+        return (files, self.score_run_choices(), *self.inspect(files["value"], "auto", "", ""))
+
+    def load_train(self):
+        recipes = self.recipe_choices()
+        if recipes["value"] is None:
+            return (recipes, *[gr.skip()] * (len(form.FIELDS) + 1))
+        return (recipes, *self.load_recipe(recipes["value"]))
+
+    def load_live(self):
+        runs = self.live_choices(None)
+        return (runs, *self.view(runs["value"]))
+
+    def load_lists(self):
+        return self.reward_run_choices(), self.cache_run_choices(), self.compare_choices()
+
+    # ------------------------------------------------------------------------------------------ data
+    def data_choices(self, value: str | None = None):
+        choices = databrowser.list_data(self.cfg.data_root)
+        return gr.update(choices=choices, value=value if value is not None else (choices[0] if choices else None))
+
+    @readable
+    def upload(self, temp_file: str | None):
+        if not temp_file:
+            raise Refused("no file was uploaded")
+        name = databrowser.save_upload(temp_file, upload_dir=self.cfg.upload_dir, data_root=self.cfg.data_root,
+                                       max_bytes=self.cfg.max_upload_bytes)
+        return self.data_choices(name)
+
+    @readable
+    def make_demo(self, groups: float | None):
+        n = int(groups or 40)
+        if not 4 <= n <= 5000:
+            raise Refused("the demo set can have 4 to 5000 groups")
+        return self.data_choices(databrowser.make_demo(self.cfg.data_root, groups=n))
+
+    @readable
+    def inspect(self, name: str | None, fmt: str, media_root: str | None, scores_run: str | None = None):
+        """Summary, validation report, group slider and the first group."""
+        if not name:
+            empty = pd.DataFrame(columns=["where", "problem", "how to fix"])
+            return ("Pick a data file under the data root, upload one, or create the demo set.", empty,
+                    gr.update(maximum=1, value=0, interactive=False), *self._empty_group())
+        report = databrowser.load_report(self.cfg.data_root, name, fmt or "auto", (media_root or "").strip() or None)
+        summary = databrowser.summary_markdown(report)
+        problems = databrowser.problems_frame(report, self.cfg.data_root)
+        n = len(report.groups)
+        slider = gr.update(maximum=max(n - 1, 1), value=0, interactive=n > 1)
+        return (summary, problems, slider, *self.group(name, fmt, media_root, 0, scores_run))
+
+    def _empty_group(self):
+        return [], "", pd.DataFrame(), ""
+
+    @readable
+    def group(self, name: str | None, fmt: str, media_root: str | None, index: float | None,
+              scores_run: str | None):
+        if not name:
+            return self._empty_group()
+        report = databrowser.load_report(self.cfg.data_root, name, fmt or "auto", (media_root or "").strip() or None)
+        if not report.groups:
+            return self._empty_group()
+        i = min(max(int(index or 0), 0), len(report.groups) - 1)
+        g = report.groups[i]
+        reward = self._reward_for(scores_run, g.id) if scores_run else None
+        images, notes = databrowser.group_images(g, self.cfg.data_root, (self.cfg.runs_root,))
+        question = databrowser.question_markdown(g, self.cfg.data_root)
+        if notes:
+            question += "\n\n" + "\n".join(f"- {html.escape(n)}" for n in notes)
+        if scores_run and reward is None:
+            question += f"\n\n_Run `{html.escape(scores_run)}` has no reward scores for this group._"
+        elif scores_run and not self._trained_on(scores_run, report):
+            question += (f"\n\n_Run `{html.escape(scores_run)}` was trained on other data: its scores are "
+                         "matched by group id only._")
+        return images, question, databrowser.responses_frame(g, reward), databrowser.pairs_markdown(g)
+
+    def _reward_for(self, run_name: str, group_id: str) -> dict | None:
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        path = run / "score" / "margins.jsonl"
+        if not path.exists():
+            raise Refused(f"run '{run_name}' has no reward cache (its `score` stage has not finished)")
+        from ..reward.scorer import load_margins  # imports torch: only once there is something to read
+
+        key = (str(path), path.stat().st_mtime_ns)
+        with self._margins_lock:
+            if self._margins.get("key") != key:
+                self._margins = {"key": key, "margins": load_margins(run)}
+            return self._margins["margins"].get(group_id)
+
+    def _trained_on(self, run_name: str, report) -> bool:
+        """Whether the run's recipe used this very file (the demo set counts by its copy in the run)."""
+        import yaml
+
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        try:
+            data_path = (yaml.safe_load((run / jobs.RECIPE_FILE).read_text()) or {}).get("data", {}).get("path")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return False
+        if data_path == "demo":
+            data_path = run / "data" / "demo" / "demo.jsonl"
+        try:
+            return Path(data_path).resolve() == databrowser.resolve_data(self.cfg.data_root, report.name)
+        except (Refused, TypeError, OSError):
+            return False
+
+    def score_run_choices(self):
+        return gr.update(choices=[""] + playground.cache_runs(self.cfg.runs_root))
+
+    # ----------------------------------------------------------------------------------------- train
+    def recipe_choices(self):
+        choices = [(r, r) for r in form.list_recipes(self.cfg.recipes_root)]
+        last = self._last_run_with_recipe()
+        if last:
+            choices.append((f"last used (run {last})", form.LAST_USED))
+        default = "demo.yaml" if any(v == "demo.yaml" for _, v in choices) else (choices[0][1] if choices else None)
+        return gr.update(choices=choices, value=default)
+
+    def _last_run_with_recipe(self) -> str | None:
+        runs = [n for n in jobs.list_runs(self.cfg.runs_root) if (self.cfg.runs_root / n / jobs.RECIPE_FILE).exists()]
+        if not runs:
+            return None
+        return max(runs, key=lambda n: (self.cfg.runs_root / n / jobs.RECIPE_FILE).stat().st_mtime)
+
+    @readable
+    def load_recipe(self, choice: str | None):
+        """Form values (in form.FIELDS order) from a recipe file or the last run's recipe, + a run name."""
+        if choice == form.LAST_USED:
+            last = self._last_run_with_recipe()
+            if not last:
+                raise Refused("no run has a recipe yet")
+            path, stem = jobs.run_path(self.cfg.runs_root, last) / jobs.RECIPE_FILE, last.rsplit("-", 2)[0]
+        else:
+            from .safety import inside
+
+            path = inside(self.cfg.recipes_root, choice, what="recipe")
+            if path.suffix != ".yaml" or not path.is_file():
+                raise Refused(f"recipe '{choice}' not found under the recipes folder")
+            stem = path.stem
+        values = form.form_values(form.recipe_tree(path), self.cfg.data_root, path.parent)
+        return (*values, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @readable
+    def start(self, run_name: str, *values):
+        name = (run_name or "").strip() or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = jobs.run_path(self.cfg.runs_root, name)
+        if run.exists():
+            raise Refused(f"run '{name}' already exists; pick another name (or Resume it in the live view)")
+        text = form.run_recipe(list(values), data_root=self.cfg.data_root, runs_root=self.cfg.runs_root, run_dir=run)
+        jobs.start_run(self.cfg.runs_root, name, text)
+        msg = f"Started **{html.escape(name)}**: following it in the live view."
+        return msg, gr.update(selected="live"), gr.update(choices=jobs.list_runs(self.cfg.runs_root), value=name)
+
+    @readable
+    def save_recipe(self, name: str, *values):
+        path = form.save_recipe(list(values), name, recipes_root=self.cfg.recipes_root,
+                                data_root=self.cfg.data_root, runs_root=self.cfg.runs_root)
+        rel = path.relative_to(self.cfg.recipes_root).as_posix()
+        update = self.recipe_choices()
+        update["value"] = rel
+        return f"Saved recipe **{html.escape(rel)}**.", update
+
+    @readable
+    def use_data(self, name: str | None):
+        if not name:
+            raise Refused("pick a data file first")
+        databrowser.resolve_data(self.cfg.data_root, name)
+        return gr.update(value=name.rstrip("/")), gr.update(selected="train")
+
+    # ------------------------------------------------------------------------------------------ live
+    def live_choices(self, current: str | None = None):
+        runs = jobs.list_runs(self.cfg.runs_root)
+        if current in runs:
+            return gr.update(choices=runs, value=current)
+        active = [n for n in runs if jobs.job_state(self.cfg.runs_root / n, self.tail.events(self.cfg.runs_root / n)).active]
+        return gr.update(choices=runs, value=(active or runs or [None])[0])
+
+    def refresh_lists(self):
+        """Run lists change while a page is open (a job started in another tab): new choices, same values."""
+        runs = jobs.list_runs(self.cfg.runs_root)
+        cached = playground.cache_runs(self.cfg.runs_root)
+        return (gr.update(choices=runs), gr.update(choices=playground.reward_runs(self.cfg.runs_root)),
+                gr.update(choices=cached), gr.update(choices=runs), gr.update(choices=[""] + cached))
+
+    def jobs_frame(self) -> pd.DataFrame:
+        rows = []
+        for n in jobs.list_runs(self.cfg.runs_root):
+            run = self.cfg.runs_root / n
+            st = jobs.job_state(run, self.tail.events(run))
+            done = [s for s in STAGES if RunDir(run).is_done(s)]
+            rows.append({"run": n, "status": st.status, "stages done": ", ".join(done) or "-",
+                         "updated": time.strftime("%H:%M:%S", time.localtime(_mtime(run)))})
+        return pd.DataFrame(rows, columns=["run", "status", "stages done", "updated"])
+
+    N_VIEW = 10 + len(runview.CURVES)  # outputs of `view`
+
+    @readable
+    def view(self, run_name: str | None):
+        """Everything the live view shows for one run (status, bars, error, curves, log, jobs, buttons)."""
+        if not run_name:
+            empty = pd.DataFrame(columns=["step", "value", "series"])
+            return ("No run selected: start one in the Train tab.", runview.progress_html([]), "", "",
+                    *[empty] * len(runview.CURVES), empty, gr.update(value=empty, visible=False), "",
+                    self.jobs_frame(), gr.update(interactive=False), gr.update(interactive=False))
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        events = self.tail.events(run)
+        state = jobs.job_state(run, events)
+        views = runview.stage_views(events)
+        status = f"**{html.escape(run_name)}** · status: **{state.status}**"
+        if state.pid and state.active:
+            status += f" (pid {state.pid})"
+        done_at = next((e for e in reversed(events) if e.get("type") == "run_end"), None)
+        if done_at and not state.active:
+            status += f" · ended {time.strftime('%H:%M:%S', time.localtime(done_at['time']))}"
+        error = ""
+        if state.message and state.status in ("error", "interrupted"):
+            error = f"**{'Error' if state.status == 'error' else 'Interrupted'}:** {html.escape(state.message)}"
+        warn = [(k, st, m) for k, st, m in runview.messages(events) if not (k == "error" and m in state.message)]
+        if warn:
+            error += ("\n\n" if error else "") + "\n".join(
+                f"- {kind} [{html.escape(stage)}]: {html.escape(msg)}" for kind, stage, msg in warn)
+        counts = runview.point_counts(events)
+        points = "Curve points: " + (", ".join(f"{s} {n}" for s, n in counts.items()) if counts else "none yet")
+        curves = [runview.curve_frame(events, name) for name in runview.CURVES]
+        speed = runview.tokens_per_second(events, _grad_accum(run))
+        gpu = runview.gpu_memory(events)
+        log_text = jobs.tail_text(run / jobs.CONSOLE_LOG, 24_000)
+        log_text = "\n".join(log_text.splitlines()[-60:])
+        return (status, runview.progress_html(views), error, points, *curves, speed,
+                gr.update(value=gpu, visible=not gpu.empty), log_text, self.jobs_frame(),
+                gr.update(interactive=state.active), gr.update(interactive=state.resumable))
+
+    def tick(self, run_name: str | None, last_sig):
+        """The timer: the full view when something changed, else nothing (no traffic, no redraw)."""
+        try:
+            run = jobs.run_path(self.cfg.runs_root, run_name) if run_name else None
+        except Refused:
+            run = None
+        sig = None
+        if run is not None:
+            events = self.tail.events(run)
+            state = jobs.job_state(run, events)
+            sig = (run_name, self.tail.offset(run), state.status, _size(run / jobs.CONSOLE_LOG),
+                   tuple(jobs.list_runs(self.cfg.runs_root)), int(time.time() // 30) if state.active else 0)
+        if sig is not None and sig == last_sig:
+            return (*[gr.skip()] * self.N_VIEW, last_sig)
+        try:
+            out = self.view(run_name)
+        except gr.Error:
+            return (*[gr.skip()] * self.N_VIEW, last_sig)
+        return (*out, sig)
+
+    @readable
+    def stop(self, run_name: str):
+        return jobs.stop_run(jobs.run_path(self.cfg.runs_root, run_name))
+
+    @readable
+    def resume(self, run_name: str):
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        jobs.resume_run(run)
+        return f"Resumed **{html.escape(run_name)}**: finished stages are skipped, training continues from its checkpoint."
+
+    # ------------------------------------------------------------------------------------ playground
+    def reward_run_choices(self):
+        runs = playground.reward_runs(self.cfg.runs_root)
+        return gr.update(choices=runs, value=runs[0] if runs else None)
+
+    def cache_run_choices(self):
+        runs = playground.cache_runs(self.cfg.runs_root)
+        return gr.update(choices=runs, value=runs[0] if runs else None)
+
+    @readable
+    def score(self, run_name: str, image, question: str, a1: str, a2: str, a3: str, a4: str, a5: str,
+              mode: str, max_new_tokens: float):
+        if not run_name:
+            raise Refused("choose a run with a trained reward model")
+        data = databrowser.image_bytes(image) if image is not None else None
+        results = playground.score(self.cfg.runs_root, run_name, data, question, [a1, a2, a3, a4, a5], mode,
+                                   int(max_new_tokens or 64))
+        return playground.cards_html(results), playground.results_frame(results)
+
+    @readable
+    def cache(self, run_name: str):
+        if not run_name:
+            raise Refused("choose a run whose score stage has finished")
+        frame, summary = playground.cache_pairs(self.cfg.runs_root, run_name)
+        return summary, frame
+
+    # --------------------------------------------------------------------------------------- compare
+    def compare_choices(self):
+        return gr.update(choices=compare.comparable_runs(self.cfg.runs_root))
+
+    @readable
+    def compare(self, names: list[str] | None, curve: str):
+        names = list(names or [])
+        if not names:
+            raise Refused("pick one or more runs")
+        if curve not in runview.CURVES:
+            raise Refused(f"unknown curve '{curve}'")
+        return compare.eval_table(self.cfg.runs_root, names), compare.overlay(self.cfg.runs_root, names, curve, self.tail)
+
+
+def _mtime(run: Path) -> float:
+    try:
+        return max((run / f).stat().st_mtime for f in ("events.jsonl", jobs.RECIPE_FILE, jobs.JOB_FILE)
+                   if (run / f).exists())
+    except ValueError:
+        return run.stat().st_mtime
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _grad_accum(run: Path) -> int:
+    import yaml
+
+    try:
+        tree = yaml.safe_load((run / jobs.RECIPE_FILE).read_text()) or {}
+        return int(tree.get("dpo", {}).get("train", {}).get("grad_accum", 4))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return 4
+

@@ -1,0 +1,276 @@
+"""Training jobs as run folders: start, stop, resume and the state of each, read from files only.
+
+A job is the CLI in a subprocess (DESIGN.md, "One code path"): start writes `<run>/recipe.yaml` and
+launches `python -m mmrlhf_lite.train <run>/recipe.yaml run.dir=<run>` in its own session, appending
+its output to `<run>/console.log`. Its state is never kept in the browser or the app's memory: the
+run's lock file (`RunDir.running_pid`), `ui_job.json` (the pid the UI launched, for the seconds before
+the CLI takes the lock) and `events.jsonl` (run_start / run_end) say whether it runs and how it ended.
+So a reloaded page, a second tab, or a restarted app finds the same jobs. Stop writes the STOP file
+(the trainers checkpoint and exit with code 3); Resume launches the same command again (finished
+stages are skipped, training resumes from its checkpoint).
+
+    python app.py            # Train tab -> Start / Stop / Resume
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..events import EVENTS_FILE, read_events
+from ..runs import LOCK_FILE, RunDir, write_atomic
+from .safety import Refused, inside, safe_name
+
+JOB_FILE = "ui_job.json"
+LAUNCH_MARK = "launched: "
+CONSOLE_LOG = "console.log"
+RECIPE_FILE = "recipe.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_children: dict[int, subprocess.Popen] = {}  # processes this app launched (reaped so they never linger)
+_children_lock = threading.Lock()
+
+
+@dataclass
+class JobState:
+    status: str            # new | starting | running | stopping | done | stopped | error | interrupted
+    pid: int | None = None
+    message: str = ""      # the readable error, when status is error / interrupted
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("starting", "running", "stopping")
+
+    @property
+    def resumable(self) -> bool:
+        return self.status in ("stopped", "error", "interrupted")
+
+
+# --------------------------------------------------------------------------------------------------
+# listing
+
+def list_runs(runs_root: str | os.PathLike) -> list[str]:
+    """Run folder names under the root, newest first (a run folder holds a recipe or events)."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.is_symlink() and not d.name.startswith("."):
+            marker = [d / f for f in (EVENTS_FILE, RECIPE_FILE, JOB_FILE) if (d / f).exists()]
+            if marker:
+                found.append((max(f.stat().st_mtime for f in marker), d.name))
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+def run_path(runs_root: str | os.PathLike, name: str) -> Path:
+    """The folder of run `name`, refused unless it is a direct child of the runs root."""
+    path = inside(runs_root, safe_name(name, what="run name"), what="run")
+    if path.parent != Path(runs_root).resolve():
+        raise Refused(f"run '{name}' is not a folder directly under the runs root")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# state
+
+def _proc_alive(pid: int | None) -> bool:
+    """Alive and really our trainer (a reused pid of another program does not count)."""
+    if not pid:
+        return False
+    with _children_lock:
+        child = _children.get(pid)
+    if child is not None and child.poll() is not None:  # reap: a zombie would look alive to kill(0)
+        with _children_lock:
+            _children.pop(pid, None)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        return b"mmrlhf_lite.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return child is not None  # no /proc (not Linux): trust our own child record
+
+
+def _job(run: Path) -> dict:
+    try:
+        return json.loads((run / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_run(run: Path, events: list[dict] | None = None) -> tuple[dict | None, dict | None, str]:
+    """(last run_start, its run_end or None, last error message) from the event stream."""
+    if events is None:
+        events, _ = read_events(run)
+    start = end = None
+    error = ""
+    for e in events:
+        if e.get("type") == "run_start":
+            start, end, error = e, None, ""
+        elif e.get("type") == "run_end":
+            end = e
+            error = e.get("message") or error
+        elif e.get("type") == "error":
+            error = e.get("message") or error
+    return start, end, error
+
+
+def console_error(run: Path) -> str:
+    """The latest launch's readable failure from console.log: the CLI's `error: ...` line, or the last
+    line of a Python traceback (never the trace itself)."""
+    text = tail_text(run / CONSOLE_LOG, 16_000)
+    text = text.rsplit(LAUNCH_MARK, 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    marked = [ln for ln in lines if ln.startswith(("error:", "stopped:", "interrupted"))]
+    if marked:
+        return marked[-1]
+    if any(ln.startswith("Traceback") for ln in lines) and _EXC_LINE.match(lines[-1]):
+        return f"error: {lines[-1]}"
+    return ""
+
+
+def job_state(run: str | os.PathLike, events: list[dict] | None = None) -> JobState:
+    """How the run's latest job stands; `events` (already read, e.g. by an EventTail) saves a re-read."""
+    run = Path(run)
+    lock_pid = RunDir(run).running_pid() if (run / LOCK_FILE).exists() else None
+    job = _job(run)
+    launched = job.get("pid")
+    if lock_pid and _proc_alive(lock_pid) or _proc_alive(launched):
+        stopping = RunDir(run).stop_requested() or job.get("stop_requested", 0) > job.get("started", 0)
+        status = "stopping" if stopping else ("running" if lock_pid else "starting")
+        return JobState(status, lock_pid or launched)
+    start, end, error = _last_run(run, events)
+    launched_at = job.get("started", 0)
+    if start is None or (launched_at and start["time"] < launched_at - 1):
+        # the latest launch never reached run_start: a recipe / run-folder error, or killed early
+        msg = console_error(run)
+        if job:
+            return JobState("error" if msg.startswith("error") else "interrupted", None,
+                            msg or "the job exited before it started (see console.log)")
+        return JobState("new")
+    if end is None:
+        return JobState("interrupted", None, console_error(run) or
+                        "the process ended without finishing (killed?); Resume continues from the last checkpoint")
+    status = end.get("status", "error")
+    if status == "error":
+        return JobState("error", None, error or console_error(run) or "the run failed")
+    return JobState(status)
+
+
+# --------------------------------------------------------------------------------------------------
+# start / stop / resume
+
+def _launch(run: Path) -> int:
+    cmd = [sys.executable, "-m", "mmrlhf_lite.train", str(run / RECIPE_FILE), f"run.dir={run}"]
+    RunDir(run).stop_file.unlink(missing_ok=True)  # a stop asked of the previous launch is done with
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    for key in [k for k in env if k.startswith("GRADIO_")]:
+        env.pop(key)
+    with open(run / CONSOLE_LOG, "a", encoding="utf-8") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {LAUNCH_MARK}{' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, cwd=str(PROJECT_ROOT))
+    with _children_lock:
+        _children[proc.pid] = proc
+    write_atomic(run / JOB_FILE, json.dumps({"pid": proc.pid, "started": time.time(), "command": cmd}))
+    return proc.pid
+
+
+def start_run(runs_root: str | os.PathLike, name: str, recipe_yaml: str) -> Path:
+    """Create run folder `name`, write the recipe and launch the CLI. Refuses an existing folder."""
+    run = run_path(runs_root, name)
+    if run.exists():
+        raise Refused(f"run '{name}' already exists; pick another name (or Resume it from the live view)")
+    run.mkdir(parents=True)
+    write_atomic(run / RECIPE_FILE, recipe_yaml)
+    _launch(run)
+    return run
+
+
+def resume_run(run: str | os.PathLike) -> int:
+    run = Path(run)
+    state = job_state(run)
+    if state.active:
+        raise Refused(f"run '{run.name}' is already {state.status}")
+    if state.status == "done":
+        raise Refused(f"run '{run.name}' has finished; start a new run to train again")
+    if not (run / RECIPE_FILE).exists():
+        raise Refused(f"run '{run.name}' has no recipe.yaml to resume from")
+    return _launch(run)
+
+
+def stop_run(run: str | os.PathLike) -> str:
+    """Ask the job to checkpoint and exit (STOP file). Before the CLI holds the run's lock, its start-up
+    would delete a STOP file, so a watcher re-writes it until the job ends."""
+    run = Path(run)
+    state = job_state(run)
+    if not state.active:
+        raise Refused(f"run '{run.name}' is not running ({state.status})")
+    rd = RunDir(run)
+    rd.request_stop()
+    job = _job(run)
+    if job:
+        job["stop_requested"] = time.time()
+        write_atomic(run / JOB_FILE, json.dumps(job))
+    threading.Thread(target=_keep_stop, args=(run, state.pid), daemon=True).start()
+    return (f"stop requested for '{run.name}': the current stage saves a checkpoint and the job exits "
+            "(the eval stage finishes first); Resume continues it")
+
+
+def _keep_stop(run: Path, pid: int | None, timeout: float = 600.0) -> None:
+    end = time.time() + timeout
+    rd = RunDir(run)
+    while time.time() < end and _proc_alive(pid):
+        if (run / LOCK_FILE).exists() and not rd.stop_requested():
+            rd.request_stop()
+        time.sleep(0.3)
+
+
+def kill_children() -> None:
+    """Terminate the jobs this app launched (used by tests and on interpreter exit of test servers)."""
+    with _children_lock:
+        procs = list(_children.values())
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# --------------------------------------------------------------------------------------------------
+# logs
+
+def tail_text(path: str | os.PathLike, max_bytes: int = 32_000) -> str:
+    """The end of a text file; terminal progress redraws (`\\r`) collapse to their last state."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    if size > max_bytes:
+        text = text.split("\n", 1)[-1]
+    lines = [ln.rstrip("\r").rsplit("\r", 1)[-1] for ln in text.split("\n")]
+    return "\n".join(_ANSI.sub("", ln) for ln in lines)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")

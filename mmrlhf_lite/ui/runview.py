@@ -1,0 +1,250 @@
+"""A run's event stream as what the live view shows: stage progress with ETA, curves, messages.
+
+Pure functions of `events.jsonl` (mmrlhf_lite.events): the UI never asks the trainer anything, it
+re-reads the file. `EventTail` keeps one growing list per run and reads only the bytes appended since
+the last look, so every open tab can poll every second or two at no real cost.
+
+Curves are long-format tables (step, value, series) for gradio's LinePlot. Tokens/s is derived: the
+DPO trainer logs `tokens`, the mean packed tokens per micro-batch over the logging window, so a window
+of `s - s_prev` optimizer steps processed `tokens * grad_accum * (s - s_prev)` tokens between the
+progress events of steps `s_prev` and `s`.
+
+    python -m pytest -q tests/test_ui_units.py
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..events import EVENTS_FILE, read_events
+
+# plot name -> (title, y label, [(stage, metrics key, series label)])
+CURVES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
+    "reward_loss": ("Reward model loss", "loss", [("reward", "loss", "total"), ("reward", "bt_loss", "ranking (BT)"),
+                                                  ("reward", "critique_loss", "critique CE")]),
+    "reward_acc": ("Reward accuracy", "accuracy", [("reward", "pair_accuracy", "train pairs"),
+                                                   ("reward", "eval_pair_accuracy_given", "held-out pairs")]),
+    "dpo_loss": ("MM-DPO loss", "loss", [("dpo", "loss", "total"), ("dpo", "dpo_loss", "DPO"),
+                                         ("dpo", "sft_nll", "SFT NLL")]),
+    "dpo_acc": ("DPO implicit accuracy", "accuracy", [("dpo", "implicit_accuracy", "implicit accuracy")]),
+    "margins": ("Margins", "margin", [("reward", "reward_margin", "reward margin (reward stage)"),
+                                      ("dpo", "implicit_margin", "implicit margin (dpo)"),
+                                      ("dpo", "delta_mean", "reward delta of DPO pairs")]),
+    "beta": ("Dynamic beta", "beta", [("dpo", "beta_min", "min"), ("dpo", "beta_mean", "mean"),
+                                      ("dpo", "beta_max", "max")]),
+}
+SPEED_CURVES = ("tokens_per_s", "gpu_mem")
+STAGE_ORDER = ("data", "reward", "score", "reference", "dpo", "eval")
+
+
+# --------------------------------------------------------------------------------------------------
+# incremental reading
+
+class EventTail:
+    """Per run folder: the events read so far and the byte offset to continue from."""
+
+    def __init__(self) -> None:
+        self._state: dict[Path, tuple[int, int, list[dict]]] = {}  # run -> (inode, offset, events)
+        self._lock = threading.Lock()
+
+    def events(self, run: str | os.PathLike) -> list[dict]:
+        run = Path(run)
+        path = run / EVENTS_FILE
+        try:
+            st = path.stat()
+        except OSError:
+            return []
+        with self._lock:
+            inode, offset, events = self._state.get(run, (st.st_ino, 0, []))
+            if inode != st.st_ino or st.st_size < offset:  # replaced or truncated: start over
+                offset, events = 0, []
+            if st.st_size > offset:
+                new, offset = read_events(run, offset)
+                events = events + new
+            self._state[run] = (st.st_ino, offset, events)
+            return events
+
+    def offset(self, run: str | os.PathLike) -> int:
+        with self._lock:
+            return self._state.get(Path(run), (0, 0, []))[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+@dataclass
+class StageView:
+    name: str
+    status: str = "pending"     # pending | running | done | stopped | error | skipped
+    n: int = 0
+    total: int | None = None
+    unit: str = ""
+    seconds: float | None = None
+    rate: float | None = None   # units per second over the current attempt
+    eta: float | None = None    # seconds left
+    _first: tuple[float, int] | None = field(default=None, repr=False)
+
+    @property
+    def fraction(self) -> float | None:
+        if self.status == "done" or self.status == "skipped":
+            return 1.0
+        if self.total:
+            return min(1.0, self.n / self.total)
+        return None
+
+
+def stage_views(events: list[dict]) -> list[StageView]:
+    """The stages of the latest invocation, each with its progress, in run order."""
+    start_idx = max((i for i, e in enumerate(events) if e.get("type") == "run_start"), default=None)
+    if start_idx is None:
+        return []
+    run_start = events[start_idx]
+    views = {s: StageView(s) for s in run_start.get("stages", [])}
+    for s in run_start.get("skip", []):
+        if s in views:
+            views[s].status = "skipped"
+    for e in events[start_idx:]:
+        v = views.get(e.get("stage"))
+        if v is None:
+            continue
+        kind = e.get("type")
+        if kind == "stage_start":
+            v.status, v.n, v.total, v.rate, v.eta, v._first = "running", 0, None, None, None, None
+        elif kind == "progress":
+            v.n, v.total, v.unit = int(e.get("n") or 0), e.get("total"), e.get("unit", "")
+            if v._first is None or v.n < v._first[1]:
+                v._first = (e["time"], v.n)
+            t0, n0 = v._first
+            if e["time"] > t0 and v.n > n0:
+                v.rate = (v.n - n0) / (e["time"] - t0)
+                v.eta = (v.total - v.n) / v.rate if v.total else None
+        elif kind == "stage_end":
+            v.status, v.seconds, v.eta = e.get("status", "done"), e.get("seconds"), None
+    return list(views.values())
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def stage_text(v: StageView) -> str:
+    if v.status == "skipped":
+        return "skipped: already done with these settings"
+    if v.status == "pending":
+        return "waiting"
+    count = f"{v.n}/{v.total} {v.unit}s" if v.total else (f"{v.n} {v.unit}s" if v.n else "")
+    if v.status == "running":
+        speed = ""
+        if v.rate:
+            speed = f"{v.rate:.2f} {v.unit}/s" if v.rate >= 1 else f"{1 / v.rate:.1f} s/{v.unit}"
+        parts = [p for p in (count, speed, f"ETA {_duration(v.eta)}" if v.eta is not None else "") if p]
+        return " · ".join(parts) or "starting"
+    if v.status == "done":
+        return f"done in {_duration(v.seconds)}" + (f" ({count})" if count else "")
+    return f"{v.status} after {_duration(v.seconds)}" + (f" at {count}" if count else "")
+
+
+def progress_html(views: list[StageView]) -> str:
+    """One bar per stage (plain HTML, every string escaped)."""
+    if not views:
+        return "<div class='mm-progress'><em>No stage has started yet.</em></div>"
+    colours = {"done": "#16a34a", "running": "#2563eb", "stopped": "#d97706", "error": "#dc2626",
+               "skipped": "#9ca3af", "pending": "#e5e7eb"}
+    rows = []
+    for v in views:
+        frac = v.fraction
+        width = 100 * (frac if frac is not None else (0.3 if v.status == "running" else 0))
+        rows.append(
+            f"<div class='mm-stage' data-stage='{html.escape(v.name)}' data-status='{html.escape(v.status)}'>"
+            f"<span class='mm-stage-name'>{html.escape(v.name)}</span>"
+            f"<div class='mm-bar'><div style='width:{width:.1f}%;background:{colours.get(v.status, '#2563eb')}'></div></div>"
+            f"<span class='mm-stage-text'>{html.escape(stage_text(v))}</span></div>")
+    return "<div class='mm-progress'>" + "".join(rows) + "</div>"
+
+
+# --------------------------------------------------------------------------------------------------
+# curves
+
+def _metric_events(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("type") == "metrics" and e.get("step") is not None]
+
+
+def curve_frame(events: list[dict], name: str, run_label: str | None = None) -> pd.DataFrame:
+    """Long table (step, value, series) for one of CURVES; `run_label` prefixes series (compare view)."""
+    _, _, keys = CURVES[name]
+    rows = []
+    for e in _metric_events(events):
+        for stage, key, label in keys:
+            value = e.get(key)
+            if e.get("stage") == stage and isinstance(value, (int, float)) and math.isfinite(value):
+                rows.append({"step": int(e["step"]), "value": float(value),
+                             "series": f"{run_label}: {label}" if run_label else label})
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def tokens_per_second(events: list[dict], grad_accum: int) -> pd.DataFrame:
+    """(step, value, series) of DPO tokens/s between consecutive logged steps (see module doc)."""
+    step_time: dict[int, float] = {}
+    rows = []
+    prev_step = None
+    for e in events:
+        if e.get("stage") != "dpo":
+            continue
+        if e.get("type") == "stage_start":
+            step_time, prev_step = {}, None
+        elif e.get("type") == "progress":
+            step_time[int(e.get("n") or 0)] = e["time"]
+        elif e.get("type") == "metrics" and e.get("step") is not None and e.get("tokens") is not None:
+            s = int(e["step"])
+            t_now, t_prev = step_time.get(s, e["time"]), step_time.get(prev_step) if prev_step else None
+            if prev_step is not None and t_prev is not None and t_now > t_prev and s > prev_step:
+                rows.append({"step": s, "value": e["tokens"] * grad_accum * (s - prev_step) / (t_now - t_prev),
+                             "series": "tokens/s"})
+            prev_step = s
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def gpu_memory(events: list[dict]) -> pd.DataFrame:
+    rows = [{"step": int(e["step"]), "value": float(e["gpu_mem_gb"]), "series": f"{e.get('stage')} peak GB"}
+            for e in _metric_events(events) if isinstance(e.get("gpu_mem_gb"), (int, float))]
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def point_counts(events: list[dict]) -> dict[str, int]:
+    """Logged optimizer steps per stage (the x positions the curves have so far)."""
+    steps: dict[str, set] = {}
+    for e in _metric_events(events):
+        steps.setdefault(e.get("stage", "?"), set()).add(e["step"])
+    return {stage: len(s) for stage, s in steps.items()}
+
+
+def final_metrics(events: list[dict]) -> dict[str, float]:
+    """Eval-stage numbers logged without a step (reward_acc_*, eval_implicit_accuracy, eval_win_rate)."""
+    out: dict[str, float] = {}
+    for e in events:
+        if e.get("type") == "metrics" and e.get("step") is None:
+            out.update({k: v for k, v in e.items() if isinstance(v, (int, float)) and k not in ("time",)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# messages
+
+def messages(events: list[dict], limit: int = 12) -> list[tuple[str, str, str]]:
+    """(kind, stage, message) of the latest warnings and errors, oldest first."""
+    out = [(e["type"], e.get("stage") or "-", str(e.get("message", "")))
+           for e in events if e.get("type") in ("warning", "error")]
+    return out[-limit:]

@@ -1,0 +1,216 @@
+"""End to end in a real browser: Playwright (PyPI) driving Debian's Chromium against `python app.py`.
+
+Upload the demo data and see its preview; start the tiny recipe and watch its curves gain points until
+it finishes; start, stop and resume a second run (a second tab finds the running jobs); score answers in
+the playground; compare runs. Every request the pages make must go to 127.0.0.1. Screenshots are taken
+with animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-data.png and docs/ui-run.png.
+
+    python -m pytest -q -m browser tests/test_ui_browser.py
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from test_ui_support import REPO, demo_zip, start_server, stop_server, wait_for
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost"]
+DATA = "uploads/demo-data/demo.jsonl"
+
+sync_api = pytest.importorskip("playwright.sync_api")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("ui-browser"))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pw = sync_api.sync_playwright().start()
+    b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    yield b
+    b.close()
+    pw.stop()
+
+
+@pytest.fixture(scope="module")
+def requests_seen():
+    return []
+
+
+@pytest.fixture(scope="module")
+def context(browser, requests_seen):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(60_000)
+    ctx.on("request", lambda r: requests_seen.append(r.url))
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(context, server):
+    p = context.new_page()
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    return p
+
+
+def shot(page, tmp_path: Path, name: str, full_page: bool = False) -> Path:
+    page.wait_for_timeout(1500)  # let the plots finish drawing
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=full_page, animations="disabled")
+    assert path.stat().st_size > 10_000
+    target = os.environ.get("MMRLHF_UI_SCREENSHOTS")
+    if target:
+        shutil.copyfile(path, REPO / target / name)
+    return path
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose an option of a gradio dropdown the way a user does."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def until(page, selector: str, condition: str, timeout: float = 60_000) -> None:
+    """Wait until `condition` (JS, about element `el`) holds for the element (which may not exist yet)."""
+    page.wait_for_function(f"(() => {{ const el = document.querySelector({selector!r}); return !!el && ({condition}); }})()",
+                           timeout=timeout)
+
+
+def text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def assert_all_local(requests_seen: list[str]) -> None:
+    assert requests_seen
+    outside = [u for u in requests_seen if urlparse(u).hostname not in ("127.0.0.1",) and not u.startswith(("data:", "blob:"))]
+    assert not outside, f"the page requested outside 127.0.0.1: {outside[:5]}"
+
+
+def test_upload_shows_validation_stats_and_groups(page, server, tmp_path, requests_seen):
+    page.locator("#upload input[type=file]").set_input_files(str(demo_zip(tmp_path)))
+    until(page, "#data-summary", "el.innerText.includes('20 groups')")
+    summary = text(page, "data-summary")
+    assert "demo-data/demo.jsonl — 20 groups from 20 rows (ranked); no problems found." in summary
+    assert page.locator("#data-file input").input_value() == DATA
+    assert page.locator("#group-images img").count() >= 1
+    assert "demo-00000" in text(page, "group-question")
+    assert "Pairs training forms (6; better > worse)" in text(page, "group-pairs")
+    responses = text(page, "group-responses")
+    assert "rank" in responses and "critique (data)" in responses
+    shot(page, tmp_path, "ui-data.png", full_page=True)
+    assert_all_local(requests_seen)
+
+
+def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen):
+    # run 1: the tiny recipe on the uploaded data (recipe first, then "Train on this data")
+    tab(page, "2 · Train")
+    pick(page, "recipe", "tiny.yaml")
+    until(page, "#run-name textarea", "el.value.startsWith('tiny-')")
+    tab(page, "1 · Data")
+    page.locator("#use-data").click()
+    until(page, "#f-data-path textarea", f"el.value == '{DATA}'")
+    page.locator("#run-name textarea").fill("tiny-ui")
+    page.locator("#start").click()
+    until(page, "#run-status", "el.innerText.includes('tiny-ui')")
+    assert page.get_by_role("tab", name="3 · Live").get_attribute("aria-selected") == "true"
+
+    # run 2: reward only, long enough to stop; data path typed into the form
+    tab(page, "2 · Train")
+    pick(page, "recipe", "long.yaml")
+    until(page, "#run-name textarea", "el.value.startsWith('long-')")
+    page.locator("#f-data-path textarea").fill(DATA)
+    page.locator("#run-name textarea").fill("long-ui")
+    page.locator("#start").click()
+    until(page, "#run-status", "el.innerText.includes('long-ui')")
+
+    # a second tab finds both jobs running (their state lives in the run folders)
+    other = context.new_page()
+    other.goto(server.url)
+    tab(other, "3 · Live")
+    until(other, "#jobs", "el.innerText.includes('tiny-ui')")
+    jobs_text = text(other, "jobs")
+    assert re.search(r"long-ui\s+(starting|running)", jobs_text) and re.search(r"tiny-ui\s+(starting|running)", jobs_text)
+    other.close()
+
+    # stop run 2 once it trains, from the live view
+    wait_for(lambda: re.search(r"reward [1-9]", text(page, "curve-points")), 240, what="long-ui reward points")
+    page.locator("#stop").click()
+    until(page, "#run-status", "el.innerText.includes('status: stopped')",
+                           timeout=180_000)
+    assert "stopped after" in text(page, "run-progress")
+    assert page.locator("#resume").is_enabled()
+
+    # follow run 1: its curves gain points while it runs, until it is done
+    pick(page, "live-run", "tiny-ui")
+    seen = set()
+
+    def finished():
+        seen.add(text(page, "curve-points"))
+        return "status: done" in text(page, "run-status")
+    wait_for(finished, 300, interval=0.5, what="tiny-ui done")
+    seen.add(text(page, "curve-points"))
+    assert "Curve points: reward 3, dpo 3" in seen
+    assert len({s for s in seen if "none yet" not in s}) >= 2, f"the curves never grew in view: {seen}"
+    progress = text(page, "run-progress")
+    assert progress.count("done in") == 5
+    assert page.locator("#plot-beta canvas, #plot-beta svg").count() >= 1
+    shot(page, tmp_path, "ui-run.png")
+
+    # a reloaded page resumes run 2
+    page.reload()
+    page.wait_for_selector("#data-file")
+    tab(page, "3 · Live")
+    pick(page, "live-run", "long-ui")
+    until(page, "#run-status", "el.innerText.includes('status: stopped')")
+    page.locator("#resume").click()
+    until(page, "#run-status", "el.innerText.includes('status: done')",
+                           timeout=240_000)
+    assert "resuming from" in page.locator("#run-log textarea").input_value()
+    assert_all_local(requests_seen)
+
+
+def test_playground_scores_answers_and_compare(page, server, tmp_path, requests_seen):
+    tab(page, "4 · Reward playground")
+    pick(page, "pg-run", "tiny-ui")
+    page.locator("#pg-image input[type=file]").set_input_files(
+        str(server.data / "uploads/demo-data/images/demo-00003.png"))
+    page.locator("#pg-question textarea").fill("What shape is the object?")
+    page.locator("#pg-answer-1 textarea").fill("It is a circle.")
+    page.locator("#pg-answer-2 textarea").fill("It is a square.")
+    page.locator("#pg-score").click()
+    until(page, "#pg-cards", "el.querySelectorAll('.mm-card').length == 2", timeout=180_000)
+    ranks = sorted(int(page.locator("#pg-cards .mm-card").nth(i).get_attribute("data-rank")) for i in range(2))
+    assert ranks == [1, 2]
+    assert "Critique:" in text(page, "pg-cards") and "score" in text(page, "pg-cards")
+
+    pick(page, "cache-run", "tiny-ui")
+    page.locator("#cache-show").click()
+    until(page, "#cache-summary", "el.innerText.includes('pairs in 20 groups')")
+
+    tab(page, "5 · Compare runs")
+    pick(page, "cmp-runs", "tiny-ui")
+    pick(page, "cmp-runs", "long-ui")
+    page.locator("#cmp-go").click()
+    until(page, "#cmp-table", "el.innerText.includes('no evaluation yet')")
+    table = text(page, "cmp-table")
+    assert re.search(r"tiny-ui\s+done\s+none\s+\d+\.\d%", table), table
+    assert_all_local(requests_seen)

@@ -1,0 +1,388 @@
+"""Unit tests of the UI's helpers (no server, no browser): path safety, the recipe form, job states read
+from run folders, the live view's numbers (progress, ETA, tokens/s), the data report, the reward
+cache browser and the compare table.
+
+    python -m pytest -q tests/test_ui_units.py
+"""
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrlhf_lite.recipe import Recipe, recipe_fields
+from mmrlhf_lite.ui import compare, databrowser, form, jobs, playground, runview
+from mmrlhf_lite.ui.safety import Refused, check_bind, clean_filename, inside, is_local_host, parse_auth, safe_name
+
+
+def write_events(run: Path, events: list[dict]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+# --------------------------------------------------------------------------------------------------
+# safety
+
+def test_inside_resolves_under_the_root_and_refuses_everything_else(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub" / "a.jsonl").write_text("{}")
+    (root / "link").symlink_to(outside)
+    assert inside(root, "sub/a.jsonl") == (root / "sub" / "a.jsonl").resolve()
+    assert inside(root, "sub/../sub/a.jsonl") == (root / "sub" / "a.jsonl").resolve()
+    for bad, why in (("../outside", "outside"), ("sub/../../outside", "outside"), ("link/x", "outside"),
+                     ("/etc/passwd", "absolute"), ("", "no path"), ("a\x00b", "NUL")):
+        with pytest.raises(Refused, match=why):
+            inside(root, bad)
+    assert inside(root, str(root / "sub"), allow_absolute=True) == (root / "sub").resolve()
+    with pytest.raises(Refused, match="outside"):
+        inside(root, str(outside), allow_absolute=True)
+
+
+def test_names_and_upload_filenames():
+    assert safe_name("tiny-2026.run_1") == "tiny-2026.run_1"
+    for bad in ("../x", "a/b", "..", ".hidden", "", "x" * 81, "a b", "a..b"):
+        with pytest.raises(Refused, match="not allowed"):
+            safe_name(bad)
+    assert clean_filename("../../etc/pass wd.jsonl") == "pass_wd.jsonl"
+    assert clean_filename("C:\\evil\\..\\x.zip") == "x.zip"
+    assert clean_filename("...") == "upload"
+
+
+def test_bind_rules():
+    assert is_local_host("127.0.0.1") and is_local_host("localhost") and is_local_host("::1")
+    assert is_local_host("127.0.0.2") and not is_local_host("0.0.0.0") and not is_local_host("10.0.0.1")
+    assert "this machine only" in check_bind("127.0.0.1", None)
+    with pytest.raises(Refused, match="without a login.*--auth user:password"):
+        check_bind("0.0.0.0", None)
+    assert "login required for user 'ann'" in check_bind("0.0.0.0", ("ann", "pw"))
+    assert parse_auth("ann:p:w") == ("ann", "p:w") and parse_auth(None) is None
+    for bad in ("ann", ":pw", "ann:"):
+        with pytest.raises(Refused):
+            parse_auth(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe form
+
+def test_form_has_every_recipe_field_with_the_clis_help_text():
+    keys = {k: f for k, f, _ in recipe_fields()}
+    assert [s.key for s in form.FIELDS] == [k for k in keys if k != "run.dir"]
+    for spec in form.FIELDS:
+        assert spec.help == keys[spec.key].metadata["help"] and spec.help
+        assert spec.info.startswith(spec.help)
+    kinds = {s.key: s.kind for s in form.FIELDS}
+    assert kinds["model.load_in_4bit"] == "bool" and kinds["model.backend"] == "choice"
+    assert kinds["model.lora_r"] == "int" and kinds["dpo.beta"] == "float" and kinds["run.stages"] == "multi"
+    assert kinds["model.lora_target_modules"] == "list"
+    assert {s.key for s in form.FIELDS if s.optional} >= {"model.max_pixels", "data.eval_path", "cache.dir"}
+
+
+def test_form_round_trip_gives_the_defaults(tmp_path):
+    defaults = Recipe().to_dict()
+    values = form.form_values(defaults, tmp_path)
+    tree = form.values_tree(values)
+    expected = {k: v for k, v in defaults.items()}
+    expected["run"] = {k: v for k, v in defaults["run"].items() if k != "dir"}
+    assert tree == expected
+    text = form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "r")
+    assert yaml.safe_load(text)["run"]["dir"] == str(tmp_path / "r")
+
+
+def test_form_errors_name_the_key(tmp_path):
+    values = form.form_values(Recipe().to_dict(), tmp_path)
+    keys = [s.key for s in form.FIELDS]
+
+    def start(key, value):
+        v = list(values)
+        v[keys.index(key)] = value
+        return form.run_recipe(v, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "r")
+    with pytest.raises(Refused, match="key 'dpo.beta': must be > 0"):
+        start("dpo.beta", -1)
+    with pytest.raises(Refused, match="reward.train.max_steps: expected a whole number"):
+        start("reward.train.max_steps", 2.5)
+    with pytest.raises(Refused, match="key 'model.backend'"):
+        start("model.backend", "tensorflow")
+    with pytest.raises(Refused, match="at least one stage"):
+        start("run.stages", [])
+    with pytest.raises(Refused, match="does not exist under the data root"):
+        start("data.path", "missing.jsonl")
+
+
+def test_recipe_paths_show_relative_to_the_data_root(tmp_path):
+    (tmp_path / "data" / "sets").mkdir(parents=True)
+    (tmp_path / "data" / "sets" / "a.jsonl").write_text("{}")
+    tree = Recipe().to_dict()
+    tree["data"]["path"] = str(tmp_path / "data" / "sets" / "a.jsonl")
+    values = dict(zip([s.key for s in form.FIELDS], form.form_values(tree, tmp_path / "data")))
+    assert values["data.path"] == "sets/a.jsonl"
+    tree["data"]["path"] = "/elsewhere/b.jsonl"
+    values = dict(zip([s.key for s in form.FIELDS], form.form_values(tree, tmp_path / "data")))
+    assert values["data.path"] == "/elsewhere/b.jsonl"  # shown as is; Start refuses it
+
+
+def test_save_recipe_never_overwrites(tmp_path):
+    values = form.form_values(Recipe().to_dict(), tmp_path)
+    path = form.save_recipe(values, "mine", recipes_root=tmp_path, data_root=tmp_path, runs_root=tmp_path)
+    assert yaml.safe_load(path.read_text())["run"]["dir"] == "runs/mine"
+    with pytest.raises(Refused, match="already exists"):
+        form.save_recipe(values, "mine.yaml", recipes_root=tmp_path, data_root=tmp_path, runs_root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# job states from run folders
+
+T = 1_000.0
+
+
+@pytest.mark.parametrize("tail,status,message", [
+    ([{"type": "run_end", "status": "done"}], "done", ""),
+    ([{"type": "stage_end", "stage": "reward", "status": "stopped"}, {"type": "run_end", "status": "stopped"}],
+     "stopped", ""),
+    ([{"type": "error", "stage": "reward", "message": "CUDA out of memory"},
+      {"type": "run_end", "status": "error", "message": "CUDA out of memory"}], "error", "CUDA out of memory"),
+    ([], "interrupted", "killed?"),
+])
+def test_job_state_from_events(tmp_path, tail, status, message):
+    run = tmp_path / "r"
+    write_events(run, [{"time": T, "type": "run_start", "stages": ["reward"], "skip": []}]
+                 + [dict(e, time=T + 1) for e in tail])
+    state = jobs.job_state(run)
+    assert state.status == status and message in state.message
+    assert state.resumable == (status in ("stopped", "error", "interrupted")) and not state.active
+
+
+def test_job_that_failed_before_its_events_shows_the_clis_message(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    assert jobs.job_state(run).status == "new"
+    (run / "ui_job.json").write_text(json.dumps({"pid": 999_999_999, "started": T}))
+    (run / "console.log").write_text("=== launched: python -m mmrlhf_lite.train\nerror: r/recipe.yaml, key "
+                                     "'dpo.beta': must be > 0, got -1\n")
+    state = jobs.job_state(run)
+    assert state.status == "error" and state.message.startswith("error: r/recipe.yaml, key 'dpo.beta'")
+    (run / "console.log").write_text("=== launched: x\nTraceback (most recent call last):\n  File \"x\", line 1\n"
+                                     "ImportError: cannot import name 'y'\n")
+    state = jobs.job_state(run)
+    assert state.message == "error: ImportError: cannot import name 'y'" and "File" not in state.message
+
+
+def test_tail_text_collapses_progress_redraws(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_text("start\nreward:  10%|#  | 1/10\rreward:  20%|## | 2/10\r[reward] step=2 loss=1\n\x1b[32mok\x1b[0m\n")
+    assert jobs.tail_text(log) == "start\n[reward] step=2 loss=1\nok\n"
+
+
+def test_list_runs_and_run_path(tmp_path):
+    for name in ("a", "b"):
+        write_events(tmp_path / name, [])
+    (tmp_path / "not-a-run").mkdir()
+    assert sorted(jobs.list_runs(tmp_path)) == ["a", "b"]
+    assert jobs.run_path(tmp_path, "a") == (tmp_path / "a").resolve()
+    with pytest.raises(Refused):
+        jobs.run_path(tmp_path, "../a")
+
+
+# --------------------------------------------------------------------------------------------------
+# live view numbers
+
+def run_events():
+    return [
+        {"time": 0.0, "type": "run_start", "stages": ["reward", "score", "dpo"], "skip": ["score"]},
+        {"time": 1.0, "type": "stage_start", "stage": "reward"},
+        {"time": 10.0, "type": "progress", "stage": "reward", "n": 1, "total": 10, "unit": "step"},
+        {"time": 10.5, "type": "metrics", "stage": "reward", "step": 1, "loss": 0.9, "pair_accuracy": 0.5},
+        {"time": 14.0, "type": "progress", "stage": "reward", "n": 3, "total": 10, "unit": "step"},
+        {"time": 14.1, "type": "metrics", "stage": "reward", "step": 3, "loss": 0.7, "pair_accuracy": 0.75},
+        {"time": 14.2, "type": "metrics", "stage": "reward", "step": 3, "eval_pair_accuracy_given": 0.6},
+    ]
+
+
+def test_stage_progress_and_eta():
+    views = {v.name: v for v in runview.stage_views(run_events())}
+    r = views["reward"]
+    assert (r.status, r.n, r.total) == ("running", 3, 10)
+    assert r.rate == pytest.approx(2 / 4) and r.eta == pytest.approx(7 / 0.5)
+    assert runview.stage_text(r) == "3/10 steps · 2.0 s/step · ETA 14s"
+    assert views["score"].status == "skipped" and views["dpo"].status == "pending"
+    done = run_events() + [{"time": 20.0, "type": "stage_end", "stage": "reward", "status": "done", "seconds": 19.0}]
+    r = {v.name: v for v in runview.stage_views(done)}["reward"]
+    assert r.fraction == 1.0 and runview.stage_text(r) == "done in 19s (3/10 steps)"
+    html = runview.progress_html(runview.stage_views(done))
+    assert "data-stage='reward' data-status='done'" in html and "data-status='skipped'" in html
+
+
+def test_curves_and_point_counts():
+    ev = run_events()
+    frame = runview.curve_frame(ev, "reward_acc")
+    assert frame.to_dict("records") == [{"step": 1, "value": 0.5, "series": "train pairs"},
+                                        {"step": 3, "value": 0.75, "series": "train pairs"},
+                                        {"step": 3, "value": 0.6, "series": "held-out pairs"}]
+    assert runview.point_counts(ev) == {"reward": 2}
+    assert set(runview.curve_frame(ev, "reward_loss", run_label="x")["series"]) == {"x: total"}
+
+
+def test_tokens_per_second_by_hand():
+    ev = [{"time": 0.0, "type": "stage_start", "stage": "dpo"},
+          {"time": 5.0, "type": "progress", "stage": "dpo", "n": 1, "total": 9},
+          {"time": 5.1, "type": "metrics", "stage": "dpo", "step": 1, "tokens": 100.0},
+          {"time": 6.0, "type": "progress", "stage": "dpo", "n": 2, "total": 9},
+          {"time": 7.0, "type": "progress", "stage": "dpo", "n": 3, "total": 9},
+          {"time": 7.1, "type": "metrics", "stage": "dpo", "step": 3, "tokens": 120.0}]
+    # steps 1 -> 3: 2 optimizer steps x 4 micro-batches x 120 tokens in 7.0 - 5.0 s
+    frame = runview.tokens_per_second(ev, grad_accum=4)
+    assert frame.to_dict("records") == [{"step": 3, "value": pytest.approx(2 * 4 * 120 / 2.0), "series": "tokens/s"}]
+
+
+def test_event_tail_reads_only_what_was_appended(tmp_path):
+    run = tmp_path / "r"
+    write_events(run, run_events()[:2])
+    tail = runview.EventTail()
+    assert len(tail.events(run)) == 2
+    with open(run / "events.jsonl", "a") as fh:
+        fh.write(json.dumps(run_events()[2]) + "\n" + '{"time": 1, "type": "prog')   # a half-written line
+    assert len(tail.events(run)) == 3
+    with open(run / "events.jsonl", "a") as fh:
+        fh.write('ress", "stage": "reward", "n": 2}\n')
+    assert tail.events(run)[-1]["n"] == 2
+    write_events(run, run_events()[:1])   # replaced by a new file
+    assert len(tail.events(run)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# data report, uploads, zip
+
+def test_every_data_problem_reason_has_a_fix():
+    from mmrlhf_lite.data.errors import REASONS
+
+    assert set(databrowser.FIXES) == set(REASONS)
+
+
+def test_report_lists_every_bad_row_with_where_and_fix(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ['{"prompt": "q1", "chosen": "a", "rejected": "b"}', "{oops", '{"prompt": "q2", "chosen": "same", '
+            '"rejected": "same"}', '{"prompt": "q3", "chosen": "a", "rejected": "b", "image": "nope.png"}']
+    (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    report = databrowser.load_report(root, "pairs.jsonl")
+    assert len(report.groups) == 1
+    problems = databrowser.problems_frame(report, root).to_dict("records")
+    assert [p["where"] for p in problems] == ["pairs.jsonl:2", "pairs.jsonl:3", "pairs.jsonl:4"]
+    assert "malformed JSON" in problems[0]["problem"] and "fix the JSON" in problems[0]["how to fix"]
+    assert "same text" in problems[1]["problem"] and "two different responses" in problems[1]["how to fix"]
+    assert "image not found" in problems[2]["problem"] and str(root) not in problems[2]["problem"]
+    summary = databrowser.summary_markdown(report)
+    assert "1 groups from 4 rows" in summary and "3 row(s) skipped" in summary
+
+
+def test_list_data_and_uploads(tmp_path):
+    root, up = tmp_path / "data", tmp_path / "up"
+    (root / "many").mkdir(parents=True)
+    up.mkdir()
+    for name in ("a.jsonl", "many/1.jsonl", "many/2.parquet", ".hidden.jsonl", "notes.txt"):
+        (root / name).write_text("{}")
+    assert databrowser.list_data(root) == ["a.jsonl", "many/", "many/1.jsonl", "many/2.parquet"]
+    (up / "x.txt").write_text("hi")
+    with pytest.raises(Refused, match="is not a data file"):
+        databrowser.save_upload(str(up / "x.txt"), upload_dir=up, data_root=root, max_bytes=10**6)
+    with pytest.raises(Refused, match="only from the app's upload folder"):
+        databrowser.save_upload(str(root / "a.jsonl"), upload_dir=up, data_root=root, max_bytes=10**6)
+    (up / "big.jsonl").write_text("x" * 2000)
+    with pytest.raises(Refused, match="limit"):
+        databrowser.save_upload(str(up / "big.jsonl"), upload_dir=up, data_root=root, max_bytes=1000)
+    (up / "a.jsonl").write_text("{}")
+    assert databrowser.save_upload(str(up / "a.jsonl"), upload_dir=up, data_root=root, max_bytes=10**6) == "uploads/a.jsonl"
+    assert databrowser.save_upload(str(up / "a.jsonl"), upload_dir=up, data_root=root, max_bytes=10**6) == "uploads/a-1.jsonl"
+    z = up / "set.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("set/rows.jsonl", "{}\n")
+        zf.writestr("set/img/a.png", b"png")
+        zf.writestr("set/run.sh", "rm -rf /")
+        zf.writestr("__MACOSX/._rows.jsonl", "junk")
+    assert databrowser.save_upload(str(z), upload_dir=up, data_root=root, max_bytes=10**6) == "uploads/set/set/rows.jsonl"
+    assert sorted(p.relative_to(root / "uploads/set").as_posix() for p in (root / "uploads/set").rglob("*")
+                  if p.is_file()) == ["set/img/a.png", "set/rows.jsonl"]
+    bomb = up / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("rows.jsonl", " " * 5_000_000)
+    with pytest.raises(Refused, match="unpacks to more than"):
+        databrowser.save_upload(str(bomb), upload_dir=up, data_root=root, max_bytes=100_000)
+
+
+def test_group_view_hides_images_outside_the_roots(tmp_path):
+    from PIL import Image
+
+    from mmrlhf_lite.data.groups import PreferenceGroup, Response, text_to_turn
+
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (900, 300), "red").save(root / "in.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "out.png")
+    g = PreferenceGroup("g", [text_to_turn("q", 2)], [Response("a", rank=1), Response("b", rank=2)],
+                        images=[str(root / "in.png"), str(tmp_path / "out.png")])
+    images, notes = databrowser.group_images(g, root)
+    assert len(images) == 1 and images[0][0].size == (640, 213) and images[0][1] == "image 1"
+    assert notes == ["image 2: outside the data root, not shown"]
+    frame = databrowser.responses_frame(g, {"scores": [0.5, -0.25], "critiques": [["good"], ["bad"]]})
+    assert frame[["rank", "reward score", "critique (reward model)"]].values.tolist() == [[1, 0.5, "good"],
+                                                                                      [2, -0.25, "bad"]]
+    assert databrowser.pairs_markdown(g).startswith("**Pairs training forms** (1; better > worse): #1 > #2")
+
+
+# --------------------------------------------------------------------------------------------------
+# reward cache browser and compare table
+
+def fake_run(root: Path, name: str, dpo: dict, report: dict | None = None) -> Path:
+    run = root / name
+    (run / "score").mkdir(parents=True)
+    tree = Recipe().to_dict()
+    tree["dpo"].update(dpo)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    write_events(run, [{"time": T, "type": "run_start", "stages": ["eval"], "skip": []},
+                       {"time": T, "type": "metrics", "stage": "dpo", "step": 1, "implicit_accuracy": 0.5},
+                       {"time": T, "type": "run_end", "status": "done"}])
+    margins = [{"group_id": "g1", "split": "train", "category": "colour", "scores": [1.0, 0.2, -1.0],
+                "pairs": [{"better": 0, "worse": 1, "delta": 0.8}, {"better": 0, "worse": 2, "delta": 2.0},
+                          {"better": 1, "worse": 2, "delta": 1.2}]},
+               {"group_id": "g2", "split": "eval", "category": "shape", "scores": [0.1, 0.4],
+                "pairs": [{"better": 0, "worse": 1, "delta": -0.3}]}]
+    (run / "score" / "margins.jsonl").write_text("".join(json.dumps(m) + "\n" for m in margins))
+    if report:
+        (run / "eval").mkdir()
+        (run / "eval" / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_cache_pairs_get_the_dynamic_beta_of_the_runs_dpo_settings(tmp_path):
+    fake_run(tmp_path, "mm", {"beta": 0.1, "w": 0.1, "k": 0.5})
+    frame, summary = playground.cache_pairs(tmp_path, "mm")
+    assert len(frame) == 4 and "**4 pairs** in 2 groups" in summary and "25.0% negative" in summary
+    for delta, beta in zip(frame["delta"], frame["beta"]):
+        assert beta == pytest.approx(0.1 * (1 + 0.1 * (1 - math.exp(-0.5 * delta))), abs=1e-5)
+    assert frame.loc[1, "beta"] == pytest.approx(0.1063212, abs=1e-5)   # dpo/loss.py's worked example
+    fake_run(tmp_path, "plain", {"margin_source": "none"})
+    frame, summary = playground.cache_pairs(tmp_path, "plain")
+    assert set(frame["beta"]) == {0.1} and "margin_source=none" in summary
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Refused, match="no reward cache"):
+        playground.cache_pairs(tmp_path, "empty")
+
+
+def test_compare_table_from_reports(tmp_path):
+    bench = {"overall": {"acc": 0.75, "acc_plus": 0.5}, "by_category": {"colour": {"acc": 1.0, "acc_plus": 1.0}}}
+    report = {"dpo": {"beta": 0.1, "w": 0.0, "k": 0.5}, "reward_model": {"modes": {"given": bench}},
+              "policy": {"implicit_accuracy": 0.625, "win_rate": {"win_rate": 0.5}}}
+    fake_run(tmp_path, "plain", {}, report)
+    fake_run(tmp_path, "noeval", {})
+    table = compare.eval_table(tmp_path, ["plain", "noeval"]).to_dict("records")
+    assert table[0] == {"run": "plain", "status": "done", "critique mode": "given", "Acc": "75.0%", "Acc+": "50.0%",
+                        "colour Acc / Acc+": "100.0% / 100.0%", "implicit acc": "62.5%",
+                        "win rate after vs before": "50.0%", "dpo": "beta=0.1 w=0.0 k=0.5 (plain DPO)"}
+    assert table[1]["critique mode"] == "(no evaluation yet)" and table[1]["Acc"] == "-"
+    curves = compare.overlay(tmp_path, ["plain", "noeval"], "dpo_acc", runview.EventTail())
+    assert set(curves["series"]) == {"plain: implicit accuracy", "noeval: implicit accuracy"}
