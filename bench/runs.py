@@ -1,0 +1,283 @@
+"""One measurement: a system at one batch size, on the benchmark's model folder and synthetic groups.
+
+`RunSpec` says what to run; `run(spec)` returns one result row (bench/README.md, "Result rows"). A
+system that cannot run here (no CUDA, a package missing) returns `status: skipped` with the reason and
+no numbers; an out-of-memory returns `status: oom`. Nothing is estimated.
+
+Systems
+    ours            product path: packed groups (mmrlhf_lite DpoTrainer), transformers + bitsandbytes + peft
+    ours-unpacked   the same trainer, one row per response (group-aware: every response once, reference cached)
+    ours-vcache     packed, and the frozen vision tower's output kept from the reference pass (training never
+                    runs the vision encoder; `prefix_embeddings` / `packed_forward_embedded`)
+    ours-unsloth    packed, Unsloth FastVisionModel backend (CUDA + unsloth only)
+    trl             TRL DPOTrainer + bitsandbytes + peft (CUDA only: its fused LM head is a Triton kernel)
+    unsloth-trl     Unsloth FastVisionModel + TRL DPOTrainer (CUDA only)
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import flops as F
+from .configs import get_shape
+from .data import SyntheticSpec, make_groups
+from .measure import GIB, StepTimer, cuda, median, now, peak_memory, peak_rss_gib, reset_peak
+
+OURS = {
+    "ours": dict(packed=True, backend="transformers", vision_cache=False, layout="packed"),
+    "ours-unpacked": dict(packed=False, backend="transformers", vision_cache=False, layout="unpacked"),
+    "ours-vcache": dict(packed=True, backend="transformers", vision_cache=True, layout="packed-vision-cached"),
+    "ours-unsloth": dict(packed=True, backend="unsloth", vision_cache=False, layout="packed"),
+}
+TRL_SYSTEMS = {"trl": dict(unsloth=False, layout="pairs"), "unsloth-trl": dict(unsloth=True, layout="pairs")}
+SYSTEMS = tuple(OURS) + tuple(TRL_SYSTEMS)
+LORA_R, LORA_ALPHA, LEARNING_RATE, BETA = 16, 32.0, 5e-5, 0.1
+
+
+@dataclass
+class RunSpec:
+    system: str
+    model: str                    # shape name (bench/configs.py)
+    model_dir: str
+    batch: int                    # groups per step (ours*) or pairs per step (trl, unsloth-trl)
+    image_tokens: int = 1024
+    response_tokens: int = 186
+    question_tokens: int = 12
+    k: int = 4
+    steps: int = 20
+    warmup: int = 3
+    seed: int = 0
+    mem_cap_gb: float | None = None
+    peak_tflops: float = F.H100_SXM_BF16_DENSE_TFLOPS
+    w: float = 0.1                # MM-DPO dynamic beta weight (ours); 0 = plain DPO
+
+    def synthetic(self) -> SyntheticSpec:
+        return SyntheticSpec(image_tokens=self.image_tokens, k=self.k, response_tokens=self.response_tokens,
+                             question_tokens=self.question_tokens, seed=self.seed)
+
+    @property
+    def unit(self) -> str:
+        return "pairs" if self.system in TRL_SYSTEMS else "groups"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _row(spec: RunSpec, status: str, **fields) -> dict:
+    fields.setdefault("peak_rss_gib", peak_rss_gib())
+    return {"kind": "run", "system": spec.system, "status": status, "model": spec.model,
+            "batch_unit": spec.unit, "batch": spec.batch, "image_tokens_target": spec.image_tokens,
+            "response_tokens_target": spec.response_tokens, "k": spec.k, "steps": spec.steps,
+            "warmup": spec.warmup, "mem_cap_gb": spec.mem_cap_gb, **fields}
+
+
+def skipped(spec: RunSpec, reason: str) -> dict:
+    return _row(spec, "skipped", reason=reason)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def apply_memory_cap(cap_gb: float | None) -> None:
+    if cap_gb and cuda():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GIB / total))
+
+
+def run(spec: RunSpec) -> dict:
+    """Run one (system, batch) measurement; never raises for OOM or a missing system (they become rows)."""
+    if spec.system not in SYSTEMS:
+        raise ValueError(f"unknown system '{spec.system}'; known: {', '.join(SYSTEMS)}")
+    if spec.mem_cap_gb and not cuda():
+        return skipped(spec, "a memory cap needs CUDA (torch.cuda.set_per_process_memory_fraction)")
+    apply_memory_cap(spec.mem_cap_gb)
+    try:
+        if spec.system in OURS:
+            return run_ours(spec, **OURS[spec.system])
+        from .trl_systems import run_trl
+        return run_trl(spec, **TRL_SYSTEMS[spec.system])
+    except Exception as exc:  # noqa: BLE001 - recorded, the harness goes on with the next system
+        if _is_oom(exc):
+            return _row(spec, "oom", reason=f"{type(exc).__name__}: {str(exc)[:300]}", **peak_memory())
+        return _row(spec, "error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+    finally:
+        gc.collect()
+        if cuda():
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# token layout -> FLOPs and throughput fields (the same for every system)
+
+def group_tokens(encoded) -> list[F.GroupTokens]:
+    out = []
+    for e in encoded:
+        thw = e.prefix.get("image_grid_thw")
+        patches = tuple(int(t * h * w) for t, h, w in thw.tolist()) if thw is not None else ()
+        out.append(F.GroupTokens(prompt=e.prefix_len, responses=tuple(len(b.ids) for b in e.branches),
+                                 image_patches=patches, targets=tuple(sum(b.target) for b in e.branches)))
+    return out
+
+
+def throughput_fields(spec: RunSpec, layout: str, tokens: list[F.GroupTokens], pairs_per_step: float,
+                      seconds_per_step: float | None) -> dict[str, Any]:
+    """pairs/s, unique tokens/s, useful FLOPs and MFU from the median seconds per step (reference included
+    for ours). Each pair is credited with its group's unique tokens / pairs, the same for every system."""
+    shape = get_shape(spec.model)
+    n_pairs = sum(g.n_pairs for g in tokens)
+    useful = sum(F.useful_group_flops(shape, g, LORA_R)["total"].total for g in tokens) / n_pairs
+    executed = sum(F.executed_group_flops(shape, g, layout, LORA_R)["total"].total for g in tokens) / n_pairs
+    unique = sum(g.unique_tokens for g in tokens) / n_pairs
+    out = {"pairs_per_step": pairs_per_step, "layout": layout,
+           "prompt_tokens_mean": sum(g.prompt for g in tokens) / len(tokens),
+           "response_tokens_mean": sum(sum(g.responses) for g in tokens) / sum(len(g.responses) for g in tokens),
+           "image_patches_mean": sum(sum(g.image_patches) for g in tokens) / len(tokens),
+           "unique_tokens_per_pair": unique, "useful_tflop_per_pair": useful / 1e12,
+           "executed_tflop_per_pair": executed / 1e12, "peak_tflops": spec.peak_tflops}
+    if seconds_per_step:
+        pairs_per_s = pairs_per_step / seconds_per_step
+        out.update(pairs_per_s=pairs_per_s, unique_tokens_per_s=pairs_per_s * unique,
+                   useful_tflops=pairs_per_s * useful / 1e12, mfu=F.mfu(pairs_per_s * useful, spec.peak_tflops))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ours
+
+def _load_ours(model_dir: str, backend: str, packed: bool, dtype: str = "auto", seed: int = 0):
+    from mmrlhf_lite.models.loading import load_model
+    from mmrlhf_lite.recipe import ModelConfig
+
+    torch.manual_seed(seed)  # LoRA A init: the same adapter start in every system and run
+    cfg = ModelConfig(path=model_dir, backend=backend, device="auto", compute_dtype=dtype, load_in_4bit=True,
+                      lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, gradient_checkpointing=True,
+                      attn_implementation="sdpa", packing="packed" if packed else "unpacked")
+    return load_model(cfg)
+
+
+def _reference_pass(model, family, encoder, groups, batch: int, packed: bool, vision_cache: bool):
+    """Reference log-probs (adapter off, no grad), in steps of `batch` groups, each timed. With the vision
+    cache, the same pass also keeps each prompt's input embeddings (the vision tower runs here only)."""
+    from mmrlhf_lite.models.packing import group_forward, packed_forward_embedded, prefix_embeddings
+
+    reference, cache, times, encode_times = {}, {}, [], []
+    model.eval()
+    try:
+        for s in range(0, len(groups), batch):
+            chunk = groups[s:s + batch]
+            t0 = now()
+            encoded = [encoder.encode_policy(g) for g in chunk]
+            encode_times.append(now() - t0)
+            with torch.no_grad(), model.disable_adapter():
+                t0 = now()
+                if vision_cache:
+                    embeds = prefix_embeddings(model, family, encoded)
+                    out = packed_forward_embedded(model, family, encoded, embeds)
+                    for e, x in zip(encoded, embeds):
+                        x = x.to("cpu")
+                        cache[e.group_id] = x.pin_memory() if cuda() else x
+                else:
+                    out = group_forward(model, family, encoded, packed=packed)
+                times.append(now() - t0)
+            k = 0
+            for g in chunk:
+                reference[g.id] = [float(out.logps[k + i]) for i in range(len(g.responses))]
+                k += len(g.responses)
+    finally:
+        model.train()
+    return reference, cache, times, encode_times
+
+
+def _vision_cached_trainer_class():
+    from mmrlhf_lite.dpo.loss import mm_dpo_loss
+    from mmrlhf_lite.dpo.trainer import DpoTrainer
+    from mmrlhf_lite.models.packing import packed_forward_embedded
+
+    class VisionCachedDpoTrainer(DpoTrainer):
+        """DpoTrainer whose policy forward starts from the prompts' cached input embeddings."""
+
+        def __init__(self, *args, prefix_cache: dict, **kwargs):
+            self.prefix_cache = prefix_cache
+            super().__init__(*args, **kwargs)
+
+        def group_loss(self, model, batch):
+            c = self.cfg
+            encoded = batch["encoded"]
+            device = next(p for p in model.parameters()).device
+            embeds = [self.prefix_cache[e.group_id].to(device, non_blocking=True) for e in encoded]
+            out = packed_forward_embedded(model, self.spec, encoded, embeds)
+            logps = torch.stack(out.logps)
+            sft = None
+            if c.gamma > 0:
+                sft = torch.stack([-out.token_logps[i].mean() for i in batch["best"].tolist()]).mean()
+            loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(device), batch["pairs"].to(device),
+                                        batch["deltas"].to(device), beta=c.beta, w=c.w, k=c.k,
+                                        beta_floor=c.beta_floor, loss_type=c.loss_type,
+                                        label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma)
+            metrics["tokens"] = float(sum(e.packed_len() for e in encoded))
+            return loss, metrics
+
+    return VisionCachedDpoTrainer
+
+
+def run_ours(spec: RunSpec, *, packed: bool, backend: str, vision_cache: bool, layout: str) -> dict:
+    from mmrlhf_lite.dpo.trainer import DpoCollator, DpoTrainer, margins_for
+    from mmrlhf_lite.events import EventLog
+    from mmrlhf_lite.models.encoding import GroupEncoder
+    from mmrlhf_lite.models.loading import unsloth_available
+    from mmrlhf_lite.recipe import DpoConfig, TrainConfig
+    from mmrlhf_lite.training import training_arguments
+
+    if backend == "unsloth" and not unsloth_available():
+        return skipped(spec, "unsloth backend needs CUDA and an importable unsloth (FastVisionModel is CUDA only)")
+    reset_peak()
+    t0 = now()
+    model, processor = _load_ours(spec.model_dir, backend, packed, seed=spec.seed)
+    load_s = now() - t0
+    info = model.mmrlhf
+    family = info.family
+    encoder = GroupEncoder(processor, family, max_length=1 << 20)
+    n_steps = spec.warmup + spec.steps
+    groups = make_groups(processor.tokenizer, spec.synthetic(), spec.batch * n_steps)
+
+    reference, cache, ref_times, encode_times = _reference_pass(model, family, encoder, groups, spec.batch, packed,
+                                                                vision_cache)
+    tokens = group_tokens([encoder.encode_policy(g) for g in groups[:spec.batch * 2]])
+    dc = DpoConfig(beta=BETA, w=spec.w, k=0.5, pairs="all", margin_source="scores",
+                   train=TrainConfig(learning_rate=LEARNING_RATE, max_steps=n_steps, groups_per_step=spec.batch,
+                                     grad_accum=1, warmup_ratio=0.0, lr_scheduler="constant",
+                                     save_steps=10 ** 9, logging_steps=10 ** 9, save_total_limit=1,
+                                     max_length=1 << 20))
+    with tempfile.TemporaryDirectory(prefix="mmrlhf-bench-") as tmp:
+        deltas = margins_for(groups, "scores", Path(tmp))
+        args = training_arguments(dc.train, Path(tmp) / "checkpoints", device=info.device, dtype=info.dtype,
+                                  seed=spec.seed, report_to="none")
+        kwargs = dict(groups=groups, collate=DpoCollator(encoder, dc, reference, deltas),
+                      events=EventLog(None, echo=False), cfg=dc, spec=family, packed=packed)
+        if vision_cache:
+            trainer = _vision_cached_trainer_class()(model, args, prefix_cache=cache, **kwargs)
+        else:
+            trainer = DpoTrainer(model, args, **kwargs)
+        timer = StepTimer(spec.warmup)
+        trainer.add_callback(timer)
+        result = trainer.train()
+    step_s = median(timer.timed)
+    ref_s = median(ref_times[1:] or ref_times)
+    pairs_per_step = sum(g.n_pairs for g in tokens) / len(tokens) * spec.batch
+    fields = throughput_fields(spec, layout, tokens, pairs_per_step, (step_s + ref_s) if step_s else None)
+    fields["pairs_per_s_train_only"] = pairs_per_step / step_s if step_s else None
+    return _row(spec, "ok", backend=info.backend, device=str(info.device), dtype=str(info.dtype).replace("torch.", ""),
+                load_s=load_s, first_step_s=timer.first_step_s, step_s_median=step_s, step_s=timer.timed,
+                warmup_step_s=timer.times[:spec.warmup], reference_s_per_step=ref_s, reference_s=ref_times,
+                encode_s_per_step=median(encode_times), train_loss=result.training_loss,
+                **timer.peak_after_warmup, **fields)
