@@ -162,8 +162,8 @@ def architecture_from_config(config: dict | Any, family: str, name: str = "") ->
         seen.add(id(p))
         if p_name.startswith(vision_prefixes):
             vision += p.numel()
-        elif head is not None and p is head.weight:
-            head_params += 0 if tied else p.numel()
+        elif head is not None and p is head.weight and not tied:
+            head_params += p.numel()  # tied: counted once, as the input embeddings
         elif p_name.startswith(text_prefix) and p.dim() == 2 and p_name.endswith(".weight") and \
                 p_name.rsplit(".", 2)[-2] in linears:
             continue  # counted in `linears`
