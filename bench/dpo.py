@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 def child_main(spec_path: str, out_path: str, threads: int | None) -> int:
     spec_dict = json.loads(Path(spec_path).read_text())
+    gate = spec_dict.pop("_gate", None)
     if spec_dict["system"] in UNSLOTH_SYSTEMS:
         try:  # before anything imports transformers, so that its patches apply
             import unsloth  # noqa: F401
@@ -88,24 +89,33 @@ def child_main(spec_path: str, out_path: str, threads: int | None) -> int:
         torch.set_num_threads(threads)
     from .runs import RunSpec, run
 
-    row = run(RunSpec(**spec_dict))
+    if gate is not None:
+        from .gate import run_gate
+        row = run_gate(RunSpec(**spec_dict), n_groups=gate["n_groups"], dtype=gate["dtype"])
+    else:
+        row = run(RunSpec(**spec_dict))
     row["isolated"] = True
     Path(out_path).write_text(json.dumps(row, default=str))
     return 0
 
 
-def run_isolated(spec, threads: int | None) -> dict:
+def run_isolated(spec, threads: int | None, gate: dict | None = None) -> dict:
+    """One measurement (or, with `gate`, the correctness gate) in a fresh Python process."""
     with tempfile.TemporaryDirectory(prefix="mmrlhf-bench-child-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "row.json"
-        spec_path.write_text(json.dumps(spec.to_dict()))
+        spec_path.write_text(json.dumps({**spec.to_dict(), **({"_gate": gate} if gate else {})}))
         cmd = [sys.executable, "-m", "bench.dpo", "--child", str(spec_path), "--child-out", str(out_path)]
         if threads:
             cmd += ["--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
         if out_path.exists():
             return json.loads(out_path.read_text())
-        from .runs import _row
         tail = (proc.stderr or proc.stdout)[-3000:]
+        if gate:
+            return {"kind": "gate", "model": spec.model, "passed": False, "skipped": [], "isolated": True,
+                    "checks": [{"name": "error", "status": "error", "passed": False,
+                                "reason": f"child process exited {proc.returncode} without a result", "stderr": tail}]}
+        from .runs import _row
         status = "oom" if "out of memory" in tail.lower() else "error"
         return _row(spec, status, reason=f"child process exited {proc.returncode} without a result", stderr=tail,
                     isolated=True)
@@ -165,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     if args.gate:
-        from .gate import run_gate
-        gate = emit(run_gate(spec_for("ours", 1), n_groups=args.gate_groups, dtype=args.gate_dtype))
+        if isolate:  # the gate loads the model twice (ours, TRL): its memory must not stay in this process
+            gate = emit(run_isolated(spec_for("ours", 1), args.threads,
+                                     gate={"n_groups": args.gate_groups, "dtype": args.gate_dtype}))
+        else:
+            from .gate import run_gate
+            gate = emit(run_gate(spec_for("ours", 1), n_groups=args.gate_groups, dtype=args.gate_dtype))
         print(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}"
               + (f" (skipped: {', '.join(gate['skipped'])})" if gate["skipped"] else ""), flush=True)
     for system in (systems if args.runs else []):
