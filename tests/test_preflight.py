@@ -294,6 +294,13 @@ def test_recipe_preflight_fits_its_gpu_class(recipe_path, tmp_path, shipped_conf
     assert m["fits"] is True, format_plan(plan)
     assert list(m["stages"]) == ["reward", "score", "reference", "dpo", "eval"]
     assert plan["warnings"] == []
+    # the family page quotes this estimate (docs/families/<family>.md)
+    family = load_recipe(recipe_path, check_paths=False).model.family
+    row = next(line for line in (REPO / "docs" / "families" / f"{family}.md").read_text().splitlines()
+               if line.startswith(f"| [{recipe_path.name}]("))
+    cells = [c.strip() for c in row.split("|")[4:9]]
+    assert cells == [f"{m['stages'][s]['needed_gib']:.1f}" for s in ("reward", "score", "reference", "dpo", "eval")]
+    assert f"**{m['peak']['needed_gib']:.1f} GiB** ({m['peak']['stage']})" in row
 
 
 def test_over_budget_proposes_settings_that_fit(tmp_path, shipped_configs):

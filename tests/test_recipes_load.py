@@ -43,3 +43,16 @@ def test_demo_recipe_runs_on_cpu_with_the_tiny_model():
     assert recipe.model.path.startswith("tiny:")
     assert recipe.model.device == "cpu"
     assert recipe.data.path == "demo"
+
+
+def test_docs_recipes_lists_every_recipe_and_the_current_key_reference():
+    """docs/recipes.md links every shipped recipe, and its key reference is `--help-recipe`'s output as is
+    (regenerate the block between its markers with that command when a key changes)."""
+    from mmrlhf_lite.recipe import describe_fields
+
+    doc = (RECIPES.parent / "docs" / "recipes.md").read_text()
+    for path in FILES:
+        if path.name != "demo.yaml":
+            assert f"(../recipes/{path.relative_to(RECIPES)})" in doc, path.name
+    block = doc.split("tests/test_recipes_load.py checks it is current -->\n", 1)[1].split("<!-- end of key", 1)[0]
+    assert block == "```text\n" + describe_fields() + "\n```\n"
