@@ -1,17 +1,19 @@
-"""The dry-run plan: what a recipe would do, counted before any model weight is loaded.
+"""The dry-run plan (the pre-flight): what a recipe would do, counted before any model weight is loaded.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --dry-run
+    python -m mmrlhf_lite.train recipes/qwen2_vl_7b-24gb.yaml --dry-run --gpu-mem 16GB
 
-`make_plan` tokenises every group with the model's own processor (the chat template, image tokens
-included) exactly as the stages will, so the sequence lengths it reports are the ones training sees,
-and a sample longer than `max_length` is reported here, by file:line, instead of hours into a run.
-Only the processor/tokenizer is loaded. When it cannot be (a hub id while offline, say), lengths fall
-back to characters / 4 with image tokens uncounted, and the plan says so.
+Token counts go through the stages' own encoders (chat template, tokenizer, critique prompt), with image
+placeholders expanded by the number of tokens the model's processor gives an image of that size, computed by
+the processor's own counting functions from the image header: no pixels are decoded or processed, and the
+lengths equal the real encoding (tests/test_preflight.py). A sample longer than `max_length` is reported by
+file:line here, and `run_pipeline` refuses to start on it (`preflight_too_long`). When the processor cannot
+be loaded (a hub id offline), a known family and config give text as characters/4 + the family's image-token
+formula; with neither, characters/4 alone. The plan says which.
 
+`plan["memory"]` is the peak-memory estimate per stage for the longest micro-batch (mmrlhf_lite/memory.py,
+docs/memory.md), checked against `--gpu-mem` or the GPU found, with overrides that fit when it does not.
 The plan is a JSON-able dict (the UI shows the same facts); `format_plan` renders it for the terminal.
-A memory estimate (a later addition) belongs next to the token counts it is derived from: a
-`plan["memory"]` entry filled from `plan["tokens"]` and `plan["steps"]`, with its own section in
-`format_plan`.
 """
 from __future__ import annotations
 
@@ -347,8 +349,9 @@ def _too_long(kind: str, group: PreferenceGroup, message: str) -> dict:
     return {"limit": kind, "source": group.source or group.id, "message": message}
 
 
-def _processor_counter(recipe: Recipe, stages: Sequence[str], path: str, family, processor,
-                       config: dict | None) -> _Counter:
+def _processor_counter(recipe: Recipe, stages: Sequence[str], family, processor, config: dict | None) -> _Counter:
+    """Exact: the model's tokenizer and chat template through the stages' own encoders; image tokens from
+    image sizes (or, for a family without a counter, the processor itself)."""
     from .models.encoding import GroupEncoder, SequenceTooLong
     from .reward.prompt import CritiqueEncoder
 
@@ -395,9 +398,7 @@ def _formula_counter(recipe: Recipe, family, config: dict, reason: str) -> _Coun
     from .reward.prompt import INSTRUCTION
 
     proc = offline_processor(family, config, recipe.model)
-    counting = CountingProcessor.__new__(CountingProcessor)
-    counting.processor, counting.family, counting.config = proc, family, config
-    counting.count = IMAGE_COUNTERS[family.name]
+    count_images = IMAGE_COUNTERS[family.name]
     chars = _CharsTokenizer()
     text = lambda s: len(chars(s or "")["input_ids"])  # noqa: E731
     max_frames = recipe.data.max_frames
@@ -409,7 +410,7 @@ def _formula_counter(recipe: Recipe, family, config: dict, reason: str) -> _Coun
         if g.video is not None:
             paths = g.video if isinstance(g.video, list) else list_frames(g.video)
             sizes += [image_size(f) for f in sample_frames(list(paths), max_frames)]
-        counts = counting.count(proc, sizes, True, config) if sizes else []
+        counts = count_images(proc, sizes, True, config) if sizes else []
         placeholders = sum(c[0] for c in counts)
         prompt = sum(text(p.get("text")) for turn in g.prompt for p in turn["content"]) + placeholders
         responses = [text(r.text) for r in g.responses]
@@ -487,7 +488,7 @@ def _counter(recipe: Recipe, stages: Sequence[str], config: dict | None = None,
             except (KeyError, ValueError, TypeError) as exc2:
                 reason = f"{reason}; no offline formula: {exc2}"
         return _chars_counter(recipe, reason)
-    c = _processor_counter(recipe, stages, path, family, processor, config)
+    c = _processor_counter(recipe, stages, family, processor, config)
     c.config_source = config_source
     return c
 
