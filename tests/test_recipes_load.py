@@ -55,4 +55,16 @@ def test_docs_recipes_lists_every_recipe_and_the_current_key_reference():
         if path.name != "demo.yaml":
             assert f"(../recipes/{path.relative_to(RECIPES)})" in doc, path.name
     block = doc.split("tests/test_recipes_load.py checks it is current -->\n", 1)[1].split("<!-- end of key", 1)[0]
-    assert block == "```text\n" + describe_fields() + "\n```\n"
+    assert block == "```text\n" + describe_fields() + "\n```\n", \
+        "docs/recipes.md's key reference is stale: regenerate it with `python tests/test_recipes_load.py`"
+
+
+if __name__ == "__main__":  # rewrite docs/recipes.md's key reference from the current recipe fields
+    from mmrlhf_lite.recipe import describe_fields
+
+    doc_path = RECIPES.parent / "docs" / "recipes.md"
+    head, rest = doc_path.read_text().split("tests/test_recipes_load.py checks it is current -->\n", 1)
+    tail = rest.split("<!-- end of key", 1)[1]
+    doc_path.write_text(f"{head}tests/test_recipes_load.py checks it is current -->\n```text\n{describe_fields()}\n"
+                        f"```\n<!-- end of key{tail}")
+    print(f"wrote {doc_path}")
