@@ -977,5 +977,6 @@ def format_plan(plan: dict) -> str:
     if plan["errors"]:
         lines += [""] + [f"ERROR: {e}" for e in plan["errors"]]
     else:
-        lines += ["", "plan OK"]
+        n = len(plan.get("warnings", []))
+        lines += ["", f"plan OK, {n} warning{'s' if n > 1 else ''}" if n else "plan OK"]
     return "\n".join(lines)

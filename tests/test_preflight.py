@@ -328,3 +328,4 @@ def test_over_budget_proposes_settings_that_fit(tmp_path, shipped_configs):
     assert again["memory"]["peak"]["needed_gib"] <= fitting[0]["needed_gib"] + 0.05
     text = format_plan(plan)
     assert "does NOT fit" in text and "  to fit: " + " ".join(overrides) in text
+    assert text.endswith("plan OK, 1 warning")  # an estimate warns; only errors stop a run
