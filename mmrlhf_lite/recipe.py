@@ -122,6 +122,8 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
+    model_from: str | None = _f(None, "A run folder whose trained reward model this run uses instead of "
+                                "training one (stage `reward` then does nothing): one reward model, many DPO runs.")
     head: str = _f("mlp", "`mlp` = the paper's dropout-Linear(h,h)-tanh-dropout-Linear(h,1); `linear` = Linear(h,1).",
                    choices=("mlp", "linear"))
     head_dropout: float = _f(0.0, "Dropout inside the reward head.", ge=0, lt=1)
@@ -373,6 +375,7 @@ def _check_paths(recipe: Recipe, base: Path, source: str | None) -> None:
     recipe.data.path = resolve(recipe.data.path, "data.path", True)
     recipe.data.eval_path = resolve(recipe.data.eval_path, "data.eval_path", True)
     recipe.data.media_root = resolve(recipe.data.media_root, "data.media_root", True)
+    recipe.reward.model_from = resolve(recipe.reward.model_from, "reward.model_from", True)
     mp = recipe.model.path
     if mp.startswith((".", "/", "~")) or os.path.sep in mp and Path(mp).expanduser().exists():
         recipe.model.path = resolve(mp, "model.path", True)

@@ -25,7 +25,7 @@ from .recipe import Recipe
 
 # Which recipe sections each stage's outputs depend on (a change invalidates a finished stage).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "reward": ("model", "data", "reward.head", "reward.head_dropout", "reward.w_rank", "reward.w_tie",
+    "reward": ("model", "data", "reward.model_from", "reward.head", "reward.head_dropout", "reward.w_rank", "reward.w_tie",
                "reward.w_center", "reward.w_crit", "reward.margin_scale", "reward.train", "run.seed"),
     "score": ("reward",),
     "reference": ("model", "data"),

@@ -72,6 +72,11 @@ class RunContext:
     def stop_requested(self) -> bool:
         return self.run.stop_requested()
 
+    def reward_model_dir(self) -> Path:
+        """The trained critique reward model: this run's, or the one of `reward.model_from`."""
+        root = Path(self.recipe.reward.model_from) if self.recipe.reward.model_from else self.run.path
+        return root / "reward" / "final"
+
 
 def _runner(stage: str):
     module_name, func = STAGE_RUNNERS[stage].split(":")

@@ -25,7 +25,7 @@ os.environ.setdefault("MMRLHF_LITE_CACHE", str(REPO / ".cache" / "test"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # CI: 2 cores
 
 SEED = 0
 

@@ -56,7 +56,6 @@ def critique_fact_rate(groups: list[PreferenceGroup], critiques: list[list[list[
 
 def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
     from ..reward.scorer import RewardScorer
-    from ..reward.trainer import reward_model_dir
 
     recipe, events = ctx.recipe, ctx.events
     rc, ec = recipe.reward, recipe.eval
@@ -66,6 +65,8 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
     for m in ec.critique_modes:
         if m not in modes:
             events.warning(f"eval: critique mode '{m}' skipped: some held-out responses have no critique")
+    if not modes:
+        return out
     # before training: the base model with a fresh (untrained) head and zero LoRA
     torch.manual_seed(recipe.run.seed)
     base, processor = load_model(recipe.model, reward_head={"kind": rc.head, "dropout": rc.head_dropout},
@@ -82,11 +83,11 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
             out["before"][m]["critique_fact_rate"] = critique_fact_rate(groups, [[s.critiques for s in g] for g in scored])
         events.metrics(**{f"reward_acc_before_{m}": out["before"][m]["overall"]["acc"]})
     _free(scorer, base)
-    if not (reward_model_dir(ctx.run_dir) / "adapter_config.json").exists():
+    if not (ctx.reward_model_dir() / "adapter_config.json").exists():
         events.warning("eval: no trained reward model in this run; reward bench shows the untrained baseline only")
         return out
-    scorer = RewardScorer.from_run(ctx.run_dir, recipe.model, max_length=rc.train.max_length,
-                                   max_frames=recipe.data.max_frames)
+    scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
+                                       max_frames=recipe.data.max_frames)
     for m in modes:
         t = time.time()
         scored = scorer.score_groups(groups, m, n_samples=rc.n_samples, temperature=rc.temperature,
@@ -133,7 +134,7 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
                                              [g.pairs() for g in groups])["implicit_accuracy"]
     events.metrics(eval_implicit_accuracy=out["implicit_accuracy"])
     ec = recipe.eval
-    if ec.policy_samples > 0 and (ctx.run.stage_dir("reward") / "final" / "adapter_config.json").exists():
+    if ec.policy_samples > 0 and (ctx.reward_model_dir() / "adapter_config.json").exists():
         prompts = [(encoder.policy_prompt(g), []) for g in groups for _ in range(ec.policy_samples)]
         kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens,
                   do_sample=ec.policy_samples > 1, temperature=1.0, seed=recipe.run.seed)
@@ -142,8 +143,8 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
             before = generate_after(model, spec, processor, prompts, **kw)
         _free(model)
         rc = recipe.reward
-        scorer = RewardScorer.from_run(ctx.run_dir, recipe.model, max_length=rc.train.max_length,
-                                       max_frames=recipe.data.max_frames)
+        scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
+                                           max_frames=recipe.data.max_frames)
         pairs_groups = []
         for i, (a, b) in enumerate(zip(after, before)):
             g = groups[i // ec.policy_samples]

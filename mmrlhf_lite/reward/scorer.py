@@ -52,7 +52,12 @@ class RewardScorer:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8):
-        adapter = reward_model_dir(Path(run_dir))
+        """The reward model trained in a run folder (its `reward/final` adapter + head)."""
+        return cls.from_adapter(reward_model_dir(Path(run_dir)), model_cfg, max_length, max_frames)
+
+    @classmethod
+    def from_adapter(cls, adapter: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8):
+        adapter = Path(adapter)
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"no trained reward model in {adapter}: run the `reward` stage first")
         model, processor = load_model(model_cfg, adapter=adapter, trainable=False)
@@ -155,7 +160,7 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
     """Fill `store` for every response of `groups`; returns (records per group/response, newly computed)."""
     recipe, events = ctx.recipe, ctx.events
     rc = recipe.reward
-    fp = reward_fingerprint(recipe.model, reward_model_dir(ctx.run_dir))
+    fp = reward_fingerprint(recipe.model, ctx.reward_model_dir())
     keys = response_keys(groups, fp, rc, mode, recipe.run.seed)
     todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
     total = len(groups)
@@ -226,8 +231,8 @@ def run_stage(ctx) -> dict:
         events.warning(f"reward cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
 
     def factory():
-        return RewardScorer.from_run(ctx.run_dir, recipe.model, max_length=rc.train.max_length,
-                                     max_frames=recipe.data.max_frames)
+        return RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
+                                         max_frames=recipe.data.max_frames)
 
     if mode == "given":
         with_crit = [g for g in groups if all(r.critique for r in g.responses)]

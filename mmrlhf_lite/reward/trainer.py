@@ -106,6 +106,11 @@ def given_critique_accuracy(model, spec, crit: CritiqueEncoder, groups, packed: 
 
 def run_stage(ctx) -> dict:
     recipe, events = ctx.recipe, ctx.events
+    if recipe.reward.model_from:
+        if not (ctx.reward_model_dir() / "adapter_config.json").exists():
+            raise FileNotFoundError(f"reward.model_from: no trained reward model in {ctx.reward_model_dir()}")
+        events.info(f"using the reward model of {recipe.reward.model_from}; nothing to train")
+        return {"model_from": recipe.reward.model_from}
     out_dir = ctx.run.stage_dir("reward")
     final = out_dir / "final"
     if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
@@ -139,5 +144,14 @@ def run_stage(ctx) -> dict:
     return result
 
 
-def reward_model_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "reward" / "final"
+def reward_model_dir(run_dir: str | Path) -> Path:
+    """A run folder's critique reward model: its own `reward/final`, or that of its `reward.model_from`."""
+    run_dir = Path(run_dir)
+    own = run_dir / "reward" / "final"
+    recipe_file = run_dir / "recipe.yaml"
+    if not own.exists() and recipe_file.exists():
+        import yaml
+        source = ((yaml.safe_load(recipe_file.read_text()) or {}).get("reward") or {}).get("model_from")
+        if source:
+            return Path(source) / "reward" / "final"
+    return own

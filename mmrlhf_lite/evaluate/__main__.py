@@ -1,0 +1,85 @@
+"""Evaluate a trained critique reward model on any preference/bench file.
+
+    python -m mmrlhf_lite.evaluate reward runs/demo --data runs/demo/data/demo/demo.jsonl --critique given
+    python -m mmrlhf_lite.evaluate reward runs/demo --data mm_reward_bench.jsonl --media-root MM-RLHF/ \
+        --critique generate --out bench_report
+
+Acc and Acc+ overall and per category (REFERENCE.md): pairs sharing an id (bench files list several pairs
+per id) form one group for Acc+. The model settings come from the run folder's recipe.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _reward(args) -> int:
+    from ..data.readers import load_groups
+    from ..recipe import load_recipe
+    from ..reward.scorer import RewardScorer
+    from .metrics import reward_bench
+    from .pipeline import scored_groups
+    from .report import bench_table
+
+    run = Path(args.run_dir)
+    recipe_path = run / "recipe.yaml"
+    if not recipe_path.exists():
+        print(f"error: {recipe_path} not found: is {run} a run folder?", file=sys.stderr)
+        return 2
+    recipe = load_recipe(recipe_path, check_paths=False)
+    groups = load_groups(args.data, fmt=args.format, media_root=args.media_root, on_error=args.on_error,
+                         max_frames=recipe.data.max_frames).groups
+    if args.max_groups:
+        groups = groups[: args.max_groups]
+    rc = recipe.reward
+    scorer = RewardScorer.from_run(run, recipe.model, max_length=rc.train.max_length,
+                                   max_frames=recipe.data.max_frames)
+    results = {}
+    for mode in args.critique.split(","):
+        start = time.time()
+        scored = scorer.score_groups(groups, mode, n_samples=args.n_samples or rc.n_samples,
+                                     temperature=rc.temperature, max_new_tokens=rc.max_new_tokens,
+                                     batch_size=rc.generation_batch_size, seed=recipe.run.seed)
+        res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+        res["seconds"] = round(time.time() - start, 1)
+        results[mode] = res
+    out = Path(args.out) if args.out else run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward_bench.json").write_text(json.dumps({"data": str(args.data), "results": results}, indent=2))
+    table = "\n".join(bench_table(f"Reward bench: {args.data}", results))
+    (out / "reward_bench.md").write_text(table + "\n")
+    print(table)
+    print(f"written: {out / 'reward_bench.json'}, {out / 'reward_bench.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmrlhf_lite.evaluate", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reward", help="Acc / Acc+ of a run's critique reward model on a data file")
+    r.add_argument("run_dir")
+    r.add_argument("--data", required=True, help="preference or bench file/folder (any supported format)")
+    r.add_argument("--format", default="auto")
+    r.add_argument("--media-root", default=None)
+    r.add_argument("--critique", default="given", help="comma-separated modes: generate, given, none")
+    r.add_argument("--n-samples", type=int, default=0, help="critiques sampled per response (default: recipe)")
+    r.add_argument("--max-groups", type=int, default=0)
+    r.add_argument("--on-error", default="raise", choices=("raise", "skip"))
+    r.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    args = p.parse_args(argv)
+    for mode in args.critique.split(","):
+        if mode not in ("generate", "given", "none"):
+            print(f"error: unknown critique mode {mode!r}; use generate, given or none", file=sys.stderr)
+            return 2
+    try:
+        return _reward(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
