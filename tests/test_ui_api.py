@@ -60,9 +60,10 @@ def uploaded(client, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def job(client, server, uploaded):
-    """The tiny pipeline started first (it trains while the quick tests run) and asked to stop at once:
-    the stop is held until the job takes its run lock, so it stops during the reward stage."""
-    values, _ = form(client, "tiny.yaml", data__path=uploaded)
+    """The tiny recipe's reward, score and eval stages (the browser test runs all five), started first so
+    it trains while the quick tests run, and asked to stop at once: the stop is held until the job takes
+    its run lock, so it stops during the reward stage."""
+    values, _ = form(client, "tiny.yaml", data__path=uploaded, run__stages=["reward", "score", "eval"])
     status, run_update = client.predict("tiny-api", *values, api_name="/start")
     stop_message = client.predict("tiny-api", api_name="/stop")
     return {"status": status, "run_update": run_update, "values": values, "stop": stop_message}
@@ -143,6 +144,10 @@ def test_start_stop_resume_and_live_view(client, server, job):
     assert recipe["run"]["dir"] == str(run) and recipe["reward"]["train"]["max_steps"] == 3
     with pytest.raises(AppError, match="already exists"):
         client.predict("tiny-api", *job["values"], api_name="/start")
+    last = list(client.predict("@last", api_name="/load_recipe"))   # "last used" = the newest run's recipe
+    assert last.pop().startswith("tiny-api-")
+    assert dict(zip(KEYS, last))["data.path"] == "uploads/demo-data/demo.jsonl"
+    assert dict(zip(KEYS, last))["run.stages"] == ["reward", "score", "eval"]
 
     wait_for(lambda: "status: **stopped**" in view(client, "tiny-api")["status"], 180, interval=1, what="stopped")
     v = view(client, "tiny-api")
@@ -164,16 +169,25 @@ def test_start_stop_resume_and_live_view(client, server, job):
     steps = [e["step"] for e in evs if e["type"] == "metrics" and e.get("stage") == "reward" and "loss" in e]
     assert steps == list(range(1, 4))   # continued from the checkpoint, not restarted
     v = view(client, "tiny-api")
-    assert v["points"] == "Curve points: reward 3, dpo 3"
-    assert v["progress"].count("data-status='done'") == 5 and "ETA" not in v["progress"]
-    assert len([r for r in v["reward_loss"]["data"] if r[2] == "total"]) == 3
-    beta = v["beta"]["data"]
-    assert {r[2] for r in beta} == {"min", "mean", "max"} and all(0.09 < r[1] < 0.11 for r in beta)
-    assert len(v["tokens"]["data"]) == 2 and all(r[1] > 0 for r in v["tokens"]["data"])
+    assert v["points"] == "Curve points: reward 3"
+    assert v["progress"].count("data-status='done'") == 3 and "ETA" not in v["progress"]
+    assert [r[0] for r in v["reward_loss"]["data"] if r[2] == "total"] == [1, 2, 3]
+    assert {r[2] for r in v["reward_acc"]["data"]} == {"train pairs", "held-out pairs"}
+    assert v["beta"]["data"] == [] and v["tokens"]["data"] == []
     assert "== stage eval: done" in v["log"] and v["error"] == ""
-    assert ["tiny-api", "done", "reward, score, reference, dpo, eval"] == v["jobs"]["data"][0][:3]
+    assert ["tiny-api", "done", "reward, score, eval"] == v["jobs"]["data"][0][:3]
     with pytest.raises(AppError, match="has finished"):
         client.predict("tiny-api", api_name="/resume")
+
+
+def test_a_failing_job_shows_a_readable_error(client, server, job):
+    """The CLI refuses a model folder that does not exist (before any event): the view shows its message."""
+    values, _ = form(client, "tiny.yaml", model__path="./no-such-model")
+    client.predict("broken-api", *values, api_name="/start")
+    wait_for(lambda: "status: **error**" in view(client, "broken-api")["status"], 120, what="error status")
+    v = view(client, "broken-api")
+    assert v["error"].startswith("**Error:** error:") and "model.path" in v["error"] and "path not found" in v["error"]
+    assert "Traceback" not in v["error"] and "Traceback" not in v["log"]
 
 
 def test_playground_cache_compare_and_save(client, server, job):

@@ -154,37 +154,37 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     # stop run 2 once it trains, from the live view
     wait_for(lambda: re.search(r"reward [1-9]", text(page, "curve-points")), 240, what="long-ui reward points")
     page.locator("#stop").click()
-    until(page, "#run-status", "el.innerText.includes('status: stopped')",
-                           timeout=180_000)
+    until(page, "#run-status", "el.innerText.includes('status: stopped')", timeout=180_000)
     assert "stopped after" in text(page, "run-progress")
-    assert page.locator("#resume").is_enabled()
+    stopped_points = text(page, "curve-points")
 
-    # follow run 1: its curves gain points while it runs, until it is done
-    pick(page, "live-run", "tiny-ui")
-    seen = set()
-
-    def finished():
-        seen.add(text(page, "curve-points"))
-        return "status: done" in text(page, "run-status")
-    wait_for(finished, 300, interval=0.5, what="tiny-ui done")
-    seen.add(text(page, "curve-points"))
-    assert "Curve points: reward 3, dpo 3" in seen
-    assert len({s for s in seen if "none yet" not in s}) >= 2, f"the curves never grew in view: {seen}"
-    progress = text(page, "run-progress")
-    assert progress.count("done in") == 5
-    assert page.locator("#plot-beta canvas, #plot-beta svg").count() >= 1
-    shot(page, tmp_path, "ui-run.png")
-
-    # a reloaded page resumes run 2
+    # a reloaded page finds the stopped run and resumes it; its curves gain points until it is done
     page.reload()
     page.wait_for_selector("#data-file")
     tab(page, "3 · Live")
     pick(page, "live-run", "long-ui")
     until(page, "#run-status", "el.innerText.includes('status: stopped')")
+    assert page.locator("#resume").is_enabled() and not page.locator("#stop").is_enabled()
     page.locator("#resume").click()
-    until(page, "#run-status", "el.innerText.includes('status: done')",
-                           timeout=240_000)
+    seen = [stopped_points]
+
+    def done():
+        points = text(page, "curve-points")
+        if points != seen[-1]:
+            seen.append(points)
+        return "status: done" in text(page, "run-status")
+    wait_for(done, 300, interval=0.3, what="long-ui done")
+    counts = [int(re.search(r"reward (\d+)", s).group(1)) for s in seen]
+    assert counts == sorted(counts) and counts[-1] == 6 and len(counts) >= 2, f"curves did not grow in view: {seen}"
     assert "resuming from" in page.locator("#run-log textarea").input_value()
+
+    # run 1 ran all the while: every stage done, curves of both trainers
+    pick(page, "live-run", "tiny-ui")
+    until(page, "#run-status", "el.innerText.includes('status: done')", timeout=300_000)
+    assert text(page, "curve-points") == "Curve points: reward 3, dpo 3"
+    assert text(page, "run-progress").count("done in") == 5
+    assert page.locator("#plot-beta canvas, #plot-beta svg").count() >= 1
+    shot(page, tmp_path, "ui-run.png")
     assert_all_local(requests_seen)
 
 

@@ -99,9 +99,12 @@ def test_run_inputs_refuse_names_out_of_the_runs_root(client, server, form_value
     assert sorted(p.name for p in (server.root / "secret").iterdir()) == ["private.jsonl", "recipe.yaml"]
 
 
-@pytest.mark.parametrize("key,bad", [("data.path", "/etc/passwd"), ("data.path", "../secret/private.jsonl"),
-                                     ("data.path", "escape.jsonl"), ("data.eval_path", "../secret/private.jsonl"),
-                                     ("data.media_root", "/etc"), ("cache.dir", "/tmp"), ("cache.dir", "../secret")])
+FORM_PATHS = [("data.path", "/etc/passwd"), ("data.path", "../secret/private.jsonl"), ("data.path", "escape.jsonl"),
+              ("data.eval_path", "../secret/private.jsonl"), ("data.media_root", "/etc"), ("cache.dir", "/tmp"),
+              ("cache.dir", "../secret"), ("reward.model_from", "../secret"), ("reward.model_from", "escape-run")]
+
+
+@pytest.mark.parametrize("key,bad", [(k, b) for k, b in FORM_PATHS if k in {f.key for f in FIELDS}])
 def test_form_paths_must_stay_under_their_roots(client, server, form_values, key, bad):
     with pytest.raises(AppError, match=REFUSED):
         client.predict("fine-name", *with_field(form_values, key, bad), api_name="/start")

@@ -32,7 +32,7 @@ TINY = {
 # a reward-only run long enough to be stopped and resumed
 LONG = {"model": {"load_in_4bit": False},
         "reward": {"critique_mode": "none", "max_new_tokens": 4,
-                   "train": {"max_steps": 12, "grad_accum": 4, "logging_steps": 1, "save_steps": 1000}},
+                   "train": {"max_steps": 6, "grad_accum": 2, "logging_steps": 1, "save_steps": 1000}},
         "run": {"stages": ["reward"]}}
 
 

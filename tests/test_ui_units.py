@@ -323,10 +323,12 @@ def test_group_view_hides_images_outside_the_roots(tmp_path):
     root.mkdir()
     Image.new("RGB", (900, 300), "red").save(root / "in.png")
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "out.png")
-    g = PreferenceGroup("g", [text_to_turn("q", 2)], [Response("a", rank=1), Response("b", rank=2)],
-                        images=[str(root / "in.png"), str(tmp_path / "out.png")])
-    images, notes = databrowser.group_images(g, root)
-    assert len(images) == 1 and images[0][0].size == (640, 213) and images[0][1] == "image 1"
+    Image.new("RGB", (8, 8), "green").save(root / "in2.png")
+    g = PreferenceGroup("g", [text_to_turn("q", 3)], [Response("a", rank=1), Response("b", rank=2)],
+                        images=[str(root / "in.png"), str(tmp_path / "out.png"), str(root / "in2.png")])
+    images, notes = databrowser.group_images(g, root)   # a multi-image sample shows all its images
+    assert [label for _, label in images] == ["image 1", "image 3"] and images[0][0].size == (640, 213)
+    assert images[1][0].getpixel((0, 0)) == (0, 128, 0)
     assert notes == ["image 2: outside the data root, not shown"]
     frame = databrowser.responses_frame(g, {"scores": [0.5, -0.25], "critiques": [["good"], ["bad"]]})
     assert frame[["rank", "reward score", "critique (reward model)"]].values.tolist() == [[1, 0.5, "good"],

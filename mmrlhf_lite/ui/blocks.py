@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from ..data.formats import FORMATS
-from . import form, runview
+from . import databrowser, form, runview
 from .handlers import Handlers, UIConfig
 
 CSS = """
@@ -115,8 +115,9 @@ def _data_tab(h: Handlers):
             with gr.Column(scale=3):
                 question = gr.Markdown(elem_id="group-question")
                 pairs = gr.Markdown(elem_id="group-pairs")
-        responses = gr.Dataframe(pd.DataFrame(columns=["#", "rank", "response"]), label="Responses", wrap=True,
-                                 elem_id="group-responses")
+        responses = gr.Dataframe(pd.DataFrame(columns=databrowser.RESPONSE_COLUMNS), label="Responses", wrap=True,
+                                 elem_id="group-responses",
+                                 column_widths=["4%", "6%", "24%", "8%", "8%", "25%", "25%"])
 
     group_out = [gallery, question, responses, pairs]
     inspect_out = [summary, problems, index, *group_out]
@@ -128,7 +129,8 @@ def _data_tab(h: Handlers):
     data_file.input(h.inspect, inspect_in, inspect_out, api_name="inspect")
     fmt.input(h.inspect, inspect_in, inspect_out, api_name=False)
     media_root.submit(h.inspect, inspect_in, inspect_out, api_name=False)
-    index.release(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name="group")
+    index.input(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name="group",
+                trigger_mode="always_last")  # dragging or typing a number; bursts collapse to the last value
     scores_run.input(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name=False)
     return SimpleNamespace(file=data_file, scores_run=scores_run, use=use_btn, inspect_in=inspect_in,
                            inspect_out=inspect_out)

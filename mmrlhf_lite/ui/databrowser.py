@@ -308,21 +308,26 @@ def group_images(group: PreferenceGroup, data_root, extra_roots: tuple = ()) -> 
     return images, notes
 
 
+RESPONSE_COLUMNS = ["#", "rank", "response", "score (data)", "reward score", "critique (data)",
+                    "critique (reward model)"]
+
+
 def responses_frame(group: PreferenceGroup, reward: dict | None = None) -> pd.DataFrame:
-    """One row per response: rank, text, dataset score/critique, and the reward cache's score/critique."""
+    """One row per response: rank, text, the data's score and critique, and (when a run's reward cache is
+    chosen) the reward model's score and generated critique."""
     try:
         ranks = group.ranks()
     except ValueError:
         ranks = [None] * len(group.responses)
+    scores = (reward or {}).get("scores") or []
+    crits = (reward or {}).get("critiques") or []
     rows = []
     for i, r in enumerate(group.responses):
-        row = {"#": i + 1, "rank": ranks[i], "response": r.text, "score (data)": r.score, "critique (data)": r.critique}
-        if reward is not None:
-            scores, crits = reward.get("scores") or [], reward.get("critiques") or []
-            row["reward score"] = round(scores[i], 4) if i < len(scores) and scores[i] is not None else None
-            row["critique (reward model)"] = " | ".join(crits[i]) if i < len(crits) and crits[i] else ""
-        rows.append(row)
-    return pd.DataFrame(rows)
+        rows.append({"#": i + 1, "rank": ranks[i], "response": r.text, "score (data)": r.score,
+                     "reward score": round(scores[i], 4) if i < len(scores) and scores[i] is not None else None,
+                     "critique (data)": r.critique or "",
+                     "critique (reward model)": " | ".join(crits[i]) if i < len(crits) and crits[i] else ""})
+    return pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
 
 
 def pairs_markdown(group: PreferenceGroup, dpo_pairs: str = "all") -> str:

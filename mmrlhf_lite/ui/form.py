@@ -24,7 +24,8 @@ from .safety import Refused, inside, is_inside, safe_name
 
 HIDDEN = {"run.dir"}                      # the UI names the run folder itself
 MULTI_CHOICES = {"run.stages": list(STAGES), "eval.critique_modes": ["given", "none", "generate"]}
-DATA_PATH_KEYS = ("data.path", "data.eval_path", "data.media_root")
+DATA_PATH_KEYS = ("data.path", "data.eval_path", "data.media_root")   # under the data root
+RUN_PATH_KEYS = ("cache.dir", "reward.model_from")                     # under the runs root (if the field exists)
 LAST_USED = "@last"
 
 
@@ -127,7 +128,8 @@ def recipe_tree(path: str | os.PathLike) -> dict:
     return load_recipe(path, check_paths=False).to_dict()
 
 
-def form_values(tree: dict, data_root: str | os.PathLike, recipe_dir: str | os.PathLike | None = None) -> list:
+def form_values(tree: dict, data_root: str | os.PathLike, recipe_dir: str | os.PathLike | None = None,
+                runs_root: str | os.PathLike | None = None) -> list:
     """Values for the form's inputs, in FIELDS order."""
     data_root = Path(data_root)
     bases = [Path.cwd()] + ([Path(recipe_dir)] if recipe_dir else [])
@@ -136,6 +138,8 @@ def form_values(tree: dict, data_root: str | os.PathLike, recipe_dir: str | os.P
         v = _get(tree, spec.key)
         if spec.key in DATA_PATH_KEYS:
             v = _display_path(v, data_root, bases)
+        elif spec.key in RUN_PATH_KEYS and runs_root is not None:
+            v = _display_path(v, Path(runs_root), bases)
         if spec.kind == "list":
             v = ", ".join(v or [])
         elif spec.kind == "str" and v is None:
@@ -193,8 +197,13 @@ def _check_paths(tree: dict, data_root: Path, runs_root: Path) -> None:
             if not p.exists():
                 raise Refused(f"data.{key} '{data[key]}' does not exist under the data root")
             data[key] = str(p)
-    if tree["cache"].get("dir"):
-        tree["cache"]["dir"] = str(inside(runs_root, tree["cache"]["dir"], what="cache.dir", allow_absolute=True))
+    for key in RUN_PATH_KEYS:
+        value = _get(tree, key)
+        if value:
+            p = inside(runs_root, value, what=key, allow_absolute=True)
+            if key == "reward.model_from" and not p.is_dir():
+                raise Refused(f"{key} '{value}' is not a run folder under the runs root")
+            _set(tree, key, str(p))
 
 
 def validated_yaml(tree: dict) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from . import compare, databrowser, form, jobs, playground, runview
 from .safety import Refused
 
 log = logging.getLogger("mmrlhf_lite.ui")
+_STAMP = re.compile(r"-\d{8}-\d{6}$")  # the time stamp of a suggested run name
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class Handlers:
         return (summary, problems, slider, *self.group(name, fmt, media_root, 0, scores_run))
 
     def _empty_group(self):
-        return [], "", pd.DataFrame(), ""
+        return [], "", pd.DataFrame(columns=databrowser.RESPONSE_COLUMNS), ""
 
     @readable
     def group(self, name: str | None, fmt: str, media_root: str | None, index: float | None,
@@ -191,7 +193,7 @@ class Handlers:
             last = self._last_run_with_recipe()
             if not last:
                 raise Refused("no run has a recipe yet")
-            path, stem = jobs.run_path(self.cfg.runs_root, last) / jobs.RECIPE_FILE, last.rsplit("-", 2)[0]
+            path, stem = jobs.run_path(self.cfg.runs_root, last) / jobs.RECIPE_FILE, _STAMP.sub("", last)
         else:
             from .safety import inside
 
@@ -199,7 +201,7 @@ class Handlers:
             if path.suffix != ".yaml" or not path.is_file():
                 raise Refused(f"recipe '{choice}' not found under the recipes folder")
             stem = path.stem
-        values = form.form_values(form.recipe_tree(path), self.cfg.data_root, path.parent)
+        values = form.form_values(form.recipe_tree(path), self.cfg.data_root, path.parent, self.cfg.runs_root)
         return (*values, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     @readable
