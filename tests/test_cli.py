@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mmrlhf_lite.recipe import load_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.yaml"
 
@@ -86,14 +88,23 @@ def test_dry_run_on_the_demo_recipe_prints_the_plan(tmp_path):
     train = re.search(r"^  train\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", text, flags=re.M)
     evals = re.search(r"^  eval\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", text, flags=re.M)
     n_train, n_eval = int(train.group(1)), int(evals.group(1))
-    assert n_train + n_eval == 480  # data.demo.groups
+    recipe = load_recipe(DEMO)
+    groups = recipe.data.demo.groups
+    assert n_train + n_eval == groups
     assert f"responses per group (train): 4 x {n_train} groups" in text
-    assert "tokens per group (480 groups, model processor):" in text
+    assert f"tokens per group ({groups} groups, model processor):" in text
     for label in ("prompt (incl. image):", "of which image:", "response:", "prompt + one response:",
                   "packed group:", "critique:"):
         assert re.search(rf"^ +{re.escape(label)} +p50 \d+, p95 \d+, max \d+", text, flags=re.M), label
-    steps = math.ceil(n_train / 4)  # groups_per_step 1 x grad_accum 4, one epoch
-    assert f"  reward  {steps} steps (1 epoch(s); {n_train} groups, 1 per micro-batch x 4 accumulated" in text
+    t = recipe.reward.train
+    per_step = t.groups_per_step * t.grad_accum
+    if t.max_steps:
+        assert (f"  reward  {t.max_steps} steps (max_steps {t.max_steps}; {n_train} groups, {t.groups_per_step} per "
+                f"micro-batch x {t.grad_accum} accumulated = {per_step} per step, "
+                f"{math.ceil(n_train / per_step)} steps per epoch") in text
+    else:
+        steps = math.ceil(n_train / per_step) * int(t.epochs)
+        assert f"  reward  {steps} steps" in text
     assert text.rstrip().endswith("plan OK")
     # the data were written into the run folder (the stages will read them), nothing else was
     assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["data"]

@@ -137,7 +137,8 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
     if ec.policy_samples > 0 and (ctx.reward_model_dir() / "adapter_config.json").exists():
         prompts = [(encoder.policy_prompt(g), []) for g in groups for _ in range(ec.policy_samples)]
         kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens,
-                  do_sample=ec.policy_samples > 1, temperature=1.0, seed=recipe.run.seed)
+                  do_sample=ec.policy_samples > 1, temperature=1.0, seed=recipe.run.seed,
+                  batch_size=recipe.reward.generation_batch_size)
         after = generate_after(model, spec, processor, prompts, **kw)
         with model.disable_adapter():
             before = generate_after(model, spec, processor, prompts, **kw)

@@ -62,7 +62,8 @@ class CritiqueEncoder:
         """One EncodedGroup whose branch i scores response i (with critique i when given)."""
         messages, images, before, after = self._template_split(group)
         proc = self.encoder.processor
-        full = proc(text=[before], images=images or None, return_tensors="pt")
+        # images nested per sample, as GroupEncoder.encode_prefix does (LLaVA-OV multi-image rules)
+        full = proc(text=[before], images=[images] if images else None, return_tensors="pt")
         prefix = {k: v for k, v in full.items() if hasattr(v, "shape") and k != "attention_mask"}
         if critiques is None:
             critiques = [r.critique for r in group.responses]
