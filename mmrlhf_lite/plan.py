@@ -275,29 +275,8 @@ def _size_only_encoder_class():
     class SizeOnlyEncoder(GroupEncoder):
         """GroupEncoder whose media are image sizes read from headers (see `CountingProcessor`)."""
 
-        def media(self, group):
-            from .data.media import list_frames, sample_frames
-
-            images = [_SizedImage(*image_size(m)) for m in group.images]
-            frames = []
-            if group.video is not None:
-                paths = group.video if isinstance(group.video, list) else list_frames(group.video)
-                frames = [_SizedImage(*image_size(f)) for f in sample_frames(list(paths), self.max_frames)]
-            messages, ordered, img_iter = [], [], iter(images)
-            for turn in group.prompt:
-                parts = []
-                for part in turn["content"]:
-                    if part.get("type") == "image":
-                        parts.append({"type": "image"})
-                        ordered.append(next(img_iter))
-                    elif part.get("type") == "video":
-                        for f in frames:
-                            parts.append({"type": "image"})
-                            ordered.append(f)
-                    else:
-                        parts.append({"type": "text", "text": part.get("text") or ""})
-                messages.append({"role": turn["role"], "content": parts})
-            return messages, ordered
+        def open_media(self, media):
+            return _SizedImage(*image_size(media))
 
     return SizeOnlyEncoder
 

@@ -52,13 +52,17 @@ class GroupEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ----- media
+    def open_media(self, media):
+        """One image or frame as the processor takes it (the pre-flight's counting encoder reads sizes only)."""
+        return load_image(media)
+
     def media(self, group: PreferenceGroup) -> tuple[list[dict], list]:
-        """Messages with a video part expanded to its sampled frames, and the PIL images in order."""
-        images = [load_image(m) for m in group.images]
+        """Messages with a video part expanded to its sampled frames, and the images in order."""
+        images = [self.open_media(m) for m in group.images]
         frames = []
         if group.video is not None:
             paths = group.video if isinstance(group.video, list) else list_frames(group.video)
-            frames = [load_image(f) for f in sample_frames(list(paths), self.max_frames)]
+            frames = [self.open_media(f) for f in sample_frames(list(paths), self.max_frames)]
         messages, ordered, img_iter = [], [], iter(images)
         for turn in group.prompt:
             parts = []
