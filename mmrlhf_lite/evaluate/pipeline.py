@@ -151,9 +151,12 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
             g = groups[i // ec.policy_samples]
             pairs_groups.append(PreferenceGroup(id=f"{g.id}#{i}", prompt=g.prompt, images=g.images, video=g.video,
                                                 responses=[Response(a or " "), Response(b or " ")]))
-        scored = scorer.score_groups(pairs_groups, rc.critique_mode, max_new_tokens=rc.max_new_tokens,
+        # policy answers have no dataset critique: `given` falls back to generating one
+        mode = "generate" if rc.critique_mode == "given" else rc.critique_mode
+        scored = scorer.score_groups(pairs_groups, mode, max_new_tokens=rc.max_new_tokens,
                                      batch_size=rc.generation_batch_size, seed=recipe.run.seed)
         out["win_rate"] = win_rate([s[0].score for s in scored], [s[1].score for s in scored])
+        out["win_rate"]["critique_mode"] = mode
         out["samples"] = [{"group": g.id, "before": b, "after": a} for g, a, b in list(zip(groups, after, before))[:3]]
         events.metrics(eval_win_rate=out["win_rate"]["win_rate"])
         _free(scorer)
