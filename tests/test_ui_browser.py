@@ -96,7 +96,9 @@ def until(page, selector: str, condition: str, timeout: float = 60_000) -> None:
 
 
 def text(page, elem_id: str) -> str:
-    return page.locator(f"#{elem_id}").inner_text()
+    """The element's text, without gradio's "processing | 0.6s" overlay while an event runs."""
+    lines = page.locator(f"#{elem_id}").inner_text().splitlines()
+    return "\n".join(ln for ln in lines if not re.fullmatch(r"\s*(processing \| )?[\d./]+s\s*", ln)).strip()
 
 
 def assert_all_local(requests_seen: list[str]) -> None:
@@ -163,7 +165,7 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     page.wait_for_selector("#data-file")
     tab(page, "3 · Live")
     pick(page, "live-run", "long-ui")
-    until(page, "#run-status", "el.innerText.includes('status: stopped')")
+    until(page, "#run-status", "el.innerText.includes('long-ui') && el.innerText.includes('status: stopped')")
     assert page.locator("#resume").is_enabled() and not page.locator("#stop").is_enabled()
     page.locator("#resume").click()
     seen = [stopped_points]
@@ -172,7 +174,8 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
         points = text(page, "curve-points")
         if points != seen[-1]:
             seen.append(points)
-        return "status: done" in text(page, "run-status")
+        status = text(page, "run-status")
+        return "long-ui" in status and "status: done" in status
     wait_for(done, 300, interval=0.3, what="long-ui done")
     counts = [int(re.search(r"reward (\d+)", s).group(1)) for s in seen]
     assert counts == sorted(counts) and counts[-1] == 6 and len(counts) >= 2, f"curves did not grow in view: {seen}"
@@ -180,8 +183,10 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
 
     # run 1 ran all the while: every stage done, curves of both trainers
     pick(page, "live-run", "tiny-ui")
-    until(page, "#run-status", "el.innerText.includes('status: done')", timeout=300_000)
-    assert text(page, "curve-points") == "Curve points: reward 3, dpo 3"
+    until(page, "#run-status", "el.innerText.includes('tiny-ui') && el.innerText.includes('status: done')",
+          timeout=300_000)
+    until(page, "#curve-points", "el.innerText.includes('dpo')")
+    assert "Curve points: reward 3, dpo 3" in text(page, "curve-points")
     assert text(page, "run-progress").count("done in") == 5
     assert page.locator("#plot-beta canvas, #plot-beta svg").count() >= 1
     shot(page, tmp_path, "ui-run.png")

@@ -229,6 +229,7 @@ def _playground_tab(h: Handlers):
         cache_summary = gr.Markdown(elem_id="cache-summary")
         cache_table = gr.Dataframe(pd.DataFrame(columns=["group", "better #", "worse #", "delta", "beta"]),
                                    label="Pairs", elem_id="cache-table", max_height=400)
+    pg_run.input(h.warm, pg_run, None, api_name=False, show_progress="hidden")
     score.click(h.score, [pg_run, image, question, *answers, mode, max_tokens], [cards, table], api_name="score")
     show.click(h.cache, cache_run, [cache_summary, cache_table], api_name="reward_cache")
     return SimpleNamespace(run=pg_run, cache_run=cache_run)

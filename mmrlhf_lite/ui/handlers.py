@@ -333,6 +333,9 @@ class Handlers:
         runs = playground.cache_runs(self.cfg.runs_root)
         return gr.update(choices=runs, value=runs[0] if runs else None)
 
+    def warm(self, run_name: str | None) -> None:
+        playground.warm(self.cfg.runs_root, run_name)
+
     @readable
     def score(self, run_name: str, image, question: str, a1: str, a2: str, a3: str, a4: str, a5: str,
               mode: str, max_new_tokens: float):

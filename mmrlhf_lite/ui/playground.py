@@ -60,6 +60,24 @@ def _load_scorer(run: Path):
         return _scorer["scorer"]
 
 
+def warm(runs_root, run_name: str | None) -> None:
+    """Start loading a run's reward model in the background (the page calls this when a run is picked),
+    so the first Score does not wait for it. Errors surface at Score time instead."""
+    try:
+        run = run_path(runs_root, run_name) if run_name else None
+    except Refused:
+        return
+    if run is None or not (run / "reward" / "final" / "adapter_model.safetensors").exists():
+        return
+
+    def load():
+        try:
+            _load_scorer(run)
+        except Exception:  # noqa: BLE001 - reported by the Score that needs it
+            pass
+    threading.Thread(target=load, daemon=True).start()
+
+
 def score(runs_root, run_name: str, image: bytes | None, question: str, answers: list[str], mode: str = "generate",
           max_new_tokens: int = 64) -> list[dict]:
     """Score 1-5 answers; returns one dict per answer (in input order) with its rank among them."""
