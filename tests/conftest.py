@@ -21,11 +21,15 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MMRLHF_LITE_CACHE", str(REPO / ".cache" / "test"))
+# One intra-op thread (inherited by the app/training subprocesses the tests start): the tiny models' ops
+# are too small to gain from two, and when the browser, the app and a training job share 2 cores, two
+# spinning OpenMP threads per process made steps 10-80x slower (measured 1.7 s vs 14 s per reward step).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # CI: 2 cores
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SEED = 0
 
