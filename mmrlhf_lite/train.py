@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = dry_run(recipe, stages, args.gpu_mem)
             return 1 if plan["errors"] else 0
         _attach_file_log(Path(recipe.run.dir))
+        RunDir(recipe.run.dir).install_signal_handlers()  # SIGTERM / Ctrl-C: checkpoint, then exit 3
         start = time.time()
         run_pipeline(recipe, stages, redo=redo, echo=not args.quiet)
         print(f"done in {time.time() - start:.1f} s: {recipe.run.dir}", file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.groups import PreferenceGroup, Response
+from ..events import StageStopped
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
@@ -180,6 +181,8 @@ def run_stage(ctx) -> dict:
         if s and s.get("train_seconds") is not None:
             stage_seconds[st] = s["train_seconds"]
     report["reward_model"] = eval_reward_model(ctx, evals)
+    if ctx.stop_requested():
+        raise StageStopped("stopped during evaluation; run again to evaluate")
     report["policy"] = eval_policy(ctx, evals)
     report["seconds"] = round(time.time() - start, 1)
     out_dir = ctx.run.stage_dir("eval")

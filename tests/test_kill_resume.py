@@ -1,0 +1,78 @@
+"""Killing the CLI never loses work: SIGKILL mid-training resumes from the last checkpoint; SIGTERM (what
+`kill` and job schedulers send) saves a checkpoint and exits with code 3; re-running finishes the run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mmrlhf_lite.recipe import load_recipe
+from mmrlhf_lite.train import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu", "data.demo.groups=12",
+        "data.demo.image_size=56", "data.eval_fraction=0", "dpo.margin_source=none", "dpo.w=0",
+        "dpo.train.groups_per_step=1", "dpo.train.grad_accum=1", "dpo.train.max_steps=40",
+        "dpo.train.save_steps=4", "dpo.train.logging_steps=1"]
+
+
+def _command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "mmrlhf_lite.train", str(run_dir.parent / "recipe.yaml"), "--stages", "dpo", "-q"]
+
+
+def _cli(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(_command(run_dir), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, offset: int, timeout: float = 240) -> None:
+    """Wait until this process (events after byte `offset`) reports training step `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        path = run_dir / "events.jsonl"
+        if path.exists():
+            for line in path.read_bytes()[offset:].decode().splitlines():
+                e = json.loads(line)
+                if e["type"] == "progress" and e.get("stage") == "dpo" and e["n"] >= step:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigkill_then_sigterm_then_finish(tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(None, ARGS + [f"run.dir={run_dir}"])
+    recipe.save(tmp_path / "recipe.yaml")
+    run_pipeline(recipe, ["reference"], echo=False)
+
+    proc = _cli(run_dir)
+    _wait_for_step(run_dir, 6, proc, (run_dir / "events.jsonl").stat().st_size)
+    proc.send_signal(signal.SIGKILL)          # no chance to save anything
+    proc.wait(timeout=60)
+    checkpoints = [int(p.name.split("-")[1]) for p in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
+    assert checkpoints and max(checkpoints) >= 4
+    latest = max(checkpoints)
+
+    offset = (run_dir / "events.jsonl").stat().st_size
+    proc = _cli(run_dir)                       # same command: resumes
+    _wait_for_step(run_dir, latest + 3, proc, offset)
+    proc.send_signal(signal.SIGTERM)           # clean stop: checkpoint, exit 3
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out
+    assert "Run the same command again to resume" in out
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    resumed = [e["message"] for e in events if e["type"] == "log" and "resuming from" in e.get("message", "")]
+    assert resumed and resumed[0].endswith(f"checkpoint-{latest}")
+    stopped = [e for e in events if e["type"] == "stage_end" and e["status"] == "stopped"]
+    assert len(stopped) == 1
+    last_ckpt = max(int(p.name.split("-")[1]) for p in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*"))
+    assert last_ckpt >= latest + 3             # the step SIGTERM interrupted was saved too
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(_command(run_dir), env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "dpo" / "final" / "adapter_config.json").exists()
