@@ -10,6 +10,7 @@ raises `StageStopped`, and the next invocation resumes from it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .events import EventLog, StageStopped
 from .recipe import TrainConfig
@@ -139,7 +139,7 @@ def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
 
     Raises StageStopped after saving a checkpoint when a stop was requested.
     """
-    last = get_last_checkpoint(str(out_dir)) if out_dir.exists() else None
+    last = last_complete_checkpoint(out_dir, trainer.events)
     if last:
         trainer.events.info(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
@@ -147,6 +147,25 @@ def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
         raise StageStopped(f"stopped at step {trainer.state.global_step}; checkpoint saved in {out_dir}")
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
             "seconds": result.metrics.get("train_runtime")}
+
+
+def last_complete_checkpoint(out_dir: Path, events: EventLog | None = None) -> str | None:
+    """The newest checkpoint that was fully written. Trainer writes `trainer_state.json` last, so a kill
+    during a save leaves a newer folder without a readable one: it is removed (it cannot be resumed and
+    would be taken as the newest) and the one before is used."""
+    if not out_dir.exists():
+        return None
+    candidates = sorted((d for d in out_dir.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()),
+                        key=lambda d: int(d.name.split("-")[-1]), reverse=True)
+    for d in candidates:
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+            return str(d)
+        except (OSError, ValueError):
+            if events is not None:
+                events.warning(f"{d.name} was not completely written (interrupted save); removed")
+            shutil.rmtree(d, ignore_errors=True)
+    return None
 
 
 def remove_checkpoints(out_dir: Path) -> None:

@@ -18,6 +18,14 @@ ARGS = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device
         "dpo.train.save_steps=4", "dpo.train.logging_steps=1"]
 
 
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "mmrlhf_lite.train", str(run_dir.parent / "recipe.yaml"), "--stages", "dpo", "-q"]
 
@@ -53,7 +61,9 @@ def test_sigkill_then_sigterm_then_finish(tmp_path):
     _wait_for_step(run_dir, 6, proc, (run_dir / "events.jsonl").stat().st_size)
     proc.send_signal(signal.SIGKILL)          # no chance to save anything
     proc.wait(timeout=60)
-    checkpoints = [int(p.name.split("-")[1]) for p in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
+    # a kill can land mid-save: only checkpoints with their trainer_state.json written are resumable
+    checkpoints = [int(p.name.split("-")[1]) for p in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")
+                   if _complete(p)]
     assert checkpoints and max(checkpoints) >= 4
     latest = max(checkpoints)
 

@@ -56,3 +56,26 @@ def test_stopped_run_resumes_with_the_same_loss_curve(tmp_path, monkeypatch):
     assert (run / "stages" / "dpo.json").exists()
     assert (run / "dpo" / "final" / "adapter_config.json").exists()
     assert not list((run / "dpo" / "checkpoints").glob("checkpoint-*"))   # cleaned after the final save
+
+
+def test_an_interrupted_checkpoint_save_is_skipped(tmp_path):
+    """A kill during a save leaves checkpoint-N without trainer_state.json: resume uses the one before."""
+    from mmrlhf_lite.events import EventLog
+    from mmrlhf_lite.training import last_complete_checkpoint
+
+    out = tmp_path / "checkpoints"
+    for step, complete in ((3, True), (6, True), (9, False), (12, "torn")):
+        d = out / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete is True:
+            (d / "trainer_state.json").write_text('{"global_step": %d}' % step)
+        elif complete == "torn":
+            (d / "trainer_state.json").write_text('{"global_st')
+    events = EventLog(tmp_path, echo=False)
+    assert last_complete_checkpoint(out, events) == str(out / "checkpoint-6")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    warnings = [json.loads(x)["message"] for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert warnings == ["checkpoint-12 was not completely written (interrupted save); removed",
+                        "checkpoint-9 was not completely written (interrupted save); removed"]
+    assert last_complete_checkpoint(tmp_path / "missing") is None
