@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from mmrlhf_lite.models.tiny import build_once
 
 from .configs import Shape, get_shape, hf_config
 
@@ -41,23 +41,7 @@ def model_dir(shape: Shape, root: str | os.PathLike | None = None, seed: int = 0
 def ensure_model(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Build the shape's random checkpoint once (atomically: a temp folder renamed into place)."""
     shape = get_shape(name)
-    out = model_dir(shape, root, seed)
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        _build(shape, tmp, seed)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
+    return build_once(model_dir(shape, root, seed), lambda tmp: _build(shape, tmp, seed))
 
 def _build(shape: Shape, out: Path, seed: int) -> None:
     import torch

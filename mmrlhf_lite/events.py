@@ -28,8 +28,8 @@ EVENTS_FILE = "events.jsonl"
 
 def _clean(value: Any) -> Any:
     """JSON-safe values: tensors/numpy scalars to floats, NaN/inf to None."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
+    if hasattr(value, "tolist") and callable(value.tolist):  # tensors and numpy values of any shape
+        value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

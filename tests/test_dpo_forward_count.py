@@ -1,6 +1,5 @@
 """Each response is forwarded once per step (one packed row per group) and, with the reference cache
 present, DPO training runs no reference forward pass and loads no second model."""
-import torch
 
 from mmrlhf_lite.dpo import trainer as dpo_trainer
 from mmrlhf_lite.models.loading import unwrap

@@ -16,12 +16,11 @@ from typing import Sequence
 import torch
 
 from ..data.groups import PreferenceGroup
-from ..events import StageStopped
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, resolve_model_path
 from ..models.packing import group_forward, use_packing
 from ..recipe import ModelConfig
-from .store import JsonlStore, content_key, directory_fingerprint, group_content
+from .store import JsonlStore, content_key, directory_fingerprint, fill_missing, group_content
 
 REFERENCE_CACHE = "reference.jsonl"
 POLICY_TEMPLATE = "policy-v1"
@@ -87,29 +86,21 @@ def run_stage(ctx) -> dict:
     if store.torn_lines:
         events.warning(f"reference cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
-    todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
-    total, done, computed = len(groups), len(groups) - len(todo), 0
-    events.progress(done, total, unit="group")
-    if todo:
-        model, processor = load_model(recipe.model, trainable=False, lora=False)
-        spec = model.mmrlhf.family
-        packed = use_packing(spec, recipe.model.packing, recipe.model.attn_implementation)
-        encoder = GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
-                               max_frames=recipe.data.max_frames)
-        per_batch = max(1, recipe.dpo.train.groups_per_step)
-        for s in range(0, len(todo), per_batch):
-            if ctx.stop_requested():
-                raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
-            idx = todo[s:s + per_batch]
-            missing = [[ri for ri, k in enumerate(keys[gi]) if k not in store] for gi in idx]
-            batch = [groups[gi].subset(m) for gi, m in zip(idx, missing)]
-            results = compute_reference(model, spec, encoder, batch, packed)
-            records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, "logp": lp, "n_tokens": n}
-                       for gi, m, res in zip(idx, missing, results) for ri, (lp, n) in zip(m, res)]
-            store.put_many(records)
-            computed += len(records)
-            done += len(idx)
-            events.progress(done, total, unit="group")
+    loaded: dict = {}
+
+    def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
+        if not loaded:  # the model is loaded only when something is missing
+            model, processor = load_model(recipe.model, trainable=False, lora=False)
+            spec = model.mmrlhf.family
+            loaded.update(model=model, spec=spec,
+                          packed=use_packing(spec, recipe.model.packing, recipe.model.attn_implementation),
+                          encoder=GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
+                                               max_frames=recipe.data.max_frames))
+        results = compute_reference(loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"])
+        return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in results]
+
+    computed = fill_missing(groups, keys, store, compute, per_batch=max(1, recipe.dpo.train.groups_per_step),
+                            events=events, stop_requested=ctx.stop_requested)
     n = sum(len(g.responses) for g in groups)
     events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
     return {"responses": n, "computed": computed, "reused": n - computed}

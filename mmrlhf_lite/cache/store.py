@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from ..data.groups import PreferenceGroup
 from ..data.media import media_digest
@@ -108,3 +108,33 @@ class JsonlStore:
             os.fsync(fh.fileno())
         for r in records:
             self.records[r["key"]] = r
+
+
+def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store: JsonlStore,
+                 compute: Callable[[list[PreferenceGroup]], list[list[dict]]], *, per_batch: int, events,
+                 stop_requested: Callable[[], bool] = lambda: False) -> int:
+    """Compute only the missing entries, `per_batch` groups at a time, and append them as they come.
+
+    `compute(subgroups)` gets each group cut down to its missing responses (`PreferenceGroup.subset`) and
+    returns one payload dict per response; it is never called when nothing is missing (so a caller can
+    load its model lazily inside it). A stop request between batches raises StageStopped: everything
+    written so far stays. Returns the number of entries computed.
+    """
+    from ..events import StageStopped
+
+    todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
+    total, done, computed = len(groups), len(groups) - len(todo), 0
+    events.progress(done, total, unit="group")
+    for s in range(0, len(todo), per_batch):
+        if stop_requested():
+            raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
+        idx = todo[s:s + per_batch]
+        missing = [[ri for ri, k in enumerate(keys[gi]) if k not in store] for gi in idx]
+        results = compute([groups[gi].subset(m) for gi, m in zip(idx, missing)])
+        records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, **payload}
+                   for gi, m, res in zip(idx, missing, results) for ri, payload in zip(m, res)]
+        store.put_many(records)
+        computed += len(records)
+        done += len(idx)
+        events.progress(done, total, unit="group")
+    return computed

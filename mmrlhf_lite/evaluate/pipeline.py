@@ -165,7 +165,7 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
 
 
 def run_stage(ctx) -> dict:
-    recipe, events = ctx.recipe, ctx.events
+    recipe = ctx.recipe
     _, evals = ctx.data()
     if not evals:
         raise ValueError("no held-out groups: set data.eval_fraction > 0 or data.eval_path")

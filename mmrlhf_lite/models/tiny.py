@@ -339,17 +339,33 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return family, size
 
 
-def ensure_tiny(spec: str, root: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Build the tiny model once (atomically) and return its folder."""
-    family, size_name = parse_spec(spec)
-    size = SIZES[size_name]
-    key = hashlib.sha256(json.dumps([KIT_VERSION, family, asdict(size), seed]).encode()).hexdigest()[:10]
-    out = Path(root or cache_root()) / "tiny" / f"{family}-{size_name}-{key}"
+def build_once(out: Path, build) -> Path:
+    """Run `build(tmp_folder)` once for `out`: into a temp folder renamed into place, so a kill or a
+    concurrent builder never leaves a half-written model folder (`config.json` marks a finished one)."""
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        build(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_tiny(spec: str, root: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Build the tiny model once (atomically) and return its folder."""
+    family, size_name = parse_spec(spec)
+    size = SIZES[size_name]
+    key = hashlib.sha256(json.dumps([KIT_VERSION, family, asdict(size), seed]).encode()).hexdigest()[:10]
+
+    def build(tmp: Path) -> None:
         import torch
         from transformers import logging as hf_logging
 
@@ -362,16 +378,8 @@ def ensure_tiny(spec: str, root: str | os.PathLike | None = None, seed: int = 0)
             hf_logging.set_verbosity(verbosity)
         (tmp / "TINY_MODEL.json").write_text(json.dumps({"family": family, "size": size_name, "seed": seed,
                                                          "kit_version": KIT_VERSION, **asdict(size)}, indent=2))
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
+    return build_once(Path(root or cache_root()) / "tiny" / f"{family}-{size_name}-{key}", build)
 
 if __name__ == "__main__":
     for arg in sys.argv[1:] or ["qwen2_vl"]:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..cache.store import JsonlStore, content_key, directory_fingerprint, group_content
+from ..cache.store import JsonlStore, content_key, directory_fingerprint, fill_missing, group_content
 from ..data.groups import PreferenceGroup, Response, text_to_turn
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
@@ -162,33 +162,20 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
     rc = recipe.reward
     fp = reward_fingerprint(recipe.model, ctx.reward_model_dir())
     keys = response_keys(groups, fp, rc, mode, recipe.run.seed)
-    todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
-    total = len(groups)
-    events.progress(total - len(todo), total, unit="group")
-    computed = 0
-    if todo:
-        scorer = scorer_factory()
-        per_batch = max(1, rc.generation_batch_size // 4) if mode == "generate" else 4
-        done = total - len(todo)
-        for s in range(0, len(todo), per_batch):
-            if ctx.stop_requested():
-                from ..events import StageStopped
-                raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
-            idx = todo[s:s + per_batch]
-            missing = [[ri for ri, k in enumerate(keys[gi]) if k not in store] for gi in idx]
-            batch = [groups[gi].subset(m) for gi, m in zip(idx, missing)]
-            scored = scorer.score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
-                                         max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                         seed=recipe.run.seed)
-            records = []
-            for gi, m, group_scores in zip(idx, missing, scored):
-                for ri, sr in zip(m, group_scores):
-                    records.append({"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri,
-                                    "score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode})
-            store.put_many(records)
-            computed += len(records)
-            done += len(idx)
-            events.progress(done, total, unit="group")
+    scorer = None
+
+    def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
+        nonlocal scorer
+        scorer = scorer or scorer_factory()
+        scored = scorer.score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                     max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                     seed=recipe.run.seed)
+        return [[{"score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode} for sr in g]
+                for g in scored]
+
+    per_batch = max(1, rc.generation_batch_size // 4) if mode == "generate" else 4
+    computed = fill_missing(groups, keys, store, compute, per_batch=per_batch, events=events,
+                            stop_requested=ctx.stop_requested)
     return [[store.get(k) for k in ks] for ks in keys], computed
 
 

@@ -337,7 +337,7 @@ def pairs_markdown(group: PreferenceGroup, dpo_pairs: str = "all") -> str:
     lines = [f"**Pairs training forms** ({len(pairs)}; better > worse): "
              + (", ".join(f"#{b + 1} > #{w + 1}" for b, w in pairs) or "none")]
     if ties:
-        lines.append(f"**Ties** (reward tie loss only, not DPO): " + ", ".join(f"#{a + 1} = #{b + 1}" for a, b in ties))
+        lines.append("**Ties** (reward tie loss only, not DPO): " + ", ".join(f"#{a + 1} = #{b + 1}" for a, b in ties))
     if group.explicit_pairs is not None:
         lines.append("_Pairs as given in the file (no full ranking could be recovered)._")
     return "\n\n".join(lines)
