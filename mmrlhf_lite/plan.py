@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from .data.groups import PreferenceGroup
 from .recipe import Recipe, TrainConfig
-from .runs import RunDir, _diff, stage_inputs
+from .runs import RunDir, changed_message
 
 TRAINER_STAGES = {"reward": "reward.train", "dpo": "dpo.train"}
 # which sequence each stage feeds the model, and the max_length that bounds it
@@ -76,26 +76,14 @@ def optimizer_steps(cfg: TrainConfig, n_groups: int) -> dict[str, Any]:
 
 
 def stage_status(recipe: Recipe, stages: Sequence[str]) -> tuple[list[dict], list[str]]:
-    """Per requested stage: `run` or `done` (skipped), and errors for finished stages whose inputs changed
-    (a real run refuses those, `RunDir.check_recipe`)."""
+    """Per requested stage: `run`, `done` (skipped), `stale` (an input stage was recomputed since: it runs
+    again) or `changed` (its recipe inputs changed: a real run refuses, `RunDir.check_recipe`), and the
+    errors for the changed ones."""
     run = RunDir(recipe.run.dir)
-    now = recipe.to_dict()
-    rows, errors = [], []
-    for stage in stages:
-        rows.append({"stage": stage, "status": "done" if run.is_done(stage) else "run"})
-    for stage in ("reward", "score", "reference", "dpo", "eval"):
-        st = run.status(stage)
-        if not st or st.get("status") != "done":
-            continue
-        changed = _diff(st.get("inputs", {}), stage_inputs(now, stage), "")
-        if changed:
-            errors.append(f"run folder {run.path} has finished stage '{stage}' with different settings "
-                          f"(changed: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
-                          f"use a new run.dir or --redo {stage}")
-            for row in rows:
-                if row["stage"] == stage:
-                    row["status"] = "changed"
-    return rows, errors
+    changed, stale = run.changed_stages(recipe), run.stale_stages()
+    rows = [{"stage": s, "status": "changed" if s in changed else "stale" if s in stale
+             else "done" if run.is_done(s) else "run"} for s in stages]
+    return rows, [changed_message(run.path, s, keys) for s, keys in changed.items()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -932,7 +920,8 @@ def format_plan(plan: dict) -> str:
              f"model: {m['path']} (family {m['family']}, 4-bit {'on' if m['load_in_4bit'] else 'off'}, "
              f"packing {m['packing']})", "",
              "stages: " + ", ".join(
-                 s["stage"] + {"run": "", "done": " (done, skipped)", "changed": " (done with other settings)"}[
+                 s["stage"] + {"run": "", "done": " (done, skipped)", "changed": " (done with other settings)",
+                                 "stale": " (done, but an input stage was recomputed since: runs again)"}[
                      s["status"]] for s in plan["stages"]), ""]
     lines += _format_data(plan) + [""] + _format_tokens(plan["tokens"])
     if plan["steps"]:

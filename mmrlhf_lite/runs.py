@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "dpo": ("model", "data", "dpo", "run.seed"),
     "eval": ("eval", "reward.critique_mode", "reward.n_samples", "reward.max_new_tokens"),
 }
+# Which finished stages each stage reads (a recomputed input stage makes its finished readers stale).
+STAGE_DEPS: dict[str, tuple[str, ...]] = {"score": ("reward",), "dpo": ("score", "reference"), "eval": ("reward", "dpo")}
 STAGE_DIRS = {"reward": "reward", "score": "score", "reference": "reference", "dpo": "dpo", "eval": "eval"}
 STOP_FILE = "STOP"
 LOCK_FILE = "run.lock"
@@ -59,6 +62,13 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
         return out
     return [] if a == b else [prefix]
+
+
+def _read_pid(lock: Path) -> int:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _pid_alive(pid: int) -> bool:
@@ -98,7 +108,9 @@ class RunDir:
     def mark_done(self, stage: str, recipe: Recipe, **info: Any) -> None:
         f = self.status_file(stage)
         f.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"status": "done", "finished": time.time(), "inputs": stage_inputs(recipe.to_dict(), stage), **info}
+        upstream = {d: self.status(d).get("id") for d in STAGE_DEPS.get(stage, ()) if self.is_done(d)}
+        payload = {"status": "done", "finished": time.time(), "id": uuid.uuid4().hex, "upstream": upstream,
+                   "inputs": stage_inputs(recipe.to_dict(), stage), **info}
         write_atomic(f, json.dumps(payload, indent=2, default=str))
 
     def clear(self, stage: str) -> None:
@@ -109,47 +121,107 @@ class RunDir:
             shutil.rmtree(d)
 
     # ----- consistency with an earlier invocation
-    def check_recipe(self, recipe: Recipe, stages: list[str]) -> list[str]:
-        """Stages already done with the same inputs (skipped). Raises if a finished stage would be
-        reused or overwritten with different inputs."""
+    def changed_stages(self, recipe: Recipe) -> dict[str, list[str]]:
+        """Finished stages whose recipe inputs differ from `recipe`: stage -> the changed key paths."""
         now = recipe.to_dict()
-        skip = []
+        out = {}
         for stage in STAGE_INPUTS:
+            st = self.status(stage)
+            if st and st.get("status") == "done":
+                changed = _diff(st.get("inputs", {}), stage_inputs(now, stage), "")
+                if changed:
+                    out[stage] = changed
+        return out
+
+    def stale_stages(self) -> dict[str, str]:
+        """Finished stages computed from an input stage that was recomputed (or deleted) since, directly or
+        through another stale stage: stage -> why. Stages finished before stages recorded this are trusted."""
+        stale: dict[str, str] = {}
+        for stage in STAGE_INPUTS:  # in pipeline order, so staleness propagates downstream
             st = self.status(stage)
             if not st or st.get("status") != "done":
                 continue
-            changed = _diff(st.get("inputs", {}), stage_inputs(now, stage), "")
-            if changed:
-                raise RunFolderError(
-                    f"run folder {self.path} has finished stage '{stage}' with different settings "
-                    f"(changed: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
-                    f"use a new run.dir, or pass --redo {stage} to recompute it (its outputs are deleted)")
-            if stage in stages:
-                skip.append(stage)
-        return skip
+            for dep, stamp in (st.get("upstream") or {}).items():
+                dep_st = self.status(dep)
+                if dep in stale:
+                    stale[stage] = f"'{dep}' is out of date"
+                elif not dep_st or dep_st.get("status") != "done":
+                    stale[stage] = f"'{dep}' was deleted after it finished"
+                elif dep_st.get("id") != stamp:
+                    stale[stage] = f"'{dep}' was recomputed after it finished"
+                else:
+                    continue
+                break
+        return stale
+
+    def check_recipe(self, recipe: Recipe, stages: list[str]) -> list[str]:
+        """Stages already done with the same inputs (skipped). Raises if a finished stage would be
+        reused or overwritten with different inputs."""
+        for stage, changed in self.changed_stages(recipe).items():
+            raise RunFolderError(changed_message(self.path, stage, changed))
+        return [s for s in stages if self.is_done(s)]
 
     # ----- lock and stop requests
     def acquire(self) -> None:
+        """Take the folder for this process. An OS lock (flock) held for the life of the process makes two
+        invocations that start at the same moment safe (one gets the folder, the other a clear refusal), and is
+        freed by the kernel if the process is killed; the pid written inside serves `running_pid`."""
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_FILE
-        if lock.exists():
-            try:
-                pid = int(lock.read_text().split()[0])
-            except (ValueError, IndexError):
-                pid = -1
+        fd = self._lock_os(lock)
+        try:
+            pid = _read_pid(lock)  # a live pid without the OS lock: a process of a version without it
             if pid > 0 and pid != os.getpid() and _pid_alive(pid):
-                raise RunFolderError(f"run folder {self.path} is in use by process {pid}; wait for it, "
-                                     f"stop it (touch {self.path / STOP_FILE}), or use another run.dir")
-        lock.write_text(f"{os.getpid()} {time.time()}\n")
+                raise RunFolderError(self._in_use(pid))
+            if fd is None:
+                lock.write_text(f"{os.getpid()} {time.time()}\n")
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {time.time()}\n".encode(), 0)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._lock_fd = fd
         self.stop_file.unlink(missing_ok=True)
+
+    def _in_use(self, pid: int | None) -> str:
+        who = f"process {pid}" if pid else "another process"
+        return (f"run folder {self.path} is in use by {who}; wait for it, "
+                f"stop it (touch {self.path / STOP_FILE}), or use another run.dir")
+
+    def _lock_os(self, lock: Path) -> int | None:
+        """An exclusive non-blocking flock on the lock file itself (None where the OS has no flock)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: the pid check alone
+            return None
+        for _ in range(20):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RunFolderError(self._in_use(_read_pid(lock) or None)) from None
+            try:  # the holder we waited on may have removed the file: lock the one at the path
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise RunFolderError(f"could not lock {lock}: it keeps being replaced")
 
     def release(self) -> None:
         lock = self.path / LOCK_FILE
         try:
-            if lock.exists() and lock.read_text().split()[0] == str(os.getpid()):
-                lock.unlink()
-        except (OSError, IndexError):
+            if lock.exists() and _read_pid(lock) == os.getpid():
+                lock.unlink()  # while still holding the OS lock
+        except OSError:
             pass
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._lock_fd = None
 
     def running_pid(self) -> int | None:
         lock = self.path / LOCK_FILE
@@ -181,6 +253,12 @@ class RunDir:
                 signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. notebooks)
                 pass
+
+
+def changed_message(path: Path, stage: str, changed: list[str]) -> str:
+    return (f"run folder {path} has finished stage '{stage}' with different settings "
+            f"(changed: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
+            f"use a new run.dir, or pass --redo {stage} to recompute it (its outputs are deleted)")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -103,6 +103,13 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
         for stage in redo:
             run.clear(stage)
             events.info(f"--redo {stage}: its earlier outputs were deleted")
+        for stage, why in run.stale_stages().items():
+            if stage in stages:
+                run.clear(stage)
+                events.info(f"stage {stage} is recomputed: {why}", stage=stage)
+            else:
+                events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
+                               stage=stage)
         skip = run.check_recipe(recipe, stages)
         recipe.save(run.path / "recipe.yaml")
         ctx = RunContext(recipe=recipe, run=run, events=events)

@@ -147,7 +147,8 @@ def test_stage_status_done_skipped_and_changed(recipe, tmp_path):
     plan = make_plan(changed, ["reward", "score"], [group("g", [1, 2])], [])
     assert plan["stages"][0] == {"stage": "reward", "status": "changed"}
     assert plan["errors"] == [f"run folder {run.path} has finished stage 'reward' with different settings "
-                              "(changed: model.lora_r, reward.w_tie); use a new run.dir or --redo reward"]
+                              "(changed: model.lora_r, reward.w_tie); use a new run.dir, or pass --redo reward "
+                              "to recompute it (its outputs are deleted)"]
 
 
 def test_gpu_mem_is_not_silently_ignored(recipe):

@@ -185,3 +185,98 @@ def test_write_atomic_leaves_no_temp_files(tmp_path):
     write_atomic(target, json.dumps({"x": 2}))
     assert json.loads(target.read_text()) == {"x": 2}
     assert [p.name for p in target.parent.iterdir()] == ["b.json"]
+
+
+ALL = ["reward", "score", "reference", "dpo", "eval"]
+
+
+def test_recomputing_an_input_stage_makes_its_readers_run_again(tmp_path, calls):
+    from mmrlhf_lite.plan import stage_status
+
+    run_dir = tmp_path / "run"
+    train.run_pipeline(make_recipe(run_dir), ALL, echo=False)
+    assert calls == ALL
+    # a new reward model: the scores (and the policy trained on their margins, and its evaluation) are stale
+    train.run_pipeline(make_recipe(run_dir), ["reward", "score"], redo=("reward",), echo=False)
+    assert calls == ALL + ["reward", "score"]
+    events, _ = read_events(run_dir)
+    warned = [e["message"] for e in events if e["type"] == "warning"]
+    assert warned == ["stage dpo is out of date ('score' is out of date); run it again with --stages dpo",
+                      "stage eval is out of date ('reward' was deleted after it finished); run it again with --stages eval"]
+    assert RunDir(run_dir).stale_stages() == {"dpo": "'score' was recomputed after it finished",
+                                              "eval": "'reward' was recomputed after it finished"}
+    rows, errors = stage_status(make_recipe(run_dir), ALL)
+    assert [r["status"] for r in rows] == ["done", "done", "done", "stale", "stale"] and errors == []
+    # the next full run recomputes exactly the stale ones, then nothing
+    train.run_pipeline(make_recipe(run_dir), ALL, echo=False)
+    assert calls == ALL + ["reward", "score", "dpo", "eval"]
+    train.run_pipeline(make_recipe(run_dir), ALL, echo=False)
+    assert calls == ALL + ["reward", "score", "dpo", "eval"]
+    assert RunDir(run_dir).stale_stages() == {}
+
+
+def test_staleness_propagates_through_a_stale_stage(tmp_path, calls):
+    run_dir = tmp_path / "run"
+    train.run_pipeline(make_recipe(run_dir), ALL, echo=False)
+    train.run_pipeline(make_recipe(run_dir), ["score"], redo=("score",), echo=False)
+    # eval reads reward (unchanged) and dpo, which read the recomputed score
+    assert RunDir(run_dir).stale_stages() == {"dpo": "'score' was recomputed after it finished",
+                                              "eval": "'dpo' is out of date"}
+    train.run_pipeline(make_recipe(run_dir), ["eval"], echo=False)  # eval alone: dpo is still stale, so is eval
+    assert calls == ALL + ["score", "eval"]
+    assert RunDir(run_dir).stale_stages() == {"dpo": "'score' was recomputed after it finished",
+                                              "eval": "'dpo' is out of date"}
+
+
+def test_a_status_without_upstream_stamps_is_trusted(tmp_path, calls):
+    run_dir = tmp_path / "run"
+    train.run_pipeline(make_recipe(run_dir), ALL, echo=False)
+    run = RunDir(run_dir)
+    for stage in ALL:  # as a run folder written before stages recorded their inputs' ids
+        st = run.status(stage)
+        st.pop("upstream"), st.pop("id")
+        write_atomic(run.status_file(stage), json.dumps(st))
+    train.run_pipeline(make_recipe(run_dir), ALL, echo=False)
+    assert calls == ALL and run.stale_stages() == {}
+
+
+RACE = """
+import sys, time
+from mmrlhf_lite.runs import RunDir, RunFolderError
+run = RunDir(sys.argv[1])
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.0005)
+try:
+    run.acquire()
+except RunFolderError as exc:
+    print("refused", exc)
+else:
+    print("acquired")
+    time.sleep(1.5)
+    run.release()
+"""
+
+
+def test_processes_starting_together_get_the_folder_once(tmp_path):
+    start = __import__("time").time() + 3  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "run"), str(start)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sum(o == "acquired" for o in outs) == 1, outs
+    assert all(o.startswith("refused run folder") and "is in use by" in o for o in outs if o != "acquired"), outs
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_killed_holder_frees_the_folder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mmrlhf_lite.runs import RunDir\n"
+                               "RunDir(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RunFolderError, match=f"in use by process {holder.pid}"):
+        run.acquire()
+    holder.kill()
+    holder.wait()
+    run.acquire()  # the kernel dropped the dead holder's lock; its pid is dead too
+    assert run.running_pid() == os.getpid()
+    run.release()
