@@ -101,3 +101,36 @@ def test_stop_request_keeps_partial_cache(tmp_path, monkeypatch):
     with pytest.raises(StageStopped):
         run_pipeline(r, ["reference"], echo=False)
     assert len(_records(tmp_path / "stop" / "cache" / "reference.jsonl")) == 16
+
+
+def _hub_snapshot(cache, repo_id, commit, config):
+    """A model as huggingface_hub lays it out in its cache: refs/main -> snapshots/<commit>/..."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config))
+    (snap / "model.safetensors").write_bytes(b"\0" * 64)
+
+
+def test_hub_model_keys_follow_the_cached_revision(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    from mmrlhf_lite.cache.store import model_fingerprint
+    from mmrlhf_lite.models.loading import ModelLoadError, _in_hub_cache
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    _hub_snapshot(tmp_path / "hub", "org/vlm", "a" * 40, {"model_type": "qwen2_vl"})
+    first = model_fingerprint("org/vlm")
+    assert first == model_fingerprint("org/vlm") and _in_hub_cache("org/vlm")
+    # the same id at a new revision (same config, same sizes): new keys
+    _hub_snapshot(tmp_path / "hub", "org/vlm", "b" * 40, {"model_type": "qwen2_vl"})
+    second = model_fingerprint("org/vlm")
+    assert second != first
+    # not cached and offline: a clear error naming the key, not a key made from the id alone
+    with pytest.raises(ModelLoadError, match=r"model.path 'org/other' is not a local folder, and its hub "
+                                             r"revision could not be resolved"):
+        model_fingerprint("org/other")
+    assert not _in_hub_cache("org/other")

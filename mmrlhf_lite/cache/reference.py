@@ -17,10 +17,10 @@ import torch
 
 from ..data.groups import PreferenceGroup
 from ..models.encoding import GroupEncoder
-from ..models.loading import load_model, resolve_model_path
+from ..models.loading import load_model
 from ..models.packing import group_forward, use_packing
 from ..recipe import ModelConfig
-from .store import JsonlStore, content_key, directory_fingerprint, fill_missing, group_content
+from .store import JsonlStore, content_key, fill_missing, group_content, model_fingerprint
 
 REFERENCE_CACHE = "reference.jsonl"
 POLICY_TEMPLATE = "policy-v1"
@@ -33,7 +33,7 @@ def policy_settings(model_cfg: ModelConfig) -> dict:
 
 
 def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, max_frames: int) -> list[list[str]]:
-    fp = directory_fingerprint(resolve_model_path(model_cfg.path))
+    fp = model_fingerprint(model_cfg.path)
     settings = policy_settings(model_cfg)
     keys = []
     for g in groups:

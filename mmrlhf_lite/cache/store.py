@@ -65,6 +65,26 @@ def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] 
     return content_key(parts)
 
 
+def model_fingerprint(path: str) -> str:
+    """Identity of a base model: its folder's fingerprint; for a hub id, the snapshot's commit and its
+    JSON files (fetched alone, or found in the local Hugging Face cache when offline), so a new revision
+    pushed under the same id gets new cache keys."""
+    from ..models.loading import ModelLoadError, resolve_model_path
+
+    local = resolve_model_path(path)
+    if Path(local).exists():
+        return directory_fingerprint(local)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(str(path), allow_patterns=["*.json"]))
+    except Exception as exc:  # noqa: BLE001 - offline and not cached, unknown repo, no network...
+        raise ModelLoadError(f"model.path '{path}' is not a local folder, and its hub revision could not be "
+                             f"resolved ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                             ) from None
+    return content_key("hub", str(path), snap.name, directory_fingerprint(snap))
+
+
 class JsonlStore:
     """key -> record, persisted as one JSON object per line (`{"key": ..., ...}`)."""
 

@@ -53,6 +53,15 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id
+        return False
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,8 +253,9 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     Returns (model, processor); `model.mmrlhf` is a `LoadedModel` with family/backend/device/dtype.
     """
     path = resolve_model_path(cfg.path)
-    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelLoadError(f"model.path '{cfg.path}' is not a local folder and the hub is offline")
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+        raise ModelLoadError(f"model.path '{cfg.path}' is not a local folder, not in the Hugging Face cache, "
+                             "and the hub is offline (HF_HUB_OFFLINE=1)")
     try:
         family = detect_family(path, cfg.family)
     except (ValueError, FileNotFoundError) as exc:

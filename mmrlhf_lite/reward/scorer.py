@@ -17,11 +17,11 @@ from typing import Sequence
 
 import torch
 
-from ..cache.store import JsonlStore, content_key, directory_fingerprint, fill_missing, group_content
+from ..cache.store import JsonlStore, content_key, directory_fingerprint, fill_missing, group_content, model_fingerprint
 from ..data.groups import PreferenceGroup, Response, text_to_turn
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
-from ..models.loading import load_model, resolve_model_path
+from ..models.loading import load_model
 from ..models.packing import use_packing
 from ..recipe import ModelConfig, RewardConfig
 from ..runs import write_atomic
@@ -151,7 +151,7 @@ def response_keys(groups: Sequence[PreferenceGroup], fingerprint: str, cfg: Rewa
 
 
 def reward_fingerprint(model_cfg: ModelConfig, adapter_dir: Path) -> str:
-    return content_key(directory_fingerprint(resolve_model_path(model_cfg.path)),
+    return content_key(model_fingerprint(model_cfg.path),
                        directory_fingerprint(adapter_dir, hash_files=("adapter_model.safetensors",)))
 
 
