@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from .data.groups import PreferenceGroup
 from .recipe import Recipe, TrainConfig
-from .runs import RunDir, changed_message
+from .runs import RunDir, cache_dir_of, changed_message
 
 TRAINER_STAGES = {"reward": "reward.train", "dpo": "dpo.train"}
 # which sequence each stage feeds the model, and the max_length that bounds it
@@ -316,6 +316,63 @@ def _too_long(kind: str, group: PreferenceGroup, message: str) -> dict:
     return {"limit": kind, "source": group.source or group.id, "message": message}
 
 
+TOKENS_CACHE = "tokens.jsonl"
+COUNTER_VERSION = 1
+
+
+def _media_stamp(media) -> Any:
+    """A cheap identity for token counting: path + size + mtime (image sizes come from headers), or the
+    digest of inline bytes."""
+    import hashlib
+    import os
+
+    if isinstance(media, bytes):
+        return hashlib.sha256(media).hexdigest()
+    try:
+        st = os.stat(media)
+        return [str(media), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(media), None]
+
+
+def memoize_counter(count: Callable, cache_dir: Path, salt: Any) -> Callable:
+    """Per-group counts kept in `<cache_dir>/tokens.jsonl`, keyed by everything the count reads (model
+    files, lengths and pixel settings via `salt`; the group's text, media stamps and source): a resumed
+    run or a second dry run counts only new or changed groups. Written in batches; `count.flush()` at the
+    end."""
+    from .cache.store import JsonlStore, content_key
+
+    store = JsonlStore(Path(cache_dir) / TOKENS_CACHE)
+    pending: list[dict] = []
+
+    def flush() -> None:
+        if pending:
+            try:
+                store.put_many(pending)
+            except OSError:  # a full or read-only disk only costs the next run the recount
+                pass
+            pending.clear()
+
+    def memo(g: PreferenceGroup, with_critique: bool) -> tuple["GroupTokens", list[dict]]:
+        video = None
+        if g.video is not None:
+            video = [_media_stamp(f) for f in g.video] if isinstance(g.video, list) else _media_stamp(g.video)
+        key = content_key("tokens", COUNTER_VERSION, salt, with_critique, g.source or g.id, g.prompt,
+                          [_media_stamp(m) for m in g.images], video,
+                          [(r.text, r.critique) for r in g.responses])
+        rec = store.get(key)
+        if rec is not None:
+            return GroupTokens(**rec["tokens"]), rec["problems"]
+        t, problems = count(g, with_critique)
+        pending.append({"key": key, "tokens": dataclasses.asdict(t), "problems": problems})
+        if len(pending) >= 2000:
+            flush()
+        return t, problems
+
+    memo.flush = flush
+    return memo
+
+
 def _processor_counter(recipe: Recipe, stages: Sequence[str], family, processor, config: dict | None) -> _Counter:
     """Exact: the model's tokenizer and chat template through the stages' own encoders; image tokens from
     image sizes (or, for a family without a counter, the processor itself)."""
@@ -428,9 +485,9 @@ def _chars_counter(recipe: Recipe, reason: str) -> _Counter:
 
 
 def _counter(recipe: Recipe, stages: Sequence[str], config: dict | None = None,
-             config_source: str | None = None) -> _Counter:
-    """The exact counter when the processor loads; offline, the family formula when the family and a config
-    are known; else characters/4."""
+             config_source: str | None = None, memo_dir: Path | None = None) -> _Counter:
+    """The exact counter when the processor loads (memoized in `memo_dir` when given); offline, the family
+    formula when the family and a config are known; else characters/4."""
     from .models.families import FAMILIES, detect_family, family_of_model_type
     from .models.loading import load_processor, resolve_model_path
 
@@ -457,16 +514,25 @@ def _counter(recipe: Recipe, stages: Sequence[str], config: dict | None = None,
         return _chars_counter(recipe, reason)
     c = _processor_counter(recipe, stages, family, processor, config)
     c.config_source = config_source
+    if memo_dir is not None:
+        from .cache.store import directory_fingerprint
+        from .reward.prompt import TEMPLATE_VERSION
+
+        m = recipe.model
+        salt = [directory_fingerprint(path), family.name, TEMPLATE_VERSION, m.min_pixels, m.max_pixels,
+                recipe.data.max_frames, recipe.dpo.train.max_length, recipe.reward.train.max_length,
+                sorted(set(stages) & set(POLICY_STAGES + CRITIQUE_STAGES + ("score", "eval")))]
+        c.count = memoize_counter(c.count, memo_dir, salt)
     return c
 
 
 def token_stats(recipe: Recipe, stages: Sequence[str], groups: Sequence[PreferenceGroup],
-                train_ids: set[str], config: dict | None = None, config_source: str | None = None
-                ) -> tuple[dict[str, Any], list[dict], list[GroupTokens]]:
+                train_ids: set[str], config: dict | None = None, config_source: str | None = None,
+                memo_dir: Path | None = None) -> tuple[dict[str, Any], list[dict], list[GroupTokens]]:
     """Token counts (percentiles, the longest micro-batch), the samples over max_length (all groups, train and
     eval) and each group's counts. `config` is the model's config.json content when known (it fixes the
     offline image-token formula and the vision patches per image token)."""
-    counter = _counter(recipe, stages, config, config_source)
+    counter = _counter(recipe, stages, config, config_source, memo_dir)
     per_group: list[GroupTokens] = []
     too_long: list[dict] = []
     train_packed = train_unpacked = 0
@@ -478,6 +544,7 @@ def token_stats(recipe: Recipe, stages: Sequence[str], groups: Sequence[Preferen
         if g.id in train_ids:
             train_packed += t.packed
             train_unpacked += sum(t.prompt + n for n in t.responses)
+    getattr(counter.count, "flush", lambda: None)()
     images = [t.image for t in per_group]
     splits = {}
     for split, keep in (("train", lambda g: g.id in train_ids), ("eval", lambda g: g.id not in train_ids)):
@@ -502,17 +569,21 @@ def token_stats(recipe: Recipe, stages: Sequence[str], groups: Sequence[Preferen
     return stats, too_long, per_group
 
 
-def preflight_too_long(recipe: Recipe, stages: Sequence[str], groups: Sequence[PreferenceGroup]) -> list[dict]:
+def preflight_too_long(recipe: Recipe, stages: Sequence[str], groups: Sequence[PreferenceGroup],
+                       memo_dir: Path | None = None) -> list[dict]:
     """The samples a run of `stages` would find longer than max_length, counted exactly with the model's own
     tokenizer, template and image-token rules before any weight is loaded (what `run_pipeline` refuses to
-    start on). [] when nothing to check or the processor cannot be loaded (the stage then reports that)."""
+    start on). [] when nothing to check or the processor cannot be loaded (the stage then reports that).
+    With `memo_dir`, counts are kept there and a later call recounts only new or changed groups."""
     if not any(s in stages for s in POLICY_STAGES + CRITIQUE_STAGES):
         return []
-    counter = _counter(recipe, stages)
+    counter = _counter(recipe, stages, memo_dir=memo_dir)
     if counter.method != "processor":
         return []
     with_critique = any(s in stages for s in CRITIQUE_STAGES)
-    return [p for g in groups for p in counter.count(g, with_critique)[1]]
+    out = [p for g in groups for p in counter.count(g, with_critique)[1]]
+    getattr(counter.count, "flush", lambda: None)()
+    return out
 
 
 def longest(per_group: Sequence[GroupTokens]) -> dict[str, int]:
@@ -779,8 +850,10 @@ def make_plan(recipe: Recipe, stages: Sequence[str], train_groups: Sequence[Pref
     """Everything the dry run reports, as data. `errors` is non-empty when a real run would fail."""
     stage_rows, errors = stage_status(recipe, stages)
     config, config_source = model_config(recipe)
+    memo = cache_dir_of(recipe)  # a dry run reuses (and adds to) the counts of a run folder that exists
     tokens, too_long, per_group = token_stats(recipe, stages, list(train_groups) + list(eval_groups),
-                                              {g.id for g in train_groups}, config, config_source)
+                                              {g.id for g in train_groups}, config, config_source,
+                                              memo_dir=memo if memo.exists() else None)
     steps = {}
     for stage, section in TRAINER_STAGES.items():
         if stage in stages:

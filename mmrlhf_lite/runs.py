@@ -64,6 +64,11 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [prefix]
 
 
+def cache_dir_of(recipe: Recipe) -> Path:
+    """Where a run's caches live: `cache.dir` when set (shared between runs), else `<run.dir>/cache`."""
+    return Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.run.dir) / "cache"
+
+
 def _read_pid(lock: Path) -> int:
     try:
         return int(lock.read_text().split()[0])

@@ -24,7 +24,7 @@ from typing import Any
 
 from .events import EventLog, StageStopped
 from .recipe import STAGES, Recipe, RecipeError, describe_fields, load_recipe
-from .runs import RunDir, RunFolderError
+from .runs import RunDir, RunFolderError, cache_dir_of
 
 log = logging.getLogger("mmrlhf_lite")
 
@@ -60,7 +60,7 @@ class RunContext:
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.recipe.cache.dir) if self.recipe.cache.dir else self.run.path / "cache"
+        return cache_dir_of(self.recipe)
 
     def data(self):
         """(train_groups, eval_groups), loaded and validated once per process."""
@@ -144,7 +144,7 @@ def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
     if not any(s in ("reward", "reference", "dpo", "eval") for s in stages):
         return
     train, evals = ctx.data()
-    too_long = preflight_too_long(ctx.recipe, stages, list(train) + list(evals))
+    too_long = preflight_too_long(ctx.recipe, stages, list(train) + list(evals), memo_dir=ctx.cache_dir)
     if too_long:
         from .models.encoding import SequenceTooLong
         shown = "\n".join(f"  [{x['limit']}] {x['message']}" for x in too_long[:TOO_LONG_SHOWN])

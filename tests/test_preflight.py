@@ -329,3 +329,58 @@ def test_over_budget_proposes_settings_that_fit(tmp_path, shipped_configs):
     text = format_plan(plan)
     assert "does NOT fit" in text and "  to fit: " + " ".join(overrides) in text
     assert text.endswith("plan OK, 1 warning")  # an estimate warns; only errors stop a run
+
+
+def test_counts_are_memoized_per_group_and_recounted_when_anything_they_read_changes(tmp_path, monkeypatch):
+    """A resumed run does not recount 20k groups: counts live in the cache dir, keyed by the group's text,
+    media stamps and source, the model files and the length/pixel settings."""
+    import os
+
+    import mmrlhf_lite.plan as plan_mod
+    from mmrlhf_lite.plan import TOKENS_CACHE, preflight_too_long, token_stats
+
+    counted: list[str] = []
+    real = plan_mod._processor_counter
+
+    def spying(*a, **k):
+        c = real(*a, **k)
+        inner = c.count
+        c.count = lambda g, wc: (counted.append(g.id), inner(g, wc))[1]
+        return c
+    monkeypatch.setattr(plan_mod, "_processor_counter", spying)
+
+    groups = _groups(tmp_path / "img")
+    stages = ["reward", "score", "reference", "dpo", "eval"]
+    args = ["model.path=tiny:qwen2_vl:xs", "model.device=cpu", f"run.dir={tmp_path / 'run'}",
+            "dpo.train.max_length=45", "reward.train.max_length=400"]
+    recipe = load_recipe(None, args, check_paths=False)
+    memo = tmp_path / "cache"
+    plain = token_stats(recipe, stages, groups, {g.id for g in groups})
+    assert len(counted) == len(groups)
+    first = preflight_too_long(recipe, stages, groups, memo_dir=memo)
+    assert first and len(counted) == 2 * len(groups)  # some samples exceed 45 tokens
+    assert len((memo / TOKENS_CACHE).read_text().splitlines()) == len(groups)
+    # the same again: nothing counted, the same answer; token_stats through the memo equals the plain count
+    assert preflight_too_long(recipe, stages, groups, memo_dir=memo) == first
+    assert len(counted) == 2 * len(groups)
+    memoized = token_stats(recipe, stages, groups, {g.id for g in groups}, memo_dir=memo)
+    assert memoized[0] == plain[0] and memoized[2] == plain[2]
+    # one response edited: that group alone is recounted
+    counted.clear()
+    groups[1].responses[0].text += " and more words"
+    preflight_too_long(recipe, stages, groups, memo_dir=memo)
+    assert counted == [groups[1].id]
+    # an image replaced by one of another size under the same name: recounted, and the new size is seen
+    counted.clear()
+    path = groups[0].images[0]
+    before = os.stat(path).st_mtime_ns
+    _img(Path(path), (300, 300), 7)
+    os.utime(path, ns=(before + 10 ** 9, before + 10 ** 9))
+    again = token_stats(recipe, stages, groups, {g.id for g in groups}, memo_dir=memo)
+    assert counted == [groups[0].id] and again[2][0].image != plain[2][0].image
+    # another max_length: every group is checked again
+    counted.clear()
+    longer = load_recipe(None, args + ["dpo.train.max_length=4000"], check_paths=False)
+    assert preflight_too_long(longer, stages, groups, memo_dir=memo) == [
+        p for p in preflight_too_long(longer, stages, groups) if p["limit"] != "dpo.train.max_length"]
+    assert len(counted) == 2 * len(groups)

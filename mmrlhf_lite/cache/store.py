@@ -48,9 +48,13 @@ def group_content(group: PreferenceGroup) -> dict:
             "video": [_digest(m) for m in group.video] if group.video is not None else None}
 
 
+_HASHED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # configs, tokenizers, chat templates
+
+
 def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] = ()) -> str:
-    """Identity of a model or adapter folder: config JSON contents, weight file names and sizes, and
-    full hashes of the (small) files in `hash_files` such as adapter weights."""
+    """Identity of a model or adapter folder: contents of its small config/tokenizer/template files, names
+    and sizes of the large ones (weights, a large tokenizer.json), and full hashes of the files in
+    `hash_files` such as adapter weights."""
     p = Path(path)
     parts: list = []
     if not p.exists():
@@ -58,9 +62,10 @@ def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] 
     for f in sorted(p.iterdir()):
         if f.is_dir():
             continue
-        if f.name in hash_files or f.suffix == ".json" and f.stat().st_size < 1 << 20:
+        small = f.stat().st_size < 1 << 20
+        if f.name in hash_files or f.suffix in _HASHED_SUFFIXES and small:
             parts.append((f.name, hashlib.sha256(f.read_bytes()).hexdigest()))
-        elif f.suffix in (".safetensors", ".bin", ".gguf"):
+        elif f.suffix in _HASHED_SUFFIXES or f.suffix in (".safetensors", ".bin", ".gguf"):
             parts.append((f.name, f.stat().st_size))
     return content_key(parts)
 
