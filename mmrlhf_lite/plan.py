@@ -515,11 +515,11 @@ def _counter(recipe: Recipe, stages: Sequence[str], config: dict | None = None,
     c = _processor_counter(recipe, stages, family, processor, config)
     c.config_source = config_source
     if memo_dir is not None:
-        from .cache.store import directory_fingerprint
+        from .cache.store import model_fingerprint
         from .reward.prompt import TEMPLATE_VERSION
 
         m = recipe.model
-        salt = [directory_fingerprint(path), family.name, TEMPLATE_VERSION, m.min_pixels, m.max_pixels,
+        salt = [model_fingerprint(m.path), family.name, TEMPLATE_VERSION, m.min_pixels, m.max_pixels,
                 recipe.data.max_frames, recipe.dpo.train.max_length, recipe.reward.train.max_length,
                 sorted(set(stages) & set(POLICY_STAGES + CRITIQUE_STAGES + ("score", "eval")))]
         c.count = memoize_counter(c.count, memo_dir, salt)
