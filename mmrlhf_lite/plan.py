@@ -720,7 +720,7 @@ def proposals(arch, settings, recipe: Recipe, stages: Sequence[str], per_group: 
         if out[-1]["fits"]:
             return out
     largest_image = max(t.largest_image for t in per_group)
-    if largest_image and family is not None and family.pixel_limits != "none":
+    if largest_image and family is not None and family.pixel_limits in ("pixels", "longest_edge", "anyres"):
         def capped(s: float) -> list[GroupTokens]:
             cap = largest_image * s
             return [_shrink(t, cap / t.largest_image) if t.largest_image > cap else t for t in per_group]
@@ -785,6 +785,13 @@ def _max_pixels_for(family, config: dict | None, largest_image: int, scale: floa
         tiles = largest_image * scale / max(1, seq)
         k = max(1, int(math.sqrt(max(1.0, tiles - 1))))
         return (k * tile) ** 2, seq * (k * k + 1 if k > 1 else 1)
+    if family.pixel_limits == "anyres":
+        # LLaVA-OneVision: the base tile + a grid of at most k tiles (max_pixels = k tiles' area keeps the
+        # resolutions with rows x cols <= k), with a newline token per row of image tokens
+        tile = vision.get("image_size", 384)
+        side = tile // vision.get("patch_size", 14)
+        k = max(1, int(largest_image * scale / (side * side)) - 1)
+        return k * tile * tile, side * side * (k + 1) + side * k
     return None
 
 

@@ -6,6 +6,7 @@ with `model.family` + a shipped config; every recipe's pre-flight fits the GPU c
 """
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import re
@@ -185,8 +186,11 @@ def test_image_too_large_for_max_length_is_named_and_training_refuses(tmp_path, 
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded although a sample is too long")
+    stage_modules = ("mmrlhf_lite.reward.trainer", "mmrlhf_lite.cache.reference", "mmrlhf_lite.dpo.trainer")
+    for module in stage_modules:  # imported before loading.load_model is patched, or they would bind the patch
+        importlib.import_module(module)  # (and monkeypatch would "restore" it for the tests after this one)
     monkeypatch.setattr(loading, "load_model", no_model)
-    for module in ("mmrlhf_lite.reward.trainer", "mmrlhf_lite.cache.reference", "mmrlhf_lite.dpo.trainer"):
+    for module in stage_modules:
         monkeypatch.setattr(f"{module}.load_model", no_model)
     with pytest.raises(SequenceTooLong) as info:
         run_pipeline(recipe, echo=False)
@@ -384,3 +388,83 @@ def test_counts_are_memoized_per_group_and_recounted_when_anything_they_read_cha
     assert preflight_too_long(longer, stages, groups, memo_dir=memo) == [
         p for p in preflight_too_long(longer, stages, groups) if p["limit"] != "dpo.train.max_length"]
     assert len(counted) == 2 * len(groups)
+
+
+def test_llava_onevision_max_pixels_caps_the_anyres_grid_in_processor_and_model(tmp_path):
+    """model.max_pixels keeps the anyres resolutions within it, in the processor and in the model config
+    alike: fewer image tokens, counted exactly by the pre-flight, and a forward that still runs (with the
+    model's full grid it fails: its tile count disagrees with the processor's)."""
+    import torch
+
+    from mmrlhf_lite.models.loading import load_model
+    from mmrlhf_lite.models.packing import group_forward
+    from mmrlhf_lite.models.tiny import ensure_tiny
+
+    path = str(ensure_tiny("tiny:llava_onevision:xs"))
+    config = json.loads((Path(path) / "config.json").read_text())
+    full = config["image_grid_pinpoints"]
+    tile = config["vision_config"]["image_size"]
+    assert sorted(map(tuple, full)) == [(tile, tile), (tile, 2 * tile), (2 * tile, tile), (2 * tile, 2 * tile)]
+    cfg = ModelConfig(path=path, device="cpu", load_in_4bit=False, max_pixels=2 * tile * tile)
+    model, processor = load_model(cfg, trainable=False, lora=False)
+    capped = [[tile, tile], [tile, 2 * tile], [2 * tile, tile]]
+    assert processor.image_processor.image_grid_pinpoints == capped
+    assert model.config.image_grid_pinpoints == capped and model.model.config.image_grid_pinpoints == capped
+    family = model.mmrlhf.family
+    big = _img(tmp_path / "big.png", (300, 280), 3)  # nearly square: 2 x 2 tiles uncapped
+    g = PreferenceGroup(id="big", prompt=[text_to_turn("<image>What is it?", 1)], images=[big],
+                        responses=[Response("a square", rank=1), Response("a circle", rank=2)], source="x.jsonl:1")
+    enc_capped = GroupEncoder(processor, family, max_length=10 ** 9).encode_policy(g)
+    uncapped = load_processor(path, family)
+    enc_full = GroupEncoder(uncapped, family, max_length=10 ** 9).encode_policy(g)
+    enc = GroupEncoder(processor, family, max_length=10 ** 9)
+    n_capped, n_full = enc.image_token_count(enc_capped.prefix), enc.image_token_count(enc_full.prefix)
+    assert n_capped < n_full
+    # the pre-flight's count from the image size agrees with the capped processor
+    counting = CountingProcessor(processor, family, config)
+    sized = _size_only_encoder_class()(counting, family, max_length=10 ** 9)
+    assert sized.image_token_count(sized.encode_policy(g).prefix) == n_capped
+    with torch.no_grad():
+        out = group_forward(model, family, [enc_capped], packed=True)
+        assert all(torch.isfinite(lp) for lp in out.logps)
+        for m in (model, model.model):
+            m.config.image_grid_pinpoints = full
+        with pytest.raises((ValueError, RuntimeError)):  # tiles per image disagree with the processor's
+            group_forward(model, family, [enc_capped], packed=True)
+
+
+def test_anyres_fit_proposal_by_hand():
+    """7B LLaVA-OV (384 px tiles of 27 x 27 = 729 tokens): capping its largest image (7371 tokens) at 0.3
+    allows the base tile + a grid of int(2211 / 729) - 1 = 2 tiles: max_pixels 2 x 384^2, at most
+    3 x 729 + 2 x 27 image tokens."""
+    from mmrlhf_lite.models.families import FAMILIES, capped_grid_pinpoints
+    from mmrlhf_lite.plan import _max_pixels_for
+
+    config = json.loads((CONFIGS / "llava-hf--llava-onevision-qwen2-7b-ov-hf.json").read_text())
+    assert _max_pixels_for(FAMILIES["llava_onevision"], config, 7371, 0.3) == (294912, 2241)
+    pins = capped_grid_pinpoints(config["image_grid_pinpoints"], 294912)
+    assert sorted(map(tuple, pins)) == [(384, 384), (384, 768), (768, 384)]
+    assert capped_grid_pinpoints(config["image_grid_pinpoints"], 1000) == [[384, 384]]  # never empty
+
+
+def test_over_budget_llava_onevision_gets_a_max_pixels_cap_that_fits(tmp_path, shipped_configs):
+    """LLaVA-OV 7B with full anyres tiles (one group per micro-batch already) on a 14 GB budget: measured
+    14.4 GiB estimated; the proposal caps the anyres grid with model.max_pixels (884736, 6 tiles), and the
+    re-plan with it fits (12.1 GiB, largest image 7371 -> 4501 tokens)."""
+    path = REPO / "recipes" / "llava_onevision_7b-24gb.yaml"
+    from mmrlhf_lite.data import prepare_data
+    from mmrlhf_lite.events import EventLog
+
+    data = worst_case_data(tmp_path / "data", 4, k=4)
+    base = [f"data.path={data}", "data.media_root=null", "data.eval_fraction=0", f"run.dir={tmp_path / 'run'}"]
+    recipe = load_recipe(path, base, check_paths=False)
+    train, evals = prepare_data(recipe, tmp_path / "run", EventLog(None, echo=False), dry_run=True)
+    plan = make_plan(recipe, ["dpo"], train, evals, gpu_mem="14GB")
+    m = plan["memory"]
+    assert m["fits"] is False, format_plan(plan)
+    fitting = [p for p in m["proposals"] if p["fits"]]
+    assert fitting and any(o.startswith("model.max_pixels=") for o in fitting[0]["overrides"]), m["proposals"]
+    again = make_plan(load_recipe(path, base + fitting[0]["overrides"], check_paths=False), ["dpo"], train, evals,
+                      gpu_mem="14GB")
+    assert again["memory"]["fits"] is True, format_plan(again)
+    assert again["tokens"]["longest"]["largest_image"] < plan["tokens"]["longest"]["largest_image"]

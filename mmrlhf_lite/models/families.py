@@ -80,7 +80,7 @@ FAMILIES: dict[str, FamilySpec] = {
             image_processor_module="transformers.models.llava_onevision.image_processing_pil_llava_onevision",
             text_prefix="model.language_model",
             vision_prefixes=("model.vision_tower", "model.multi_modal_projector"),
-            forward_keys=("pixel_values", "image_sizes", "batch_num_images"), pixel_limits="none",
+            forward_keys=("pixel_values", "image_sizes", "batch_num_images"), pixel_limits="anyres",
             notes="pixel_values is (images, anyres tiles, 3, H, W), padded to the most tiles in a batch; "
                   "1-D positions (Qwen2 decoder).",
         ),
@@ -112,9 +112,9 @@ def apply_pixel_limits(image_processor, spec: FamilySpec, min_pixels: int | None
     - `longest_edge` (Idefics3/SmolVLM): `size.longest_edge` is an edge length in pixels, split into
       tiles of `max_image_size`; max_pixels becomes the longest edge sqrt(max_pixels) rounded down to
       whole tiles (at least one), so a square image stays within max_pixels. min_pixels does not apply.
-    - `none` (LLaVA-OneVision): the anyres tile grid is fixed by the model config's
-      `image_grid_pinpoints` (processor and model must agree, or the forward fails on a feature/token
-      count mismatch), so the limits are not applied.
+    - `anyres` (LLaVA-OneVision): max_pixels keeps the anyres resolutions (`image_grid_pinpoints`) of at
+      most max_pixels (the smallest one when none is). The model's config must get the same list
+      (`cap_model_grid`), or the forward fails on a feature/token count mismatch. min_pixels does not apply.
     """
     notes = []
     if spec.pixel_limits == "pixels":
@@ -135,10 +135,33 @@ def apply_pixel_limits(image_processor, spec: FamilySpec, min_pixels: int | None
             image_processor.size = _resized(size, longest_edge=edge)
         if min_pixels:
             notes.append(f"{spec.name}: model.min_pixels is not applied (images are only scaled down)")
+    elif spec.pixel_limits == "anyres":
+        if max_pixels:
+            image_processor.image_grid_pinpoints = capped_grid_pinpoints(image_processor.image_grid_pinpoints,
+                                                                         max_pixels)
+        if min_pixels:
+            notes.append(f"{spec.name}: model.min_pixels is not applied (anyres picks the best-fitting resolution)")
     elif max_pixels or min_pixels:
-        notes.append(f"{spec.name}: model.max_pixels/min_pixels are not applied (the anyres tile grid is fixed "
-                     "by the model's image_grid_pinpoints); image tokens depend on each image's aspect ratio")
+        notes.append(f"{spec.name}: model.max_pixels/min_pixels are not applied")
     return notes
+
+
+def capped_grid_pinpoints(pinpoints: list, max_pixels: int) -> list:
+    """The anyres resolutions [h, w] of at most max_pixels; the smallest one when none is."""
+    keep = [list(p) for p in pinpoints if p[0] * p[1] <= max_pixels]
+    return keep or [list(min(pinpoints, key=lambda p: p[0] * p[1]))]
+
+
+def cap_model_grid(model, spec: FamilySpec, max_pixels: int | None) -> None:
+    """The model side of `apply_pixel_limits` for `anyres` families: the same capped resolutions in every
+    config that carries them (the processor and the model must agree)."""
+    if spec.pixel_limits != "anyres" or not max_pixels:
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        pins = getattr(config, "image_grid_pinpoints", None)
+        if pins:
+            config.image_grid_pinpoints = capped_grid_pinpoints(pins, max_pixels)
 
 
 def family_of_model_type(model_type: str) -> FamilySpec:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..recipe import ModelConfig
-from .families import FamilySpec, apply_pixel_limits, detect_family
+from .families import FamilySpec, apply_pixel_limits, cap_model_grid, detect_family
 from .heads import RewardHead
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
         model = _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora)
     else:
         model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora)
+    cap_model_grid(model, family, cfg.max_pixels)
     processor = load_processor(path, family, cfg)
     model.mmrlhf = LoadedModel(path=path, family=family, backend=backend, device=device, dtype=dtype)
     return model, processor
