@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import importlib
 import logging
 import sys
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    recipe = None
     try:
         stages = _split_stages(args.stages, "--stages")
         redo = tuple(_split_stages(args.redo, "--redo") or ())
@@ -239,15 +241,49 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, RunFolderError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, RecipeError) else 1
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            print(f"error: disk full while writing {exc.filename or 'run outputs'}; free space and run the same "
-                  "command again: finished stages are kept and training resumes from its last checkpoint.",
-                  file=sys.stderr)
-            return 1
-        return _unexpected(exc)
     except Exception as exc:  # noqa: BLE001 - last resort: a readable message, the trace goes to train.log
-        return _unexpected(exc)
+        return report_error(exc, recipe.run.dir if recipe is not None else ".")
+
+
+def report_error(exc: BaseException, out_dir, resume: str = "finished stages and caches are kept and training "
+                 "resumes from its last complete checkpoint") -> int:
+    """Exit code 1 with one readable line for an error a command did not expect: a full disk (whichever
+    library hit it), a known user error (data, media, model loading, too long), else its type and message
+    (the trace goes to the debug log)."""
+    if disk_full(exc):
+        where = getattr(exc, "filename", None) or f"the output folder {out_dir}"
+        print(f"error: disk full while writing {where} ({_free_space(out_dir)}); free space and run the same "
+              f"command again: {resume}.", file=sys.stderr)
+        return 1
+    return _unexpected(exc)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a full disk. Not every writer raises OSError:
+    safetensors raises SafetensorError("... No space left on device (os error 28)") and torch.save a
+    RuntimeError("... file write failed")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "os error 28" in text or "file write failed" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_space(path) -> str:
+    import shutil
+
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 2 ** 20:.1f} MiB free there now"
+    except OSError:
+        return "free space unknown"
 
 
 def _known_user_errors() -> tuple[type, ...]:
@@ -266,8 +302,18 @@ def _unexpected(exc: BaseException) -> int:
     if isinstance(exc, _known_user_errors()):
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    log.debug("unexpected error\n%s", "".join(traceback.format_exception(exc)))
-    print(f"error: {type(exc).__name__}: {exc}\n(the full trace is in the run folder's train.log)", file=sys.stderr)
+    trace = "".join(traceback.format_exception(exc))
+    logs = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if logs:
+        log.debug("unexpected error\n%s", trace)
+        where = logs[0].baseFilename
+    else:  # no run folder log (e.g. the evaluate command): the trace goes to a file of its own
+        import tempfile
+
+        fd, where = tempfile.mkstemp(prefix="mmrlhf-lite-error-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(trace)
+    print(f"error: {type(exc).__name__}: {exc}\n(the full trace is in {where})", file=sys.stderr)
     return 1
 
 

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a readable line, never a library traceback
+        from ..train import report_error
+
+        return report_error(exc, args.out or args.run_dir, resume="the evaluation starts again")
 
 
 if __name__ == "__main__":
