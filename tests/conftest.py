@@ -95,3 +95,11 @@ def images(tmp_path) -> list[Path]:
         img.save(path)
         out.append(path)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the demo end-to-end file (minutes) starts at once, so with `-n 2 --dist loadfile`
+    (scripts/test.sh) the rest of the suite runs beside it on the other worker."""
+    first = ("test_demo_e2e.py", "test_ui_browser.py", "test_kill_resume.py", "test_notebooks.py")
+    rank = {name: i for i, name in enumerate(first)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(first)))
