@@ -88,6 +88,8 @@ class DataConfig:
                      "`rlaifv`, `rlhfv` (LLaVA style), `vlfeedback`.",
                      choices=("auto", "ranked", "mmrlhf", "mmrlhf_bench", "trl", "swift", "llamafactory",
                               "rlaifv", "rlhfv", "vlfeedback"))
+    dataset: str | None = _f(None, "LLaMA-Factory: the entry of the `dataset_info.json` that data.path names (the "
+                             "file or its folder); the entry's file, columns and tags are applied.")
     media_root: str | None = _f(None, "Folder that relative image/video paths resolve against "
                                 "(default: the data file's folder).")
     max_frames: int = _f(8, "Frames sampled from each video (a folder of frames or a list).", gt=0)

@@ -41,7 +41,7 @@ def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
         d = cfg.demo
         path = str(write_demo(Path(run_dir) / "data" / "demo", d.groups, d.seed, d.image_size, d.safety_fraction))
     result = load_groups(path, fmt=cfg.format, media_root=cfg.media_root, on_error=cfg.on_error,
-                         max_frames=cfg.max_frames, events=events)
+                         max_frames=cfg.max_frames, events=events, dataset=cfg.dataset)
     groups = result.groups
     if cfg.max_groups:
         groups = groups[: cfg.max_groups]

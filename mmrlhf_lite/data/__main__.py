@@ -20,7 +20,7 @@ def _load(args):
     from .readers import load_groups
 
     return load_groups(args.path, fmt=args.format, media_root=args.media_root, on_error=args.on_error,
-                       max_frames=args.max_frames)
+                       max_frames=args.max_frames, dataset=args.dataset)
 
 
 def cmd_stats(args) -> int:
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--media-root", default=None, help="folder relative media paths resolve against "
                        "(default: each data file's folder)")
         p.add_argument("--on-error", default="raise", choices=("raise", "skip"))
+        p.add_argument("--dataset", default=None, help="entry of the LLaMA-Factory dataset_info.json at PATH")
         p.add_argument("--max-frames", type=int, default=8, help="frames sampled per video")
 
     s = sub.add_parser("stats", help="print counts (and token lengths with --processor)")

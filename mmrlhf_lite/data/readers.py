@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from . import registry
 from .errors import DataError
 from .formats import FORMATS, PARSERS, detect
 from .groups import PreferenceGroup
@@ -50,14 +51,24 @@ class _Warnings:
 
 
 def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=8, events=None,
-                allow_empty=False) -> LoadResult:
+                allow_empty=False, dataset=None) -> LoadResult:
     """Read every row under `path` (file, folder, `datasets` folder) into groups; see the module doc.
 
+    `dataset` names an entry of the LLaMA-Factory registry (`dataset_info.json`) at `path` (registry.py);
+    `path` naming a registry file without it is an error that lists the entries.
     `allow_empty=True` returns a result without groups instead of raising (the UI lists its skipped rows)."""
     if fmt not in FORMATS:
         raise DataError("", f"unknown data.format '{fmt}'; choose one of {', '.join(FORMATS)}", reason="bad_value")
     if on_error not in ("raise", "skip"):
         raise DataError("", f"unknown data.on_error '{on_error}'; choose raise or skip", reason="bad_value")
+    transform = None
+    if dataset or registry.looks_like_registry(path):
+        entry = registry.resolve(path, dataset)
+        if fmt not in ("auto", entry.fmt):
+            raise DataError(str(path), f"data.format is '{fmt}' but entry '{dataset}' is read as '{entry.fmt}' "
+                            "(leave data.format at auto)", reason="bad_value")
+        path, fmt, transform = entry.path, entry.fmt, entry.transform
+        media_root = media_root or entry.media_root
     result = LoadResult(groups=[])
     checker, builder, warnings, memo = MediaChecker(), GroupBuilder(), _Warnings(), {}
     for file in list_sources(path):
@@ -72,11 +83,12 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
             try:
                 if raw.error is not None:
                     raise raw.error
+                row = transform(raw.row, raw.source) if transform else raw.row
                 if parse is None:
-                    file_fmt = ctx.fmt = _detect(raw.source, raw.row)
+                    file_fmt = ctx.fmt = _detect(raw.source, row)
                     result.formats[file] = file_fmt
                     parse = PARSERS[file_fmt]
-                parsed = parse(raw.row, ctx)
+                parsed = parse(row, ctx)
                 if isinstance(parsed, PairRow):
                     builder.add_pair(parsed)
                 else:
