@@ -388,3 +388,23 @@ def test_compare_table_from_reports(tmp_path):
     assert table[1]["critique mode"] == "(no evaluation yet)" and table[1]["Acc"] == "-"
     curves = compare.overlay(tmp_path, ["plain", "noeval"], "dpo_acc", runview.EventTail())
     assert set(curves["series"]) == {"plain: implicit accuracy", "noeval: implicit accuracy"}
+
+
+def test_jobs_table_marks_stale_stages(tmp_path):
+    """A stage whose input stage was recomputed since it finished is listed as stale."""
+    from mmrlhf_lite.recipe import load_recipe
+    from mmrlhf_lite.runs import RunDir
+    from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+
+    runs = tmp_path / "runs"
+    recipe = load_recipe(None, [f"run.dir={runs / 'r1'}"], check_paths=False)
+    rd = RunDir(recipe.run.dir)
+    rd.path.mkdir(parents=True)
+    recipe.save(rd.path / "recipe.yaml")  # what makes a folder a run folder for the UI
+    for stage in ("reward", "score", "reference", "dpo"):
+        rd.mark_done(stage, recipe)
+    rd.mark_done("reward", recipe)  # recomputed: score, and dpo through it, are now out of date
+    h = Handlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
+                          max_upload_bytes=1))
+    row = h.jobs_frame().set_index("run").loc["r1"]
+    assert row["stages done"] == "reward, score (stale), reference, dpo (stale)"

@@ -251,7 +251,9 @@ class Handlers:
         for n in jobs.list_runs(self.cfg.runs_root):
             run = self.cfg.runs_root / n
             st = jobs.job_state(run, self.tail.events(run))
-            done = [s for s in STAGES if RunDir(run).is_done(s)]
+            rd = RunDir(run)
+            stale = rd.stale_stages()  # finished, but an input stage was recomputed since
+            done = [f"{s} (stale)" if s in stale else s for s in STAGES if rd.is_done(s)]
             rows.append({"run": n, "status": st.status, "stages done": ", ".join(done) or "-",
                          "updated": time.strftime("%H:%M:%S", time.localtime(_mtime(run)))})
         return pd.DataFrame(rows, columns=["run", "status", "stages done", "updated"])
