@@ -468,3 +468,24 @@ def test_over_budget_llava_onevision_gets_a_max_pixels_cap_that_fits(tmp_path, s
                       gpu_mem="14GB")
     assert again["memory"]["fits"] is True, format_plan(again)
     assert again["tokens"]["longest"]["largest_image"] < plan["tokens"]["longest"]["largest_image"]
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_reward_model_and_policy_see_llava_images_at_the_same_resolution(tmp_path, n_images):
+    """LLaVA-OV gives a lone image anyres tiles and each image of a multi-image sample its base tile only:
+    the critique prompt passes images nested per sample as the policy prompt does, so both see the same."""
+    from mmrlhf_lite.models.tiny import ensure_tiny
+
+    path = str(ensure_tiny("tiny:llava_onevision:xs"))
+    family = detect_family(path)
+    enc = GroupEncoder(load_processor(path, family), family, max_length=10 ** 9)
+    images = [_img(tmp_path / f"{i}.png", (120, 90), i) for i in range(n_images)]
+    g = PreferenceGroup(id="g", prompt=[text_to_turn("<image>" * n_images + "Compare.", n_images)], images=images,
+                        responses=[Response("same", rank=1), Response("different", rank=2)])
+    policy = enc.image_token_count(enc.encode_policy(g).prefix)
+    critique = enc.image_token_count(CritiqueEncoder(enc).encode(g)[0].prefix)
+    assert policy == critique
+    if n_images == 2:  # base tiles only: fewer tokens than one image with its anyres grid, twice
+        single = PreferenceGroup(id="s", prompt=[text_to_turn("<image>Compare.", 1)], images=images[:1],
+                                 responses=g.responses)
+        assert policy < 2 * enc.image_token_count(enc.encode_policy(single).prefix)
