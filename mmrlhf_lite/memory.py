@@ -12,8 +12,8 @@ the data can produce:
     trainable     LoRA params in fp32 + their grads + AdamW's two states (16 B/param); the reward head
     stored        what backward needs, kept through the forward: with gradient checkpointing one hidden
                   state per decoder layer and token; the vision tower's block inputs per image patch
-                  (transformers' `enable_input_require_grads` also hooks the vision embeddings, so the
-                  frozen tower is on the autograd graph)
+                  when it is on the autograd graph (LoRA on the tower; our loader keeps a frozen tower off
+                  it, `Settings.vision_on_graph`)
     working       the largest transient: one decoder layer recomputed and back-propagated, one chunk of
                   the LM head's fp32 log-softmax (1024 target tokens at most), or one vision block
     overhead      CUDA context and allocator slack (what `nvidia-smi` shows beyond torch's allocations)
@@ -238,6 +238,13 @@ class Settings:
     lora_vision: bool = False
     checkpointing: bool = True
     eager_attention: bool = False
+    vision_on_graph: bool | None = None   # the vision tower's activations kept for backward; None = lora_vision
+    # (our loader keeps a frozen tower off the autograd graph; a step that calls transformers'
+    # `enable_input_require_grads` puts it on: set True to model such a step)
+
+    @property
+    def vision_grad(self) -> bool:
+        return self.lora_vision if self.vision_on_graph is None else self.vision_on_graph
 
 
 @dataclass(frozen=True)
@@ -312,6 +319,9 @@ def training_activation_bytes(arch: Architecture, s: Settings, mb: MicroBatch) -
         stored_vision = arch.vision_layers * _vision_block_bytes_per_patch(arch) * patches
         layer_working = 2 * arch.hidden * b * mb.tokens
         vision_working = 0
+    if not s.vision_grad:  # a frozen tower off the graph: nothing stored, one block's forward transients
+        stored_vision = 0
+        vision_working = _vision_block_bytes_per_patch(arch) * patches // 2
     head_working = min(mb.target_tokens, HEAD_CHUNK_TOKENS) * arch.vocab * HEAD_BYTES_PER_LOGIT
     working = {"one decoder layer (recompute + backward)": layer_working,
                "LM head chunk (fp32 log-softmax)": head_working, "one vision block": vision_working}

@@ -219,3 +219,24 @@ def test_saved_adapter_reproduces_log_probs_and_reward_head(tiny_qwen2_vl_xs, gr
     with torch.no_grad():
         base_logps, _ = forward(base, processor, groups)
     assert (base_logps - logps).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("lora_vision", [False, True])
+def test_checkpointing_keeps_a_frozen_vision_tower_off_the_autograd_graph(tiny_qwen2_vl_xs, groups, lora_vision):
+    """transformers' gradient_checkpointing_enable hooks the vision tower's patch embedding to require grads,
+    which stored its activations and back-propagated through it for nothing; the loader removes that hook.
+    With LoRA on the tower its adapters still get gradients; the text LoRA gets them either way."""
+    model, processor = load_model(cfg_for(tiny_qwen2_vl_xs, gradient_checkpointing=True, lora_vision=lora_vision))
+    base = unwrap(model)
+    patch_embed = next(m for n, m in base.named_modules() if n.endswith("visual.patch_embed"))
+    seen = []
+    patch_embed.register_forward_hook(lambda module, inputs, output: seen.append(output.requires_grad) and None)
+    model.train()
+    spec = model.mmrlhf.family
+    encoded = [GroupEncoder(processor, spec, max_length=4096).encode_policy(g) for g in groups]
+    out = group_forward(model, spec, encoded, packed=True)
+    torch.stack(out.logps).sum().backward()
+    assert seen and not any(seen)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("visual" not in n and "lora_" in n for n in with_grad)
+    assert any("visual" in n for n in with_grad) == lora_vision

@@ -94,9 +94,13 @@ def test_terms_by_hand_on_a_small_architecture():
     assert c["decoder linears (nf4)"] == int((2 * 64 * 64 + 2 * 128 * 64) * NF4_BYTES_PER_PARAM)
     assert c["LoRA + AdamW"] == 2 * 4 * (64 + 64) * 16
     assert c["stored: decoder layer inputs"] == (2 + 2) * 64 * 2 * 100
-    assert c["stored: vision tower"] == (1 + 2) * 32 * 2 * 16
+    assert c["stored: vision tower"] == 0  # frozen and off the autograd graph (models/loading.py)
     assert c["working: LM head chunk (fp32 log-softmax)"] == 40 * 1000 * HEAD_BYTES_PER_LOGIT
     assert e.allocated == sum(c.values()) and e.needed > e.allocated
+    # LoRA on the tower (or a step that hooks its embeddings) keeps its checkpointed block inputs
+    for on_graph in (Settings(lora_r=4, lora_targets=("q_proj",), lora_vision=True),
+                     Settings(lora_r=4, lora_targets=("q_proj",), vision_on_graph=True)):
+        assert estimate_training(a, on_graph, mb).components["stored: vision tower"] == (1 + 2) * 32 * 2 * 16
 
 
 def test_estimate_moves_the_right_way(qwen2_vl_7b):
@@ -117,9 +121,12 @@ def test_estimate_moves_the_right_way(qwen2_vl_7b):
 
 
 def _error_table(a: Architecture, rows) -> list[tuple[str, float, float, float]]:
+    """The issue's step enabled input gradients the transformers way, which puts the frozen vision tower on the
+    autograd graph (its per-group slope, 1.40 GiB, matches only with the tower's stored inputs), so it is
+    modelled with `vision_on_graph=True`."""
     out = []
     for label, groups, packed, measured in rows:
-        est = estimate_training(a, Settings(), bench_shape(groups, packed)).allocated / GIB
+        est = estimate_training(a, Settings(vision_on_graph=True), bench_shape(groups, packed)).allocated / GIB
         out.append((label, measured, round(est, 2), est / measured - 1))
     return out
 

@@ -448,9 +448,9 @@ def test_anyres_fit_proposal_by_hand():
 
 
 def test_over_budget_llava_onevision_gets_a_max_pixels_cap_that_fits(tmp_path, shipped_configs):
-    """LLaVA-OV 7B with full anyres tiles (one group per micro-batch already) on a 14 GB budget: measured
-    14.4 GiB estimated; the proposal caps the anyres grid with model.max_pixels (884736, 6 tiles), and the
-    re-plan with it fits (12.1 GiB, largest image 7371 -> 4501 tokens)."""
+    """LLaVA-OV 7B with full anyres tiles (one group per micro-batch already) on a 13 GB budget (12.1 GiB):
+    12.7 GiB estimated; the proposal caps the anyres grid with model.max_pixels (1032192, 7 tiles), and the
+    re-plan with it fits (11.7 GiB, largest image 7371 -> 4501 tokens)."""
     path = REPO / "recipes" / "llava_onevision_7b-24gb.yaml"
     from mmrlhf_lite.data import prepare_data
     from mmrlhf_lite.events import EventLog
@@ -459,13 +459,13 @@ def test_over_budget_llava_onevision_gets_a_max_pixels_cap_that_fits(tmp_path, s
     base = [f"data.path={data}", "data.media_root=null", "data.eval_fraction=0", f"run.dir={tmp_path / 'run'}"]
     recipe = load_recipe(path, base, check_paths=False)
     train, evals = prepare_data(recipe, tmp_path / "run", EventLog(None, echo=False), dry_run=True)
-    plan = make_plan(recipe, ["dpo"], train, evals, gpu_mem="14GB")
+    plan = make_plan(recipe, ["dpo"], train, evals, gpu_mem="13GB")
     m = plan["memory"]
     assert m["fits"] is False, format_plan(plan)
     fitting = [p for p in m["proposals"] if p["fits"]]
     assert fitting and any(o.startswith("model.max_pixels=") for o in fitting[0]["overrides"]), m["proposals"]
     again = make_plan(load_recipe(path, base + fitting[0]["overrides"], check_paths=False), ["dpo"], train, evals,
-                      gpu_mem="14GB")
+                      gpu_mem="13GB")
     assert again["memory"]["fits"] is True, format_plan(again)
     assert again["tokens"]["longest"]["largest_image"] < plan["tokens"]["longest"]["largest_image"]
 

@@ -234,12 +234,15 @@ def lora_target_names(model: torch.nn.Module, family: FamilySpec, cfg: ModelConf
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing, with grads enabled on the text embeddings' output only.
 
-    transformers' `enable_input_require_grads` also hooks every sub-model's input embeddings, the vision
-    tower's patch embedding included, which keeps a frozen vision tower on the autograd graph (its
-    activations stored and back-propagated through for nothing). Only the language model's inputs need it.
+    transformers' `gradient_checkpointing_enable` calls `enable_input_require_grads`, which hooks every
+    sub-model's input embeddings, the vision tower's patch embedding included: that kept a frozen vision
+    tower on the autograd graph (its activations stored and back-propagated through for nothing). Those
+    hooks are removed; only the language model's inputs need one. With LoRA on the vision tower its own
+    trainable weights put it on the graph.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()
     base.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
     base.config.use_cache = False
 
