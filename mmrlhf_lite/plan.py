@@ -728,10 +728,14 @@ def proposals(arch, settings, recipe: Recipe, stages: Sequence[str], per_group: 
         cap = _max_pixels_for(family, config, largest_image, s) if s is not None else None
         if cap:
             pixels, tokens = cap
-            s = min(s, tokens / largest_image)
-            out.append(entry(overrides + [f"model.max_pixels={pixels}"], worst(base, capped(s)),
+            # estimated at the cap max_pixels really gives (whole tiles can keep it above the searched one)
+            groups_capped = capped(min(1.0, tokens / largest_image))
+            out.append(entry(overrides + [f"model.max_pixels={pixels}"], worst(base, groups_capped),
                              f"images capped at {tokens} tokens (now up to {largest_image})"))
-            return out
+            if out[-1]["fits"]:
+                return out
+            overrides = overrides + [f"model.max_pixels={pixels}"]  # the next levers start from the cap
+            per_group = groups_capped
     most = max(t.images for t in per_group)
     if most > 1:
         for n in range(min(recipe.data.max_frames, most) - 1, 0, -1):

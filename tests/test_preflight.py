@@ -468,6 +468,15 @@ def test_over_budget_llava_onevision_gets_a_max_pixels_cap_that_fits(tmp_path, s
                       gpu_mem="13GB")
     assert again["memory"]["fits"] is True, format_plan(again)
     assert again["tokens"]["longest"]["largest_image"] < plan["tokens"]["longest"]["largest_image"]
+    # 12 GB: even one tile per image is not enough (video frames keep their base tile), so the proposal adds
+    # fewer frames; it is estimated at the cap max_pixels really gives, so the re-plan agrees (it once
+    # claimed 11.03 GiB for a cap whose re-plan needed 11.70)
+    tight = make_plan(recipe, ["dpo"], train, evals, gpu_mem="12GB")["memory"]
+    proposal = next(p for p in tight["proposals"] if p["fits"])
+    assert proposal["overrides"][0] == "model.max_pixels=147456" and proposal["overrides"][1].startswith("data.max_frames=")
+    replan = make_plan(load_recipe(path, base + proposal["overrides"], check_paths=False), ["dpo"], train, evals,
+                       gpu_mem="12GB")["memory"]
+    assert replan["fits"] is True and replan["peak"]["needed_gib"] <= proposal["needed_gib"] + 0.05
 
 
 @pytest.mark.parametrize("n_images", [1, 2])
