@@ -162,8 +162,10 @@ class RunDir:
     def check_recipe(self, recipe: Recipe, stages: list[str]) -> list[str]:
         """Stages already done with the same inputs (skipped). Raises if a finished stage would be
         reused or overwritten with different inputs."""
-        for stage, changed in self.changed_stages(recipe).items():
-            raise RunFolderError(changed_message(self.path, stage, changed))
+        changed = self.changed_stages(recipe)
+        if changed:
+            stage, keys = next(iter(changed.items()))  # the first in pipeline order
+            raise RunFolderError(changed_message(self.path, stage, keys))
         return [s for s in stages if self.is_done(s)]
 
     # ----- lock and stop requests

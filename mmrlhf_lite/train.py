@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import importlib
 import logging
+import os
 import sys
 import time
 import traceback

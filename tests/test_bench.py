@@ -262,22 +262,9 @@ def test_trl_lora_targets_are_ours(bench_model):
 
 def _vision_cache_case(family: str, lora_vision: bool = False):
     sys.path.insert(0, str(REPO / "tests"))
-    from test_packing import _groups, _lora_params
+    from test_packing import _lora_params, fp32_twin
 
-    from mmrlhf_lite.models.encoding import GroupEncoder
-    from mmrlhf_lite.models.loading import load_model
-    from mmrlhf_lite.recipe import ModelConfig
-
-    torch.manual_seed(0)
-    model, processor = load_model(ModelConfig(path=f"tiny:{family}:xs", load_in_4bit=False, compute_dtype="float32",
-                                              device="cpu", lora_vision=lora_vision))
-    model.train()
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    spec = model.mmrlhf.family
-    return model, spec, _groups(GroupEncoder(processor, spec)), _lora_params
+    return (*fp32_twin(family, lora_vision), _lora_params)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

@@ -82,20 +82,27 @@ def _run(model, spec, groups, packed: bool, weights, directions, **kwargs):
     return out, grads
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request):
-    """(model, spec, groups) of one family's tiny xs twin in fp32, LoRA B random non-zero."""
+def fp32_twin(family: str, lora_vision: bool = False):
+    """(model, spec, groups) of a family's tiny xs twin in fp32 and train mode, LoRA B random non-zero (so
+    the adapters change the forward and get gradients)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(path=f"tiny:{request.param}:xs", load_in_4bit=False, compute_dtype="float32", device="cpu")
-    model, processor = load_model(cfg)
+    model, processor = load_model(ModelConfig(path=f"tiny:{family}:xs", load_in_4bit=False, compute_dtype="float32",
+                                              device="cpu", lora_vision=lora_vision))
     model.train()
     with torch.no_grad():
         for name, p in _lora_params(model).items():
             if "lora_B" in name:
                 p.normal_(0.0, 0.1)
     spec = model.mmrlhf.family
-    assert spec.name == request.param
     return model, spec, _groups(GroupEncoder(processor, spec))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    """(model, spec, groups) of one family's tiny xs twin in fp32, LoRA B random non-zero."""
+    model, spec, groups = fp32_twin(request.param)
+    assert spec.name == request.param
+    return model, spec, groups
 
 
 @pytest.fixture(scope="module")
