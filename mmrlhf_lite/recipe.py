@@ -85,9 +85,10 @@ class DataConfig:
                    "saved with save_to_disk, or `demo` for the synthetic image-grounded demo set.")
     format: str = _f("auto", "Row format; `auto` detects it from the fields (docs/data-formats.md): `ranked` (K "
                      "responses per row), MM-RLHF pairs `mmrlhf` / `mmrlhf_bench`, `trl`, `swift`, `llamafactory`, "
-                     "`rlaifv`, `rlhfv` (LLaVA style), `vlfeedback`.",
+                     "`rlaifv`, `rlhfv` (LLaVA style), `vlfeedback`, and the reward-model benchmarks "
+                     "`vl_rewardbench` (VL-RewardBench) / `mm_rewardbench` (Multimodal RewardBench).",
                      choices=("auto", "ranked", "mmrlhf", "mmrlhf_bench", "trl", "swift", "llamafactory",
-                              "rlaifv", "rlhfv", "vlfeedback"))
+                              "rlaifv", "rlhfv", "vlfeedback", "vl_rewardbench", "mm_rewardbench"))
     dataset: str | None = _f(None, "LLaMA-Factory: the entry of the `dataset_info.json` that data.path names (the "
                              "file or its folder); the entry's file, columns and tags are applied.")
     media_root: str | None = _f(None, "Folder that relative image/video paths resolve against "

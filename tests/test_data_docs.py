@@ -28,8 +28,8 @@ def examples() -> list[tuple[str, str]]:
 
 
 def test_every_format_section_has_examples():
-    assert sorted({f for f, _ in examples()}) == ["llamafactory", "mmrlhf", "ranked", "rlaifv", "rlhfv", "swift", "trl",
-                                                  "vlfeedback"]
+    assert sorted({f for f, _ in examples()}) == ["llamafactory", "mm_rewardbench", "mmrlhf", "ranked", "rlaifv", "rlhfv",
+                                                  "swift", "trl", "vl_rewardbench", "vlfeedback"]
 
 
 @pytest.mark.parametrize("fmt,block", examples(), ids=[f"{f}-{i}" for i, (f, _) in enumerate(examples())])

@@ -400,7 +400,7 @@ def test_unknown_row_shape_names_its_fields(tmp_path):
         load_groups(path)
     assert str(err.value) == (f"{path}:1: cannot tell the format from the fields ['answer', 'prompt']; set "
                               "data.format to one of ranked, mmrlhf, mmrlhf_bench, trl, swift, llamafactory, rlaifv, "
-                              "rlhfv, vlfeedback (docs/data-formats.md)")
+                              "rlhfv, vlfeedback, vl_rewardbench, mm_rewardbench (docs/data-formats.md)")
 
 
 def test_llamafactory_video_folder_and_swift_image_dicts(tmp_path):

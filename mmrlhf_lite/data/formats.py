@@ -2,6 +2,8 @@
 
 `detect(row)` looks at the first readable row of each file (rules in order, first match wins):
 
+    0. `response` + `human_ranking`                      -> vl_rewardbench  (VL-RewardBench)
+       `Output1` + `Output2` + `Better`                  -> mm_rewardbench  (Multimodal RewardBench)
     1. `responses`                                       -> ranked       (our native K-response rows)
     2. `completions`                                     -> vlfeedback
     3. `chosen_messages`                                 -> llamafactory (v1)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .formats_bench import parse_mm_rewardbench, parse_vl_rewardbench
 from .formats_pairs import (parse_llamafactory, parse_mmrlhf, parse_mmrlhf_bench, parse_rlaifv, parse_rlhfv,
                             parse_swift, parse_trl)
 from .formats_ranked import parse_ranked, parse_vlfeedback
@@ -41,6 +44,8 @@ PARSERS: dict[str, Callable] = {
     "rlaifv": parse_rlaifv,
     "rlhfv": parse_rlhfv,
     "vlfeedback": parse_vlfeedback,
+    "vl_rewardbench": parse_vl_rewardbench,
+    "mm_rewardbench": parse_mm_rewardbench,
 }
 FORMATS = ("auto",) + tuple(PARSERS)
 
@@ -52,6 +57,10 @@ def _is_chat(value) -> bool:
 def detect(row: dict) -> str | None:
     """The format of a row from its fields (None when nothing matches); see the module doc for the rules."""
     has = lambda key: present(row, key)  # noqa: E731 - Arrow fills absent keys with None
+    if has("response") and has("human_ranking"):
+        return "vl_rewardbench"
+    if has("Output1") and has("Output2") and has("Better"):
+        return "mm_rewardbench"
     if has("responses"):
         return "ranked"
     if has("completions"):

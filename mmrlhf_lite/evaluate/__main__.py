@@ -4,6 +4,11 @@
     python -m mmrlhf_lite.evaluate reward runs/demo --data mm_reward_bench.jsonl --media-root MM-RLHF/ \
         --critique generate --out bench_report
 
+Public reward-model benchmarks in the layouts they ship, with their own metrics (docs/benchmarks-rm.md):
+
+    python -m mmrlhf_lite.evaluate bench runs/demo --bench vl-rewardbench --data vl_rewardbench.parquet
+    python -m mmrlhf_lite.evaluate bench runs/demo --bench mm-rewardbench --data multimodal_rewardbench/data/all_data.json
+
 Acc and Acc+ overall and per category (REFERENCE.md): pairs sharing an id (bench files list several pairs
 per id) form one group for Acc+. The model settings come from the run folder's recipe.yaml.
 """
@@ -56,6 +61,39 @@ def _reward(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench_run import run_benchmark
+
+    report = run_benchmark(args.run_dir, args.bench, args.data, critique=tuple(args.critique.split(",")),
+                           media_root=args.media_root, out=args.out, max_pairs=args.max_pairs,
+                           on_error=args.on_error, n_samples=args.n_samples)
+    md = Path(report["out"]) / "report.md"
+    print(md.read_text(encoding="utf-8"))
+    print(f"written: {Path(report['out']) / 'report.json'}, {md}, {Path(report['out']) / 'predictions.jsonl'}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .benchmarks import BENCHMARKS
+
+    b = sub.add_parser("bench", help="a public reward-model benchmark, in its own layout and with its own metrics",
+                       description="Score VL-RewardBench, Multimodal RewardBench or MM-RLHF-RewardBench with a "
+                                   "run's critique reward model (docs/benchmarks-rm.md).")
+    b.add_argument("run_dir")
+    b.add_argument("--bench", required=True, choices=tuple(BENCHMARKS),
+                   help="vl-rewardbench: its Parquet (image bytes); mm-rewardbench: its all_data.json beside the "
+                        "image folder; mmrlhf-rewardbench: mm_reward_bench.jsonl")
+    b.add_argument("--data", required=True, help="the benchmark file (or folder of files)")
+    b.add_argument("--media-root", default=None, help="folder the image paths are relative to (default: the file's "
+                                                      "folder)")
+    b.add_argument("--critique", default="generate", help="comma-separated modes: generate, given, none "
+                                                          "(default: generate, the mode that feeds MM-DPO)")
+    b.add_argument("--n-samples", type=int, default=0, help="critiques sampled per answer (default: recipe)")
+    b.add_argument("--max-pairs", type=int, default=0, help="score only the first N rows (a quick look)")
+    b.add_argument("--on-error", default="raise", choices=("raise", "skip"))
+    b.add_argument("--out", default=None, help="output folder (default: RUN_DIR/bench/BENCH)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmrlhf_lite.evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-groups", type=int, default=0)
     r.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     r.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    _add_bench(sub)
     args = p.parse_args(argv)
     for mode in args.critique.split(","):
         if mode not in ("generate", "given", "none"):
             print(f"error: unknown critique mode {mode!r}; use generate, given or none", file=sys.stderr)
             return 2
     try:
-        return _reward(args)
+        return _bench(args) if args.command == "bench" else _reward(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,125 @@
+"""Score a public reward-model benchmark with a run's critique reward model; write its own metric table.
+
+Each row of the benchmark is one group of two answers, scored packed (`[prompt + image][answer 1]
+[answer 2]` in one sequence, each answer seeing the prompt and itself) in every requested critique
+mode. Writes `<out>/report.json`, `<out>/report.md` (the benchmark's table and a leaderboard-style line)
+and `<out>/predictions.jsonl` (each row's scores); `<out>` defaults to `RUN/bench/<benchmark>`, where the
+UI's Compare tab finds it.
+
+    python -m mmrlhf_lite.evaluate bench runs/demo --bench vl-rewardbench --data vl_rewardbench.parquet \
+        --critique generate,none
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..runs import write_atomic
+from .benchmarks import BENCHMARKS, leaderboard_line, markdown, table_rows
+from .metrics import ScoredGroup
+
+MODES = ("generate", "given", "none")
+CHUNK = 8  # groups scored per step of the progress bar
+
+
+def bench_dir(run_dir: str | Path, bench: str) -> Path:
+    return Path(run_dir) / "bench" / bench
+
+
+def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique: tuple[str, ...] = ("generate",),
+                  media_root: str | None = None, out: str | Path | None = None, max_pairs: int = 0,
+                  on_error: str = "raise", n_samples: int = 0, progress: bool = True, scorer=None) -> dict:
+    """Read `data` in the benchmark's layout, score it with the run's reward model, write the report.
+
+    `scorer` (a loaded `RewardScorer`) lets a caller score several benchmarks with one model load."""
+    from ..data.readers import load_groups
+    from ..recipe import load_recipe
+
+    if bench not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark '{bench}'; choose one of {', '.join(BENCHMARKS)}")
+    for mode in critique:
+        if mode not in MODES:
+            raise ValueError(f"unknown critique mode '{mode}'; use {', '.join(MODES)}")
+    spec = BENCHMARKS[bench]
+    run = Path(run_dir)
+    recipe_path = run / "recipe.yaml"
+    if not recipe_path.exists():
+        raise FileNotFoundError(f"{recipe_path} not found: is {run} a run folder?")
+    recipe = load_recipe(recipe_path, check_paths=False)
+    loaded = load_groups(data, fmt=spec.fmt, media_root=media_root, on_error=on_error,
+                         max_frames=recipe.data.max_frames)
+    groups = loaded.groups[:max_pairs] if max_pairs else loaded.groups
+    skipped: dict[str, str] = {}
+    modes = []
+    for mode in critique:
+        if mode == "given" and not all(r.critique for g in groups for r in g.responses):
+            skipped[mode] = (f"{spec.title} ships no critique per answer" if spec.fmt != "mmrlhf_bench"
+                             else "some answers have no critique (`chosen_reason` / `rejected_reason`)")
+        else:
+            modes.append(mode)
+    if not modes:
+        raise ValueError(f"no critique mode left to score: {'; '.join(f'{m}: {w}' for m, w in skipped.items())} "
+                         "(use --critique generate or none)")
+    from ..reward.scorer import RewardScorer  # torch and the model stack: only once the inputs are known good
+    from ..reward.trainer import reward_model_dir
+
+    rc = recipe.reward
+    adapter = reward_model_dir(run)
+    scorer = scorer or RewardScorer.from_adapter(adapter, recipe.model, max_length=rc.train.max_length,
+                                                 max_frames=recipe.data.max_frames)
+    label_base = f"mmrlhf-lite RM ({recipe.model.path}, run {run.name})"
+    report = {"benchmark": bench, "title": spec.title, "data": str(data), "format": spec.fmt, "run": str(run),
+              "model": recipe.model.path, "adapter": str(adapter), "smoke": recipe.model.path.startswith("tiny:"),
+              "groups": len(groups), "pairs": sum(len(g.pairs()) for g in groups),
+              "rank_ties": sum(len(g.ties()) for g in groups), "skipped_rows": dict(loaded.skipped),
+              "warnings": loaded.warnings[:20], "skipped_modes": skipped, "results": {}}
+    predictions = []
+    for mode in modes:
+        start = time.time()
+        scores = _score(scorer, groups, mode, recipe, n_samples or rc.n_samples, progress, f"{bench} ({mode})")
+        scored = [ScoredGroup(g.id, g.category, g.pairs(), s, len(g.ties())) for g, s in zip(groups, scores)]
+        metrics = spec.metrics(scored)
+        report["results"][mode] = {
+            "metrics": metrics, "table": table_rows(spec, metrics), "seconds": round(time.time() - start, 1),
+            "leaderboard": leaderboard_line(spec, metrics, f"{label_base}, critique {mode}")}
+        predictions += [{"id": g.id, "category": g.category, "mode": mode, "scores": s,
+                         "preferred": [b for b, _ in g.pairs()], "right": [s[b] > s[w] for b, w in g.pairs()]}
+                        for g, s in zip(groups, scores)]
+    out_dir = Path(out) if out else bench_dir(run, bench)
+    write_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(out_dir / "report.md", markdown(report))
+    report["out"] = str(out_dir)
+    return report
+
+
+def _score(scorer, groups, mode: str, recipe, n_samples: int, progress: bool, desc: str) -> list[list[float]]:
+    from tqdm.auto import tqdm
+
+    rc = recipe.reward
+    scores: list[list[float]] = []
+    with tqdm(total=len(groups), desc=desc, unit="pair", disable=not progress, file=sys.stderr) as bar:
+        for s in range(0, len(groups), CHUNK):
+            chunk = groups[s:s + CHUNK]
+            scored = scorer.score_groups(chunk, mode, n_samples=n_samples, temperature=rc.temperature,
+                                         max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                         seed=recipe.run.seed)
+            scores += [[r.score for r in g] for g in scored]
+            bar.update(len(chunk))
+    return scores
+
+
+def load_bench_reports(run_dir: str | Path) -> dict[str, dict]:
+    """{benchmark: report.json} of the benchmarks scored into a run folder (RUN/bench/*/report.json)."""
+    out = {}
+    root = Path(run_dir) / "bench"
+    for bench in BENCHMARKS:
+        p = root / bench / "report.json"
+        if p.is_file():
+            try:
+                out[bench] = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+    return out

@@ -1,0 +1,231 @@
+"""Reward-model benchmarks with their own metrics: pure functions of scored pairs, and their tables.
+
+A benchmark pair is right when r(preferred) > r(other); an exact score tie counts as wrong and is counted
+(`score_ties`). Pairs the humans ranked equal are not scored pairs: left out and counted (`rank_ties`).
+
+- VL-RewardBench: accuracy per source (`query_source`), per domain (general = WildVision; hallucination =
+  POVID, RLAIF-V, RLHF-V; reasoning = MMMU-Pro, MathVerse), overall accuracy = right / pairs over all
+  domains, macro average = mean of the three domain accuracies (as the official cal.py computes them).
+- Multimodal RewardBench: accuracy overall and per `Category`; as in the official 2_get_accuracy.py,
+  `safety` splits into `safety/bias` (ID starting with `pairs`, case-insensitive) and `safety/toxicity`, and
+  `reasoning` into `reasoning/math` (ID starting with `math`) and `reasoning/coding`.
+- MM-RLHF-RewardBench: Acc and Acc+ overall and per category (`metrics.reward_bench`).
+
+docs/benchmarks-rm.md has the definitions and where each was checked.
+
+    python -m mmrlhf_lite.evaluate bench runs/demo --bench vl-rewardbench --data vl_rewardbench.parquet
+    python -m pytest -q tests/test_bench_rm.py
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+from ..data.formats_bench import VL_DOMAIN_ORDER, vl_domain
+from .metrics import ScoredGroup, merge_by_id, reward_bench
+
+
+def accuracy(pairs: list[tuple[float, float]]) -> dict:
+    """pairs: (r(preferred), r(other)). Ties in score are wrong."""
+    right = sum(b > w for b, w in pairs)
+    return {"acc": right / len(pairs) if pairs else None, "right": right, "pairs": len(pairs),
+            "score_ties": sum(b == w for b, w in pairs)}
+
+
+def _scored_pairs(groups: list[ScoredGroup]) -> list[tuple[ScoredGroup, float, float]]:
+    return [(g, g.scores[b], g.scores[w]) for g in groups for b, w in g.pairs]
+
+
+def _by(groups: list[ScoredGroup], key: Callable[[ScoredGroup], str]) -> dict[str, dict]:
+    buckets: dict[str, list] = defaultdict(list)
+    for g, b, w in _scored_pairs(groups):
+        buckets[key(g)].append((b, w))
+    return {k: accuracy(v) for k, v in sorted(buckets.items())}
+
+
+def _rank_ties(groups: list[ScoredGroup]) -> int:
+    return sum(g.rank_ties for g in groups)
+
+
+# ------------------------------------------------------------------------------------ VL-RewardBench
+
+def vl_rewardbench_metrics(groups: list[ScoredGroup]) -> dict:
+    """Overall accuracy, macro average over the domains, per domain and per source (module doc)."""
+    unknown = sorted({g.category for g in groups if vl_domain(g.category) is None})
+    if unknown:
+        raise ValueError(f"VL-RewardBench: unknown query_source {', '.join(unknown)}")
+    domains = _by(groups, lambda g: vl_domain(g.category))
+    measured = [d for d in VL_DOMAIN_ORDER if domains.get(d, {}).get("acc") is not None]
+    macro = sum(domains[d]["acc"] for d in measured) / len(measured) if measured else None
+    return {"overall": accuracy([(b, w) for _, b, w in _scored_pairs(groups)]), "macro_acc": macro,
+            "macro_domains": measured, "domains": {d: domains[d] for d in VL_DOMAIN_ORDER if d in domains},
+            "sources": _by(groups, lambda g: g.category), "rank_ties": _rank_ties(groups)}
+
+
+def vl_rewardbench_rows(m: dict) -> list[tuple[str, dict | float | None]]:
+    rows: list = [(d.capitalize(), m["domains"].get(d)) for d in VL_DOMAIN_ORDER]
+    partial = len(m["macro_domains"]) < len(VL_DOMAIN_ORDER)
+    macro = "Macro Average Accuracy" + (f" (over {', '.join(m['macro_domains']) or 'no domain'} only)" if partial else "")
+    rows += [("Overall Accuracy", m["overall"]), (macro, m["macro_acc"])]
+    rows += [(f"source: {s}", r) for s, r in m["sources"].items()]
+    return rows
+
+
+def vl_rewardbench_leaderboard(m: dict) -> tuple[list[str], list[str]]:
+    """The paper's columns (General, Hallucination, Reasoning, Overall Accuracy, Macro Average), in %."""
+    cols = ["General", "Hallucination", "Reasoning", "Overall Accuracy", "Macro Average Accuracy"]
+    vals = [m["domains"].get(d, {}).get("acc") for d in VL_DOMAIN_ORDER] + [m["overall"]["acc"], m["macro_acc"]]
+    return cols, [_pct(v) for v in vals]
+
+
+# ----------------------------------------------------------------------------- Multimodal RewardBench
+
+MM_CATEGORY_NAMES = {"open_generation/correctness_task": "General Correctness",
+                     "open_generation/preference_task": "General Preference", "knowledge": "Knowledge",
+                     "reasoning": "Reasoning", "safety": "Safety", "vqa": "VQA"}
+
+
+def mm_rewardbench_split(pair_id: str, category: str) -> str:
+    """The official script's (sub)category of a row: safety and reasoning split by ID prefix."""
+    pid = pair_id.lower()
+    if category == "safety":
+        return "safety/bias" if pid.startswith("pairs") else "safety/toxicity"
+    if category == "reasoning":
+        return "reasoning/math" if pid.startswith("math") else "reasoning/coding"
+    return category
+
+
+def mm_rewardbench_metrics(groups: list[ScoredGroup]) -> dict:
+    """Accuracy overall, per Category, and per the official (sub)category split (module doc)."""
+    return {"overall": accuracy([(b, w) for _, b, w in _scored_pairs(groups)]),
+            "categories": _by(groups, lambda g: g.category),
+            "splits": _by(groups, lambda g: mm_rewardbench_split(g.id, g.category)),
+            "rank_ties": _rank_ties(groups)}
+
+
+def _mm_order(name: str) -> tuple:
+    known = list(MM_CATEGORY_NAMES)
+    top = name.split("/")[0] if name.split("/")[0] in ("safety", "reasoning") else name
+    return (known.index(top) if top in known else len(known), name)
+
+
+def mm_rewardbench_rows(m: dict) -> list[tuple[str, dict | None]]:
+    rows: list = [("Overall", m["overall"])]
+    rows += [(MM_CATEGORY_NAMES.get(c, c), m["categories"][c]) for c in sorted(m["categories"], key=_mm_order)]
+    rows += [(f"split: {s}", m["splits"][s]) for s in sorted(m["splits"], key=_mm_order) if "/" in s]
+    return rows
+
+
+def mm_rewardbench_leaderboard(m: dict) -> tuple[list[str], list[str]]:
+    """The repository leaderboard's columns (Overall, the six categories), as fractions with 3 decimals."""
+    cols = ["Overall"] + list(MM_CATEGORY_NAMES.values())
+    vals = [m["overall"]["acc"]] + [m["categories"].get(c, {}).get("acc") for c in MM_CATEGORY_NAMES]
+    return cols, ["-" if v is None else f"{v:.3f}" for v in vals]
+
+
+# ------------------------------------------------------------------------------- MM-RLHF-RewardBench
+
+def mmrlhf_rewardbench_metrics(groups: list[ScoredGroup]) -> dict:
+    """Acc / Acc+ per category; pairs sharing an id form one Acc+ group."""
+    out = reward_bench(merge_by_id(groups))
+    out["rank_ties"] = _rank_ties(groups)
+    return out
+
+
+def mmrlhf_rewardbench_rows(m: dict) -> list[tuple[str, dict | None]]:
+    rows: list = [("Acc", _acc_row(m["overall"])), ("Acc+", _plus_row(m["overall"]))]
+    for c, r in m["by_category"].items():
+        rows += [(f"{c} Acc", _acc_row(r)), (f"{c} Acc+", _plus_row(r))]
+    return rows
+
+
+def _acc_row(r: dict) -> dict:
+    right = None if r["acc"] is None else round(r["acc"] * r["pairs"])
+    return {"acc": r["acc"], "right": right, "pairs": r["pairs"], "score_ties": r["score_ties"]}
+
+
+def _plus_row(r: dict) -> dict:
+    right = None if r["acc_plus"] is None else round(r["acc_plus"] * r["groups"])
+    return {"acc": r["acc_plus"], "right": right, "pairs": r["groups"], "score_ties": None, "unit": "ids"}
+
+
+def mmrlhf_rewardbench_leaderboard(m: dict) -> tuple[list[str], list[str]]:
+    cols, vals = ["Acc", "Acc+"], [m["overall"]["acc"], m["overall"]["acc_plus"]]
+    for c, r in m["by_category"].items():
+        cols += [f"{c} Acc", f"{c} Acc+"]
+        vals += [r["acc"], r["acc_plus"]]
+    return cols, [_pct(v) for v in vals]
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class Benchmark:
+    key: str                                     # the --bench value
+    title: str
+    fmt: str                                     # the data format its files are read as
+    metrics: Callable[[list[ScoredGroup]], dict]
+    rows: Callable[[dict], list]
+    leaderboard: Callable[[dict], tuple[list[str], list[str]]]
+    reference: str
+
+
+BENCHMARKS = {
+    "vl-rewardbench": Benchmark("vl-rewardbench", "VL-RewardBench", "vl_rewardbench", vl_rewardbench_metrics,
+                                vl_rewardbench_rows, vl_rewardbench_leaderboard, "arXiv 2411.17451"),
+    "mm-rewardbench": Benchmark("mm-rewardbench", "Multimodal RewardBench", "mm_rewardbench", mm_rewardbench_metrics,
+                                mm_rewardbench_rows, mm_rewardbench_leaderboard, "arXiv 2502.14191"),
+    "mmrlhf-rewardbench": Benchmark("mmrlhf-rewardbench", "MM-RLHF-RewardBench", "mmrlhf_bench",
+                                    mmrlhf_rewardbench_metrics, mmrlhf_rewardbench_rows,
+                                    mmrlhf_rewardbench_leaderboard, "arXiv 2502.10391"),
+}
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def table_rows(bench: Benchmark, m: dict) -> list[dict]:
+    """The benchmark's metric table as plain records (what report.json keeps and the UI shows)."""
+    out = []
+    for label, r in bench.rows(m):
+        if r is None or isinstance(r, float):
+            out.append({"metric": label, "acc": r, "right": None, "pairs": None, "score_ties": None, "unit": ""})
+        else:
+            out.append({"metric": label, **{k: r.get(k) for k in ("acc", "right", "pairs", "score_ties")},
+                        "unit": r.get("unit", "pairs")})
+    return out
+
+
+def leaderboard_line(bench: Benchmark, m: dict, label: str) -> str:
+    """A markdown header + row to paste beside published numbers."""
+    cols, vals = bench.leaderboard(m)
+    return "\n".join([f"| Model | {' | '.join(cols)} |", "|---|" + "---|" * len(cols),
+                      f"| {label} | {' | '.join(vals)} |"])
+
+
+def markdown(report: dict) -> str:
+    """report.md of a `bench` run (report.json's content)."""
+    bench = BENCHMARKS[report["benchmark"]]
+    lines = [f"# {bench.title}: {report['run']}", ""]
+    if report.get("smoke"):
+        lines += [f"**Smoke run**: `{report['model']}` is a tiny random-init test model; these numbers only show "
+                  "that the benchmark reads and scores end to end, and say nothing about a real reward model.", ""]
+    lines += [f"Data: `{report['data']}` ({report['format']}), {report['groups']} rows, {report['pairs']} scored "
+              f"pairs; {report['rank_ties']} pair(s) the humans ranked equal were left out. Reward model: "
+              f"`{report['model']}` + the run's adapter (`{report['adapter']}`), each pair scored packed "
+              f"(both answers in one row).", ""]
+    for mode, res in report["results"].items():
+        lines += [f"## Critique mode `{mode}` ({res['seconds']} s)", "", "| metric | accuracy | right / total | score ties |",
+                  "|---|---|---|---|"]
+        for r in res["table"]:
+            acc = "-" if r["acc"] is None else f"{100 * r['acc']:.1f}%"
+            n = "" if r["pairs"] is None else f"{r['right'] or 0} / {r['pairs']} {r['unit']}"
+            lines.append(f"| {r['metric']} | {acc} | {n} | {'' if r['score_ties'] is None else r['score_ties']} |")
+        lines += ["", "Score ties count as wrong. Leaderboard line:", "", res["leaderboard"], ""]
+    for mode, why in report.get("skipped_modes", {}).items():
+        lines.append(f"- critique mode `{mode}` skipped: {why}")
+    return "\n".join(lines).rstrip() + "\n"
