@@ -336,3 +336,62 @@ def test_bench_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "invalid choice: 'rewardbench'" in out.stderr
     out = cli(str(tmp_path), "--bench", "vl-rewardbench", "--data", "x", "--critique", "gen")
     assert out.returncode == 2 and "unknown critique mode 'gen'" in out.stderr
+
+
+# ------------------------------------------------------------------------------------- compare tab
+
+def test_compare_tab_shows_benchmark_tables_of_runs_side_by_side(tmp_path):
+    from mmrlhf_lite.evaluate.benchmarks import bench_result
+    from mmrlhf_lite.ui import compare
+
+    def fake(name: str, bench: str, modes: dict, smoke=False):
+        folder = tmp_path / name / "bench" / bench
+        folder.mkdir(parents=True)
+        results = {m: {**bench_result(bench, g, name), "seconds": 0.1} for m, g in modes.items()}
+        (folder / "report.json").write_text(json.dumps({"benchmark": bench, "pairs": 2, "smoke": smoke,
+                                                        "results": results}))
+
+    vl_a = [pair("a", "WildVision", 1, 0), pair("b", "POVID", 0, 1)]
+    vl_b = [pair("a", "WildVision", 1, 0), pair("b", "POVID", 1, 0)]
+    fake("run-a", "vl-rewardbench", {"generate": vl_a, "none": vl_b})
+    fake("run-b", "vl-rewardbench", {"none": vl_b})
+    fake("run-b", "mm-rewardbench", {"none": [pair("pairs_1", "safety", 1, 0), pair("x", "vqa", 0, 0)]}, smoke=True)
+    (tmp_path / "run-c").mkdir()  # no benchmark yet
+    table = compare.bench_table(tmp_path, ["run-a", "run-b", "run-c"])
+    assert list(table.columns) == ["benchmark", "metric", "run-a (generate)", "run-a (none)", "run-b (none)"]
+    rows = {(r["benchmark"], r["metric"]): r for r in table.to_dict("records")}
+    assert rows[("VL-RewardBench", "General")] == {"benchmark": "VL-RewardBench", "metric": "General",
+                                                   "run-a (generate)": "100.0%", "run-a (none)": "100.0%",
+                                                   "run-b (none)": "100.0%"}
+    assert rows[("VL-RewardBench", "Overall Accuracy")]["run-a (generate)"] == "50.0%"
+    assert rows[("VL-RewardBench", "Macro Average Accuracy (over general, hallucination only)")]["run-a (none)"] == "100.0%"
+    mm = rows[("Multimodal RewardBench (smoke run)", "split: safety/bias")]
+    assert (mm["run-a (generate)"], mm["run-b (none)"]) == ("-", "100.0%")
+    assert rows[("Multimodal RewardBench (smoke run)", "VQA")]["run-b (none)"] == "0.0%"  # a score tie is wrong
+    assert [k[0] for k in rows][0] == "VL-RewardBench" and rows[("VL-RewardBench", "pairs scored")]["run-b (none)"] == "2"
+
+
+def test_compare_benchmarks_through_the_app_api(tmp_path):
+    """The Compare tab's benchmark table from a real `python app.py` (its own API endpoint, beside /compare)."""
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+    from test_ui_support import start_server, stop_server
+
+    from mmrlhf_lite.evaluate.benchmarks import bench_result
+
+    server = start_server(tmp_path)
+    try:
+        folder = server.runs / "rm-a" / "bench" / "mm-rewardbench"
+        folder.mkdir(parents=True)
+        res = bench_result("mm-rewardbench", [pair("math_1", "reasoning", 1, 0), pair("code_2", "reasoning", 0, 1)], "x")
+        (folder / "report.json").write_text(json.dumps({"benchmark": "mm-rewardbench", "pairs": 2,
+                                                        "results": {"none": res}}))
+        client = Client(server.url, verbose=False, download_files=False)
+        out = client.predict(["rm-a"], api_name="/compare_benchmarks")
+        assert out["headers"] == ["benchmark", "metric", "rm-a (none)"]
+        got = {(b, m): v for b, m, v in out["data"]}
+        assert got[("Multimodal RewardBench", "Reasoning")] == "50.0%"
+        assert got[("Multimodal RewardBench", "split: reasoning/math")] == "100.0%"
+        assert got[("Multimodal RewardBench", "split: reasoning/coding")] == "0.0%"
+    finally:
+        stop_server(server)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..runs import write_atomic
-from .benchmarks import BENCHMARKS, leaderboard_line, markdown, table_rows
+from .benchmarks import BENCHMARKS, bench_result, markdown
 from .metrics import ScoredGroup
 
 MODES = ("generate", "given", "none")
@@ -80,10 +80,8 @@ def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique
         start = time.time()
         scores = _score(scorer, groups, mode, recipe, n_samples or rc.n_samples, progress, f"{bench} ({mode})")
         scored = [ScoredGroup(g.id, g.category, g.pairs(), s, len(g.ties())) for g, s in zip(groups, scores)]
-        metrics = spec.metrics(scored)
-        report["results"][mode] = {
-            "metrics": metrics, "table": table_rows(spec, metrics), "seconds": round(time.time() - start, 1),
-            "leaderboard": leaderboard_line(spec, metrics, f"{label_base}, critique {mode}")}
+        report["results"][mode] = {**bench_result(bench, scored, f"{label_base}, critique {mode}"),
+                                   "seconds": round(time.time() - start, 1)}
         predictions += [{"id": g.id, "category": g.category, "mode": mode, "scores": s,
                          "preferred": [b for b, _ in g.pairs()], "right": [s[b] > s[w] for b, w in g.pairs()]}
                         for g, s in zip(groups, scores)]

@@ -207,6 +207,13 @@ def leaderboard_line(bench: Benchmark, m: dict, label: str) -> str:
                       f"| {label} | {' | '.join(vals)} |"])
 
 
+def bench_result(bench: str, groups: list[ScoredGroup], label: str) -> dict:
+    """One critique mode's entry of report.json: the metrics, their table and the leaderboard line."""
+    spec = BENCHMARKS[bench]
+    metrics = spec.metrics(groups)
+    return {"metrics": metrics, "table": table_rows(spec, metrics), "leaderboard": leaderboard_line(spec, metrics, label)}
+
+
 def markdown(report: dict) -> str:
     """report.md of a `bench` run (report.json's content)."""
     bench = BENCHMARKS[report["benchmark"]]

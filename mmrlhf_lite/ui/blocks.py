@@ -247,7 +247,10 @@ def _compare_tab(h: Handlers):
                              label="Final evaluation (held-out)", elem_id="cmp-table", wrap=True)
         plot = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
                            title="Overlaid curves", height=300, elem_id="cmp-plot")
+        bench = gr.Dataframe(pd.DataFrame(columns=["benchmark", "metric"]), elem_id="cmp-bench", wrap=True,
+                             label="Reward-model benchmarks (python -m mmrlhf_lite.evaluate bench RUN --bench ...)")
     go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
+    go.click(h.compare_benchmarks, [runs], [bench], api_name="compare_benchmarks")
     return SimpleNamespace(runs=runs)
 
 

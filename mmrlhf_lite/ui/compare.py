@@ -1,7 +1,9 @@
 """Compare runs: their final evaluation side by side and their training curves overlaid.
 
 Reads each run's `eval/report.json` (`evaluate.pipeline.load_report`) and `events.jsonl`; e.g. an
-MM-DPO run (dpo.w > 0) against plain DPO (dpo.w = 0) on the same data.
+MM-DPO run (dpo.w > 0) against plain DPO (dpo.w = 0) on the same data. The reward-model benchmarks
+scored into a run (`python -m mmrlhf_lite.evaluate bench`, `RUN/bench/<benchmark>/report.json`) are shown
+side by side: one row per benchmark metric, one column per run and critique mode.
 
     python app.py            # Compare runs tab
 """
@@ -59,6 +61,34 @@ def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
     columns = ["run", "status", "critique mode", "Acc", "Acc+"] + [f"{c} Acc / Acc+" for c in cats] + [
         "implicit acc", "win rate after vs before", "dpo"]
     return pd.DataFrame(rows, columns=columns).fillna("-")
+
+
+def bench_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
+    """The benchmark tables of several runs side by side: a row per (benchmark, metric), a column per
+    `<run> (<critique mode>)`; "-" where a run has no such benchmark or metric."""
+    runs = {name: run_path(runs_root, name) for name in names}
+    from ..evaluate.bench_run import load_bench_reports
+    from ..evaluate.benchmarks import BENCHMARKS
+
+    reports = {name: load_bench_reports(run) for name, run in runs.items()}
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    columns: list[str] = []
+    for bench, spec in BENCHMARKS.items():  # benchmarks in a fixed order, metrics in their table's order
+        for name in names:
+            report = reports[name].get(bench)
+            if not report:
+                continue
+            title = spec.title + (" (smoke run)" if report.get("smoke") else "")
+            for mode, res in report.get("results", {}).items():
+                col = f"{name} ({mode})"
+                if col not in columns:
+                    columns.append(col)
+                entries = [("pairs scored", str(report.get("pairs")))] + [(r["metric"], _pct(r["acc"]))
+                                                                          for r in res["table"]]
+                for metric, value in entries:
+                    cells.setdefault((title, metric), {})[col] = value
+    rows = [{"benchmark": b, "metric": m, **{c: per.get(c, "-") for c in columns}} for (b, m), per in cells.items()]
+    return pd.DataFrame(rows, columns=["benchmark", "metric"] + columns)
 
 
 def overlay(runs_root: str | os.PathLike, names: list[str], curve: str, tail: EventTail) -> pd.DataFrame:

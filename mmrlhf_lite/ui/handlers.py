@@ -368,6 +368,13 @@ class Handlers:
             raise Refused(f"unknown curve '{curve}'")
         return compare.eval_table(self.cfg.runs_root, names), compare.overlay(self.cfg.runs_root, names, curve, self.tail)
 
+    @readable
+    def compare_benchmarks(self, names: list[str] | None):
+        names = list(names or [])
+        if not names:
+            raise Refused("pick one or more runs")
+        return compare.bench_table(self.cfg.runs_root, names)
+
 
 def _mtime(run: Path) -> float:
     try:
