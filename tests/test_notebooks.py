@@ -82,6 +82,10 @@ def test_notebook_executes_on_the_demo_recipe(path, tmp_path, monkeypatch, cache
     if path.name == "reward_model.ipynb":
         assert (run_dir / "reward" / "final" / "adapter_config.json").exists()
         assert "critique:" in text and len(images) >= 2
+        bench = json.loads((run_dir / "bench" / "vl-rewardbench" / "report.json").read_text())  # ends with it
+        assert set(bench["results"]) == {"generate", "none"} and bench["smoke"] and bench["pairs"] >= 1
+        assert any("Macro Average Accuracy" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+        assert any("Overall Accuracy" in o.get("data", {}).get("text/html", "") for o in outputs)  # the compare table
     else:
         report = json.loads((run_dir / "eval" / "report.json").read_text())
         assert report["policy"]["implicit_accuracy"] is not None

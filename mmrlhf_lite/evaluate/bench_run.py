@@ -11,6 +11,7 @@ UI's Compare tab finds it.
 """
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -107,6 +108,45 @@ def _score(scorer, groups, mode: str, recipe, n_samples: int, progress: bool, de
             scores += [[r.score for r in g] for g in scored]
             bar.update(len(chunk))
     return scores
+
+
+SMOKE_SOURCES = ("WildVision", "RLAIF-V", "MathVerse")  # one source of each domain, in turn
+
+
+def write_vl_rewardbench_layout(groups, path: str | Path) -> Path:
+    """Write held-out groups as a VL-RewardBench-layout Parquet (image bytes inside), one row per group:
+    its best vs worst answer, in alternating order, `query_source` assigned in turn so every domain
+    appears. A smoke file to check the benchmark path end to end: its domain numbers mean nothing."""
+    import datasets
+
+    from ..data.media import load_image
+
+    feats = datasets.Features({"id": datasets.Value("string"), "query": datasets.Value("string"),
+                               "response": datasets.Sequence(datasets.Value("string")), "image": datasets.Image(),
+                               "human_ranking": datasets.Sequence(datasets.Value("int64")),
+                               "query_source": datasets.Value("string")})
+    rows = {k: [] for k in feats}
+    for g in groups:
+        pairs = g.best_vs_worst()
+        if len(g.images) != 1 or not pairs:
+            continue  # the layout holds one image and one strictly ranked pair per row
+        best, worst = pairs[0]
+        n = len(rows["id"])
+        flip = n % 2 == 1
+        buf = io.BytesIO()
+        load_image(g.images[0]).save(buf, format="PNG")
+        for key, value in (("id", g.id), ("query", g.question_text()),
+                           ("response", [g.responses[i].text for i in ((worst, best) if flip else (best, worst))]),
+                           ("image", {"bytes": buf.getvalue(), "path": None}),
+                           ("human_ranking", [1, 0] if flip else [0, 1]),
+                           ("query_source", SMOKE_SOURCES[n % len(SMOKE_SOURCES)])):
+            rows[key].append(value)
+    if not rows["id"]:
+        raise ValueError("no group with one image and a ranked pair to write in the VL-RewardBench layout")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(path))
+    return path
 
 
 def load_bench_reports(run_dir: str | Path) -> dict[str, dict]:
