@@ -395,3 +395,12 @@ def test_compare_benchmarks_through_the_app_api(tmp_path):
         assert got[("Multimodal RewardBench", "split: reasoning/coding")] == "0.0%"
     finally:
         stop_server(server)
+
+
+def test_mm_rewardbench_table_lists_categories_then_the_official_sub_splits():
+    m = mm_rewardbench_metrics([pair("nocaps_1", "open_generation/correctness_task", 1, 0),
+                                pair("pairs_1", "safety", 1, 0), pair("math_2", "reasoning", 0, 1),
+                                pair("k", "knowledge", 1, 0)])
+    assert [r["metric"] for r in table_rows(BENCHMARKS["mm-rewardbench"], m)] == [
+        "Overall", "General Correctness", "Knowledge", "Reasoning", "Safety", "split: reasoning/math",
+        "split: safety/bias"]

@@ -113,7 +113,8 @@ def _mm_order(name: str) -> tuple:
 def mm_rewardbench_rows(m: dict) -> list[tuple[str, dict | None]]:
     rows: list = [("Overall", m["overall"])]
     rows += [(MM_CATEGORY_NAMES.get(c, c), m["categories"][c]) for c in sorted(m["categories"], key=_mm_order)]
-    rows += [(f"split: {s}", m["splits"][s]) for s in sorted(m["splits"], key=_mm_order) if "/" in s]
+    rows += [(f"split: {s}", m["splits"][s]) for s in sorted(m["splits"], key=_mm_order)
+             if s.startswith(("safety/", "reasoning/"))]
     return rows
 
 
@@ -225,6 +226,9 @@ def markdown(report: dict) -> str:
               f"pairs; {report['rank_ties']} pair(s) the humans ranked equal were left out. Reward model: "
               f"`{report['model']}` + the run's adapter (`{report['adapter']}`), each pair scored packed "
               f"(both answers in one row).", ""]
+    if report.get("skipped_rows"):
+        lines += [f"Rows left out (`--on-error skip`): " + ", ".join(f"{n} {why}" for why, n in report["skipped_rows"].items())
+                  + ".", ""]
     for mode, res in report["results"].items():
         lines += [f"## Critique mode `{mode}` ({res['seconds']} s)", "", "| metric | accuracy | right / total | score ties |",
                   "|---|---|---|---|"]
