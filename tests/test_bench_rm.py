@@ -404,3 +404,46 @@ def test_mm_rewardbench_table_lists_categories_then_the_official_sub_splits():
     assert [r["metric"] for r in table_rows(BENCHMARKS["mm-rewardbench"], m)] == [
         "Overall", "General Correctness", "Knowledge", "Reasoning", "Safety", "split: reasoning/math",
         "split: safety/bias"]
+
+
+def test_bench_names_a_file_in_another_layout_and_an_unusable_mode(reward_run, tmp_path):
+    from mmrlhf_lite.evaluate.bench_run import run_benchmark
+
+    mm = write_mm_rewardbench(tmp_path / "data")
+    with pytest.raises(DataError, match=r"all_data.json:2: this row is in the `mm_rewardbench` layout, not "
+                                         r"VL-RewardBench's \(`vl_rewardbench`\): use --bench mm-rewardbench"):
+        run_benchmark(reward_run, "vl-rewardbench", mm)
+    with pytest.raises(ValueError, match=r"no critique mode left to score: given: Multimodal RewardBench ships no "
+                                         r"critique per answer \(use --critique generate or none\)"):
+        run_benchmark(reward_run, "mm-rewardbench", mm, critique=("given",))
+    with pytest.raises(ValueError, match="--max-pairs must be 0"):
+        run_benchmark(reward_run, "mm-rewardbench", mm, max_pairs=-1)
+
+
+def test_mmrlhf_rewardbench_through_the_same_command(reward_run, tmp_path):
+    """MM-RLHF-RewardBench rows (several pairs per id, category from the media path, critiques given)."""
+    from mmrlhf_lite.evaluate.bench_run import run_benchmark
+
+    for i, cat in enumerate(("mcq", "short")):
+        p = tmp_path / "MM-RLHF" / cat / f"{i}.png"
+        p.parent.mkdir(parents=True)
+        Image.open(io.BytesIO(png_bytes((200, 60 * i, 40)))).save(p)
+    rows = [{"id": "q1", "prompt": "Which colour?", "image": "mcq/0.png", "chosen": "Red.", "rejected": "Blue.",
+             "chosen_reason": "Right colour.", "rejected_reason": "Wrong colour."},
+            {"id": "q1", "prompt": "Which colour?", "image": "mcq/0.png", "chosen": "Red.", "rejected": "Green.",
+             "chosen_reason": "Right colour.", "rejected_reason": "Wrong colour."},
+            {"id": "q2", "prompt": "Count them.", "image": "short/1.png", "chosen": "One.", "rejected": "Two.",
+             "chosen_reason": "Correct.", "rejected_reason": "Miscounted."}]
+    data = tmp_path / "mm_reward_bench.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_benchmark(reward_run, "mmrlhf-rewardbench", data, critique=("given", "none"),
+                           media_root=str(tmp_path / "MM-RLHF"), progress=False)
+    assert set(report["results"]) == {"given", "none"} and (report["groups"], report["pairs"]) == (2, 3)
+    preds = [json.loads(x) for x in (Path(report["out"]) / "predictions.jsonl").read_text().splitlines()]
+    for mode, res in report["results"].items():
+        mine = {p["id"]: p for p in preds if p["mode"] == mode}
+        plus = sum(all(mine[i]["right"]) for i in ("q1", "q2")) / 2
+        acc = sum(sum(mine[i]["right"]) for i in ("q1", "q2")) / 3
+        assert (res["metrics"]["overall"]["acc"], res["metrics"]["overall"]["acc_plus"]) == (acc, plus)
+        assert set(res["metrics"]["by_category"]) == {"mcq", "short"}
+        assert res["leaderboard"].splitlines()[0] == "| Model | Acc | Acc+ | mcq Acc | mcq Acc+ | short Acc | short Acc+ |"

@@ -48,7 +48,10 @@ def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique
     recipe_path = run / "recipe.yaml"
     if not recipe_path.exists():
         raise FileNotFoundError(f"{recipe_path} not found: is {run} a run folder?")
+    if max_pairs < 0:
+        raise ValueError(f"--max-pairs must be 0 (all rows) or more, got {max_pairs}")
     recipe = load_recipe(recipe_path, check_paths=False)
+    _check_layout(data, spec)
     loaded = load_groups(data, fmt=spec.fmt, media_root=media_root, on_error=on_error,
                          max_frames=recipe.data.max_frames)
     groups = loaded.groups[:max_pairs] if max_pairs else loaded.groups
@@ -92,6 +95,26 @@ def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique
     write_atomic(out_dir / "report.md", markdown(report))
     report["out"] = str(out_dir)
     return report
+
+
+def _check_layout(data, spec) -> None:
+    """A file in another layout is named as such, with the --bench that reads it (instead of the first
+    field the benchmark's reader misses)."""
+    from ..data.errors import DataError
+    from ..data.formats import detect
+    from ..data.sources import iter_rows, list_sources
+
+    readable = {spec.fmt, "mmrlhf"} if spec.fmt == "mmrlhf_bench" else {spec.fmt}
+    for file in list_sources(data):
+        first = next((raw for raw in iter_rows(file) if raw.row is not None), None)
+        found = detect(first.row) if first is not None else None
+        if found is None or found in readable:
+            continue
+        other = next((b.key for b in BENCHMARKS.values() if found in ({b.fmt, "mmrlhf"} if b.fmt == "mmrlhf_bench"
+                                                                       else {b.fmt})), None)
+        hint = f"use --bench {other}" if other else f"it is not a {spec.title} file"
+        raise DataError(first.source, f"this row is in the `{found}` layout, not {spec.title}'s (`{spec.fmt}`): "
+                        f"{hint}", reason="unknown_format")
 
 
 def _score(scorer, groups, mode: str, recipe, n_samples: int, progress: bool, desc: str) -> list[list[float]]:
