@@ -447,3 +447,13 @@ def test_mmrlhf_rewardbench_through_the_same_command(reward_run, tmp_path):
         assert (res["metrics"]["overall"]["acc"], res["metrics"]["overall"]["acc_plus"]) == (acc, plus)
         assert set(res["metrics"]["by_category"]) == {"mcq", "short"}
         assert res["leaderboard"].splitlines()[0] == "| Model | Acc | Acc+ | mcq Acc | mcq Acc+ | short Acc | short Acc+ |"
+
+
+def test_compare_benchmarks_refuses_paths_outside_the_runs_root(tmp_path):
+    from mmrlhf_lite.ui import compare
+    from mmrlhf_lite.ui.safety import Refused
+
+    (tmp_path / "runs").mkdir()
+    for bad in ("../runs", "/etc", "a/b"):
+        with pytest.raises(Refused):
+            compare.bench_table(tmp_path / "runs", [bad])
