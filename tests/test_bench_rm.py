@@ -283,16 +283,17 @@ def test_vl_rewardbench_end_to_end_cli(reward_run, tmp_path):
     assert report["skipped_modes"] == {"given": "VL-RewardBench ships no critique per answer"}
     assert (report["groups"], report["pairs"], report["rank_ties"]) == (4, 4, 0)
     preds = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 8 and [p["preferred"] for p in preds[:4]] == [[0], [1], [0], [1]]
+    assert len(preds) == 8 and [p["pairs"] for p in preds[:4]] == [[[0, 1]], [[1, 0]], [[0, 1]], [[1, 0]]]
     for mode, res in report["results"].items():
         mine = [p for p in preds if p["mode"] == mode]
         # the report's numbers, recomputed from the written scores (ties wrong)
-        right = [p["scores"][p["preferred"][0]] > p["scores"][1 - p["preferred"][0]] for p in mine]
+        right = [p["scores"][p["pairs"][0][0]] > p["scores"][p["pairs"][0][1]] for p in mine]
         assert res["metrics"]["overall"]["right"] == sum(right) and res["metrics"]["overall"]["pairs"] == 4
         dom = {"general": [right[0]], "hallucination": right[1:3], "reasoning": [right[3]]}
         macro = sum(sum(v) / len(v) for v in dom.values()) / 3
         assert res["metrics"]["macro_acc"] == pytest.approx(macro)
         assert res["leaderboard"].splitlines()[0].startswith("| Model | General | Hallucination | Reasoning |")
+        assert (res["computed"], res["from_cache"]) == (8, 0)
     md = (folder / "report.md").read_text()
     assert "**Smoke run**" in md and "## Critique mode `generate`" in md and "| Macro Average Accuracy |" in md
     assert "critique mode `given` skipped" in md
@@ -321,6 +322,11 @@ def test_mm_rewardbench_end_to_end_scores_match_hand_built_groups(reward_run, tm
     assert res["metrics"]["overall"]["right"] == sum(right)
     assert set(res["metrics"]["splits"]) == {"open_generation/correctness_task", "safety/bias", "reasoning/math", "vqa"}
     assert load_bench_reports(reward_run)["mm-rewardbench"]["results"]["none"]["table"] == res["table"]
+    # the same command again reads every score from the score store (computed 0: the model is never loaded)
+    again = run_benchmark(reward_run, "mm-rewardbench", data, critique=("none",), media_root=str(tmp_path / "img"),
+                          progress=False, scorer=None)
+    assert (again["results"]["none"]["computed"], again["results"]["none"]["from_cache"]) == (0, 8)
+    assert again["results"]["none"]["table"] == res["table"]
 
 
 def test_bench_cli_errors_are_one_line(tmp_path):

@@ -89,7 +89,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--critique", default="generate", help="comma-separated modes: generate, given, none "
                                                           "(default: generate, the mode that feeds MM-DPO)")
     b.add_argument("--n-samples", type=int, default=0, help="critiques sampled per answer (default: recipe)")
-    b.add_argument("--max-pairs", type=int, default=0, help="score only the first N rows (a quick look)")
+    b.add_argument("--max-pairs", type=int, default=0, help="score only the first N rows (ids for mmrlhf-rewardbench): a quick look")
     b.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     b.add_argument("--out", default=None, help="output folder (default: RUN_DIR/bench/BENCH)")
 

@@ -4,25 +4,30 @@ Each row of the benchmark is one group of two answers, scored packed (`[prompt +
 [answer 2]` in one sequence, each answer seeing the prompt and itself) in every requested critique
 mode. Writes `<out>/report.json`, `<out>/report.md` (the benchmark's table and a leaderboard-style line)
 and `<out>/predictions.jsonl` (each row's scores); `<out>` defaults to `RUN/bench/<benchmark>`, where the
-UI's Compare tab finds it.
+UI's Compare tab finds it. Scores are kept in `<out>/scores.jsonl`, keyed by content (reward model +
+adapter fingerprint, critique mode and its settings, prompt, image bytes, answer): a stopped command run
+again computes only what is missing, and a repeated one loads no model.
 
     python -m mmrlhf_lite.evaluate bench runs/demo --bench vl-rewardbench --data vl_rewardbench.parquet \
         --critique generate,none
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
 import time
 from pathlib import Path
 
+from ..cache.store import JsonlStore
 from ..runs import write_atomic
 from .benchmarks import BENCHMARKS, bench_result, markdown
 from .metrics import ScoredGroup
 
 MODES = ("generate", "given", "none")
-CHUNK = 8  # groups scored per step of the progress bar
+CHUNK = 8  # groups scored per step of the progress bar (and per append to the score store)
+SCORES = "scores.jsonl"  # content-keyed scores: a stopped or repeated command computes only what is missing
 
 
 def bench_dir(run_dir: str | Path, bench: str) -> Path:
@@ -66,30 +71,35 @@ def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique
     if not modes:
         raise ValueError(f"no critique mode left to score: {'; '.join(f'{m}: {w}' for m, w in skipped.items())} "
                          "(use --critique generate or none)")
-    from ..reward.scorer import RewardScorer  # torch and the model stack: only once the inputs are known good
     from ..reward.trainer import reward_model_dir
 
     rc = recipe.reward
+    if n_samples:
+        rc = dataclasses.replace(rc, n_samples=n_samples)
     adapter = reward_model_dir(run)
-    scorer = scorer or RewardScorer.from_adapter(adapter, recipe.model, max_length=rc.train.max_length,
-                                                 max_frames=recipe.data.max_frames)
+    if scorer is None and not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no trained reward model in {adapter}: run the `reward` stage first")
+    out_dir = Path(out) if out else bench_dir(run, bench)
     label_base = f"mmrlhf-lite RM ({recipe.model.path}, run {run.name})"
     report = {"benchmark": bench, "title": spec.title, "data": str(data), "format": spec.fmt, "run": str(run),
               "model": recipe.model.path, "adapter": str(adapter), "smoke": recipe.model.path.startswith("tiny:"),
               "groups": len(groups), "pairs": sum(len(g.pairs()) for g in groups),
               "rank_ties": sum(len(g.ties()) for g in groups), "skipped_rows": dict(loaded.skipped),
               "warnings": loaded.warnings[:20], "skipped_modes": skipped, "results": {}}
+    store = JsonlStore(out_dir / SCORES)
+    loaded_scorer = [scorer]
     predictions = []
     for mode in modes:
         start = time.time()
-        scores = _score(scorer, groups, mode, recipe, n_samples or rc.n_samples, progress, f"{bench} ({mode})")
+        scores, computed = _score(loaded_scorer, groups, mode, recipe, rc, adapter, store, progress,
+                                  f"{bench} ({mode})")
         scored = [ScoredGroup(g.id, g.category, g.pairs(), s, len(g.ties())) for g, s in zip(groups, scores)]
         report["results"][mode] = {**bench_result(bench, scored, f"{label_base}, critique {mode}"),
-                                   "seconds": round(time.time() - start, 1)}
+                                   "seconds": round(time.time() - start, 1), "computed": computed,
+                                   "from_cache": sum(len(g.responses) for g in groups) - computed}
         predictions += [{"id": g.id, "category": g.category, "mode": mode, "scores": s,
-                         "preferred": [b for b, _ in g.pairs()], "right": [s[b] > s[w] for b, w in g.pairs()]}
+                         "pairs": [list(p) for p in g.pairs()], "right": [s[b] > s[w] for b, w in g.pairs()]}
                         for g, s in zip(groups, scores)]
-    out_dir = Path(out) if out else bench_dir(run, bench)
     write_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(out_dir / "report.md", markdown(report))
@@ -117,20 +127,49 @@ def _check_layout(data, spec) -> None:
                         f"{hint}", reason="unknown_format")
 
 
-def _score(scorer, groups, mode: str, recipe, n_samples: int, progress: bool, desc: str) -> list[list[float]]:
-    from tqdm.auto import tqdm
+class _Progress:
+    """`fill_missing`'s progress events as a tqdm bar on stderr."""
 
-    rc = recipe.reward
-    scores: list[list[float]] = []
-    with tqdm(total=len(groups), desc=desc, unit="pair", disable=not progress, file=sys.stderr) as bar:
-        for s in range(0, len(groups), CHUNK):
-            chunk = groups[s:s + CHUNK]
-            scored = scorer.score_groups(chunk, mode, n_samples=n_samples, temperature=rc.temperature,
-                                         max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                         seed=recipe.run.seed)
-            scores += [[r.score for r in g] for g in scored]
-            bar.update(len(chunk))
-    return scores
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def progress(self, done: int, total: int, **_) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="row", disable=not self.enabled, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _score(loaded: list, groups, mode: str, recipe, rc, adapter: Path, store, progress: bool,
+           desc: str) -> tuple[list[list[float]], int]:
+    """Scores per group and response, from `store` where already computed (a stopped or repeated command
+    resumes), else with the reward model (loaded on first need, into `loaded[0]`)."""
+    from ..cache.store import fill_missing
+    from ..reward.scorer import RewardScorer, response_keys, reward_fingerprint
+
+    keys = response_keys(groups, reward_fingerprint(recipe.model, adapter), rc, mode, recipe.run.seed)
+
+    def compute(batch):
+        if loaded[0] is None:
+            loaded[0] = RewardScorer.from_adapter(adapter, recipe.model, max_length=rc.train.max_length,
+                                                  max_frames=recipe.data.max_frames)
+        scored = loaded[0].score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                        max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                        seed=recipe.run.seed)
+        return [[{"score": r.score, "scores": r.scores, "critiques": r.critiques, "mode": mode} for r in g]
+                for g in scored]
+
+    bar = _Progress(desc, progress)
+    try:
+        computed = fill_missing(groups, keys, store, compute, per_batch=CHUNK, events=bar)
+    finally:
+        bar.close()
+    return [[store.get(k)["score"] for k in ks] for ks in keys], computed
 
 
 SMOKE_SOURCES = ("WildVision", "RLAIF-V", "MathVerse")  # one source of each domain, in turn
