@@ -26,7 +26,7 @@ from .benchmarks import BENCHMARKS, bench_result, markdown
 from .metrics import ScoredGroup
 
 MODES = ("generate", "given", "none")
-CHUNK = 8  # groups scored per step of the progress bar (and per append to the score store)
+CHUNK = 8  # rows scored per step without generation (and per append to the score store)
 SCORES = "scores.jsonl"  # content-keyed scores: a stopped or repeated command computes only what is missing
 
 
@@ -166,7 +166,9 @@ def _score(loaded: list, groups, mode: str, recipe, rc, adapter: Path, store, pr
 
     bar = _Progress(desc, progress)
     try:
-        computed = fill_missing(groups, keys, store, compute, per_batch=CHUNK, events=bar)
+        # generation batches of `generation_batch_size` critiques: two answers per benchmark row
+        per_batch = max(1, rc.generation_batch_size // 2) if mode == "generate" else CHUNK
+        computed = fill_missing(groups, keys, store, compute, per_batch=per_batch, events=bar)
     finally:
         bar.close()
     return [[store.get(k)["score"] for k in ks] for ks in keys], computed
