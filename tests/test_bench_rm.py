@@ -422,6 +422,11 @@ def test_bench_names_a_file_in_another_layout_and_an_unusable_mode(reward_run, t
     with pytest.raises(ValueError, match=r"no critique mode left to score: given: Multimodal RewardBench ships no "
                                          r"critique per answer \(use --critique generate or none\)"):
         run_benchmark(reward_run, "mm-rewardbench", mm, critique=("given",))
+    (tmp_path / "data" / "all_data_release.json").write_text((tmp_path / "data" / "all_data.json").read_text())
+    with pytest.raises(DataError, match=r"2 data files in this folder \(all_data.json, all_data_release.json\); a "
+                                         r"benchmark is one file: pass it to --data \(Multimodal RewardBench: "
+                                         r"data/all_data.json\)"):
+        run_benchmark(reward_run, "mm-rewardbench", tmp_path / "data")
     with pytest.raises(ValueError, match="--max-pairs must be 0"):
         run_benchmark(reward_run, "mm-rewardbench", mm, max_pairs=-1)
 
@@ -463,3 +468,21 @@ def test_compare_benchmarks_refuses_paths_outside_the_runs_root(tmp_path):
     for bad in ("../runs", "/etc", "a/b"):
         with pytest.raises(Refused):
             compare.bench_table(tmp_path / "runs", [bad])
+
+
+def test_report_markdown_names_smoke_runs_skipped_rows_warnings_and_ties():
+    from mmrlhf_lite.evaluate.benchmarks import bench_result, markdown
+
+    res = bench_result("vl-rewardbench", [pair("a", "WildVision", 1, 1), pair("b", "POVID", 1, 0)], "tiny RM")
+    md = markdown({"benchmark": "vl-rewardbench", "run": "runs/x", "smoke": True, "model": "tiny:qwen2_vl",
+                   "data": "vl.parquet", "format": "vl_rewardbench", "groups": 3, "pairs": 2, "rank_ties": 1,
+                   "adapter": "runs/x/reward/final", "skipped_rows": {"missing_image": 2},
+                   "warnings": ["f:3: key 'id': id 'a' repeats; this row is read as 'a#2'"], "warning_count": 1,
+                   "skipped_modes": {"given": "VL-RewardBench ships no critique per answer"},
+                   "results": {"none": {**res, "seconds": 0.5}}})
+    assert "**Smoke run**: `tiny:qwen2_vl`" in md and "1 pair(s) the humans ranked equal were left out" in md
+    assert "Rows left out (`--on-error skip`): 2 missing_image." in md
+    assert "1 warning(s) while reading" in md and "- f:3: key 'id': id 'a' repeats" in md
+    assert "| General | 0.0% | 0 / 1 pairs | 1 |" in md  # the score tie: wrong, and counted
+    assert "| tiny RM | 0.0 | 100.0 | - | 50.0 | 50.0 |" in md
+    assert "- critique mode `given` skipped: VL-RewardBench ships no critique per answer" in md

@@ -27,6 +27,9 @@ from .metrics import ScoredGroup
 
 MODES = ("generate", "given", "none")
 CHUNK = 8  # rows scored per step without generation (and per append to the score store)
+SHIPPED_FILE = {"vl-rewardbench": "VL-RewardBench: data/test-00000-of-00001.parquet",
+                "mm-rewardbench": "Multimodal RewardBench: data/all_data.json",
+                "mmrlhf-rewardbench": "MM-RLHF-RewardBench: mm_reward_bench.jsonl"}
 SCORES = "scores.jsonl"  # content-keyed scores: a stopped or repeated command computes only what is missing
 
 
@@ -85,7 +88,7 @@ def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique
               "model": recipe.model.path, "adapter": str(adapter), "smoke": recipe.model.path.startswith("tiny:"),
               "groups": len(groups), "pairs": sum(len(g.pairs()) for g in groups),
               "rank_ties": sum(len(g.ties()) for g in groups), "skipped_rows": dict(loaded.skipped),
-              "warnings": loaded.warnings[:20], "skipped_modes": skipped, "results": {}}
+              "warnings": loaded.warnings[:20], "warning_count": len(loaded.warnings), "skipped_modes": skipped, "results": {}}
     store = JsonlStore(out_dir / SCORES)
     loaded_scorer = [scorer]
     predictions = []
@@ -115,7 +118,12 @@ def _check_layout(data, spec) -> None:
     from ..data.sources import iter_rows, list_sources
 
     readable = {spec.fmt, "mmrlhf"} if spec.fmt == "mmrlhf_bench" else {spec.fmt}
-    for file in list_sources(data):
+    files = list_sources(data)
+    if len(files) > 1:  # e.g. Multimodal RewardBench's data/ also holds all_data_release.json: rows counted twice
+        names = ", ".join(Path(f).name for f in files[:6]) + (" ..." if len(files) > 6 else "")
+        raise DataError(str(data), f"{len(files)} data files in this folder ({names}); a benchmark is one file: pass "
+                        f"it to --data ({SHIPPED_FILE[spec.key]})", reason="bad_source")
+    for file in files:
         first = next((raw for raw in iter_rows(file) if raw.row is not None), None)
         found = detect(first.row) if first is not None else None
         if found is None or found in readable:

@@ -229,6 +229,10 @@ def markdown(report: dict) -> str:
     if report.get("skipped_rows"):
         lines += [f"Rows left out (`--on-error skip`): " + ", ".join(f"{n} {why}" for why, n in report["skipped_rows"].items())
                   + ".", ""]
+    if report.get("warnings"):
+        n = report.get("warning_count", len(report["warnings"]))
+        lines += [f"{n} warning(s) while reading (report.json lists up to 20):", ""]
+        lines += [f"- {w}" for w in report["warnings"][:5]] + [""]
     for mode, res in report["results"].items():
         lines += [f"## Critique mode `{mode}` ({res['seconds']} s)", "", "| metric | accuracy | right / total | score ties |",
                   "|---|---|---|---|"]
