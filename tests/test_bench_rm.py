@@ -360,21 +360,22 @@ def test_compare_tab_shows_benchmark_tables_of_runs_side_by_side(tmp_path):
     vl_a = [pair("a", "WildVision", 1, 0), pair("b", "POVID", 0, 1)]
     vl_b = [pair("a", "WildVision", 1, 0), pair("b", "POVID", 1, 0)]
     fake("run-a", "vl-rewardbench", {"generate": vl_a, "none": vl_b})
-    fake("run-b", "vl-rewardbench", {"none": vl_b})
+    fake("run-b", "vl-rewardbench", {"none": vl_b}, smoke=True)
     fake("run-b", "mm-rewardbench", {"none": [pair("pairs_1", "safety", 1, 0), pair("x", "vqa", 0, 0)]}, smoke=True)
     (tmp_path / "run-c").mkdir()  # no benchmark yet
     table = compare.bench_table(tmp_path, ["run-a", "run-b", "run-c"])
-    assert list(table.columns) == ["benchmark", "metric", "run-a (generate)", "run-a (none)", "run-b (none)"]
+    assert list(table.columns) == ["benchmark", "metric", "run-a (generate)", "run-a (none)", "run-b (none, smoke run)"]
     rows = {(r["benchmark"], r["metric"]): r for r in table.to_dict("records")}
     assert rows[("VL-RewardBench", "General")] == {"benchmark": "VL-RewardBench", "metric": "General",
                                                    "run-a (generate)": "100.0%", "run-a (none)": "100.0%",
-                                                   "run-b (none)": "100.0%"}
+                                                   "run-b (none, smoke run)": "100.0%"}
     assert rows[("VL-RewardBench", "Overall Accuracy")]["run-a (generate)"] == "50.0%"
     assert rows[("VL-RewardBench", "Macro Average Accuracy (over general, hallucination only)")]["run-a (none)"] == "100.0%"
-    mm = rows[("Multimodal RewardBench (smoke run)", "split: safety/bias")]
-    assert (mm["run-a (generate)"], mm["run-b (none)"]) == ("-", "100.0%")
-    assert rows[("Multimodal RewardBench (smoke run)", "VQA")]["run-b (none)"] == "0.0%"  # a score tie is wrong
-    assert [k[0] for k in rows][0] == "VL-RewardBench" and rows[("VL-RewardBench", "pairs scored")]["run-b (none)"] == "2"
+    mm = rows[("Multimodal RewardBench", "split: safety/bias")]
+    assert (mm["run-a (generate)"], mm["run-b (none, smoke run)"]) == ("-", "100.0%")
+    assert rows[("Multimodal RewardBench", "VQA")]["run-b (none, smoke run)"] == "0.0%"  # a score tie is wrong
+    assert [k[0] for k in rows][0] == "VL-RewardBench"
+    assert rows[("VL-RewardBench", "pairs scored")]["run-b (none, smoke run)"] == "2"
 
 
 def test_compare_benchmarks_through_the_app_api(tmp_path):

@@ -65,7 +65,8 @@ def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
 
 def bench_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
     """The benchmark tables of several runs side by side: a row per (benchmark, metric), a column per
-    `<run> (<critique mode>)`; "-" where a run has no such benchmark or metric."""
+    `<run> (<critique mode>)` (`, smoke run` for a tiny test model); "-" where a run lacks the benchmark or
+    metric."""
     runs = {name: run_path(runs_root, name) for name in names}
     from ..evaluate.bench_run import load_bench_reports
     from ..evaluate.benchmarks import BENCHMARKS
@@ -78,15 +79,14 @@ def bench_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
             report = reports[name].get(bench)
             if not report:
                 continue
-            title = spec.title + (" (smoke run)" if report.get("smoke") else "")
             for mode, res in report.get("results", {}).items():
-                col = f"{name} ({mode})"
+                col = f"{name} ({mode}{', smoke run' if report.get('smoke') else ''})"  # smoke: a tiny test model
                 if col not in columns:
                     columns.append(col)
                 entries = [("pairs scored", str(report.get("pairs")))] + [(r["metric"], _pct(r["acc"]))
                                                                           for r in res["table"]]
                 for metric, value in entries:
-                    cells.setdefault((title, metric), {})[col] = value
+                    cells.setdefault((spec.title, metric), {})[col] = value
     rows = [{"benchmark": b, "metric": m, **{c: per.get(c, "-") for c in columns}} for (b, m), per in cells.items()]
     return pd.DataFrame(rows, columns=["benchmark", "metric"] + columns)
 
