@@ -79,11 +79,11 @@ def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="a public reward-model benchmark, in its own layout and with its own metrics",
                        description="Score VL-RewardBench, Multimodal RewardBench or MM-RLHF-RewardBench with a "
                                    "run's critique reward model (docs/benchmarks-rm.md).")
-    b.add_argument("run_dir")
+    b.add_argument("run_dir", help="a run folder with a trained reward model (RUN/reward/final)")
     b.add_argument("--bench", required=True, choices=tuple(BENCHMARKS),
                    help="vl-rewardbench: its Parquet (image bytes); mm-rewardbench: its all_data.json beside the "
                         "image folder; mmrlhf-rewardbench: mm_reward_bench.jsonl")
-    b.add_argument("--data", required=True, help="the benchmark file (or folder of files)")
+    b.add_argument("--data", required=True, help="the benchmark file (or a folder holding only it)")
     b.add_argument("--media-root", default=None, help="folder the image paths are relative to (default: the file's "
                                                       "folder)")
     b.add_argument("--critique", default="generate", help="comma-separated modes: generate, given, none "
