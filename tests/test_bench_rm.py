@@ -294,6 +294,7 @@ def test_vl_rewardbench_end_to_end_cli(reward_run, tmp_path):
         assert res["metrics"]["macro_acc"] == pytest.approx(macro)
         assert res["leaderboard"].splitlines()[0].startswith("| Model | General | Hallucination | Reasoning |")
         assert (res["computed"], res["from_cache"]) == (8, 0)
+    assert report["packed"] is True  # the tiny Qwen2-VL with SDPA: both answers of a pair in one row
     md = (folder / "report.md").read_text()
     assert "**Smoke run**" in md and "## Critique mode `generate`" in md and "| Macro Average Accuracy |" in md
     assert "critique mode `given` skipped" in md
@@ -326,6 +327,7 @@ def test_mm_rewardbench_end_to_end_scores_match_hand_built_groups(reward_run, tm
     again = run_benchmark(reward_run, "mm-rewardbench", data, critique=("none",), media_root=str(tmp_path / "img"),
                           progress=False, scorer=None)
     assert (again["results"]["none"]["computed"], again["results"]["none"]["from_cache"]) == (0, 8)
+    assert again["packed"] is None and "every score read from the score store" in (Path(again["out"]) / "report.md").read_text()
     assert again["results"]["none"]["table"] == res["table"]
 
 
@@ -480,7 +482,8 @@ def test_report_markdown_names_smoke_runs_skipped_rows_warnings_and_ties():
                    "adapter": "runs/x/reward/final", "skipped_rows": {"missing_image": 2},
                    "warnings": ["f:3: key 'id': id 'a' repeats; this row is read as 'a#2'"], "warning_count": 1,
                    "skipped_modes": {"given": "VL-RewardBench ships no critique per answer"},
-                   "results": {"none": {**res, "seconds": 0.5}}})
+                   "packed": True, "results": {"none": {**res, "seconds": 0.5}}})
+    assert "each pair scored packed (both answers in one row)" in md
     assert "**Smoke run**: `tiny:qwen2_vl`" in md and "1 pair(s) the humans ranked equal were left out" in md
     assert "Rows left out (`--on-error skip`): 2 missing_image." in md
     assert "1 warning(s) while reading" in md and "- f:3: key 'id': id 'a' repeats" in md

@@ -103,6 +103,7 @@ def run_benchmark(run_dir: str | Path, bench: str, data: str | Path, *, critique
         predictions += [{"id": g.id, "category": g.category, "mode": mode, "scores": s,
                          "pairs": [list(p) for p in g.pairs()], "right": [s[b] > s[w] for b, w in g.pairs()]}
                         for g, s in zip(groups, scores)]
+    report["packed"] = None if loaded_scorer[0] is None else bool(loaded_scorer[0].packed)
     write_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(out_dir / "report.md", markdown(report))

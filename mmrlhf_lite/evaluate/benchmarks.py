@@ -215,6 +215,13 @@ def bench_result(bench: str, groups: list[ScoredGroup], label: str) -> dict:
     return {"metrics": metrics, "table": table_rows(spec, metrics), "leaderboard": leaderboard_line(spec, metrics, label)}
 
 
+def _packing(packed: bool | None) -> str:
+    if packed is None:
+        return "every score read from the score store (scores.jsonl), computed by an earlier run of the command"
+    return ("each pair scored packed (both answers in one row)" if packed else
+            "each answer scored in its own row (this family or attention kernel takes no packed mask)")
+
+
 def markdown(report: dict) -> str:
     """report.md of a `bench` run (report.json's content)."""
     bench = BENCHMARKS[report["benchmark"]]
@@ -224,8 +231,8 @@ def markdown(report: dict) -> str:
                   "that the benchmark reads and scores end to end, and say nothing about a real reward model.", ""]
     lines += [f"Data: `{report['data']}` ({report['format']}), {report['groups']} rows, {report['pairs']} scored "
               f"pairs; {report['rank_ties']} pair(s) the humans ranked equal were left out. Reward model: "
-              f"`{report['model']}` + the run's adapter (`{report['adapter']}`), each pair scored packed "
-              f"(both answers in one row).", ""]
+              f"`{report['model']}` + the run's adapter (`{report['adapter']}`); {_packing(report.get('packed'))}.",
+              ""]
     if report.get("skipped_rows"):
         lines += [f"Rows left out (`--on-error skip`): " + ", ".join(f"{n} {why}" for why, n in report["skipped_rows"].items())
                   + ".", ""]
