@@ -47,8 +47,8 @@ class ModelConfig:
     path: str = _f("tiny:qwen2_vl", "Local folder or hub id of an image-text-to-text model; "
                    "`tiny:<family>` builds the offline tiny random-init model (tests, demo).")
     family: str = _f("auto", "Model family (see mmrlhf_lite.models.families); `auto` reads config.json.")
-    backend: str = _f("auto", "`unsloth` (CUDA only), `transformers` (bitsandbytes + peft, CPU too), "
-                      "`auto` = unsloth when CUDA and unsloth are available, else transformers.",
+    backend: str = _f("auto", "`unsloth` (CUDA only; opt-in, not yet verified on the packed path), `transformers` "
+                      "(bitsandbytes + peft, CPU too), `auto` = transformers (says so where unsloth is installed).",
                       choices=("auto", "transformers", "unsloth"))
     device: str = _f("auto", "`auto` = cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
     load_in_4bit: bool = _f(True, "Quantise the language model's linear layers to nf4 + double quant (QLoRA).")
