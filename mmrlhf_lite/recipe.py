@@ -159,7 +159,7 @@ class DpoConfig:
     k: float = _f(0.5, "Dynamic reward scaling sharpness k.", ge=0)
     beta_floor: float = _f(1e-3, "Positive floor on beta_i.", gt=0)
     pairs: str = _f("all", "`all` ranked pairs of a group, or `best_vs_worst`.", choices=("all", "best_vs_worst"))
-    loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo`.", choices=("sigmoid", "ipo"))
+    loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo` (on length-normalised log-probs, as in TRL).", choices=("sigmoid", "ipo"))
     alpha: float = _f(1.0, "Weight of the DPO term.", ge=0)
     gamma: float = _f(0.25, "Weight of the SFT (NLL) term on the best response.", ge=0)
     label_smoothing: float = _f(0.0, "Conservative DPO label smoothing (sigmoid loss only).", ge=0, lt=0.5)

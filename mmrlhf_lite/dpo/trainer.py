@@ -96,7 +96,8 @@ class DpoTrainer(GroupTrainer):
         loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(logps.device), batch["pairs"].to(logps.device),
                                     batch["deltas"].to(logps.device), beta=c.beta, w=c.w, k=c.k,
                                     beta_floor=c.beta_floor, loss_type=c.loss_type,
-                                    label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma)
+                                    label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma,
+                                    n_tokens=torch.tensor([len(t) for t in token_logps], device=logps.device))
         metrics["tokens"] = float(sum(e.packed_len() for e in batch["encoded"]))
         return loss, metrics
 
