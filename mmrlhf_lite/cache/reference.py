@@ -43,6 +43,35 @@ def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, ma
     return keys
 
 
+def report_repeats(train: Sequence[PreferenceGroup], evals: Sequence[PreferenceGroup], events,
+                   shown: int = 3) -> dict[str, int]:
+    """Warn about evaluation groups whose prompt (turns + media bytes) is also a training prompt: they leak
+    evaluation data into training. Groups repeating another group's whole content are noted (their
+    entries are computed once and shared). Returns the counts."""
+    prompt_of = {}
+    for g in train:
+        prompt_of.setdefault(content_key(group_content(g)), g)
+    leaks = [(g, prompt_of[k]) for g in evals if (k := content_key(group_content(g))) in prompt_of]
+    if leaks:
+        eg = ", ".join(f"eval {e.source or e.id} = train {t.source or t.id}" for e, t in leaks[:shown])
+        events.warning(f"{len(leaks)} of {len(evals)} eval groups repeat a training prompt and images ({eg}"
+                       f"{', ...' if len(leaks) > shown else ''}): evaluation data leaks into training; "
+                       "remove them from one of the files")
+    seen: dict[str, PreferenceGroup] = {}
+    repeats = []
+    for g in list(train) + list(evals):
+        k = content_key(group_content(g), [r.text for r in g.responses])
+        if k in seen:
+            repeats.append((g, seen[k]))
+        else:
+            seen[k] = g
+    if repeats:
+        eg = ", ".join(f"{g.source or g.id} = {o.source or o.id}" for g, o in repeats[:shown])
+        events.info(f"{len(repeats)} group(s) repeat the whole content of another ({eg}"
+                    f"{', ...' if len(repeats) > shown else ''}): their log-probs are computed once")
+    return {"eval_repeats_train": len(leaks), "repeated_groups": len(repeats)}
+
+
 @torch.no_grad()
 def compute_reference(model, spec, encoder: GroupEncoder, groups: Sequence[PreferenceGroup], packed: bool,
                       max_row_tokens: int | None = None) -> list[list[tuple[float, int]]]:
@@ -86,6 +115,7 @@ def run_stage(ctx) -> dict:
     if store.torn_lines:
         events.warning(f"reference cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
+    repeats = report_repeats(train, evals, events)
     loaded: dict = {}
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
@@ -103,4 +133,4 @@ def run_stage(ctx) -> dict:
                             events=events, stop_requested=ctx.stop_requested)
     n = sum(len(g.responses) for g in groups)
     events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
-    return {"responses": n, "computed": computed, "reused": n - computed}
+    return {"responses": n, "computed": computed, "reused": n - computed, **repeats}
