@@ -183,3 +183,42 @@ def test_eval_file_repeating_training_groups_is_computed_once_and_reported(tmp_p
     [warning] = [e["message"] for e in evs if "leaks into training" in e.get("message", "")]
     assert warning.startswith(f"4 of 4 eval groups repeat a training prompt and images (eval {evals}:1 = train "
                               f"{train}:1, eval {evals}:2 = train {train}:3, eval {evals}:3 = train {train}:6, ...)")
+
+
+def test_reference_keys_hold_the_resolved_settings(tmp_path):
+    """Reference keys hold what `auto` resolves to (float32 on this CPU: the same entries as an explicit
+    float32, never shared with a bfloat16 run), and the packing / attention kernel. Reward keys (next test)
+    also hold resolution and quantisation, so scores made at another max_pixels or precision are not reused."""
+    import dataclasses
+
+    from mmrlhf_lite.data.demo import write_demo
+    from mmrlhf_lite.data.readers import load_groups
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("checks what auto resolves to on CPU")
+    groups = load_groups(str(write_demo(tmp_path / "demo", groups=2, seed=0, image_size=56))).groups
+    base = _recipe(tmp_path, "keys").model
+    ref = lambda **kw: reference_mod.reference_keys(groups, dataclasses.replace(base, **kw), 8)  # noqa: E731
+    assert ref(compute_dtype="auto") == ref(compute_dtype="float32")
+    assert ref(compute_dtype="auto") != ref(compute_dtype="bfloat16")
+    assert ref(packing="unpacked") != ref() != ref(attn_implementation="eager")
+
+
+def test_reward_keys_hold_resolution_quantisation_and_dtype(tmp_path):
+    import dataclasses
+
+    from mmrlhf_lite.data.demo import write_demo
+    from mmrlhf_lite.data.readers import load_groups
+    from mmrlhf_lite.reward.scorer import response_keys, reward_fingerprint
+
+    groups = load_groups(str(write_demo(tmp_path / "demo", groups=2, seed=0, image_size=56))).groups
+    base = _recipe(tmp_path, "keys").model
+    cfg = _recipe(tmp_path, "keys").reward
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rew = lambda **kw: response_keys(groups, reward_fingerprint(dataclasses.replace(base, **kw), adapter),  # noqa: E731
+                                     cfg, "none", 0)
+    if not __import__("torch").cuda.is_available():
+        assert rew(compute_dtype="auto") == rew(compute_dtype="float32")
+    keys = [rew(), rew(max_pixels=3136), rew(min_pixels=784), rew(load_in_4bit=True), rew(compute_dtype="bfloat16")]
+    assert len({k[0][0] for k in keys}) == 5

@@ -27,9 +27,21 @@ POLICY_TEMPLATE = "policy-v1"
 
 
 def policy_settings(model_cfg: ModelConfig) -> dict:
-    """Settings that change a response's tokens or image tokens (hence its log-prob)."""
+    """Settings that change a response's tokens, image tokens or numerics (hence its log-prob), as they
+    resolve on this machine: `compute_dtype: auto` is float32 on CPU and bfloat16 on a GPU, so the key
+    holds the dtype, the backend, the attention kernel and whether groups are packed that a run really
+    uses, never `auto`. Reward scores are keyed on the same settings."""
+    from ..models.families import detect_family
+    from ..models.loading import resolve_backend, resolve_device, resolve_dtype, resolve_model_path
+
+    device = resolve_device(model_cfg.device)
+    family = detect_family(resolve_model_path(model_cfg.path), model_cfg.family)
     return {"max_pixels": model_cfg.max_pixels, "min_pixels": model_cfg.min_pixels,
-            "load_in_4bit": model_cfg.load_in_4bit, "compute_dtype": model_cfg.compute_dtype}
+            "load_in_4bit": model_cfg.load_in_4bit,
+            "compute_dtype": str(resolve_dtype(model_cfg.compute_dtype, device)).replace("torch.", ""),
+            "backend": resolve_backend(model_cfg, device, family),
+            "attn_implementation": model_cfg.attn_implementation,
+            "packed": use_packing(family, model_cfg.packing, model_cfg.attn_implementation)}
 
 
 def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, max_frames: int) -> list[list[str]]:

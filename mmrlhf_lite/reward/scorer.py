@@ -151,8 +151,14 @@ def response_keys(groups: Sequence[PreferenceGroup], fingerprint: str, cfg: Rewa
 
 
 def reward_fingerprint(model_cfg: ModelConfig, adapter_dir: Path) -> str:
+    """Base model + adapter + the resolved settings that change a score (resolution, quantisation, dtype,
+    backend, attention, packing: `cache.reference.policy_settings`), so scores made at another resolution
+    or precision, e.g. through `reward.model_from` or a shared `cache.dir`, are not reused."""
+    from ..cache.reference import policy_settings
+
     return content_key(model_fingerprint(model_cfg.path),
-                       directory_fingerprint(adapter_dir, hash_files=("adapter_model.safetensors",)))
+                       directory_fingerprint(adapter_dir, hash_files=("adapter_model.safetensors",)),
+                       policy_settings(model_cfg))
 
 
 def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
