@@ -23,7 +23,7 @@ from ..recipe import ModelConfig
 from .store import JsonlStore, content_key, fill_missing, group_content, model_fingerprint
 
 REFERENCE_CACHE = "reference.jsonl"
-POLICY_TEMPLATE = "policy-v1"
+POLICY_TEMPLATE = "policy-v2"  # v2: branch ids = the template's reply tokens (reply prefix), data text never parsed for special tokens
 
 
 def policy_settings(model_cfg: ModelConfig) -> dict:
