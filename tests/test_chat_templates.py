@@ -165,3 +165,12 @@ def test_special_token_string_in_a_prompt_is_an_error_naming_the_sample(family, 
         encoder.encode_policy(bad)
     with pytest.raises(SpecialTokenInPrompt, match=r"^data\.jsonl:7: "):
         CritiqueEncoder(encoder).encode(bad)
+
+
+def test_every_family_names_its_reply_and_image_token_rules():
+    """The per-family knowledge sits in the families table: an image-token counting rule for each."""
+    from mmrlhf_lite.models.image_tokens import image_counter
+
+    assert set(FAMILIES) == set(FAMILY_NAMES)
+    assert all(image_counter(spec) is not None for spec in FAMILIES.values())
+    assert [n for n, s in FAMILIES.items() if s.reply_header_differs] == ["llava_onevision"]
