@@ -64,7 +64,7 @@ class CritiqueEncoder:
                with_critique: bool = True) -> tuple[EncodedGroup, list[CritiqueParts]]:
         """One EncodedGroup whose branch i scores response i (with critique i when given)."""
         messages, images, before, after = self._template_split(group)
-        proc, enc = self.encoder.processor, self.encoder
+        proc, ge = self.encoder.processor, self.encoder
         # the whitespace before the response belongs to its first token (`: The` is `:` + ` The`)
         lead = before[len(before.rstrip()):]
         before = before[:len(before) - len(lead)]
@@ -75,8 +75,8 @@ class CritiqueEncoder:
             critiques = [r.critique for r in group.responses]
         parts, branches = [], []
         for r, crit in zip(group.responses, critiques):
-            context = enc.join(lead, r.text, after)
-            critique = enc.join(enc.reply_prefix, crit, enc.end_of_turn) if with_critique and crit else []
+            context = ge.join(lead, r.text, after)
+            critique = ge.join(ge.reply_prefix, crit, ge.end_of_turn) if with_critique and crit else []
             parts.append(CritiqueParts(context, critique))
             branches.append(Branch(ids=context + critique, target=[False] * len(context) + [True] * len(critique)))
         enc = EncodedGroup(prefix=prefix, branches=branches, group_id=group.id, source=group.source)
