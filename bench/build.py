@@ -49,9 +49,9 @@ def _build(shape: Shape, out: Path, seed: int) -> None:
     from transformers import logging as hf_logging
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from mmrlhf_lite.models.tiny import QWEN_CHAT_TEMPLATE, SIZES, build_tokenizer
+    from mmrlhf_lite.models.tiny import QWEN2_VL_CHAT_TEMPLATE, SIZES, build_tokenizer
 
-    tok = build_tokenizer(SIZES["s"], QWEN_CHAT_TEMPLATE)
+    tok = build_tokenizer(SIZES["s"], QWEN2_VL_CHAT_TEMPLATE)
     ids = {"bos": tok.convert_tokens_to_ids("<|endoftext|>"), "pad": tok.convert_tokens_to_ids("<|endoftext|>"),
            "eos": tok.convert_tokens_to_ids("<|im_end|>"), "image": tok.convert_tokens_to_ids("<|image_pad|>"),
            "video": tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -77,7 +77,7 @@ def _build(shape: Shape, out: Path, seed: int) -> None:
                              merge_size=shape.vision.spatial_merge_size,
                              temporal_patch_size=shape.vision.temporal_patch_size).save_pretrained(out)
     processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[shape.family]
-    (out / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
     pre = json.loads((out / "preprocessor_config.json").read_text())
     pre["processor_class"] = processor_class

@@ -96,7 +96,7 @@ def trl_pair_rows(groups: list[PreferenceGroup], encoder) -> list[dict]:
     `{"images": [PIL], "prompt": rendered prompt text, "chosen": text + end-of-turn, "rejected": ...}`.
 
     The prompt is rendered by the processor's chat template exactly as `GroupEncoder.encode_prefix` does, and
-    completions are the response text plus the template's end-of-turn, as `GroupEncoder.response_branch`
+    completions are the reply prefix, the response text and the template's end-of-turn, as `GroupEncoder.response_branch`
     tokenises them: TRL's collator then produces the same prompt and completion tokens as our encoder.
     """
     rows = []
@@ -105,8 +105,8 @@ def trl_pair_rows(groups: list[PreferenceGroup], encoder) -> list[dict]:
         prompt = encoder.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         for b, w in g.pairs():
             rows.append({"images": images, "prompt": prompt,
-                         "chosen": g.responses[b].text + encoder.end_of_turn,
-                         "rejected": g.responses[w].text + encoder.end_of_turn,
+                         "chosen": encoder.reply_prefix + g.responses[b].text + encoder.end_of_turn,
+                         "rejected": encoder.reply_prefix + g.responses[w].text + encoder.end_of_turn,
                          "group_id": g.id, "pair": [b, w]})
     return rows
 

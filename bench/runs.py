@@ -223,7 +223,8 @@ def _vision_cached_trainer_class():
             loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(device), batch["pairs"].to(device),
                                         batch["deltas"].to(device), beta=c.beta, w=c.w, k=c.k,
                                         beta_floor=c.beta_floor, loss_type=c.loss_type,
-                                        label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma)
+                                        label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma,
+                                        n_tokens=torch.tensor([len(t) for t in out.token_logps], device=device))
             metrics["tokens"] = float(sum(e.packed_len() for e in encoded))
             return loss, metrics
 

@@ -47,8 +47,8 @@ class ModelConfig:
     path: str = _f("tiny:qwen2_vl", "Local folder or hub id of an image-text-to-text model; "
                    "`tiny:<family>` builds the offline tiny random-init model (tests, demo).")
     family: str = _f("auto", "Model family (see mmrlhf_lite.models.families); `auto` reads config.json.")
-    backend: str = _f("auto", "`unsloth` (CUDA only), `transformers` (bitsandbytes + peft, CPU too), "
-                      "`auto` = unsloth when CUDA and unsloth are available, else transformers.",
+    backend: str = _f("auto", "`unsloth` (CUDA only; opt-in, not yet verified on the packed path), `transformers` "
+                      "(bitsandbytes + peft, CPU too), `auto` = transformers (says so where unsloth is installed).",
                       choices=("auto", "transformers", "unsloth"))
     device: str = _f("auto", "`auto` = cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
     load_in_4bit: bool = _f(True, "Quantise the language model's linear layers to nf4 + double quant (QLoRA).")
@@ -160,7 +160,7 @@ class DpoConfig:
     k: float = _f(0.5, "Dynamic reward scaling sharpness k.", ge=0)
     beta_floor: float = _f(1e-3, "Positive floor on beta_i.", gt=0)
     pairs: str = _f("all", "`all` ranked pairs of a group, or `best_vs_worst`.", choices=("all", "best_vs_worst"))
-    loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo`.", choices=("sigmoid", "ipo"))
+    loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo` (on length-normalised log-probs, as in TRL).", choices=("sigmoid", "ipo"))
     alpha: float = _f(1.0, "Weight of the DPO term.", ge=0)
     gamma: float = _f(0.25, "Weight of the SFT (NLL) term on the best response.", ge=0)
     label_smoothing: float = _f(0.0, "Conservative DPO label smoothing (sigmoid loss only).", ge=0, lt=0.5)

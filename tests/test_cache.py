@@ -134,3 +134,91 @@ def test_hub_model_keys_follow_the_cached_revision(tmp_path, monkeypatch):
                                              r"revision could not be resolved"):
         model_fingerprint("org/other")
     assert not _in_hub_cache("org/other")
+
+
+def _demo_rows(tmp_path):
+    """The 10-group demo set of the TINY recipe, written once: (rows, folder its image paths are relative to)."""
+    from mmrlhf_lite.data.demo import write_demo
+
+    data = write_demo(tmp_path / "demo", groups=10, seed=0, image_size=56)
+    return [json.loads(line) for line in data.read_text().splitlines()], data.parent
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return path
+
+
+def test_groups_with_the_same_content_are_computed_once(tmp_path):
+    """Three groups repeated under other ids (real preference sets contain such repeats): the reference
+    stage computes each distinct response once and serves every group that has it."""
+    from mmrlhf_lite.events import read_events
+
+    rows, root = _demo_rows(tmp_path)
+    dupes = [dict(rows[i], id=f"{rows[i]['id']}-again") for i in (1, 4, 7)]
+    data = _write(tmp_path / "dupes.jsonl", rows + dupes)
+    r = _recipe(tmp_path, "dupes", [f"data.path={data}", f"data.media_root={root}", "data.eval_fraction=0",
+                                    "dpo.train.groups_per_step=3"])
+    ctx = run_pipeline(r, ["reference"], echo=False)
+    st = ctx.run.status("reference")
+    assert (st["responses"], st["computed"], st["repeated_groups"]) == (52, 40, 3)
+    ref = reference_mod.load_reference(ctx.cache_dir, ctx.data()[0], r.model, r.data.max_frames)
+    by_id = {g.id: lp for g, lp in zip(ctx.data()[0], ref)}
+    assert all(by_id[d["id"]] == by_id[d["id"][:-len("-again")]] for d in dupes)
+    evs, _ = read_events(ctx.run_dir)
+    assert any("3 group(s) repeat the whole content of another" in e.get("message", "") for e in evs)
+
+
+def test_eval_file_repeating_training_groups_is_computed_once_and_reported(tmp_path):
+    from mmrlhf_lite.events import read_events
+
+    rows, root = _demo_rows(tmp_path)
+    train = _write(tmp_path / "train.jsonl", rows)
+    evals = _write(tmp_path / "eval.jsonl", [dict(rows[i], id=f"e{i}") for i in (0, 2, 5, 9)])
+    r = _recipe(tmp_path, "leak", [f"data.path={train}", f"data.eval_path={evals}", f"data.media_root={root}"])
+    ctx = run_pipeline(r, ["reference"], echo=False)
+    st = ctx.run.status("reference")
+    assert (st["responses"], st["computed"], st["eval_repeats_train"]) == (56, 40, 4)
+    evs, _ = read_events(ctx.run_dir)
+    [warning] = [e["message"] for e in evs if "leaks into training" in e.get("message", "")]
+    assert warning.startswith(f"4 of 4 eval groups repeat a training prompt and images (eval {evals}:1 = train "
+                              f"{train}:1, eval {evals}:2 = train {train}:3, eval {evals}:3 = train {train}:6, ...)")
+
+
+def test_reference_keys_hold_the_resolved_settings(tmp_path):
+    """Reference keys hold what `auto` resolves to (float32 on this CPU: the same entries as an explicit
+    float32, never shared with a bfloat16 run), and the packing / attention kernel. Reward keys (next test)
+    also hold resolution and quantisation, so scores made at another max_pixels or precision are not reused."""
+    import dataclasses
+
+    from mmrlhf_lite.data.demo import write_demo
+    from mmrlhf_lite.data.readers import load_groups
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("checks what auto resolves to on CPU")
+    groups = load_groups(str(write_demo(tmp_path / "demo", groups=2, seed=0, image_size=56))).groups
+    base = _recipe(tmp_path, "keys").model
+    ref = lambda **kw: reference_mod.reference_keys(groups, dataclasses.replace(base, **kw), 8)  # noqa: E731
+    assert ref(compute_dtype="auto") == ref(compute_dtype="float32")
+    assert ref(compute_dtype="auto") != ref(compute_dtype="bfloat16")
+    assert ref(packing="unpacked") != ref() != ref(attn_implementation="eager")
+
+
+def test_reward_keys_hold_resolution_quantisation_and_dtype(tmp_path):
+    import dataclasses
+
+    from mmrlhf_lite.data.demo import write_demo
+    from mmrlhf_lite.data.readers import load_groups
+    from mmrlhf_lite.reward.scorer import response_keys, reward_fingerprint
+
+    groups = load_groups(str(write_demo(tmp_path / "demo", groups=2, seed=0, image_size=56))).groups
+    base = _recipe(tmp_path, "keys").model
+    cfg = _recipe(tmp_path, "keys").reward
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rew = lambda **kw: response_keys(groups, reward_fingerprint(dataclasses.replace(base, **kw), adapter),  # noqa: E731
+                                     cfg, "none", 0)
+    if not __import__("torch").cuda.is_available():
+        assert rew(compute_dtype="auto") == rew(compute_dtype="float32")
+    keys = [rew(), rew(max_pixels=3136), rew(min_pixels=784), rew(load_in_4bit=True), rew(compute_dtype="bfloat16")]
+    assert len({k[0][0] for k in keys}) == 5

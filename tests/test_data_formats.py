@@ -423,3 +423,16 @@ def test_llamafactory_video_folder_and_swift_image_dicts(tmp_path):
         load_groups(path)
     assert str(err.value) == (f"{path}:1: key 'videos[0]': video files are not decoded; give a folder of frames or a "
                               f"list of frame paths instead: {tmp_path / 'clip.mp4'}")
+
+
+def test_best_vs_worst_with_pairs_as_given_is_the_best_against_the_worst():
+    """Pairs listed out of order (no ranking to recover): the pair of the most- and least-preferred
+    responses, not the first one listed."""
+    from mmrlhf_lite.data.groups import PreferenceGroup, Response
+
+    g = PreferenceGroup(id="g", prompt=[{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                        responses=[Response("A"), Response("B"), Response("C")],
+                        explicit_pairs=[(1, 2), (0, 1), (0, 2)])
+    assert g.best_vs_worst() == [(0, 2)]
+    chain = PreferenceGroup(id="c", prompt=g.prompt, responses=g.responses, explicit_pairs=[(1, 2), (0, 1)])
+    assert chain.best_vs_worst() == [(0, 1)]  # (0, 2) is not given: the best's own pair, nothing invented

@@ -60,6 +60,16 @@ def test_malformed_jsonl_line_is_named_by_file_and_line(root, monkeypatch, via_d
     assert error_of(path) == f"{path}:3: malformed JSON: Expecting ',' delimiter (column 13)"
 
 
+@pytest.mark.parametrize("via_datasets", [False, True])
+def test_malformed_jsonl_line_reports_the_true_column(root, monkeypatch, via_datasets):
+    """An object cut short (a missing closing brace) is reported where the line ends, not at column 1."""
+    if via_datasets:
+        monkeypatch.setattr(sources, "DATASETS_MIN_BYTES", 0)
+    line = '{"id": "g2", "prompt": "' + "q" * 80 + '", "chosen": "a", "rejected": "b"'
+    path = write(root / "cut.jsonl", [pair(), line])
+    assert error_of(path) == f"{path}:2: malformed JSON: Expecting ',' delimiter (column {len(line) + 1})"
+
+
 def test_malformed_json_array_names_the_line_of_the_syntax_error(root):
     path = root / "bad.json"
     path.write_text('[\n  {"prompt": "q", "chosen": "a", "rejected": "b"},\n  {"prompt": "q",, }\n]\n')

@@ -106,4 +106,18 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (pol, sft))
     for lt in ("ipo",):
         assert torch.autograd.gradcheck(
-            lambda p: mm_dpo_loss(p, ref, pairs, deltas, loss_type=lt, gamma=0.0)[0], (pol,))
+            lambda p: mm_dpo_loss(p, ref, pairs, deltas, loss_type=lt, gamma=0.0,
+                                  n_tokens=torch.tensor([3, 1, 4, 1, 5]))[0], (pol,))
+
+
+def test_ipo_uses_length_normalised_log_probs():
+    """IPO (Azar et al.; TRL's `ipo`): h on mean per-token log-probs. Chosen 4 tokens, rejected 2:
+    policy sums -4, -6; reference sums -6, -5 -> per token (-4+6)/4 = 0.5 and (-6+5)/2 = -0.5, h = 1;
+    beta 0.1 -> target 1/(2*0.1) = 5, loss (1 - 5)^2 = 16 (on sums h = 2 + 1 = 3 would give 4)."""
+    pol = torch.tensor([-4.0, -6.0], dtype=torch.float64)
+    ref = torch.tensor([-6.0, -5.0], dtype=torch.float64)
+    loss, m = mm_dpo_loss(pol, ref, torch.tensor([[0, 1]]), torch.zeros(1, dtype=torch.float64), beta=0.1, w=0.0,
+                          loss_type="ipo", gamma=0.0, n_tokens=torch.tensor([4, 2]))
+    assert loss.item() == pytest.approx(16.0, abs=1e-12)
+    with pytest.raises(ValueError, match="n_tokens"):
+        mm_dpo_loss(pol, ref, torch.tensor([[0, 1]]), torch.zeros(1, dtype=torch.float64), loss_type="ipo")

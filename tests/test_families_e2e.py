@@ -89,13 +89,20 @@ def test_reward_and_mm_dpo_packed_and_unpacked(family, tmp_path, cache_dir):
     reference = [json.loads(line) for line in (run_a / "cache" / "reference.jsonl").read_text().splitlines()]
     assert len(reference) == 4 * TRAIN_GROUPS and all(r["logp"] < 0 for r in reference)
 
-    # unpacked MM-DPO: same data, reference cache and margins; one row per response
+    # unpacked MM-DPO: same data, cache folder and margins; one row per response. Reference entries are keyed
+    # on the packing too, so the unpacked run computes its own (equal within fp noise: the first losses below)
     run_b = tmp_path / "unpacked"
     (run_b / "score").mkdir(parents=True)
     shutil.copy(run_a / "score" / "margins.jsonl", run_b / "score" / "margins.jsonl")
     recipe_b = load_recipe(None, _overrides(family, run_b, "model.packing=unpacked", f"cache.dir={run_a / 'cache'}"),
                            check_paths=False)
-    run_pipeline(recipe_b, ["dpo"], echo=False)
+    run_pipeline(recipe_b, ["reference", "dpo"], echo=False)
+    both = [json.loads(line) for line in (run_a / "cache" / "reference.jsonl").read_text().splitlines()]
+    assert len(both) == 8 * TRAIN_GROUPS
+    packed_lp = {(r["group_id"], r["response"]): r["logp"] for r in both[:4 * TRAIN_GROUPS]}
+    unpacked_lp = {(r["group_id"], r["response"]): r["logp"] for r in both[4 * TRAIN_GROUPS:]}
+    assert unpacked_lp.keys() == packed_lp.keys()
+    assert all(unpacked_lp[k] == pytest.approx(packed_lp[k], rel=1e-4, abs=1e-3) for k in packed_lp)
     dpo_unpacked = _check_training(run_b, "dpo", ("dpo_loss", "implicit_accuracy", "sft_nll"))
     assert "one row per response (unpacked)" in (run_b / "events.jsonl").read_text()
     assert "packed groups" in (run_a / "events.jsonl").read_text()

@@ -240,3 +240,20 @@ def test_checkpointing_keeps_a_frozen_vision_tower_off_the_autograd_graph(tiny_q
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("visual" not in n and "lora_" in n for n in with_grad)
     assert any("visual" in n for n in with_grad) == lora_vision
+
+
+def test_auto_backend_picks_transformers_even_where_unsloth_would_run(tiny_qwen2_vl_xs, monkeypatch, caplog):
+    """`auto` must not pick the unverified unsloth path on CUDA; it says why. `unsloth` stays available."""
+    from mmrlhf_lite.models import loading
+    from mmrlhf_lite.models.families import FAMILIES
+
+    monkeypatch.setattr(loading, "unsloth_available", lambda: True)
+    spec = FAMILIES["qwen2_vl"]
+    with caplog.at_level("WARNING", logger=loading.__name__):
+        assert loading.resolve_backend(cfg_for(tiny_qwen2_vl_xs), torch.device("cuda"), spec) == "transformers"
+    assert loading.AUTO_BACKEND_NOTE in caplog.text
+    assert loading.resolve_backend(cfg_for(tiny_qwen2_vl_xs, backend="unsloth"), torch.device("cuda"),
+                                   spec) == "unsloth"
+    caplog.clear()
+    assert loading.resolve_backend(cfg_for(tiny_qwen2_vl_xs), torch.device("cpu"), spec) == "transformers"
+    assert loading.AUTO_BACKEND_NOTE not in caplog.text

@@ -340,7 +340,7 @@ def test_counts_are_memoized_per_group_and_recounted_when_anything_they_read_cha
     media stamps and source, the model files and the length/pixel settings."""
     import os
 
-    import mmrlhf_lite.plan as plan_mod
+    import mmrlhf_lite.plan.tokens as plan_mod  # where the dispatching counter looks the exact counter up
     from mmrlhf_lite.plan import TOKENS_CACHE, preflight_too_long, token_stats
 
     counted: list[str] = []

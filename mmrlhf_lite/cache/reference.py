@@ -23,13 +23,25 @@ from ..recipe import ModelConfig
 from .store import JsonlStore, content_key, fill_missing, group_content, model_fingerprint
 
 REFERENCE_CACHE = "reference.jsonl"
-POLICY_TEMPLATE = "policy-v1"
+POLICY_TEMPLATE = "policy-v2"  # v2: branch ids = the template's reply tokens (reply prefix), data text never parsed for special tokens
 
 
 def policy_settings(model_cfg: ModelConfig) -> dict:
-    """Settings that change a response's tokens or image tokens (hence its log-prob)."""
+    """Settings that change a response's tokens, image tokens or numerics (hence its log-prob), as they
+    resolve on this machine: `compute_dtype: auto` is float32 on CPU and bfloat16 on a GPU, so the key
+    holds the dtype, the backend, the attention kernel and whether groups are packed that a run really
+    uses, never `auto`. Reward scores are keyed on the same settings."""
+    from ..models.families import detect_family
+    from ..models.loading import resolve_backend, resolve_device, resolve_dtype, resolve_model_path
+
+    device = resolve_device(model_cfg.device)
+    family = detect_family(resolve_model_path(model_cfg.path), model_cfg.family)
     return {"max_pixels": model_cfg.max_pixels, "min_pixels": model_cfg.min_pixels,
-            "load_in_4bit": model_cfg.load_in_4bit, "compute_dtype": model_cfg.compute_dtype}
+            "load_in_4bit": model_cfg.load_in_4bit,
+            "compute_dtype": str(resolve_dtype(model_cfg.compute_dtype, device)).replace("torch.", ""),
+            "backend": resolve_backend(model_cfg, device, family),
+            "attn_implementation": model_cfg.attn_implementation,
+            "packed": use_packing(family, model_cfg.packing, model_cfg.attn_implementation)}
 
 
 def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, max_frames: int) -> list[list[str]]:
@@ -41,6 +53,35 @@ def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, ma
         keys.append([content_key("reference", fp, POLICY_TEMPLATE, settings, max_frames, content, r.text)
                      for r in g.responses])
     return keys
+
+
+def report_repeats(train: Sequence[PreferenceGroup], evals: Sequence[PreferenceGroup], events,
+                   shown: int = 3) -> dict[str, int]:
+    """Warn about evaluation groups whose prompt (turns + media bytes) is also a training prompt: they leak
+    evaluation data into training. Groups repeating another group's whole content are noted (their
+    entries are computed once and shared). Returns the counts."""
+    prompt_of = {}
+    for g in train:
+        prompt_of.setdefault(content_key(group_content(g)), g)
+    leaks = [(g, prompt_of[k]) for g in evals if (k := content_key(group_content(g))) in prompt_of]
+    if leaks:
+        eg = ", ".join(f"eval {e.source or e.id} = train {t.source or t.id}" for e, t in leaks[:shown])
+        events.warning(f"{len(leaks)} of {len(evals)} eval groups repeat a training prompt and images ({eg}"
+                       f"{', ...' if len(leaks) > shown else ''}): evaluation data leaks into training; "
+                       "remove them from one of the files")
+    seen: dict[str, PreferenceGroup] = {}
+    repeats = []
+    for g in list(train) + list(evals):
+        k = content_key(group_content(g), [r.text for r in g.responses])
+        if k in seen:
+            repeats.append((g, seen[k]))
+        else:
+            seen[k] = g
+    if repeats:
+        eg = ", ".join(f"{g.source or g.id} = {o.source or o.id}" for g, o in repeats[:shown])
+        events.info(f"{len(repeats)} group(s) repeat the whole content of another ({eg}"
+                    f"{', ...' if len(repeats) > shown else ''}): their log-probs are computed once")
+    return {"eval_repeats_train": len(leaks), "repeated_groups": len(repeats)}
 
 
 @torch.no_grad()
@@ -86,6 +127,7 @@ def run_stage(ctx) -> dict:
     if store.torn_lines:
         events.warning(f"reference cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
+    repeats = report_repeats(train, evals, events)
     loaded: dict = {}
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
@@ -103,4 +145,4 @@ def run_stage(ctx) -> dict:
                             events=events, stop_requested=ctx.stop_requested)
     n = sum(len(g.responses) for g in groups)
     events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
-    return {"responses": n, "computed": computed, "reused": n - computed}
+    return {"responses": n, "computed": computed, "reused": n - computed, **repeats}

@@ -142,24 +142,34 @@ def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store
 
     `compute(subgroups)` gets each group cut down to its missing responses (`PreferenceGroup.subset`) and
     returns one payload dict per response; it is never called when nothing is missing (so a caller can
-    load its model lazily inside it). A stop request between batches raises StageStopped: everything
-    written so far stays. Returns the number of entries computed.
+    load its model lazily inside it). A key is computed once however many groups share it (the same
+    content under other ids, or in both splits): the first group that has it computes it, the others
+    read the stored entry, and a group whose every key is stored or claimed is not computed at all.
+    A stop request between batches raises StageStopped: everything written so far stays. Returns the
+    number of entries computed.
     """
     from ..events import StageStopped
 
-    todo = [gi for gi, ks in enumerate(keys) if any(k not in store for k in ks)]
+    claimed: set[str] = set()
+    plan: list[list[int]] = []  # per group: the responses it computes (keys nobody stored or claimed)
+    for ks in keys:
+        mine = [ri for ri, k in enumerate(ks) if k not in store and k not in claimed]
+        claimed.update(ks[ri] for ri in mine)
+        plan.append(mine)
+    todo = [gi for gi, mine in enumerate(plan) if mine]
     total, done, computed = len(groups), len(groups) - len(todo), 0
     events.progress(done, total, unit="group")
     for s in range(0, len(todo), per_batch):
         if stop_requested():
             raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
-        idx = todo[s:s + per_batch]
-        missing = [[ri for ri, k in enumerate(keys[gi]) if k not in store] for gi in idx]
-        results = compute([groups[gi].subset(m) for gi, m in zip(idx, missing)])
-        records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, **payload}
-                   for gi, m, res in zip(idx, missing, results) for ri, payload in zip(m, res)]
-        store.put_many(records)
-        computed += len(records)
-        done += len(idx)
+        idx = [gi for gi in todo[s:s + per_batch] if any(keys[gi][ri] not in store for ri in plan[gi])]
+        missing = [[ri for ri in plan[gi] if keys[gi][ri] not in store] for gi in idx]
+        if idx:
+            results = compute([groups[gi].subset(m) for gi, m in zip(idx, missing)])
+            records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, **payload}
+                       for gi, m, res in zip(idx, missing, results) for ri, payload in zip(m, res)]
+            store.put_many(records)
+            computed += len(records)
+        done += len(todo[s:s + per_batch])
         events.progress(done, total, unit="group")
     return computed

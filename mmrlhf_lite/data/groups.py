@@ -75,11 +75,18 @@ class PreferenceGroup:
         raise ValueError(f"group {self.id} ({self.source}): responses need all ranks or all scores")
 
     def best_vs_worst(self) -> list[tuple[int, int]]:
+        """The one pair of the best against the worst response. With pairs as given (no ranking), the
+        listed pair whose better side has the most net wins (wins - losses over the listed pairs) and whose
+        worse side the fewest (on a tie, the pair of the better best side, then the first listed)."""
         pairs = self.pairs()
         if not pairs:
             return []
         if self.explicit_pairs is not None:
-            return pairs[:1]
+            net = [0] * len(self.responses)
+            for b, w in pairs:
+                net[b] += 1
+                net[w] -= 1
+            return [max(pairs, key=lambda p: (net[p[0]] - net[p[1]], net[p[0]]))]
         ranks = self.ranks()
         best = min(range(len(ranks)), key=lambda i: ranks[i])
         worst = max(range(len(ranks)), key=lambda i: ranks[i])

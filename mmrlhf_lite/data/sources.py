@@ -125,7 +125,9 @@ def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
                 continue
             source = prefix + str(n)
             try:
-                value = loads(line)
+                # without its line break: an object cut short would otherwise be reported at column 1 of
+                # the next line (the parser skips the newline before it finds the end)
+                value = loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 yield RawRow(source, error=DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})",
                                                      reason="malformed_json"))

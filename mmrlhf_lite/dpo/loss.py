@@ -5,7 +5,9 @@ Per ranked pair i = (better y_w, worse y_l) of a group, with reward-model margin
     beta_i = max(beta_floor, beta * (1 + w * (1 - exp(-k * delta_i))))          dynamic reward scaling
     h_i    = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
     sigmoid: L_i = -(1 - eps) log sigmoid(beta_i h_i) - eps log sigmoid(-beta_i h_i)   (eps = label smoothing)
-    ipo:     L_i = (h_i - 1 / (2 beta_i))^2
+    ipo:     L_i = (h_i - 1 / (2 beta_i))^2, with h_i on length-normalised log-probs (log pi / |y|, as in
+             the IPO paper and TRL): on sums the target 1 / (2 beta) = 5 nats at beta 0.1 would be spread
+             over a whole response whatever its length
     L_dpo  = weighted mean of L_i over all pairs of the batch
     L      = alpha * L_dpo + gamma * NLL(best response)   (NLL = mean token negative log-likelihood)
 
@@ -49,12 +51,16 @@ LOSSES = {"sigmoid": _sigmoid, "ipo": _ipo}
 def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs: torch.Tensor,
                 deltas: torch.Tensor, *, beta: float = 0.1, w: float = 0.1, k: float = 0.5, beta_floor: float = 1e-3,
                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, pair_weights: torch.Tensor | None = None,
-                sft_nll: torch.Tensor | None = None, alpha: float = 1.0, gamma: float = 0.25
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                sft_nll: torch.Tensor | None = None, alpha: float = 1.0, gamma: float = 0.25,
+                n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """policy_logps, reference_logps (N,) summed over response tokens; pairs (P, 2) long (better, worse);
-    deltas (P,); pair_weights (P,) or None; sft_nll scalar (mean token NLL of the best responses) or None.
-    Returns (total loss, metrics)."""
+    deltas (P,); pair_weights (P,) or None; sft_nll scalar (mean token NLL of the best responses) or None;
+    n_tokens (N,) response token counts, needed by `ipo` (length-normalised). Returns (total loss, metrics)."""
     ratios = policy_logps - reference_logps.to(policy_logps)                       # (N,)
+    if loss_type == "ipo":
+        if n_tokens is None:
+            raise ValueError("loss_type 'ipo' needs n_tokens: it compares length-normalised log-probs")
+        ratios = ratios / n_tokens.to(ratios).clamp_min(1)                         # (N,) mean per token
     h = ratios[pairs[:, 0]] - ratios[pairs[:, 1]]                                   # (P,)
     betas = dynamic_beta(deltas.to(h), beta, w, k, beta_floor)                      # (P,)
     losses = pair_losses(h, betas, loss_type, label_smoothing)

@@ -39,11 +39,12 @@ def margins_for(groups, source: str, run_dir: Path) -> dict[str, list[float]]:
                 raise ValueError(f"dpo.margin_source=scores but {g.source or g.id} has responses without a score")
             out[g.id] = [g.responses[b].score - g.responses[w].score for b, w in g.pairs()]
         return out
-    from ..reward.scorer import load_margins
-    table = load_margins(run_dir)
+    from ..reward.scorer import load_margins, margins_key
+    table = load_margins(run_dir, by="content")
+    by_content = all("content" in rec for rec in table.values())
     out = {}
     for g in groups:
-        rec = table.get(g.id)
+        rec = table.get(margins_key(g) if by_content else g.id)
         if rec is None or len(rec["scores"]) != len(g.responses):
             raise ValueError(f"group {g.id} ({g.source}) has no reward scores: re-run the `score` stage")
         s = rec["scores"]
@@ -96,7 +97,8 @@ class DpoTrainer(GroupTrainer):
         loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(logps.device), batch["pairs"].to(logps.device),
                                     batch["deltas"].to(logps.device), beta=c.beta, w=c.w, k=c.k,
                                     beta_floor=c.beta_floor, loss_type=c.loss_type,
-                                    label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma)
+                                    label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma,
+                                    n_tokens=torch.tensor([len(t) for t in token_logps], device=logps.device))
         metrics["tokens"] = float(sum(e.packed_len() for e in batch["encoded"]))
         return loss, metrics
 

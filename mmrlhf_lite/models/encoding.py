@@ -2,8 +2,12 @@
 and the tokenizer for each branch.
 
 The prefix is rendered with the model's own chat template (`add_generation_prompt=True`) and processed
-with its images, so image tokens are expanded exactly as in inference. Each response is tokenised on
-its own and followed by the template's end-of-turn text, found once by rendering a marker reply.
+with its images, so image tokens are expanded exactly as in inference. Each branch is what the same
+template writes for the reply: the reply prefix, the response text and the end of turn
+(`families.reply_boundary`), so its ids are the response part of the template's own rendering of the whole
+conversation (tests/test_chat_templates.py checks it on every family). Data text (responses, critiques) is
+tokenised as text: a literal `<image>` or `<|im_end|>` in a response stays characters, it never becomes the
+image placeholder or ends the turn; such a string in a prompt is an error naming the sample.
 A sequence longer than `max_length` is an error naming the group's file:line: nothing is truncated.
 """
 from __future__ import annotations
@@ -15,14 +19,16 @@ import torch
 
 from ..data.groups import PreferenceGroup
 from ..data.media import list_frames, load_image, sample_frames
-from .families import FamilySpec
+from .families import FamilySpec, reply_boundary
 from .packing import Branch, EncodedGroup
-
-_MARK = "\x1eMMRLHF_MARK\x1e"
 
 
 class SequenceTooLong(ValueError):
     """A prompt + response (+ critique) that does not fit max_length; names the sample."""
+
+
+class SpecialTokenInPrompt(ValueError):
+    """A prompt's text holds one of the tokenizer's special-token strings; names the sample."""
 
 
 @dataclass
@@ -34,22 +40,46 @@ class GroupEncoder:
 
     def __post_init__(self):
         self.tokenizer = self.processor.tokenizer
-        self.end_of_turn = self._find_end_of_turn()
+        self.reply_prefix, self.end_of_turn = reply_boundary(self.processor, self.spec)
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        self.special_strings = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
 
-    # ----- template facts
-    def _find_end_of_turn(self) -> str:
-        msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-        full = self.processor.apply_chat_template(
-            msgs + [{"role": "assistant", "content": [{"type": "text", "text": _MARK}]}], tokenize=False)
-        if _MARK not in full:
-            raise ValueError("the chat template drops assistant text; cannot locate response boundaries")
-        tail = full.split(_MARK, 1)[1].rstrip()
-        if not tail and self.tokenizer.eos_token:
-            tail = self.tokenizer.eos_token
-        return tail
-
+    # ----- tokens
     def tokens(self, text: str) -> list[int]:
+        """Ids of data text: special-token strings in it are tokenised as ordinary characters."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def template_tokens(self, text: str) -> list[int]:
+        """Ids of text the chat template wrote: its special tokens are special."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _special_span(self, text: str, last: bool) -> int:
+        """Where the template text's plain part begins (last=True: after its last special token) or
+        ends (last=False: at its first special token)."""
+        best = 0 if last else len(text)
+        for sp in self.special_strings:
+            i = text.rfind(sp) if last else text.find(sp)
+            if i >= 0:
+                best = max(best, i + len(sp)) if last else min(best, i)
+        return best
+
+    def join(self, lead: str, data: str, trail: str) -> list[int]:
+        """Ids of template text `lead` + data text + template text `trail`, as the tokenizer splits the
+        whole rendering: the plain text around the data (up to the nearest special tokens) is tokenised
+        with it, so e.g. SmolVLM's reply space merges with the first word, while the data's own
+        special-token strings stay text."""
+        a, b = self._special_span(lead, last=True), self._special_span(trail, last=False)
+        ids = self.template_tokens(lead[:a]) if a else []
+        ids += self.tokens(lead[a:] + data + trail[:b])
+        return ids + (self.template_tokens(trail[b:]) if b < len(trail) else [])
+
+    def check_prompt_text(self, group: PreferenceGroup, text: str) -> None:
+        for sp in self.special_strings:
+            if sp in text:
+                raise SpecialTokenInPrompt(
+                    f"{group.source or group.id}: the prompt text contains {sp!r}, a special token of this "
+                    "model's tokenizer: the chat template would read it as that token (an image placeholder, "
+                    "a turn boundary), not as text; remove or rewrite it in the data")
 
     # ----- media
     def open_media(self, media):
@@ -75,13 +105,14 @@ class GroupEncoder:
                         parts.append({"type": "image"})
                         ordered.append(f)
                 else:
+                    self.check_prompt_text(group, part.get("text") or "")
                     parts.append({"type": "text", "text": part.get("text") or ""})
             messages.append({"role": turn["role"], "content": parts})
         return messages, ordered
 
-    def encode_prefix(self, messages: list[dict], images: list, text_after: str = "") -> dict[str, torch.Tensor]:
-        """Processor outputs (batch 1) for the generation prompt, optionally followed by `text_after`."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + text_after
+    def encode_prefix(self, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
+        """Processor outputs (batch 1) for the generation prompt."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # images nested per sample: LLaVA-OV encodes the images of a multi-image prompt (and video
         # frames) without anyres tiles, as in its training, only when it sees them as one sample's
         out = self.processor(text=[text], images=[images] if images else None, return_tensors="pt")
@@ -106,7 +137,8 @@ class GroupEncoder:
 
     # ----- policy view (reference pass, DPO)
     def response_branch(self, text: str) -> Branch:
-        ids = self.tokens(text + self.end_of_turn)
+        """Reply prefix + response + end of turn: what the template writes after the generation prompt."""
+        ids = self.join(self.reply_prefix, text, self.end_of_turn)
         return Branch(ids=ids, target=[True] * len(ids))
 
     def encode_policy(self, group: PreferenceGroup) -> EncodedGroup:

@@ -4,8 +4,9 @@
 
 Per family: the processor classes (with the torchvision-free image processor used when torchvision is
 missing), where the language model and the vision tower live (LoRA targets only the former by default,
-4-bit skips the latter), whether positions are M-RoPE (3-D, from the model's own rope-index function)
-and which processor outputs the forward takes.
+4-bit skips the latter), whether positions are M-RoPE (3-D, from the model's own rope-index function),
+which processor outputs the forward takes, where a reply starts after the chat template's generation
+prompt (`reply_boundary`), and how many tokens an image becomes (`image_tokens.IMAGE_COUNTERS`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ class FamilySpec:
     unsloth: bool = True                        # FastVisionModel supports this family
     packing: bool = True                        # attention takes a 4-D mask + explicit positions
     pixel_limits: str = "pixels"                # how model.max/min_pixels apply: see `apply_pixel_limits`
+    image_tokens: str = "qwen"                  # image-token counting rule: a key of image_tokens.IMAGE_COUNTERS
+    # The released template writes a reply's header unlike its generation prompt (LLaVA-OneVision:
+    # `<|im_start|>assistant \n` in a rendered conversation, `<|im_start|>assistant\n` to generate): the
+    # reply is what follows the generation prompt, as the model was trained and generates (see `reply_boundary`).
+    reply_header_differs: bool = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -81,6 +87,7 @@ FAMILIES: dict[str, FamilySpec] = {
             text_prefix="model.language_model",
             vision_prefixes=("model.vision_tower", "model.multi_modal_projector"),
             forward_keys=("pixel_values", "image_sizes", "batch_num_images"), pixel_limits="anyres",
+            image_tokens="llava_onevision", reply_header_differs=True,
             notes="pixel_values is (images, anyres tiles, 3, H, W), padded to the most tiles in a batch; "
                   "1-D positions (Qwen2 decoder).",
         ),
@@ -90,11 +97,56 @@ FAMILIES: dict[str, FamilySpec] = {
             image_processor_module="transformers.models.idefics3.image_processing_pil_idefics3",
             text_prefix="model.text_model", vision_prefixes=("model.vision_model", "model.connector"),
             forward_keys=("pixel_values", "pixel_attention_mask"), pixel_limits="longest_edge",
+            image_tokens="idefics3",
             notes="SmolVLM v1 checkpoints are this model type. pixel_values is (rows, images, 3, H, W): all-zero "
                   "images are padding the model drops; 1-D positions (Llama decoder).",
         ),
     )
 }
+
+
+_MARK = "\x1eMMRLHF_REPLY\x1e"
+
+
+def reply_boundary(processor, spec: FamilySpec) -> tuple[str, str]:
+    """(reply prefix, end of turn): what the chat template writes between the generation prompt and a
+    reply's text, and after the text to end the turn. The tokens a packed branch scores are
+    `prefix + text + end of turn`, the response part of the template's own rendering of the conversation.
+
+    Found by rendering a user turn twice, with the generation prompt and with a marker reply:
+    Qwen2/2.5/3-VL write nothing between (prefix ""), Idefics3/SmolVLM write `Assistant: ` where the
+    generation prompt ends at `Assistant:` (prefix " ": the reply's first token carries the space).
+    Where the family's template writes a reply header unlike its generation prompt
+    (`reply_header_differs`, LLaVA-OneVision), both must end alike and the reply starts there (prefix "").
+    The end of turn is the text after the reply up to trailing whitespace (the line break between turns
+    is not generated), else the tokenizer's EOS.
+    """
+    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    reply = {"role": "assistant", "content": [{"type": "text", "text": _MARK}]}
+    gen = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + [reply], tokenize=False)
+    if _MARK not in full:
+        raise ValueError(f"{spec.name}: the chat template drops assistant text; cannot locate response boundaries")
+    head, tail = full.split(_MARK, 1)
+    if head.startswith(gen):
+        prefix = head[len(gen):]
+    else:
+        common = len(_common_prefix(head, gen))
+        head_rest, gen_rest = head[common:], gen[common:]
+        if not (spec.reply_header_differs and gen_rest and head_rest.endswith(gen_rest)):
+            raise ValueError(f"{spec.name}: the chat template's generation prompt ends with {gen[-40:]!r} but a "
+                             f"rendered reply follows {head[-40:]!r}; cannot tell where a reply starts")
+        prefix = ""
+    end = tail.rstrip()
+    eos = getattr(processor.tokenizer, "eos_token", None)
+    return prefix, end or eos or ""
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def _resized(size, **changes):

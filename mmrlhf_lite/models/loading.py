@@ -3,8 +3,10 @@
     python -c "from mmrlhf_lite.recipe import load_recipe; from mmrlhf_lite.models.loading import load_model; \
 print(load_model(load_recipe('recipes/demo.yaml').model)[0])"
 
-Backends: `unsloth` (FastVisionModel, CUDA only), `transformers` (bitsandbytes nf4 + double quant,
-peft LoRA; also runs on CPU), `auto` = unsloth when CUDA and unsloth are importable, else transformers.
+Backends: `unsloth` (FastVisionModel, CUDA only, only when asked for), `transformers` (bitsandbytes nf4 +
+double quant, peft LoRA; also runs on CPU). `auto` = transformers: the unsloth path has not yet been run
+end to end here (its attention on the packed mask, policy == reference at step 0, `lora_target_modules`),
+so it is not picked for you; `auto` says so when unsloth would have been usable.
 The 4-bit model keeps every non-quantised weight in the compute dtype: peft's
 `prepare_model_for_kbit_training` would upcast them to fp32 (3x slower, +50% memory on a 7B step),
 so gradient checkpointing and input gradients are enabled here directly.
@@ -88,7 +90,13 @@ def unsloth_available() -> bool:
         return False
 
 
+AUTO_BACKEND_NOTE = ("model.backend=auto uses transformers: the unsloth backend is not verified yet (packed "
+                     "attention mask, policy == reference at step 0, model.lora_target_modules are unchecked); "
+                     "set model.backend=unsloth to use it anyway")
+
+
 def resolve_backend(cfg: ModelConfig, device: torch.device, family: FamilySpec) -> str:
+    """`unsloth` only when asked for; `auto` is transformers (logs AUTO_BACKEND_NOTE where unsloth would run)."""
     if cfg.backend == "unsloth":
         if device.type != "cuda":
             raise ModelLoadError("model.backend=unsloth needs a CUDA GPU (FastVisionModel is CUDA only); "
@@ -98,7 +106,7 @@ def resolve_backend(cfg: ModelConfig, device: torch.device, family: FamilySpec) 
                                  "pip install -r requirements-gpu.txt, or use model.backend=transformers")
         return "unsloth"
     if cfg.backend == "auto" and device.type == "cuda" and family.unsloth and unsloth_available():
-        return "unsloth"
+        log.warning(AUTO_BACKEND_NOTE)
     return "transformers"
 
 

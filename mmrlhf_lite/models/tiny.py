@@ -21,46 +21,99 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-KIT_VERSION = 4  # bump when the kit's output changes: cached folders are keyed by it
+KIT_VERSION = 5  # bump when the kit's output changes: cached folders are keyed by it
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
 
-# Qwen-style chat template (the real Qwen2-VL one without its default system turn, to keep sequences
-# short). Image parts become <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# Chat templates written for the tiny twins that render every conversation this project builds (system,
+# user and assistant turns; text, image and video parts) exactly as the released checkpoints' templates do
+# (tests/test_chat_templates.py holds the expected renderings). transformers compiles templates with
+# trim_blocks, so every newline here is written as an output expression, never after a block tag.
+
+# Qwen2-VL and Qwen2.5-VL (Qwen2-VL-*-Instruct, Qwen2.5-VL-*-Instruct): a default system turn unless the
+# conversation starts with one; an image part is <|vision_start|><|image_pad|><|vision_end|> (the processor
+# expands the pad), `add_vision_id` numbers them; every turn ends with <|im_end|> and a line break.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set seen = namespace(images=0, videos=0) %}"
+    "{% for turn in messages %}"
+    "{% if loop.first and turn['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' ~ turn['role'] ~ '\\n' }}"
+    "{% if turn['content'] is string %}{{ turn['content'] }}{% else %}"
+    "{% for part in turn['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% set seen.images = seen.images + 1 %}{% if add_vision_id %}{{ 'Picture ' ~ seen.images ~ ': ' }}{% endif %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "{% set seen.videos = seen.videos + 1 %}{% if add_vision_id %}{{ 'Video ' ~ seen.videos ~ ': ' }}{% endif %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# LLaVA-OneVision's Qwen2-style template; the processor expands `<image>` into the anyres tile tokens.
+# Qwen3-VL (Qwen3-VL-*-Instruct): no default system turn (a leading system turn renders its text parts
+# only; later system turns are dropped); user turns as Qwen2-VL; assistant turns render text parts only.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% set seen = namespace(images=0, videos=0) %}"
+    "{% macro text_of(content) %}{% if content is string %}{{ content }}{% else %}"
+    "{% for part in content %}{% if 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% endmacro %}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\\n' ~ text_of(messages[0]['content']) ~ '<|im_end|>\\n' }}{% endif %}"
+    "{% for turn in messages %}"
+    "{% if turn['role'] == 'user' %}"
+    "{{ '<|im_start|>user\\n' }}"
+    "{% if turn['content'] is string %}{{ turn['content'] }}{% else %}"
+    "{% for part in turn['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% set seen.images = seen.images + 1 %}{% if add_vision_id %}{{ 'Picture ' ~ seen.images ~ ': ' }}{% endif %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "{% set seen.videos = seen.videos + 1 %}{% if add_vision_id %}{{ 'Video ' ~ seen.videos ~ ': ' }}{% endif %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% elif turn['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' ~ text_of(turn['content']) ~ '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-ov-hf): `<|im_start|>role ` (a space), then all image
+# parts as <image>, all video parts as <video>, then each text part after a line break, then <|im_end|>
+# with no line break between turns. The generation prompt is `<|im_start|>assistant` + line break (no
+# space): a rendered reply's header differs from it (see families.FamilySpec.reply_header_differs).
 LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n"
-    "{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for turn in messages %}"
+    "{{ '<|im_start|>' ~ turn['role'] ~ ' ' }}"
+    "{% for part in turn['content'] if part['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for part in turn['content'] if part['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
+    "{% for part in turn['content'] if part['type'] == 'text' %}{{ '\\n' ~ part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# SmolVLM/Idefics3 layout (`User:<image>question<end_of_utterance>\nAssistant:`), with the role always
-# followed by a bare colon so that a rendered reply starts exactly where the generation prompt ends.
+# Idefics3 / SmolVLM (HuggingFaceTB/SmolVLM-Instruct): `<|im_start|>` once, then per turn the capitalised
+# role and a colon, followed by a space unless the turn starts with an image; parts in order (<image> for
+# an image); `<end_of_utterance>` and a line break after every turn; the generation prompt is `Assistant:`
+# with no space, so a reply renders as `Assistant: ` + text: its first token carries that space.
 IDEFICS3_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{{ '<|im_start|>' }}"
+    "{% for turn in messages %}"
+    "{{ turn['role'] | capitalize }}{{ ':' if turn['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for part in turn['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}"
+    "{{ '<end_of_utterance>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -147,7 +200,7 @@ def _build_qwen(family: str, size: TinySize, out: Path) -> None:
         Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = build_tokenizer(size, QWEN_CHAT_TEMPLATE)
+    tok = build_tokenizer(size, QWEN2_VL_CHAT_TEMPLATE)
     ids = _vision_token_ids(tok)
     head_dim = size.hidden // size.heads
     half = head_dim // 2
@@ -177,7 +230,7 @@ def _build_qwen(family: str, size: TinySize, out: Path) -> None:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px, patch_size=14, merge_size=2,
                                                temporal_patch_size=2)
     processor_class = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
-    _save(out, model, tok, image_processor, processor_class, QWEN_CHAT_TEMPLATE, init_range=size.init_range)
+    _save(out, model, tok, image_processor, processor_class, QWEN2_VL_CHAT_TEMPLATE, init_range=size.init_range)
 
 
 def _build_qwen3_vl(family: str, size: TinySize, out: Path) -> None:
@@ -191,7 +244,7 @@ def _build_qwen3_vl(family: str, size: TinySize, out: Path) -> None:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = build_tokenizer(size, QWEN_CHAT_TEMPLATE)
+    tok = build_tokenizer(size, QWEN3_VL_CHAT_TEMPLATE)
     ids = _vision_token_ids(tok)
     head_dim = size.hidden // size.heads
     half = head_dim // 2
@@ -214,7 +267,7 @@ def _build_qwen3_vl(family: str, size: TinySize, out: Path) -> None:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=16,
                                                merge_size=2, temporal_patch_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    _save(out, model, tok, image_processor, "Qwen3VLProcessor", QWEN_CHAT_TEMPLATE, init_range=size.init_range)
+    _save(out, model, tok, image_processor, "Qwen3VLProcessor", QWEN3_VL_CHAT_TEMPLATE, init_range=size.init_range)
 
 
 def _build_llava_onevision(family: str, size: TinySize, out: Path) -> None:

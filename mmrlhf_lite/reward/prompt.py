@@ -6,7 +6,10 @@ critique; the scalar head reads the last token of [prompt + response + critique]
 
 Packing: the text before the response (image + instruction + question) is the shared prefix of the
 K responses; each branch is `response + [Evaluation]: + assistant header` (context) followed by
-`critique + end of turn` (target tokens of the critique LM loss, masked by position).
+`reply prefix + critique + end of turn` (target tokens of the critique LM loss, masked by position). The
+split falls where the tokenizer splits the template's own rendering of the whole conversation (the space
+after `[LMM Response]:` goes with the response's first word), and response and critique texts are
+tokenised as text (GroupEncoder.join), so the ids equal that rendering's (tests/test_chat_templates.py).
 
     python -m pytest tests/test_reward.py -q
 """
@@ -18,7 +21,7 @@ from ..data.groups import PreferenceGroup
 from ..models.encoding import GroupEncoder
 from ..models.packing import Branch, EncodedGroup
 
-TEMPLATE_VERSION = "critique-v1"
+TEMPLATE_VERSION = "critique-v2"  # v2: template-exact token boundaries, data text never parsed for special tokens
 
 INSTRUCTION = (
     "You are an unbiased and fair evaluator tasked with assessing the quality of answers provided by a Large "
@@ -61,7 +64,10 @@ class CritiqueEncoder:
                with_critique: bool = True) -> tuple[EncodedGroup, list[CritiqueParts]]:
         """One EncodedGroup whose branch i scores response i (with critique i when given)."""
         messages, images, before, after = self._template_split(group)
-        proc = self.encoder.processor
+        proc, ge = self.encoder.processor, self.encoder
+        # the whitespace before the response belongs to its first token (`: The` is `:` + ` The`)
+        lead = before[len(before.rstrip()):]
+        before = before[:len(before) - len(lead)]
         # images nested per sample, as GroupEncoder.encode_prefix does (LLaVA-OV multi-image rules)
         full = proc(text=[before], images=[images] if images else None, return_tensors="pt")
         prefix = {k: v for k, v in full.items() if hasattr(v, "shape") and k != "attention_mask"}
@@ -69,8 +75,8 @@ class CritiqueEncoder:
             critiques = [r.critique for r in group.responses]
         parts, branches = [], []
         for r, crit in zip(group.responses, critiques):
-            context = self.encoder.tokens(r.text + after)
-            critique = self.encoder.tokens(crit + self.encoder.end_of_turn) if with_critique and crit else []
+            context = ge.join(lead, r.text, after)
+            critique = ge.join(ge.reply_prefix, crit, ge.end_of_turn) if with_critique and crit else []
             parts.append(CritiqueParts(context, critique))
             branches.append(Branch(ids=context + critique, target=[False] * len(context) + [True] * len(critique)))
         enc = EncodedGroup(prefix=prefix, branches=branches, group_id=group.id, source=group.source)

@@ -151,8 +151,14 @@ def response_keys(groups: Sequence[PreferenceGroup], fingerprint: str, cfg: Rewa
 
 
 def reward_fingerprint(model_cfg: ModelConfig, adapter_dir: Path) -> str:
+    """Base model + adapter + the resolved settings that change a score (resolution, quantisation, dtype,
+    backend, attention, packing: `cache.reference.policy_settings`), so scores made at another resolution
+    or precision, e.g. through `reward.model_from` or a shared `cache.dir`, are not reused."""
+    from ..cache.reference import policy_settings
+
     return content_key(model_fingerprint(model_cfg.path),
-                       directory_fingerprint(adapter_dir, hash_files=("adapter_model.safetensors",)))
+                       directory_fingerprint(adapter_dir, hash_files=("adapter_model.safetensors",)),
+                       policy_settings(model_cfg))
 
 
 def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
@@ -179,30 +185,52 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
     return [[store.get(k) for k in ks] for ks in keys], computed
 
 
-def write_margins(path: Path, groups: list[PreferenceGroup], records: list[list[dict]], split: dict[str, str]) -> None:
-    """Per group: scores and each ranked pair's margin delta = r(better) - r(worse)."""
+def margins_key(group: PreferenceGroup) -> str:
+    """What a group's margins belong to: its prompt turns, media bytes and response texts. Group ids are
+    not unique across a train file and an `eval_path` file, so margins are found by content."""
+    return content_key("margins", group_content(group), [r.text for r in group.responses])
+
+
+def write_margins(path: Path, groups: list[PreferenceGroup], records: list[list[dict]], split: dict[str, str],
+                  splits: Sequence[str] | None = None) -> None:
+    """Per group: scores and each ranked pair's margin delta = r(better) - r(worse), with the group's
+    content key (`margins_key`). `splits` (one per group) wins over the by-id `split` map."""
     lines = []
-    for g, recs in zip(groups, records):
+    for i, (g, recs) in enumerate(zip(groups, records)):
         scores = [r["score"] for r in recs]
         lines.append(json.dumps({
-            "group_id": g.id, "split": split.get(g.id, "train"), "category": g.category, "scores": scores,
+            "group_id": g.id, "content": margins_key(g),
+            "split": splits[i] if splits is not None else split.get(g.id, "train"), "category": g.category,
+            "scores": scores,
             "critiques": [r["critiques"] for r in recs],
             "pairs": [{"better": b, "worse": w, "delta": scores[b] - scores[w]} for b, w in g.pairs()],
         }))
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def load_margins(run_dir: Path) -> dict[str, dict]:
+def load_margins(run_dir: Path, by: str = "group_id") -> dict[str, dict]:
+    """The run's margins records, by group id (browsing: the last record of an id wins) or by content
+    (`by="content"`, what DPO uses: a train and an eval group may share an id). A file written before
+    records held their content is read by id, and refused when an id repeats in it."""
     path = Path(run_dir) / "score" / "margins.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the `score` stage first (or set dpo.margin_source)")
-    out = {}
+    records = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
-                rec = json.loads(line)
-                out[rec["group_id"]] = rec
-    return out
+                records.append(json.loads(line))
+    if by == "group_id":
+        return {rec["group_id"]: rec for rec in records}
+    if all("content" in rec for rec in records):
+        return {rec["content"]: rec for rec in records}
+    ids = [rec["group_id"] for rec in records]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{path}: group id(s) {', '.join(map(repr, repeated[:5]))} appear more than once (train "
+                         "and eval groups sharing ids) and the file predates content keys: re-run the `score` "
+                         "stage (its cache makes that quick)")
+    return {rec["group_id"]: rec for rec in records}
 
 
 def run_stage(ctx) -> dict:
@@ -226,13 +254,14 @@ def run_stage(ctx) -> dict:
         without = [g for g in groups if not all(r.critique for r in g.responses)]
         rec_a, n_a = score_into_cache(ctx, with_crit, "given", store, factory)
         rec_b, n_b = score_into_cache(ctx, without, "none", store, factory)
-        by_id = {g.id: r for g, r in zip(with_crit + without, rec_a + rec_b)}
-        records, computed = [by_id[g.id] for g in groups], n_a + n_b
+        by_index = {id(g): r for g, r in zip(with_crit + without, rec_a + rec_b)}  # ids may repeat across splits
+        records, computed = [by_index[id(g)] for g in groups], n_a + n_b
     else:
         records, computed = score_into_cache(ctx, groups, mode, store, factory)
     split = {g.id: "eval" for g in evals}
     out_dir = ctx.run.stage_dir("score")
-    write_margins(out_dir / "margins.jsonl", groups, records, split)
+    write_margins(out_dir / "margins.jsonl", groups, records, split,
+                  splits=["train"] * len(train) + ["eval"] * len(evals))
     n = sum(len(g.responses) for g in groups)
     events.info(f"scored {n} responses ({computed} computed, {n - computed} from cache) in mode {mode}")
     return {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}
