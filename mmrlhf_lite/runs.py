@@ -102,9 +102,10 @@ class RunDir:
         if not f.exists():
             return None
         try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
+            st = json.loads(f.read_bytes())
+        except (OSError, ValueError, RecursionError):  # damaged (not JSON, not UTF-8): as if not done
             return None
+        return st if isinstance(st, dict) else None
 
     def is_done(self, stage: str) -> bool:
         st = self.status(stage)
@@ -146,7 +147,8 @@ class RunDir:
             st = self.status(stage)
             if not st or st.get("status") != "done":
                 continue
-            for dep, stamp in (st.get("upstream") or {}).items():
+            upstream = st.get("upstream")
+            for dep, stamp in (upstream if isinstance(upstream, dict) else {}).items():
                 dep_st = self.status(dep)
                 if dep in stale:
                     stale[stage] = f"'{dep}' is out of date"

@@ -117,15 +117,50 @@ def _as_row(source: str, value) -> RawRow:
                                           reason="not_an_object"))
 
 
+def not_utf8(source: str, exc: UnicodeDecodeError, offset: int | None = None) -> DataError:
+    """`source` is `file:line`; `exc.start` the byte's position in that line (`offset`: in the file)."""
+    where = f"byte {exc.start + 1} of the line" + (f", file offset {offset}" if offset is not None else "")
+    return DataError(source, f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at {where}; re-encode the file "
+                     "as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`), or set data.on_error=skip to "
+                     "leave such lines out", reason="bad_encoding")
+
+
+def _read_text(p: Path) -> str:
+    """The whole file as text (BOM dropped); bytes that are not UTF-8 raise a DataError at their line."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data[start:data.find(b"\n", exc.start) if b"\n" in data[exc.start:] else len(data)]
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        raise not_utf8(f"{p}:{line_no}",
+                       UnicodeDecodeError("utf-8", line, exc.start - start, exc.start - start + 1, exc.reason),
+                       exc.start) from None
+
+
 def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
     prefix, loads = f"{p}:", json.loads
-    with open(p, encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
+    offset = 0
+    with open(p, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            line_start, offset = offset, offset + len(raw)
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM
+                raw, line_start = raw[3:], 3
+            if not raw.strip():
                 continue
             source = prefix + str(n)
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRow(source, error=not_utf8(source, exc, line_start + exc.start))
+                continue
+            try:
                 value = loads(line)
+            except RecursionError:
+                yield RawRow(source, error=DataError(source, "malformed JSON: nested too deeply",
+                                                     reason="malformed_json"))
+                continue
             except json.JSONDecodeError as exc:
                 yield RawRow(source, error=DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})",
                                                      reason="malformed_json"))
@@ -135,7 +170,7 @@ def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
 
 def _single_object(p: Path) -> RawRow | None:
     """A `.json` file holding one object is one row; None when it is JSON Lines after all."""
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -150,7 +185,7 @@ def _iter_json_array(p: Path) -> Iterator[RawRow]:
 
     A syntax error makes the rest of the file unreadable, so it raises (even with on_error=skip).
     """
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     decoder, ws = json.JSONDecoder(), " \t\r\n"
     pos = text.index("[") + 1
     line = 1 + text.count("\n", 0, pos)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..data.formats import FORMATS
+
 
 def _reward(args) -> int:
     from ..data.readers import load_groups
@@ -30,6 +32,9 @@ def _reward(args) -> int:
         print(f"error: {recipe_path} not found: is {run} a run folder?", file=sys.stderr)
         return 2
     recipe = load_recipe(recipe_path, check_paths=False)
+    from ..data.media import set_max_image_pixels
+
+    set_max_image_pixels(recipe.data.max_image_pixels)
     groups = load_groups(args.data, fmt=args.format, media_root=args.media_root, on_error=args.on_error,
                          max_frames=recipe.data.max_frames).groups
     if args.max_groups:
@@ -56,17 +61,28 @@ def _reward(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0 (a usage error otherwise, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all groups), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmrlhf_lite.evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reward", help="Acc / Acc+ of a run's critique reward model on a data file")
     r.add_argument("run_dir")
     r.add_argument("--data", required=True, help="preference or bench file/folder (any supported format)")
-    r.add_argument("--format", default="auto")
+    r.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detect)")
     r.add_argument("--media-root", default=None)
     r.add_argument("--critique", default="given", help="comma-separated modes: generate, given, none")
     r.add_argument("--n-samples", type=int, default=0, help="critiques sampled per response (default: recipe)")
-    r.add_argument("--max-groups", type=int, default=0)
+    r.add_argument("--max-groups", type=_count, default=0, help="use at most this many groups (0 = all)")
     r.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     r.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     args = p.parse_args(argv)
@@ -74,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         if mode not in ("generate", "given", "none"):
             print(f"error: unknown critique mode {mode!r}; use generate, given or none", file=sys.stderr)
             return 2
+    from ..recipe import RecipeError
+
     try:
         return _reward(args)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
