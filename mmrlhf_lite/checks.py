@@ -90,20 +90,27 @@ def device_problems(recipe: Recipe) -> list[str]:
 
 
 def reward_from_problem(recipe: Recipe, stages: list[str]) -> str | None:
-    """`reward.model_from` must be a run folder with a trained (and readable) reward model, for the
-    stages that read it (score, eval)."""
+    """The reward model the stages score with (score, eval) when they do not train it: `reward.model_from`
+    must be a run folder holding a trained one; that one, or this run's own, must be readable."""
     src = recipe.reward.model_from
-    if not src or not any(s in ("score", "eval") for s in stages):
+    if not any(s in ("score", "eval") for s in stages) or "reward" in stages and not src:
         return None
+    if not src:
+        final = Path(recipe.run.dir) / "reward" / "final"
+        return _damaged(final, "saved adapter") if (final / "adapter_config.json").is_file() else None
     final = Path(src) / "reward" / "final"
     if not (final / "adapter_config.json").is_file():
         what = "a run folder" if (Path(src) / "recipe.yaml").exists() else "not a run folder"
         return (f"reward.model_from '{src}' holds no trained reward model ({what}; expected {final}/adapter_config.json): "
                 "point it at a run whose `reward` stage finished, or leave it unset to train one")
+    return _damaged(final, "reward.model_from: saved adapter")
+
+
+def _damaged(folder: Path, what: str) -> str | None:
     from .models.loading import ModelLoadError, check_saved_files
 
     try:
-        check_saved_files(final, "reward.model_from: saved adapter")
+        check_saved_files(folder, what)
     except ModelLoadError as exc:
         return str(exc)
     return None

@@ -103,3 +103,19 @@ def pytest_collection_modifyitems(config, items):
     first = ("test_demo_e2e.py", "test_ui_browser.py", "test_kill_resume.py", "test_notebooks.py")
     rank = {name: i for i, name in enumerate(first)}
     items.sort(key=lambda item: rank.get(item.path.name, len(first)))
+
+
+_SESSION_START = __import__("time").time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's number of generated cases per target (tests/test_fuzz.py writes them)."""
+    import json
+
+    path = Path(os.environ["MMRLHF_LITE_CACHE"]) / "fuzz_counts.json"
+    if not path.exists() or path.stat().st_mtime < _SESSION_START:
+        return
+    counts = json.loads(path.read_text())
+    terminalreporter.write_sep("-", f"fuzz cases generated: {sum(counts.values())} in {len(counts)} targets")
+    for target, n in sorted(counts.items()):
+        terminalreporter.write_line(f"  {target}: {n}")

@@ -105,12 +105,12 @@ def reference_logps(ctx, groups: Sequence[PreferenceGroup]) -> list[list[float]]
     finished (damaged lines dropped, a shared cache folder cleaned) are computed first, with a warning."""
     store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
     if store.problems:
-        ctx.events.warning(store.warning("reference cache"), stage="reference")
+        ctx.events.warning(store.warning("reference cache"))
     keys = reference_keys(groups, ctx.recipe.model, ctx.recipe.data.max_frames)
     missing = sum(k not in store for ks in keys for k in ks)
     if missing:
         ctx.events.warning(f"reference cache {store.path} lacks {missing} entr{'y' if missing == 1 else 'ies'} "
-                           "the reference stage had written: computing them now", stage="reference")
+                           "the reference stage had written: computing them now")
         _fill(ctx, groups, store)
     return load_reference(ctx.cache_dir, groups, ctx.recipe.model, ctx.recipe.data.max_frames)
 
