@@ -111,6 +111,18 @@ def test_non_utf8_line_under_data_stats_train_and_evaluate(tmp_path, recipe):
     assert out.returncode == 1 and want in out.stderr, out.stderr
 
 
+def test_unpaired_surrogate_escape_is_refused_at_its_row_and_key(tmp_path, recipe):
+    """`"\\ud800"` alone is valid JSON but no character: it used to reach the tokenizer and fail there
+    (`TypeError: TextEncodeInput must be Union[...]`, under --dry-run)."""
+    rs = rows()
+    rs[3]["responses"][1]["text"] = "It is blue \ud800."
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rs))
+    out = train(recipe, f"data.path={bad}", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "surrogate.jsonl:4: key 'responses[1].text': text holds an unpaired UTF-16 surrogate escape" in out.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. images too large to open
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -110,8 +111,42 @@ def _decode_error(source: str, exc: json.JSONDecodeError, line_offset: int = 0) 
                      reason="malformed_json")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value, key: str = "") -> str | None:
+    """The key path of the first string holding an unpaired surrogate (JSON `"\\ud800"` alone parses to
+    one, which no tokenizer or UTF-8 writer accepts), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return key or "(value)"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = str(k).encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+            path = f"{key}.{name}" if key else name
+            if _lone_surrogate(str(k)) is not None:
+                return path
+            if (found := _lone_surrogate(v, path)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{key}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _surrogate_error(source: str, key: str) -> DataError:
+    return DataError(source, f"key '{key}': text holds an unpaired UTF-16 surrogate escape (such as \\ud800 "
+                     "without its pair), which is not a character; fix or remove the escape",
+                     reason="bad_encoding", key=key)
+
+
 def _as_row(source: str, value) -> RawRow:
     if isinstance(value, dict):
+        if (key := _lone_surrogate(value)) is not None:
+            return RawRow(source, error=_surrogate_error(source, key))
         return RawRow(source, value)
     return RawRow(source, error=DataError(source, f"expected a JSON object, got {type(value).__name__}",
                                           reason="not_an_object"))
@@ -165,7 +200,10 @@ def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
                 yield RawRow(source, error=DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})",
                                                      reason="malformed_json"))
                 continue
-            yield RawRow(source, value) if isinstance(value, dict) else _as_row(source, value)
+            if isinstance(value, dict) and not _SURROGATE_ESCAPE.search(line):
+                yield RawRow(source, value)  # the common case: no \\udXXX escape, nothing to walk
+            else:
+                yield _as_row(source, value)
 
 
 def _single_object(p: Path) -> RawRow | None:
