@@ -77,6 +77,8 @@ def _read_pid(lock: Path) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 31:  # a damaged lock file: 0 or a negative pid would signal a process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

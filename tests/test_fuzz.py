@@ -263,6 +263,46 @@ def test_dry_run_in_process_exits_0_1_2_without_an_unexpected_error(media, key, 
         assert "ERROR: " in out or "error: " in err
 
 
+@st.composite
+def odd_text_row(draw) -> bytes:
+    """A valid ranked row whose prompt, responses or critiques hold odd text (special tokens, `<image>`,
+    control and bidi characters, overlong): rows that load and reach the tokenizer."""
+    row = json.loads(json.dumps(valid_rows()[0]))
+    row["id"] = draw(st.text(min_size=1, max_size=8))
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(["prompt", "r0", "r1", "c0"]))
+        text = draw(ODD_TEXT)
+        if where == "prompt":
+            row["prompt"] = "<image>" + text if draw(st.booleans()) else text
+        elif where == "c0":
+            row["responses"][0]["critique"] = text
+        else:
+            row["responses"][int(where[1])]["text"] = text
+    return json.dumps(row, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+
+
+@fuzz(15)
+@given(lines=st.lists(st.one_of(odd_text_row(), odd_text_row(), mutated_row()), min_size=1, max_size=3),
+       on_error=st.sampled_from(["raise", "skip"]))
+def test_dry_run_in_process_on_mutated_data(media, lines, on_error):
+    """Rows that load go on to the token counter of the dry run (special tokens, `<image>` in answers,
+    overlong and odd text): it reports, it does not crash."""
+    CASES["data rows -> --dry-run (in process)"] += 1
+    rows = media / "dry-rows.jsonl"
+    good = [json.dumps({**valid_rows()[0], "id": f"ok{i}",
+                        "responses": [{"text": f"Red {i}.", "rank": 1}, {"text": f"Blue {i}.", "rank": 2}]}).encode()
+            for i in range(2)]
+    rows.write_bytes(b"\n".join(good + lines) + b"\n")
+    recipe = media / "dry-rows.yaml"
+    recipe.write_text(f"model:\n  path: tiny:qwen2_vl:xs\n  device: cpu\ndata:\n  path: {rows}\n  eval_fraction: 0\n"
+                      f"  on_error: {on_error}\nrun:\n  dir: {media / 'runs' / 'dry-rows'}\n")
+    code, out, err = _main([recipe, "--dry-run"])
+    assert code in (0, 1), (code, err)
+    assert "the full trace is in" not in err, err
+    if code == 1:
+        assert str(rows) in err or "ERROR: " in out, (out, err)
+
+
 # --------------------------------------------------------------------------------------------------
 # cache lines
 
@@ -359,6 +399,28 @@ def test_event_readers_and_ui_run_views_skip_what_they_cannot_read(tmp_path, lin
     jobs.job_state(run, events)
     tail = runview.EventTail()
     assert tail.events(run) == events and len(tail.damaged(run)) == len(damaged)
+
+
+@fuzz(150)
+@given(job=st.one_of(st.binary(max_size=40), JSON_VALUE.map(lambda v: json.dumps(v).encode())),
+       lock=st.one_of(st.binary(max_size=20), st.integers(-2 ** 70, 2 ** 70).map(lambda n: f"{n} 1.0".encode())),
+       status=st.one_of(st.binary(max_size=40), JSON_VALUE.map(lambda v: json.dumps(v).encode())))
+def test_run_folder_files_of_any_content_read_as_absent_or_valid(tmp_path, job, lock, status):
+    CASES["ui_job.json / run.lock / stages/*.json -> run readers"] += 1
+    from mmrlhf_lite.runs import LOCK_FILE, RunDir
+    from mmrlhf_lite.ui import jobs
+
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True, exist_ok=True)
+    (run / jobs.JOB_FILE).write_bytes(job)
+    (run / LOCK_FILE).write_bytes(lock)
+    for stage in ("reward", "score"):
+        (run / "stages" / f"{stage}.json").write_bytes(status)
+    state = jobs.job_state(run, [])
+    assert state.status in ("new", "starting", "running", "stopping", "done", "stopped", "error", "interrupted")
+    rd = RunDir(run)
+    rd.stale_stages()
+    rd.is_done("score")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def run_path(runs_root: str | os.PathLike, name: str) -> Path:
 
 def _proc_alive(pid: int | None) -> bool:
     """Alive and really our trainer (a reused pid of another program does not count)."""
-    if not pid:
+    if not pid or not 0 < pid < 1 << 31:
         return False
     with _children_lock:
         child = _children.get(pid)
