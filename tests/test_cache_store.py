@@ -46,7 +46,7 @@ def test_line_of_the_wrong_shape_is_dropped_named_and_repaired_once(tmp_path):
                           "line 7: field 'logp' missing or not int or float"]
     msg = s.warning("reference cache")
     assert msg.startswith(f"reference cache {p}: dropped 4 damaged line(s) (line 3: ")
-    assert "their entries are recomputed" in msg
+    assert msg.endswith("they were removed from the file, and their entries are recomputed")
     assert _lines(p) == good                     # repaired: only the good lines, in order
     again = JsonlStore(p, FIELDS)                # said once: the next load finds nothing to say
     assert again.problems == [] and again.warning("reference cache") is None
@@ -177,3 +177,14 @@ def test_a_kill_during_the_repair_loses_no_good_line(tmp_path):
     assert p.read_bytes() == mid
     assert JsonlStore(p).problems == ["line 1001: no string field 'key'"]   # without a limit: repaired
     assert p.read_bytes() == good and sorted(f.name for f in tmp_path.iterdir()) == ["big.jsonl", "big.jsonl.lock"]
+
+
+def test_a_cache_that_cannot_be_repaired_still_leaves_bad_lines_out(tmp_path):
+    """A read-only or full cache folder: the lock (or the repair) cannot be written. Here the lock path is
+    a folder, which fails the same way for root too."""
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"key": "a", "logp": 1.0, "n_tokens": 1}\n{"key": "b"}\n')
+    (tmp_path / "c.jsonl.lock").mkdir()
+    s = JsonlStore(p, FIELDS)
+    assert sorted(s.records) == ["a"] and s.repair_error
+    assert "the file could not be repaired (Is a directory), so this is said again next time" in s.warning("x")

@@ -114,13 +114,17 @@ class JsonlStore:
         self._offset = 0                # bytes of the file read so far (whole lines only)
         self._inode: int | None = None
         self._lines = 1                 # number of the next line to read
+        self.repair_error: str | None = None  # why the file could not be repaired (read-only, full disk)
         if not self.path.exists():
             return
         data = self._read_from(0)
         bad = self._parse(data, first_line=1, collect=True)
         if bad or (data and not data.endswith(b"\n")):
-            with self._locked():
-                self._repair()
+            try:
+                with self._locked():
+                    self._repair()
+            except OSError as exc:  # a read-only or full cache folder: the bad lines are still left out
+                self.repair_error = f"{exc.strerror or exc}"
 
     @property
     def torn_lines(self) -> int:
@@ -137,8 +141,10 @@ class JsonlStore:
             return None
         shown = "; ".join(self.problems[:5]) + (f"; ... and {len(self.problems) - 5} more"
                                                   if len(self.problems) > 5 else "")
-        return (f"{what} {self.path}: dropped {len(self.problems)} damaged line(s) ({shown}); they were removed "
-                "from the file and their entries are recomputed")
+        fixed = ("they were removed from the file" if self.repair_error is None else
+                 f"the file could not be repaired ({self.repair_error}), so this is said again next time")
+        return (f"{what} {self.path}: dropped {len(self.problems)} damaged line(s) ({shown}); {fixed}, and their "
+                "entries are recomputed")
 
     # ------------------------------------------------------------------------------------ reading
     def _read_from(self, offset: int) -> bytes:
