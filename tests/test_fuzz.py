@@ -58,6 +58,14 @@ def media(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz")
     Image.new("RGB", (16, 16), (200, 30, 30)).save(root / "red.png")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+                                    + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     return root
 
 
@@ -118,7 +126,7 @@ def mutated_row(draw) -> bytes:
         elif op == "odd_text":
             parent[path[-1]] = draw(ODD_TEXT)
         elif op == "image_ref":
-            parent[path[-1]] = draw(st.sampled_from(["broken.png", "missing.png", "../../etc/passwd", "/dev/zero",
+            parent[path[-1]] = draw(st.sampled_from(["broken.png", "bomb.png", "missing.png", "../../etc/passwd", "/dev/zero",
                                                      ".", "red.png", ["red.png", "red.png"], {"bytes": "AAAA"}]))
         elif isinstance(parent, dict):
             parent[draw(st.text(max_size=6))] = draw(JSON_VALUE)
@@ -435,6 +443,36 @@ def test_run_folder_files_of_any_content_read_as_absent_or_valid(tmp_path, job, 
     rd = RunDir(run)
     rd.stale_stages()
     rd.is_done("score")
+
+
+@fuzz(80)
+@given(cut=st.integers(0, 400), flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3),
+       config=st.one_of(st.none(), st.binary(max_size=30), JSON_VALUE.map(lambda v: json.dumps(v).encode())))
+def test_damaged_adapter_files_are_named_or_load(tmp_path, cut, flips, config):
+    """Truncated or byte-flipped safetensors and adapter configs of any content: the loader's check names
+    the file as damaged, or the file really loads (the check never lets a broken file through)."""
+    CASES["adapter files (safetensors, config) -> check_saved_files"] += 1
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mmrlhf_lite.models.loading import ModelLoadError, check_saved_files
+
+    folder = tmp_path / "reward" / "final"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "adapter_model.safetensors"
+    save_file({"lora_A": torch.ones(4, 8), "lora_B": torch.zeros(8, 4)}, str(weights))
+    data = bytearray(weights.read_bytes())
+    for at, byte in flips:
+        data[at % len(data)] = byte
+    weights.write_bytes(bytes(data[: len(data) - cut % len(data)] if cut else data))
+    (folder / "adapter_config.json").write_bytes(config if config is not None else b'{"r": 8}')
+    try:
+        check_saved_files(folder, "saved adapter")
+    except ModelLoadError as exc:
+        assert "is damaged" in str(exc) and str(folder) in str(exc) and "--redo reward" in str(exc), str(exc)
+        return
+    load_file(str(weights))
+    assert isinstance(json.loads((folder / "adapter_config.json").read_bytes()), dict)
 
 
 # --------------------------------------------------------------------------------------------------
