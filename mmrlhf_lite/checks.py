@@ -51,7 +51,7 @@ def model_path_problem(path: str) -> str | None:
         if not (p / "config.json").is_file():
             return (f"model.path '{path}' is a folder without config.json: not a saved Hugging Face model "
                     "(point it at the folder that holds config.json and the weights)")
-        return None
+        return _damaged(p, "model.path: model")
     if p.exists():
         return f"model.path '{path}' is a file; it must be a model folder, a hub id or tiny:<family>"
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
