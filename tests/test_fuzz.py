@@ -43,14 +43,15 @@ def fuzz(n: int):
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
-COUNTS_FILE = "fuzz_counts.json"  # read by conftest.pytest_terminal_summary (works under xdist too)
+COUNTS_FILE = "fuzz_counts.{worker}.json"  # one per xdist worker; conftest.pytest_terminal_summary adds them
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts(cache_dir):
     CASES.clear()
     yield
-    (cache_dir / COUNTS_FILE).write_text(json.dumps(dict(CASES), indent=1))
+    (cache_dir / COUNTS_FILE.format(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))).write_text(json.dumps({"session": os.environ.get("MMRLHF_LITE_TEST_SESSION"),
+                                                     "counts": dict(CASES)}, indent=1))
 
 
 @pytest.fixture(scope="module")

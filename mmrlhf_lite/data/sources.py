@@ -152,12 +152,12 @@ def _as_row(source: str, value) -> RawRow:
                                           reason="not_an_object"))
 
 
-def not_utf8(source: str, exc: UnicodeDecodeError, offset: int | None = None) -> DataError:
+def not_utf8(source: str, exc: UnicodeDecodeError, offset: int | None = None, skippable: bool = True) -> DataError:
     """`source` is `file:line`; `exc.start` the byte's position in that line (`offset`: in the file)."""
     where = f"byte {exc.start + 1} of the line" + (f", file offset {offset}" if offset is not None else "")
+    skip = ", or set data.on_error=skip to leave such lines out" if skippable else ""
     return DataError(source, f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at {where}; re-encode the file "
-                     "as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`), or set data.on_error=skip to "
-                     "leave such lines out", reason="bad_encoding")
+                     f"as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`){skip}", reason="bad_encoding")
 
 
 def _read_text(p: Path) -> str:
@@ -171,7 +171,7 @@ def _read_text(p: Path) -> str:
         line_no = data.count(b"\n", 0, exc.start) + 1
         raise not_utf8(f"{p}:{line_no}",
                        UnicodeDecodeError("utf-8", line, exc.start - start, exc.start - start + 1, exc.reason),
-                       exc.start) from None
+                       exc.start, skippable=False) from None
 
 
 def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
