@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from .errors import DataError
 from .media import MediaError, open_checked
