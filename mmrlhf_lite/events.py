@@ -148,22 +148,69 @@ class StageStopped(Exception):
     """Raised when a stop was requested and the stage saved its state: the run can be resumed."""
 
 
-def read_events(run_dir: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+_NUMBER = (int, float)
+# field -> allowed types, for the fields the readers (UI runs table, live view, notebooks) compute with
+EVENT_FIELDS: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "n": _NUMBER, "total": _NUMBER, "step": (int,), "seconds": _NUMBER, "status": (str,),
+    "unit": (str,), "tokens": _NUMBER, "gpu_mem_gb": _NUMBER, "stages": (list,), "skip": (list,),
+}
+
+
+def event_problem(value: Any) -> str | None:
+    """Why a parsed line cannot be an event (None when it can): an object with a finite number `time`, a
+    string `type`, and the typed fields above either absent, null or of their type."""
+    if not isinstance(value, dict):
+        return f"a JSON {type(value).__name__}, not an object"
+    t = value.get("time")
+    if not isinstance(t, _NUMBER) or isinstance(t, bool) or not math.isfinite(t):
+        return "no number 'time'"
+    if not isinstance(value.get("type"), str):
+        return "no string 'type'"
+    for name, kinds in EVENT_FIELDS.items():
+        v = value.get(name)
+        if v is not None and (not isinstance(v, kinds) or isinstance(v, bool)
+                              or isinstance(v, float) and not math.isfinite(v)):
+            return f"field '{name}' is not {' or '.join(k.__name__ for k in kinds)}"
+        if isinstance(v, list) and not all(isinstance(x, str) for x in v):
+            return f"field '{name}' is not a list of stage names"
+    return None
+
+
+def read_events(run_dir: str | os.PathLike, offset: int = 0, damaged: list[str] | None = None
+                ) -> tuple[list[dict], int]:
     """Events appended since byte `offset`, and the new offset (for tailing a live run).
 
-    A partially written last line is left for the next call; a corrupt line is skipped.
+    A partially written last line is left for the next call. A line that cannot be an event (not UTF-8,
+    not JSON, not an object, a field of the wrong type: `event_problem`) is skipped, and described in
+    `damaged` when a list is given ("byte N: why"), so a reader can show the run as damaged.
     """
     path = Path(run_dir) / EVENTS_FILE
     if not path.exists():
         return [], offset
     events = []
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError as exc:  # a folder named events.jsonl, no permission: nothing readable
+        if damaged is not None:
+            damaged.append(f"{path} cannot be read ({exc.strerror or exc})")
+        return [], offset
     end = data.rfind(b"\n") + 1
-    for line in data[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+    pos = offset
+    for line in data[:end].split(b"\n")[:-1]:
+        at, pos = pos, pos + len(line) + 1
+        if not line.strip():
             continue
+        try:
+            value = json.loads(line)
+            problem = event_problem(value)
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except (ValueError, RecursionError):
+            problem = "not JSON"
+        if problem is None:
+            events.append(value)
+        elif damaged is not None:
+            damaged.append(f"byte {at}: {problem}")
     return events, offset + end

@@ -100,6 +100,9 @@ class DataConfig:
     max_groups: int | None = _f(None, "Use at most this many groups (after validation).", gt=0)
     on_error: str = _f("raise", "`raise` stops at the first bad row; `skip` drops it and counts it by reason.",
                        choices=("raise", "skip"))
+    max_image_pixels: int = _f(178_956_970, "Largest image (width x height) that is opened; a bigger one is a "
+                               "validation error naming its row (PIL's guard against decompression bombs, whose "
+                               "default this is). 0 = no limit.", ge=0)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig, metadata={"help": "Synthetic demo data."})
 
 
@@ -389,16 +392,30 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple = (
     """Load + override + validate. `path=None` gives the defaults (the demo recipe's base)."""
     source = str(path) if path is not None else "<defaults>"
     tree: dict = {}
+    empty_warning = None
     if path is not None:
         p = Path(path)
         if not p.exists():
             raise RecipeError("recipe file not found", source=source)
+        if not p.is_file():
+            raise RecipeError("is a folder, not a recipe file", source=source)
+        raw = p.read_bytes()
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise RecipeError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the recipe as UTF-8",
+                              source=f"{source}:{line}") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"not valid YAML: {getattr(e, 'problem', e)}", source=f"{source}{line}") from None
+            message, where = _yaml_error(e, source)
+            raise RecipeError(message, source=where) from None
+        except RecursionError:
+            raise RecipeError("not valid YAML: nested too deeply", source=source) from None
+        if loaded is None:
+            empty_warning = f"{source}: recipe is empty: using the defaults (the demo recipe's base)"
+        tree = loaded or {}
         if not isinstance(tree, dict):
             raise RecipeError("a recipe is a mapping of sections (model, data, reward, ...)", source=source)
     overridden: dict[str, str] = {}
@@ -416,7 +433,22 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple = (
         raise
     if check_paths:
         _check_paths(recipe, Path(path).resolve().parent if path is not None else Path.cwd(), source)
+    recipe.load_warnings = [empty_warning] if empty_warning else []
     return recipe
+
+
+def _yaml_error(e: Exception, source: str) -> tuple[str, str]:
+    """(message, file:line) of a YAML error at the line that explains it: for an unclosed bracket or
+    quote, where it opened (PyYAML's `context_mark`), not where the parser gave up (often the file's end)."""
+    problem = getattr(e, "problem", None) or str(e)
+    mark, ctx_mark = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    context = getattr(e, "context", None)
+    if ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:
+        what = str(context or "a construct").removeprefix("while parsing ").removeprefix("while scanning ")
+        return (f"not valid YAML: {what} starts here (column {ctx_mark.column + 1}) and is never closed: {problem} "
+                f"at line {mark.line + 1} (an unclosed bracket or quote on this line?)", f"{source}:{ctx_mark.line + 1}")
+    line = f":{mark.line + 1}" if mark is not None else ""
+    return f"not valid YAML: {problem}", f"{source}{line}"
 
 
 def describe_fields() -> str:

@@ -77,6 +77,8 @@ def _read_pid(lock: Path) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 31:  # a damaged lock file: 0 or a negative pid would signal a process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -102,9 +104,10 @@ class RunDir:
         if not f.exists():
             return None
         try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
+            st = json.loads(f.read_bytes())
+        except (OSError, ValueError, RecursionError):  # damaged (not JSON, not UTF-8): as if not done
             return None
+        return st if isinstance(st, dict) else None
 
     def is_done(self, stage: str) -> bool:
         st = self.status(stage)
@@ -146,7 +149,8 @@ class RunDir:
             st = self.status(stage)
             if not st or st.get("status") != "done":
                 continue
-            for dep, stamp in (st.get("upstream") or {}).items():
+            upstream = st.get("upstream")
+            for dep, stamp in (upstream if isinstance(upstream, dict) else {}).items():
                 dep_st = self.status(dep)
                 if dep in stale:
                     stale[stage] = f"'{dep}' is out of date"

@@ -112,6 +112,11 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
                 events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
                                stage=stage)
         skip = run.check_recipe(recipe, stages)
+        from .checks import preflight_problems
+
+        problems = preflight_problems(recipe, [s for s in stages if s not in skip])
+        if problems:
+            raise UserError("not starting:\n" + "\n".join(f"  {p}" for p in problems))
         recipe.save(run.path / "recipe.yaml")
         ctx = RunContext(recipe=recipe, run=run, events=events)
         events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"))
@@ -158,13 +163,18 @@ def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
 # dry run: recipe + data + plan, no model
 
 def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> dict:
+    """Validate recipe and data and print the plan. The pre-flight checks of the real run (checks.py) are
+    errors here too, so "plan OK" means the run can start."""
+    from .checks import preflight_problems
     from .data import prepare_data
     from .plan import make_plan, format_plan
 
     events = EventLog(None, echo=True)  # data warnings (skipped rows, ...) belong in the dry run's output
     run_dir = Path(recipe.run.dir)
+    problems = preflight_problems(recipe, stages)
     train, evals = prepare_data(recipe, run_dir, events, dry_run=True)
     plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
+    plan["errors"] = problems + list(plan["errors"])
     print(format_plan(plan))
     return plan
 
@@ -212,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_usage(sys.stderr)
         print("error: a recipe is required (try recipes/demo.yaml)", file=sys.stderr)
         return 2
+    if args.gpu_mem is not None:
+        from .memory import parse_memory
+
+        try:
+            parse_memory(args.gpu_mem)
+        except ValueError:
+            build_parser().print_usage(sys.stderr)
+            print(f"error: --gpu-mem: cannot read memory size {args.gpu_mem!r}; give a number with a unit, "
+                  "e.g. --gpu-mem 16GB or --gpu-mem 24GiB", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     recipe = None
@@ -219,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         stages = _split_stages(args.stages, "--stages")
         redo = tuple(_split_stages(args.redo, "--redo") or ())
         recipe = load_recipe(args.recipe, args.overrides)
+        for warning in getattr(recipe, "load_warnings", ()):
+            print(f"warning: {warning}", file=sys.stderr)
         stages = stages or list(recipe.run.stages)
+        from .checks import check_run_dir
+
+        check_run_dir(recipe)
         if args.dry_run:
             plan = dry_run(recipe, stages, args.gpu_mem)
             return 1 if plan["errors"] else 0

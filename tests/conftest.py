@@ -103,3 +103,27 @@ def pytest_collection_modifyitems(config, items):
     first = ("test_demo_e2e.py", "test_ui_browser.py", "test_kill_resume.py", "test_notebooks.py")
     rank = {name: i for i, name in enumerate(first)}
     items.sort(key=lambda item: rank.get(item.path.name, len(first)))
+
+
+# one id per pytest session, inherited by xdist workers: the fuzz counts file of this session is told apart
+os.environ.setdefault("MMRLHF_LITE_TEST_SESSION", f"{os.getpid()}-{random.random()}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's number of generated cases per target (tests/test_fuzz.py writes them)."""
+    import json
+
+    counts: dict[str, int] = {}
+    for path in Path(os.environ["MMRLHF_LITE_CACHE"]).glob("fuzz_counts.*.json"):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("session") == os.environ["MMRLHF_LITE_TEST_SESSION"]:
+            for target, n in saved["counts"].items():
+                counts[target] = counts.get(target, 0) + n
+    if not counts:
+        return
+    terminalreporter.write_sep("-", f"fuzz cases generated: {sum(counts.values())} in {len(counts)} targets")
+    for target, n in sorted(counts.items()):
+        terminalreporter.write_line(f"  {target}: {n}")

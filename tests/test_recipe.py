@@ -179,8 +179,8 @@ def test_hub_ids_and_tiny_paths_are_not_checked(write):
 
 def test_invalid_yaml_names_file_and_line(write):
     path = write("model:\n  path: x\n  lora_r: [1\ndata:\n  path: demo\n")
-    e = error_of(path)
-    assert re.fullmatch(rf"{re.escape(str(path))}:4: not valid YAML: .+", str(e)), str(e)
+    e = error_of(path)  # the line where the bracket opened, not where the parser gave up (line 4)
+    assert re.fullmatch(rf"{re.escape(str(path))}:3: not valid YAML: .+ never closed: .+ at line 4 .+", str(e)), str(e)
 
 
 def test_invalid_yaml_tab_indentation_line(write):

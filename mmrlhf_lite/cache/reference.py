@@ -24,6 +24,7 @@ from .store import JsonlStore, content_key, fill_missing, group_content, model_f
 
 REFERENCE_CACHE = "reference.jsonl"
 POLICY_TEMPLATE = "policy-v2"  # v2: branch ids = the template's reply tokens (reply prefix), data text never parsed for special tokens
+REFERENCE_FIELDS = {"logp": (int, float), "n_tokens": int}  # the shape a cache line must have
 
 
 def policy_settings(model_cfg: ModelConfig) -> dict:
@@ -100,7 +101,7 @@ def compute_reference(model, spec, encoder: GroupEncoder, groups: Sequence[Prefe
 def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg: ModelConfig,
                    max_frames: int) -> list[list[float]]:
     """Reference log-probs for every response; a clear error if the cache lacks any."""
-    store = JsonlStore(Path(cache_dir) / REFERENCE_CACHE)
+    store = JsonlStore(Path(cache_dir) / REFERENCE_CACHE, REFERENCE_FIELDS)
     keys = reference_keys(groups, model_cfg, max_frames)
     out, missing = [], 0
     for g, ks in zip(groups, keys):
@@ -119,15 +120,10 @@ def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg
     return out
 
 
-def run_stage(ctx) -> dict:
-    recipe, events = ctx.recipe, ctx.events
-    train, evals = ctx.data()
-    groups = train + evals
-    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE)
-    if store.torn_lines:
-        events.warning(f"reference cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
+def _fill(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore) -> int:
+    """Compute the entries `store` lacks for `groups` (the base model loads only if one is missing)."""
+    recipe = ctx.recipe
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
-    repeats = report_repeats(train, evals, events)
     loaded: dict = {}
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
@@ -141,8 +137,34 @@ def run_stage(ctx) -> dict:
         results = compute_reference(loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"])
         return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in results]
 
-    computed = fill_missing(groups, keys, store, compute, per_batch=max(1, recipe.dpo.train.groups_per_step),
-                            events=events, stop_requested=ctx.stop_requested)
+    return fill_missing(groups, keys, store, compute, per_batch=max(1, recipe.dpo.train.groups_per_step),
+                        events=ctx.events, stop_requested=ctx.stop_requested)
+
+
+def reference_logps(ctx, groups: Sequence[PreferenceGroup]) -> list[list[float]]:
+    """`load_reference` for a later stage (dpo, eval): entries the cache lost since the reference stage
+    finished (damaged lines dropped, a shared cache folder cleaned) are computed first, with a warning."""
+    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
+    if store.problems:
+        ctx.events.warning(store.warning("reference cache"))
+    keys = reference_keys(groups, ctx.recipe.model, ctx.recipe.data.max_frames)
+    missing = sum(k not in store for ks in keys for k in ks)
+    if missing:
+        ctx.events.warning(f"reference cache {store.path} lacks {missing} entr{'y' if missing == 1 else 'ies'} "
+                           "the reference stage had written: computing them now")
+        _fill(ctx, groups, store)
+    return load_reference(ctx.cache_dir, groups, ctx.recipe.model, ctx.recipe.data.max_frames)
+
+
+def run_stage(ctx) -> dict:
+    events = ctx.events
+    train, evals = ctx.data()
+    groups = train + evals
+    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
+    if store.problems:
+        events.warning(store.warning("reference cache"), stage="reference")
+    repeats = report_repeats(train, evals, events)
+    computed = _fill(ctx, groups, store)
     n = sum(len(g.responses) for g in groups)
     events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
     return {"responses": n, "computed": computed, "reused": n - computed, **repeats}

@@ -33,9 +33,11 @@ def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
     the plan counts its tokens).
     """
     from .demo import write_demo
+    from .media import set_max_image_pixels
     from .readers import load_groups
 
     cfg = recipe.data
+    set_max_image_pixels(cfg.max_image_pixels)  # also guards the decoding in the stages' collators
     path = cfg.path
     if path == "demo":
         d = cfg.demo

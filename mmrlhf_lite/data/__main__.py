@@ -13,11 +13,15 @@ import json
 import sys
 
 from .formats import FORMATS
+from .media import DEFAULT_MAX_IMAGE_PIXELS
 from .writers import WRITERS
 
 
 def _load(args):
+    from .media import set_max_image_pixels
     from .readers import load_groups
+
+    set_max_image_pixels(args.max_image_pixels)
 
     return load_groups(args.path, fmt=args.format, media_root=args.media_root, on_error=args.on_error,
                        max_frames=args.max_frames, dataset=args.dataset)
@@ -67,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--on-error", default="raise", choices=("raise", "skip"))
         p.add_argument("--dataset", default=None, help="entry of the LLaMA-Factory dataset_info.json at PATH")
         p.add_argument("--max-frames", type=int, default=8, help="frames sampled per video")
+        p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="largest image (width x height) opened; 0 = no limit (data.max_image_pixels)")
 
     s = sub.add_parser("stats", help="print counts (and token lengths with --processor)")
     common(s)
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, MediaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a readable line, the trace to a file
+        from ..train import report_error
+
+        return report_error(exc, ".")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 # reason -> what it means (the keys appear in the skip summary and the `data_skipped` event)
 REASONS = {
     "bad_source": "a data path that does not exist or cannot be read as rows (raised even with skip)",
+    "bad_encoding": "a line (or file) whose bytes are not UTF-8 text",
     "malformed_json": "a line (or file) that is not valid JSON",
     "not_an_object": "a row that is valid JSON but not an object",
     "unknown_format": "a row whose fields match no supported format",
@@ -22,6 +23,7 @@ REASONS = {
     "duplicate_pair": "the same (chosen, rejected) pair given twice for one group",
     "missing_image": "an image or video frame path that does not exist",
     "corrupt_image": "an image that exists but does not decode",
+    "image_too_large": "an image with more pixels than data.max_image_pixels (PIL's guard against decompression bombs)",
     "bad_video": "a video that is neither a folder of frames nor a list of frame paths",
     "media_mismatch": "image placeholders in the prompt do not match the number of images",
     "unsupported": "a valid row this project cannot represent (e.g. a pair that differs only by image)",

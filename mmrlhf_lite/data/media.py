@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -21,15 +22,55 @@ class MediaError(ValueError):
     """A missing or unreadable image/video, with its path."""
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default (its guard against decompression bombs)
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """The most pixels an image may have (width x height; None or 0: no limit). PIL reads only the header
+    to know the size, so a tiny file claiming 30000x30000 is refused before anything is decoded. One
+    process-wide setting, as in PIL (`Image.MAX_IMAGE_PIXELS`), set from `data.max_image_pixels`."""
+    Image.MAX_IMAGE_PIXELS = int(limit) if limit else None
+
+
+_open_lock = threading.Lock()
+
+
+def open_checked(src, where: str) -> Image.Image:
+    """`Image.open` (header only) that refuses an image over the pixel limit with a MediaError naming it
+    and its size. PIL's own check would raise before the size is known; it is lifted for the header read
+    (under a lock, restored at once) and applied here instead."""
+    with _open_lock:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(src)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    if (msg := too_large(*img.size, where)) is not None:
+        img.close()
+        raise MediaError(msg)
+    return img
+
+
+def too_large(width: int, height: int, where: str) -> str | None:
+    """The message for an image over the limit, or None."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return None
+    return (f"image too large to open: {where} is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{limit:,} (data.max_image_pixels; a guard against decompression bombs). If the image is genuine, "
+            f"raise data.max_image_pixels (e.g. data.max_image_pixels={width * height}), or downscale the image")
+
+
 def load_image(media: Media) -> Image.Image:
     """Open as RGB, fully decoded (so a truncated file fails here, naming its path)."""
     try:
         if isinstance(media, bytes):
-            img = Image.open(io.BytesIO(media))
+            img = open_checked(io.BytesIO(media), "inline image bytes")
         else:
             if not os.path.exists(media):
                 raise MediaError(f"image not found: {media}")
-            img = Image.open(media)
+            img = open_checked(media, media)
         img.load()
     except MediaError:
         raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -110,34 +111,106 @@ def _decode_error(source: str, exc: json.JSONDecodeError, line_offset: int = 0) 
                      reason="malformed_json")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value, key: str = "") -> str | None:
+    """The key path of the first string holding an unpaired surrogate (JSON `"\\ud800"` alone parses to
+    one, which no tokenizer or UTF-8 writer accepts), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return key or "(value)"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = str(k).encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+            path = f"{key}.{name}" if key else name
+            if _lone_surrogate(str(k)) is not None:
+                return path
+            if (found := _lone_surrogate(v, path)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{key}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _surrogate_error(source: str, key: str) -> DataError:
+    return DataError(source, f"key '{key}': text holds an unpaired UTF-16 surrogate escape (such as \\ud800 "
+                     "without its pair), which is not a character; fix or remove the escape",
+                     reason="bad_encoding", key=key)
+
+
 def _as_row(source: str, value) -> RawRow:
     if isinstance(value, dict):
+        if (key := _lone_surrogate(value)) is not None:
+            return RawRow(source, error=_surrogate_error(source, key))
         return RawRow(source, value)
     return RawRow(source, error=DataError(source, f"expected a JSON object, got {type(value).__name__}",
                                           reason="not_an_object"))
 
 
+def not_utf8(source: str, exc: UnicodeDecodeError, offset: int | None = None, skippable: bool = True) -> DataError:
+    """`source` is `file:line`; `exc.start` the byte's position in that line (`offset`: in the file)."""
+    where = f"byte {exc.start + 1} of the line" + (f", file offset {offset}" if offset is not None else "")
+    skip = ", or set data.on_error=skip to leave such lines out" if skippable else ""
+    return DataError(source, f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at {where}; re-encode the file "
+                     f"as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`){skip}", reason="bad_encoding")
+
+
+def _read_text(p: Path) -> str:
+    """The whole file as text (BOM dropped); bytes that are not UTF-8 raise a DataError at their line."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data[start:data.find(b"\n", exc.start) if b"\n" in data[exc.start:] else len(data)]
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        raise not_utf8(f"{p}:{line_no}",
+                       UnicodeDecodeError("utf-8", line, exc.start - start, exc.start - start + 1, exc.reason),
+                       exc.start, skippable=False) from None
+
+
 def _iter_jsonl_lines(p: Path) -> Iterator[RawRow]:
     prefix, loads = f"{p}:", json.loads
-    with open(p, encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
+    offset = 0
+    with open(p, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            line_start, offset = offset, offset + len(raw)
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM
+                raw, line_start = raw[3:], 3
+            if not raw.strip():
                 continue
             source = prefix + str(n)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRow(source, error=not_utf8(source, exc, line_start + exc.start))
+                continue
             try:
                 # without its line break: an object cut short would otherwise be reported at column 1 of
                 # the next line (the parser skips the newline before it finds the end)
                 value = loads(line.rstrip("\r\n"))
+            except RecursionError:
+                yield RawRow(source, error=DataError(source, "malformed JSON: nested too deeply",
+                                                     reason="malformed_json"))
+                continue
             except json.JSONDecodeError as exc:
                 yield RawRow(source, error=DataError(source, f"malformed JSON: {exc.msg} (column {exc.colno})",
                                                      reason="malformed_json"))
                 continue
-            yield RawRow(source, value) if isinstance(value, dict) else _as_row(source, value)
+            if isinstance(value, dict) and not _SURROGATE_ESCAPE.search(line):
+                yield RawRow(source, value)  # the common case: no \\udXXX escape, nothing to walk
+            else:
+                yield _as_row(source, value)
 
 
 def _single_object(p: Path) -> RawRow | None:
     """A `.json` file holding one object is one row; None when it is JSON Lines after all."""
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -152,7 +225,7 @@ def _iter_json_array(p: Path) -> Iterator[RawRow]:
 
     A syntax error makes the rest of the file unreadable, so it raises (even with on_error=skip).
     """
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     decoder, ws = json.JSONDecoder(), " \t\r\n"
     pos = text.index("[") + 1
     line = 1 + text.count("\n", 0, pos)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import io
 import os
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from .errors import DataError
+from .media import MediaError, open_checked
 
 JPEG_EOI = b"\xff\xd9"
 JPEG_TAIL = 1024  # the end-of-image marker must be in the last KiB (tolerates a little trailing padding)
@@ -71,8 +72,10 @@ def _format_of(fh) -> str:
 
 def _verify(fh, where: str) -> tuple[str, str] | None:
     try:
-        with Image.open(fh) as img:
+        with open_checked(fh, where) as img:
             img.verify()
+    except MediaError as exc:
+        return "image_too_large", str(exc)
     except UnidentifiedImageError:
         return "corrupt_image", f"corrupt or unreadable image: {where} (not a format PIL recognises)"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

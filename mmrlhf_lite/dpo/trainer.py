@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache.reference import load_reference
+from ..cache.reference import reference_logps
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.packing import group_forward, use_packing
@@ -120,8 +120,7 @@ def run_stage(ctx) -> dict:
         events.warning(f"{len(train_groups) - len(groups)} groups have no ranked pair (ties only) and are not used")
     if not groups:
         raise ValueError("no training group has a ranked pair for DPO")
-    reference = dict(zip((g.id for g in groups),
-                         load_reference(ctx.cache_dir, groups, recipe.model, recipe.data.max_frames)))
+    reference = dict(zip((g.id for g in groups), reference_logps(ctx, groups)))
     deltas = margins_for(groups, dc.margin_source if dc.w > 0 else "none", ctx.run_dir)
     seed_everything(recipe.run.seed)
     model, processor = load_model(recipe.model)

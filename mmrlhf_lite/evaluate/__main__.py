@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..data.formats import FORMATS
+
 
 def _reward(args) -> int:
     from ..data.readers import load_groups
@@ -35,6 +37,9 @@ def _reward(args) -> int:
         print(f"error: {recipe_path} not found: is {run} a run folder?", file=sys.stderr)
         return 2
     recipe = load_recipe(recipe_path, check_paths=False)
+    from ..data.media import set_max_image_pixels
+
+    set_max_image_pixels(recipe.data.max_image_pixels)
     groups = load_groups(args.data, fmt=args.format, media_root=args.media_root, on_error=args.on_error,
                          max_frames=recipe.data.max_frames).groups
     if args.max_groups:
@@ -89,9 +94,20 @@ def _add_bench(sub) -> None:
     b.add_argument("--critique", default="generate", help="comma-separated modes: generate, given, none "
                                                           "(default: generate, the mode that feeds MM-DPO)")
     b.add_argument("--n-samples", type=int, default=0, help="critiques sampled per answer (default: recipe)")
-    b.add_argument("--max-pairs", type=int, default=0, help="score only the first N rows (ids for mmrlhf-rewardbench): a quick look")
+    b.add_argument("--max-pairs", type=_count, default=0, help="score only the first N rows (ids for mmrlhf-rewardbench): a quick look")
     b.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     b.add_argument("--out", default=None, help="output folder (default: RUN_DIR/bench/BENCH)")
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0 (a usage error otherwise, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all groups), got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("reward", help="Acc / Acc+ of a run's critique reward model on a data file")
     r.add_argument("run_dir")
     r.add_argument("--data", required=True, help="preference or bench file/folder (any supported format)")
-    r.add_argument("--format", default="auto")
+    r.add_argument("--format", default="auto", choices=FORMATS, help="row format (default: detect)")
     r.add_argument("--media-root", default=None)
     r.add_argument("--critique", default="given", help="comma-separated modes: generate, given, none")
     r.add_argument("--n-samples", type=int, default=0, help="critiques sampled per response (default: recipe)")
-    r.add_argument("--max-groups", type=int, default=0)
+    r.add_argument("--max-groups", type=_count, default=0, help="use at most this many groups (0 = all)")
     r.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     r.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     _add_bench(sub)
@@ -113,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         if mode not in ("generate", "given", "none"):
             print(f"error: unknown critique mode {mode!r}; use generate, given or none", file=sys.stderr)
             return 2
+    from ..recipe import RecipeError
+
     try:
         return _bench(args) if args.command == "bench" else _reward(args)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

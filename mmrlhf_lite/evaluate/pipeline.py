@@ -108,7 +108,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
 
 @torch.no_grad()
 def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
-    from ..cache.reference import load_reference
+    from ..cache.reference import reference_logps
     from ..dpo.trainer import policy_dir, policy_forward
     from ..reward.scorer import RewardScorer
 
@@ -117,7 +117,7 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
     if not (adapter / "adapter_config.json").exists():
         return None
     groups = [g for g in groups if g.pairs()]
-    reference = load_reference(ctx.cache_dir, groups, recipe.model, recipe.data.max_frames)
+    reference = reference_logps(ctx, groups)
     model, processor = load_model(recipe.model, adapter=adapter, trainable=False)
     spec = model.mmrlhf.family
     packed = use_packing(spec, recipe.model.packing, recipe.model.attn_implementation)

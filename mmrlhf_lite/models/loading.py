@@ -38,6 +38,44 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
 
+def _rebuild_hint(folder: Path) -> str:
+    """What rebuilds a saved folder: the stage that wrote it (`<run>/reward/final`, `<run>/dpo/final`)."""
+    parts = folder.resolve().parts
+    for stage in ("reward", "dpo"):
+        if stage in parts[-3:]:
+            return f"rebuild it with --redo {stage} (in the run that trained it)"
+    if any(part.startswith("tiny") for part in parts[-3:]):
+        return "delete the folder; the tiny model is rebuilt on the next run"
+    return "restore or download the model files again"
+
+
+def check_saved_files(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a damaged saved model or adapter before a library trips over it, naming the file: each JSON
+    config must parse to an object, each .safetensors file's header must read (a truncated or zeroed
+    file fails here, cheaply: only the header is read)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for f in sorted(folder.iterdir()):
+        problem = None
+        if f.suffix == ".json" and f.is_file() and f.stat().st_size < 1 << 24:
+            try:
+                if not isinstance(json.loads(f.read_bytes()), dict) and f.name.endswith("config.json"):
+                    problem = "not a JSON object"
+            except (ValueError, RecursionError) as exc:
+                problem = f"not valid JSON ({exc.__class__.__name__})"
+        elif f.suffix == ".safetensors" and f.is_file():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file is unreadable
+                problem = f"unreadable safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        if problem:
+            raise ModelLoadError(f"{what} file {f} is damaged: {problem}; {_rebuild_hint(folder)}")
+
+
 @dataclass
 class LoadedModel:
     """What the rest of the code needs besides the module itself."""
@@ -274,10 +312,13 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
     backend = resolve_backend(cfg, device, family)
+    if Path(path).is_dir():
+        check_saved_files(path, "model")
     if adapter is not None:
+        check_saved_files(adapter, "saved adapter")
         meta_path = Path(adapter) / META_FILE
         if meta_path.exists() and reward_head is None:
-            reward_head = json.loads(meta_path.read_text()).get("reward_head")
+            reward_head = json.loads(meta_path.read_bytes()).get("reward_head")
 
     if backend == "unsloth":
         model = _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora)

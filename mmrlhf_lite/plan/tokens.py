@@ -52,7 +52,7 @@ def memoize_counter(count: Callable, cache_dir: Path, salt: Any) -> Callable:
     end."""
     from ..cache.store import JsonlStore, content_key
 
-    store = JsonlStore(Path(cache_dir) / TOKENS_CACHE)
+    store = JsonlStore(Path(cache_dir) / TOKENS_CACHE, {"tokens": dict, "problems": list})
     pending: list[dict] = []
 
     def flush() -> None:
@@ -72,7 +72,10 @@ def memoize_counter(count: Callable, cache_dir: Path, salt: Any) -> Callable:
                           [(r.text, r.critique) for r in g.responses])
         rec = store.get(key)
         if rec is not None:
-            return GroupTokens(**rec["tokens"]), rec["problems"]
+            try:
+                return GroupTokens(**rec["tokens"]), rec["problems"]
+            except TypeError:  # a memo line of another shape (an edited file): count again
+                pass
         t, problems = count(g, with_critique)
         pending.append({"key": key, "tokens": dataclasses.asdict(t), "problems": problems})
         if len(pending) >= 2000:

@@ -29,6 +29,7 @@ from .prompt import TEMPLATE_VERSION, CritiqueEncoder
 from .trainer import compute_rewards, reward_model_dir
 
 REWARD_CACHE = "reward.jsonl"
+REWARD_FIELDS = {"score": (int, float), "scores": list, "critiques": list}  # the shape a cache line must have
 
 
 @dataclass
@@ -215,11 +216,23 @@ def load_margins(run_dir: Path, by: str = "group_id") -> dict[str, dict]:
     path = Path(run_dir) / "score" / "margins.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the `score` stage first (or set dpo.margin_source)")
+    from ..runs import RunFolderError
+
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                records.append(json.loads(line))
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and isinstance(rec.get("group_id"), str) and isinstance(
+                    rec.get("scores"), list) and isinstance(rec.get("pairs"), list)
+            except (ValueError, RecursionError):  # not JSON, not UTF-8
+                ok = False
+            if not ok:
+                raise RunFolderError(f"{path}:{n}: damaged margins line (the score stage writes this file whole); "
+                                     "rebuild it with --redo score")
+            records.append(rec)
     if by == "group_id":
         return {rec["group_id"]: rec for rec in records}
     if all("content" in rec for rec in records):
@@ -241,9 +254,9 @@ def run_stage(ctx) -> dict:
     mode = rc.critique_mode
     if mode == "given" and any(not r.critique for g in groups for r in g.responses):
         events.warning("critique_mode 'given' but some responses lack critiques; those are scored without one")
-    store = JsonlStore(ctx.cache_dir / REWARD_CACHE)
-    if store.torn_lines:
-        events.warning(f"reward cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
+    store = JsonlStore(ctx.cache_dir / REWARD_CACHE, REWARD_FIELDS)
+    if store.problems:
+        events.warning(store.warning("reward cache"), stage="score")
 
     def factory():
         return RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,

@@ -38,6 +38,7 @@ DISPLAY_PIXELS = 640     # longest side of an image shown in the browser
 # reason -> what to do about it (the data layer's REASONS say what the reason means)
 FIXES = {
     "bad_source": "check the file type (.jsonl, .json, .parquet, or a folder of them) and that it can be read",
+    "bad_encoding": "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or skip such lines",
     "malformed_json": "fix the JSON on this line (a missing quote, comma or bracket), or delete the line",
     "not_an_object": "each line must be one JSON object {...}, not a list or a bare value",
     "unknown_format": "add the fields of a supported format (docs/data-formats.md) or choose the format explicitly",
@@ -50,6 +51,7 @@ FIXES = {
     "missing_image": "put the image at this path, relative to the media root (upload a .zip with the data file "
                      "and its images, or choose the media root)",
     "corrupt_image": "replace the image with a file that opens (PNG, JPEG, WebP, ...)",
+    "image_too_large": "downscale the image, or raise data.max_image_pixels if it is genuine",
     "bad_video": "give a video as a folder of frame images or a list of frame paths",
     "media_mismatch": "make the number of <image> tags in the prompt equal the number of images",
     "unsupported": "split this row into rows the project can represent (see the message)",

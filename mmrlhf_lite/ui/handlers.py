@@ -21,6 +21,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..events import EVENTS_FILE
 from ..recipe import STAGES, RecipeError
 from ..runs import RunDir, RunFolderError
 from . import compare, databrowser, form, jobs, playground, runview
@@ -250,11 +251,18 @@ class Handlers:
         rows = []
         for n in jobs.list_runs(self.cfg.runs_root):
             run = self.cfg.runs_root / n
-            st = jobs.job_state(run, self.tail.events(run))
-            rd = RunDir(run)
-            stale = rd.stale_stages()  # finished, but an input stage was recomputed since
-            done = [f"{s} (stale)" if s in stale else s for s in STAGES if rd.is_done(s)]
-            rows.append({"run": n, "status": st.status, "stages done": ", ".join(done) or "-",
+            try:
+                st = jobs.job_state(run, self.tail.events(run))
+                rd = RunDir(run)
+                stale = rd.stale_stages()  # finished, but an input stage was recomputed since
+                done = [f"{s} (stale)" if s in stale else s for s in STAGES if rd.is_done(s)]
+                status = st.status
+                if damaged := self.tail.damaged(run):
+                    status += f" (damaged: {len(damaged)} unreadable line(s) in {EVENTS_FILE})"
+            except Exception as exc:  # noqa: BLE001 - one damaged folder must not take the table down
+                log.warning("run folder %s could not be read", run, exc_info=True)
+                status, done = f"damaged ({type(exc).__name__}: {exc})", []
+            rows.append({"run": n, "status": status, "stages done": ", ".join(done) or "-",
                          "updated": time.strftime("%H:%M:%S", time.localtime(_mtime(run)))})
         return pd.DataFrame(rows, columns=["run", "status", "stages done", "updated"])
 
@@ -282,6 +290,9 @@ class Handlers:
         if state.message and state.status in ("error", "interrupted"):
             error = f"**{'Error' if state.status == 'error' else 'Interrupted'}:** {html.escape(state.message)}"
         warn = [(k, st, m) for k, st, m in runview.messages(events) if not (k == "error" and m in state.message)]
+        if damaged := self.tail.damaged(run):
+            warn.append(("warning", "-", f"{EVENTS_FILE}: skipped {len(damaged)} unreadable line(s) "
+                         f"({'; '.join(damaged[:3])}{'; ...' if len(damaged) > 3 else ''})"))
         if warn:
             error += ("\n\n" if error else "") + "\n".join(
                 f"- {kind} [{html.escape(stage)}]: {html.escape(msg)}" for kind, stage, msg in warn)

@@ -81,7 +81,7 @@ def run_path(runs_root: str | os.PathLike, name: str) -> Path:
 
 def _proc_alive(pid: int | None) -> bool:
     """Alive and really our trainer (a reused pid of another program does not count)."""
-    if not pid:
+    if not pid or not 0 < pid < 1 << 31:
         return False
     with _children_lock:
         child = _children.get(pid)
@@ -102,10 +102,18 @@ def _proc_alive(pid: int | None) -> bool:
 
 
 def _job(run: Path) -> dict:
+    """ui_job.json, or {} when it is missing or damaged (not JSON, not an object, fields of other types)."""
     try:
-        return json.loads((run / JOB_FILE).read_text())
-    except (OSError, ValueError):
+        job = json.loads((run / JOB_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(job, dict):
+        return {}
+    pid, started, stop = job.get("pid"), job.get("started", 0), job.get("stop_requested", 0)
+    if not (pid is None or type(pid) is int) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in (started, stop)):
+        return {}
+    return job
 
 
 def _last_run(run: Path, events: list[dict] | None = None) -> tuple[dict | None, dict | None, str]:

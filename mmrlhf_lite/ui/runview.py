@@ -51,6 +51,7 @@ class EventTail:
 
     def __init__(self) -> None:
         self._state: dict[Path, tuple[int, int, list[dict]]] = {}  # run -> (inode, offset, events)
+        self._damaged: dict[Path, list[str]] = {}  # run -> the lines of events.jsonl that were skipped
         self._lock = threading.Lock()
 
     def events(self, run: str | os.PathLike) -> list[dict]:
@@ -62,13 +63,20 @@ class EventTail:
             return []
         with self._lock:
             inode, offset, events = self._state.get(run, (st.st_ino, 0, []))
+            damaged = self._damaged.setdefault(run, [])
             if inode != st.st_ino or st.st_size < offset:  # replaced or truncated: start over
                 offset, events = 0, []
+                damaged.clear()
             if st.st_size > offset:
-                new, offset = read_events(run, offset)
+                new, offset = read_events(run, offset, damaged)
                 events = events + new
             self._state[run] = (st.st_ino, offset, events)
             return events
+
+    def damaged(self, run: str | os.PathLike) -> list[str]:
+        """The lines of the run's events.jsonl skipped so far (unreadable), as "byte N: why"."""
+        with self._lock:
+            return list(self._damaged.get(Path(run), []))
 
     def offset(self, run: str | os.PathLike) -> int:
         with self._lock:
