@@ -408,3 +408,37 @@ def test_jobs_table_marks_stale_stages(tmp_path):
                           max_upload_bytes=1))
     row = h.jobs_frame().set_index("run").loc["r1"]
     assert row["stages done"] == "reward, score (stale), reference, dpo (stale)"
+
+
+def test_every_plot_gets_numeric_axes_even_before_any_point(tmp_path, monkeypatch):
+    """gradio's LinePlot keeps the axis types of the first table it draws: an empty table with untyped
+    columns made every axis categorical for good (no lines, each value its own tick). Every plot's starting
+    value, the live view of no run, a run with DPO points only and a comparison must type step and value
+    as numbers."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+    import pandas as pd
+
+    from mmrlhf_lite.ui.blocks import build_app
+    from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+
+    cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
+                   max_upload_bytes=1 << 20)
+    (tmp_path / "runs").mkdir()
+    fake_run(tmp_path / "runs", "dpo-only", {})
+    plots = [b for b in build_app(cfg).blocks.values() if isinstance(b, gr.LinePlot)]
+    assert len(plots) == len(runview.CURVES) + 3
+    numeric = {"step": "quantitative", "value": "quantitative", "series": "nominal"}
+    for plot in plots:
+        assert plot.value["datatypes"] == numeric, (plot.elem_id, plot.value["datatypes"])
+    h = Handlers(cfg)
+    tables = [v for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, pd.DataFrame) and "step" in v]
+    tables += [v["value"] for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, dict) and "value" in v
+               and isinstance(v["value"], pd.DataFrame)]
+    tables.append(compare.overlay(tmp_path / "runs", ["dpo-only"], "dpo_acc", runview.EventTail()))
+    assert len(tables) == 2 * (len(runview.CURVES) + 2) + 1
+    assert sum(t.empty for t in tables) >= len(runview.CURVES) + 3
+    for table in tables:
+        assert plots[0].postprocess(table).datatypes == numeric
+    events = run_events()
+    assert plots[0].postprocess(runview.curve_frame(events, "reward_acc")).datatypes == numeric

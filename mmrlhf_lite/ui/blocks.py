@@ -28,6 +28,9 @@ CSS = """
 .mm-card[data-rank='1'] {border-color:#16a34a; border-width:2px}
 .mm-card-answer {margin:6px 0; font-style:italic}
 .mm-card-critique {color:#374151; word-break:break-word}
+.mm-gallery {height:auto !important; min-height:0 !important}
+.mm-gallery .grid-wrap {height:auto !important; max-height:none !important; overflow:visible !important}
+.mm-gallery .thumbnail-item {max-height:360px}
 """
 
 INTRO = ("**mmrlhf-lite**: preference data → critique reward model → MM-DPO, on one GPU. "
@@ -52,7 +55,7 @@ def _input(spec: form.FieldSpec):
 
 def _plot(name: str, height: int = 220):
     title, ylabel, _ = runview.CURVES.get(name, (name, "", []))
-    return gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
+    return gr.LinePlot(runview.curve_table(), x="step", y="value", color="series",
                        title=title, y_title=ylabel, x_title="step", height=height, elem_id=f"plot-{name}")
 
 
@@ -71,12 +74,16 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
 
         # a (re)loaded page finds everything again from the folders, running jobs included
         app.load(h.load_data, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
-        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False)
+        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False).then(
+            h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load], api_name=False)
         app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
         app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
         data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data")
-        train.start.click(h.start, [train.run_name, *train.form], [train.status, tabs, live.run],
-                          api_name="start").then(h.view, live.run, live.outputs, api_name=False)
+        started = train.start.click(h.start, [train.run_name, *train.form], [train.status, tabs, live.run],
+                                    api_name="start")
+        started.then(h.view, live.run, live.outputs, api_name=False)
+        started.success(h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load],
+                        api_name=False)  # what a run started with is kept in its folder: not an edit to guard
         tabs.select(h.refresh_lists, None, [live.run, pg.run, pg.cache_run, cmp.runs, data.scores_run],
                     api_name=False)
     return app
@@ -111,7 +118,9 @@ def _data_tab(h: Handlers):
             scores_run = gr.Dropdown(label="Reward scores and critiques from run (optional)", choices=[""],
                                      value="", allow_custom_value=True, elem_id="scores-run", scale=2)
         with gr.Row():
-            gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="group-images", scale=2)
+            # whole images (contain, never cropped), up to 360 px tall, beside the question
+            gallery = gr.Gallery(label="Images", columns=3, height="auto", object_fit="contain",
+                                 elem_id="group-images", elem_classes="mm-gallery", scale=2)
             with gr.Column(scale=3):
                 question = gr.Markdown(elem_id="group-question")
                 pairs = gr.Markdown(elem_id="group-pairs")
@@ -153,6 +162,8 @@ def _train_tab(h: Handlers):
             save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=2)
             save = gr.Button("Save as recipe", elem_id="save-recipe")
         status = gr.Markdown(elem_id="train-status")
+        load = gr.Button("Load the recipe (discard my edits)", visible=False, variant="stop", elem_id="recipe-load")
+        loaded = gr.State(None)  # the form right after the last load/save/start (see Handlers.choose_recipe)
         for section in ("model", "data", "reward", "cache", "dpo", "eval"):
             specs = [s for s in form.FIELDS if s.section == section]
             with gr.Accordion(f"{section} ({len(specs)} settings)", open=section == "data"):
@@ -161,10 +172,16 @@ def _train_tab(h: Handlers):
                         for spec in specs[i:i + 3]:
                             inputs[spec.key] = _input(spec)
     form_inputs = [inputs[s.key] for s in form.FIELDS]
-    recipe_dd.input(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe")
-    save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe")
+    remember = ([recipe_dd, run_name, *form_inputs], [loaded, load])
+    # only a pick from the list loads (opening the list and clicking elsewhere fires `input`, not `select`)
+    recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
+                     [*form_inputs, run_name, loaded, status, load], api_name=False)
+    load.click(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe").success(
+        h.remember, *remember, api_name=False).then(lambda: "", None, status, api_name=False)
+    save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe").success(
+        h.remember, *remember, api_name=False)
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
-                           start=start, status=status)
+                           start=start, status=status, loaded=loaded, load=load)
 
 
 def _live_tab(h: Handlers):
@@ -184,9 +201,9 @@ def _live_tab(h: Handlers):
             with gr.Row():
                 plots += [_plot(n) for n in names[i:i + 2]]
         with gr.Row():
-            speed = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value",
+            speed = gr.LinePlot(runview.curve_table(), x="step", y="value",
                                 color="series", title="DPO tokens/s", height=220, elem_id="plot-tokens")
-            gpu = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value",
+            gpu = gr.LinePlot(runview.curve_table(), x="step", y="value",
                               color="series", title="GPU memory (GB)", height=220, visible=False,
                               elem_id="plot-gpu")
         log = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
@@ -245,7 +262,7 @@ def _compare_tab(h: Handlers):
             go = gr.Button("Compare", variant="primary", elem_id="cmp-go")
         table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "critique mode", "Acc", "Acc+"]),
                              label="Final evaluation (held-out)", elem_id="cmp-table", wrap=True)
-        plot = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
+        plot = gr.LinePlot(runview.curve_table(), x="step", y="value", color="series",
                            title="Overlaid curves", height=300, elem_id="cmp-plot")
     go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
     return SimpleNamespace(runs=runs)

@@ -12,7 +12,7 @@ import os
 import pandas as pd
 
 from .jobs import job_state, list_runs, run_path
-from .runview import CURVES, EventTail, curve_frame
+from .runview import CURVES, EventTail, curve_frame, curve_table
 
 COMPARE_CURVES = {name: title for name, (title, _, _) in CURVES.items()}
 
@@ -65,7 +65,7 @@ def overlay(runs_root: str | os.PathLike, names: list[str], curve: str, tail: Ev
     """One curve of several runs in one long table; series are `<run>: <label>`."""
     frames = [curve_frame(tail.events(run_path(runs_root, n)), curve, run_label=n) for n in names]
     frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "series"])
+    return curve_table(pd.concat(frames, ignore_index=True).to_dict("records") if frames else [])
 
 
 def comparable_runs(runs_root: str | os.PathLike) -> list[str]:

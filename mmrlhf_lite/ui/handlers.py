@@ -204,6 +204,43 @@ class Handlers:
         values = form.form_values(form.recipe_tree(path), self.cfg.data_root, path.parent, self.cfg.runs_root)
         return (*values, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
+    # The form is never replaced behind the user's back: a recipe is loaded when it is picked from the list
+    # (not when the list is merely opened and closed), and over edited settings only after asking.
+    # `loaded` (a gr.State) is what the form held right after the last load, save or start: edits are
+    # the fields that differ from it.
+    def remember(self, choice: str | None, run_name: str, *values):
+        """The form as it is now becomes the unedited state (after a load, a save or a start)."""
+        return ({"choice": choice, "values": [run_name, *values]}, gr.update(visible=False))
+
+    @staticmethod
+    def edited_keys(loaded: dict | None, run_name: str, values) -> list[str]:
+        if not loaded:
+            return []
+        keys = ["run name", *form.field_names()]
+        return [k for k, old, new in zip(keys, loaded["values"], [run_name, *values]) if not _same(old, new)]
+
+    @readable
+    def choose_recipe(self, choice: str | None, loaded: dict | None, run_name: str, *values):
+        """A recipe picked from the list: load it unless that would discard edits, which it names instead."""
+        n = len(form.FIELDS) + 1
+        if not choice:
+            return (*[gr.skip()] * n, gr.skip(), gr.skip(), gr.update(visible=False))
+        edited = self.edited_keys(loaded, run_name, values)
+        current = (loaded or {}).get("choice")
+        if choice == current and not edited:
+            return (*[gr.skip()] * n, gr.skip(), "", gr.update(visible=False))
+        if edited:
+            label = _choice_label(choice)
+            shown = ", ".join(f"`{html.escape(k)}`" for k in edited[:8]) + (f" and {len(edited) - 8} more" if len(edited) > 8 else "")
+            notice = (f"**Nothing was changed.** The form holds your edits of {html.escape(_choice_label(current))}: "
+                      f"{shown}. Keep editing, or load **{html.escape(label)}** with the button below "
+                      "(your edits are lost).")
+            return (*[gr.skip()] * n, gr.skip(), notice,
+                    gr.update(visible=True, value=f"Load {label} (discard my edits)"))
+        out = self.load_recipe(choice)
+        return (*out, {"choice": choice, "values": [out[-1], *out[:-1]]}, f"Loaded recipe **{html.escape(_choice_label(choice))}**.",
+                gr.update(visible=False))
+
     @readable
     def start(self, run_name: str, *values):
         name = (run_name or "").strip() or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -264,7 +301,7 @@ class Handlers:
     def view(self, run_name: str | None):
         """Everything the live view shows for one run (status, bars, error, curves, log, jobs, buttons)."""
         if not run_name:
-            empty = pd.DataFrame(columns=["step", "value", "series"])
+            empty = runview.curve_table()
             return ("No run selected: start one in the Train tab.", runview.progress_html([]), "", "",
                     *[empty] * len(runview.CURVES), empty, gr.update(value=empty, visible=False), "",
                     self.jobs_frame(), gr.update(interactive=False), gr.update(interactive=False))
@@ -367,6 +404,21 @@ class Handlers:
         if curve not in runview.CURVES:
             raise Refused(f"unknown curve '{curve}'")
         return compare.eval_table(self.cfg.runs_root, names), compare.overlay(self.cfg.runs_root, names, curve, self.tail)
+
+
+def _same(a, b) -> bool:
+    """Form values equal as the form means them (a Number may come back as 3 or 3.0)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    if a in (None, "") and b in (None, ""):
+        return True
+    return a == b
+
+
+def _choice_label(choice: str | None) -> str:
+    if choice == form.LAST_USED:
+        return "the last used recipe"
+    return choice or "the form's defaults"
 
 
 def _mtime(run: Path) -> float:

@@ -178,6 +178,16 @@ def progress_html(views: list[StageView]) -> str:
 # --------------------------------------------------------------------------------------------------
 # curves
 
+def curve_table(rows: list[dict] | None = None) -> pd.DataFrame:
+    """(step, value, series) with numeric step and value columns even when empty.
+
+    gradio's LinePlot fixes each axis's scale from the first table it draws and later only swaps the data:
+    an empty table with untyped (object) columns makes both axes categorical for good (every value its
+    own tick label, no lines). Every curve table the UI hands a plot comes from here."""
+    frame = pd.DataFrame(rows or [], columns=["step", "value", "series"])
+    return frame.astype({"step": "int64", "value": "float64", "series": "object"})
+
+
 def _metric_events(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("type") == "metrics" and e.get("step") is not None]
 
@@ -192,7 +202,7 @@ def curve_frame(events: list[dict], name: str, run_label: str | None = None) -> 
             if e.get("stage") == stage and isinstance(value, (int, float)) and math.isfinite(value):
                 rows.append({"step": int(e["step"]), "value": float(value),
                              "series": f"{run_label}: {label}" if run_label else label})
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_table(rows)
 
 
 def tokens_per_second(events: list[dict], grad_accum: int) -> pd.DataFrame:
@@ -214,13 +224,13 @@ def tokens_per_second(events: list[dict], grad_accum: int) -> pd.DataFrame:
                 rows.append({"step": s, "value": e["tokens"] * grad_accum * (s - prev_step) / (t_now - t_prev),
                              "series": "tokens/s"})
             prev_step = s
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_table(rows)
 
 
 def gpu_memory(events: list[dict]) -> pd.DataFrame:
     rows = [{"step": int(e["step"]), "value": float(e["gpu_mem_gb"]), "series": f"{e.get('stage')} peak GB"}
             for e in _metric_events(events) if isinstance(e.get("gpu_mem_gb"), (int, float))]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_table(rows)
 
 
 def point_counts(events: list[dict]) -> dict[str, int]:
