@@ -2,8 +2,10 @@
 
 Upload the demo data and see its preview; start the tiny recipe and watch its curves gain points until
 it finishes; start, stop and resume a second run (a second tab finds the running jobs); score answers in
-the playground; compare runs. Every request the pages make must go to 127.0.0.1. Screenshots are taken
-with animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-data.png and docs/ui-run.png.
+the playground; compare runs (numeric axes, lines drawn); ask the policy tab for base and aligned answers
+and export the merged policy (loaded by transformers in a process that cannot import the project); the
+Train form keeps edits. Every request the pages make must go to 127.0.0.1. Screenshots are taken with
+animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-*.png (one per tab).
 
     python -m pytest -q -m browser tests/test_ui_browser.py
 """
@@ -280,6 +282,8 @@ def test_playground_scores_answers_and_compare(page, server, tmp_path, requests_
     ranks = sorted(int(page.locator("#pg-cards .mm-card").nth(i).get_attribute("data-rank")) for i in range(2))
     assert ranks == [1, 2]
     assert "Critique:" in text(page, "pg-cards") and "score" in text(page, "pg-cards")
+    assert "tiny random-init demo model" in text(page, "pg-notice")
+    shot(page, tmp_path, "ui-playground.png", full_page=True)
 
     pick(page, "cache-run", "tiny-ui")
     page.locator("#cache-show").click()
@@ -293,6 +297,47 @@ def test_playground_scores_answers_and_compare(page, server, tmp_path, requests_
     table = text(page, "cmp-table")
     assert re.search(r"tiny-ui\s+done\s+none\s+\d+\.\d%", table), table
     assert_numeric_plot(page, "cmp-plot")  # the overlaid curves: numeric axes, tiny-ui's 3 DPO points joined
+    shot(page, tmp_path, "ui-compare.png", full_page=True)
+    assert_all_local(requests_seen)
+
+
+FRESH_LOAD = """
+import sys
+sys.modules["mmrlhf_lite"] = None  # the project cannot be imported here
+from transformers import AutoModelForImageTextToText
+m = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+print("LOADED", type(m).__name__, m.dtype)
+"""
+
+
+def test_policy_tab_answers_base_and_policy_and_exports(page, server, tmp_path, requests_seen):
+    import subprocess
+    import sys
+
+    tab(page, "6 · Policy")
+    pick(page, "pol-run", "tiny-ui")
+    until(page, "#pol-notice", "el.innerText.includes('tiny random-init demo model')")
+    page.locator("#pol-images input[type=file]").set_input_files(
+        str(server.data / "uploads/demo-data/images/demo-00003.png"))
+    page.locator("#pol-question textarea").fill("What shape is the object?")
+    page.locator("#pol-max-new input").fill("8")
+    page.locator("#pol-ask").click()
+    until(page, "#pol-scores", "el.querySelectorAll('.mm-card').length == 2", timeout=180_000)
+    base, aligned = (page.locator(f"#{i} textarea").input_value() for i in ("pol-base", "pol-policy"))
+    assert base.strip() and aligned.strip(), (base, aligned)
+    cards = text(page, "pol-scores")
+    assert "Base model · score" in cards and "Aligned policy · score" in cards and "Critique:" in cards
+    shot(page, tmp_path, "ui-policy.png", full_page=True)
+
+    page.locator("#pol-export").click()
+    until(page, "#pol-export-status", "el.innerText.includes('Exported')", timeout=180_000)
+    folder = server.runs / "tiny-ui" / "export" / "policy-merged"
+    assert (folder / "model.safetensors").exists() and (folder / "README.md").exists()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(folder)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED Qwen2VLForConditionalGeneration torch.bfloat16" in proc.stdout
     assert_all_local(requests_seen)
 
 
@@ -344,4 +389,5 @@ def test_train_form_keeps_edits(context, server, tmp_path):
     pick(p, "recipe", "tiny.yaml")
     until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
     assert "Loaded recipe tiny.yaml" in text(p, "train-status")
+    shot(p, tmp_path, "ui-train.png")
     p.close()

@@ -1,4 +1,5 @@
-"""The page: five tabs (Data, Train, Live, Reward playground, Compare) wired to `handlers.Handlers`.
+"""The page: six tabs (Data, Train, Live, Reward playground, Compare, Policy) wired to `handlers.Handlers`
+(the Policy tab to `policy.PolicyHandlers`).
 
 Layout and wiring only. GRADIO_ANALYTICS_ENABLED must be False before this module builds the Blocks
 (app.py sets it before importing gradio): then the page and the server make no outside request.
@@ -15,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from ..data.formats import FORMATS
-from . import databrowser, form, runview
+from . import databrowser, form, policy, runview
 from .handlers import Handlers, UIConfig
 
 CSS = """
@@ -71,6 +72,7 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
             live = _live_tab(h)
             pg = _playground_tab(h)
             cmp = _compare_tab(h)
+            pol = policy.build_tab(cfg.runs_root)
 
         # a (re)loaded page finds everything again from the folders, running jobs included
         app.load(h.load_data, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
@@ -84,6 +86,8 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
         started.then(h.view, live.run, live.outputs, api_name=False)
         started.success(h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load],
                         api_name=False)  # what a run started with is kept in its folder: not an edit to guard
+        app.load(pol.handlers.choices, None, [pol.run, pol.notice], api_name=False)
+        tabs.select(pol.handlers.choices, pol.run, [pol.run, pol.notice], api_name=False)
         tabs.select(h.refresh_lists, None, [live.run, pg.run, pg.cache_run, cmp.runs, data.scores_run],
                     api_name=False)
     return app
@@ -228,6 +232,7 @@ def _playground_tab(h: Handlers):
                                  allow_custom_value=True, elem_id="pg-run", scale=3)
             mode = gr.Radio(["generate", "none"], value="generate", label="Critique", scale=2)
             max_tokens = gr.Number(value=48, precision=0, label="Critique length (tokens)", scale=1)
+        pg_notice = gr.Markdown(elem_id="pg-notice")  # a tiny random-init base: its critiques are a toy
         with gr.Row():
             image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=240,
                              elem_id="pg-image", scale=1)
@@ -247,6 +252,8 @@ def _playground_tab(h: Handlers):
         cache_table = gr.Dataframe(pd.DataFrame(columns=["group", "better #", "worse #", "delta", "beta"]),
                                    label="Pairs", elem_id="cache-table", max_height=400)
     pg_run.input(h.warm, pg_run, None, api_name=False, show_progress="hidden")
+    pg_run.change(lambda r: policy.toy_notice(h.cfg.runs_root, r), pg_run, pg_notice, api_name=False,
+                  show_progress="hidden")
     score.click(h.score, [pg_run, image, question, *answers, mode, max_tokens], [cards, table], api_name="score")
     show.click(h.cache, cache_run, [cache_summary, cache_table], api_name="reward_cache")
     return SimpleNamespace(run=pg_run, cache_run=cache_run)
