@@ -105,14 +105,20 @@ def text(page, elem_id: str) -> str:
 
 def plot_state(page, elem_id: str) -> dict:
     """What the rendered vega plot shows: its axes' descriptions (vega writes "X-axis titled 'step' for a
-    linear scale ..." or "... for a discrete scale with 3 values: ..."), its tick labels and, per drawn
-    line, how many points it joins."""
+    linear scale ..." or "... for a discrete scale with 3 values: ..."), its tick labels and, per line,
+    how many points it joins (0 when it has no visible stroke)."""
     return page.evaluate("""(id) => {
         const el = document.querySelector('#' + id);
         if (!el) return {axes: [], labels: [], lines: []};
         const axes = [...el.querySelectorAll('g.role-axis')].map(a => a.getAttribute('aria-label')).filter(Boolean);
         const labels = [...el.querySelectorAll('g.role-axis-label text')].map(t => t.textContent);
-        const lines = [...el.querySelectorAll('g.mark-line path')].map(p => (p.getAttribute('d') || '').split(/[ML]/).filter(s => s.trim()).length);
+        // a line is drawn when its path joins points and has a stroke colour (vega gives a series missing
+        // from the plot's colour scale no stroke: there, but invisible)
+        const lines = [...el.querySelectorAll('g.mark-line path')].map(p => {
+            const stroke = getComputedStyle(p).stroke;
+            const visible = !!stroke && stroke !== 'none' && !stroke.startsWith('rgba(0, 0, 0, 0)');
+            return visible ? (p.getAttribute('d') || '').split(/[ML]/).filter(s => s.trim()).length : 0;
+        });
         return {axes, labels, lines};
     }""", elem_id)
 
@@ -173,11 +179,14 @@ def assert_all_local(requests_seen: list[str]) -> None:
 
 
 def test_upload_shows_validation_stats_and_groups(page, server, tmp_path, requests_seen):
+    until(page, "#data-summary", "el.innerText.includes('create the demo set')")
+    assert "secondary" in page.locator("#use-data").get_attribute("class")  # no data yet: not the primary action
     page.locator("#upload input[type=file]").set_input_files(str(demo_zip(tmp_path)))
     until(page, "#data-summary", "el.innerText.includes('20 groups')")
     summary = text(page, "data-summary")
     assert "demo-data/demo.jsonl — 20 groups from 20 rows (ranked); no problems found." in summary
     assert page.locator("#data-file input").input_value() == DATA
+    until(page, "#use-data", "el.classList.contains('primary')")
     assert page.locator("#group-images img").count() >= 1
     assert "demo-00000" in text(page, "group-question")
     page.wait_for_function("document.querySelector('#group-images img')?.naturalWidth > 0")
@@ -190,6 +199,27 @@ def test_upload_shows_validation_stats_and_groups(page, server, tmp_path, reques
     assert "Pairs training forms (6; better > worse)" in text(page, "group-pairs")
     responses = text(page, "group-responses")
     assert "rank" in responses and "critique (data)" in responses
+    # Prev / Next, and within one category
+    page.locator("#group-next").click()
+    until(page, "#group-question", "el.innerText.includes('demo-00001')")
+    page.locator("#group-prev").click()
+    until(page, "#group-question", "el.innerText.includes('demo-00000')")
+    page.locator("#group-category input").click()
+    options = [o.strip().splitlines()[-1].strip() for o in page.get_by_role("option").all_inner_texts()]  # no "✓"
+    assert options[0] == "(all)" and len(options) >= 3, options
+    cat = options[2]
+    page.get_by_role("option", name=cat, exact=True).click()
+    until(page, "#group-question", f"el.innerText.includes(' · {cat} · ')")
+    first = re.search(r"demo-\d+", text(page, "group-question")).group(0)
+    page.locator("#group-next").click()
+    until(page, "#group-question", f"!el.innerText.includes('{first}') && el.innerText.includes(' · {cat} · ')")
+    # the validation report as a CSV
+    page.locator("#report-csv-make").click()
+    until(page, "#report-csv", "!!el.querySelector('a[download=\"demo-validation-report.csv\"]')")
+    csv_text = page.request.get(page.locator("#report-csv a[download]").get_attribute("href")).text()
+    assert csv_text.splitlines()[0] == "where,problem,how to fix", csv_text[:200]
+    page.locator("#group-prev").click()
+    until(page, "#group-question", f"el.innerText.includes('{first}')")
     shot(page, tmp_path, "ui-data.png", full_page=True)
     assert_all_local(requests_seen)
 
@@ -265,6 +295,13 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     assert page.locator("#plot-beta canvas, #plot-beta svg").count() >= 1
     for name in ("reward_loss", "reward_acc", "dpo_loss", "dpo_acc", "margins", "beta"):
         assert_numeric_plot(page, f"plot-{name}")
+    # the final-evaluation card, and the log box showing its newest line
+    until(page, "#run-eval", "!!el.querySelector('.mm-eval')")
+    card = text(page, "run-eval")
+    assert "Final evaluation" in card and "without any critique" in card and "implicit reward accuracy" in card, card
+    scroll = page.evaluate("(() => { const t = document.querySelector('#run-log textarea'); "
+                           "return [t.scrollTop, t.clientHeight, t.scrollHeight]; })()")
+    assert scroll[2] > scroll[1] and scroll[0] + scroll[1] >= scroll[2] - 2, f"log not at its newest line: {scroll}"
     shot(page, tmp_path, "ui-run.png")
     assert_all_local(requests_seen)
 
@@ -297,6 +334,9 @@ def test_playground_scores_answers_and_compare(page, server, tmp_path, requests_
     table = text(page, "cmp-table")
     assert re.search(r"tiny-ui\s+done\s+none\s+\d+\.\d%", table), table
     assert_numeric_plot(page, "cmp-plot")  # the overlaid curves: numeric axes, tiny-ui's 3 DPO points joined
+    until(page, "#cmp-diff", "el.innerText.includes('reward.train.max_steps')")
+    diff = text(page, "cmp-diff")
+    assert "run.stages" in diff and "model.path" not in diff, diff  # tiny vs long differ in these, share the model
     shot(page, tmp_path, "ui-compare.png", full_page=True)
     assert_all_local(requests_seen)
 
@@ -384,7 +424,7 @@ def test_train_form_keeps_edits(context, server, tmp_path):
     until(p, "#run-name textarea", "el.value.startsWith('long-')")
     assert p.locator("#f-data-path textarea").input_value() == "demo"
     assert frac.input_value() == "0.15"
-    assert not p.locator("#recipe-load").is_visible()
+    p.wait_for_selector("#recipe-load", state="hidden")
     # unedited again: picking a recipe loads it at once
     pick(p, "recipe", "tiny.yaml")
     until(p, "#run-name textarea", "el.value.startsWith('tiny-')")

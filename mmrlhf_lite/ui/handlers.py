@@ -303,7 +303,8 @@ class Handlers:
         if not run_name:
             empty = runview.curve_table()
             return ("No run selected: start one in the Train tab.", runview.progress_html([]), "", "",
-                    *[empty] * len(runview.CURVES), empty, gr.update(value=empty, visible=False), "",
+                    *[runview.curve_plot([], n) for n in runview.CURVES], runview.with_series(empty, runview.SPEED_SERIES),
+                    gr.update(value=runview.with_series(empty, runview.GPU_SERIES), visible=False), "",
                     self.jobs_frame(), gr.update(interactive=False), gr.update(interactive=False))
         run = jobs.run_path(self.cfg.runs_root, run_name)
         events = self.tail.events(run)
@@ -324,13 +325,14 @@ class Handlers:
                 f"- {kind} [{html.escape(stage)}]: {html.escape(msg)}" for kind, stage, msg in warn)
         counts = runview.point_counts(events)
         points = "Curve points: " + (", ".join(f"{s} {n}" for s, n in counts.items()) if counts else "none yet")
-        curves = [runview.curve_frame(events, name) for name in runview.CURVES]
-        speed = runview.tokens_per_second(events, _grad_accum(run))
+        curves = [runview.curve_plot(events, name) for name in runview.CURVES]
+        speed = runview.with_series(runview.tokens_per_second(events, _grad_accum(run)), runview.SPEED_SERIES)
         gpu = runview.gpu_memory(events)
         log_text = jobs.tail_text(run / jobs.CONSOLE_LOG, 24_000)
         log_text = "\n".join(log_text.splitlines()[-60:])
         return (status, runview.progress_html(views), error, points, *curves, speed,
-                gr.update(value=gpu, visible=not gpu.empty), log_text, self.jobs_frame(),
+                gr.update(value=runview.with_series(gpu, runview.GPU_SERIES), visible=not gpu.empty), log_text,
+                self.jobs_frame(),
                 gr.update(interactive=state.active), gr.update(interactive=state.resumable))
 
     def tick(self, run_name: str | None, last_sig):

@@ -188,6 +188,34 @@ def curve_table(rows: list[dict] | None = None) -> pd.DataFrame:
     return frame.astype({"step": "int64", "value": "float64", "series": "object"})
 
 
+def series_labels(name: str) -> list[str]:
+    """The series one of CURVES can have (its legend)."""
+    return [label for _, _, label in CURVES[name][2]]
+
+
+SPEED_SERIES = ["tokens/s"]
+GPU_SERIES = [f"{s} peak GB" for s in STAGE_ORDER]
+
+
+def with_series(frame: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """`frame` plus one empty row (step and value NaN, which the plot skips) per label it lacks.
+
+    The plot builds its colour scale, like its axes, from the first table it draws; a series missing
+    from that table gets no colour later: its line is drawn with no stroke (invisible). Naming every
+    series from the start gives each its colour and legend entry."""
+    present = set(frame["series"])
+    missing = [label for label in dict.fromkeys(labels) if label not in present]
+    if not missing:
+        return frame
+    extra = pd.DataFrame({"step": [math.nan] * len(missing), "value": [math.nan] * len(missing), "series": missing})
+    return pd.concat([frame.astype({"step": "float64"}), extra], ignore_index=True)
+
+
+def curve_plot(events: list[dict], name: str) -> pd.DataFrame:
+    """What the live view's plot of one of CURVES gets: its points and every series it can have."""
+    return with_series(curve_frame(events, name), series_labels(name))
+
+
 def _metric_events(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("type") == "metrics" and e.get("step") is not None]
 
