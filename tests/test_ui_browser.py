@@ -402,6 +402,7 @@ def test_train_form_keeps_edits(context, server, tmp_path):
 
     kept = form_values()
     assert kept == (DATA, "my-run", "0.3", "tiny.yaml")
+    p.wait_for_selector("#f-data-demo-groups", state="hidden")  # the demo set's settings: only for data.path demo
     # open the recipe list, then click elsewhere (twice, and on another input)
     for target in (None, "#run-name textarea"):
         p.locator("#recipe input").click()
@@ -423,6 +424,7 @@ def test_train_form_keeps_edits(context, server, tmp_path):
     p.locator("#recipe-load").click()
     until(p, "#run-name textarea", "el.value.startsWith('long-')")
     assert p.locator("#f-data-path textarea").input_value() == "demo"
+    p.wait_for_selector("#f-data-demo-groups", state="visible")
     assert frac.input_value() == "0.15"
     p.wait_for_selector("#recipe-load", state="hidden")
     # unedited again: picking a recipe loads it at once

@@ -220,6 +220,10 @@ def _train_tab(h: Handlers):
                         for spec in specs[i:i + 3]:
                             inputs[spec.key] = _input(spec)
     form_inputs = [inputs[s.key] for s in form.FIELDS]
+    # the demo set's settings only matter (and only show) while data.path is `demo`
+    demo_inputs = [inputs[s.key] for s in form.FIELDS if s.key.startswith("data.demo.")]
+    inputs["data.path"].change(lambda path: [gr.update(visible=(path or "").strip() == "demo")] * len(demo_inputs),
+                               inputs["data.path"], demo_inputs, api_name=False, show_progress="hidden")
     remember = ([recipe_dd, run_name, *form_inputs], [loaded, load])
     # only a pick from the list loads (opening the list and clicking elsewhere fires `input`, not `select`)
     recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
