@@ -516,3 +516,15 @@ def test_data_navigation_filters_and_csv(tmp_path):
     assert datanav.step(demo, nxt, -1, c) == first
     last = max(i for i, x in enumerate(cats) if x == c)
     assert datanav.step(demo, last, 1, c) == last  # stays at the end of its category
+
+
+def test_log_explains_harmless_library_warnings():
+    log = ("== stage reward ==\n"
+           "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure "
+           "you already `pip install kernels` and the kernels >= 0.11.1\n"
+           "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure\n"
+           "reward: 3/3 steps\n"
+           "ModuleNotFoundError: No module named 'kernelsx'")
+    out = runview.explain_library_noise(log).splitlines()
+    assert out[0] == "== stage reward ==" and out[1].startswith("[note] bitsandbytes") and "harmless" in out[1]
+    assert out[2:] == ["reward: 3/3 steps", "ModuleNotFoundError: No module named 'kernelsx'"]  # real errors stay

@@ -329,7 +329,7 @@ class Handlers:
         speed = runview.with_series(runview.tokens_per_second(events, _grad_accum(run)), runview.SPEED_SERIES)
         gpu = runview.gpu_memory(events)
         log_text = jobs.tail_text(run / jobs.CONSOLE_LOG, 24_000)
-        log_text = "\n".join(log_text.splitlines()[-60:])
+        log_text = runview.explain_library_noise("\n".join(log_text.splitlines()[-60:]))
         return (status, runview.progress_html(views), error, points, *curves, speed,
                 gr.update(value=runview.with_series(gpu, runview.GPU_SERIES), visible=not gpu.empty), log_text,
                 self.jobs_frame(),

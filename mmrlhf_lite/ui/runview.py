@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,3 +287,25 @@ def messages(events: list[dict], limit: int = 12) -> list[tuple[str, str, str]]:
     out = [(e["type"], e.get("stage") or "-", str(e.get("message", "")))
            for e in events if e.get("type") in ("warning", "error")]
     return out[-limit:]
+
+
+# Library messages that alarm more than they say, as the log box shows them instead: (pattern, note).
+LIBRARY_NOTES = [
+    (re.compile(r"^.*Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.*$"),
+     "[note] bitsandbytes: its optional CPU kernel package `kernels` is not installed; the portable 4-bit "
+     "kernel is used instead (harmless, nothing to do)"),
+]
+
+
+def explain_library_noise(text: str) -> str:
+    """The log with known harmless library warnings replaced by one line saying what they mean (each kept
+    once per burst: repeated in a row, a note is shown once)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        for pattern, note in LIBRARY_NOTES:
+            if pattern.match(line):
+                line = note
+                break
+        if not (out and line == out[-1] and line.startswith("[note]")):
+            out.append(line)
+    return "\n".join(out)
