@@ -173,7 +173,9 @@ def test_start_stop_resume_and_live_view(client, server, job):
     assert v["progress"].count("data-status='done'") == 3 and "ETA" not in v["progress"]
     assert [r[0] for r in v["reward_loss"]["data"] if r[2] == "total"] == [1, 2, 3]
     assert {r[2] for r in v["reward_acc"]["data"]} == {"train pairs", "held-out pairs"}
-    assert v["beta"]["data"] == [] and v["tokens"]["data"] == []
+    # no DPO points: the beta and tokens/s plots hold only their series' names (NaN rows, not drawn)
+    assert {r[2] for r in v["beta"]["data"]} == {"min", "mean", "max"} and {r[2] for r in v["tokens"]["data"]} == {"tokens/s"}
+    assert all(r[0] is None and r[1] is None for r in v["beta"]["data"] + v["tokens"]["data"])
     assert "== stage eval: done" in v["log"] and v["error"] == ""
     assert ["tiny-api", "done", "reward, score, eval"] == v["jobs"]["data"][0][:3]
     with pytest.raises(AppError, match="has finished"):

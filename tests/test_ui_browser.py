@@ -2,8 +2,10 @@
 
 Upload the demo data and see its preview; start the tiny recipe and watch its curves gain points until
 it finishes; start, stop and resume a second run (a second tab finds the running jobs); score answers in
-the playground; compare runs. Every request the pages make must go to 127.0.0.1. Screenshots are taken
-with animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-data.png and docs/ui-run.png.
+the playground; compare runs (numeric axes, lines drawn); ask the policy tab for base and aligned answers
+and export the merged policy (loaded by transformers in a process that cannot import the project); the
+Train form keeps edits. Every request the pages make must go to 127.0.0.1. Screenshots are taken with
+animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-*.png (one per tab).
 
     python -m pytest -q -m browser tests/test_ui_browser.py
 """
@@ -101,6 +103,75 @@ def text(page, elem_id: str) -> str:
     return "\n".join(ln for ln in lines if not re.fullmatch(r"\s*(processing \| )?[\d./]+s\s*", ln)).strip()
 
 
+def plot_state(page, elem_id: str) -> dict:
+    """What the rendered vega plot shows: its axes' descriptions (vega writes "X-axis titled 'step' for a
+    linear scale ..." or "... for a discrete scale with 3 values: ..."), its tick labels and, per line,
+    how many points it joins (0 when it has no visible stroke)."""
+    return page.evaluate("""(id) => {
+        const el = document.querySelector('#' + id);
+        if (!el) return {axes: [], labels: [], lines: []};
+        const axes = [...el.querySelectorAll('g.role-axis')].map(a => a.getAttribute('aria-label')).filter(Boolean);
+        const labels = [...el.querySelectorAll('g.role-axis-label text')].map(t => t.textContent);
+        // a line is drawn when its path joins points and has a stroke colour (vega gives a series missing
+        // from the plot's colour scale no stroke: there, but invisible)
+        const lines = [...el.querySelectorAll('g.mark-line path')].map(p => {
+            const stroke = getComputedStyle(p).stroke;
+            const visible = !!stroke && stroke !== 'none' && !stroke.startsWith('rgba(0, 0, 0, 0)');
+            return visible ? (p.getAttribute('d') || '').split(/[ML]/).filter(s => s.trim()).length : 0;
+        });
+        return {axes, labels, lines};
+    }""", elem_id)
+
+
+def assert_numeric_plot(page, elem_id: str, min_points: int = 2) -> dict:
+    """Both axes are numeric (linear scales, every tick label a number) and a line joins `min_points`+ points."""
+    deadline = 20
+    state = {}
+    for _ in range(deadline * 2):  # the plot redraws after its data arrive
+        state = plot_state(page, elem_id)
+        if len(state["axes"]) == 2 and max(state["lines"], default=0) >= min_points:
+            break
+        page.wait_for_timeout(500)
+    axes = {a.split("-axis")[0]: a for a in state["axes"]}
+    assert set(axes) == {"X", "Y"}, f"{elem_id}: axes {state['axes']}"
+    for name, desc in axes.items():
+        assert "linear scale" in desc, f"{elem_id}: the {name} axis is not numeric: {desc!r}"
+    assert state["labels"] and all(re.fullmatch(r"[-−]?[\d.,]+(e[-+]?\d+)?[kmµ%]?", t.strip()) for t in state["labels"]), \
+        f"{elem_id}: tick labels {state['labels'][:12]}"
+    assert max(state["lines"], default=0) >= min_points, f"{elem_id}: no line drawn through {min_points} points: {state}"
+    return state
+
+
+def image_fit(page, elem_id: str) -> list[dict]:
+    """For each image shown inside `elem_id`: its natural size, the box its pixels are drawn in (object-fit
+    applied), and the part of that box left visible by the ancestors that clip it."""
+    return page.evaluate("""(id) => {
+        const root = document.querySelector('#' + id);
+        return [...root.querySelectorAll('img')].filter(img => img.naturalWidth > 0).map(img => {
+            const r = img.getBoundingClientRect(), fit = getComputedStyle(img).objectFit;
+            const nw = img.naturalWidth, nh = img.naturalHeight;
+            let w = r.width, h = r.height;
+            if (fit === 'contain' || fit === 'scale-down') {
+                const s = Math.min(r.width / nw, r.height / nh, fit === 'scale-down' ? 1 : Infinity);
+                w = nw * s; h = nh * s;
+            } else if (fit === 'cover') {
+                const s = Math.max(r.width / nw, r.height / nh); w = nw * s; h = nh * s;
+            } else if (fit === 'none') { w = nw; h = nh; }
+            let box = {l: r.left + (r.width - w) / 2, t: r.top + (r.height - h) / 2};
+            box.r = box.l + w; box.b = box.t + h;
+            let vis = {l: Math.max(box.l, r.left), t: Math.max(box.t, r.top), r: Math.min(box.r, r.right), b: Math.min(box.b, r.bottom)};
+            for (let a = img.parentElement; a && a !== document.body; a = a.parentElement) {
+                const cs = getComputedStyle(a);
+                if (cs.overflow === 'visible' && cs.overflowX === 'visible' && cs.overflowY === 'visible') continue;
+                const ar = a.getBoundingClientRect();
+                vis = {l: Math.max(vis.l, ar.left), t: Math.max(vis.t, ar.top), r: Math.min(vis.r, ar.right), b: Math.min(vis.b, ar.bottom)};
+            }
+            return {natural: [nw, nh], fit, drawn: [box.r - box.l, box.b - box.t],
+                    visible: [Math.max(0, vis.r - vis.l), Math.max(0, vis.b - vis.t)]};
+        });
+    }""", elem_id)
+
+
 def assert_all_local(requests_seen: list[str]) -> None:
     assert requests_seen
     outside = [u for u in requests_seen if urlparse(u).hostname not in ("127.0.0.1",) and not u.startswith(("data:", "blob:"))]
@@ -108,16 +179,47 @@ def assert_all_local(requests_seen: list[str]) -> None:
 
 
 def test_upload_shows_validation_stats_and_groups(page, server, tmp_path, requests_seen):
+    until(page, "#data-summary", "el.innerText.includes('create the demo set')")
+    assert "secondary" in page.locator("#use-data").get_attribute("class")  # no data yet: not the primary action
     page.locator("#upload input[type=file]").set_input_files(str(demo_zip(tmp_path)))
     until(page, "#data-summary", "el.innerText.includes('20 groups')")
     summary = text(page, "data-summary")
     assert "demo-data/demo.jsonl — 20 groups from 20 rows (ranked); no problems found." in summary
     assert page.locator("#data-file input").input_value() == DATA
+    until(page, "#use-data", "el.classList.contains('primary')")
     assert page.locator("#group-images img").count() >= 1
     assert "demo-00000" in text(page, "group-question")
+    page.wait_for_function("document.querySelector('#group-images img')?.naturalWidth > 0")
+    page.wait_for_timeout(500)
+    for img in image_fit(page, "group-images"):  # the whole image is visible, undistorted, and not tiny
+        (nw, nh), (w, h), (vw, vh) = img["natural"], img["drawn"], img["visible"]
+        assert abs(w / h - nw / nh) < 0.02, f"image drawn distorted: {img}"
+        assert vw >= w - 1 and vh >= h - 1, f"image cropped: only {vw:.0f}x{vh:.0f} of {w:.0f}x{h:.0f} visible: {img}"
+        assert min(w, h) >= 200, f"image shown too small: {img}"
     assert "Pairs training forms (6; better > worse)" in text(page, "group-pairs")
     responses = text(page, "group-responses")
     assert "rank" in responses and "critique (data)" in responses
+    # Prev / Next, and within one category
+    page.locator("#group-next").click()
+    until(page, "#group-question", "el.innerText.includes('demo-00001')")
+    page.locator("#group-prev").click()
+    until(page, "#group-question", "el.innerText.includes('demo-00000')")
+    page.locator("#group-category input").click()
+    options = [o.strip().splitlines()[-1].strip() for o in page.get_by_role("option").all_inner_texts()]  # no "✓"
+    assert options[0] == "(all)" and len(options) >= 3, options
+    cat = options[2]
+    page.get_by_role("option", name=cat, exact=True).click()
+    until(page, "#group-question", f"el.innerText.includes(' · {cat} · ')")
+    first = re.search(r"demo-\d+", text(page, "group-question")).group(0)
+    page.locator("#group-next").click()
+    until(page, "#group-question", f"!el.innerText.includes('{first}') && el.innerText.includes(' · {cat} · ')")
+    # the validation report as a CSV
+    page.locator("#report-csv-make").click()
+    until(page, "#report-csv", "!!el.querySelector('a[download=\"demo-validation-report.csv\"]')")
+    csv_text = page.request.get(page.locator("#report-csv a[download]").get_attribute("href")).text()
+    assert csv_text.splitlines()[0] == "where,problem,how to fix", csv_text[:200]
+    page.locator("#group-prev").click()
+    until(page, "#group-question", f"el.innerText.includes('{first}')")
     shot(page, tmp_path, "ui-data.png", full_page=True)
     assert_all_local(requests_seen)
 
@@ -159,6 +261,8 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     until(page, "#run-status", "el.innerText.includes('status: stopped')", timeout=180_000)
     assert "stopped after" in text(page, "run-progress")
     stopped_points = text(page, "curve-points")
+    # this page opened before any run existed: its curves must still be numeric, with lines
+    assert_numeric_plot(page, "plot-reward_loss", min_points=1)
 
     # a reloaded page finds the stopped run and resumes it; its curves gain points until it is done
     page.reload()
@@ -189,6 +293,15 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     assert "Curve points: reward 3, dpo 3" in text(page, "curve-points")
     assert text(page, "run-progress").count("done in") == 5
     assert page.locator("#plot-beta canvas, #plot-beta svg").count() >= 1
+    for name in ("reward_loss", "reward_acc", "dpo_loss", "dpo_acc", "margins", "beta"):
+        assert_numeric_plot(page, f"plot-{name}")
+    # the final-evaluation card, and the log box showing its newest line
+    until(page, "#run-eval", "!!el.querySelector('.mm-eval')")
+    card = text(page, "run-eval")
+    assert "Final evaluation" in card and "without any critique" in card and "implicit reward accuracy" in card, card
+    scroll = page.evaluate("(() => { const t = document.querySelector('#run-log textarea'); "
+                           "return [t.scrollTop, t.clientHeight, t.scrollHeight]; })()")
+    assert scroll[2] > scroll[1] and scroll[0] + scroll[1] >= scroll[2] - 2, f"log not at its newest line: {scroll}"
     shot(page, tmp_path, "ui-run.png")
     assert_all_local(requests_seen)
 
@@ -206,6 +319,8 @@ def test_playground_scores_answers_and_compare(page, server, tmp_path, requests_
     ranks = sorted(int(page.locator("#pg-cards .mm-card").nth(i).get_attribute("data-rank")) for i in range(2))
     assert ranks == [1, 2]
     assert "Critique:" in text(page, "pg-cards") and "score" in text(page, "pg-cards")
+    assert "tiny random-init demo model" in text(page, "pg-notice")
+    shot(page, tmp_path, "ui-playground.png", full_page=True)
 
     pick(page, "cache-run", "tiny-ui")
     page.locator("#cache-show").click()
@@ -218,4 +333,103 @@ def test_playground_scores_answers_and_compare(page, server, tmp_path, requests_
     until(page, "#cmp-table", "el.innerText.includes('no evaluation yet')")
     table = text(page, "cmp-table")
     assert re.search(r"tiny-ui\s+done\s+none\s+\d+\.\d%", table), table
+    assert_numeric_plot(page, "cmp-plot")  # the overlaid curves: numeric axes, tiny-ui's 3 DPO points joined
+    until(page, "#cmp-diff", "el.innerText.includes('reward.train.max_steps')")
+    diff = text(page, "cmp-diff")
+    assert "run.stages" in diff and "model.path" not in diff, diff  # tiny vs long differ in these, share the model
+    shot(page, tmp_path, "ui-compare.png", full_page=True)
     assert_all_local(requests_seen)
+
+
+FRESH_LOAD = """
+import sys
+sys.modules["mmrlhf_lite"] = None  # the project cannot be imported here
+from transformers import AutoModelForImageTextToText
+m = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+print("LOADED", type(m).__name__, m.dtype)
+"""
+
+
+def test_policy_tab_answers_base_and_policy_and_exports(page, server, tmp_path, requests_seen):
+    import subprocess
+    import sys
+
+    tab(page, "6 · Policy")
+    pick(page, "pol-run", "tiny-ui")
+    until(page, "#pol-notice", "el.innerText.includes('tiny random-init demo model')")
+    page.locator("#pol-images input[type=file]").set_input_files(
+        str(server.data / "uploads/demo-data/images/demo-00003.png"))
+    page.locator("#pol-question textarea").fill("What shape is the object?")
+    page.locator("#pol-max-new input").fill("8")
+    page.locator("#pol-ask").click()
+    until(page, "#pol-scores", "el.querySelectorAll('.mm-card').length == 2", timeout=180_000)
+    base, aligned = (page.locator(f"#{i} textarea").input_value() for i in ("pol-base", "pol-policy"))
+    assert base.strip() and aligned.strip(), (base, aligned)
+    cards = text(page, "pol-scores")
+    assert "Base model · score" in cards and "Aligned policy · score" in cards and "Critique:" in cards
+    shot(page, tmp_path, "ui-policy.png", full_page=True)
+
+    page.locator("#pol-export").click()
+    until(page, "#pol-export-status", "el.innerText.includes('Exported')", timeout=180_000)
+    folder = server.runs / "tiny-ui" / "export" / "policy-merged"
+    assert (folder / "model.safetensors").exists() and (folder / "README.md").exists()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(folder)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED Qwen2VLForConditionalGeneration torch.bfloat16" in proc.stdout
+    assert_all_local(requests_seen)
+
+
+def test_train_form_keeps_edits(context, server, tmp_path):
+    """Opening the recipe list and clicking elsewhere changes nothing; choosing another recipe over edited
+    settings asks first, and loads it only when told to."""
+    p = context.new_page()
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "2 · Train")
+    pick(p, "recipe", "tiny.yaml")
+    until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
+    p.locator("#f-data-path textarea").fill(DATA)
+    p.locator("#run-name textarea").fill("my-run")
+    frac = p.locator("#f-data-eval_fraction input")
+    frac.fill("0.3")
+    frac.blur()
+
+    def form_values():
+        return (p.locator("#f-data-path textarea").input_value(), p.locator("#run-name textarea").input_value(),
+                frac.input_value(), p.locator("#recipe input").input_value())
+
+    kept = form_values()
+    assert kept == (DATA, "my-run", "0.3", "tiny.yaml")
+    p.wait_for_selector("#f-data-demo-groups", state="hidden")  # the demo set's settings: only for data.path demo
+    # open the recipe list, then click elsewhere (twice, and on another input)
+    for target in (None, "#run-name textarea"):
+        p.locator("#recipe input").click()
+        p.wait_for_selector("[role=option]")
+        if target is None:
+            p.mouse.click(5, 5)  # an empty corner of the page
+        else:
+            p.locator(target).click()
+        p.wait_for_timeout(2500)
+        assert form_values() == kept, f"the form changed after opening the recipe list: {form_values()} != {kept}"
+
+    # choosing another recipe over edits: nothing is lost, the page says what would be, and offers to load
+    pick(p, "recipe", "long.yaml")
+    until(p, "#train-status", "el.innerText.includes('long.yaml')")
+    notice = text(p, "train-status")
+    named = notice.split(":", 1)[1].split(". ")[0]  # "... your edits of tiny.yaml: run name, data.path, ... ."
+    assert [k.strip() for k in named.split(",")] == ["run name", "data.path", "data.eval_fraction"], notice
+    assert form_values()[:3] == kept[:3]
+    p.locator("#recipe-load").click()
+    until(p, "#run-name textarea", "el.value.startsWith('long-')")
+    assert p.locator("#f-data-path textarea").input_value() == "demo"
+    p.wait_for_selector("#f-data-demo-groups", state="visible")
+    assert frac.input_value() == "0.15"
+    p.wait_for_selector("#recipe-load", state="hidden")
+    # unedited again: picking a recipe loads it at once
+    pick(p, "recipe", "tiny.yaml")
+    until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
+    assert "Loaded recipe tiny.yaml" in text(p, "train-status")
+    shot(p, tmp_path, "ui-train.png")
+    p.close()

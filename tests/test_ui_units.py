@@ -408,3 +408,123 @@ def test_jobs_table_marks_stale_stages(tmp_path):
                           max_upload_bytes=1))
     row = h.jobs_frame().set_index("run").loc["r1"]
     assert row["stages done"] == "reward, score (stale), reference, dpo (stale)"
+
+
+def test_every_plot_gets_numeric_axes_even_before_any_point(tmp_path, monkeypatch):
+    """gradio's LinePlot keeps the axis types of the first table it draws: an empty table with untyped
+    columns made every axis categorical for good (no lines, each value its own tick). Every plot's starting
+    value, the live view of no run, a run with DPO points only and a comparison must type step and value
+    as numbers."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+    import pandas as pd
+
+    from mmrlhf_lite.ui.blocks import build_app
+    from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+
+    cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
+                   max_upload_bytes=1 << 20)
+    (tmp_path / "runs").mkdir()
+    fake_run(tmp_path / "runs", "dpo-only", {})
+    plots = [b for b in build_app(cfg).blocks.values() if isinstance(b, gr.LinePlot)]
+    assert len(plots) == len(runview.CURVES) + 3
+    numeric = {"step": "quantitative", "value": "quantitative", "series": "nominal"}
+    for plot in plots:
+        assert plot.value["datatypes"] == numeric, (plot.elem_id, plot.value["datatypes"])
+    h = Handlers(cfg)
+    tables = [v for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, pd.DataFrame) and "step" in v]
+    tables += [v["value"] for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, dict) and "value" in v
+               and isinstance(v["value"], pd.DataFrame)]
+    tables.append(compare.overlay(tmp_path / "runs", ["dpo-only"], "reward_acc", runview.EventTail()))
+    assert len(tables) == 2 * (len(runview.CURVES) + 2) + 1
+    # the plots also keep the colour scale of their first table: every series must be named from the start
+    # (rows with NaN step and value, which are not drawn), else its line gets no colour
+    import math
+
+    assert sum(all(math.isnan(v) for v in t["value"]) for t in tables) >= len(runview.CURVES) + 3
+    for table in tables:
+        assert plots[0].postprocess(table).datatypes == numeric
+    for plot in plots:
+        name = plot.elem_id.removeprefix("plot-")
+        labels = {"tokens": runview.SPEED_SERIES, "gpu": runview.GPU_SERIES}.get(name) or (
+            runview.series_labels(name) if name in runview.CURVES else None)
+        if labels:
+            assert {row[2] for row in plot.value["data"]} == set(labels), plot.elem_id
+    overlay = compare.overlay(tmp_path / "runs", ["dpo-only"], "dpo_acc", runview.EventTail())
+    assert set(overlay["series"]) == {"dpo-only: implicit accuracy"}
+    events = run_events()
+    assert plots[0].postprocess(runview.curve_frame(events, "reward_acc")).datatypes == numeric
+
+
+def test_eval_card_and_recipe_diff(tmp_path):
+    from mmrlhf_lite.ui import evalcard
+
+    report = {"groups": 9, "pairs": 27,
+              "reward_model": {"modes": {"none": {"overall": {"acc": 0.75, "acc_plus": 0.5, "pairs": 27}},
+                                         "generate": {"overall": {"acc": 0.625, "acc_plus": 0.25, "pairs": 27}}}},
+              "policy": {"implicit_accuracy": 0.8, "logp_accuracy": 0.4, "win_rate": {"win_rate": 0.55}}}
+    card = evalcard.card_html(report)
+    assert "data-modes='2'" in card and "9 groups, 27 pairs" in card
+    assert "<td>75.0%</td><td>50.0%</td>" in card and "<td>62.5%</td><td>25.0%</td>" in card
+    assert evalcard.MODE_MEANING["generate"] in card and "implicit reward accuracy 80.0%" in card and "55.0%" in card
+    assert evalcard.card_html(None) == ""
+    for name, steps in (("a", 3), ("b", 6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.yaml").write_text(yaml.safe_dump(
+            {"model": {"path": "tiny:qwen2_vl"}, "reward": {"train": {"max_steps": steps}},
+             "run": {"dir": str(tmp_path / name), "stages": ["reward"] if steps == 6 else ["reward", "dpo"]}}))
+    diff = evalcard.recipe_diff(tmp_path, ["a", "b"]).to_dict("records")
+    assert diff == [{"key": "reward.train.max_steps", "a": "3", "b": "6"},
+                    {"key": "run.stages", "a": "reward, dpo", "b": "reward"}]
+
+
+def test_data_navigation_filters_and_csv(tmp_path):
+    import csv
+
+    from mmrlhf_lite.data.demo import write_demo
+    from mmrlhf_lite.ui import datanav
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ['{"prompt": "q1", "chosen": "a", "rejected": "b"}', "{oops", '{"prompt": "q2", "chosen": "same", '
+            '"rejected": "same"}', '{"prompt": "q3", "chosen": "a", "rejected": "b", "image": "nope.png"}', "{bad"]
+    (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    report = databrowser.load_report(root, "pairs.jsonl")
+    kinds = datanav.problem_kinds(report)
+    assert kinds[0] == datanav.ALL and len(kinds) == 4  # malformed JSON, identical responses, missing image
+    assert len(datanav.filtered_problems(report, root, datanav.ALL)) == 4
+    json_kind = next(k for k in kinds[1:] if datanav.filtered_problems(report, root, k)["where"].tolist()
+                     == ["pairs.jsonl:2", "pairs.jsonl:5"])
+    assert all("malformed JSON" in p for p in datanav.filtered_problems(report, root, json_kind)["problem"])
+    (tmp_path / "out").mkdir()
+    path = datanav.report_csv(report, root, tmp_path / "out")
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["where"] for r in table] == ["pairs.jsonl:2", "pairs.jsonl:3", "pairs.jsonl:4", "pairs.jsonl:5"]
+    assert table[0]["how to fix"] and path.name == "pairs-validation-report.csv"
+
+    write_demo(root / "demo", groups=12, seed=0)
+    demo = databrowser.load_report(root, "demo/demo.jsonl")
+    cats = [g.category for g in demo.groups]
+    assert datanav.categories(demo) == [datanav.ALL] + sorted(set(cats))
+    assert datanav.step(demo, 0, 1) == 1 and datanav.step(demo, 0, -1) == 0 and datanav.step(demo, 11, 1) == 11
+    c = cats[5]
+    first = datanav.first_of(demo, c)
+    assert first == cats.index(c)
+    nxt = datanav.step(demo, first, 1, c)
+    assert cats[nxt] == c and nxt > first and all(cats[j] != c for j in range(first + 1, nxt))
+    assert datanav.step(demo, nxt, -1, c) == first
+    last = max(i for i, x in enumerate(cats) if x == c)
+    assert datanav.step(demo, last, 1, c) == last  # stays at the end of its category
+
+
+def test_log_explains_harmless_library_warnings():
+    log = ("== stage reward ==\n"
+           "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure "
+           "you already `pip install kernels` and the kernels >= 0.11.1\n"
+           "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure\n"
+           "reward: 3/3 steps\n"
+           "ModuleNotFoundError: No module named 'kernelsx'")
+    out = runview.explain_library_noise(log).splitlines()
+    assert out[0] == "== stage reward ==" and out[1].startswith("[note] bitsandbytes") and "harmless" in out[1]
+    assert out[2:] == ["reward: 3/3 steps", "ModuleNotFoundError: No module named 'kernelsx'"]  # real errors stay

@@ -1,4 +1,5 @@
-"""The page: five tabs (Data, Train, Live, Reward playground, Compare) wired to `handlers.Handlers`.
+"""The page: six tabs (Data, Train, Live, Reward playground, Compare, Policy) wired to `handlers.Handlers`
+(the Policy tab to `policy.PolicyHandlers`).
 
 Layout and wiring only. GRADIO_ANALYTICS_ENABLED must be False before this module builds the Blocks
 (app.py sets it before importing gradio): then the page and the server make no outside request.
@@ -15,8 +16,8 @@ import gradio as gr
 import pandas as pd
 
 from ..data.formats import FORMATS
-from . import databrowser, form, runview
-from .handlers import Handlers, UIConfig
+from . import databrowser, datanav, evalcard, form, policy, runview
+from .handlers import Handlers, UIConfig, readable
 
 CSS = """
 .mm-progress {display:flex; flex-direction:column; gap:6px}
@@ -28,6 +29,9 @@ CSS = """
 .mm-card[data-rank='1'] {border-color:#16a34a; border-width:2px}
 .mm-card-answer {margin:6px 0; font-style:italic}
 .mm-card-critique {color:#374151; word-break:break-word}
+.mm-gallery {height:auto !important; min-height:0 !important}
+.mm-gallery .grid-wrap {height:auto !important; max-height:none !important; overflow:visible !important}
+.mm-gallery .thumbnail-item {max-height:360px}
 """
 
 INTRO = ("**mmrlhf-lite**: preference data → critique reward model → MM-DPO, on one GPU. "
@@ -52,7 +56,7 @@ def _input(spec: form.FieldSpec):
 
 def _plot(name: str, height: int = 220):
     title, ylabel, _ = runview.CURVES.get(name, (name, "", []))
-    return gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
+    return gr.LinePlot(runview.curve_plot([], name), x="step", y="value", color="series",
                        title=title, y_title=ylabel, x_title="step", height=height, elem_id=f"plot-{name}")
 
 
@@ -68,15 +72,22 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
             live = _live_tab(h)
             pg = _playground_tab(h)
             cmp = _compare_tab(h)
+            pol = policy.build_tab(cfg.runs_root)
 
         # a (re)loaded page finds everything again from the folders, running jobs included
         app.load(h.load_data, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
-        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False)
+        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False).then(
+            h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load], api_name=False)
         app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
         app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
         data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data")
-        train.start.click(h.start, [train.run_name, *train.form], [train.status, tabs, live.run],
-                          api_name="start").then(h.view, live.run, live.outputs, api_name=False)
+        started = train.start.click(h.start, [train.run_name, *train.form], [train.status, tabs, live.run],
+                                    api_name="start")
+        started.then(h.view, live.run, live.outputs, api_name=False)
+        started.success(h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load],
+                        api_name=False)  # what a run started with is kept in its folder: not an edit to guard
+        app.load(pol.handlers.choices, None, [pol.run, pol.notice], api_name=False)
+        tabs.select(pol.handlers.choices, pol.run, [pol.run, pol.notice], api_name=False)
         tabs.select(h.refresh_lists, None, [live.run, pg.run, pg.cache_run, cmp.runs, data.scores_run],
                     api_name=False)
     return app
@@ -94,14 +105,20 @@ def _data_tab(h: Handlers):
             media_root = gr.Textbox(label="Media root (folder under the data root; empty = the file's folder)",
                                     scale=2)
         with gr.Row():
-            upload = gr.File(label="Upload a data file (.jsonl .json .parquet) or a .zip of one with its images",
+            upload = gr.File(label="Upload a data file (.jsonl .json .parquet), or a .zip of one with its images: "
+                                   "a bare data file brings no images, so its image rows cannot load",
                              file_types=[".jsonl", ".ndjson", ".json", ".parquet", ".zip"], type="filepath",
                              elem_id="upload", height=120, scale=3)
             with gr.Column(scale=1):
                 demo_groups = gr.Number(value=40, precision=0, label="Demo groups")
                 demo_btn = gr.Button("Create the demo set", elem_id="make-demo")
-                use_btn = gr.Button("Train on this data →", variant="primary", elem_id="use-data")
+                use_btn = gr.Button("Train on this data →", variant="secondary", elem_id="use-data")
         summary = gr.Markdown(elem_id="data-summary")
+        with gr.Row():
+            kind = gr.Dropdown([datanav.ALL], value=datanav.ALL, label="Show problems of kind", elem_id="problem-kind",
+                               scale=2)
+            csv_btn = gr.Button("Download the report (CSV)", elem_id="report-csv-make", scale=1)
+            csv_file = gr.File(label="Report CSV", interactive=False, elem_id="report-csv", height=80, scale=2)
         problems = gr.Dataframe(pd.DataFrame(columns=["where", "problem", "how to fix"]),
                                 label="Validation report: each problem with file:line and what to fix",
                                 wrap=True, elem_id="data-problems", max_height=300)
@@ -111,7 +128,14 @@ def _data_tab(h: Handlers):
             scores_run = gr.Dropdown(label="Reward scores and critiques from run (optional)", choices=[""],
                                      value="", allow_custom_value=True, elem_id="scores-run", scale=2)
         with gr.Row():
-            gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="group-images", scale=2)
+            prev_btn = gr.Button("◀ Prev", elem_id="group-prev", scale=1)
+            next_btn = gr.Button("Next ▶", elem_id="group-next", scale=1)
+            category = gr.Dropdown([datanav.ALL], value=datanav.ALL, label="Category (Prev/Next stay in it)",
+                                   elem_id="group-category", scale=3)
+        with gr.Row():
+            # whole images (contain, never cropped), up to 360 px tall, beside the question
+            gallery = gr.Gallery(label="Images", columns=3, height="auto", object_fit="contain",
+                                 elem_id="group-images", elem_classes="mm-gallery", scale=2)
             with gr.Column(scale=3):
                 question = gr.Markdown(elem_id="group-question")
                 pairs = gr.Markdown(elem_id="group-pairs")
@@ -132,6 +156,39 @@ def _data_tab(h: Handlers):
     index.input(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name="group",
                 trigger_mode="always_last")  # dragging or typing a number; bursts collapse to the last value
     scores_run.input(h.group, [data_file, fmt, media_root, index, scores_run], group_out, api_name=False)
+
+    def report(name, fmt_, media):
+        return databrowser.load_report(h.cfg.data_root, name, fmt_ or "auto", (media or "").strip() or None)
+
+    @readable
+    def filters(name, fmt_, media, _scores=None):
+        """After every inspect: the filters' choices, no stale CSV, and "Train on this data" primary only
+        once a usable file is loaded."""
+        if not name:
+            return (gr.update(choices=[datanav.ALL], value=datanav.ALL), gr.update(choices=[datanav.ALL], value=datanav.ALL),
+                    None, gr.update(variant="secondary"))
+        r = report(name, fmt_, media)
+        return (gr.update(choices=datanav.problem_kinds(r), value=datanav.ALL),
+                gr.update(choices=datanav.categories(r), value=datanav.ALL), None,
+                gr.update(variant="primary" if r.ok else "secondary"))
+
+    @readable
+    def step(name, fmt_, media, i, cat, delta):
+        return datanav.step(report(name, fmt_, media), i, delta, cat) if name else 0
+
+    group_in = [data_file, fmt, media_root, index, scores_run]
+    summary.change(filters, inspect_in, [kind, category, csv_file, use_btn], api_name=False, show_progress="hidden")
+    for btn, delta in ((prev_btn, -1), (next_btn, 1)):
+        btn.click(lambda n, f, m, i, c, d=delta: step(n, f, m, i, c, d), [data_file, fmt, media_root, index, category],
+                  index, api_name=False).then(h.group, group_in, group_out, api_name=False)
+    # `select`, not `input`: a dropdown fires `input` again when it loses focus (clicking Next would re-jump)
+    category.select(readable(lambda n, f, m, c: datanav.first_of(report(n, f, m), c) if n else 0),
+                   [data_file, fmt, media_root, category], index, api_name=False).then(h.group, group_in, group_out,
+                                                                                      api_name=False)
+    kind.select(readable(lambda n, f, m, k: datanav.filtered_problems(report(n, f, m), h.cfg.data_root, k)),
+               [data_file, fmt, media_root, kind], problems, api_name=False)
+    csv_btn.click(readable(lambda n, f, m: str(datanav.report_csv(report(n, f, m), h.cfg.data_root, h.cfg.upload_dir))
+                           if n else None), [data_file, fmt, media_root], csv_file, api_name="report_csv")
     return SimpleNamespace(file=data_file, scores_run=scores_run, use=use_btn, inspect_in=inspect_in,
                            inspect_out=inspect_out)
 
@@ -153,6 +210,8 @@ def _train_tab(h: Handlers):
             save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=2)
             save = gr.Button("Save as recipe", elem_id="save-recipe")
         status = gr.Markdown(elem_id="train-status")
+        load = gr.Button("Load the recipe (discard my edits)", visible=False, variant="stop", elem_id="recipe-load")
+        loaded = gr.State(None)  # the form right after the last load/save/start (see Handlers.choose_recipe)
         for section in ("model", "data", "reward", "cache", "dpo", "eval"):
             specs = [s for s in form.FIELDS if s.section == section]
             with gr.Accordion(f"{section} ({len(specs)} settings)", open=section == "data"):
@@ -161,10 +220,20 @@ def _train_tab(h: Handlers):
                         for spec in specs[i:i + 3]:
                             inputs[spec.key] = _input(spec)
     form_inputs = [inputs[s.key] for s in form.FIELDS]
-    recipe_dd.input(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe")
-    save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe")
+    # the demo set's settings only matter (and only show) while data.path is `demo`
+    demo_inputs = [inputs[s.key] for s in form.FIELDS if s.key.startswith("data.demo.")]
+    inputs["data.path"].change(lambda path: [gr.update(visible=(path or "").strip() == "demo")] * len(demo_inputs),
+                               inputs["data.path"], demo_inputs, api_name=False, show_progress="hidden")
+    remember = ([recipe_dd, run_name, *form_inputs], [loaded, load])
+    # only a pick from the list loads (opening the list and clicking elsewhere fires `input`, not `select`)
+    recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
+                     [*form_inputs, run_name, loaded, status, load], api_name=False)
+    load.click(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe").success(
+        h.remember, *remember, api_name=False).then(lambda: "", None, status, api_name=False)
+    save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe").success(
+        h.remember, *remember, api_name=False)
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
-                           start=start, status=status)
+                           start=start, status=status, loaded=loaded, load=load)
 
 
 def _live_tab(h: Handlers):
@@ -176,6 +245,7 @@ def _live_tab(h: Handlers):
         status = gr.Markdown(elem_id="run-status")
         action = gr.Markdown(elem_id="run-action")
         progress = gr.HTML(elem_id="run-progress")
+        eval_card = gr.HTML(elem_id="run-eval")  # the final evaluation, once `eval` has written its report
         error = gr.Markdown(elem_id="run-error")
         points = gr.Markdown(elem_id="curve-points")
         names = list(runview.CURVES)
@@ -184,9 +254,9 @@ def _live_tab(h: Handlers):
             with gr.Row():
                 plots += [_plot(n) for n in names[i:i + 2]]
         with gr.Row():
-            speed = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value",
+            speed = gr.LinePlot(runview.with_series(runview.curve_table(), runview.SPEED_SERIES), x="step", y="value",
                                 color="series", title="DPO tokens/s", height=220, elem_id="plot-tokens")
-            gpu = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value",
+            gpu = gr.LinePlot(runview.with_series(runview.curve_table(), runview.GPU_SERIES), x="step", y="value",
                               color="series", title="GPU memory (GB)", height=220, visible=False,
                               elem_id="plot-gpu")
         log = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
@@ -194,11 +264,22 @@ def _live_tab(h: Handlers):
         jobs_table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "stages done", "updated"]), label="All runs", elem_id="jobs", interactive=False)
         timer = gr.Timer(1.5)
         sig = gr.State(None)
+        card_sig = gr.State(None)
     outputs = [status, progress, error, points, *plots, speed, gpu, log, jobs_table, stop, resume]
     assert len(outputs) == Handlers.N_VIEW
     live_run.input(h.view, live_run, outputs, api_name="view").then(lambda: "", None, action, api_name=False)
     timer.tick(h.tick, [live_run, sig], [*outputs, sig], api_name=False, show_progress="hidden",
                concurrency_limit=8)
+    def card(run_name, last):
+        report, mtime = evalcard.report_of(h.cfg.runs_root, run_name)
+        key = (run_name, mtime)
+        return (gr.skip(), last) if key == last else (evalcard.card_html(report), key)
+
+    live_run.change(lambda r: card(r, None), live_run, [eval_card, card_sig], api_name=False, show_progress="hidden")
+    timer.tick(card, [live_run, card_sig], [eval_card, card_sig], api_name=False, show_progress="hidden")
+    # the log box shows its newest line after every update (not where the user last scrolled to)
+    log.change(None, None, None, js="() => { const t = document.querySelector('#run-log textarea'); "
+                                    "if (t) t.scrollTop = t.scrollHeight; }")
     stop.click(h.stop, live_run, action, api_name="stop").then(h.view, live_run, outputs, api_name=False)
     resume.click(h.resume, live_run, action, api_name="resume").then(h.view, live_run, outputs, api_name=False)
     return SimpleNamespace(run=live_run, outputs=outputs)
@@ -211,6 +292,7 @@ def _playground_tab(h: Handlers):
                                  allow_custom_value=True, elem_id="pg-run", scale=3)
             mode = gr.Radio(["generate", "none"], value="generate", label="Critique", scale=2)
             max_tokens = gr.Number(value=48, precision=0, label="Critique length (tokens)", scale=1)
+        pg_notice = gr.Markdown(elem_id="pg-notice")  # a tiny random-init base: its critiques are a toy
         with gr.Row():
             image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=240,
                              elem_id="pg-image", scale=1)
@@ -230,6 +312,8 @@ def _playground_tab(h: Handlers):
         cache_table = gr.Dataframe(pd.DataFrame(columns=["group", "better #", "worse #", "delta", "beta"]),
                                    label="Pairs", elem_id="cache-table", max_height=400)
     pg_run.input(h.warm, pg_run, None, api_name=False, show_progress="hidden")
+    pg_run.change(lambda r: policy.toy_notice(h.cfg.runs_root, r), pg_run, pg_notice, api_name=False,
+                  show_progress="hidden")
     score.click(h.score, [pg_run, image, question, *answers, mode, max_tokens], [cards, table], api_name="score")
     show.click(h.cache, cache_run, [cache_summary, cache_table], api_name="reward_cache")
     return SimpleNamespace(run=pg_run, cache_run=cache_run)
@@ -245,12 +329,19 @@ def _compare_tab(h: Handlers):
             go = gr.Button("Compare", variant="primary", elem_id="cmp-go")
         table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "critique mode", "Acc", "Acc+"]),
                              label="Final evaluation (held-out)", elem_id="cmp-table", wrap=True)
-        plot = gr.LinePlot(pd.DataFrame(columns=["step", "value", "series"]), x="step", y="value", color="series",
+        plot = gr.LinePlot(runview.curve_table(), x="step", y="value", color="series",
                            title="Overlaid curves", height=300, elem_id="cmp-plot")
         bench = gr.Dataframe(pd.DataFrame(columns=["benchmark", "metric"]), elem_id="cmp-bench", wrap=True,
                              label="Reward-model benchmarks (python -m mmrlhf_lite.evaluate bench RUN --bench ...)")
-    go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
+        diff = gr.Dataframe(pd.DataFrame(columns=["key"]), label="Recipe differences (keys whose values differ)",
+                            elem_id="cmp-diff", wrap=True, max_height=400)
     go.click(h.compare_benchmarks, [runs], [bench], api_name="compare_benchmarks")
+    compared = go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
+    compared.success(lambda names: evalcard.recipe_diff(h.cfg.runs_root, list(names or [])), runs, diff,
+                     api_name="recipe_diff")
+    # a new title makes the plot rebuild its colour scale for these runs' series (it keeps the first one's)
+    compared.success(lambda names, c: gr.update(title=f"{runview.CURVES[c][0]}: {', '.join(names or [])}"),
+                     [runs, curve], plot, api_name=False)
     return SimpleNamespace(runs=runs)
 
 

@@ -14,7 +14,7 @@ import os
 import pandas as pd
 
 from .jobs import job_state, list_runs, run_path
-from .runview import CURVES, EventTail, curve_frame
+from .runview import CURVES, EventTail, curve_frame, curve_table, series_labels, with_series
 
 COMPARE_CURVES = {name: title for name, (title, _, _) in CURVES.items()}
 
@@ -92,10 +92,12 @@ def bench_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
 
 
 def overlay(runs_root: str | os.PathLike, names: list[str], curve: str, tail: EventTail) -> pd.DataFrame:
-    """One curve of several runs in one long table; series are `<run>: <label>`."""
+    """One curve of several runs in one long table; series are `<run>: <label>`, each named even without
+    points (runview.with_series: it gets its colour)."""
     frames = [curve_frame(tail.events(run_path(runs_root, n)), curve, run_label=n) for n in names]
     frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "series"])
+    table = curve_table(pd.concat(frames, ignore_index=True).to_dict("records") if frames else [])
+    return with_series(table, [f"{n}: {label}" for n in names for label in series_labels(curve)])
 
 
 def comparable_runs(runs_root: str | os.PathLike) -> list[str]:

@@ -205,6 +205,43 @@ class Handlers:
         values = form.form_values(form.recipe_tree(path), self.cfg.data_root, path.parent, self.cfg.runs_root)
         return (*values, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
+    # The form is never replaced behind the user's back: a recipe is loaded when it is picked from the list
+    # (not when the list is merely opened and closed), and over edited settings only after asking.
+    # `loaded` (a gr.State) is what the form held right after the last load, save or start: edits are
+    # the fields that differ from it.
+    def remember(self, choice: str | None, run_name: str, *values):
+        """The form as it is now becomes the unedited state (after a load, a save or a start)."""
+        return ({"choice": choice, "values": [run_name, *values]}, gr.update(visible=False))
+
+    @staticmethod
+    def edited_keys(loaded: dict | None, run_name: str, values) -> list[str]:
+        if not loaded:
+            return []
+        keys = ["run name", *form.field_names()]
+        return [k for k, old, new in zip(keys, loaded["values"], [run_name, *values]) if not _same(old, new)]
+
+    @readable
+    def choose_recipe(self, choice: str | None, loaded: dict | None, run_name: str, *values):
+        """A recipe picked from the list: load it unless that would discard edits, which it names instead."""
+        n = len(form.FIELDS) + 1
+        if not choice:
+            return (*[gr.skip()] * n, gr.skip(), gr.skip(), gr.update(visible=False))
+        edited = self.edited_keys(loaded, run_name, values)
+        current = (loaded or {}).get("choice")
+        if choice == current and not edited:
+            return (*[gr.skip()] * n, gr.skip(), "", gr.update(visible=False))
+        if edited:
+            label = _choice_label(choice)
+            shown = ", ".join(f"`{html.escape(k)}`" for k in edited[:8]) + (f" and {len(edited) - 8} more" if len(edited) > 8 else "")
+            notice = (f"**Nothing was changed.** The form holds your edits of {html.escape(_choice_label(current))}: "
+                      f"{shown}. Keep editing, or load **{html.escape(label)}** with the button below "
+                      "(your edits are lost).")
+            return (*[gr.skip()] * n, gr.skip(), notice,
+                    gr.update(visible=True, value=f"Load {label} (discard my edits)"))
+        out = self.load_recipe(choice)
+        return (*out, {"choice": choice, "values": [out[-1], *out[:-1]]}, f"Loaded recipe **{html.escape(_choice_label(choice))}**.",
+                gr.update(visible=False))
+
     @readable
     def start(self, run_name: str, *values):
         name = (run_name or "").strip() or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -272,9 +309,10 @@ class Handlers:
     def view(self, run_name: str | None):
         """Everything the live view shows for one run (status, bars, error, curves, log, jobs, buttons)."""
         if not run_name:
-            empty = pd.DataFrame(columns=["step", "value", "series"])
+            empty = runview.curve_table()
             return ("No run selected: start one in the Train tab.", runview.progress_html([]), "", "",
-                    *[empty] * len(runview.CURVES), empty, gr.update(value=empty, visible=False), "",
+                    *[runview.curve_plot([], n) for n in runview.CURVES], runview.with_series(empty, runview.SPEED_SERIES),
+                    gr.update(value=runview.with_series(empty, runview.GPU_SERIES), visible=False), "",
                     self.jobs_frame(), gr.update(interactive=False), gr.update(interactive=False))
         run = jobs.run_path(self.cfg.runs_root, run_name)
         events = self.tail.events(run)
@@ -298,13 +336,14 @@ class Handlers:
                 f"- {kind} [{html.escape(stage)}]: {html.escape(msg)}" for kind, stage, msg in warn)
         counts = runview.point_counts(events)
         points = "Curve points: " + (", ".join(f"{s} {n}" for s, n in counts.items()) if counts else "none yet")
-        curves = [runview.curve_frame(events, name) for name in runview.CURVES]
-        speed = runview.tokens_per_second(events, _grad_accum(run))
+        curves = [runview.curve_plot(events, name) for name in runview.CURVES]
+        speed = runview.with_series(runview.tokens_per_second(events, _grad_accum(run)), runview.SPEED_SERIES)
         gpu = runview.gpu_memory(events)
         log_text = jobs.tail_text(run / jobs.CONSOLE_LOG, 24_000)
-        log_text = "\n".join(log_text.splitlines()[-60:])
+        log_text = runview.explain_library_noise("\n".join(log_text.splitlines()[-60:]))
         return (status, runview.progress_html(views), error, points, *curves, speed,
-                gr.update(value=gpu, visible=not gpu.empty), log_text, self.jobs_frame(),
+                gr.update(value=runview.with_series(gpu, runview.GPU_SERIES), visible=not gpu.empty), log_text,
+                self.jobs_frame(),
                 gr.update(interactive=state.active), gr.update(interactive=state.resumable))
 
     def tick(self, run_name: str | None, last_sig):
@@ -385,6 +424,21 @@ class Handlers:
         if not names:
             raise Refused("pick one or more runs")
         return compare.bench_table(self.cfg.runs_root, names)
+
+
+def _same(a, b) -> bool:
+    """Form values equal as the form means them (a Number may come back as 3 or 3.0)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    if a in (None, "") and b in (None, ""):
+        return True
+    return a == b
+
+
+def _choice_label(choice: str | None) -> str:
+    if choice == form.LAST_USED:
+        return "the last used recipe"
+    return choice or "the form's defaults"
 
 
 def _mtime(run: Path) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,44 @@ def progress_html(views: list[StageView]) -> str:
 # --------------------------------------------------------------------------------------------------
 # curves
 
+def curve_table(rows: list[dict] | None = None) -> pd.DataFrame:
+    """(step, value, series) with numeric step and value columns even when empty.
+
+    gradio's LinePlot fixes each axis's scale from the first table it draws and later only swaps the data:
+    an empty table with untyped (object) columns makes both axes categorical for good (every value its
+    own tick label, no lines). Every curve table the UI hands a plot comes from here."""
+    frame = pd.DataFrame(rows or [], columns=["step", "value", "series"])
+    return frame.astype({"step": "int64", "value": "float64", "series": "object"})
+
+
+def series_labels(name: str) -> list[str]:
+    """The series one of CURVES can have (its legend)."""
+    return [label for _, _, label in CURVES[name][2]]
+
+
+SPEED_SERIES = ["tokens/s"]
+GPU_SERIES = [f"{s} peak GB" for s in STAGE_ORDER]
+
+
+def with_series(frame: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """`frame` plus one empty row (step and value NaN, which the plot skips) per label it lacks.
+
+    The plot builds its colour scale, like its axes, from the first table it draws; a series missing
+    from that table gets no colour later: its line is drawn with no stroke (invisible). Naming every
+    series from the start gives each its colour and legend entry."""
+    present = set(frame["series"])
+    missing = [label for label in dict.fromkeys(labels) if label not in present]
+    if not missing:
+        return frame
+    extra = pd.DataFrame({"step": [math.nan] * len(missing), "value": [math.nan] * len(missing), "series": missing})
+    return pd.concat([frame.astype({"step": "float64"}), extra], ignore_index=True)
+
+
+def curve_plot(events: list[dict], name: str) -> pd.DataFrame:
+    """What the live view's plot of one of CURVES gets: its points and every series it can have."""
+    return with_series(curve_frame(events, name), series_labels(name))
+
+
 def _metric_events(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("type") == "metrics" and e.get("step") is not None]
 
@@ -200,7 +239,7 @@ def curve_frame(events: list[dict], name: str, run_label: str | None = None) -> 
             if e.get("stage") == stage and isinstance(value, (int, float)) and math.isfinite(value):
                 rows.append({"step": int(e["step"]), "value": float(value),
                              "series": f"{run_label}: {label}" if run_label else label})
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_table(rows)
 
 
 def tokens_per_second(events: list[dict], grad_accum: int) -> pd.DataFrame:
@@ -222,13 +261,13 @@ def tokens_per_second(events: list[dict], grad_accum: int) -> pd.DataFrame:
                 rows.append({"step": s, "value": e["tokens"] * grad_accum * (s - prev_step) / (t_now - t_prev),
                              "series": "tokens/s"})
             prev_step = s
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_table(rows)
 
 
 def gpu_memory(events: list[dict]) -> pd.DataFrame:
     rows = [{"step": int(e["step"]), "value": float(e["gpu_mem_gb"]), "series": f"{e.get('stage')} peak GB"}
             for e in _metric_events(events) if isinstance(e.get("gpu_mem_gb"), (int, float))]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_table(rows)
 
 
 def point_counts(events: list[dict]) -> dict[str, int]:
@@ -256,3 +295,25 @@ def messages(events: list[dict], limit: int = 12) -> list[tuple[str, str, str]]:
     out = [(e["type"], e.get("stage") or "-", str(e.get("message", "")))
            for e in events if e.get("type") in ("warning", "error")]
     return out[-limit:]
+
+
+# Library messages that alarm more than they say, as the log box shows them instead: (pattern, note).
+LIBRARY_NOTES = [
+    (re.compile(r"^.*Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.*$"),
+     "[note] bitsandbytes: its optional CPU kernel package `kernels` is not installed; the portable 4-bit "
+     "kernel is used instead (harmless, nothing to do)"),
+]
+
+
+def explain_library_noise(text: str) -> str:
+    """The log with known harmless library warnings replaced by one line saying what they mean (each kept
+    once per burst: repeated in a row, a note is shown once)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        for pattern, note in LIBRARY_NOTES:
+            if pattern.match(line):
+                line = note
+                break
+        if not (out and line == out[-1] and line.startswith("[note]")):
+            out.append(line)
+    return "\n".join(out)
