@@ -106,15 +106,49 @@ class GroupTrainer(Trainer):
         self._metric_counts: dict[str, int] = defaultdict(int)
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
-        self.model_accepts_loss_kwargs = False  # our loss is already a mean; Trainer divides by grad_accum
+        # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
+        # returns this micro-batch's share of the step's mean, so Trainer must not divide by grad_accum
+        self.model_accepts_loss_kwargs = True
         self.remove_callback(PrinterCallback)  # metrics reach the terminal through the event stream
         self.add_callback(_EventsCallback(self))
 
-    def group_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def group_loss(self, model, batch, norm: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, metrics) of one micro-batch; with `norm` (the step's counts of `step_counts`, summed
+        over the step's micro-batches and ranks) the loss is the batch's share of the step's mean."""
         raise NotImplementedError
 
+    def step_counts(self, batch) -> dict[str, float]:
+        """What the loss averages over in one micro-batch (pairs, ...), to be summed over the step."""
+        raise NotImplementedError
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> dict[str, float] | None:
+        """The optimizer step's counts: summed over its micro-batches here and over all ranks (as
+        transformers does for `num_items_in_batch` tokens), so the step's loss is the mean over all of its
+        pairs however they are split into micro-batches, accumulation steps and ranks."""
+        counts = [self.step_counts(b) for b in batch_samples]
+        keys = sorted({k for c in counts for k in c}) if counts else []
+        if self.args.world_size > 1:
+            keys = self._agreed_keys(keys)
+        if not keys:
+            return None
+        total = torch.tensor([[c.get(k, 0.0) for k in keys] for c in counts] or [[0.0] * len(keys)],
+                             dtype=torch.float64).sum(0)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total.to(device), reduction="sum").cpu()
+        return dict(zip(keys, total.tolist()))
+
+    def _agreed_keys(self, keys: list[str]) -> list[str]:
+        """Every rank must reduce the same vector: the union of the count names of all ranks."""
+        import torch.distributed as dist
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, keys)
+        return sorted({k for g in gathered for k in g})
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.group_loss(model, inputs)
+        loss, metrics = self.group_loss(model, inputs, norm=num_items_in_batch)
+        if num_items_in_batch is not None:
+            # DDP averages gradients over ranks; the shares of all ranks must add up, so undo that mean
+            loss = loss * self.accelerator.num_processes
         for k, v in metrics.items():
             if v is not None and math.isfinite(v):
                 self._metric_sums[k] += float(v)
