@@ -92,49 +92,80 @@ def _runner(stage: str):
     return getattr(module, func)
 
 
+# Stages that run on rank 0 only under a launcher (the other ranks wait for it); the others run on every rank.
+MAIN_ONLY_STAGES = ("score", "reference", "eval")
+
+
 def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple[str, ...] = (),
                  echo: bool = True) -> RunContext:
     """Run `stages` (default: recipe.run.stages) into recipe.run.dir. Raises on error; `StageStopped`
-    when a stop was requested (the stage saved its state; calling again resumes)."""
+    when a stop was requested (the stage saved its state; calling again resumes).
+
+    Under `torchrun` / `accelerate launch` (docs/distributed.md) every rank calls this: rank 0 owns the
+    run folder (lock, recipe, events, data preparation, stage status), the others wait for it and read;
+    a stage is marked done once every rank has finished it."""
+    from . import distributed as dist
+
     stages = list(stages or recipe.run.stages)
+    dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
+    main = dist.is_main()
     run = RunDir(recipe.run.dir)
-    run.acquire()
+    if main:
+        run.acquire()
     try:
-        events = EventLog(run.path, echo=echo)
-        for stage in redo:
-            run.clear(stage)
-            events.info(f"--redo {stage}: its earlier outputs were deleted")
-        for stage, why in run.stale_stages().items():
-            if stage in stages:
-                run.clear(stage)
-                events.info(f"stage {stage} is recomputed: {why}", stage=stage)
-            else:
-                events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
-                               stage=stage)
-        skip = run.check_recipe(recipe, stages)
-        recipe.save(run.path / "recipe.yaml")
+        events = EventLog(run.path if main else None, echo=echo and main)
         ctx = RunContext(recipe=recipe, run=run, events=events)
-        events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"))
-        refuse_over_long(ctx, [s for s in stages if s not in skip])
+
+        def setup() -> list[str]:
+            for stage in redo:
+                run.clear(stage)
+                events.info(f"--redo {stage}: its earlier outputs were deleted")
+            for stage, why in run.stale_stages().items():
+                if stage in stages:
+                    run.clear(stage)
+                    events.info(f"stage {stage} is recomputed: {why}", stage=stage)
+                else:
+                    events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
+                                   stage=stage)
+            skip = run.check_recipe(recipe, stages)
+            recipe.save(run.path / "recipe.yaml")
+            events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
+                        **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
+            refuse_over_long(ctx, [s for s in stages if s not in skip])
+            return skip
+
+        skip = dist.main_first("run setup", setup)
         for stage in stages:
             if stage in skip:
                 events.info(f"stage {stage} already done with these settings; skipped (--redo {stage} recomputes)",
                             stage=stage)
                 continue
             runner = _runner(stage)
-            with events.stage_run(stage):
-                info = runner(ctx) or {}
-            run.mark_done(stage, recipe, **info)
-        events.emit("run_end", status="done")
+
+            def run_stage(runner=runner, stage=stage) -> dict:
+                with events.stage_run(stage):
+                    return runner(ctx) or {}
+            if stage in MAIN_ONLY_STAGES:
+                info = dist.main_first(f"stage {stage}", run_stage)
+            else:
+                info = run_stage()
+                dist.barrier(f"end of stage {stage}")
+            if main:
+                run.mark_done(stage, recipe, **info)
+        if main:
+            events.emit("run_end", status="done")
         return ctx
     except StageStopped:
-        EventLog(run.path, echo=False).emit("run_end", status="stopped")
+        if main:
+            EventLog(run.path, echo=False).emit("run_end", status="stopped")
         raise
     except BaseException as exc:
-        EventLog(run.path, echo=False).emit("run_end", status="error", message=str(exc) or type(exc).__name__)
+        if main:
+            EventLog(run.path, echo=False).emit("run_end", status="error", message=str(exc) or type(exc).__name__)
         raise
     finally:
-        run.release()
+        if main:
+            run.release()
 
 
 def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
@@ -227,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         RunDir(recipe.run.dir).install_signal_handlers()  # SIGTERM / Ctrl-C: checkpoint, then exit 3
         start = time.time()
         run_pipeline(recipe, stages, redo=redo, echo=not args.quiet)
-        print(f"done in {time.time() - start:.1f} s: {recipe.run.dir}", file=sys.stderr)
+        from . import distributed
+        if distributed.is_main():
+            print(f"done in {time.time() - start:.1f} s: {recipe.run.dir}", file=sys.stderr)
+        distributed.destroy()
         return 0
     except StageUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)

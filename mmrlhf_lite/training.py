@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from . import distributed
 from .events import EventLog, StageStopped
 from .recipe import TrainConfig
 
@@ -86,7 +87,7 @@ class _EventsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         t.events.progress(state.global_step, state.max_steps, unit="step")
-        if t.stop_check():
+        if distributed.any_rank(t.stop_check()):  # every rank stops at the same step
             t.stopped = True
             control.should_save = True
             control.should_training_stop = True
@@ -104,6 +105,7 @@ class GroupTrainer(Trainer):
         self.stopped = False
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
+        self._trainable: list | None = None
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
@@ -144,6 +146,14 @@ class GroupTrainer(Trainer):
         dist.all_gather_object(gathered, keys)
         return sorted({k for g in gathered for k in g})
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.world_size > 1 and self.accelerator.sync_gradients:  # the step's last micro-batch
+            if self._trainable is None:
+                self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+            distributed.average_gradients(self._trainable)
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.group_loss(model, inputs, norm=num_items_in_batch)
         if num_items_in_batch is not None:
@@ -173,7 +183,7 @@ def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
 
     Raises StageStopped after saving a checkpoint when a stop was requested.
     """
-    last = last_complete_checkpoint(out_dir, trainer.events)
+    last = distributed.main_first("resume point", lambda: last_complete_checkpoint(out_dir, trainer.events))
     if last:
         trainer.events.info(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

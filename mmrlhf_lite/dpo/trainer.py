@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..cache.reference import load_reference
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
@@ -142,6 +143,8 @@ def run_stage(ctx) -> dict:
                          events=events, stop_check=ctx.stop_requested, cfg=dc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
+    if not distributed.is_main():
+        return result  # rank 0 writes the policy and the result
     save_adapter(model, final, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
     result["train_seconds"] = round(time.time() - start, 1)
     (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..events import EventLog
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter, unwrap
@@ -137,6 +138,8 @@ def run_stage(ctx) -> dict:
                             events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
+    if not distributed.is_main():
+        return result  # rank 0 writes the model, the held-out accuracy and the result
     save_adapter(model, final, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
     result["train_seconds"] = round(time.time() - start, 1)
     if eval_groups:

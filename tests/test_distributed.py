@@ -1,0 +1,197 @@
+"""One run, N processes (torchrun, gloo on CPU): 2 ranks x B groups per step train the same LoRA weights
+as 1 rank x 2B; a SIGKILLed rank ends the job in bounded time with the launcher naming it, and the same
+command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end.
+
+Every launcher runs in its own process group with a hard timeout, and the group is killed afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmrlhf_lite.recipe import load_recipe
+from mmrlhf_lite.train import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu", "data.demo.groups=8",
+          "data.demo.image_size=56", "data.eval_fraction=0", "data.demo.safety_fraction=0",
+          "dpo.margin_source=none", "dpo.w=0", "dpo.gamma=0.5", "dpo.train.max_steps=4", "dpo.train.save_steps=2",
+          "dpo.train.logging_steps=1", "dpo.train.learning_rate=1e-2", "dpo.train.grad_accum=1",
+          "reward.train.max_steps=2", "reward.train.logging_steps=1", "reward.train.learning_rate=1e-2",
+          "reward.train.grad_accum=1"]
+TIMEOUT = 240
+
+
+def _per_rank(groups: int) -> list[str]:
+    return [f"dpo.train.groups_per_step={groups}", f"reward.train.groups_per_step={groups}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MMRLHF_LITE_DIST_TIMEOUT": "60"}
+
+
+def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
+            port: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+           f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _free_port()}",
+           "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q"]
+    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        out = ""
+        raise AssertionError(f"launcher still running after {timeout} s") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            out = proc.communicate()[0]
+
+
+def _recipe(tmp: Path, name: str, groups_per_rank: int) -> Path:
+    path = tmp / f"{name}.yaml"
+    load_recipe(None, COMMON + _per_rank(groups_per_rank) + [f"run.dir={tmp / name}"]).save(path)
+    return path
+
+
+def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / stage / "final" / "adapter_model.safetensors")
+
+
+def _same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        err = (a[k].float() - b[k].float()).abs().max().item()
+        assert err <= tol * max(1.0, a[k].abs().max().item()), (k, err)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """1 process x 2 groups per step (in-process: the real pipeline)."""
+    tmp = tmp_path_factory.mktemp("single")
+    recipe = load_recipe(None, COMMON + _per_rank(2) + [f"run.dir={tmp / 'run'}"])
+    run_pipeline(recipe, ["reward", "reference", "dpo"], echo=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """torchrun --nproc_per_node 2, 1 group per rank per step."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    rc, out = _finish(_launch(_recipe(tmp, "run", 1), "reward,reference,dpo"))
+    assert rc == 0, out[-4000:]
+    return tmp / "run"
+
+
+def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(single, two_ranks):
+    # the steps really were data-parallel: 2 ranks each logged 1 group/step but the same global batch
+    events = [json.loads(x) for x in (two_ranks / "events.jsonl").read_text().splitlines()]
+    assert any(e["type"] == "run_start" and e.get("world_size") == 2 for e in events)
+    assert json.loads((two_ranks / "dpo" / "train_result.json").read_text())["steps"] == 4
+    for stage in ("reward", "dpo"):
+        _same_weights(_weights(single, stage), _weights(two_ranks, stage))
+    # ... and the weights did move (a test that cannot fail on an untrained adapter)
+    b = {k: v for k, v in _weights(two_ranks, "dpo").items() if "lora_B" in k}
+    assert max(v.abs().max().item() for v in b.values()) > 1e-4
+    # rank 0 alone owns the run folder: one lock holder, one event stream, stages marked once
+    assert sorted(p.name for p in (two_ranks / "stages").glob("*.json")) == ["dpo.json", "reference.json",
+                                                                             "reward.json"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for child in _children(launcher):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return child
+    return None
+
+
+def _wait_for_dpo_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        path = run_dir / "events.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                e = json.loads(line)
+                if e["type"] == "progress" and e.get("stage") == "dpo" and e["n"] >= step:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"no dpo step {step} within {timeout} s")
+
+
+def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(recipe, "reward,reference"))
+    assert rc == 0, out[-4000:]
+    proc = _launch(recipe, "dpo")
+    try:
+        _wait_for_dpo_step(run_dir, 2, proc)   # checkpoint-2 is being or has been written
+        victim = _rank_pid(proc.pid, 1)
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        rc, out = _finish(proc, timeout=90)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc != 0 and time.time() - killed < 90
+    assert "rank      : 1 (local_rank: 1)" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
+    assert not (run_dir / "stages" / "dpo.json").exists()
+
+    rc, out = _finish(_launch(recipe, "dpo"))          # the same command resumes
+    assert rc == 0, out[-4000:]
+    events = (run_dir / "events.jsonl").read_text()
+    assert "resuming from" in events
+    _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
+
+
+def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path, two_ranks):
+    """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) = the 2-rank run."""
+    recipe = _recipe(tmp_path, "run", 1)
+    port = _free_port()
+    procs = [_launch(recipe, "reward,reference,dpo", nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    results = [_finish(p) for p in procs]
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    for stage in ("reward", "dpo"):
+        _same_weights(_weights(two_ranks, stage), _weights(tmp_path / "run", stage))
