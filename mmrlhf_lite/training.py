@@ -146,6 +146,17 @@ class GroupTrainer(Trainer):
         dist.all_gather_object(gathered, keys)
         return sorted({k for g in gathered for k in g})
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Under a CPU launcher (gloo) transformers maps the optimizer state to `cpu:0`, which torch.load
+        cannot restore; load it on the CPU as a single process does."""
+        if checkpoint is None or self.args.world_size <= 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import os
+        opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
+        if os.path.isfile(opt) and os.path.isfile(sched):
+            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.args.world_size > 1 and self.accelerator.sync_gradients:  # the step's last micro-batch

@@ -25,7 +25,7 @@ from mmrlhf_lite.train import run_pipeline
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu", "data.demo.groups=8",
           "data.demo.image_size=56", "data.eval_fraction=0", "data.demo.safety_fraction=0",
-          "dpo.margin_source=none", "dpo.w=0", "dpo.gamma=0.5", "dpo.train.max_steps=4", "dpo.train.save_steps=2",
+          "dpo.margin_source=none", "dpo.w=0", "dpo.gamma=0.5", "dpo.train.max_steps=8", "dpo.train.save_steps=2",
           "dpo.train.logging_steps=1", "dpo.train.learning_rate=1e-2", "dpo.train.grad_accum=1",
           "reward.train.max_steps=2", "reward.train.logging_steps=1", "reward.train.learning_rate=1e-2",
           "reward.train.grad_accum=1"]
@@ -81,7 +81,8 @@ def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / stage / "final" / "adapter_model.safetensors")
 
 
-def _same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+def _same_weights(a: dict, b: dict, tol: float = 5e-5) -> None:
+    """Within fp32 noise after 8 Adam steps at lr 1e-2 (measured <= 1.2e-5; unsynchronised ranks: 1.9e-2)."""
     assert a.keys() == b.keys() and a
     for k in a:
         err = (a[k].float() - b[k].float()).abs().max().item()
@@ -110,7 +111,7 @@ def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(singl
     # the steps really were data-parallel: 2 ranks each logged 1 group/step but the same global batch
     events = [json.loads(x) for x in (two_ranks / "events.jsonl").read_text().splitlines()]
     assert any(e["type"] == "run_start" and e.get("world_size") == 2 for e in events)
-    assert json.loads((two_ranks / "dpo" / "train_result.json").read_text())["steps"] == 4
+    assert json.loads((two_ranks / "dpo" / "train_result.json").read_text())["steps"] == 8
     for stage in ("reward", "dpo"):
         _same_weights(_weights(single, stage), _weights(two_ranks, stage))
     # ... and the weights did move (a test that cannot fail on an untrained adapter)
@@ -142,18 +143,18 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def _wait_for_dpo_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+def _wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    """Until the dpo checkpoint of `step` is completely written (its trainer_state.json is written last)."""
+    state = run_dir / "dpo" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[0][-4000:]
-        path = run_dir / "events.jsonl"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                e = json.loads(line)
-                if e["type"] == "progress" and e.get("stage") == "dpo" and e["n"] >= step:
-                    return
-        time.sleep(0.2)
-    raise AssertionError(f"no dpo step {step} within {timeout} s")
+        try:
+            json.loads(state.read_text())
+            return
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"no complete checkpoint-{step} within {timeout} s")
 
 
 def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
@@ -163,7 +164,7 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes
     assert rc == 0, out[-4000:]
     proc = _launch(recipe, "dpo")
     try:
-        _wait_for_dpo_step(run_dir, 2, proc)   # checkpoint-2 is being or has been written
+        _wait_for_checkpoint(run_dir, 2, proc)  # 6 steps left: killed mid-dpo
         victim = _rank_pid(proc.pid, 1)
         assert victim, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
