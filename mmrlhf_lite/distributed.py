@@ -58,6 +58,26 @@ def timeout_s() -> float:
         raise RankFailure(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_launch(backend: str) -> None:
+    """Refuse, before anything loads, the launches that cannot work; the message says what to use."""
+    if not is_distributed():
+        return
+    sharded = "FSDP" if _env_true("ACCELERATE_USE_FSDP") else "DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else None
+    if sharded:
+        raise RankFailure(
+            f"accelerate launch with {sharded} is not supported yet: the trainers' packed forward runs the language "
+            "model below the wrapper (it takes the LM head on response positions only), so parameters that "
+            f"{sharded} shards would never be gathered. Launch with recipes/accelerate/ddp.yaml (each GPU holds "
+            "the 4-bit base and the LoRA) or torchrun; see docs/distributed.md")
+    if backend == "unsloth":
+        raise RankFailure("model.backend=unsloth under a multi-process launcher is not supported (unsloth's "
+                          "patched model is single-GPU); use model.backend=transformers")
+
+
 def init(device_type: str = "cpu") -> None:
     """Join the process group (gloo on CPU, nccl on CUDA) with the collective timeout; accelerate and
     `transformers.Trainer` then use this group. Idempotent; nothing without a launcher."""

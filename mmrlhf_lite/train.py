@@ -92,8 +92,9 @@ def _runner(stage: str):
     return getattr(module, func)
 
 
-# Stages that run on rank 0 only under a launcher (the other ranks wait for it); the others run on every rank.
-MAIN_ONLY_STAGES = ("score", "reference", "eval")
+# Stages that run on rank 0 only under a launcher (the other ranks wait for it); the others run on every
+# rank: reward/dpo data-parallel, score/reference on each rank's share of the groups (cache/sharded.py).
+MAIN_ONLY_STAGES = ("eval",)
 
 
 def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple[str, ...] = (),
@@ -107,6 +108,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     from . import distributed as dist
 
     stages = list(stages or recipe.run.stages)
+    dist.check_launch(recipe.model.backend)
     dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
     main = dist.is_main()
     run = RunDir(recipe.run.dir)
@@ -131,6 +133,8 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             recipe.save(run.path / "recipe.yaml")
             events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
                         **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
+            if dist.is_distributed():
+                events.info(_launch_summary(recipe, dist.world_size()))
             refuse_over_long(ctx, [s for s in stages if s not in skip])
             return skip
 
@@ -168,6 +172,19 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             run.release()
 
 
+def _launch_summary(recipe: Recipe, world: int) -> str:
+    """The global batch of each training stage under `world` processes (DDP: each process holds a full
+    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run)."""
+    parts = []
+    for stage in ("reward", "dpo"):
+        t = getattr(recipe, stage).train
+        parts.append(f"{stage} {t.groups_per_step} x {t.grad_accum} x {world} = "
+                     f"{t.groups_per_step * t.grad_accum * world} groups per optimizer step")
+    return (f"{world} processes (data-parallel; per-GPU memory as in --dry-run, one model copy each); "
+            f"global batch: {'; '.join(parts)}; score/reference shard their groups over the processes, eval runs "
+            f"on rank 0")
+
+
 def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
     """Pre-flight before any model loads: a sample longer than max_length stops the run here, naming its
     file:line (nothing is ever truncated, so it would otherwise fail mid-stage)."""
@@ -188,7 +205,7 @@ def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # dry run: recipe + data + plan, no model
 
-def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> dict:
+def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, processes: int = 1) -> dict:
     from .data import prepare_data
     from .plan import make_plan, format_plan
 
@@ -197,6 +214,9 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> di
     train, evals = prepare_data(recipe, run_dir, events, dry_run=True)
     plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
     print(format_plan(plan))
+    if processes > 1:
+        print(f"\nlaunch: {_launch_summary(recipe, processes)}\n"
+              f"  torchrun --nproc_per_node {processes} -m mmrlhf_lite.train {recipe.source} ... (docs/distributed.md)")
     return plan
 
 
@@ -217,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: run.stages)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate recipe and data and print the plan (stages, counts, tokens, memory); no model")
+    p.add_argument("--processes", type=int, default=0,
+                   help="for --dry-run: the number of processes (GPUs) you will launch with torchrun, to show the "
+                        "global batch (default: WORLD_SIZE, else 1)")
     p.add_argument("--gpu-mem", help="memory budget for the dry-run estimate, e.g. 16GB (default: the GPU found)")
     p.add_argument("--redo", default="", help="comma-separated finished stages to recompute (outputs deleted)")
     p.add_argument("--help-recipe", action="store_true", help="list every recipe key with type, default, help")
@@ -252,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         stages = stages or list(recipe.run.stages)
         if args.dry_run:
-            plan = dry_run(recipe, stages, args.gpu_mem)
+            plan = dry_run(recipe, stages, args.gpu_mem, args.processes or int(os.environ.get("WORLD_SIZE", "1") or 1))
             return 1 if plan["errors"] else 0
         _attach_file_log(Path(recipe.run.dir))
         RunDir(recipe.run.dir).install_signal_handlers()  # SIGTERM / Ctrl-C: checkpoint, then exit 3
@@ -272,11 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted. Run the same command again to resume from the last checkpoint.", file=sys.stderr)
         return 3
-    except (RecipeError, RunFolderError, UserError) as exc:
+    except (RecipeError, RunFolderError, UserError, _rank_failure()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, RecipeError) else 1
     except Exception as exc:  # noqa: BLE001 - last resort: a readable message, the trace goes to train.log
         return report_error(exc, recipe.run.dir if recipe is not None else ".")
+
+
+def _rank_failure() -> type:
+    from .distributed import RankFailure
+    return RankFailure
 
 
 def report_error(exc: BaseException, out_dir, resume: str = "finished stages and caches are kept and training "
@@ -353,7 +381,8 @@ def _unexpected(exc: BaseException) -> int:
 
 def _attach_file_log(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
+    rank = int(os.environ.get("RANK", "0") or 0)  # under a launcher, each rank > 0 logs to a file of its own
+    handler = logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
     logging.getLogger().addHandler(handler)

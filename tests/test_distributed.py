@@ -28,7 +28,8 @@ COMMON = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.devi
           "dpo.margin_source=none", "dpo.w=0", "dpo.gamma=0.5", "dpo.train.max_steps=8", "dpo.train.save_steps=2",
           "dpo.train.logging_steps=1", "dpo.train.learning_rate=1e-2", "dpo.train.grad_accum=1",
           "reward.train.max_steps=2", "reward.train.logging_steps=1", "reward.train.learning_rate=1e-2",
-          "reward.train.grad_accum=1"]
+          "reward.train.grad_accum=1", "reward.critique_mode=given"]
+STAGES = "reward,score,reference,dpo"
 TIMEOUT = 240
 
 
@@ -94,7 +95,7 @@ def single(tmp_path_factory) -> Path:
     """1 process x 2 groups per step (in-process: the real pipeline)."""
     tmp = tmp_path_factory.mktemp("single")
     recipe = load_recipe(None, COMMON + _per_rank(2) + [f"run.dir={tmp / 'run'}"])
-    run_pipeline(recipe, ["reward", "reference", "dpo"], echo=False)
+    run_pipeline(recipe, STAGES.split(","), echo=False)
     return tmp / "run"
 
 
@@ -102,7 +103,7 @@ def single(tmp_path_factory) -> Path:
 def two_ranks(tmp_path_factory) -> Path:
     """torchrun --nproc_per_node 2, 1 group per rank per step."""
     tmp = tmp_path_factory.mktemp("ddp")
-    rc, out = _finish(_launch(_recipe(tmp, "run", 1), "reward,reference,dpo"))
+    rc, out = _finish(_launch(_recipe(tmp, "run", 1), STAGES))
     assert rc == 0, out[-4000:]
     return tmp / "run"
 
@@ -119,7 +120,33 @@ def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(singl
     assert max(v.abs().max().item() for v in b.values()) > 1e-4
     # rank 0 alone owns the run folder: one lock holder, one event stream, stages marked once
     assert sorted(p.name for p in (two_ranks / "stages").glob("*.json")) == ["dpo.json", "reference.json",
-                                                                             "reward.json"]
+                                                                             "reward.json", "score.json"]
+
+
+def _cache(run_dir: Path, name: str) -> dict[str, dict]:
+    lines = [json.loads(x) for x in (run_dir / "cache" / name).read_text().splitlines()]
+    out = {r["key"]: r for r in lines}
+    assert len(out) == len(lines), "a cache entry was written twice"
+    return out
+
+
+def test_sharded_score_and_reference_give_the_same_caches_and_margins(single, two_ranks):
+    # reward keys hold the reward adapter's hash (its weights agree within fp32 noise, not bit for bit):
+    # entries are matched by group and response there
+    for name, field in (("reference.jsonl", "logp"), ("reward.jsonl", "score")):
+        a, b = _cache(single, name), _cache(two_ranks, name)
+        if name == "reward.jsonl":
+            a, b = ({(r["group_id"], r["response"]): r for r in x.values()} for x in (a, b))
+        assert a.keys() == b.keys() and len(a) == 8 * 4
+        for k in a:
+            assert b[k][field] == pytest.approx(a[k][field], rel=1e-4, abs=1e-4), (name, k)
+    ma = [json.loads(x) for x in (single / "score" / "margins.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (two_ranks / "score" / "margins.jsonl").read_text().splitlines()]
+    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert y["scores"] == pytest.approx(x["scores"], rel=1e-4, abs=1e-4)
+    # each rank computed its own share: both ranks' stage results count all 32 responses as computed
+    assert json.loads((two_ranks / "stages" / "reference.json").read_text())["computed"] == 32
 
 
 def _children(pid: int) -> list[int]:
@@ -160,7 +187,7 @@ def _wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeo
 def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
     recipe = _recipe(tmp_path, "run", 1)
     run_dir = tmp_path / "run"
-    rc, out = _finish(_launch(recipe, "reward,reference"))
+    rc, out = _finish(_launch(recipe, "reward,score,reference"))
     assert rc == 0, out[-4000:]
     proc = _launch(recipe, "dpo")
     try:
@@ -190,9 +217,83 @@ def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path, two_ranks):
     """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) = the 2-rank run."""
     recipe = _recipe(tmp_path, "run", 1)
     port = _free_port()
-    procs = [_launch(recipe, "reward,reference,dpo", nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    procs = [_launch(recipe, STAGES, nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
     results = [_finish(p) for p in procs]
     for rc, out in results:
         assert rc == 0, out[-4000:]
     for stage in ("reward", "dpo"):
         _same_weights(_weights(two_ranks, stage), _weights(tmp_path / "run", stage))
+
+
+def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_nothing(tmp_path):
+    path = tmp_path / "ref.yaml"
+    load_recipe(None, COMMON + _per_rank(1) + ["data.demo.groups=24", f"run.dir={tmp_path / 'run'}"]).save(path)
+    cache = tmp_path / "run" / "cache" / "reference.jsonl"
+    proc = _launch(path, "reference")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 8):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        rc, out = _finish(proc, timeout=90)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc != 0
+    kept = set()
+    for line in cache.read_bytes().splitlines():
+        try:
+            kept.add(json.loads(line)["key"])
+        except ValueError:
+            pass                                   # a line torn by the kill: repaired by the next run
+    assert 8 <= len(kept) < 96
+    rc, out = _finish(_launch(path, "reference"))
+    assert rc == 0, out[-4000:]
+    assert json.loads((tmp_path / "run" / "stages" / "reference.json").read_text())["computed"] == 96 - len(kept)
+    assert set(_cache(tmp_path / "run", "reference.jsonl")) >= kept and len(_cache(tmp_path / "run", "reference.jsonl")) == 96
+
+
+def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(recipe, "reference"))
+    assert rc == 0, out[-4000:]
+    proc = _launch(recipe, "dpo")
+    _wait_for_checkpoint(run_dir, 2, proc)
+    (run_dir / "STOP").write_text("test")
+    rc, out = _finish(proc, timeout=120)
+    assert rc != 0
+    # both ranks left through the stop (exit code 3), none was killed for a hang
+    assert out.count("exitcode  : 3") == 2, out[-3000:]
+    ends = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if '"stage_end"' in x]
+    assert ends[-1]["stage"] == "dpo" and ends[-1]["status"] == "stopped"
+    steps = [int(d.name.split("-")[1]) for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
+    assert max(steps) > 2 and not (run_dir / "stages" / "dpo.json").exists()
+
+
+@pytest.mark.parametrize("env, says", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP is not supported yet"),
+                                       ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported yet")])
+def test_sharded_engines_are_refused_before_anything_loads(tmp_path, monkeypatch, capsys, env, says):
+    from mmrlhf_lite.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    recipe = _recipe(tmp_path, "run", 1)
+    assert main([str(recipe), "--stages", "dpo", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "recipes/accelerate/ddp.yaml" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+def test_unsloth_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):
+    from mmrlhf_lite.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = _recipe(tmp_path, "run", 1)
+    assert main([str(recipe), "model.backend=unsloth", "--stages", "dpo", "-q"]) == 1
+    assert "model.backend=unsloth under a multi-process launcher is not supported" in capsys.readouterr().err

@@ -408,3 +408,24 @@ def test_jobs_table_marks_stale_stages(tmp_path):
                           max_upload_bytes=1))
     row = h.jobs_frame().set_index("run").loc["r1"]
     assert row["stages done"] == "reward, score (stale), reference, dpo (stale)"
+
+
+def test_processes_field_launches_the_same_command_under_torchrun(tmp_path):
+    """The Train tab's "processes" > 1 runs the CLI under torchrun (one node); Resume reuses the count."""
+    import json
+    import sys
+
+    from mmrlhf_lite.ui import jobs
+
+    run = tmp_path / "r"
+    one = jobs.launch_command(run, 1)
+    assert one == [sys.executable, "-m", "mmrlhf_lite.train", str(run / jobs.RECIPE_FILE), f"run.dir={run}"]
+    two = jobs.launch_command(run, 2)
+    assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert two[5:] == one[1:]
+    run.mkdir()
+    assert jobs._processes_of(run) == 1                      # no earlier launch
+    (run / jobs.JOB_FILE).write_text(json.dumps({"pid": 1, "command": two, "processes": 2}))
+    assert jobs._processes_of(run) == 2
+    with pytest.raises(Refused, match="processes must be between 1 and 64"):
+        jobs._launch(run, 0)

@@ -20,7 +20,8 @@ from ..models.encoding import GroupEncoder
 from ..models.loading import load_model
 from ..models.packing import group_forward, use_packing
 from ..recipe import ModelConfig
-from .store import JsonlStore, content_key, fill_missing, group_content, model_fingerprint
+from .sharded import fill_missing_sharded, open_shared_store
+from .store import JsonlStore, content_key, group_content, model_fingerprint
 
 REFERENCE_CACHE = "reference.jsonl"
 POLICY_TEMPLATE = "policy-v1"
@@ -82,7 +83,7 @@ def run_stage(ctx) -> dict:
     recipe, events = ctx.recipe, ctx.events
     train, evals = ctx.data()
     groups = train + evals
-    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE)
+    store = open_shared_store(ctx.cache_dir / REFERENCE_CACHE)
     if store.torn_lines:
         events.warning(f"reference cache: ignored {store.torn_lines} torn line(s) from an interrupted run")
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
@@ -99,8 +100,9 @@ def run_stage(ctx) -> dict:
         results = compute_reference(loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"])
         return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in results]
 
-    computed = fill_missing(groups, keys, store, compute, per_batch=max(1, recipe.dpo.train.groups_per_step),
-                            events=events, stop_requested=ctx.stop_requested)
+    store, computed = fill_missing_sharded(groups, keys, store, compute,
+                                           per_batch=max(1, recipe.dpo.train.groups_per_step), events=events,
+                                           stop_requested=ctx.stop_requested)
     n = sum(len(g.responses) for g in groups)
     events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
     return {"responses": n, "computed": computed, "reused": n - computed}
