@@ -213,16 +213,43 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes
     _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
 
 
-def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path, two_ranks):
-    """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) = the 2-rank run."""
-    recipe = _recipe(tmp_path, "run", 1)
+EVAL = ["data.demo.groups=16", "data.eval_fraction=0.25", "eval.max_new_tokens=8", "reward.max_new_tokens=8"]
+
+
+def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path):
+    """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) run all five stages; the weights and
+    the eval report (run on rank 0) are those of a single process with twice the groups per step."""
+    one = load_recipe(None, COMMON + _per_rank(2) + EVAL + [f"run.dir={tmp_path / 'single'}"])
+    run_pipeline(one, None, echo=False)
+    path = tmp_path / "nodes.yaml"
+    load_recipe(None, COMMON + _per_rank(1) + EVAL + [f"run.dir={tmp_path / 'nodes'}"]).save(path)
     port = _free_port()
-    procs = [_launch(recipe, STAGES, nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    procs = [_launch(path, "reward,score,reference,dpo,eval", nproc=1, nnodes=2, node_rank=r, port=port)
+             for r in (0, 1)]
     results = [_finish(p) for p in procs]
     for rc, out in results:
         assert rc == 0, out[-4000:]
     for stage in ("reward", "dpo"):
-        _same_weights(_weights(two_ranks, stage), _weights(tmp_path / "run", stage))
+        _same_weights(_weights(tmp_path / "single", stage), _weights(tmp_path / "nodes", stage))
+    assert sorted(p.name for p in (tmp_path / "nodes" / "stages").glob("*.json")) == [
+        "dpo.json", "eval.json", "reference.json", "reward.json", "score.json"]
+    a = json.loads((tmp_path / "single" / "eval" / "report.json").read_text())
+    b = json.loads((tmp_path / "nodes" / "eval" / "report.json").read_text())
+    assert _numbers(a) == pytest.approx(_numbers(b), rel=1e-4, abs=1e-4)
+
+
+def _numbers(tree, prefix="") -> dict:
+    """The report's numbers by path (timings left out)."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_numbers(v, f"{prefix}.{k}"))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            out.update(_numbers(v, f"{prefix}[{i}]"))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool) and "second" not in prefix and "time" not in prefix:
+        out[prefix] = float(tree)
+    return out
 
 
 def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_nothing(tmp_path):
