@@ -429,3 +429,11 @@ def test_processes_field_launches_the_same_command_under_torchrun(tmp_path):
     assert jobs._processes_of(run) == 2
     with pytest.raises(Refused, match="processes must be between 1 and 64"):
         jobs._launch(run, 0)
+
+
+def test_recipe_list_leaves_out_the_accelerate_configs(tmp_path):
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "ddp.yaml").write_text("distributed_type: MULTI_GPU\n")
+    (tmp_path / "demo.yaml").write_text("run: {dir: runs/x}\n")
+    assert form.list_recipes(tmp_path) == ["demo.yaml"]
+    assert "accelerate/ddp.yaml" not in form.list_recipes(Path(__file__).resolve().parents[1] / "recipes")
