@@ -106,6 +106,7 @@ class GroupTrainer(Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._trainable: list | None = None
+        self._groups_since_log, self._last_log_time = 0, None
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
@@ -168,8 +169,9 @@ class GroupTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.group_loss(model, inputs, norm=num_items_in_batch)
         if num_items_in_batch is not None:
-            # DDP averages gradients over ranks; the shares of all ranks must add up, so undo that mean
+            # gradients are averaged over ranks (average_gradients); the shares of all ranks must add up
             loss = loss * self.accelerator.num_processes
+        self._groups_since_log += len(inputs.get("encoded", ()))
         for k, v in metrics.items():
             if v is not None and math.isfinite(v):
                 self._metric_sums[k] += float(v)
@@ -183,10 +185,31 @@ class GroupTrainer(Trainer):
             self._metric_sums.clear()
             self._metric_counts.clear()
             step_logs = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            step_logs.update(self._throughput())
             if torch.cuda.is_available():
                 step_logs["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             self.events.metrics(step=self.state.global_step, **step_logs)
         super().log(logs, start_time)
+
+
+    def _throughput(self) -> dict[str, float]:
+        """Groups per second since the last log: over all ranks, and per rank under a launcher (every
+        rank logs at the same steps, so the gather below is collective)."""
+        import time as _time
+
+        now = _time.time()
+        start, groups = self._last_log_time or self._train_start, self._groups_since_log
+        self._last_log_time, self._groups_since_log = now, 0
+        rate = groups / max(now - start, 1e-9)
+        if self.args.world_size <= 1:
+            return {"groups_per_s": rate}
+        rates = distributed.gather_objects(rate)
+        return {"groups_per_s": sum(rates), **{f"rank{i}_groups_per_s": r for i, r in enumerate(rates)}}
+
+    def train(self, *args, **kwargs):
+        import time as _time
+        self._train_start, self._last_log_time, self._groups_since_log = _time.time(), None, 0
+        return super().train(*args, **kwargs)
 
 
 def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:

@@ -113,6 +113,9 @@ def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(singl
     events = [json.loads(x) for x in (two_ranks / "events.jsonl").read_text().splitlines()]
     assert any(e["type"] == "run_start" and e.get("world_size") == 2 for e in events)
     assert json.loads((two_ranks / "dpo" / "train_result.json").read_text())["steps"] == 8
+    last = [e for e in events if e["type"] == "metrics" and e.get("stage") == "dpo"][-1]
+    assert last["rank0_groups_per_s"] > 0 and last["rank1_groups_per_s"] > 0   # per-rank throughput
+    assert last["groups_per_s"] == pytest.approx(last["rank0_groups_per_s"] + last["rank1_groups_per_s"])
     for stage in ("reward", "dpo"):
         _same_weights(_weights(single, stage), _weights(two_ranks, stage))
     # ... and the weights did move (a test that cannot fail on an untrained adapter)
