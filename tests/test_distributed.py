@@ -327,3 +327,28 @@ def test_unsloth_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):
     recipe = _recipe(tmp_path, "run", 1)
     assert main([str(recipe), "model.backend=unsloth", "--stages", "dpo", "-q"]) == 1
     assert "model.backend=unsloth under a multi-process launcher is not supported" in capsys.readouterr().err
+
+
+def test_dry_run_shows_the_global_batch_of_a_launch(tmp_path, capsys):
+    from mmrlhf_lite.train import main
+
+    recipe = _recipe(tmp_path, "run", 3)
+    assert main([str(recipe), "--dry-run", "--processes", "4", "dpo.train.grad_accum=2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 processes" in out and "dpo 3 x 2 x 4 = 24 groups per optimizer step" in out
+    assert "reward 3 x 1 x 4 = 12 groups per optimizer step" in out
+    assert "torchrun --nproc_per_node 4 -m mmrlhf_lite.train" in out
+
+
+def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(tmp_path):
+    """A refusal of rank 0 (here: a finished stage with other settings) reaches rank 1 as rank 0's message,
+    and the launcher exits; nothing waits for a timeout."""
+    recipe = _recipe(tmp_path, "run", 1)
+    rc, out = _finish(_launch(recipe, "reference"))
+    assert rc == 0, out[-4000:]
+    load_recipe(recipe, ["model.max_pixels=50000"]).save(recipe)   # reference's inputs changed
+    start = time.time()
+    rc, out = _finish(_launch(recipe, "reference"), timeout=120)
+    assert rc != 0 and time.time() - start < 120
+    assert "has finished stage 'reference' with different settings" in out
+    assert "rank 0 failed at 'run setup'" in out, out[-3000:]
