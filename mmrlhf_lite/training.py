@@ -1,10 +1,15 @@
 """The one training loop both trainers share: a `transformers.Trainer` subclass over preference groups.
 
-Resume, gradient accumulation, schedulers, checkpoint rotation, `report_to` logging and multi-GPU via
-`accelerate launch` come from the library. Subclasses give `group_loss(model, batch) -> (loss, metrics)`
-only; the collator turns group indices into encoded groups. Progress and metrics go to the run's
-event stream; a stop request (the run folder's STOP file, SIGTERM, Ctrl-C) saves a checkpoint and
-raises `StageStopped`, and the next invocation resumes from it.
+Resume, gradient accumulation, schedulers, checkpoint rotation, `report_to` logging and the data
+sharding of `torchrun` / `accelerate launch` come from the library. Subclasses give
+`group_loss(model, batch, norm) -> (loss, metrics)` and `step_counts(batch)` (what the loss averages
+over); the loss of an optimizer step is the mean over all of its pairs however the step is split into
+micro-batches, accumulation steps and ranks (the step's counts are summed and passed as `norm`, as
+transformers does with `num_items_in_batch`). Under a launcher the trainable gradients are averaged over
+ranks once per step (docs/distributed.md). The collator turns group indices into encoded groups.
+Progress and metrics go to the run's event stream; a stop request (the run folder's STOP file, SIGTERM,
+Ctrl-C) saves a checkpoint and raises `StageStopped` (on every rank at the same step), and the next
+invocation resumes from it.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
@@ -13,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -152,7 +159,6 @@ class GroupTrainer(Trainer):
         cannot restore; load it on the CPU as a single process does."""
         if checkpoint is None or self.args.world_size <= 1 or self.args.device.type != "cpu":
             return super()._load_optimizer_and_scheduler(checkpoint)
-        import os
         opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
         if os.path.isfile(opt) and os.path.isfile(sched):
             self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
@@ -191,13 +197,10 @@ class GroupTrainer(Trainer):
             self.events.metrics(step=self.state.global_step, **step_logs)
         super().log(logs, start_time)
 
-
     def _throughput(self) -> dict[str, float]:
         """Groups per second since the last log: over all ranks, and per rank under a launcher (every
         rank logs at the same steps, so the gather below is collective)."""
-        import time as _time
-
-        now = _time.time()
+        now = time.time()
         start, groups = self._last_log_time or self._train_start, self._groups_since_log
         self._last_log_time, self._groups_since_log = now, 0
         rate = groups / max(now - start, 1e-9)
@@ -207,8 +210,7 @@ class GroupTrainer(Trainer):
         return {"groups_per_s": sum(rates), **{f"rank{i}_groups_per_s": r for i, r in enumerate(rates)}}
 
     def train(self, *args, **kwargs):
-        import time as _time
-        self._train_start, self._last_log_time, self._groups_since_log = _time.time(), None, 0
+        self._train_start, self._last_log_time, self._groups_since_log = time.time(), None, 0
         return super().train(*args, **kwargs)
 
 
