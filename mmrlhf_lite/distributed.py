@@ -2,9 +2,10 @@
 
 The launcher starts N copies of `python -m mmrlhf_lite.train recipe.yaml` with RANK / WORLD_SIZE /
 LOCAL_RANK set. Rank 0 owns the run folder (lock, recipe, events.jsonl, data preparation, stage
-status); the other ranks wait for what it writes and then read it. Training stages are DDP (the
-trainers are `transformers.Trainer`s); score / reference shard their groups by a stable assignment;
-eval runs on rank 0. Without those variables (a plain `python -m ...`) every helper is a no-op.
+status); the other ranks wait for what it writes and then read it. Training stages are data-parallel
+(the trainers are `transformers.Trainer`s; `average_gradients` averages the trainable gradients once
+per step); score / reference shard their groups by a stable assignment (cache/sharded.py); eval runs
+on rank 0. Without those variables (a plain `python -m ...`) every helper is a no-op.
 
 Failures: a rank that dies ends the job through the launcher (it stops the other processes and names
 the failed rank); a collective that does not complete within `MMRLHF_LITE_DIST_TIMEOUT` seconds (default
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -25,6 +25,8 @@ import torch
 T = TypeVar("T")
 TIMEOUT_ENV = "MMRLHF_LITE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
+WAIT_TIMEOUT_ENV = "MMRLHF_LITE_WAIT_TIMEOUT"   # ranks waiting for rank 0's work alone (main_first)
+DEFAULT_WAIT_S = 7 * 24 * 3600.0
 
 
 class RankFailure(RuntimeError):
@@ -93,6 +95,11 @@ def init(device_type: str = "cpu") -> None:
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s()))
+    try:
+        wait = float(os.environ.get(WAIT_TIMEOUT_ENV, DEFAULT_WAIT_S))
+    except ValueError:
+        raise RankFailure(f"{WAIT_TIMEOUT_ENV}={os.environ[WAIT_TIMEOUT_ENV]!r} is not a number of seconds") from None
+    _wait["group"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
 
 
 def _group_ready() -> bool:
@@ -131,57 +138,47 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_max(1.0 if flag else 0.0) > 0
 
 
-def _store():
-    from torch.distributed import distributed_c10d
-    return distributed_c10d._get_default_store()
-
-
-_calls = {"n": 0}
+_wait = {"group": None}
 
 
 def main_first(name: str, fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 only; the other ranks wait (without a collective timeout, since rank 0 may work
-    for hours: the launcher ends the job if rank 0 dies) and get its result, or raise its error."""
+    """Run `fn` on rank 0 only; the other ranks wait and get its result, or raise its error. They wait in a
+    gloo group of their own with a long timeout (`MMRLHF_LITE_WAIT_TIMEOUT`, default 7 days), since rank 0
+    may work alone for hours (data preparation, eval); a rank 0 that dies ends the job through the launcher."""
     if not _group_ready():
         return fn()
-    _calls["n"] += 1
-    key = f"mmrlhf_lite/{_calls['n']}/{name}"
-    store = _store()
+    import torch.distributed as dist
+
+    box: list = [None]
+    value = None
     if is_main():
         try:
             value = fn()
+            box[0] = ("ok", value)
         except BaseException as exc:
-            store.set(key, pickle.dumps(("error", type(exc).__name__, str(exc) or type(exc).__name__)))
+            box[0] = ("error", type(exc).__name__, str(exc) or type(exc).__name__)
+            _broadcast(box, name)
             raise
         try:
-            payload = pickle.dumps(("ok", value))
-        except Exception:  # noqa: BLE001 - an unpicklable result: the others re-read it themselves
-            payload = pickle.dumps(("ok", None))
-        store.set(key, payload)
+            pickle.dumps(value)
+        except Exception:  # noqa: BLE001 - an unpicklable result: the others compute what they need themselves
+            box[0] = ("ok", None)
+    _broadcast(box, name)
+    if is_main():
         return value
-    while True:
-        try:
-            if store.check([key]):
-                break
-        except Exception as exc:  # noqa: BLE001 - the store lives in rank 0's launcher: gone = job over
-            raise RankFailure(f"rank {rank()}: lost rank 0 while waiting for '{name}' ({_short(exc)})") from None
-        time.sleep(0.2)
-    status, *rest = pickle.loads(store.get(key))
+    status, *rest = box[0]
     if status == "error":
         kind, message = rest
         raise RankFailure(f"rank 0 failed at '{name}': {kind}: {message}")
     return rest[0]
 
 
-def shard(items: Sequence[T], key: Callable[[T], str] | None = None) -> list[T]:
-    """This rank's share of `items` by a stable assignment: item i goes to rank i mod N in the order given
-    (the groups' file order, identical on every rank), so a resumed run with the same N gives each rank
-    the same items again; whatever a rank wrote is in the shared content-keyed cache either way."""
-    n = world_size()
-    if n <= 1:
-        return list(items)
-    r = rank()
-    return [x for i, x in enumerate(items) if i % n == r]
+def _broadcast(box: list, name: str) -> None:
+    import torch.distributed as dist
+    try:
+        dist.broadcast_object_list(box, src=0, group=_wait["group"])
+    except Exception as exc:  # noqa: BLE001
+        raise RankFailure(f"rank {rank()}: lost rank 0 at '{name}' ({_short(exc)}); see the launcher's report") from None
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -131,7 +131,13 @@ class GroupTrainer(Trainer):
         """What the loss averages over in one micro-batch (pairs, ...), to be summed over the step."""
         raise NotImplementedError
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> dict[str, float] | None:
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """One optimizer step's micro-batches, with the step's counts in place of transformers' token count
+        (`num_items_in_batch`, then passed to compute_loss)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batch_samples, self._step_counts(batch_samples, device)
+
+    def _step_counts(self, batch_samples: list, device: torch.device) -> dict[str, float] | None:
         """The optimizer step's counts: summed over its micro-batches here and over all ranks (as
         transformers does for `num_items_in_batch` tokens), so the step's loss is the mean over all of its
         pairs however they are split into micro-batches, accumulation steps and ranks."""

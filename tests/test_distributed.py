@@ -296,8 +296,12 @@ def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_
     (run_dir / "STOP").write_text("test")
     rc, out = _finish(proc, timeout=120)
     assert rc != 0
-    # both ranks left through the stop (exit code 3), none was killed for a hang
-    assert out.count("exitcode  : 3") == 2, out[-3000:]
+    # both ranks stopped at the same step (the first to exit with code 3 makes the launcher end the other,
+    # which may be SIGTERMed while it exits)
+    import re
+    steps_seen = re.findall(r"stopped: stopped at step (\d+);", out)
+    assert len(steps_seen) == 2 and len(set(steps_seen)) == 1, out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
     ends = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if '"stage_end"' in x]
     assert ends[-1]["stage"] == "dpo" and ends[-1]["status"] == "stopped"
     steps = [int(d.name.split("-")[1]) for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
