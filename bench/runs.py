@@ -210,7 +210,7 @@ def _vision_cached_trainer_class():
             self.prefix_cache = prefix_cache
             super().__init__(*args, **kwargs)
 
-        def group_loss(self, model, batch):
+        def group_loss(self, model, batch, norm=None):
             c = self.cfg
             encoded = batch["encoded"]
             device = next(p for p in model.parameters()).device
@@ -219,12 +219,14 @@ def _vision_cached_trainer_class():
             logps = torch.stack(out.logps)
             sft = None
             if c.gamma > 0:
-                sft = torch.stack([-out.token_logps[i].mean() for i in batch["best"].tolist()]).mean()
+                best_nll = torch.stack([-out.token_logps[i].mean() for i in batch["best"].tolist()])
+                sft = best_nll[batch["pair_group"].to(device)]
             loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(device), batch["pairs"].to(device),
                                         batch["deltas"].to(device), beta=c.beta, w=c.w, k=c.k,
                                         beta_floor=c.beta_floor, loss_type=c.loss_type,
                                         label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma,
-                                        n_tokens=torch.tensor([len(t) for t in out.token_logps], device=device))
+                                        n_tokens=torch.tensor([len(t) for t in out.token_logps], device=device),
+                                        num_pairs=None if norm is None else norm["pairs"])
             metrics["tokens"] = float(sum(e.packed_len() for e in encoded))
             return loss, metrics
 

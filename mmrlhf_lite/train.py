@@ -92,54 +92,105 @@ def _runner(stage: str):
     return getattr(module, func)
 
 
+# Stages that run on rank 0 only under a launcher (the other ranks wait for it); the others run on every
+# rank: reward/dpo data-parallel, score/reference on each rank's share of the groups (cache/sharded.py).
+MAIN_ONLY_STAGES = ("eval",)
+
+
 def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple[str, ...] = (),
                  echo: bool = True) -> RunContext:
     """Run `stages` (default: recipe.run.stages) into recipe.run.dir. Raises on error; `StageStopped`
-    when a stop was requested (the stage saved its state; calling again resumes)."""
-    stages = list(stages or recipe.run.stages)
-    run = RunDir(recipe.run.dir)
-    run.acquire()
-    try:
-        events = EventLog(run.path, echo=echo)
-        for stage in redo:
-            run.clear(stage)
-            events.info(f"--redo {stage}: its earlier outputs were deleted")
-        for stage, why in run.stale_stages().items():
-            if stage in stages:
-                run.clear(stage)
-                events.info(f"stage {stage} is recomputed: {why}", stage=stage)
-            else:
-                events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
-                               stage=stage)
-        skip = run.check_recipe(recipe, stages)
-        from .checks import preflight_problems
+    when a stop was requested (the stage saved its state; calling again resumes).
 
-        problems = preflight_problems(recipe, [s for s in stages if s not in skip])
-        if problems:
-            raise UserError("not starting:\n" + "\n".join(f"  {p}" for p in problems))
-        recipe.save(run.path / "recipe.yaml")
+    Under `torchrun` / `accelerate launch` (docs/distributed.md) every rank calls this: rank 0 owns the
+    run folder (lock, recipe, events, data preparation, stage status), the others wait for it and read;
+    a stage is marked done once every rank has finished it."""
+    from . import distributed as dist
+
+    stages = list(stages or recipe.run.stages)
+    dist.check_launch(recipe.model.backend)
+    dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
+    main = dist.is_main()
+    run = RunDir(recipe.run.dir)
+    if main:
+        run.acquire()
+    try:
+        events = EventLog(run.path if main else None, echo=echo and main)
         ctx = RunContext(recipe=recipe, run=run, events=events)
-        events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"))
-        refuse_over_long(ctx, [s for s in stages if s not in skip])
+
+        def setup() -> list[str]:
+            for stage in redo:
+                run.clear(stage)
+                events.info(f"--redo {stage}: its earlier outputs were deleted")
+            for stage, why in run.stale_stages().items():
+                if stage in stages:
+                    run.clear(stage)
+                    events.info(f"stage {stage} is recomputed: {why}", stage=stage)
+                else:
+                    events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
+                                   stage=stage)
+            skip = run.check_recipe(recipe, stages)
+            from .checks import preflight_problems
+
+            problems = preflight_problems(recipe, [s for s in stages if s not in skip])
+            if problems:
+                raise UserError("not starting:\n" + "\n".join(f"  {p}" for p in problems))
+            recipe.save(run.path / "recipe.yaml")
+            events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
+                        **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
+            if dist.is_distributed():
+                events.info(_launch_summary(recipe, dist.world_size()))
+            refuse_over_long(ctx, [s for s in stages if s not in skip])
+            return skip
+
+        skip = dist.main_first("run setup", setup)
         for stage in stages:
             if stage in skip:
                 events.info(f"stage {stage} already done with these settings; skipped (--redo {stage} recomputes)",
                             stage=stage)
                 continue
             runner = _runner(stage)
-            with events.stage_run(stage):
-                info = runner(ctx) or {}
-            run.mark_done(stage, recipe, **info)
-        events.emit("run_end", status="done")
+
+            def run_stage(runner=runner, stage=stage) -> dict:
+                with events.stage_run(stage):
+                    return runner(ctx) or {}
+            if stage in MAIN_ONLY_STAGES:
+                def alone(run_stage=run_stage) -> dict:
+                    with dist.alone():  # its cache fills and checks are rank 0's alone
+                        return run_stage()
+                info = dist.main_first(f"stage {stage}", alone)
+            else:
+                info = run_stage()
+                dist.barrier(f"end of stage {stage}")
+            if main:
+                run.mark_done(stage, recipe, **info)
+        if main:
+            events.emit("run_end", status="done")
         return ctx
     except StageStopped:
-        EventLog(run.path, echo=False).emit("run_end", status="stopped")
+        if main:
+            EventLog(run.path, echo=False).emit("run_end", status="stopped")
         raise
     except BaseException as exc:
-        EventLog(run.path, echo=False).emit("run_end", status="error", message=str(exc) or type(exc).__name__)
+        if main:
+            EventLog(run.path, echo=False).emit("run_end", status="error", message=str(exc) or type(exc).__name__)
         raise
     finally:
-        run.release()
+        if main:
+            run.release()
+
+
+def _launch_summary(recipe: Recipe, world: int) -> str:
+    """The global batch of each training stage under `world` processes (DDP: each process holds a full
+    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run)."""
+    parts = []
+    for stage in ("reward", "dpo"):
+        t = getattr(recipe, stage).train
+        parts.append(f"{stage} {t.groups_per_step} x {t.grad_accum} x {world} = "
+                     f"{t.groups_per_step * t.grad_accum * world} groups per optimizer step")
+    return (f"{world} processes (data-parallel; per-GPU memory as in --dry-run, one model copy each); "
+            f"global batch: {'; '.join(parts)}; score/reference shard their groups over the processes, eval runs "
+            f"on rank 0")
 
 
 def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
@@ -162,7 +213,7 @@ def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # dry run: recipe + data + plan, no model
 
-def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> dict:
+def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, processes: int = 1) -> dict:
     """Validate recipe and data and print the plan. The pre-flight checks of the real run (checks.py) are
     errors here too, so "plan OK" means the run can start."""
     from .checks import preflight_problems
@@ -176,6 +227,9 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None) -> di
     plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
     plan["errors"] = problems + list(plan["errors"])
     print(format_plan(plan))
+    if processes > 1:
+        print(f"\nlaunch: {_launch_summary(recipe, processes)}\n"
+              f"  torchrun --nproc_per_node {processes} -m mmrlhf_lite.train {recipe.source} ... (docs/distributed.md)")
     return plan
 
 
@@ -196,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: run.stages)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate recipe and data and print the plan (stages, counts, tokens, memory); no model")
+    p.add_argument("--processes", type=int, default=0,
+                   help="for --dry-run: the number of processes (GPUs) you will launch with torchrun, to show the "
+                        "global batch (default: WORLD_SIZE, else 1)")
     p.add_argument("--gpu-mem", help="memory budget for the dry-run estimate, e.g. 16GB (default: the GPU found)")
     p.add_argument("--redo", default="", help="comma-separated finished stages to recompute (outputs deleted)")
     p.add_argument("--help-recipe", action="store_true", help="list every recipe key with type, default, help")
@@ -246,13 +303,16 @@ def main(argv: list[str] | None = None) -> int:
 
         check_run_dir(recipe)
         if args.dry_run:
-            plan = dry_run(recipe, stages, args.gpu_mem)
+            plan = dry_run(recipe, stages, args.gpu_mem, args.processes or int(os.environ.get("WORLD_SIZE", "1") or 1))
             return 1 if plan["errors"] else 0
         _attach_file_log(Path(recipe.run.dir))
         RunDir(recipe.run.dir).install_signal_handlers()  # SIGTERM / Ctrl-C: checkpoint, then exit 3
         start = time.time()
         run_pipeline(recipe, stages, redo=redo, echo=not args.quiet)
-        print(f"done in {time.time() - start:.1f} s: {recipe.run.dir}", file=sys.stderr)
+        from . import distributed
+        if distributed.is_main():
+            print(f"done in {time.time() - start:.1f} s: {recipe.run.dir}", file=sys.stderr)
+        distributed.destroy()
         return 0
     except StageUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -263,11 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted. Run the same command again to resume from the last checkpoint.", file=sys.stderr)
         return 3
-    except (RecipeError, RunFolderError, UserError) as exc:
+    except (RecipeError, RunFolderError, UserError, _rank_failure()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, RecipeError) else 1
     except Exception as exc:  # noqa: BLE001 - last resort: a readable message, the trace goes to train.log
         return report_error(exc, recipe.run.dir if recipe is not None else ".")
+
+
+def _rank_failure() -> type:
+    from .distributed import RankFailure
+    return RankFailure
 
 
 def report_error(exc: BaseException, out_dir, resume: str = "finished stages and caches are kept and training "
@@ -344,7 +409,8 @@ def _unexpected(exc: BaseException) -> int:
 
 def _attach_file_log(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
+    rank = int(os.environ.get("RANK", "0") or 0)  # under a launcher, each rank > 0 logs to a file of its own
+    handler = logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
     logging.getLogger().addHandler(handler)

@@ -1,10 +1,15 @@
 """The one training loop both trainers share: a `transformers.Trainer` subclass over preference groups.
 
-Resume, gradient accumulation, schedulers, checkpoint rotation, `report_to` logging and multi-GPU via
-`accelerate launch` come from the library. Subclasses give `group_loss(model, batch) -> (loss, metrics)`
-only; the collator turns group indices into encoded groups. Progress and metrics go to the run's
-event stream; a stop request (the run folder's STOP file, SIGTERM, Ctrl-C) saves a checkpoint and
-raises `StageStopped`, and the next invocation resumes from it.
+Resume, gradient accumulation, schedulers, checkpoint rotation, `report_to` logging and the data
+sharding of `torchrun` / `accelerate launch` come from the library. Subclasses give
+`group_loss(model, batch, norm) -> (loss, metrics)` and `step_counts(batch)` (what the loss averages
+over); the loss of an optimizer step is the mean over all of its pairs however the step is split into
+micro-batches, accumulation steps and ranks (the step's counts are summed and passed as `norm`, as
+transformers does with `num_items_in_batch`). Under a launcher the trainable gradients are averaged over
+ranks once per step (docs/distributed.md). The collator turns group indices into encoded groups.
+Progress and metrics go to the run's event stream; a stop request (the run folder's STOP file, SIGTERM,
+Ctrl-C) saves a checkpoint and raises `StageStopped` (on every rank at the same step), and the next
+invocation resumes from it.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
@@ -13,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from . import distributed
 from .events import EventLog, StageStopped
 from .recipe import TrainConfig
 
@@ -86,7 +94,7 @@ class _EventsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         t.events.progress(state.global_step, state.max_steps, unit="step")
-        if t.stop_check():
+        if distributed.any_rank(t.stop_check()):  # every rank stops at the same step
             t.stopped = True
             control.should_save = True
             control.should_training_stop = True
@@ -104,17 +112,78 @@ class GroupTrainer(Trainer):
         self.stopped = False
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
+        self._trainable: list | None = None
+        self._groups_since_log, self._last_log_time = 0, None
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
-        self.model_accepts_loss_kwargs = False  # our loss is already a mean; Trainer divides by grad_accum
+        # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
+        # returns this micro-batch's share of the step's mean, so Trainer must not divide by grad_accum
+        self.model_accepts_loss_kwargs = True
         self.remove_callback(PrinterCallback)  # metrics reach the terminal through the event stream
         self.add_callback(_EventsCallback(self))
 
-    def group_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def group_loss(self, model, batch, norm: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, metrics) of one micro-batch; with `norm` (the step's counts of `step_counts`, summed
+        over the step's micro-batches and ranks) the loss is the batch's share of the step's mean."""
         raise NotImplementedError
 
+    def step_counts(self, batch) -> dict[str, float]:
+        """What the loss averages over in one micro-batch (pairs, ...), to be summed over the step."""
+        raise NotImplementedError
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """One optimizer step's micro-batches, with the step's counts in place of transformers' token count
+        (`num_items_in_batch`, then passed to compute_loss)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batch_samples, self._step_counts(batch_samples, device)
+
+    def _step_counts(self, batch_samples: list, device: torch.device) -> dict[str, float] | None:
+        """The optimizer step's counts: summed over its micro-batches here and over all ranks (as
+        transformers does for `num_items_in_batch` tokens), so the step's loss is the mean over all of its
+        pairs however they are split into micro-batches, accumulation steps and ranks."""
+        counts = [self.step_counts(b) for b in batch_samples]
+        keys = sorted({k for c in counts for k in c}) if counts else []
+        if self.args.world_size > 1:
+            keys = self._agreed_keys(keys)
+        if not keys:
+            return None
+        total = torch.tensor([[c.get(k, 0.0) for k in keys] for c in counts] or [[0.0] * len(keys)],
+                             dtype=torch.float64).sum(0)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total.to(device), reduction="sum").cpu()
+        return dict(zip(keys, total.tolist()))
+
+    def _agreed_keys(self, keys: list[str]) -> list[str]:
+        """Every rank must reduce the same vector: the union of the count names of all ranks."""
+        import torch.distributed as dist
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, keys)
+        return sorted({k for g in gathered for k in g})
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Under a CPU launcher (gloo) transformers maps the optimizer state to `cpu:0`, which torch.load
+        cannot restore; load it on the CPU as a single process does."""
+        if checkpoint is None or self.args.world_size <= 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
+        if os.path.isfile(opt) and os.path.isfile(sched):
+            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.world_size > 1 and self.accelerator.sync_gradients:  # the step's last micro-batch
+            if self._trainable is None:
+                self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+            distributed.average_gradients(self._trainable)
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.group_loss(model, inputs)
+        loss, metrics = self.group_loss(model, inputs, norm=num_items_in_batch)
+        if num_items_in_batch is not None:
+            # gradients are averaged over ranks (average_gradients); the shares of all ranks must add up
+            loss = loss * self.accelerator.num_processes
+        self._groups_since_log += len(inputs.get("encoded", ()))
         for k, v in metrics.items():
             if v is not None and math.isfinite(v):
                 self._metric_sums[k] += float(v)
@@ -128,10 +197,27 @@ class GroupTrainer(Trainer):
             self._metric_sums.clear()
             self._metric_counts.clear()
             step_logs = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            step_logs.update(self._throughput())
             if torch.cuda.is_available():
                 step_logs["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             self.events.metrics(step=self.state.global_step, **step_logs)
         super().log(logs, start_time)
+
+    def _throughput(self) -> dict[str, float]:
+        """Groups per second since the last log: over all ranks, and per rank under a launcher (every
+        rank logs at the same steps, so the gather below is collective)."""
+        now = time.time()
+        start, groups = self._last_log_time or self._train_start, self._groups_since_log
+        self._last_log_time, self._groups_since_log = now, 0
+        rate = groups / max(now - start, 1e-9)
+        if self.args.world_size <= 1:
+            return {"groups_per_s": rate}
+        rates = distributed.gather_objects(rate)
+        return {"groups_per_s": sum(rates), **{f"rank{i}_groups_per_s": r for i, r in enumerate(rates)}}
+
+    def train(self, *args, **kwargs):
+        self._train_start, self._last_log_time, self._groups_since_log = time.time(), None, 0
+        return super().train(*args, **kwargs)
 
 
 def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
@@ -139,7 +225,7 @@ def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
 
     Raises StageStopped after saving a checkpoint when a stop was requested.
     """
-    last = last_complete_checkpoint(out_dir, trainer.events)
+    last = distributed.main_first("resume point", lambda: last_complete_checkpoint(out_dir, trainer.events))
     if last:
         trainer.events.info(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

@@ -25,7 +25,8 @@ from mmrlhf_lite.reward.prompt import CritiqueEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "configs"
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "demo.yaml")
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
+                 if p.name != "demo.yaml" and p.parent.name != "accelerate")  # accelerate configs are not recipes
 
 # (width, height) per image of a group; () = text only. Sizes the processors resize very differently:
 # square, wide, tall, tiny (scaled up), large (scaled down / many tiles).

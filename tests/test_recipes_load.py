@@ -12,7 +12,9 @@ import pytest
 from mmrlhf_lite.recipe import Recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FILES = sorted(RECIPES.rglob("*.yaml")) + sorted(RECIPES.rglob("*.yml"))
+ACCELERATE = RECIPES / "accelerate"   # `accelerate launch --config_file` configs, not recipes
+FILES = [p for p in sorted(RECIPES.rglob("*.yaml")) + sorted(RECIPES.rglob("*.yml")) if ACCELERATE not in p.parents]
+ACCELERATE_FILES = sorted(ACCELERATE.glob("*.yaml"))
 
 
 def _needs_local_files(recipe: Recipe) -> bool:
@@ -36,6 +38,22 @@ def test_recipe_loads_and_validates(path):
         # a hub id must load offline too (pre-flight and loader): the family is named, not detected
         assert recipe.model.family != "auto", f"{path.name}: set model.family for {recipe.model.path}"
         assert recipe.run.stages == ["reward", "score", "reference", "dpo", "eval"]  # the full pipeline
+
+
+def test_accelerate_configs_are_shipped():
+    assert ACCELERATE / "ddp.yaml" in ACCELERATE_FILES
+
+
+@pytest.mark.parametrize("path", ACCELERATE_FILES, ids=[p.name for p in ACCELERATE_FILES])
+def test_accelerate_config_loads_with_accelerate_and_is_documented(path):
+    """accelerate's own loader reads it; DDP only (FSDP / DeepSpeed are refused, docs/distributed.md)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.distributed_type == DistributedType.MULTI_GPU and cfg.num_processes >= 2
+    assert not cfg.use_cpu and cfg.fsdp_config == {} and cfg.deepspeed_config == {}
+    assert f"recipes/accelerate/{path.name}" in (RECIPES.parent / "docs" / "distributed.md").read_text()
 
 
 def test_demo_recipe_runs_on_cpu_with_the_tiny_model():

@@ -528,3 +528,32 @@ def test_log_explains_harmless_library_warnings():
     out = runview.explain_library_noise(log).splitlines()
     assert out[0] == "== stage reward ==" and out[1].startswith("[note] bitsandbytes") and "harmless" in out[1]
     assert out[2:] == ["reward: 3/3 steps", "ModuleNotFoundError: No module named 'kernelsx'"]  # real errors stay
+
+
+def test_processes_field_launches_the_same_command_under_torchrun(tmp_path):
+    """The Train tab's "processes" > 1 runs the CLI under torchrun (one node); Resume reuses the count."""
+    import json
+    import sys
+
+    from mmrlhf_lite.ui import jobs
+
+    run = tmp_path / "r"
+    one = jobs.launch_command(run, 1)
+    assert one == [sys.executable, "-m", "mmrlhf_lite.train", str(run / jobs.RECIPE_FILE), f"run.dir={run}"]
+    two = jobs.launch_command(run, 2)
+    assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert two[5:] == one[1:]
+    run.mkdir()
+    assert jobs._processes_of(run) == 1                      # no earlier launch
+    (run / jobs.JOB_FILE).write_text(json.dumps({"pid": 1, "command": two, "processes": 2}))
+    assert jobs._processes_of(run) == 2
+    with pytest.raises(Refused, match="processes must be between 1 and 64"):
+        jobs._launch(run, 0)
+
+
+def test_recipe_list_leaves_out_the_accelerate_configs(tmp_path):
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "ddp.yaml").write_text("distributed_type: MULTI_GPU\n")
+    (tmp_path / "demo.yaml").write_text("run: {dir: runs/x}\n")
+    assert form.list_recipes(tmp_path) == ["demo.yaml"]
+    assert "accelerate/ddp.yaml" not in form.list_recipes(Path(__file__).resolve().parents[1] / "recipes")

@@ -16,11 +16,13 @@ from typing import Sequence
 import torch
 
 from ..data.groups import PreferenceGroup
+from .. import distributed
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model
 from ..models.packing import group_forward, use_packing
 from ..recipe import ModelConfig
-from .store import JsonlStore, content_key, fill_missing, group_content, model_fingerprint
+from .sharded import fill_missing_sharded, open_shared_store
+from .store import JsonlStore, content_key, group_content, model_fingerprint
 
 REFERENCE_CACHE = "reference.jsonl"
 POLICY_TEMPLATE = "policy-v2"  # v2: branch ids = the template's reply tokens (reply prefix), data text never parsed for special tokens
@@ -121,7 +123,8 @@ def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg
 
 
 def _fill(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore) -> int:
-    """Compute the entries `store` lacks for `groups` (the base model loads only if one is missing)."""
+    """Compute the entries `store` lacks for `groups` (the base model loads only if one is missing); under
+    several processes each rank computes its share (cache/sharded.py)."""
     recipe = ctx.recipe
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
     loaded: dict = {}
@@ -137,18 +140,22 @@ def _fill(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore) -> int:
         results = compute_reference(loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"])
         return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in results]
 
-    return fill_missing(groups, keys, store, compute, per_batch=max(1, recipe.dpo.train.groups_per_step),
-                        events=ctx.events, stop_requested=ctx.stop_requested)
+    _, computed = fill_missing_sharded(groups, keys, store, compute,
+                                       per_batch=max(1, recipe.dpo.train.groups_per_step), events=ctx.events,
+                                       stop_requested=ctx.stop_requested)
+    return computed
 
 
 def reference_logps(ctx, groups: Sequence[PreferenceGroup]) -> list[list[float]]:
     """`load_reference` for a later stage (dpo, eval): entries the cache lost since the reference stage
     finished (damaged lines dropped, a shared cache folder cleaned) are computed first, with a warning."""
-    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
+    store = open_shared_store(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
     if store.problems:
         ctx.events.warning(store.warning("reference cache"))
     keys = reference_keys(groups, ctx.recipe.model, ctx.recipe.data.max_frames)
     missing = sum(k not in store for ks in keys for k in ks)
+    if distributed.is_distributed():  # every rank takes the same branch (the fill has a barrier)
+        missing = int(distributed.all_reduce_max(float(missing)))
     if missing:
         ctx.events.warning(f"reference cache {store.path} lacks {missing} entr{'y' if missing == 1 else 'ies'} "
                            "the reference stage had written: computing them now")
@@ -160,7 +167,7 @@ def run_stage(ctx) -> dict:
     events = ctx.events
     train, evals = ctx.data()
     groups = train + evals
-    store = JsonlStore(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
+    store = open_shared_store(ctx.cache_dir / REFERENCE_CACHE, REFERENCE_FIELDS)
     if store.problems:
         events.warning(store.warning("reference cache"), stage="reference")
     repeats = report_repeats(train, evals, events)

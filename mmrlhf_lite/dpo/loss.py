@@ -11,6 +11,16 @@ Per ranked pair i = (better y_w, worse y_l) of a group, with reward-model margin
     L_dpo  = weighted mean of L_i over all pairs of the batch
     L      = alpha * L_dpo + gamma * NLL(best response)   (NLL = mean token negative log-likelihood)
 
+Every pair weighs the same, however the pairs of one optimizer step are split into micro-batches,
+accumulation steps and ranks: each pair carries its own DPO term and the SFT term of its group's best
+response (as the paper's per-pair `alpha * L_dpo + gamma * NLL(chosen)`), and the step's loss is
+
+    L_step = sum over the step's pairs i of w_i * (alpha * L_i + gamma * NLL_i) / sum over the step's pairs of w_i
+
+A micro-batch passes `num_pairs` = the step's (weighted) pair count, summed over ranks; its loss is then
+its share of L_step, and the shares add up to L_step. Without `num_pairs` (one batch = one step) it is
+the formula above on the batch, so a single group gets alpha * mean L_i + gamma * NLL(best).
+
 Log-probs are per response (N of them); pairs index into them, so a group of K responses gives all
 K(K-1)/2 pairs from K forwards. With w = 0 it is standard DPO. Pairs the reward model is sure of
 (large delta) get a larger beta; a negative delta (the reward model disagrees with the ranking) shrinks
@@ -52,10 +62,14 @@ def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs
                 deltas: torch.Tensor, *, beta: float = 0.1, w: float = 0.1, k: float = 0.5, beta_floor: float = 1e-3,
                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, pair_weights: torch.Tensor | None = None,
                 sft_nll: torch.Tensor | None = None, alpha: float = 1.0, gamma: float = 0.25,
-                n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                n_tokens: torch.Tensor | None = None,
+                num_pairs: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """policy_logps, reference_logps (N,) summed over response tokens; pairs (P, 2) long (better, worse);
-    deltas (P,); pair_weights (P,) or None; sft_nll scalar (mean token NLL of the best responses) or None;
-    n_tokens (N,) response token counts, needed by `ipo` (length-normalised). Returns (total loss, metrics)."""
+    deltas (P,); pair_weights (P,) or None; sft_nll: None, a scalar (the same NLL for every pair) or (P,)
+    (per pair: the mean token NLL of its group's best response); n_tokens (N,) response token counts, needed
+    by `ipo` (length-normalised); num_pairs: the (weighted) pair count of the whole optimizer step when this
+    batch is only part of it (None: this batch's own).
+    Returns (total loss, metrics); the metrics are this batch's own means."""
     ratios = policy_logps - reference_logps.to(policy_logps)                       # (N,)
     if loss_type == "ipo":
         if n_tokens is None:
@@ -64,17 +78,16 @@ def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs
     h = ratios[pairs[:, 0]] - ratios[pairs[:, 1]]                                   # (P,)
     betas = dynamic_beta(deltas.to(h), beta, w, k, beta_floor)                      # (P,)
     losses = pair_losses(h, betas, loss_type, label_smoothing)
-    if pair_weights is None:
-        dpo = losses.mean()
-    else:
-        pw = pair_weights.to(losses)
-        dpo = (losses * pw).sum() / pw.sum().clamp_min(1e-12)
-    total = alpha * dpo
+    pw = torch.ones_like(losses) if pair_weights is None else pair_weights.to(losses)
+    local_weight = pw.sum()
+    denom = local_weight.clamp_min(1e-12) if num_pairs is None else max(float(num_pairs), 1e-12)
+    dpo_sum = (losses * pw).sum()
+    total = alpha * dpo_sum / denom
     with torch.no_grad():
         chosen = policy_logps[pairs[:, 0]]
         rejected = policy_logps[pairs[:, 1]]
         metrics = {
-            "dpo_loss": dpo.item(),
+            "dpo_loss": (dpo_sum / local_weight.clamp_min(1e-12)).item(),
             "implicit_accuracy": (h > 0).float().mean().item(),
             "implicit_margin": (betas * h).mean().item(),
             "chosen_reward": (betas * ratios[pairs[:, 0]]).mean().item(),
@@ -84,6 +97,8 @@ def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs
             "logp_chosen": chosen.mean().item(), "logp_rejected": rejected.mean().item(),
         }
     if sft_nll is not None and gamma > 0:
-        total = total + gamma * sft_nll
-        metrics["sft_nll"] = sft_nll.item()
+        sft_nll = sft_nll.to(losses)
+        sft_sum = sft_nll * local_weight if sft_nll.dim() == 0 else (sft_nll * pw).sum()
+        total = total + gamma * sft_sum / denom
+        metrics["sft_nll"] = (sft_sum / local_weight.clamp_min(1e-12)).item()
     return total, metrics

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..cache.reference import reference_logps
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
@@ -58,9 +59,9 @@ class DpoCollator:
         self.encoder, self.cfg, self.reference, self.deltas = encoder, cfg, reference, deltas
 
     def __call__(self, groups) -> dict:
-        encoded, pairs, deltas, ref, best = [], [], [], [], []
+        encoded, pairs, deltas, ref, best, pair_group = [], [], [], [], [], []
         off = 0
-        for g in groups:
+        for gi, g in enumerate(groups):
             encoded.append(self.encoder.encode_policy(g))
             all_pairs = g.pairs()
             chosen = set(group_pairs(g, self.cfg.pairs))
@@ -68,13 +69,15 @@ class DpoCollator:
                 if (b, w) in chosen:
                     pairs.append((off + b, off + w))
                     deltas.append(d)
+                    pair_group.append(gi)
             ref.extend(self.reference[g.id])
             best.append(off + g.best_index())
             off += len(g.responses)
         return {"encoded": encoded, "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
                 "deltas": torch.tensor(deltas, dtype=torch.float32),
                 "reference_logps": torch.tensor(ref, dtype=torch.float32),
-                "best": torch.tensor(best, dtype=torch.long)}
+                "best": torch.tensor(best, dtype=torch.long),
+                "pair_group": torch.tensor(pair_group, dtype=torch.long)}
 
 
 def policy_forward(model, spec, encoded, packed: bool):
@@ -88,17 +91,22 @@ class DpoTrainer(GroupTrainer):
         self.cfg, self.spec, self.packed = cfg, spec, packed
         super().__init__(*args, **kwargs)
 
-    def group_loss(self, model, batch):
+    def step_counts(self, batch) -> dict[str, float]:
+        return {"pairs": float(batch["pairs"].shape[0])}
+
+    def group_loss(self, model, batch, norm=None):
         c = self.cfg
         logps, token_logps = policy_forward(model, self.spec, batch["encoded"], self.packed)
         sft = None
-        if c.gamma > 0:
-            sft = torch.stack([-token_logps[i].mean() for i in batch["best"].tolist()]).mean()
+        if c.gamma > 0:  # each pair carries the NLL of its group's best response
+            best_nll = torch.stack([-token_logps[i].mean() for i in batch["best"].tolist()])
+            sft = best_nll[batch["pair_group"].to(best_nll.device)]
         loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(logps.device), batch["pairs"].to(logps.device),
                                     batch["deltas"].to(logps.device), beta=c.beta, w=c.w, k=c.k,
                                     beta_floor=c.beta_floor, loss_type=c.loss_type,
                                     label_smoothing=c.label_smoothing, sft_nll=sft, alpha=c.alpha, gamma=c.gamma,
-                                    n_tokens=torch.tensor([len(t) for t in token_logps], device=logps.device))
+                                    n_tokens=torch.tensor([len(t) for t in token_logps], device=logps.device),
+                                    num_pairs=None if norm is None else norm["pairs"])
         metrics["tokens"] = float(sum(e.packed_len() for e in batch["encoded"]))
         return loss, metrics
 
@@ -136,6 +144,8 @@ def run_stage(ctx) -> dict:
                          events=events, stop_check=ctx.stop_requested, cfg=dc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
+    if not distributed.is_main():
+        return result  # rank 0 writes the policy and the result
     save_adapter(model, final, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
     result["train_seconds"] = round(time.time() - start, 1)
     (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))

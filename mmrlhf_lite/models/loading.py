@@ -103,10 +103,18 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`/`cuda` -> the GPU of this process: under torchrun / accelerate launch, `cuda:LOCAL_RANK`
+    (each rank holds its own copy of the 4-bit base and LoRA), else `cuda`."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise ModelLoadError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible; launch at "
+                                 f"most that many processes per node (--nproc_per_node)")
+        return torch.device(f"cuda:{local}")
     return torch.device(name)
 
 
@@ -434,6 +442,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
         else:

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import torch
 
-from ..cache.store import JsonlStore, content_key, directory_fingerprint, fill_missing, group_content, model_fingerprint
+from .. import distributed
+from ..cache.sharded import fill_missing_sharded, open_shared_store
+from ..cache.store import JsonlStore, content_key, directory_fingerprint, group_content, model_fingerprint
 from ..data.groups import PreferenceGroup, Response, text_to_turn
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
@@ -181,8 +183,8 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
                 for g in scored]
 
     per_batch = max(1, rc.generation_batch_size // 4) if mode == "generate" else 4
-    computed = fill_missing(groups, keys, store, compute, per_batch=per_batch, events=events,
-                            stop_requested=ctx.stop_requested)
+    store, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=per_batch, events=events,
+                                           stop_requested=ctx.stop_requested)
     return [[store.get(k) for k in ks] for ks in keys], computed
 
 
@@ -254,7 +256,7 @@ def run_stage(ctx) -> dict:
     mode = rc.critique_mode
     if mode == "given" and any(not r.critique for g in groups for r in g.responses):
         events.warning("critique_mode 'given' but some responses lack critiques; those are scored without one")
-    store = JsonlStore(ctx.cache_dir / REWARD_CACHE, REWARD_FIELDS)
+    store = open_shared_store(ctx.cache_dir / REWARD_CACHE, REWARD_FIELDS)
     if store.problems:
         events.warning(store.warning("reward cache"), stage="score")
 
@@ -273,8 +275,9 @@ def run_stage(ctx) -> dict:
         records, computed = score_into_cache(ctx, groups, mode, store, factory)
     split = {g.id: "eval" for g in evals}
     out_dir = ctx.run.stage_dir("score")
-    write_margins(out_dir / "margins.jsonl", groups, records, split,
-                  splits=["train"] * len(train) + ["eval"] * len(evals))
+    if distributed.is_main():  # every rank holds all records; rank 0 writes the margins
+        write_margins(out_dir / "margins.jsonl", groups, records, split,
+                      splits=["train"] * len(train) + ["eval"] * len(evals))
     n = sum(len(g.responses) for g in groups)
     events.info(f"scored {n} responses ({computed} computed, {n - computed} from cache) in mode {mode}")
     return {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..events import EventLog
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter, unwrap
 from ..models.packing import group_forward, use_packing
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
-from .loss import reward_loss
+from .loss import reward_loss, step_counts
 from .prompt import TEMPLATE_VERSION, CritiqueEncoder
 
 
@@ -44,14 +45,15 @@ class RewardCollator:
         self.margin_scale = margin_scale
 
     def __call__(self, groups) -> dict:
-        encoded, offsets, n = [], [], 0
+        encoded, offsets, n, critiques = [], [], 0, 0
         for g in groups:
-            e, _ = self.enc.encode(g)
+            e, parts = self.enc.encode(g)
             encoded.append(e)
+            critiques += sum(1 for p in parts if p.critique)
             offsets.append(n)
             n += len(g.responses)
         pairs, ties, margins = pair_tensors(groups, offsets, self.margin_scale)
-        return {"encoded": encoded, "pairs": pairs, "ties": ties,
+        return {"encoded": encoded, "pairs": pairs, "ties": ties, "critiques": critiques,
                 "margins": margins if self.margin_scale else None}
 
 
@@ -68,13 +70,17 @@ class RewardTrainer(GroupTrainer):
         self.cfg, self.spec, self.packed = cfg, spec, packed
         super().__init__(*args, **kwargs)
 
-    def group_loss(self, model, batch):
+    def step_counts(self, batch) -> dict[str, float]:
+        return step_counts(batch["pairs"], batch["ties"], batch["critiques"] if self.cfg.w_crit > 0 else 0)
+
+    def group_loss(self, model, batch, norm=None):
         c = self.cfg
         rewards, token_logps = compute_rewards(model, self.spec, batch["encoded"], self.packed, c.w_crit > 0)
         return reward_loss(rewards, batch["pairs"].to(rewards.device), batch["ties"].to(rewards.device),
                            token_logps if c.w_crit > 0 else [], w_rank=c.w_rank, w_tie=c.w_tie,
                            w_center=c.w_center, w_crit=c.w_crit,
-                           margins=None if batch["margins"] is None else batch["margins"].to(rewards.device))
+                           margins=None if batch["margins"] is None else batch["margins"].to(rewards.device),
+                           norm=norm)
 
 
 def trainable_groups(groups, events: EventLog):
@@ -132,6 +138,8 @@ def run_stage(ctx) -> dict:
                             events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
+    if not distributed.is_main():
+        return result  # rank 0 writes the model, the held-out accuracy and the result
     save_adapter(model, final, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
     result["train_seconds"] = round(time.time() - start, 1)
     if eval_groups:

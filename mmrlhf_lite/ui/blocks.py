@@ -81,7 +81,7 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
         app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
         app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
         data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data")
-        started = train.start.click(h.start, [train.run_name, *train.form], [train.status, tabs, live.run],
+        started = train.start.click(h.start, [train.run_name, *train.form, train.processes], [train.status, tabs, live.run],
                                     api_name="start")
         started.then(h.view, live.run, live.outputs, api_name=False)
         started.success(h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load],
@@ -201,6 +201,8 @@ def _train_tab(h: Handlers):
                                     allow_custom_value=True,
                                     scale=2)
             run_name = gr.Textbox(label="Run name (a new folder under the runs root)", elem_id="run-name", scale=2)
+            processes = gr.Number(label="Processes (GPUs; > 1 launches torchrun, docs/distributed.md)", value=1,
+                                  precision=0, minimum=1, elem_id="processes", scale=1)
         with gr.Row():
             run_fields = [s for s in form.FIELDS if s.section == "run"]
             for spec in run_fields:
@@ -233,7 +235,7 @@ def _train_tab(h: Handlers):
     save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe").success(
         h.remember, *remember, api_name=False)
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
-                           start=start, status=status, loaded=loaded, load=load)
+                           start=start, status=status, loaded=loaded, load=load, processes=processes)
 
 
 def _live_tab(h: Handlers):

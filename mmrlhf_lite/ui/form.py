@@ -103,12 +103,16 @@ def _set(tree: dict, key: str, value: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 # recipe -> form values
 
+NOT_RECIPES = ("accelerate",)  # recipes/accelerate/: `accelerate launch --config_file` configs
+
+
 def list_recipes(recipes_root: str | os.PathLike) -> list[str]:
     root = Path(recipes_root)
     if not root.is_dir():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and p.relative_to(root).parts[0] not in NOT_RECIPES)
 
 
 def _display_path(value: Any, data_root: Path, base_dirs: list[Path]) -> Any:

@@ -244,12 +244,18 @@ class Handlers:
 
     @readable
     def start(self, run_name: str, *values):
+        values = list(values)
+        processes = values.pop() if len(values) > len(form.FIELDS) else 1  # the Train tab's "processes"
+        try:
+            processes = int(processes or 1)
+        except (TypeError, ValueError):
+            raise Refused(f"processes must be a whole number (one process per GPU), got {processes!r}") from None
         name = (run_name or "").strip() or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
         run = jobs.run_path(self.cfg.runs_root, name)
         if run.exists():
             raise Refused(f"run '{name}' already exists; pick another name (or Resume it in the live view)")
         text = form.run_recipe(list(values), data_root=self.cfg.data_root, runs_root=self.cfg.runs_root, run_dir=run)
-        jobs.start_run(self.cfg.runs_root, name, text)
+        jobs.start_run(self.cfg.runs_root, name, text, processes=processes)
         msg = f"Started **{html.escape(name)}**: following it in the live view."
         return msg, gr.update(selected="live"), gr.update(choices=jobs.list_runs(self.cfg.runs_root), value=name)
 

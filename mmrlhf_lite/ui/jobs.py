@@ -178,8 +178,28 @@ def job_state(run: str | os.PathLike, events: list[dict] | None = None) -> JobSt
 # --------------------------------------------------------------------------------------------------
 # start / stop / resume
 
-def _launch(run: Path) -> int:
-    cmd = [sys.executable, "-m", "mmrlhf_lite.train", str(run / RECIPE_FILE), f"run.dir={run}"]
+def launch_command(run: Path, processes: int = 1) -> list[str]:
+    """The CLI command of a run; with processes > 1 the same command under torchrun (one node,
+    docs/distributed.md)."""
+    cli = ["-m", "mmrlhf_lite.train", str(run / RECIPE_FILE), f"run.dir={run}"]
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *cli]
+    return [sys.executable, *cli]
+
+
+def _processes_of(run: Path) -> int:
+    """The process count of a run's last launch (Resume launches the same command)."""
+    try:
+        return int(json.loads((run / JOB_FILE).read_text()).get("processes", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
+def _launch(run: Path, processes: int | None = None) -> int:
+    processes = _processes_of(run) if processes is None else processes
+    if not 1 <= processes <= 64:
+        raise Refused(f"processes must be between 1 and 64 (one per GPU), got {processes}")
+    cmd = launch_command(run, processes)
     RunDir(run).stop_file.unlink(missing_ok=True)  # a stop asked of the previous launch is done with
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -192,18 +212,20 @@ def _launch(run: Path) -> int:
                                 start_new_session=True, env=env, cwd=str(PROJECT_ROOT))
     with _children_lock:
         _children[proc.pid] = proc
-    write_atomic(run / JOB_FILE, json.dumps({"pid": proc.pid, "started": time.time(), "command": cmd}))
+    write_atomic(run / JOB_FILE, json.dumps({"pid": proc.pid, "started": time.time(), "command": cmd,
+                                             "processes": processes}))
     return proc.pid
 
 
-def start_run(runs_root: str | os.PathLike, name: str, recipe_yaml: str) -> Path:
-    """Create run folder `name`, write the recipe and launch the CLI. Refuses an existing folder."""
+def start_run(runs_root: str | os.PathLike, name: str, recipe_yaml: str, processes: int = 1) -> Path:
+    """Create run folder `name`, write the recipe and launch the CLI (under torchrun when processes > 1).
+    Refuses an existing folder."""
     run = run_path(runs_root, name)
     if run.exists():
         raise Refused(f"run '{name}' already exists; pick another name (or Resume it from the live view)")
     run.mkdir(parents=True)
     write_atomic(run / RECIPE_FILE, recipe_yaml)
-    _launch(run)
+    _launch(run, processes)
     return run
 
 

@@ -1,0 +1,358 @@
+"""One run, N processes (torchrun, gloo on CPU): 2 ranks x B groups per step train the same LoRA weights
+as 1 rank x 2B; a SIGKILLed rank ends the job in bounded time with the launcher naming it, and the same
+command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end.
+
+Every launcher runs in its own process group with a hard timeout, and the group is killed afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmrlhf_lite.recipe import load_recipe
+from mmrlhf_lite.train import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu", "data.demo.groups=8",
+          "data.demo.image_size=56", "data.eval_fraction=0", "data.demo.safety_fraction=0",
+          "dpo.margin_source=none", "dpo.w=0", "dpo.gamma=0.5", "dpo.train.max_steps=8", "dpo.train.save_steps=2",
+          "dpo.train.logging_steps=1", "dpo.train.learning_rate=1e-2", "dpo.train.grad_accum=1",
+          "reward.train.max_steps=2", "reward.train.logging_steps=1", "reward.train.learning_rate=1e-2",
+          "reward.train.grad_accum=1", "reward.critique_mode=given"]
+STAGES = "reward,score,reference,dpo"
+TIMEOUT = 240
+
+
+def _per_rank(groups: int) -> list[str]:
+    return [f"dpo.train.groups_per_step={groups}", f"reward.train.groups_per_step={groups}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MMRLHF_LITE_DIST_TIMEOUT": "60"}
+
+
+def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
+            port: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+           f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _free_port()}",
+           "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q"]
+    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        out = ""
+        raise AssertionError(f"launcher still running after {timeout} s") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            out = proc.communicate()[0]
+
+
+def _recipe(tmp: Path, name: str, groups_per_rank: int) -> Path:
+    path = tmp / f"{name}.yaml"
+    load_recipe(None, COMMON + _per_rank(groups_per_rank) + [f"run.dir={tmp / name}"]).save(path)
+    return path
+
+
+def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / stage / "final" / "adapter_model.safetensors")
+
+
+def _same_weights(a: dict, b: dict, tol: float = 5e-5) -> None:
+    """Within fp32 noise after 8 Adam steps at lr 1e-2 (measured <= 1.2e-5; unsynchronised ranks: 1.9e-2)."""
+    assert a.keys() == b.keys() and a
+    for k in a:
+        err = (a[k].float() - b[k].float()).abs().max().item()
+        assert err <= tol * max(1.0, a[k].abs().max().item()), (k, err)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """1 process x 2 groups per step (in-process: the real pipeline)."""
+    tmp = tmp_path_factory.mktemp("single")
+    recipe = load_recipe(None, COMMON + _per_rank(2) + [f"run.dir={tmp / 'run'}"])
+    run_pipeline(recipe, STAGES.split(","), echo=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """torchrun --nproc_per_node 2, 1 group per rank per step."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    rc, out = _finish(_launch(_recipe(tmp, "run", 1), STAGES))
+    assert rc == 0, out[-4000:]
+    return tmp / "run"
+
+
+def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(single, two_ranks):
+    # the steps really were data-parallel: 2 ranks each logged 1 group/step but the same global batch
+    events = [json.loads(x) for x in (two_ranks / "events.jsonl").read_text().splitlines()]
+    assert any(e["type"] == "run_start" and e.get("world_size") == 2 for e in events)
+    assert json.loads((two_ranks / "dpo" / "train_result.json").read_text())["steps"] == 8
+    last = [e for e in events if e["type"] == "metrics" and e.get("stage") == "dpo"][-1]
+    assert last["rank0_groups_per_s"] > 0 and last["rank1_groups_per_s"] > 0   # per-rank throughput
+    assert last["groups_per_s"] == pytest.approx(last["rank0_groups_per_s"] + last["rank1_groups_per_s"])
+    for stage in ("reward", "dpo"):
+        _same_weights(_weights(single, stage), _weights(two_ranks, stage))
+    # ... and the weights did move (a test that cannot fail on an untrained adapter)
+    b = {k: v for k, v in _weights(two_ranks, "dpo").items() if "lora_B" in k}
+    assert max(v.abs().max().item() for v in b.values()) > 1e-4
+    # rank 0 alone owns the run folder: one lock holder, one event stream, stages marked once
+    assert sorted(p.name for p in (two_ranks / "stages").glob("*.json")) == ["dpo.json", "reference.json",
+                                                                             "reward.json", "score.json"]
+
+
+def _cache(run_dir: Path, name: str) -> dict[str, dict]:
+    lines = [json.loads(x) for x in (run_dir / "cache" / name).read_text().splitlines()]
+    out = {r["key"]: r for r in lines}
+    assert len(out) == len(lines), "a cache entry was written twice"
+    return out
+
+
+def test_sharded_score_and_reference_give_the_same_caches_and_margins(single, two_ranks):
+    # reward keys hold the reward adapter's hash (its weights agree within fp32 noise, not bit for bit):
+    # entries are matched by group and response there
+    for name, field in (("reference.jsonl", "logp"), ("reward.jsonl", "score")):
+        a, b = _cache(single, name), _cache(two_ranks, name)
+        if name == "reward.jsonl":
+            a, b = ({(r["group_id"], r["response"]): r for r in x.values()} for x in (a, b))
+        assert a.keys() == b.keys() and len(a) == 8 * 4
+        for k in a:
+            assert b[k][field] == pytest.approx(a[k][field], rel=1e-4, abs=1e-4), (name, k)
+    ma = [json.loads(x) for x in (single / "score" / "margins.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (two_ranks / "score" / "margins.jsonl").read_text().splitlines()]
+    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert y["scores"] == pytest.approx(x["scores"], rel=1e-4, abs=1e-4)
+    # each rank computed its own share: both ranks' stage results count all 32 responses as computed
+    assert json.loads((two_ranks / "stages" / "reference.json").read_text())["computed"] == 32
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for child in _children(launcher):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return child
+    return None
+
+
+def _wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    """Until the dpo checkpoint of `step` is completely written (its trainer_state.json is written last)."""
+    state = run_dir / "dpo" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        try:
+            json.loads(state.read_text())
+            return
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"no complete checkpoint-{step} within {timeout} s")
+
+
+def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(recipe, "reward,score,reference"))
+    assert rc == 0, out[-4000:]
+    proc = _launch(recipe, "dpo")
+    try:
+        _wait_for_checkpoint(run_dir, 2, proc)  # 6 steps left: killed mid-dpo
+        victim = _rank_pid(proc.pid, 1)
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        rc, out = _finish(proc, timeout=90)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc != 0 and time.time() - killed < 90
+    assert "rank      : 1 (local_rank: 1)" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
+    assert not (run_dir / "stages" / "dpo.json").exists()
+
+    rc, out = _finish(_launch(recipe, "dpo"))          # the same command resumes
+    assert rc == 0, out[-4000:]
+    events = (run_dir / "events.jsonl").read_text()
+    assert "resuming from" in events
+    _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
+
+
+EVAL = ["data.demo.groups=16", "data.eval_fraction=0.25", "eval.max_new_tokens=8", "reward.max_new_tokens=8"]
+
+
+def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path):
+    """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) run all five stages; the weights and
+    the eval report (run on rank 0) are those of a single process with twice the groups per step."""
+    one = load_recipe(None, COMMON + _per_rank(2) + EVAL + [f"run.dir={tmp_path / 'single'}"])
+    run_pipeline(one, None, echo=False)
+    path = tmp_path / "nodes.yaml"
+    load_recipe(None, COMMON + _per_rank(1) + EVAL + [f"run.dir={tmp_path / 'nodes'}"]).save(path)
+    port = _free_port()
+    procs = [_launch(path, "reward,score,reference,dpo,eval", nproc=1, nnodes=2, node_rank=r, port=port)
+             for r in (0, 1)]
+    results = [_finish(p) for p in procs]
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    for stage in ("reward", "dpo"):
+        _same_weights(_weights(tmp_path / "single", stage), _weights(tmp_path / "nodes", stage))
+    assert sorted(p.name for p in (tmp_path / "nodes" / "stages").glob("*.json")) == [
+        "dpo.json", "eval.json", "reference.json", "reward.json", "score.json"]
+    a = json.loads((tmp_path / "single" / "eval" / "report.json").read_text())
+    b = json.loads((tmp_path / "nodes" / "eval" / "report.json").read_text())
+    assert _numbers(a) == pytest.approx(_numbers(b), rel=1e-4, abs=1e-4)
+
+
+def _numbers(tree, prefix="") -> dict:
+    """The report's numbers by path (timings left out)."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_numbers(v, f"{prefix}.{k}"))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            out.update(_numbers(v, f"{prefix}[{i}]"))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool) and "second" not in prefix and "time" not in prefix:
+        out[prefix] = float(tree)
+    return out
+
+
+def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_nothing(tmp_path):
+    path = tmp_path / "ref.yaml"
+    load_recipe(None, COMMON + _per_rank(1) + ["data.demo.groups=24", f"run.dir={tmp_path / 'run'}"]).save(path)
+    cache = tmp_path / "run" / "cache" / "reference.jsonl"
+    proc = _launch(path, "reference")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 8):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        rc, out = _finish(proc, timeout=90)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc != 0
+    kept = set()
+    for line in cache.read_bytes().splitlines():
+        try:
+            kept.add(json.loads(line)["key"])
+        except ValueError:
+            pass                                   # a line torn by the kill: repaired by the next run
+    assert 8 <= len(kept) < 96
+    rc, out = _finish(_launch(path, "reference"))
+    assert rc == 0, out[-4000:]
+    assert json.loads((tmp_path / "run" / "stages" / "reference.json").read_text())["computed"] == 96 - len(kept)
+    assert set(_cache(tmp_path / "run", "reference.jsonl")) >= kept and len(_cache(tmp_path / "run", "reference.jsonl")) == 96
+
+
+def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(recipe, "reference"))
+    assert rc == 0, out[-4000:]
+    proc = _launch(recipe, "dpo")
+    _wait_for_checkpoint(run_dir, 2, proc)
+    (run_dir / "STOP").write_text("test")
+    rc, out = _finish(proc, timeout=120)
+    assert rc != 0
+    # both ranks stopped at the same step (the first to exit with code 3 makes the launcher end the other,
+    # which may be SIGTERMed while it exits)
+    import re
+    steps_seen = re.findall(r"stopped: stopped at step (\d+);", out)
+    assert len(steps_seen) == 2 and len(set(steps_seen)) == 1, out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
+    ends = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if '"stage_end"' in x]
+    assert ends[-1]["stage"] == "dpo" and ends[-1]["status"] == "stopped"
+    steps = [int(d.name.split("-")[1]) for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
+    assert max(steps) > 2 and not (run_dir / "stages" / "dpo.json").exists()
+
+
+@pytest.mark.parametrize("env, says", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP is not supported yet"),
+                                       ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported yet")])
+def test_sharded_engines_are_refused_before_anything_loads(tmp_path, monkeypatch, capsys, env, says):
+    from mmrlhf_lite.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    recipe = _recipe(tmp_path, "run", 1)
+    assert main([str(recipe), "--stages", "dpo", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "recipes/accelerate/ddp.yaml" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+def test_unsloth_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):
+    from mmrlhf_lite.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = _recipe(tmp_path, "run", 1)
+    assert main([str(recipe), "model.backend=unsloth", "--stages", "dpo", "-q"]) == 1
+    assert "model.backend=unsloth under a multi-process launcher is not supported" in capsys.readouterr().err
+
+
+def test_dry_run_shows_the_global_batch_of_a_launch(tmp_path, capsys):
+    from mmrlhf_lite.train import main
+
+    recipe = _recipe(tmp_path, "run", 3)
+    assert main([str(recipe), "--dry-run", "--processes", "4", "dpo.train.grad_accum=2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 processes" in out and "dpo 3 x 2 x 4 = 24 groups per optimizer step" in out
+    assert "reward 3 x 1 x 4 = 12 groups per optimizer step" in out
+    assert "torchrun --nproc_per_node 4 -m mmrlhf_lite.train" in out
+
+
+def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(tmp_path):
+    """A refusal of rank 0 (here: a finished stage with other settings) reaches rank 1 as rank 0's message,
+    and the launcher exits; nothing waits for a timeout."""
+    recipe = _recipe(tmp_path, "run", 1)
+    rc, out = _finish(_launch(recipe, "reference"))
+    assert rc == 0, out[-4000:]
+    load_recipe(recipe, ["model.max_pixels=50000"]).save(recipe)   # reference's inputs changed
+    start = time.time()
+    rc, out = _finish(_launch(recipe, "reference"), timeout=120)
+    assert rc != 0 and time.time() - start < 120
+    assert "has finished stage 'reference' with different settings" in out
+    assert "rank 0 failed at 'run setup'" in out, out[-3000:]
