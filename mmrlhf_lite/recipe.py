@@ -133,6 +133,10 @@ class RewardConfig:
     w_tie: float = _f(0.1, "Weight of the tie loss mean((r_c - r_r)^2) on tied pairs.", ge=0)
     w_center: float = _f(0.01, "Weight of the centering loss mean((r_c + r_r)^2).", ge=0)
     w_crit: float = _f(1.0, "Weight of the critique cross-entropy (critique tokens only).", ge=0)
+    response_logp_weight: float = _f(0.0, "Score = head + this weight * mean log-prob of the response's tokens "
+                                     "under the reward model's own LM (image and question in context; trained "
+                                     "through the ranking loss, like a reference-free DPO reward). 0 = the "
+                                     "paper's head alone. Saved with the model, so every scorer applies it.", ge=0)
     margin_scale: float = _f(0.0, "Bradley-Terry margin = margin_scale * (score gap) when scores are given; "
                              "0 = plain BT.", ge=0)
     critique_mode: str = _f("generate", "How `score` gets critiques: `generate` (the model writes them), "
@@ -174,9 +178,14 @@ class DpoConfig:
 class EvalConfig:
     critique_modes: list = _f(["given", "none", "generate"], "Reward-bench critique modes to report.")
     max_groups: int | None = _f(None, "Evaluate at most this many held-out groups.", gt=0)
-    policy_samples: int = _f(1, "Answers sampled per held-out prompt for the win-rate (before vs after DPO).",
+    policy_samples: int = _f(1, "Answers per held-out prompt for the policy metrics before vs after DPO (1 = "
+                             "greedy; more are sampled at temperature 1).",
                              ge=0)
     max_new_tokens: int = _f(48, "Longest generated policy answer.", gt=0)
+    min_well_formed: float = _f(0.5, "The win rate after vs before DPO is reported only when at least this share "
+                                "of the starting policy's answers is well-formed (non-empty, clean text, >= 80% "
+                                "of its words among the group's responses' words); else the report says why.",
+                                ge=0, le=1)
 
 
 @dataclass

@@ -52,12 +52,14 @@ def critique_ce(token_logps: list[torch.Tensor]) -> torch.Tensor | None:
 
 def reward_loss(rewards: torch.Tensor, pairs: torch.Tensor, ties: torch.Tensor, critique_token_logps: list,
                 *, w_rank: float = 1.0, w_tie: float = 0.0, w_center: float = 0.01, w_crit: float = 1.0,
-                margins: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (floats, for logging)."""
+                margins: torch.Tensor | None = None, center_rewards: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts (floats, for logging). `center_rewards`: the rewards the centering term
+    applies to (default `rewards`; the head's part alone when the score adds a response log-prob term)."""
     bt = bradley_terry(rewards, pairs, margins)
     tie = tie_loss(rewards, ties)
     all_pairs = torch.cat([pairs, ties]) if ties.numel() else pairs
-    center = center_loss(rewards, all_pairs)
+    center = center_loss(rewards if center_rewards is None else center_rewards, all_pairs)
     total = w_rank * bt + w_tie * tie + w_center * center
     parts = {"bt_loss": bt.item(), "center_loss": center.item()}
     if ties.numel():
