@@ -96,6 +96,9 @@ class DataConfig:
     eval_fraction: float = _f(0.15, "Share of groups held out for evaluation (split by group).", ge=0, lt=1)
     eval_path: str | None = _f(None, "Separate evaluation data (replaces the split when given).")
     split_seed: int = _f(0, "Seed of the deterministic train/eval split.")
+    label_noise: float = _f(0.0, "Share of the training groups' ranked pairs flipped on purpose (each pair with "
+                            "this probability, seeded by split_seed): a label-noise experiment; held-out groups "
+                            "keep their labels. 0 = off.", ge=0, le=1)
     max_groups: int | None = _f(None, "Use at most this many groups (after validation).", gt=0)
     on_error: str = _f("raise", "`raise` stops at the first bad row; `skip` drops it and counts it by reason.",
                        choices=("raise", "skip"))
@@ -137,6 +140,9 @@ class RewardConfig:
                                      "under the reward model's own LM (image and question in context; trained "
                                      "through the ranking loss, like a reference-free DPO reward). 0 = the "
                                      "paper's head alone. Saved with the model, so every scorer applies it.", ge=0)
+    w_response_rank: float = _f(1.0, "With response_logp_weight > 0: weight of a Bradley-Terry loss on that "
+                                "log-prob term alone (the joint loss stops teaching it once the head reads the "
+                                "critiques' verdicts).", ge=0)
     margin_scale: float = _f(0.0, "Bradley-Terry margin = margin_scale * (score gap) when scores are given; "
                              "0 = plain BT.", ge=0)
     critique_mode: str = _f("generate", "How `score` gets critiques: `generate` (the model writes them), "

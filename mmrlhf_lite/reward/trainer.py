@@ -20,7 +20,7 @@ from ..models.loading import load_model, save_adapter, unwrap
 from ..models.packing import group_forward, use_packing
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
-from .loss import reward_loss
+from .loss import bradley_terry, reward_loss
 from .prompt import TEMPLATE_VERSION, CritiqueEncoder
 
 
@@ -90,10 +90,21 @@ class RewardTrainer(GroupTrainer):
         c = self.cfg
         rewards, token_logps, head_rewards = compute_rewards(model, self.spec, batch["encoded"], self.packed,
                                                              c.w_crit > 0, head_part=True)
-        return reward_loss(rewards, batch["pairs"].to(rewards.device), batch["ties"].to(rewards.device),
-                           token_logps if c.w_crit > 0 else [], w_rank=c.w_rank, w_tie=c.w_tie,
-                           w_center=c.w_center, w_crit=c.w_crit, center_rewards=head_rewards,
-                           margins=None if batch["margins"] is None else batch["margins"].to(rewards.device))
+        pairs = batch["pairs"].to(rewards.device)
+        margins = None if batch["margins"] is None else batch["margins"].to(rewards.device)
+        loss, parts = reward_loss(rewards, pairs, batch["ties"].to(rewards.device),
+                                  token_logps if c.w_crit > 0 else [], w_rank=c.w_rank, w_tie=c.w_tie,
+                                  w_center=c.w_center, w_crit=c.w_crit, center_rewards=head_rewards, margins=margins)
+        if c.response_logp_weight > 0 and c.w_response_rank > 0:
+            # the log-prob part ranked on its own: once the head reads the critiques' verdicts the joint
+            # ranking loss is near 0 and would leave the LM's own reading of the image untrained
+            lm_part = rewards - head_rewards
+            lm_bt = bradley_terry(lm_part, pairs, margins)
+            loss = loss + c.w_response_rank * lm_bt
+            parts["response_bt_loss"] = lm_bt.item()
+            if pairs.numel():
+                parts["response_pair_accuracy"] = (lm_part[pairs[:, 0]] > lm_part[pairs[:, 1]]).float().mean().item()
+        return loss, parts
 
 
 def head_settings(rc: RewardConfig) -> dict:
