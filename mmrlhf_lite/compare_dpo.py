@@ -3,7 +3,7 @@ data, reward model, margins and reference log-probs, with and without label nois
 
 Per noise level, one base run trains the reward model and computes the margins (stage score) and the
 reference log-probs once (on the noisy training pairs: the reward model learns from the same noisy labels
-the policy gets). Every DPO run then reuses them: `reward.model_from` = the base, one shared `cache.dir`,
+the policy gets; `--reward-from RUN` uses one already trained reward model for every level instead). Every DPO run then reuses them: `reward.model_from` = the base, one shared `cache.dir`,
 and the base's `score/margins.jsonl`; it runs `dpo` and a light `eval` (held-out implicit reward accuracy
 and log-prob ranking accuracy on the clean held-out labels, no generation). Not part of the test suite:
 it takes tens of minutes on CPU.
@@ -51,7 +51,7 @@ def _mean_sd(xs: list[float]) -> str:
 
 
 def compare(recipe_path: str, out: Path, seeds: list[int], noises: list[float],
-            methods: list[tuple[str, float, float]], overrides: list[str]) -> dict:
+            methods: list[tuple[str, float, float]], overrides: list[str], reward_from: str | None = None) -> dict:
     results: dict = {}
     for noise in noises:
         root = out / f"noise{noise:g}"
@@ -59,7 +59,11 @@ def compare(recipe_path: str, out: Path, seeds: list[int], noises: list[float],
         cache = root / "cache"
         common = overrides + [f"data.label_noise={noise}", f"cache.dir={cache}"]
         t = time.time()
-        _run(recipe_path, common + [f"run.dir={base}", "run.seed=0"], ["reward", "score", "reference"])
+        if reward_from:  # one reward model (trained on clean labels) for every noise level
+            _run(recipe_path, common + [f"run.dir={base}", "run.seed=0", f"reward.model_from={reward_from}"],
+                 ["score", "reference"])
+        else:
+            _run(recipe_path, common + [f"run.dir={base}", "run.seed=0"], ["reward", "score", "reference"])
         print(f"[noise {noise:g}] base (reward, score, reference): {time.time() - t:.0f} s", flush=True)
         score = json.loads((base / "stages" / "score.json").read_text())
         for name, w, k in methods:
@@ -68,7 +72,8 @@ def compare(recipe_path: str, out: Path, seeds: list[int], noises: list[float],
                 (run / "score").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base / "score" / "margins.jsonl", run / "score" / "margins.jsonl")
                 t = time.time()
-                _run(recipe_path, common + [f"run.dir={run}", f"run.seed={seed}", f"reward.model_from={base}",
+                _run(recipe_path, common + [f"run.dir={run}", f"run.seed={seed}",
+                                            f"reward.model_from={reward_from or base}",
                                             f"dpo.w={w}", f"dpo.k={k}", "eval.critique_modes=[]",
                                             "eval.policy_samples=0"], ["dpo", "eval"])
                 pol = json.loads((run / "eval" / "report.json").read_text())["policy"]
@@ -113,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--noise", default="0,0.25", help="comma-separated label-noise shares (data.label_noise)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated NAME:W:K (w = 0 is plain DPO)")
+    p.add_argument("--reward-from", default=None, help="a run folder whose trained reward model every noise level "
+                   "uses (default: each noise level trains its own on its noisy pairs)")
     a = p.parse_args(argv)
     methods = _methods(a.methods)
     try:
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = compare(a.recipe, out, seeds, noises, methods, a.overrides)
+    results = compare(a.recipe, out, seeds, noises, methods, a.overrides, a.reward_from)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = table(results, methods)
     (out / "table.md").write_text(md)
