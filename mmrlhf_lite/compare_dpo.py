@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated NAME:W:K (w = 0 is plain DPO)")
     p.add_argument("--reward-from", default=None, help="a run folder whose trained reward model every noise level "
                    "uses (default: each noise level trains its own on its noisy pairs)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     methods = _methods(a.methods)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]

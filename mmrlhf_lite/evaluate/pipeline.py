@@ -108,7 +108,8 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
             res["examples"] = [{"group": g.id, "response": g.responses[0].text, "critique": sc[0].critiques[0]}
                                for g, sc in list(zip(groups, scored))[:3]]
         out["modes"][m] = res
-        events.metrics(**{f"reward_acc_{m}": res["overall"]["acc"], f"reward_acc_plus_{m}": res["overall"]["acc_plus"]})
+        events.metrics(**{f"reward_acc_{m}": res["overall"]["acc"], f"reward_acc_plus_{m}": res["overall"]["acc_plus"],
+                          f"delta_rank_spearman_{m}": res["delta_rank"]["spearman"]})
     _free(scorer)
     return out
 
@@ -212,7 +213,9 @@ def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tupl
     out["reward_rank"].update({"k": len(groups[0].responses) if groups else 0, "n": len(ranks["after"]),
                                "critique_mode": mode})
     events.metrics(eval_reward_rank_before=out["reward_rank"]["before"],
-                   eval_reward_rank_after=out["reward_rank"]["after"])
+                   eval_reward_rank_after=out["reward_rank"]["after"],
+                   eval_well_formed_before=out["well_formed"]["before"],
+                   eval_well_formed_after=out["well_formed"]["after"])
     wr = win_rate(win_after, win_before)
     wr["critique_mode"] = mode
     if out["well_formed"]["before"] < ec.min_well_formed:
@@ -220,6 +223,7 @@ def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tupl
               "withheld": f"only {100 * out['well_formed']['before']:.1f}% of the starting policy's answers are "
                           f"well-formed (eval.min_well_formed = {ec.min_well_formed}): a win rate against it "
                           "measures how the reward model extrapolates to malformed text, not the policy"}
+        events.info(f"win rate after vs before DPO not reported: {wr['withheld']}")
     else:
         events.metrics(eval_win_rate=wr["win_rate"])
     out["win_rate"] = wr
