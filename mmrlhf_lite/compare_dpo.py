@@ -130,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = compare(a.recipe, out, seeds, noises, methods, a.overrides, a.reward_from)
+    from .recipe import RecipeError, load_recipe
+    try:  # every run reads this resolved copy: editing the recipe while the comparison runs changes none
+        frozen = out / "recipe.yaml"
+        load_recipe(a.recipe).save(frozen)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = compare(str(frozen), out, seeds, noises, methods, a.overrides, a.reward_from)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = table(results, methods)
     (out / "table.md").write_text(md)
