@@ -63,8 +63,7 @@ def test_reward_margins_follow_the_human_ranking(demo):
     """Spearman(delta, human rank gap) on held-out pairs: the margins MM-DPO scales beta with carry signal."""
     rm = demo["report"]["reward_model"]
     corr = {m: r["delta_rank"]["spearman"] for m, r in rm["modes"].items()}
-    print(f"
-held-out Spearman(delta, rank gap): {corr}; beta_i {demo['report']['margins']['beta']}")
+    print(f"\nheld-out Spearman(delta, rank gap): {corr}; beta_i {demo['report']['margins']['beta']}")
     assert corr["given"] > 0.5 and corr["generate"] > 0.3 and corr["none"] > 0.3
     assert (demo["root"] / "mm_dpo" / "score" / "beta_hist.png").exists()
 
