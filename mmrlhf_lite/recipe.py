@@ -97,6 +97,9 @@ class DataConfig:
     eval_fraction: float = _f(0.15, "Share of groups held out for evaluation (split by group).", ge=0, lt=1)
     eval_path: str | None = _f(None, "Separate evaluation data (replaces the split when given).")
     split_seed: int = _f(0, "Seed of the deterministic train/eval split.")
+    label_noise: float = _f(0.0, "Share of the training groups' ranked pairs flipped on purpose (each pair with "
+                            "this probability, seeded by split_seed): a label-noise experiment; held-out groups "
+                            "keep their labels. 0 = off.", ge=0, le=1)
     max_groups: int | None = _f(None, "Use at most this many groups (after validation).", gt=0)
     on_error: str = _f("raise", "`raise` stops at the first bad row; `skip` drops it and counts it by reason.",
                        choices=("raise", "skip"))
@@ -137,6 +140,13 @@ class RewardConfig:
     w_tie: float = _f(0.1, "Weight of the tie loss mean((r_c - r_r)^2) on tied pairs.", ge=0)
     w_center: float = _f(0.01, "Weight of the centering loss mean((r_c + r_r)^2).", ge=0)
     w_crit: float = _f(1.0, "Weight of the critique cross-entropy (critique tokens only).", ge=0)
+    response_logp_weight: float = _f(0.0, "Score = head + this weight * mean log-prob of the response's tokens "
+                                     "under the reward model's own LM (image and question in context; trained "
+                                     "through the ranking loss, like a reference-free DPO reward). 0 = the "
+                                     "paper's head alone. Saved with the model, so every scorer applies it.", ge=0)
+    w_response_rank: float = _f(1.0, "With response_logp_weight > 0: weight of a Bradley-Terry loss on that "
+                                "log-prob term alone (the joint loss stops teaching it once the head reads the "
+                                "critiques' verdicts).", ge=0)
     margin_scale: float = _f(0.0, "Bradley-Terry margin = margin_scale * (score gap) when scores are given; "
                              "0 = plain BT.", ge=0)
     critique_mode: str = _f("generate", "How `score` gets critiques: `generate` (the model writes them), "
@@ -178,9 +188,14 @@ class DpoConfig:
 class EvalConfig:
     critique_modes: list = _f(["given", "none", "generate"], "Reward-bench critique modes to report.")
     max_groups: int | None = _f(None, "Evaluate at most this many held-out groups.", gt=0)
-    policy_samples: int = _f(1, "Answers sampled per held-out prompt for the win-rate (before vs after DPO).",
+    policy_samples: int = _f(1, "Answers per held-out prompt for the policy metrics before vs after DPO (1 = "
+                             "greedy; more are sampled at temperature 1).",
                              ge=0)
     max_new_tokens: int = _f(48, "Longest generated policy answer.", gt=0)
+    min_well_formed: float = _f(0.5, "The win rate after vs before DPO is reported only when at least this share "
+                                "of the starting policy's answers is well-formed (non-empty, clean text, >= 80% "
+                                "of its words among the group's responses' words); else the report says why.",
+                                ge=0, le=1)
 
 
 @dataclass

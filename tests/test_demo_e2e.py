@@ -3,7 +3,8 @@ the image, measured on held-out groups, and MM-DPO is reported side by side with
 
 The score stage uses the dataset's critiques here (`reward.critique_mode=given`) to keep CI time down;
 `bash scripts/demo.sh` runs the recipe as shipped (generated critiques). The eval stage still reports
-the reward bench in all three critique modes on 40 held-out groups.
+the reward bench in all three critique modes on all held-out groups, and the floors of the `generate`
+and `none` modes are asserted there (docs/demo.md, "Reward model").
 
     python -m pytest -q tests/test_demo_e2e.py -s
 """
@@ -18,6 +19,8 @@ from mmrlhf_lite.train import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+# held-out Acc floors of the shipped demo recipe (docs/demo.md)
+FLOOR_GIVEN, FLOOR_GENERATE, FLOOR_NONE = 0.95, 0.85, 0.80
 
 
 def _stage_seconds(run_dir: Path) -> dict:
@@ -33,8 +36,7 @@ def _stage_seconds(run_dir: Path) -> dict:
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", [
-        f"run.dir={root / 'mm_dpo'}", f"cache.dir={root / 'cache'}", "reward.critique_mode=given",
-        "eval.max_groups=40"])
+        f"run.dir={root / 'mm_dpo'}", f"cache.dir={root / 'cache'}", "reward.critique_mode=given"])
     start = time.time()
     run_pipeline(recipe, echo=False)
     wall = time.time() - start
@@ -49,10 +51,21 @@ def test_reward_model_learns_from_critiques(demo):
           f"none {rm['modes']['none']['overall']['acc']:.3f}; generate {rm['modes']['generate']['overall']['acc']:.3f}; "
           f"reward stage {demo['seconds']['reward']:.0f} s")
     assert 0.3 <= before <= 0.7          # an untrained head ranks at chance
-    assert after >= 0.9
-    assert rm["modes"]["given"]["overall"]["acc_plus"] >= 0.7
     assert set(rm["modes"]) == {"given", "none", "generate"}
-    assert demo["seconds"]["reward"] < 300
+    assert after >= FLOOR_GIVEN
+    assert rm["modes"]["given"]["overall"]["acc_plus"] >= 0.7
+    assert rm["modes"]["generate"]["overall"]["acc"] >= FLOOR_GENERATE
+    assert rm["modes"]["none"]["overall"]["acc"] >= FLOOR_NONE
+    assert demo["seconds"]["reward"] < 600
+
+
+def test_reward_margins_follow_the_human_ranking(demo):
+    """Spearman(delta, human rank gap) on held-out pairs: the margins MM-DPO scales beta with carry signal."""
+    rm = demo["report"]["reward_model"]
+    corr = {m: r["delta_rank"]["spearman"] for m, r in rm["modes"].items()}
+    print(f"\nheld-out Spearman(delta, rank gap): {corr}; beta_i {demo['report']['margins']['beta']}")
+    assert corr["given"] > 0.5 and corr["generate"] > 0.3 and corr["none"] > 0.3
+    assert (demo["root"] / "mm_dpo" / "score" / "beta_hist.png").exists()
 
 
 def test_generated_critiques_name_the_right_answer_more_often(demo):
@@ -65,10 +78,15 @@ def test_generated_critiques_name_the_right_answer_more_often(demo):
 
 def test_mm_dpo_learns_from_the_image(demo):
     pol = demo["report"]["policy"]
-    print(f"\nMM-DPO held-out implicit accuracy {pol['implicit_accuracy']:.3f}; "
-          f"win rate {pol['win_rate']['win_rate']:.3f}; stages {demo['seconds']}")
+    print(f"\nMM-DPO held-out implicit accuracy {pol['implicit_accuracy']:.3f}; right answers "
+          f"{pol['right_answers']}; reward rank {pol['reward_rank']}; well-formed {pol['well_formed']}; "
+          f"win rate {pol['win_rate']}; stages {demo['seconds']}")
     assert pol["implicit_accuracy"] >= 0.8
-    assert pol["win_rate"]["win_rate"] > 0.5
+    ra, rr = pol["right_answers"], pol["reward_rank"]
+    assert ra["after"] >= ra["before"] + 0.2   # its own answers are right more often
+    assert rr["after"] < rr["before"]          # and the reward model ranks them higher among the K
+    wr = pol["win_rate"]
+    assert wr["win_rate"] is None and wr["withheld"] or wr["win_rate"] > 0.5
 
 
 def test_plain_dpo_side_by_side(demo):

@@ -200,7 +200,8 @@ def test_saved_adapter_reproduces_log_probs_and_reward_head(tiny_qwen2_vl_xs, gr
     head_state = {k: v.clone() for k, v in unwrap(model).reward_head.modules_to_save["default"].state_dict().items()}
     out = save_adapter(model, tmp_path / "adapter", stage="reward")
     meta = (out / "mmrlhf_lite.json").read_text()
-    assert '"reward_head": {\n    "kind": "mlp",\n    "dropout": 0.1\n  }' in meta and '"stage": "reward"' in meta
+    assert ('"reward_head": {\n    "kind": "mlp",\n    "dropout": 0.1,\n    "response_logp_weight": 0.0\n  }'
+            in meta) and '"stage": "reward"' in meta
 
     loaded, processor2 = load_model(cfg, adapter=out, trainable=False)  # head kind/dropout from the JSON
     assert not any(p.requires_grad for p in loaded.parameters())

@@ -44,3 +44,34 @@ def test_all_stages_small(tmp_path):
     events2, _ = read_events(run)
     assert [e for e in events2[len(events):] if e["type"] == "stage_start"] == []
     assert ctx2.run.is_done("eval")
+
+
+def test_policy_metrics_with_several_samples(tmp_path, monkeypatch):
+    """policy_samples = 2: every sample stays with its own group (the samples listed per group, the rank
+    metric over all of them), and the reward bench before training samples as many critiques as after."""
+    from mmrlhf_lite.reward.scorer import RewardScorer
+
+    calls = []
+    real = RewardScorer.score_groups
+
+    def recording(self, groups, mode="generate", **kw):  # the real scorer, its arguments recorded
+        calls.append((mode, kw.get("n_samples", 1)))
+        return real(self, groups, mode, **kw)
+
+    monkeypatch.setattr(RewardScorer, "score_groups", recording)
+    recipe = load_recipe(None, SMALL + [f"run.dir={tmp_path / 'run'}", "reward.critique_mode=given",
+                                        "eval.policy_samples=2", "reward.n_samples=2", "reward.max_new_tokens=4"])
+    run_pipeline(recipe, echo=False)
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    pol = report["policy"]
+    assert all(len(s["after"]) == 2 and len(s["before"]) == 2 for s in pol["samples"])
+    assert len({s["group"] for s in pol["samples"]}) == len(pol["samples"])
+    assert pol["reward_rank"]["n"] == 2 * report["groups"]
+    assert 1 <= pol["reward_rank"]["after"] <= 1 + pol["reward_rank"]["k"]
+    assert 0 <= pol["well_formed"]["before"] <= 1 and pol["right_answers"]["n"] > 0
+    # the xs model writes byte soup before training: no win rate against it, and the report says why
+    assert pol["win_rate"]["win_rate"] is None and "well-formed" in pol["win_rate"]["withheld"]
+    assert "not reported" in (tmp_path / "run" / "eval" / "report.md").read_text()
+    bench = [n for mode, n in calls if mode in ("given", "none", "generate")]
+    assert bench and set(bench) == {2}, calls
+    assert report["margins"]["beta"]["n"] > 0 and (tmp_path / "run" / "score" / "beta_hist.png").exists()

@@ -26,6 +26,27 @@ def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int 
     return train, evals
 
 
+def flip_pairs(groups, fraction: float, seed: int):
+    """Label noise for robustness experiments: each ranked pair of each group is flipped with probability
+    `fraction` (deterministic from `seed` and the group id); the groups then carry explicit pairs (and
+    their ties). Returns (new groups, number of flipped pairs)."""
+    import dataclasses
+    import random
+
+    out, flipped = [], 0
+    for g in groups:
+        rng = random.Random(f"{seed}:{g.id}")
+        pairs = []
+        for b, w in g.pairs():
+            if rng.random() < fraction:
+                pairs.append((w, b))
+                flipped += 1
+            else:
+                pairs.append((b, w))
+        out.append(dataclasses.replace(g, explicit_pairs=pairs, explicit_ties=g.ties()))
+    return out, flipped
+
+
 def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
     """Load, validate and split the recipe's data -> (train_groups, eval_groups).
 
@@ -53,6 +74,10 @@ def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
         train = groups
     else:
         train, evals = split_groups(groups, cfg.eval_fraction, cfg.split_seed)
+    if cfg.label_noise:
+        train, flipped = flip_pairs(train, cfg.label_noise, cfg.split_seed)
+        events.warning(f"data.label_noise={cfg.label_noise}: {flipped} ranked training pairs flipped on purpose "
+                       "(held-out groups keep their labels)", stage="data")
     fmts = ", ".join(sorted(set(result.formats.values())))
     skipped = f"; {sum(result.skipped.values())} rows skipped" if result.skipped else ""
     events.info(f"data: {len(train)} train groups, {len(evals)} eval groups from {path} ({fmts}{skipped})",

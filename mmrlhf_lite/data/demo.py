@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -120,6 +121,18 @@ def _values(attr: str) -> list:
 def asked_value(kind: str, f: dict) -> str:
     """The right answer to a demo question (also used by the eval's critique check)."""
     return {"colour": f["colour"], "shape": f["shape"], "count": COUNT_WORDS[f["count"]], "size": f["size"]}[kind]
+
+
+def answer_correct(group: PreferenceGroup, text: str) -> bool | None:
+    """Whether a free-form answer to a demo group gives the right value of the asked attribute and no
+    other value of it; None when the group does not know its right answer (safety prompts, other data)."""
+    facts = (group.meta or {}).get("facts")
+    if not facts or group.category not in KINDS:
+        return None
+    right = asked_value(group.category, facts)
+    ws = set(re.findall(r"[a-z]+", text.lower()))
+    named = {v for v in _values(group.category) if v in ws}
+    return named == {right}
 
 
 def _critique(kind: str, f: dict, asked: str, detail: str, detail_attr: str, right_a: str, right_d: str) -> str:

@@ -9,6 +9,7 @@ Both overall and per category.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -59,6 +60,26 @@ def merge_by_id(groups: list[ScoredGroup]) -> list[ScoredGroup]:
             m.pairs.extend((b + off, w + off) for b, w in g.pairs)
             m.rank_ties += g.rank_ties
     return list(merged.values())
+
+
+_WORD = re.compile(r"[^\W\d_]+|\d+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def well_formed(answer: str, references: list[str], min_known: float = 0.8) -> bool:
+    """A policy answer is well-formed when it is non-empty, decodes cleanly (no U+FFFD) and at least
+    `min_known` of its words occur among the words of the group's own responses: it speaks the language
+    and format of the data (the untrained tiny model writes e.g. "answer gray\ufffdtriangle**in*etaile")."""
+    if not answer.strip() or "\ufffd" in answer:
+        return False
+    ws = words(answer)
+    if not ws:
+        return False
+    known = {w for r in references for w in words(r)}
+    return sum(w in known for w in ws) >= min_known * len(ws)
 
 
 def win_rate(after: list[float], before: list[float]) -> dict:

@@ -1,6 +1,8 @@
 """Stage `eval`: reward-model bench (Acc / Acc+ per category, per critique mode, before vs after
-training), critique quality on the demo set, and the policy's held-out implicit reward accuracy and
-reward-model win rate of its answers after vs before MM-DPO. Writes `eval/report.json` and
+training), critique quality on the demo set, and the policy: held-out implicit reward accuracy, and of
+its own answers before vs after MM-DPO the share that is right (when the data knows the right answer),
+the share that is well-formed, the reward model's rank among the group's K responses, and a win rate
+(withheld when the starting policy's answers are not well-formed). Writes `eval/report.json` and
 `eval/report.md`.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages eval
@@ -22,6 +24,7 @@ from ..models.generation import generate_after
 from ..models.loading import load_model
 from ..models.packing import use_packing
 from ..runs import write_atomic
+from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate
 from .report import format_report
 
@@ -57,6 +60,7 @@ def critique_fact_rate(groups: list[PreferenceGroup], critiques: list[list[list[
 
 def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
     from ..reward.scorer import RewardScorer
+    from ..reward.trainer import head_settings
 
     recipe, events = ctx.recipe, ctx.events
     rc, ec = recipe.reward, recipe.eval
@@ -70,14 +74,16 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
         return out
     # before training: the base model with a fresh (untrained) head and zero LoRA
     torch.manual_seed(recipe.run.seed)
-    base, processor = load_model(recipe.model, reward_head={"kind": rc.head, "dropout": rc.head_dropout},
+    base, processor = load_model(recipe.model, reward_head=head_settings(rc),
                                  trainable=False)
     scorer = RewardScorer(base, processor, max_length=rc.train.max_length, max_frames=recipe.data.max_frames,
                           packing=recipe.model.packing, attn_implementation=recipe.model.attn_implementation)
     for m in modes:
         t = time.time()
-        scored = scorer.score_groups(groups, m, max_new_tokens=rc.max_new_tokens,
-                                     batch_size=rc.generation_batch_size, seed=recipe.run.seed)
+        # scored exactly as after training (same samples per critique), so before vs after compares models only
+        scored = scorer.score_groups(groups, m, n_samples=rc.n_samples, temperature=rc.temperature,
+                                     max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                     seed=recipe.run.seed)
         out["before"][m] = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
         out["before"][m]["seconds"] = round(time.time() - t, 1)
         if m == "generate":
@@ -96,12 +102,14 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
                                      seed=recipe.run.seed)
         res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
         res["seconds"] = round(time.time() - t, 1)
+        res["delta_rank"] = delta_rank_correlation(groups, [[s.score for s in g] for g in scored])
         if m == "generate":
             res["critique_fact_rate"] = critique_fact_rate(groups, [[s.critiques for s in g] for g in scored])
             res["examples"] = [{"group": g.id, "response": g.responses[0].text, "critique": sc[0].critiques[0]}
                                for g, sc in list(zip(groups, scored))[:3]]
         out["modes"][m] = res
-        events.metrics(**{f"reward_acc_{m}": res["overall"]["acc"], f"reward_acc_plus_{m}": res["overall"]["acc_plus"]})
+        events.metrics(**{f"reward_acc_{m}": res["overall"]["acc"], f"reward_acc_plus_{m}": res["overall"]["acc_plus"],
+                          f"delta_rank_spearman_{m}": res["delta_rank"]["spearman"]})
     _free(scorer)
     return out
 
@@ -110,7 +118,6 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
 def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
     from ..cache.reference import reference_logps
     from ..dpo.trainer import policy_dir, policy_forward
-    from ..reward.scorer import RewardScorer
 
     recipe, events = ctx.recipe, ctx.events
     adapter = policy_dir(ctx.run_dir)
@@ -135,33 +142,97 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
                                              [g.pairs() for g in groups])["implicit_accuracy"]
     events.metrics(eval_implicit_accuracy=out["implicit_accuracy"])
     ec = recipe.eval
-    if ec.policy_samples > 0 and (ctx.reward_model_dir() / "adapter_config.json").exists():
-        prompts = [(encoder.policy_prompt(g), []) for g in groups for _ in range(ec.policy_samples)]
+    if ec.policy_samples > 0:
+        n = ec.policy_samples
+        prompts = [(encoder.policy_prompt(g), []) for g in groups for _ in range(n)]
         kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens,
-                  do_sample=ec.policy_samples > 1, temperature=1.0, seed=recipe.run.seed,
+                  do_sample=n > 1, temperature=1.0, seed=recipe.run.seed,
                   batch_size=recipe.reward.generation_batch_size)
         after = generate_after(model, spec, processor, prompts, **kw)
         with model.disable_adapter():
             before = generate_after(model, spec, processor, prompts, **kw)
         _free(model)
-        rc = recipe.reward
-        scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
-                                           max_frames=recipe.data.max_frames)
-        pairs_groups = []
-        for i, (a, b) in enumerate(zip(after, before)):
-            g = groups[i // ec.policy_samples]
-            pairs_groups.append(PreferenceGroup(id=f"{g.id}#{i}", prompt=g.prompt, images=g.images, video=g.video,
-                                                responses=[Response(a or " "), Response(b or " ")]))
-        # policy answers have no dataset critique: `given` falls back to generating one
-        mode = "generate" if rc.critique_mode == "given" else rc.critique_mode
-        scored = scorer.score_groups(pairs_groups, mode, max_new_tokens=rc.max_new_tokens,
-                                     batch_size=rc.generation_batch_size, seed=recipe.run.seed)
-        out["win_rate"] = win_rate([s[0].score for s in scored], [s[1].score for s in scored])
-        out["win_rate"]["critique_mode"] = mode
-        out["samples"] = [{"group": g.id, "before": b, "after": a} for g, a, b in list(zip(groups, after, before))[:3]]
-        events.metrics(eval_win_rate=out["win_rate"]["win_rate"])
-        _free(scorer)
+        # answers[g] = (after samples, before samples) of group g: prompts were laid out group by group
+        answers = [(after[i * n:(i + 1) * n], before[i * n:(i + 1) * n]) for i in range(len(groups))]
+        out.update(policy_answer_metrics(ctx, groups, answers))
+        out["samples"] = [{"group": g.id, "before": b, "after": a} for g, (a, b) in list(zip(groups, answers))[:3]]
     return out
+
+
+def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tuple[list[str], list[str]]]) -> dict:
+    """Metrics of the policy's own answers before vs after MM-DPO (answers[g] = (after, before) samples):
+    share of right answers (data whose right answer is known: the demo's `meta`), share of well-formed
+    answers, the reward model's rank of each answer among its group's K responses (1 = above all of
+    them), and the win rate after vs before, reported only when the answers before are well-formed."""
+    from ..data.demo import answer_correct
+    from ..reward.scorer import RewardScorer
+    from .metrics import well_formed
+
+    recipe, events, ec, rc = ctx.recipe, ctx.events, ctx.recipe.eval, ctx.recipe.reward
+    out: dict = {}
+    right = {"after": [], "before": []}
+    formed = {"after": [], "before": []}
+    for g, (a, b) in zip(groups, answers):
+        for side, texts in (("after", a), ("before", b)):
+            for t in texts:
+                formed[side].append(well_formed(t, [r.text for r in g.responses]))
+                ok = answer_correct(g, t)
+                if ok is not None:
+                    right[side].append(ok)
+    if right["after"]:
+        out["right_answers"] = {side: sum(v) / len(v) for side, v in right.items()} | {"n": len(right["after"])}
+        events.metrics(eval_right_answers_before=out["right_answers"]["before"],
+                       eval_right_answers_after=out["right_answers"]["after"])
+    out["well_formed"] = {side: sum(v) / len(v) for side, v in formed.items()} | {"n": len(formed["after"])}
+    if not (ctx.reward_model_dir() / "adapter_config.json").exists():
+        return out
+    scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
+                                       max_frames=recipe.data.max_frames)
+    # policy answers have no dataset critique: `given` falls back to generating one
+    mode = "generate" if rc.critique_mode == "given" else rc.critique_mode
+    # one group per prompt: its K responses, then every after and before answer, scored alike
+    scoring = [PreferenceGroup(id=g.id, prompt=g.prompt, images=g.images, video=g.video,
+                               responses=[Response(r.text) for r in g.responses]
+                               + [Response(t or " ") for t in a + b]) for g, (a, b) in zip(groups, answers)]
+    scored = scorer.score_groups(scoring, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                 max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                 seed=recipe.run.seed)
+    _free(scorer)
+    ranks = {"after": [], "before": []}
+    win_after, win_before = [], []
+    for g, (a, b), sc in zip(groups, answers, scored):
+        k = len(g.responses)
+        own = [s.score for s in sc[:k]]
+        extra = [s.score for s in sc[k:]]
+        for side, vals in (("after", extra[:len(a)]), ("before", extra[len(a):])):
+            ranks[side] += [answer_rank(v, own) for v in vals]
+        win_after += extra[:len(a)]
+        win_before += extra[len(a):]
+    out["reward_rank"] = {side: sum(v) / len(v) for side, v in ranks.items()}
+    out["reward_rank"].update({f"top_{side}": sum(r == 1 for r in v) / len(v) for side, v in ranks.items()})
+    out["reward_rank"].update({"k": len(groups[0].responses) if groups else 0, "n": len(ranks["after"]),
+                               "critique_mode": mode})
+    events.metrics(eval_reward_rank_before=out["reward_rank"]["before"],
+                   eval_reward_rank_after=out["reward_rank"]["after"],
+                   eval_well_formed_before=out["well_formed"]["before"],
+                   eval_well_formed_after=out["well_formed"]["after"])
+    wr = win_rate(win_after, win_before)
+    wr["critique_mode"] = mode
+    if out["well_formed"]["before"] < ec.min_well_formed:
+        wr = {"win_rate": None, "n": wr["n"], "critique_mode": mode,
+              "withheld": f"only {100 * out['well_formed']['before']:.1f}% of the starting policy's answers are "
+                          f"well-formed (eval.min_well_formed = {ec.min_well_formed}): a win rate against it "
+                          "measures how the reward model extrapolates to malformed text, not the policy"}
+        events.info(f"win rate after vs before DPO not reported: {wr['withheld']}")
+    else:
+        events.metrics(eval_win_rate=wr["win_rate"])
+    out["win_rate"] = wr
+    return out
+
+
+def answer_rank(score: float, group_scores: list[float]) -> float:
+    """1 + the number of the group's responses scored above `score` (an exact tie counts half)."""
+    return 1 + sum(1.0 if s > score else 0.5 if s == score else 0.0 for s in group_scores)
 
 
 def run_stage(ctx) -> dict:
@@ -181,6 +252,10 @@ def run_stage(ctx) -> dict:
         if s and s.get("train_seconds") is not None:
             stage_seconds[st] = s["train_seconds"]
     report["reward_model"] = eval_reward_model(ctx, evals)
+    score = ctx.run.status("score") or {}
+    if score.get("beta"):  # the margins MM-DPO trained with (stage score, recipe critique mode)
+        report["margins"] = {k: score.get(k) for k in ("mode", "eval_delta_rank_spearman", "eval_delta_rank_pairs",
+                                                       "beta")}
     if ctx.stop_requested():
         raise StageStopped("stopped during evaluation; run again to evaluate")
     report["policy"] = eval_policy(ctx, evals)
@@ -189,10 +264,13 @@ def run_stage(ctx) -> dict:
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(out_dir / "report.md", format_report(report))
     summary = {"reward_acc": {m: r["overall"]["acc"] for m, r in report["reward_model"]["modes"].items()}}
+    if report.get("margins"):
+        summary["delta_rank_spearman"] = report["margins"]["eval_delta_rank_spearman"]
     if report["policy"]:
         summary["implicit_accuracy"] = report["policy"]["implicit_accuracy"]
-        if "win_rate" in report["policy"]:
-            summary["win_rate"] = report["policy"]["win_rate"]["win_rate"]
+        for key, field in (("win_rate", "win_rate"), ("right_answers", "after"), ("reward_rank", "after")):
+            if report["policy"].get(key):
+                summary[key] = report["policy"][key][field]
     return summary
 
 

@@ -30,6 +30,19 @@ def format_report(report: dict) -> str:
     rm = report.get("reward_model") or {}
     lines += bench_table("Reward model after training", rm.get("modes", {}))
     lines += bench_table("Reward model before training (zero LoRA, untrained head)", rm.get("before", {}))
+    corr = {m: (r.get("delta_rank") or {}).get("spearman") for m, r in rm.get("modes", {}).items()}
+    if any(v is not None for v in corr.values()):
+        lines.append("Spearman correlation of the reward delta with the human rank gap (held-out pairs): "
+                     + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in corr.items()) + ".")
+        lines.append("")
+    mg = report.get("margins")
+    if mg and mg.get("beta", {}).get("n"):
+        b = mg["beta"]
+        sp = mg.get("eval_delta_rank_spearman")
+        lines += [f"Margins used by MM-DPO (stage score, mode {mg.get('mode')}): held-out Spearman(delta, rank gap) "
+                  f"{'-' if sp is None else f'{sp:.3f}'}; beta_i over {b['n']} training pairs: min {b['min']:.4f}, "
+                  f"p10 {b['p10']:.4f}, median {b['median']:.4f}, p90 {b['p90']:.4f}, max {b['max']:.4f} "
+                  "(histogram: score/beta_hist.png).", ""]
     for label, section in (("after", rm.get("modes", {})), ("before", rm.get("before", {}))):
         fact = (section.get("generate") or {}).get("critique_fact_rate")
         if fact:
@@ -42,11 +55,25 @@ def format_report(report: dict) -> str:
                   f"- implicit reward accuracy on held-out pairs: {_f(pol['implicit_accuracy'])} "
                   f"({pol['pairs']} pairs; mean log-ratio margin {_f(pol['mean_logratio_margin'], False)})",
                   f"- plain log-prob ranking accuracy of the policy: {_f(pol.get('logp_accuracy'))}"]
+        ra = pol.get("right_answers")
+        if ra:
+            lines.append(f"- right answers of the policy's own generations (the data knows the right answer): "
+                         f"{_f(ra['before'])} before -> {_f(ra['after'])} after DPO ({ra['n']} answers)")
+        wf = pol.get("well_formed")
+        if wf:
+            lines.append(f"- well-formed answers: {_f(wf['before'])} before -> {_f(wf['after'])} after DPO")
+        rr = pol.get("reward_rank")
+        if rr:
+            lines.append(f"- reward-model rank of the policy's answer among the group's {rr['k']} responses "
+                         f"(1 = above all; {rr['critique_mode']} critiques): {rr['before']:.2f} before -> "
+                         f"{rr['after']:.2f} after DPO; ranked first {_f(rr['top_before'])} -> {_f(rr['top_after'])}")
         wr = pol.get("win_rate")
         if wr and wr.get("win_rate") is not None:
             lines.append(f"- reward-model win rate of answers after vs before DPO: {_f(wr['win_rate'])} "
-                         f"over {wr['n']} prompts (mean score {wr['mean_score_after']:.3f} vs "
+                         f"over {wr['n']} answers (mean score {wr['mean_score_after']:.3f} vs "
                          f"{wr['mean_score_before']:.3f})")
+        elif wr and wr.get("withheld"):
+            lines.append(f"- win rate after vs before DPO: not reported: {wr['withheld']}")
         d = report.get("dpo", {})
         lines.append(f"- settings: beta={d.get('beta')} w={d.get('w')} k={d.get('k')} pairs={d.get('pairs')} "
                      f"loss={d.get('loss_type')}")

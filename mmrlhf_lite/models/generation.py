@@ -27,8 +27,9 @@ def _stop_ids(processor, end_of_turn: str) -> list[int]:
 @torch.no_grad()
 def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[dict, list[int]]], *,
                    end_of_turn: str, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                   batch_size: int = 8, seed: int | None = None) -> list[str]:
-    """For each (prefix inputs, context ids): the decoded continuation, cut at the end of turn."""
+                   batch_size: int = 8, seed: int | None = None, return_ids: bool = False) -> list:
+    """For each (prefix inputs, context ids): the decoded continuation, cut at the end of turn.
+    `return_ids`: (text, generated ids up to and including the stop token when one was generated) instead."""
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -62,7 +63,8 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
                                  eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
             for row in gen[:, L:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                texts.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+                text = tok.decode(row[:cut], skip_special_tokens=True).strip()
+                texts.append((text, row[:cut + 1]) if return_ids else text)
     finally:
         if was_training:
             model.train()

@@ -361,7 +361,8 @@ def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, rew
         p.requires_grad_(False)
     if reward_head is not None:
         hidden = model.config.get_text_config().hidden_size
-        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0)).to(
+        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0),
+                                       reward_head.get("response_logp_weight", 0.0)).to(
             device=device, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
@@ -388,7 +389,8 @@ def _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lor
                                                trust_remote_code=cfg.trust_remote_code)
     if reward_head is not None:
         hidden = model.config.get_text_config().hidden_size
-        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0)).to(
+        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0),
+                                       reward_head.get("response_logp_weight", 0.0)).to(
             device=model.device, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
@@ -432,7 +434,8 @@ def save_adapter(model, out_dir: str | os.PathLike, **meta: Any) -> Path:
     head = getattr(base, "reward_head", None)
     info = {"base_model": getattr(model, "mmrlhf", None) and model.mmrlhf.path, **meta}
     if head is not None:
-        info["reward_head"] = {"kind": head.kind, "dropout": head.dropout_p}
+        info["reward_head"] = {"kind": head.kind, "dropout": head.dropout_p,
+                               "response_logp_weight": getattr(head, "response_logp_weight", 0.0)}
     (out / META_FILE).write_text(json.dumps(info, indent=2, default=str))
     return out
 

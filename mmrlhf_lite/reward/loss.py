@@ -74,15 +74,17 @@ def step_counts(pairs: torch.Tensor, ties: torch.Tensor, critique_token_logps_or
 
 def reward_loss(rewards: torch.Tensor, pairs: torch.Tensor, ties: torch.Tensor, critique_token_logps: list,
                 *, w_rank: float = 1.0, w_tie: float = 0.0, w_center: float = 0.01, w_crit: float = 1.0,
-                margins: torch.Tensor | None = None, norm: dict[str, float] | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                margins: torch.Tensor | None = None, center_rewards: torch.Tensor | None = None,
+                norm: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (floats, for logging: this batch's own means). `norm`: the optimizer
-    step's counts (see the module docstring) when this batch is only part of the step."""
+    step's counts (see the module docstring) when this batch is only part of the step. `center_rewards`:
+    the rewards the centering term applies to (default `rewards`; the head's part alone when the score adds
+    a response log-prob term)."""
     n = norm or {}
     bt = bradley_terry(rewards, pairs, margins, n.get("ranked"))
     tie = tie_loss(rewards, ties, n.get("tied"))
     all_pairs = torch.cat([pairs, ties]) if ties.numel() else pairs
-    center = center_loss(rewards, all_pairs, n.get("all"))
+    center = center_loss(rewards if center_rewards is None else center_rewards, all_pairs, n.get("all"))
     total = w_rank * bt + w_tie * tie + w_center * center
     with torch.no_grad():
         parts = {"bt_loss": bradley_terry(rewards, pairs, margins).item(),

@@ -33,6 +33,13 @@ _MARK = "\x1eMMRLHF_RESPONSE\x1e"
 
 
 @dataclass
+class CritiqueBranch(Branch):
+    """A critique-prompt branch; its first `n_response` target tokens (when > 0) are the response's own
+    tokens, whose mean log-prob feeds the score when the head has a response log-prob weight."""
+    n_response: int = 0
+
+
+@dataclass
 class CritiqueParts:
     """Token pieces of one response's critique sequence (after the shared prefix)."""
     context: list[int]   # response + "[Evaluation]:" + end of user turn + assistant header
@@ -61,8 +68,15 @@ class CritiqueEncoder:
         return [user], images, before, after
 
     def encode(self, group: PreferenceGroup, critiques: list[str | None] | None = None,
-               with_critique: bool = True) -> tuple[EncodedGroup, list[CritiqueParts]]:
-        """One EncodedGroup whose branch i scores response i (with critique i when given)."""
+               with_critique: bool = True, response_targets: bool = False,
+               generated: bool = False) -> tuple[EncodedGroup, list[CritiqueParts]]:
+        """One EncodedGroup whose branch i scores response i (with critique i when given).
+
+        `response_targets`: also mark the response's tokens as targets (before the critique's), so that the
+        forward returns their log-probs (`reward.response_logp_weight`).
+        `generated`: the critiques are the model's own; an empty one (the model ended its turn at once) is
+        the end-of-turn token alone, as generated, so the head reads the end-of-turn position as for every
+        other critique, not the no-critique position."""
         messages, images, before, after = self._template_split(group)
         proc, ge = self.encoder.processor, self.encoder
         # the whitespace before the response belongs to its first token (`: The` is `:` + ` The`)
@@ -76,12 +90,25 @@ class CritiqueEncoder:
         parts, branches = [], []
         for r, crit in zip(group.responses, critiques):
             context = ge.join(lead, r.text, after)
-            critique = ge.join(ge.reply_prefix, crit, ge.end_of_turn) if with_critique and crit else []
+            use = with_critique and (bool(crit) or (generated and crit is not None))
+            critique = ge.join(ge.reply_prefix, crit, ge.end_of_turn) if use else []
             parts.append(CritiqueParts(context, critique))
-            branches.append(Branch(ids=context + critique, target=[False] * len(context) + [True] * len(critique)))
+            n_resp = self._response_len(lead, r.text, context) if response_targets else 0
+            branches.append(CritiqueBranch(ids=context + critique, n_response=n_resp,
+                                           target=[True] * n_resp + [False] * (len(context) - n_resp)
+                                           + [True] * len(critique)))
         enc = EncodedGroup(prefix=prefix, branches=branches, group_id=group.id, source=group.source)
         self.encoder.check_length(group, enc, "critique prompt + response + critique")
         return enc, parts
+
+    def _response_len(self, lead: str, text: str, context: list[int]) -> int:
+        """How many leading context tokens are the response's own: the whitespace before it and its text
+        (up to where tokenising it together with the text after it merges differently)."""
+        alone = self.encoder.join(lead, text, "")
+        n = 0
+        while n < min(len(alone), len(context)) and alone[n] == context[n]:
+            n += 1
+        return n
 
     def generation_inputs(self, group: PreferenceGroup) -> tuple[dict, list[list[int]]]:
         """(prefix inputs, per-response context ids): the prompt for generating each critique is

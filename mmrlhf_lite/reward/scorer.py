@@ -28,7 +28,7 @@ from ..models.packing import use_packing
 from ..recipe import ModelConfig, RewardConfig
 from ..runs import write_atomic
 from .prompt import TEMPLATE_VERSION, CritiqueEncoder
-from .trainer import compute_rewards, reward_model_dir
+from .trainer import compute_rewards, response_logp_weight, reward_model_dir
 
 REWARD_CACHE = "reward.jsonl"
 REWARD_FIELDS = {"score": (int, float), "scores": list, "critiques": list}  # the shape a cache line must have
@@ -39,6 +39,7 @@ class ScoredResponse:
     score: float
     scores: list[float]
     critiques: list[str]
+    empty_critiques: int = 0  # generated critiques that were empty (the model ended its turn at once)
 
 
 class RewardScorer:
@@ -80,17 +81,25 @@ class RewardScorer:
                     index.append((gi, ri, si))
         texts = generate_after(self.model, self.spec, self.processor, prompts, end_of_turn=self.encoder.end_of_turn,
                                max_new_tokens=max_new_tokens, do_sample=n_samples > 1, temperature=temperature,
-                               batch_size=batch_size, seed=seed)
+                               batch_size=batch_size, seed=seed, return_ids=True)
         out = [[[""] * n_samples for _ in g.responses] for g in groups]
-        for (gi, ri, si), t in zip(index, texts):
+        eot = self.encoder.tokens(self.encoder.end_of_turn)
+        # scored as text + end of turn: count the critiques whose tokens then differ from those generated
+        # (a stop by length has no end-of-turn token; whitespace stripped at the ends is not re-added)
+        self.retokenized = 0
+        for (gi, ri, si), (t, ids) in zip(index, texts):
             out[gi][ri][si] = t
+            ended = ids[-len(eot):] == eot if eot else False
+            rescored = self.encoder.tokens(t + self.encoder.end_of_turn)
+            self.retokenized += (rescored != ids) if ended else (rescored[:len(rescored) - len(eot)] != ids)
         return out
 
     # ----- scores
     @torch.no_grad()
     def score_with(self, groups: Sequence[PreferenceGroup], critiques: list[list[list[str]]] | None,
-                   batch_groups: int = 4) -> list[list[list[float]]]:
-        """scores[g][r][s]; `critiques=None` scores without critique (mode `none`)."""
+                   batch_groups: int = 4, generated: bool = False) -> list[list[list[float]]]:
+        """scores[g][r][s]; `critiques=None` scores without critique (mode `none`); `generated`: the
+        critiques are the model's own (an empty one is its end-of-turn token, see CritiqueEncoder.encode)."""
         jobs = []  # expand samples into extra branches of the same group (same prefix, same image)
         for gi, g in enumerate(groups):
             n = len(critiques[gi][0]) if critiques is not None else 1
@@ -101,7 +110,9 @@ class RewardScorer:
                   for gi, g in enumerate(groups)]
         for s in range(0, len(jobs), batch_groups):
             chunk = jobs[s:s + batch_groups]
-            encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None)[0] for _, _, g, c in chunk]
+            resp = response_logp_weight(self.model) > 0
+            encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
+                                        generated=generated)[0] for _, _, g, c in chunk]
             rewards, _ = compute_rewards(self.model, self.spec, encoded, self.packed, with_logps=False)
             off = 0
             for gi, si, g, _ in chunk:
@@ -125,8 +136,9 @@ class RewardScorer:
             crits = None
         else:
             raise ValueError(f"unknown critique mode {mode!r}")
-        scores = self.score_with(groups, crits)
-        return [[ScoredResponse(score=sum(sc) / len(sc), scores=sc, critiques=crits[gi][ri] if crits else [])
+        scores = self.score_with(groups, crits, generated=mode == "generate")
+        return [[ScoredResponse(score=sum(sc) / len(sc), scores=sc, critiques=crits[gi][ri] if crits else [],
+                                empty_critiques=sum(not c for c in crits[gi][ri]) if mode == "generate" else 0)
                  for ri, sc in enumerate(group_scores)] for gi, group_scores in enumerate(scores)]
 
     def score_answers(self, image, question: str, answers: list[str], mode: str = "generate",
@@ -273,6 +285,10 @@ def run_stage(ctx) -> dict:
         records, computed = [by_index[id(g)] for g in groups], n_a + n_b
     else:
         records, computed = score_into_cache(ctx, groups, mode, store, factory)
+    empty = sum(c == "" for recs in records for r in recs if r.get("mode") == "generate" for c in r["critiques"])
+    if empty:
+        events.warning(f"{empty} generated critique(s) are empty (the model ended its turn at once); they are "
+                       "scored at their end-of-turn token, like every other critique")
     split = {g.id: "eval" for g in evals}
     out_dir = ctx.run.stage_dir("score")
     if distributed.is_main():  # every rank holds all records; rank 0 writes the margins
@@ -280,4 +296,34 @@ def run_stage(ctx) -> dict:
                       splits=["train"] * len(train) + ["eval"] * len(evals))
     n = sum(len(g.responses) for g in groups)
     events.info(f"scored {n} responses ({computed} computed, {n - computed} from cache) in mode {mode}")
-    return {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}
+    result = {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}
+    if mode == "generate":
+        result["empty_critiques"] = empty
+    result.update(margin_summary(recipe, groups, records, split, out_dir / BETA_HISTOGRAM))
+    if result.get("eval_delta_rank_spearman") is not None:
+        events.metrics(eval_delta_rank_spearman=result["eval_delta_rank_spearman"])
+    return result
+
+
+BETA_HISTOGRAM = "beta_hist.png"
+
+
+def margin_summary(recipe, groups, records, split: dict[str, str], png: Path) -> dict:
+    """Held-out Spearman(delta, human rank gap), the spread of the training pairs' beta_i, and their
+    histogram written to `png`."""
+    from ..evaluate.margins import beta_spread, delta_rank_correlation, write_beta_histogram
+
+    dc = recipe.dpo
+    scores = [[r["score"] for r in recs] for recs in records]
+    held = [(g, s) for g, s in zip(groups, scores) if split.get(g.id) == "eval"]
+    out = {}
+    if held:
+        corr = delta_rank_correlation([g for g, _ in held], [s for _, s in held])
+        out["eval_delta_rank_spearman"] = corr["spearman"]
+        out["eval_delta_rank_pairs"] = corr["pairs"]
+    train_deltas = [s[b] - s[w] for g, s in zip(groups, scores) if split.get(g.id) != "eval" for b, w in g.pairs()]
+    if train_deltas:
+        out["beta"] = beta_spread(train_deltas, dc.beta, dc.w, dc.k, dc.beta_floor)
+        write_beta_histogram(png, train_deltas, dc.beta, dc.w, dc.k, dc.beta_floor,
+                             title=f"{len(train_deltas)} training pairs, critique mode {recipe.reward.critique_mode}")
+    return out

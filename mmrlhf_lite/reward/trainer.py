@@ -21,7 +21,7 @@ from ..models.loading import load_model, save_adapter, unwrap
 from ..models.packing import group_forward, use_packing
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
-from .loss import reward_loss, step_counts
+from .loss import bradley_terry, reward_loss, step_counts
 from .prompt import TEMPLATE_VERSION, CritiqueEncoder
 
 
@@ -40,14 +40,15 @@ def pair_tensors(groups, offsets: list[int], margin_scale: float = 0.0):
 
 
 class RewardCollator:
-    def __init__(self, critique_encoder: CritiqueEncoder, margin_scale: float):
+    def __init__(self, critique_encoder: CritiqueEncoder, margin_scale: float, response_targets: bool = False):
         self.enc = critique_encoder
         self.margin_scale = margin_scale
+        self.response_targets = response_targets
 
     def __call__(self, groups) -> dict:
         encoded, offsets, n, critiques = [], [], 0, 0
         for g in groups:
-            e, parts = self.enc.encode(g)
+            e, parts = self.enc.encode(g, response_targets=self.response_targets)
             encoded.append(e)
             critiques += sum(1 for p in parts if p.critique)
             offsets.append(n)
@@ -57,12 +58,29 @@ class RewardCollator:
                 "margins": margins if self.margin_scale else None}
 
 
-def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool):
-    """(rewards (N,), per-branch target token log-probs) for a list of encoded critique groups."""
-    out = group_forward(model, spec, encoded, packed=packed, logps=with_logps, hidden=True)
+def response_logp_weight(model) -> float:
+    """The head's weight on the response's mean token log-prob (0 = the paper's head alone)."""
+    return float(getattr(unwrap(model).reward_head, "response_logp_weight", 0.0) or 0.0)
+
+
+def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, head_part: bool = False):
+    """(rewards (N,), per-branch critique token log-probs) for a list of encoded critique groups.
+
+    reward = head(h at the branch's last token) [+ response_logp_weight * mean log p(response tokens)
+    when the branches mark the response's tokens as targets (CritiqueEncoder.encode(response_targets=True))].
+    `head_part`: also return the head's part alone (the centering loss keeps that part near 0; the
+    log-prob part is centred by nothing, since pulling it toward 0 would raise every response's likelihood)."""
+    n_resp = [getattr(b, "n_response", 0) for e in encoded for b in e.branches]
+    need_resp = any(n_resp)
+    out = group_forward(model, spec, encoded, packed=packed, logps=with_logps or need_resp, hidden=True)
     head = unwrap(model).reward_head
-    rewards = head(torch.stack(out.last_hidden))
-    return rewards, out.token_logps
+    head_rewards = rewards = head(torch.stack(out.last_hidden))
+    crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if out.token_logps else out.token_logps
+    if need_resp:
+        w = response_logp_weight(model)
+        resp = torch.stack([t[:n].mean() if n else t.new_zeros(()) for t, n in zip(out.token_logps, n_resp)])
+        rewards = head_rewards + w * resp.to(head_rewards.dtype)
+    return (rewards, crit, head_rewards) if head_part else (rewards, crit)
 
 
 class RewardTrainer(GroupTrainer):
@@ -75,12 +93,29 @@ class RewardTrainer(GroupTrainer):
 
     def group_loss(self, model, batch, norm=None):
         c = self.cfg
-        rewards, token_logps = compute_rewards(model, self.spec, batch["encoded"], self.packed, c.w_crit > 0)
-        return reward_loss(rewards, batch["pairs"].to(rewards.device), batch["ties"].to(rewards.device),
-                           token_logps if c.w_crit > 0 else [], w_rank=c.w_rank, w_tie=c.w_tie,
-                           w_center=c.w_center, w_crit=c.w_crit,
-                           margins=None if batch["margins"] is None else batch["margins"].to(rewards.device),
-                           norm=norm)
+        rewards, token_logps, head_rewards = compute_rewards(model, self.spec, batch["encoded"], self.packed,
+                                                             c.w_crit > 0, head_part=True)
+        pairs = batch["pairs"].to(rewards.device)
+        margins = None if batch["margins"] is None else batch["margins"].to(rewards.device)
+        loss, parts = reward_loss(rewards, pairs, batch["ties"].to(rewards.device),
+                                  token_logps if c.w_crit > 0 else [], w_rank=c.w_rank, w_tie=c.w_tie,
+                                  w_center=c.w_center, w_crit=c.w_crit, center_rewards=head_rewards, margins=margins,
+                                  norm=norm)
+        if c.response_logp_weight > 0 and c.w_response_rank > 0:
+            # the log-prob part ranked on its own: once the head reads the critiques' verdicts the joint
+            # ranking loss is near 0 and would leave the LM's own reading of the image untrained
+            lm_part = rewards - head_rewards
+            lm_bt = bradley_terry(lm_part, pairs, margins, (norm or {}).get("ranked"))
+            loss = loss + c.w_response_rank * lm_bt
+            with torch.no_grad():
+                parts["response_bt_loss"] = bradley_terry(lm_part, pairs, margins).item()
+            if pairs.numel():
+                parts["response_pair_accuracy"] = (lm_part[pairs[:, 0]] > lm_part[pairs[:, 1]]).float().mean().item()
+        return loss, parts
+
+
+def head_settings(rc: RewardConfig) -> dict:
+    return {"kind": rc.head, "dropout": rc.head_dropout, "response_logp_weight": rc.response_logp_weight}
 
 
 def trainable_groups(groups, events: EventLog):
@@ -99,7 +134,7 @@ def given_critique_accuracy(model, spec, crit: CritiqueEncoder, groups, packed: 
     right = total = 0
     for s in range(0, len(groups), batch):
         chunk = groups[s:s + batch]
-        encoded = [crit.encode(g)[0] for g in chunk]
+        encoded = [crit.encode(g, response_targets=response_logp_weight(model) > 0)[0] for g in chunk]
         rewards, _ = compute_rewards(model, spec, encoded, packed, with_logps=False)
         off = 0
         for g in chunk:
@@ -125,7 +160,7 @@ def run_stage(ctx) -> dict:
     seed_everything(recipe.run.seed)
     train_groups = trainable_groups(train_groups, events)
     rc = recipe.reward
-    model, processor = load_model(recipe.model, reward_head={"kind": rc.head, "dropout": rc.head_dropout})
+    model, processor = load_model(recipe.model, reward_head=head_settings(rc))
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"reward model: {info.family.name} via {info.backend} on {info.device}, "
@@ -134,7 +169,7 @@ def run_stage(ctx) -> dict:
     crit = CritiqueEncoder(encoder)
     args = training_arguments(rc.train, out_dir / "checkpoints", device=info.device, dtype=info.dtype,
                               seed=recipe.run.seed, report_to=recipe.run.report_to)
-    trainer = RewardTrainer(model, args, groups=train_groups, collate=RewardCollator(crit, rc.margin_scale),
+    trainer = RewardTrainer(model, args, groups=train_groups, collate=RewardCollator(crit, rc.margin_scale, rc.response_logp_weight > 0),
                             events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")

@@ -261,6 +261,8 @@ def _live_tab(h: Handlers):
             gpu = gr.LinePlot(runview.with_series(runview.curve_table(), runview.GPU_SERIES), x="step", y="value",
                               color="series", title="GPU memory (GB)", height=220, visible=False,
                               elem_id="plot-gpu")
+        beta_hist = gr.Image(label="Reward margins and the dynamic beta_i of the training pairs (stage score)",
+                             type="pil", interactive=False, height=260, elem_id="beta-hist")
         log = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
                          elem_id="run-log")
         jobs_table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "stages done", "updated"]), label="All runs", elem_id="jobs", interactive=False)
@@ -270,6 +272,8 @@ def _live_tab(h: Handlers):
     outputs = [status, progress, error, points, *plots, speed, gpu, log, jobs_table, stop, resume]
     assert len(outputs) == Handlers.N_VIEW
     live_run.input(h.view, live_run, outputs, api_name="view").then(lambda: "", None, action, api_name=False)
+    live_run.change(h.beta_histogram, live_run, beta_hist, api_name=False, show_progress="hidden")
+    gr.Timer(10).tick(h.beta_histogram, live_run, beta_hist, api_name=False, show_progress="hidden")
     timer.tick(h.tick, [live_run, sig], [*outputs, sig], api_name=False, show_progress="hidden",
                concurrency_limit=8)
     def card(run_name, last):

@@ -404,6 +404,21 @@ class Handlers:
                                    int(max_new_tokens or 64))
         return playground.cards_html(results), playground.results_frame(results)
 
+    def beta_histogram(self, run_name: str | None):
+        """The run's histogram of the dynamic beta_i (written by its score stage), as an image; None until then."""
+        if not run_name:
+            return None
+        try:
+            path = jobs.run_path(self.cfg.runs_root, run_name) / "score" / "beta_hist.png"
+        except Refused:
+            return None
+        if not path.is_file():
+            return None
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.copy()
+
     @readable
     def cache(self, run_name: str):
         if not run_name:
