@@ -78,7 +78,8 @@ def _plain_score(scorer: RewardScorer, group, ri: int, critique_ids: list[int]) 
 
 def test_generated_critique_identical_to_given_scores_the_same(scorer, groups):
     eot_text = scorer.encoder.end_of_turn
-    eot = scorer.encoder.tokens(eot_text)
+    ge = scorer.encoder
+    eot = ge.template_tokens(eot_text)
     crits = scorer.generate_critiques(groups, max_new_tokens=40, batch_size=8)
     # the generation's own ids: the text it returns must re-tokenise to exactly them (token-identical)
     prompts = [scorer.crit.generation_inputs(g) for g in groups]
@@ -92,11 +93,11 @@ def test_generated_critique_identical_to_given_scores_the_same(scorer, groups):
     identical = []
     for text, ids in raw:
         generated = ids if ids[-len(eot):] == eot else ids + eot  # scoring appends the end of turn
-        identical.append(bool(text) and scorer.encoder.tokens(text + eot_text) == generated)
+        identical.append(bool(text) and ge.join(ge.reply_prefix, text, eot_text) == generated)
     assert scorer.retokenized == sum(not ok for ok, (t, _) in zip(identical, raw) if t)
     assert sum(identical) >= 3, "too few generated critiques re-tokenise to themselves for the test"
     # token-identical to the dataset's critique: the text and the ids, end of turn included
-    same = [ok and t == CRITIQUE and ids == scorer.encoder.tokens(CRITIQUE + eot_text)
+    same = [ok and t == CRITIQUE and ids == ge.join(ge.reply_prefix, CRITIQUE, eot_text)
             for ok, (t, ids) in zip(identical, raw)]
     assert sum(same) >= 3, [t for t, _ in raw]
     gen_scores = scorer.score_with(groups, crits, generated=True)
@@ -117,7 +118,7 @@ def test_generated_critique_identical_to_given_scores_the_same(scorer, groups):
 
 def test_empty_generated_critique_is_read_at_its_end_of_turn_and_counted(scorer, groups):
     g = groups[0]
-    eot = scorer.encoder.tokens(scorer.encoder.end_of_turn)
+    eot = scorer.encoder.template_tokens(scorer.encoder.end_of_turn)
     empty = [[[""] for _ in g.responses]]
     got = scorer.score_with([g], empty, generated=True)[0]
     none = scorer.score_with([g], None)[0]
@@ -142,8 +143,10 @@ def test_response_logp_term_matches_a_plain_forward(scorer, groups):
         got = scorer.score_with([g], None)[0]
         for ri, r in enumerate(g.responses):
             prefix, contexts = scorer.crit.generation_inputs(g)
-            n_resp = len(scorer.encoder.tokens(r.text))
-            assert contexts[ri][:n_resp] == scorer.encoder.tokens(r.text)
+            # the response's tokens carry the space after "[LMM Response]:" (the template's own split)
+            own = scorer.encoder.tokens(" " + r.text)
+            n_resp = len(own)
+            assert contexts[ri][:n_resp] == own
             ids = prefix["input_ids"][0].tolist() + contexts[ri]
             p = prefix["input_ids"].shape[1]
             kwargs = {k: v for k, v in prefix.items() if k not in ("input_ids", "mm_token_type_ids")}

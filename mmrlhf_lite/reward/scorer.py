@@ -83,14 +83,15 @@ class RewardScorer:
                                max_new_tokens=max_new_tokens, do_sample=n_samples > 1, temperature=temperature,
                                batch_size=batch_size, seed=seed, return_ids=True)
         out = [[[""] * n_samples for _ in g.responses] for g in groups]
-        eot = self.encoder.tokens(self.encoder.end_of_turn)
+        ge = self.encoder
+        eot = ge.template_tokens(ge.end_of_turn)
         # scored as text + end of turn: count the critiques whose tokens then differ from those generated
         # (a stop by length has no end-of-turn token; whitespace stripped at the ends is not re-added)
         self.retokenized = 0
         for (gi, ri, si), (t, ids) in zip(index, texts):
             out[gi][ri][si] = t
             ended = ids[-len(eot):] == eot if eot else False
-            rescored = self.encoder.tokens(t + self.encoder.end_of_turn)
+            rescored = ge.join(ge.reply_prefix, t, ge.end_of_turn)  # as CritiqueEncoder.encode scores it
             self.retokenized += (rescored != ids) if ended else (rescored[:len(rescored) - len(eot)] != ids)
         return out
 
