@@ -81,12 +81,13 @@ def beta_spread(deltas: Sequence[float], beta: float, w: float, k: float, floor:
 def write_beta_histogram(path: Path, deltas: Sequence[float], beta: float, w: float, k: float, floor: float,
                          title: str = "") -> Path:
     """PNG histogram of the pairs' dynamic beta_i (and of their deltas), for the run folder and the UI."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, without pyplot: the caller's backend and open figures (a notebook's inline
+    # plots) are left alone
+    from matplotlib.figure import Figure
 
     betas = [max(floor, beta * (1 + w * (1 - math.exp(-k * d)))) for d in deltas]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    axes = fig.subplots(1, 2)
     axes[0].hist(deltas, bins=40, color="#4a6fa5")
     axes[0].set_xlabel("reward margin delta_i = r(better) - r(worse)")
     axes[0].set_ylabel("pairs")
@@ -100,6 +101,5 @@ def write_beta_histogram(path: Path, deltas: Sequence[float], beta: float, w: fl
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     tmp.replace(path)
     return path
