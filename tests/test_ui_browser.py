@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import REPO, demo_zip, start_server, stop_server, wait_for
+from test_ui_support import LONG_STEPS, REPO, demo_zip, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -282,7 +282,7 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
         return "long-ui" in status and "status: done" in status
     wait_for(done, 300, interval=0.3, what="long-ui done")
     counts = [int(re.search(r"reward (\d+)", s).group(1)) for s in seen]
-    assert counts == sorted(counts) and counts[-1] == 6 and len(counts) >= 2, f"curves did not grow in view: {seen}"
+    assert counts == sorted(counts) and counts[-1] == LONG_STEPS and len(counts) >= 2, f"curves did not grow in view: {seen}"
     assert "resuming from" in page.locator("#run-log textarea").input_value()
 
     # run 1 ran all the while: every stage done, curves of both trainers

@@ -300,7 +300,9 @@ def run_stage(ctx) -> dict:
     result = {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}
     if mode == "generate":
         result["empty_critiques"] = empty
-    result.update(margin_summary(recipe, groups, records, split, out_dir / BETA_HISTOGRAM))
+    is_eval = [False] * len(train) + [True] * len(evals)  # by position: a train and an eval group may share an id
+    result.update(margin_summary(recipe, groups, records, is_eval,
+                                 out_dir / BETA_HISTOGRAM if distributed.is_main() else None))
     if result.get("eval_delta_rank_spearman") is not None:
         events.metrics(eval_delta_rank_spearman=result["eval_delta_rank_spearman"])
     return result
@@ -309,22 +311,23 @@ def run_stage(ctx) -> dict:
 BETA_HISTOGRAM = "beta_hist.png"
 
 
-def margin_summary(recipe, groups, records, split: dict[str, str], png: Path) -> dict:
+def margin_summary(recipe, groups, records, is_eval: list[bool], png: Path | None) -> dict:
     """Held-out Spearman(delta, human rank gap), the spread of the training pairs' beta_i, and their
-    histogram written to `png`."""
+    histogram written to `png` (None: not drawn; under several processes rank 0 draws it)."""
     from ..evaluate.margins import beta_spread, delta_rank_correlation, write_beta_histogram
 
     dc = recipe.dpo
     scores = [[r["score"] for r in recs] for recs in records]
-    held = [(g, s) for g, s in zip(groups, scores) if split.get(g.id) == "eval"]
+    held = [(g, s) for g, s, ev in zip(groups, scores, is_eval) if ev]
     out = {}
     if held:
         corr = delta_rank_correlation([g for g, _ in held], [s for _, s in held])
         out["eval_delta_rank_spearman"] = corr["spearman"]
         out["eval_delta_rank_pairs"] = corr["pairs"]
-    train_deltas = [s[b] - s[w] for g, s in zip(groups, scores) if split.get(g.id) != "eval" for b, w in g.pairs()]
+    train_deltas = [s[b] - s[w] for g, s, ev in zip(groups, scores, is_eval) if not ev for b, w in g.pairs()]
     if train_deltas:
         out["beta"] = beta_spread(train_deltas, dc.beta, dc.w, dc.k, dc.beta_floor)
-        write_beta_histogram(png, train_deltas, dc.beta, dc.w, dc.k, dc.beta_floor,
-                             title=f"{len(train_deltas)} training pairs, critique mode {recipe.reward.critique_mode}")
+        if png is not None:
+            write_beta_histogram(png, train_deltas, dc.beta, dc.w, dc.k, dc.beta_floor,
+                                 title=f"{len(train_deltas)} training pairs, critique mode {recipe.reward.critique_mode}")
     return out
