@@ -557,3 +557,24 @@ def test_recipe_list_leaves_out_the_accelerate_configs(tmp_path):
     (tmp_path / "demo.yaml").write_text("run: {dir: runs/x}\n")
     assert form.list_recipes(tmp_path) == ["demo.yaml"]
     assert "accelerate/ddp.yaml" not in form.list_recipes(Path(__file__).resolve().parents[1] / "recipes")
+
+
+def test_the_tabs_hold_only_tabs(tmp_path, monkeypatch):
+    """A component made inside gr.Tabs but outside every gr.Tab becomes a child of the Tabs, and the browser
+    then draws the tab bar wrong (seen with a gr.Timer: "4 · Reward playground" twice, "5 · Compare runs"
+    gone, so the Compare tab could not be opened)."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from mmrlhf_lite.ui.blocks import build_app
+    from mmrlhf_lite.ui.handlers import UIConfig
+
+    cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
+                   max_upload_bytes=1 << 20)
+    (tmp_path / "runs").mkdir()
+    tabs = [b for b in build_app(cfg).blocks.values() if isinstance(b, gr.Tabs)]
+    assert len(tabs) == 1
+    kids = tabs[0].children
+    assert [type(c).__name__ for c in kids] == ["Tab"] * len(kids)
+    assert [c.label for c in kids] == ["1 · Data", "2 · Train", "3 · Live", "4 · Reward playground",
+                                       "5 · Compare runs", "6 · Policy"]

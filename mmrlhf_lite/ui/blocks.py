@@ -269,11 +269,18 @@ def _live_tab(h: Handlers):
         timer = gr.Timer(1.5)
         sig = gr.State(None)
         card_sig = gr.State(None)
+        hist_sig = gr.State(None)
     outputs = [status, progress, error, points, *plots, speed, gpu, log, jobs_table, stop, resume]
     assert len(outputs) == Handlers.N_VIEW
     live_run.input(h.view, live_run, outputs, api_name="view").then(lambda: "", None, action, api_name=False)
-    live_run.change(h.beta_histogram, live_run, beta_hist, api_name=False, show_progress="hidden")
-    gr.Timer(10).tick(h.beta_histogram, live_run, beta_hist, api_name=False, show_progress="hidden")
+    # the live timer refreshes the histogram only when its file changed (a Timer made here, outside the
+    # Tab, became a child of the Tabs and broke the tab bar: a tab drawn twice, the next one gone)
+    def hist(run_name, last):
+        key = (run_name, h.beta_histogram_mtime(run_name))
+        return (gr.skip(), last) if key == last else (h.beta_histogram(run_name), key)
+
+    live_run.change(lambda r: hist(r, None), live_run, [beta_hist, hist_sig], api_name=False, show_progress="hidden")
+    timer.tick(hist, [live_run, hist_sig], [beta_hist, hist_sig], api_name=False, show_progress="hidden")
     timer.tick(h.tick, [live_run, sig], [*outputs, sig], api_name=False, show_progress="hidden",
                concurrency_limit=8)
     def card(run_name, last):

@@ -404,6 +404,15 @@ class Handlers:
                                    int(max_new_tokens or 64))
         return playground.cards_html(results), playground.results_frame(results)
 
+    def beta_histogram_mtime(self, run_name: str | None) -> float | None:
+        """When the run's beta histogram was last written (None: not yet, or no such run)."""
+        if not run_name:
+            return None
+        try:
+            return (jobs.run_path(self.cfg.runs_root, run_name) / "score" / "beta_hist.png").stat().st_mtime
+        except (Refused, OSError):
+            return None
+
     def beta_histogram(self, run_name: str | None):
         """The run's histogram of the dynamic beta_i (written by its score stage), as an image; None until then."""
         if not run_name:
