@@ -31,15 +31,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 # (tests/test_chat_templates.py holds the expected renderings). transformers compiles templates with
 # trim_blocks, so every newline here is written as an output expression, never after a block tag.
 
-# Qwen2-VL and Qwen2.5-VL (Qwen2-VL-*-Instruct, Qwen2.5-VL-*-Instruct): a default system turn unless the
-# conversation starts with one; an image part is <|vision_start|><|image_pad|><|vision_end|> (the processor
-# expands the pad), `add_vision_id` numbers them; every turn ends with <|im_end|> and a line break.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set seen = namespace(images=0, videos=0) %}"
-    "{% for turn in messages %}"
-    "{% if loop.first and turn['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' ~ turn['role'] ~ '\\n' }}"
+# One turn's content as the released Qwen2-VL / Qwen3-VL templates write it: a string as is, else its parts in
+# order (an image or video part as its vision placeholder, numbered with add_vision_id; text parts as text).
+_QWEN_TURN_CONTENT = (
     "{% if turn['content'] is string %}{{ turn['content'] }}{% else %}"
     "{% for part in turn['content'] %}"
     "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
@@ -50,6 +44,18 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+)
+
+# Qwen2-VL and Qwen2.5-VL (Qwen2-VL-*-Instruct, Qwen2.5-VL-*-Instruct): a default system turn unless the
+# conversation starts with one; an image part is <|vision_start|><|image_pad|><|vision_end|> (the processor
+# expands the pad), `add_vision_id` numbers them; every turn ends with <|im_end|> and a line break.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set seen = namespace(images=0, videos=0) %}"
+    "{% for turn in messages %}"
+    "{% if loop.first and turn['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' ~ turn['role'] ~ '\\n' }}"
+    + _QWEN_TURN_CONTENT +
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -67,16 +73,7 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{% for turn in messages %}"
     "{% if turn['role'] == 'user' %}"
     "{{ '<|im_start|>user\\n' }}"
-    "{% if turn['content'] is string %}{{ turn['content'] }}{% else %}"
-    "{% for part in turn['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "{% set seen.images = seen.images + 1 %}{% if add_vision_id %}{{ 'Picture ' ~ seen.images ~ ': ' }}{% endif %}"
-    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'video' or 'video' in part %}"
-    "{% set seen.videos = seen.videos + 1 %}{% if add_vision_id %}{{ 'Video ' ~ seen.videos ~ ': ' }}{% endif %}"
-    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
+    + _QWEN_TURN_CONTENT +
     "{{ '<|im_end|>\\n' }}"
     "{% elif turn['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\\n' ~ text_of(turn['content']) ~ '<|im_end|>\\n' }}"
