@@ -56,6 +56,14 @@ def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_
                             start_new_session=True)
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop the launcher and every rank it started (they share its process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -64,10 +72,7 @@ def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]
         out = ""
         raise AssertionError(f"launcher still running after {timeout} s") from None
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
         if proc.poll() is None:
             out = proc.communicate()[0]
 
@@ -201,10 +206,7 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes
         killed = time.time()
         rc, out = _finish(proc, timeout=90)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
     assert rc != 0 and time.time() - killed < 90
     assert "rank      : 1 (local_rank: 1)" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
     assert not (run_dir / "stages" / "dpo.json").exists()
@@ -268,10 +270,7 @@ def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_noth
         os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
         rc, out = _finish(proc, timeout=90)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
     assert rc != 0
     kept = set()
     for line in cache.read_bytes().splitlines():
