@@ -80,20 +80,58 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def check_launch(backend: str) -> None:
-    """Refuse, before anything loads, the launches that cannot work; the message says what to use."""
+SHARDING_ENV = ("ACCELERATE_USE_FSDP",)   # read here, then removed so accelerate does not wrap the model itself
+_sharding = {"mode": None}
+SUPPORTED = ("supported: DDP (recipes/accelerate/ddp.yaml or torchrun; each GPU holds the 4-bit base and the "
+             "LoRA) or FSDP2 over a bf16 base (recipes/accelerate/fsdp2.yaml with model.load_in_4bit=false); "
+             "see docs/distributed.md")
+
+
+def sharding() -> str | None:
+    """'fsdp2' when this launch shards the frozen base over the ranks (set by `check_launch`), else None."""
+    return _sharding["mode"]
+
+
+def check_launch(backend: str, load_in_4bit: bool = False) -> None:
+    """Refuse, before anything loads, the launches that cannot work (the message says what to use), and
+    take the sharding choice from accelerate's launch environment: `accelerate launch --config_file
+    recipes/accelerate/fsdp2.yaml` sets ACCELERATE_USE_FSDP=true and FSDP_VERSION=2. The trainers then
+    shard the base themselves (`shard_model`); the variable is removed so that accelerate and
+    transformers.Trainer do not wrap the model a second time."""
+    _sharding["mode"] = None
+    fsdp = _env_true("ACCELERATE_USE_FSDP")
+    deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED") or bool(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+    if backend == "unsloth" and (fsdp or deepspeed):
+        raise RankFailure(f"model.backend=unsloth cannot be sharded ({'FSDP' if fsdp else 'DeepSpeed'}): unsloth's "
+                          "patched model is single-GPU; use model.backend=transformers; " + SUPPORTED)
+    if deepspeed:
+        raise RankFailure("accelerate launch with DeepSpeed (ZeRO) is not supported: DeepSpeed is not a "
+                          "dependency of mmrlhf-lite and its ZeRO-3 partitioning is untested with the trainers' "
+                          "packed forward; " + SUPPORTED)
+    for key in SHARDING_ENV:
+        os.environ.pop(key, None)
     if not is_distributed():
         return
-    sharded = "FSDP" if _env_true("ACCELERATE_USE_FSDP") else "DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else None
-    if sharded:
-        raise RankFailure(
-            f"accelerate launch with {sharded} is not supported yet: the trainers' packed forward runs the language "
-            "model below the wrapper (it takes the LM head on response positions only), so parameters that "
-            f"{sharded} shards would never be gathered. Launch with recipes/accelerate/ddp.yaml (each GPU holds "
-            "the 4-bit base and the LoRA) or torchrun; see docs/distributed.md")
     if backend == "unsloth":
         raise RankFailure("model.backend=unsloth under a multi-process launcher is not supported (unsloth's "
                           "patched model is single-GPU); use model.backend=transformers")
+    if fsdp:
+        version = os.environ.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise RankFailure(f"accelerate launch with FSDP version {version} is not supported: the trainers shard "
+                              "with FSDP2 (torch fully_shard); set fsdp_version: 2 in the accelerate config (as "
+                              "recipes/accelerate/fsdp2.yaml does); " + SUPPORTED)
+        if _env_true("FSDP_OFFLOAD_PARAMS"):
+            raise RankFailure("fsdp_offload_params is not supported: the trainers shard the base over the GPUs "
+                              "without CPU offload; set fsdp_offload_params: false (recipes/accelerate/fsdp2.yaml "
+                              "does), or use DDP QLoRA (recipes/accelerate/ddp.yaml) to fit a large model")
+        if load_in_4bit:
+            raise RankFailure(
+                "QLoRA with FSDP is not supported: FSDP2 (fully_shard) replaces each parameter by a DTensor, which "
+                "drops bitsandbytes' 4-bit quantisation state (Params4bit), so a 4-bit base cannot be sharded. Use "
+                "FSDP2 over a bf16 base (model.load_in_4bit=false, recipes/accelerate/fsdp2.yaml), or DDP QLoRA "
+                "(recipes/accelerate/ddp.yaml: each GPU holds the 4-bit base); see docs/distributed.md")
+        _sharding["mode"] = "fsdp2"
 
 
 def init(device_type: str = "cpu") -> None:
@@ -238,6 +276,126 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP2: the frozen base sharded over the ranks (docs/distributed.md)
+
+class ShardedModel(torch.nn.Module):
+    """The trainer's handle on a model whose base `shard_model` sharded: transformers.Trainer takes a model it
+    did not build as already wrapped, so accelerate neither wraps it in DDP (which cannot hold DTensors) nor
+    shards it again. `models.loading.unwrap` looks through it."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):  # the trainers call the model's parts through `through_root`
+        return self.module(*args, **kwargs)
+
+
+def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (decoder layers of the language model and of the vision tower), found by the
+    model's own `_no_split_modules` class names, as accelerate's transformer-based wrap policy does."""
+    names = set(getattr(hf_model, "_no_split_modules", None) or ())
+    return [m for m in hf_model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 over every rank: each transformer block is one `fully_shard` unit (gathered when it runs,
+    freed after), and the whole `...ForConditionalGeneration` is the root unit holding the rest (embeddings,
+    final norm, LM head, vision merger, reward head). The packed forward calls those parts directly, not the
+    root's forward, so `through_root` runs it inside the root's forward: its hooks gather the root's
+    parameters and reduce-scatter their gradients. Gradients are averaged over ranks by FSDP (once), so the
+    trainers must not also run `average_gradients`. Returns the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .models.loading import unwrap
+
+    hf = unwrap(model)
+    units = shard_units(hf)
+    if not units:
+        raise RankFailure(f"FSDP: {type(hf).__name__} names no transformer block class (_no_split_modules) to shard; "
+                          "launch with recipes/accelerate/ddp.yaml instead")
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(hf)
+    return hf
+
+
+def sharded_root(model: torch.nn.Module):
+    from torch.distributed.fsdp import FSDPModule
+
+    from .models.loading import unwrap
+
+    hf = unwrap(model)
+    return hf if isinstance(hf, FSDPModule) else None
+
+
+def through_root(model: torch.nn.Module, fn: Callable[[], T]) -> T:
+    """`fn()` (a forward that calls the model's parts directly), run inside the FSDP root's forward so that
+    its hooks gather the root unit's parameters (and, with grad, reduce-scatter their gradients after
+    backward). Without sharding: `fn()`."""
+    root = sharded_root(model)
+    if root is None:
+        return fn()
+    box: list = []
+
+    def forward(*_args, **_kwargs):
+        box.append(fn())
+        return box[0]
+
+    root.forward = forward   # an instance attribute: nn.Module.__call__ runs the FSDP hooks around it
+    try:
+        root()
+    finally:
+        del root.forward
+    from torch.utils._pytree import tree_leaves
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(box[0])):
+        root.reshard()       # no backward follows (an evaluation): the root keeps its parameters gathered otherwise
+    return box[0]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (LoRA, reward head) as full CPU tensors by name, gathered from the shards.
+    Collective under sharding: every rank must call it (the same parameters in the same order)."""
+    with torch.no_grad():
+        return {name: _full(p.detach()).cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (from `trainable_state`) into the model's parameters, each rank taking its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise RankFailure(f"checkpoint has parameters this model does not: {missing[:3]}")
+    with torch.no_grad():
+        for name, full in state.items():
+            p = params[name]
+            if isinstance(p, DTensor):
+                local = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements).to_local()
+                p.to_local().copy_(local)
+            else:
+                p.copy_(full.to(device=p.device, dtype=p.dtype))
+
+
+def sharded_numel(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter elements held by this rank (its shards) and in the whole model, frozen and trainable."""
+    from torch.distributed.tensor import DTensor
+
+    out = {"frozen_local": 0, "frozen_total": 0, "trainable_local": 0, "trainable_total": 0}
+    for p in model.parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        out[f"{kind}_local"] += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        out[f"{kind}_total"] += p.numel()
+    return out
 
 
 def destroy() -> None:

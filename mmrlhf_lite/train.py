@@ -108,7 +108,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     from . import distributed as dist
 
     stages = list(stages or recipe.run.stages)
-    dist.check_launch(recipe.model.backend)
+    dist.check_launch(recipe.model.backend, recipe.model.load_in_4bit)
     dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
     main = dist.is_main()
     run = RunDir(recipe.run.dir)

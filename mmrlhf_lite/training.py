@@ -114,6 +114,14 @@ class GroupTrainer(Trainer):
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._trainable: list | None = None
         self._groups_since_log, self._last_log_time = 0, None
+        self.sharded = distributed.sharding() is not None and args.world_size > 1
+        if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
+            distributed.shard_model(model)
+            held = distributed.gather_objects(distributed.sharded_numel(model))
+            frozen = held[0]["frozen_total"]
+            events.info(f"FSDP2: the base is sharded over {len(held)} ranks; frozen parameters held per rank: "
+                        + ", ".join(f"rank {r} {h['frozen_local'] / 1e6:.2f}M" for r, h in enumerate(held))
+                        + f" of {frozen / 1e6:.2f}M", sharded_params=held)
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
@@ -160,9 +168,62 @@ class GroupTrainer(Trainer):
         dist.all_gather_object(gathered, keys)
         return sorted({k for g in gathered for k in g})
 
+    # ---- FSDP2 (docs/distributed.md): the base is sharded by `distributed.shard_model`, not by accelerate
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        if self.sharded and training:
+            if isinstance(model, distributed.ShardedModel):
+                return model
+            return distributed.ShardedModel(model)  # not `self.model`: Trainer then does not DDP-wrap it
+        return super()._wrap_model(model, training, dataloader)
+
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """Sharded: the full trainable parameters by name (collective: every rank calls it); else None."""
+        return distributed.trainable_state(self.model) if self.sharded else None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        state = distributed.trainable_state(self.model)   # every rank takes part in the gather
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            self._save(output_dir, state_dict=state)       # a normal adapter, loadable in one process
+            from safetensors.torch import save_file
+            save_file(state, os.path.join(output_dir, SHARDED_STATE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+        path = os.path.join(resume_from_checkpoint, SHARDED_STATE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{resume_from_checkpoint} was not written by a sharded (FSDP) run: it has no "
+                             f"{SHARDED_STATE}; resume it with the launch that wrote it")
+        distributed.load_trainable_state(self.model, load_file(path))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        full = get_optimizer_state_dict(self.model, _raw_optimizer(self.optimizer),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:   # one full optimizer state, whatever the number of ranks
+            torch.save(full, os.path.join(output_dir, "optimizer.pt"))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Under a CPU launcher (gloo) transformers maps the optimizer state to `cpu:0`, which torch.load
-        cannot restore; load it on the CPU as a single process does."""
+        cannot restore; load it on the CPU as a single process does. Sharded: every rank reads the full
+        state and keeps its shards."""
+        if checkpoint is not None and self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
+            if os.path.isfile(opt) and os.path.isfile(sched):
+                set_optimizer_state_dict(self.model, _raw_optimizer(self.optimizer),
+                                         torch.load(opt, map_location="cpu", weights_only=True),
+                                         options=StateDictOptions(full_state_dict=True))
+                self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+            return
         if checkpoint is None or self.args.world_size <= 1 or self.args.device.type != "cpu":
             return super()._load_optimizer_and_scheduler(checkpoint)
         opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
@@ -171,17 +232,21 @@ class GroupTrainer(Trainer):
             self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.sharded:  # reduce-scatter once per optimizer step (its last micro-batch), not per micro-batch
+            distributed.sharded_root(self.model).set_requires_gradient_sync(self.accelerator.sync_gradients)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.world_size > 1 and self.accelerator.sync_gradients:  # the step's last micro-batch
+        if self.args.world_size > 1 and not self.sharded and self.accelerator.sync_gradients:  # last micro-batch
+            # (sharded: FSDP reduce-scatters and averages the gradients itself)
             if self._trainable is None:
                 self._trainable = [p for p in self.model.parameters() if p.requires_grad]
             distributed.average_gradients(self._trainable)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.group_loss(model, inputs, norm=num_items_in_batch)
+        loss, metrics = distributed.through_root(model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
         if num_items_in_batch is not None:
-            # gradients are averaged over ranks (average_gradients); the shares of all ranks must add up
+            # gradients are averaged over ranks (average_gradients, or FSDP's reduce-scatter when sharded);
+            # the shares of all ranks must add up
             loss = loss * self.accelerator.num_processes
         self._groups_since_log += len(inputs.get("encoded", ()))
         for k, v in metrics.items():
@@ -218,6 +283,13 @@ class GroupTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._train_start, self._last_log_time, self._groups_since_log = time.time(), None, 0
         return super().train(*args, **kwargs)
+
+
+SHARDED_STATE = "sharded_trainable.safetensors"   # a sharded run's checkpoint: trainable parameters by name
+
+
+def _raw_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)   # accelerate's AcceleratedOptimizer wraps it
 
 
 def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:

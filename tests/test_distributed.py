@@ -307,22 +307,6 @@ def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_
     assert max(steps) > 2 and not (run_dir / "stages" / "dpo.json").exists()
 
 
-@pytest.mark.parametrize("env, says", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP is not supported yet"),
-                                       ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported yet")])
-def test_sharded_engines_are_refused_before_anything_loads(tmp_path, monkeypatch, capsys, env, says):
-    from mmrlhf_lite.train import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    recipe = _recipe(tmp_path, "run", 1)
-    assert main([str(recipe), "--stages", "dpo", "-q"]) == 1
-    err = capsys.readouterr().err
-    assert says in err and "recipes/accelerate/ddp.yaml" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "events.jsonl").exists()
-
-
 def test_unsloth_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):
     from mmrlhf_lite.train import main
 

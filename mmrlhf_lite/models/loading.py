@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import ShardedModel
 from ..recipe import ModelConfig
 from .families import FamilySpec, apply_pixel_limits, cap_model_grid, detect_family
 from .heads import RewardHead
@@ -425,11 +426,17 @@ def _quiet_transformers():
             tl.enable_progress_bar()
 
 
-def save_adapter(model, out_dir: str | os.PathLike, **meta: Any) -> Path:
-    """Adapter (+ reward head, saved by peft as a module-to-save) and a small JSON of how to reload it."""
+def save_adapter(model, out_dir: str | os.PathLike, state_dict: dict | None = None, **meta: Any) -> Path:
+    """Adapter (+ reward head, saved by peft as a module-to-save) and a small JSON of how to reload it.
+    `state_dict`: the trainable parameters as full tensors by name, for a model whose parameters are
+    sharded (`distributed.trainable_state`, gathered on every rank); the saved adapter is the same as one
+    process would write."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    if state_dict is None:
+        model.save_pretrained(str(out))
+    else:
+        model.save_pretrained(str(out), state_dict=state_dict)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = getattr(base, "reward_head", None)
     info = {"base_model": getattr(model, "mmrlhf", None) and model.mmrlhf.path, **meta}
@@ -445,7 +452,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, ShardedModel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

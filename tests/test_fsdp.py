@@ -1,0 +1,164 @@
+"""FSDP2 (torchrun, gloo on CPU): with accelerate's FSDP launch variables (ACCELERATE_USE_FSDP=true,
+FSDP_VERSION=2, what `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` sets) the reward
+and dpo trainers shard the frozen base over the ranks: 2 ranks x B groups train the same LoRA weights and
+reward head as 1 rank x 2B, each rank holds about half the base, the saved adapters are normal full
+adapters (the next stages load them in one process each and score the same), and a run whose rank was
+SIGKILLed resumes from its sharded checkpoint to the uninterrupted run's weights. The launches that
+cannot work are refused before anything loads, with what to use instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_distributed import (COMMON, STAGES, _finish, _kill_group, _launch, _per_rank, _rank_pid, _recipe,
+                              _same_weights, _wait_for_checkpoint, _weights, single)  # noqa: F401 - fixture
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def _launch_fsdp(recipe: Path, stages: str, **kwargs):
+    with pytest.MonkeyPatch.context() as mp:   # the launcher's environment, as accelerate launch sets it
+        for k, v in FSDP_ENV.items():
+            mp.setenv(k, v)
+        return _launch(recipe, stages, **kwargs)
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> Path:
+    """torchrun --nproc_per_node 2 with the FSDP2 variables, 1 group per rank per step."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    rc, out = _finish(_launch_fsdp(_recipe(tmp, "run", 1), STAGES))
+    assert rc == 0, out[-4000:]
+    assert "terminate called" not in out, out[-3000:]
+    return tmp / "run"
+
+
+def test_fsdp_two_ranks_train_the_same_weights_as_one_rank_and_hold_half_the_base(single, fsdp):
+    events = _events(fsdp)
+    sharded = [e for e in events if e["type"] == "log" and e["message"].startswith("FSDP2:")]
+    assert [e["stage"] for e in sharded] == ["reward", "dpo"]     # both trainers sharded the base
+    for e in sharded:
+        held = e["sharded_params"]
+        assert len(held) == 2
+        total = held[0]["frozen_total"]
+        assert total > 100_000 and sum(h["frozen_local"] for h in held) >= total
+        for h in held:  # each rank holds about half the frozen base (shards are padded to equal rows)
+            assert abs(h["frozen_local"] / total - 0.5) < 0.02, h
+    for stage in ("reward", "dpo"):
+        _same_weights(_weights(single, stage), _weights(fsdp, stage))
+    assert any(k.endswith("reward_head.net.4.weight") for k in _weights(fsdp, "reward"))  # the head, gathered
+    b = {k: v for k, v in _weights(fsdp, "dpo").items() if "lora_B" in k}
+    assert max(v.abs().max().item() for v in b.values()) > 1e-4   # the weights did move
+
+
+def test_fsdp_adapters_are_full_adapters_the_next_stages_load_and_score_the_same(single, fsdp):
+    """score (reward model) and eval-free stages load rank 0's saved adapter in one process each: the
+    margins agree with the single-process run's."""
+    ma = [json.loads(x) for x in (single / "score" / "margins.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (fsdp / "score" / "margins.jsonl").read_text().splitlines()]
+    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb] and len(ma) == 8
+    for x, y in zip(ma, mb):
+        assert y["scores"] == pytest.approx(x["scores"], rel=1e-4, abs=1e-4)
+    from mmrlhf_lite.models.loading import load_model
+    from mmrlhf_lite.recipe import load_recipe
+    model, _ = load_model(load_recipe(fsdp / "recipe.yaml").model, adapter=fsdp / "dpo" / "final", trainable=False)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+
+def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weights(tmp_path, fsdp):
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch_fsdp(recipe, "reward,score,reference"))
+    assert rc == 0, out[-4000:]
+    proc = _launch_fsdp(recipe, "dpo")
+    try:
+        _wait_for_checkpoint(run_dir, 2, proc)
+        ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-2"
+        victim = _rank_pid(proc.pid, 1)
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        rc, out = _finish(proc, timeout=90)
+    finally:
+        _kill_group(proc)
+    assert rc != 0 and time.time() - killed < 90
+    assert "rank      : 1 (local_rank: 1)" in out, out[-3000:]
+    # the checkpoint holds a normal adapter, one full optimizer state and the trainable parameters by name
+    assert {"adapter_model.safetensors", "optimizer.pt", "sharded_trainable.safetensors"} <= {
+        p.name for p in ckpt.iterdir()}
+    rc, out = _finish(_launch_fsdp(recipe, "dpo"))
+    assert rc == 0, out[-4000:]
+    assert any(e["type"] == "log" and e["message"].startswith("resuming from") for e in _events(run_dir))
+    _same_weights(_weights(fsdp, "dpo"), _weights(run_dir, "dpo"))
+
+
+# ---- refusals (in-process: they come before anything loads)
+
+def _refused(tmp_path, monkeypatch, capsys, env: dict, extra: list[str] = ()) -> str:
+    from mmrlhf_lite.train import main
+
+    for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    recipe = _recipe(tmp_path, "run", 1)
+    assert main([str(recipe), *extra, "--stages", "dpo", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "run" / "events.jsonl").exists()
+    return err
+
+
+@pytest.mark.parametrize("env, extra, says", [
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [],
+     "FSDP version 1 is not supported"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, [], "FSDP version 1 is not supported"),  # accelerate's default
+    ({"WORLD_SIZE": "2", **FSDP_ENV}, ["model.load_in_4bit=true"], "QLoRA with FSDP is not supported"),
+    ({"WORLD_SIZE": "2", **FSDP_ENV, "FSDP_OFFLOAD_PARAMS": "true"}, [], "fsdp_offload_params is not supported"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed (ZeRO) is not supported"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed (ZeRO) is not supported"),          # one process too
+    ({"WORLD_SIZE": "2", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, [], "DeepSpeed (ZeRO) is not supported"),
+    ({"WORLD_SIZE": "2", **FSDP_ENV}, ["model.backend=unsloth"], "model.backend=unsloth cannot be sharded (FSDP)"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["model.backend=unsloth"], "unsloth cannot be sharded (DeepSpeed)"),
+])
+def test_launches_that_cannot_work_are_refused_naming_what_to_use(tmp_path, monkeypatch, capsys, env, extra, says):
+    err = _refused(tmp_path, monkeypatch, capsys, {"RANK": "0", **env}, extra)
+    assert says in err, err
+    assert "recipes/accelerate/ddp.yaml" in err and "recipes/accelerate/fsdp2.yaml" in err
+
+
+def test_the_fsdp_choice_does_not_reach_accelerate(monkeypatch):
+    """The trainers shard the base themselves: accelerate must not see ACCELERATE_USE_FSDP (it would wrap the
+    model again); the choice is kept in `distributed.sharding()`; one process shards nothing."""
+    from mmrlhf_lite import distributed
+
+    for k, v in FSDP_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.check_launch("transformers", load_in_4bit=False)
+    assert distributed.sharding() == "fsdp2" and "ACCELERATE_USE_FSDP" not in os.environ
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.check_launch("transformers", load_in_4bit=False)
+    assert distributed.sharding() is None and "ACCELERATE_USE_FSDP" not in os.environ
+
+
+def test_shipped_fsdp2_config_sets_what_the_trainers_read():
+    """accelerate's own launcher code turns the shipped config into ACCELERATE_USE_FSDP=true, FSDP_VERSION=2."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "mmrlhf_lite.train", "r.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_OFFLOAD_PARAMS"] == "false"
