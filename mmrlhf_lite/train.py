@@ -139,7 +139,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
                         **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
             if dist.is_distributed():
-                events.info(_launch_summary(recipe, dist.world_size()))
+                events.info(_launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
             refuse_over_long(ctx, [s for s in stages if s not in skip])
             return skip
 
@@ -180,17 +180,47 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             run.release()
 
 
-def _launch_summary(recipe: Recipe, world: int) -> str:
+def _launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
     """The global batch of each training stage under `world` processes (DDP: each process holds a full
-    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run)."""
+    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run; FSDP2: the training
+    stages hold 1/world of the base each, see the dry run's FSDP2 lines)."""
     parts = []
     for stage in ("reward", "dpo"):
         t = getattr(recipe, stage).train
         parts.append(f"{stage} {t.groups_per_step} x {t.grad_accum} x {world} = "
                      f"{t.groups_per_step * t.grad_accum * world} groups per optimizer step")
-    return (f"{world} processes (data-parallel; per-GPU memory as in --dry-run, one model copy each); "
+    how = (f"FSDP2: reward and dpo shard the base over the processes, 1/{world} of it each; score, reference and "
+           "eval hold a full copy each" if fsdp else
+           "data-parallel; per-GPU memory as in --dry-run, one model copy each")
+    return (f"{world} processes ({how}); "
             f"global batch: {'; '.join(parts)}; score/reference shard their groups over the processes, eval runs "
             f"on rank 0")
+
+
+def _fsdp_memory_lines(plan: dict, processes: int) -> list[str]:
+    """The dry run's per-GPU estimate of the training stages under FSDP2 (memory.fsdp_training_estimate)."""
+    from .memory import fsdp_training_estimate
+
+    m = plan.get("memory") or {}
+    if not m.get("available"):
+        return [f"memory per GPU with FSDP2 over {processes} GPUs: {m.get('note', 'no estimate')}"]
+    lines = [f"memory per GPU with FSDP2 over {processes} GPUs (training stages; the base sharded; "
+             "docs/distributed.md):"]
+    for stage in ("reward", "dpo"):
+        e = m["stages"].get(stage)
+        if not e:
+            continue
+        f = fsdp_training_estimate(e, processes, m["architecture"]["layers"])
+        fit = ""
+        if m.get("budget"):
+            fit = "; fits" if f["needed_gib"] * 2**30 <= m["budget"]["bytes"] else "; does NOT fit"
+        lines.append(f"  {stage:<10}{f['allocated_gib']:>6.1f} GiB allocated {f['needed_gib']:>5.1f} GiB needed "
+                     f"(one GPU: {e['needed_gib']} GiB){fit} = "
+                     + " + ".join(f"{k} {v:.2f}" for k, v in f["components_gib"].items() if v >= 0.005))
+    rest = [s for s in m["stages"] if s not in ("reward", "dpo")]
+    if rest:
+        lines.append(f"  {', '.join(rest)}: not sharded, each GPU holds the whole model (as in the table above)")
+    return lines
 
 
 def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
@@ -213,9 +243,11 @@ def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # dry run: recipe + data + plan, no model
 
-def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, processes: int = 1) -> dict:
+def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, processes: int = 1,
+            fsdp: bool = False) -> dict:
     """Validate recipe and data and print the plan. The pre-flight checks of the real run (checks.py) are
-    errors here too, so "plan OK" means the run can start."""
+    errors here too, so "plan OK" means the run can start. `fsdp`: also the per-GPU estimate of the training
+    stages with the base sharded over `processes` GPUs by FSDP2."""
     from .checks import preflight_problems
     from .data import prepare_data
     from .plan import make_plan, format_plan
@@ -226,10 +258,18 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, proce
     train, evals = prepare_data(recipe, run_dir, events, dry_run=True)
     plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
     plan["errors"] = problems + list(plan["errors"])
+    fsdp = fsdp and processes > 1
+    if fsdp and recipe.model.load_in_4bit:
+        plan["errors"].append("FSDP2 needs model.load_in_4bit=false: QLoRA with FSDP is not supported (a 4-bit base "
+                              "cannot be sharded); use DDP (recipes/accelerate/ddp.yaml) for a 4-bit base")
     print(format_plan(plan))
+    if fsdp and not recipe.model.load_in_4bit:
+        print("\n" + "\n".join(_fsdp_memory_lines(plan, processes)))
     if processes > 1:
-        print(f"\nlaunch: {_launch_summary(recipe, processes)}\n"
-              f"  torchrun --nproc_per_node {processes} -m mmrlhf_lite.train {recipe.source} ... (docs/distributed.md)")
+        launch = (f"accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes {processes}"
+                  if fsdp else f"torchrun --nproc_per_node {processes}")
+        print(f"\nlaunch: {_launch_summary(recipe, processes, fsdp)}\n"
+              f"  {launch} -m mmrlhf_lite.train {recipe.source} ... (docs/distributed.md)")
     return plan
 
 
@@ -253,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=0,
                    help="for --dry-run: the number of processes (GPUs) you will launch with torchrun, to show the "
                         "global batch (default: WORLD_SIZE, else 1)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="for --dry-run with --processes: estimate the per-GPU memory with the base sharded by FSDP2 "
+                        "(recipes/accelerate/fsdp2.yaml; default: on when ACCELERATE_USE_FSDP=true)")
     p.add_argument("--gpu-mem", help="memory budget for the dry-run estimate, e.g. 16GB (default: the GPU found)")
     p.add_argument("--redo", default="", help="comma-separated finished stages to recompute (outputs deleted)")
     p.add_argument("--help-recipe", action="store_true", help="list every recipe key with type, default, help")
@@ -303,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
 
         check_run_dir(recipe)
         if args.dry_run:
-            plan = dry_run(recipe, stages, args.gpu_mem, args.processes or int(os.environ.get("WORLD_SIZE", "1") or 1))
+            fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+            plan = dry_run(recipe, stages, args.gpu_mem, args.processes or int(os.environ.get("WORLD_SIZE", "1") or 1),
+                           fsdp=fsdp)
             return 1 if plan["errors"] else 0
         _attach_file_log(Path(recipe.run.dir))
         RunDir(recipe.run.dir).install_signal_handlers()  # SIGTERM / Ctrl-C: checkpoint, then exit 3

@@ -162,3 +162,55 @@ def test_shipped_fsdp2_config_sets_what_the_trainers_read():
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     assert env["FSDP_OFFLOAD_PARAMS"] == "false"
+
+
+# ---- pre-flight
+
+def test_fsdp_memory_estimate_by_hand():
+    from mmrlhf_lite.memory import fsdp_training_estimate
+
+    one_gpu = {"components_gib": {"decoder linears": 8.0, "embeddings, norms, LM head": 2.0,
+                                  "vision tower + projector": 1.0, "LoRA + AdamW": 0.4, "stored: inputs": 0.5},
+               "allocated_gib": 11.9, "needed_gib": 12.4}
+    e = fsdp_training_estimate(one_gpu, processes=4, layers=8)
+    # 8/4 + (2 + 2/4) + 1/4 + 0.4/4 + 0.5 + two gathered blocks of 8/8 = 7.35; + the same 0.5 slack/context
+    assert e["allocated_gib"] == pytest.approx(7.35) and e["needed_gib"] == pytest.approx(7.85)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(tmp_path, monkeypatch, overrides: list[str], fsdp: bool) -> dict:
+    """The dry run of the 7B recipe on the demo data, offline (its architecture from tests/configs)."""
+    from mmrlhf_lite.recipe import load_recipe
+    from mmrlhf_lite.train import dry_run
+
+    monkeypatch.setenv("MMRLHF_LITE_CONFIG_DIRS", str(REPO / "tests" / "configs"))
+    recipe = load_recipe(REPO / "recipes" / "qwen2_vl_7b-24gb.yaml",
+                         ["data.path=demo", "data.media_root=null", f"run.dir={tmp_path / 'run'}", *overrides],
+                         check_paths=False)
+    return dry_run(recipe, list(recipe.run.stages), "24GB", 4, fsdp=fsdp)
+
+
+def test_dry_run_shows_the_per_gpu_memory_with_the_base_sharded(tmp_path, monkeypatch, capsys):
+    import re
+
+    plan = _dry_run(tmp_path, monkeypatch, ["model.load_in_4bit=false"], fsdp=True)
+    out = capsys.readouterr().out
+    assert "memory per GPU with FSDP2 over 4 GPUs" in out
+    assert "accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 4" in out
+    assert "dpo 1 x 8 x 4 = 32 groups per optimizer step" in out
+    one = plan["memory"]["stages"]["reward"]["needed_gib"]
+    sharded = re.search(r"\n  reward\s+([\d.]+) GiB allocated\s+([\d.]+) GiB needed \(one GPU: ([\d.]+) GiB\)", out)
+    assert sharded, out
+    assert float(sharded.group(3)) == pytest.approx(one, abs=0.01)
+    assert float(sharded.group(2)) < one / 2          # a bf16 7B: about 1/4 of the decoder plus the gathered root
+    assert "score, reference, eval: not sharded" in out
+
+
+def test_dry_run_with_fsdp_refuses_a_4bit_base(tmp_path, monkeypatch, capsys):
+    plan = _dry_run(tmp_path, monkeypatch, [], fsdp=True)
+    assert any(e.startswith("FSDP2 needs model.load_in_4bit=false") for e in plan["errors"])
+    assert "ERROR: FSDP2 needs model.load_in_4bit=false" in capsys.readouterr().out
+    plan = _dry_run(tmp_path, monkeypatch, [], fsdp=False)     # DDP QLoRA: no such error
+    assert not any("FSDP2" in e for e in plan["errors"])
