@@ -82,8 +82,8 @@ def _env_true(name: str) -> bool:
 
 SHARDING_ENV = ("ACCELERATE_USE_FSDP",)   # read here, then removed so accelerate does not wrap the model itself
 _sharding = {"mode": None}
-SUPPORTED = ("supported: DDP (recipes/accelerate/ddp.yaml or torchrun; each GPU holds the 4-bit base and the "
-             "LoRA) or FSDP2 over a bf16 base (recipes/accelerate/fsdp2.yaml with model.load_in_4bit=false); "
+SUPPORTED = ("supported: DDP (recipes/accelerate/ddp.yaml or torchrun; each GPU holds the whole 4-bit base and "
+             "the LoRA) or FSDP2 (recipes/accelerate/fsdp2.yaml; the base, 4-bit or bf16, sharded over the GPUs); "
              "see docs/distributed.md")
 
 
@@ -92,12 +92,13 @@ def sharding() -> str | None:
     return _sharding["mode"]
 
 
-def check_launch(backend: str, load_in_4bit: bool = False) -> None:
+def check_launch(backend: str) -> None:
     """Refuse, before anything loads, the launches that cannot work (the message says what to use), and
     take the sharding choice from accelerate's launch environment: `accelerate launch --config_file
     recipes/accelerate/fsdp2.yaml` sets ACCELERATE_USE_FSDP=true and FSDP_VERSION=2. The trainers then
-    shard the base themselves (`shard_model`); the variable is removed so that accelerate and
-    transformers.Trainer do not wrap the model a second time."""
+    shard the base themselves (`shard_model`; a 4-bit base is loaded with its nf4 storage in the compute
+    dtype so that it shards); the variable is removed so that accelerate and transformers.Trainer do not
+    wrap the model a second time."""
     _sharding["mode"] = None
     fsdp = _env_true("ACCELERATE_USE_FSDP")
     deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED") or bool(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
@@ -125,12 +126,6 @@ def check_launch(backend: str, load_in_4bit: bool = False) -> None:
             raise RankFailure("fsdp_offload_params is not supported: the trainers shard the base over the GPUs "
                               "without CPU offload; set fsdp_offload_params: false (recipes/accelerate/fsdp2.yaml "
                               "does), or use DDP QLoRA (recipes/accelerate/ddp.yaml) to fit a large model")
-        if load_in_4bit:
-            raise RankFailure(
-                "QLoRA with FSDP is not supported: FSDP2 (fully_shard) replaces each parameter by a DTensor, which "
-                "drops bitsandbytes' 4-bit quantisation state (Params4bit), so a 4-bit base cannot be sharded. Use "
-                "FSDP2 over a bf16 base (model.load_in_4bit=false, recipes/accelerate/fsdp2.yaml), or DDP QLoRA "
-                "(recipes/accelerate/ddp.yaml: each GPU holds the 4-bit base); see docs/distributed.md")
         _sharding["mode"] = "fsdp2"
 
 
@@ -387,14 +382,19 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def sharded_numel(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter elements held by this rank (its shards) and in the whole model, frozen and trainable."""
+    """Parameter elements and bytes held by this rank (its shards) and in the whole model, frozen and trainable
+    (a 4-bit weight counts its packed storage)."""
     from torch.distributed.tensor import DTensor
 
-    out = {"frozen_local": 0, "frozen_total": 0, "trainable_local": 0, "trainable_total": 0}
+    out = {f"{kind}_{what}": 0 for kind in ("frozen", "trainable") for what in ("local", "total", "local_bytes",
+                                                                                 "total_bytes")}
     for p in model.parameters():
         kind = "trainable" if p.requires_grad else "frozen"
-        out[f"{kind}_local"] += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        local = p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        out[f"{kind}_local"] += local
         out[f"{kind}_total"] += p.numel()
+        out[f"{kind}_local_bytes"] += local * p.element_size()
+        out[f"{kind}_total_bytes"] += p.numel() * p.element_size()
     return out
 
 

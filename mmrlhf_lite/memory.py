@@ -438,7 +438,7 @@ def fits(estimate: Estimate, budget: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # FSDP2 over N GPUs (docs/distributed.md): the training stages' weights and trainable state are sharded
 
-SHARDED_KEYS = ("decoder linears", "vision tower + projector", "LoRA + AdamW", "reward head + AdamW")
+SHARDED_KEYS = ("decoder linears", "decoder linears (nf4)", "vision tower + projector", "LoRA + AdamW", "reward head + AdamW")
 ROOT_KEY = "embeddings, norms, LM head"
 GATHERED_BLOCKS = 2   # the block running and the one prefetched
 
@@ -458,7 +458,7 @@ def fsdp_training_estimate(stage: dict, processes: int, layers: int) -> dict:
             out[k + " (gathered)"] = v + v / processes
         else:
             out[k] = v
-    block = comps.get("decoder linears", 0.0) / max(1, layers)
+    block = comps.get("decoder linears", comps.get("decoder linears (nf4)", 0.0)) / max(1, layers)
     out[f"{GATHERED_BLOCKS} gathered blocks"] = GATHERED_BLOCKS * block
     allocated = sum(out.values())
     overhead = stage["needed_gib"] - stage["allocated_gib"]   # allocator slack on activations + CUDA context

@@ -108,7 +108,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     from . import distributed as dist
 
     stages = list(stages or recipe.run.stages)
-    dist.check_launch(recipe.model.backend, recipe.model.load_in_4bit)
+    dist.check_launch(recipe.model.backend)
     dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
     main = dist.is_main()
     run = RunDir(recipe.run.dir)
@@ -259,11 +259,8 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, proce
     plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
     plan["errors"] = problems + list(plan["errors"])
     fsdp = fsdp and processes > 1
-    if fsdp and recipe.model.load_in_4bit:
-        plan["errors"].append("FSDP2 needs model.load_in_4bit=false: QLoRA with FSDP is not supported (a 4-bit base "
-                              "cannot be sharded); use DDP (recipes/accelerate/ddp.yaml) for a 4-bit base")
     print(format_plan(plan))
-    if fsdp and not recipe.model.load_in_4bit:
+    if fsdp:
         print("\n" + "\n".join(_fsdp_memory_lines(plan, processes)))
     if processes > 1:
         launch = (f"accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes {processes}"

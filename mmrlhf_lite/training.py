@@ -118,10 +118,10 @@ class GroupTrainer(Trainer):
         if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
             distributed.shard_model(model)
             held = distributed.gather_objects(distributed.sharded_numel(model))
-            frozen = held[0]["frozen_total"]
-            events.info(f"FSDP2: the base is sharded over {len(held)} ranks; frozen parameters held per rank: "
-                        + ", ".join(f"rank {r} {h['frozen_local'] / 1e6:.2f}M" for r, h in enumerate(held))
-                        + f" of {frozen / 1e6:.2f}M", sharded_params=held)
+            total = held[0]["frozen_total_bytes"]
+            events.info(f"FSDP2: the base is sharded over {len(held)} ranks; frozen weights held per rank: "
+                        + ", ".join(f"rank {r} {h['frozen_local_bytes'] / 2**20:.2f} MiB" for r, h in enumerate(held))
+                        + f" of {total / 2**20:.2f} MiB", sharded_params=held)
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and

@@ -251,8 +251,13 @@ def _quantization_config(cfg: ModelConfig, family: FamilySpec, dtype: torch.dtyp
         raise ModelLoadError(f"model.load_in_4bit needs bitsandbytes ({exc}); pip install bitsandbytes, "
                              "or set model.load_in_4bit=false") from None
     from transformers import BitsAndBytesConfig
+
+    from ..distributed import sharding
+    # FSDP2 shards a parameter by its storage: the packed nf4 bytes are stored as the compute dtype so that
+    # they shard (and gather) with the block's other weights; the dequantised values are the same
+    storage = {"bnb_4bit_quant_storage": dtype} if sharding() else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(family.skip_4bit))
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(family.skip_4bit), **storage)
 
 
 def _disable_bnb_cpu_packed_kernel(model: torch.nn.Module) -> None:
