@@ -312,9 +312,13 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     if not units:
         raise RankFailure(f"FSDP: {type(hf).__name__} names no transformer block class (_no_split_modules) to shard; "
                           "launch with recipes/accelerate/ddp.yaml instead")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = next(hf.parameters()).device   # the mesh of the model's own device type (cuda:LOCAL_RANK, cpu)
+    mesh = init_device_mesh(device.type, (world_size(),))
     for unit in units:
-        fully_shard(unit)
-    fully_shard(hf)
+        fully_shard(unit, mesh=mesh)
+    fully_shard(hf, mesh=mesh)
     return hf
 
 
