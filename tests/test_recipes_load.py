@@ -41,18 +41,23 @@ def test_recipe_loads_and_validates(path):
 
 
 def test_accelerate_configs_are_shipped():
-    assert ACCELERATE / "ddp.yaml" in ACCELERATE_FILES
+    assert ACCELERATE / "ddp.yaml" in ACCELERATE_FILES and ACCELERATE / "fsdp2.yaml" in ACCELERATE_FILES
 
 
 @pytest.mark.parametrize("path", ACCELERATE_FILES, ids=[p.name for p in ACCELERATE_FILES])
 def test_accelerate_config_loads_with_accelerate_and_is_documented(path):
-    """accelerate's own loader reads it; DDP only (FSDP / DeepSpeed are refused, docs/distributed.md)."""
+    """accelerate's own loader reads it; DDP, or FSDP version 2 (FSDP1 / DeepSpeed are refused,
+    docs/distributed.md)."""
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import DistributedType
 
     cfg = ClusterConfig.from_yaml_file(str(path))
-    assert cfg.distributed_type == DistributedType.MULTI_GPU and cfg.num_processes >= 2
-    assert not cfg.use_cpu and cfg.fsdp_config == {} and cfg.deepspeed_config == {}
+    assert cfg.num_processes >= 2 and not cfg.use_cpu and cfg.deepspeed_config == {}
+    if path.name.startswith("fsdp"):
+        assert cfg.distributed_type == DistributedType.FSDP and cfg.fsdp_config["fsdp_version"] == 2
+        assert cfg.fsdp_config["fsdp_offload_params"] is False
+    else:
+        assert cfg.distributed_type == DistributedType.MULTI_GPU and cfg.fsdp_config == {}
     assert f"recipes/accelerate/{path.name}" in (RECIPES.parent / "docs" / "distributed.md").read_text()
 
 
