@@ -192,13 +192,18 @@ class GroupTrainer(Trainer):
             save_file(state, os.path.join(output_dir, SHARDED_STATE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        path = os.path.join(resume_from_checkpoint, SHARDED_STATE)
+        if os.path.isfile(path) != self.sharded:   # the optimizer states of the two are laid out differently
+            from .runs import RunFolderError
+            wrote, now = ("an FSDP launch", "without FSDP") if not self.sharded else ("a run without FSDP",
+                                                                                        "with FSDP")
+            raise RunFolderError(
+                f"{resume_from_checkpoint} was written by {wrote} and this run is {now}: resume with the launch "
+                "that wrote it (recipes/accelerate/fsdp2.yaml or not; the number of processes may change), or "
+                f"start the stage again with --redo {self.events.stage or 'STAGE'}")
         if not self.sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
-        path = os.path.join(resume_from_checkpoint, SHARDED_STATE)
-        if not os.path.isfile(path):
-            raise ValueError(f"{resume_from_checkpoint} was not written by a sharded (FSDP) run: it has no "
-                             f"{SHARDED_STATE}; resume it with the launch that wrote it")
         distributed.load_trainable_state(self.model, load_file(path))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

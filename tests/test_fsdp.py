@@ -74,7 +74,7 @@ def test_fsdp_adapters_are_full_adapters_the_next_stages_load_and_score_the_same
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n) > 0
 
 
-def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weights(tmp_path, fsdp):
+def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weights(tmp_path, fsdp, capsys):
     recipe = _recipe(tmp_path, "run", 1)
     run_dir = tmp_path / "run"
     rc, out = _finish(_launch_fsdp(recipe, "reward,score,reference"))
@@ -95,7 +95,13 @@ def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weig
     # the checkpoint holds a normal adapter, one full optimizer state and the trainable parameters by name
     assert {"adapter_model.safetensors", "optimizer.pt", "sharded_trainable.safetensors"} <= {
         p.name for p in ckpt.iterdir()}
-    rc, out = _finish(_launch_fsdp(recipe, "dpo"))
+    # resuming that checkpoint without FSDP (one process here) is refused, naming what to do
+    from mmrlhf_lite.train import main
+    assert main([str(recipe), "--stages", "dpo", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "was written by an FSDP launch and this run is without FSDP" in err and "--redo dpo" in err, err
+    assert "Traceback" not in err
+    rc, out = _finish(_launch_fsdp(recipe, "dpo"))      # the same command resumes
     assert rc == 0, out[-4000:]
     assert any(e["type"] == "log" and e["message"].startswith("resuming from") for e in _events(run_dir))
     _same_weights(_weights(fsdp, "dpo"), _weights(run_dir, "dpo"))
