@@ -48,10 +48,10 @@ def _env() -> dict:
 
 
 def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
-            port: int | None = None) -> subprocess.Popen:
+            port: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _free_port()}",
-           "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q"]
+           "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q", *extra]
     return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -129,6 +129,21 @@ def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(singl
     # rank 0 alone owns the run folder: one lock holder, one event stream, stages marked once
     assert sorted(p.name for p in (two_ranks / "stages").glob("*.json")) == ["dpo.json", "reference.json",
                                                                              "reward.json", "score.json"]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_score_and_reference_progress_counts_every_rank_with_per_rank_throughput(two_ranks):
+    events = _events(two_ranks)
+    for stage in ("score", "reference"):
+        progress = [e for e in events if e["type"] == "progress" and e.get("stage") == stage]
+        assert progress[0]["n"] == 0 and progress[-1]["n"] == progress[-1]["total"] == 8, (stage, progress)
+        assert [e["n"] for e in progress] == sorted(e["n"] for e in progress)
+        rates = [e for e in events if e["type"] == "metrics" and e.get("stage") == stage and "groups_per_s" in e][-1]
+        assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
+        assert rates["groups_per_s"] == pytest.approx(rates["rank0_groups_per_s"] + rates["rank1_groups_per_s"])
 
 
 def _cache(run_dir: Path, name: str) -> dict[str, dict]:
@@ -355,3 +370,58 @@ def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(t
     assert rc != 0 and time.time() - start < 120
     assert "has finished stage 'reference' with different settings" in out
     assert "rank 0 failed at 'run setup'" in out, out[-3000:]
+
+
+ROUNDS_SCRIPT = '''
+import json, sys
+from mmrlhf_lite import distributed, rounds
+from mmrlhf_lite.events import EventLog, StageStopped
+
+distributed.init("cpu")
+me, out = distributed.rank(), sys.argv[1]
+events = EventLog(out if me == 0 else None, echo=False)
+for case, stop_after in (("uneven", None), ("stop", 2)):
+    checks, seen = [0], []
+
+    def stop():  # rank 1 alone sees the request, at its third check (rank 0 never sees it)
+        checks[0] += 1
+        return me == 1 and stop_after is not None and checks[0] > stop_after
+
+    batches = [[0, 1], [2], [3, 4, 5]] if me == 0 else []      # rank 1 has no batch at all
+    try:
+        res = rounds.run_in_rounds(batches, lambda b: seen.extend(b) or 10 * len(b), done=0 if me == 0 else 1,
+                                   events=events, stop_requested=stop, part=case,
+                                   stopped=lambda done, total: f"stopped after {done} of {total} groups")
+        said = f"done {res.groups} {res.computed} {res.computed_groups}"
+    except StageStopped as exc:
+        said = f"stopped: {exc}"
+    print(f"[{case}] rank {me}: {said}; worked on {seen}", flush=True)
+distributed.destroy()
+'''
+
+
+def test_rounds_with_uneven_shards_count_all_ranks_and_stop_every_rank_at_one_point(tmp_path):
+    """rounds.run_in_rounds under torchrun: rank 0 holds 3 batches, rank 1 none (no deadlock: both join
+    every round); progress counts both ranks' groups; a stop seen by rank 1 alone stops both after the
+    same round with the same message."""
+    script = tmp_path / "rounds_script.py"
+    script.write_text(ROUNDS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    rc, out = _finish(proc, timeout=120)
+    assert rc == 0, out[-3000:]
+    assert "[uneven] rank 0: done 7 60 [6, 0]; worked on [0, 1, 2, 3, 4, 5]" in out, out[-3000:]
+    assert "[uneven] rank 1: done 7 60 [6, 0]; worked on []" in out, out[-3000:]
+    # checked before rounds 0, 1, 2: rank 1's third check stops both before rank 0's third batch
+    assert "[stop] rank 0: stopped: stopped after 4 of 7 groups; worked on [0, 1, 2]" in out, out[-3000:]
+    assert "[stop] rank 1: stopped: stopped after 4 of 7 groups; worked on []" in out, out[-3000:]
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    progress = [(e["n"], e["total"]) for e in events if e["type"] == "progress" and e["part"] == "uneven"]
+    assert progress == [(1, 7), (3, 7), (4, 7), (7, 7)]           # rank 1's cached group counted from the start
+    rates = [e for e in events if e["type"] == "metrics" and e["part"] == "uneven"][-1]
+    assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] == 0
+    assert rates["groups_per_s"] == pytest.approx(rates["rank0_groups_per_s"])
+    assert [(e["n"], e["total"]) for e in events if e["type"] == "progress" and e["part"] == "stop"] == [
+        (1, 7), (3, 7), (4, 7)]
