@@ -425,3 +425,56 @@ def test_rounds_with_uneven_shards_count_all_ranks_and_stop_every_rank_at_one_po
     assert rates["groups_per_s"] == pytest.approx(rates["rank0_groups_per_s"])
     assert [(e["n"], e["total"]) for e in events if e["type"] == "progress" and e["part"] == "stop"] == [
         (1, 7), (3, 7), (4, 7)]
+
+
+def _lines_with_keys(path: Path) -> set[str]:
+    kept = set()
+    for line in path.read_bytes().splitlines():
+        try:
+            kept.add(json.loads(line)["key"])
+        except ValueError:
+            pass
+    return kept
+
+
+def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_resumes(tmp_path):
+    """STOP created mid-score (critiques generated, sharded unevenly by content): both ranks stop after the
+    same round with the same message and exit code 3; the cache keeps what was written; the same command
+    computes only the rest."""
+    import re
+
+    path = tmp_path / "score.yaml"
+    recipe = load_recipe(None, COMMON + _per_rank(1) + [
+        "data.demo.groups=32", "reward.critique_mode=generate", "reward.max_new_tokens=16",
+        "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
+    recipe.save(path)
+    run_pipeline(recipe, ["reward"], echo=False)
+    run_dir, cache = tmp_path / "run", tmp_path / "run" / "cache" / "reward.jsonl"
+    proc = _launch(path, "score")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 8):   # two groups scored
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        (run_dir / "STOP").write_text("test")
+        rc, out = _finish(proc, timeout=120)
+    finally:
+        _kill_group(proc)
+    assert rc != 0
+    said = re.findall(r"stopped: stopped after (\d+) of 32 groups; the cache keeps them\. Run the same command", out)
+    assert len(said) == 2 and len(set(said)) == 1, out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
+    events = _events(run_dir)
+    end = [e for e in events if e["type"] == "stage_end"][-1]
+    assert end["stage"] == "score" and end["status"] == "stopped"
+    last = [e for e in events if e["type"] == "progress" and e.get("stage") == "score"][-1]
+    assert last["n"] == int(said[0]) < last["total"] == 32          # both ranks' groups, stopped midway
+    kept = _lines_with_keys(cache)
+    assert 8 <= len(kept) < 32 * 4
+    assert not (run_dir / "stages" / "score.json").exists()
+
+    rc, out = _finish(_launch(path, "score"))                          # the same command resumes
+    assert rc == 0, out[-4000:]
+    result = json.loads((run_dir / "stages" / "score.json").read_text())
+    assert result["computed"] == 32 * 4 - len(kept) and result["reused"] == len(kept)
+    assert len(_cache(run_dir, "reward.jsonl")) == 32 * 4
