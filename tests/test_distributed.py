@@ -7,6 +7,7 @@ Every launcher runs in its own process group with a hard timeout, and the group 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -441,8 +442,6 @@ def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_
     """STOP created mid-score (critiques generated, sharded unevenly by content): both ranks stop after the
     same round with the same message and exit code 3; the cache keeps what was written; the same command
     computes only the rest."""
-    import re
-
     path = tmp_path / "score.yaml"
     recipe = load_recipe(None, COMMON + _per_rank(1) + [
         "data.demo.groups=32", "reward.critique_mode=generate", "reward.max_new_tokens=16",
@@ -478,3 +477,49 @@ def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_
     result = json.loads((run_dir / "stages" / "score.json").read_text())
     assert result["computed"] == 32 * 4 - len(kept) and result["reused"] == len(kept)
     assert len(_cache(run_dir, "reward.jsonl")) == 32 * 4
+
+
+def _without_timings(tree):
+    if isinstance(tree, dict):
+        return {k: _without_timings(v) for k, v in tree.items() if "second" not in k}
+    if isinstance(tree, list):
+        return [_without_timings(v) for v in tree]
+    return tree
+
+
+def test_eval_split_over_two_ranks_writes_the_report_of_one_process(tmp_path):
+    """Every eval part is split over 2 ranks (critique modes before/after training with sampled critiques,
+    policy log-probs, sampled policy answers, their scoring): the report equals a single process's, every
+    number and every generated text, timings aside; both ranks worked on each part."""
+    path = tmp_path / "eval.yaml"
+    recipe = load_recipe(None, COMMON + _per_rank(1) + [
+        "data.demo.groups=24", "data.eval_fraction=0.34", "eval.max_new_tokens=6", "reward.max_new_tokens=6",
+        "reward.n_samples=2", "eval.policy_samples=2", "reward.generation_batch_size=4",
+        f"run.dir={tmp_path / 'run'}"])
+    recipe.save(path)
+    run_pipeline(recipe, STAGES.split(","), echo=False)
+    run_dir = tmp_path / "run"
+    one = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(path), "--stages", "eval", "-q"], env=_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-4000:]
+    single = json.loads((run_dir / "eval" / "report.json").read_text())
+    single_md = (run_dir / "eval" / "report.md").read_text()
+    start = len(_events(run_dir))
+    rc, out = _finish(_launch(path, "eval", extra=("--redo", "eval")))
+    assert rc == 0, out[-4000:]
+    double = json.loads((run_dir / "eval" / "report.json").read_text())
+    n = single["groups"]
+    assert n >= 5 and single["policy"]["samples"] and single["reward_model"]["modes"]["generate"]
+    assert _without_timings(double) == _without_timings(single)
+    wall = re.compile(r"Wall time: [\d.]+ s\.")
+    assert wall.sub("", (run_dir / "eval" / "report.md").read_text()) == wall.sub("", single_md)
+    events = _events(run_dir)[start:]
+    parts = {e["part"] for e in events if e["type"] == "progress" and e.get("stage") == "eval"}
+    assert parts == {"reward model before training, given", "reward model before training, none",
+                     "reward model before training, generate", "reward model, given", "reward model, none",
+                     "reward model, generate", "policy log-probs", "policy answers", "scoring the policy's answers"}
+    for part in parts:
+        last = [e for e in events if e["type"] == "progress" and e.get("part") == part][-1]
+        assert last["n"] == last["total"] == n, last
+        rates = [e for e in events if e["type"] == "metrics" and e.get("part") == part][-1]
+        assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
