@@ -1,6 +1,8 @@
 """One run, N processes (torchrun, gloo on CPU): 2 ranks x B groups per step train the same LoRA weights
 as 1 rank x 2B; a SIGKILLed rank ends the job in bounded time with the launcher naming it, and the same
-command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end.
+command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end;
+score/reference/eval split over ranks in lockstep rounds count every rank's groups in their progress, stop
+every rank at one point, and eval writes the single process's report.
 
 Every launcher runs in its own process group with a hard timeout, and the group is killed afterwards.
 """
@@ -239,7 +241,7 @@ EVAL = ["data.demo.groups=16", "data.eval_fraction=0.25", "eval.max_new_tokens=8
 
 def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path):
     """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) run all five stages; the weights and
-    the eval report (run on rank 0) are those of a single process with twice the groups per step."""
+    the eval report (split over the two nodes) are those of a single process with twice the groups per step."""
     one = load_recipe(None, COMMON + _per_rank(2) + EVAL + [f"run.dir={tmp_path / 'single'}"])
     run_pipeline(one, None, echo=False)
     path = tmp_path / "nodes.yaml"
