@@ -525,3 +525,36 @@ def test_eval_split_over_two_ranks_writes_the_report_of_one_process(tmp_path):
         assert last["n"] == last["total"] == n, last
         rates = [e for e in events if e["type"] == "metrics" and e.get("part") == part][-1]
         assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
+
+
+def test_sigterm_of_one_rank_during_eval_stops_both_at_one_point_and_the_same_command_evaluates(tmp_path):
+    """SIGTERM to rank 1 alone while eval runs: both ranks stop after the same round of the same part with
+    the same message and exit code 3, no report is written; the same command then evaluates."""
+    path = tmp_path / "eval.yaml"
+    recipe = load_recipe(None, COMMON + _per_rank(1) + [
+        "data.demo.groups=36", "data.eval_fraction=0.34", "reward.max_new_tokens=16",
+        "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
+    recipe.save(path)
+    run_pipeline(recipe, ["reward"], echo=False)
+    run_dir = tmp_path / "run"
+    proc = _launch(path, "eval")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not any('"stage": "eval"' in x and '"progress"' in x and '"n": 0,' not in x
+                      for x in ((run_dir / "events.jsonl").read_text().splitlines())):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        rc, out = _finish(proc, timeout=120)
+    finally:
+        _kill_group(proc)
+    assert rc != 0
+    said = re.findall(r"stopped: stopped during evaluation \(([^)]*)\)", out)
+    assert len(said) == 2 and len(set(said)) == 1 and " of " in said[0], out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
+    end = [e for e in _events(run_dir) if e["type"] == "stage_end"][-1]
+    assert end["stage"] == "eval" and end["status"] == "stopped"
+    assert not (run_dir / "eval" / "report.json").exists() and not (run_dir / "stages" / "eval.json").exists()
+    rc, out = _finish(_launch(path, "eval"))
+    assert rc == 0, out[-4000:]
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["reward_model"]["modes"]["generate"]

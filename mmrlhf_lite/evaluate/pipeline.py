@@ -53,8 +53,8 @@ def split_over_ranks(ctx, part: str, items: list, chunk_size: int, fn) -> list:
     """`fn(chunk, index)` over `items`, chunks dealt to the ranks (one process: all of them), with
     progress and throughput events labelled `part` and the run's stop request agreed between ranks."""
     return sharded_map(items, chunk_size, fn, events=ctx.events, stop_requested=ctx.stop_requested, part=part,
-                       stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups); "
-                                               "run the same command again to evaluate")
+                       stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups; "
+                                               "an evaluation is not kept in parts: it starts over)")
 
 
 def score_split(ctx, scorer, groups: list[PreferenceGroup], mode: str, part: str) -> list:
@@ -284,7 +284,7 @@ def run_stage(ctx) -> dict:
         report["margins"] = {k: score.get(k) for k in ("mode", "eval_delta_rank_spearman", "eval_delta_rank_pairs",
                                                        "beta")}
     if distributed.any_rank(ctx.stop_requested()):  # every rank takes the same branch
-        raise StageStopped("stopped during evaluation; run the same command again to evaluate")
+        raise StageStopped("stopped during evaluation (an evaluation is not kept in parts: it starts over)")
     report["policy"] = eval_policy(ctx, evals)
     report["seconds"] = round(time.time() - start, 1)
     if distributed.is_main():  # every rank holds the whole report; rank 0 writes it
