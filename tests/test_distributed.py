@@ -496,7 +496,7 @@ def test_eval_split_over_two_ranks_writes_the_report_of_one_process(tmp_path):
     path = tmp_path / "eval.yaml"
     recipe = load_recipe(None, COMMON + _per_rank(1) + [
         "data.demo.groups=24", "data.eval_fraction=0.34", "eval.max_new_tokens=6", "reward.max_new_tokens=6",
-        "reward.n_samples=2", "eval.policy_samples=2", "reward.generation_batch_size=4",
+        "reward.n_samples=2", "eval.policy_samples=2", "reward.generation_batch_size=4", "dpo.train.max_steps=2",
         f"run.dir={tmp_path / 'run'}"])
     recipe.save(path)
     run_pipeline(recipe, STAGES.split(","), echo=False)
