@@ -176,7 +176,7 @@ _wait = {"group": None}
 def main_first(name: str, fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only; the other ranks wait and get its result, or raise its error. They wait in a
     gloo group of their own with a long timeout (`MMRLHF_LITE_WAIT_TIMEOUT`, default 7 days), since rank 0
-    may work alone for hours (data preparation, eval); a rank 0 that dies ends the job through the launcher."""
+    may work alone for hours (data preparation); a rank 0 that dies ends the job through the launcher."""
     if not _group_ready():
         return fn()
     import torch.distributed as dist
