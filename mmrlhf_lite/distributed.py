@@ -4,8 +4,8 @@ The launcher starts N copies of `python -m mmrlhf_lite.train recipe.yaml` with R
 LOCAL_RANK set. Rank 0 owns the run folder (lock, recipe, events.jsonl, data preparation, stage
 status); the other ranks wait for what it writes and then read it. Training stages are data-parallel
 (the trainers are `transformers.Trainer`s; `average_gradients` averages the trainable gradients once
-per step); score / reference shard their groups by a stable assignment (cache/sharded.py); eval runs
-on rank 0. Without those variables (a plain `python -m ...`) every helper is a no-op.
+per step); score / reference / eval split their groups over the ranks, in lockstep rounds with global
+progress and one agreed stop point (rounds.py, cache/sharded.py). Without those variables (a plain `python -m ...`) every helper is a no-op.
 
 Failures: a rank that dies ends the job through the launcher (it stops the other processes and names
 the failed rank); a collective that does not complete within `MMRLHF_LITE_DIST_TIMEOUT` seconds (default
@@ -56,7 +56,7 @@ def is_distributed() -> bool:
 
 @contextmanager
 def alone():
-    """Rank 0 working alone while the others wait (a stage that runs on rank 0 only, such as eval): the
+    """Rank 0 working alone while the others wait (work that runs on rank 0 only): the
     collectives of the code inside are no-ops, as in one process."""
     _alone["depth"] += 1
     try:
@@ -182,6 +182,22 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """The element-wise sum over all ranks of `values` (same length on every rank), in one collective.
+    A rank fills its own slots of a vector and leaves the others 0 to share per-rank numbers."""
+    if not _group_ready():
+        return [float(v) for v in values]
+    import torch.distributed as dist
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    try:
+        dist.all_reduce(t)
+    except Exception as exc:  # noqa: BLE001
+        raise RankFailure(f"rank {rank()}: a collective failed ({_short(exc)}); another rank died or hung") from None
+    return [float(x) for x in t.cpu().tolist()]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is True on at least one (e.g. a stop request seen by one rank)."""
     return all_reduce_max(1.0 if flag else 0.0) > 0
@@ -193,7 +209,7 @@ _wait = {"group": None}
 def main_first(name: str, fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only; the other ranks wait and get its result, or raise its error. They wait in a
     gloo group of their own with a long timeout (`MMRLHF_LITE_WAIT_TIMEOUT`, default 7 days), since rank 0
-    may work alone for hours (data preparation, eval); a rank 0 that dies ends the job through the launcher."""
+    may work alone for hours (data preparation); a rank 0 that dies ends the job through the launcher."""
     if not _group_ready():
         return fn()
     import torch.distributed as dist

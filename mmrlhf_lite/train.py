@@ -92,11 +92,6 @@ def _runner(stage: str):
     return getattr(module, func)
 
 
-# Stages that run on rank 0 only under a launcher (the other ranks wait for it); the others run on every
-# rank: reward/dpo data-parallel, score/reference on each rank's share of the groups (cache/sharded.py).
-MAIN_ONLY_STAGES = ("eval",)
-
-
 def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple[str, ...] = (),
                  echo: bool = True) -> RunContext:
     """Run `stages` (default: recipe.run.stages) into recipe.run.dir. Raises on error; `StageStopped`
@@ -154,14 +149,10 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             def run_stage(runner=runner, stage=stage) -> dict:
                 with events.stage_run(stage):
                     return runner(ctx) or {}
-            if stage in MAIN_ONLY_STAGES:
-                def alone(run_stage=run_stage) -> dict:
-                    with dist.alone():  # its cache fills and checks are rank 0's alone
-                        return run_stage()
-                info = dist.main_first(f"stage {stage}", alone)
-            else:
-                info = run_stage()
-                dist.barrier(f"end of stage {stage}")
+            # every stage runs on every rank: reward/dpo data-parallel, score/reference/eval on each rank's
+            # share of the groups (cache/sharded.py, rounds.py)
+            info = run_stage()
+            dist.barrier(f"end of stage {stage}")
             if main:
                 run.mark_done(stage, recipe, **info)
         if main:
@@ -193,8 +184,7 @@ def _launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
            "eval hold a full copy each" if fsdp else
            "data-parallel; per-GPU memory as in --dry-run, one model copy each")
     return (f"{world} processes ({how}); "
-            f"global batch: {'; '.join(parts)}; score/reference shard their groups over the processes, eval runs "
-            f"on rank 0")
+            f"global batch: {'; '.join(parts)}; score/reference/eval shard their groups over the processes")
 
 
 def _fsdp_memory_lines(plan: dict, processes: int) -> list[str]:

@@ -1,12 +1,15 @@
 """One run, N processes (torchrun, gloo on CPU): 2 ranks x B groups per step train the same LoRA weights
 as 1 rank x 2B; a SIGKILLed rank ends the job in bounded time with the launcher naming it, and the same
-command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end.
+command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end;
+score/reference/eval split over ranks in lockstep rounds count every rank's groups in their progress, stop
+every rank at one point, and eval writes the single process's report.
 
 Every launcher runs in its own process group with a hard timeout, and the group is killed afterwards.
 """
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -48,10 +51,10 @@ def _env() -> dict:
 
 
 def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
-            port: int | None = None) -> subprocess.Popen:
+            port: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _free_port()}",
-           "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q"]
+           "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q", *extra]
     return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -129,6 +132,21 @@ def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(singl
     # rank 0 alone owns the run folder: one lock holder, one event stream, stages marked once
     assert sorted(p.name for p in (two_ranks / "stages").glob("*.json")) == ["dpo.json", "reference.json",
                                                                              "reward.json", "score.json"]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_score_and_reference_progress_counts_every_rank_with_per_rank_throughput(two_ranks):
+    events = _events(two_ranks)
+    for stage in ("score", "reference"):
+        progress = [e for e in events if e["type"] == "progress" and e.get("stage") == stage]
+        assert progress[0]["n"] == 0 and progress[-1]["n"] == progress[-1]["total"] == 8, (stage, progress)
+        assert [e["n"] for e in progress] == sorted(e["n"] for e in progress)
+        rates = [e for e in events if e["type"] == "metrics" and e.get("stage") == stage and "groups_per_s" in e][-1]
+        assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
+        assert rates["groups_per_s"] == pytest.approx(rates["rank0_groups_per_s"] + rates["rank1_groups_per_s"])
 
 
 def _cache(run_dir: Path, name: str) -> dict[str, dict]:
@@ -223,7 +241,7 @@ EVAL = ["data.demo.groups=16", "data.eval_fraction=0.25", "eval.max_new_tokens=8
 
 def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path):
     """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) run all five stages; the weights and
-    the eval report (run on rank 0) are those of a single process with twice the groups per step."""
+    the eval report (split over the two nodes) are those of a single process with twice the groups per step."""
     one = load_recipe(None, COMMON + _per_rank(2) + EVAL + [f"run.dir={tmp_path / 'single'}"])
     run_pipeline(one, None, echo=False)
     path = tmp_path / "nodes.yaml"
@@ -339,3 +357,188 @@ def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(t
     assert rc != 0 and time.time() - start < 120
     assert "has finished stage 'reference' with different settings" in out
     assert "rank 0 failed at 'run setup'" in out, out[-3000:]
+
+
+ROUNDS_SCRIPT = '''
+import json, sys
+from mmrlhf_lite import distributed, rounds
+from mmrlhf_lite.events import EventLog, StageStopped
+
+distributed.init("cpu")
+me, out = distributed.rank(), sys.argv[1]
+events = EventLog(out if me == 0 else None, echo=False)
+for case, stop_after in (("uneven", None), ("stop", 2)):
+    checks, seen = [0], []
+
+    def stop():  # rank 1 alone sees the request, at its third check (rank 0 never sees it)
+        checks[0] += 1
+        return me == 1 and stop_after is not None and checks[0] > stop_after
+
+    batches = [[0, 1], [2], [3, 4, 5]] if me == 0 else []      # rank 1 has no batch at all
+    try:
+        res = rounds.run_in_rounds(batches, lambda b: seen.extend(b) or 10 * len(b), done=0 if me == 0 else 1,
+                                   events=events, stop_requested=stop, part=case,
+                                   stopped=lambda done, total: f"stopped after {done} of {total} groups")
+        said = f"done {res.groups} {res.computed} {res.computed_groups}"
+    except StageStopped as exc:
+        said = f"stopped: {exc}"
+    print(f"[{case}] rank {me}: {said}; worked on {seen}", flush=True)
+distributed.destroy()
+'''
+
+
+def test_rounds_with_uneven_shards_count_all_ranks_and_stop_every_rank_at_one_point(tmp_path):
+    """rounds.run_in_rounds under torchrun: rank 0 holds 3 batches, rank 1 none (no deadlock: both join
+    every round); progress counts both ranks' groups; a stop seen by rank 1 alone stops both after the
+    same round with the same message."""
+    script = tmp_path / "rounds_script.py"
+    script.write_text(ROUNDS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    rc, out = _finish(proc, timeout=120)
+    assert rc == 0, out[-3000:]
+    assert "[uneven] rank 0: done 7 60 [6, 0]; worked on [0, 1, 2, 3, 4, 5]" in out, out[-3000:]
+    assert "[uneven] rank 1: done 7 60 [6, 0]; worked on []" in out, out[-3000:]
+    # checked before rounds 0, 1, 2: rank 1's third check stops both before rank 0's third batch
+    assert "[stop] rank 0: stopped: stopped after 4 of 7 groups; worked on [0, 1, 2]" in out, out[-3000:]
+    assert "[stop] rank 1: stopped: stopped after 4 of 7 groups; worked on []" in out, out[-3000:]
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    progress = [(e["n"], e["total"]) for e in events if e["type"] == "progress" and e["part"] == "uneven"]
+    assert progress == [(1, 7), (3, 7), (4, 7), (7, 7)]           # rank 1's cached group counted from the start
+    rates = [e for e in events if e["type"] == "metrics" and e["part"] == "uneven"][-1]
+    assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] == 0
+    assert rates["groups_per_s"] == pytest.approx(rates["rank0_groups_per_s"])
+    assert [(e["n"], e["total"]) for e in events if e["type"] == "progress" and e["part"] == "stop"] == [
+        (1, 7), (3, 7), (4, 7)]
+
+
+def _lines_with_keys(path: Path) -> set[str]:
+    kept = set()
+    for line in path.read_bytes().splitlines():
+        try:
+            kept.add(json.loads(line)["key"])
+        except ValueError:
+            pass
+    return kept
+
+
+def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_resumes(tmp_path):
+    """STOP created mid-score (critiques generated, sharded unevenly by content): both ranks stop after the
+    same round with the same message and exit code 3; the cache keeps what was written; the same command
+    computes only the rest."""
+    path = tmp_path / "score.yaml"
+    recipe = load_recipe(None, COMMON + _per_rank(1) + [
+        "data.demo.groups=32", "reward.critique_mode=generate", "reward.max_new_tokens=16",
+        "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
+    recipe.save(path)
+    run_pipeline(recipe, ["reward"], echo=False)
+    run_dir, cache = tmp_path / "run", tmp_path / "run" / "cache" / "reward.jsonl"
+    proc = _launch(path, "score")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 8):   # two groups scored
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        (run_dir / "STOP").write_text("test")
+        rc, out = _finish(proc, timeout=120)
+    finally:
+        _kill_group(proc)
+    assert rc != 0
+    said = re.findall(r"stopped: stopped after (\d+) of 32 groups; the cache keeps them\. Run the same command", out)
+    assert len(said) == 2 and len(set(said)) == 1, out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
+    events = _events(run_dir)
+    end = [e for e in events if e["type"] == "stage_end"][-1]
+    assert end["stage"] == "score" and end["status"] == "stopped"
+    last = [e for e in events if e["type"] == "progress" and e.get("stage") == "score"][-1]
+    assert last["n"] == int(said[0]) < last["total"] == 32          # both ranks' groups, stopped midway
+    kept = _lines_with_keys(cache)
+    assert 8 <= len(kept) < 32 * 4
+    assert not (run_dir / "stages" / "score.json").exists()
+
+    rc, out = _finish(_launch(path, "score"))                          # the same command resumes
+    assert rc == 0, out[-4000:]
+    result = json.loads((run_dir / "stages" / "score.json").read_text())
+    assert result["computed"] == 32 * 4 - len(kept) and result["reused"] == len(kept)
+    assert len(_cache(run_dir, "reward.jsonl")) == 32 * 4
+
+
+def _without_timings(tree):
+    if isinstance(tree, dict):
+        return {k: _without_timings(v) for k, v in tree.items() if "second" not in k}
+    if isinstance(tree, list):
+        return [_without_timings(v) for v in tree]
+    return tree
+
+
+def test_eval_split_over_two_ranks_writes_the_report_of_one_process(tmp_path):
+    """Every eval part is split over 2 ranks (critique modes before/after training with sampled critiques,
+    policy log-probs, sampled policy answers, their scoring): the report equals a single process's, every
+    number and every generated text, timings aside; both ranks worked on each part."""
+    path = tmp_path / "eval.yaml"
+    recipe = load_recipe(None, COMMON + _per_rank(1) + [
+        "data.demo.groups=24", "data.eval_fraction=0.34", "eval.max_new_tokens=6", "reward.max_new_tokens=6",
+        "reward.n_samples=2", "eval.policy_samples=2", "reward.generation_batch_size=4", "dpo.train.max_steps=2",
+        f"run.dir={tmp_path / 'run'}"])
+    recipe.save(path)
+    run_pipeline(recipe, STAGES.split(","), echo=False)
+    run_dir = tmp_path / "run"
+    one = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(path), "--stages", "eval", "-q"], env=_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-4000:]
+    single = json.loads((run_dir / "eval" / "report.json").read_text())
+    single_md = (run_dir / "eval" / "report.md").read_text()
+    start = len(_events(run_dir))
+    rc, out = _finish(_launch(path, "eval", extra=("--redo", "eval")))
+    assert rc == 0, out[-4000:]
+    double = json.loads((run_dir / "eval" / "report.json").read_text())
+    n = single["groups"]
+    assert n >= 5 and single["policy"]["samples"] and single["reward_model"]["modes"]["generate"]
+    assert _without_timings(double) == _without_timings(single)
+    wall = re.compile(r"Wall time: [\d.]+ s\.")
+    assert wall.sub("", (run_dir / "eval" / "report.md").read_text()) == wall.sub("", single_md)
+    events = _events(run_dir)[start:]
+    parts = {e["part"] for e in events if e["type"] == "progress" and e.get("stage") == "eval"}
+    assert parts == {"reward model before training, given", "reward model before training, none",
+                     "reward model before training, generate", "reward model, given", "reward model, none",
+                     "reward model, generate", "policy log-probs", "policy answers", "scoring the policy's answers"}
+    for part in parts:
+        last = [e for e in events if e["type"] == "progress" and e.get("part") == part][-1]
+        assert last["n"] == last["total"] == n, last
+        rates = [e for e in events if e["type"] == "metrics" and e.get("part") == part][-1]
+        assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
+
+
+def test_sigterm_of_one_rank_during_eval_stops_both_at_one_point_and_the_same_command_evaluates(tmp_path):
+    """SIGTERM to rank 1 alone while eval runs: both ranks stop after the same round of the same part with
+    the same message and exit code 3, no report is written; the same command then evaluates."""
+    path = tmp_path / "eval.yaml"
+    recipe = load_recipe(None, COMMON + _per_rank(1) + [
+        "data.demo.groups=36", "data.eval_fraction=0.34", "reward.max_new_tokens=16",
+        "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
+    recipe.save(path)
+    run_pipeline(recipe, ["reward"], echo=False)
+    run_dir = tmp_path / "run"
+    proc = _launch(path, "eval")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not any('"stage": "eval"' in x and '"progress"' in x and '"n": 0,' not in x
+                      for x in ((run_dir / "events.jsonl").read_text().splitlines())):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        rc, out = _finish(proc, timeout=120)
+    finally:
+        _kill_group(proc)
+    assert rc != 0
+    said = re.findall(r"stopped: stopped during evaluation \(([^)]*)\)", out)
+    assert len(said) == 2 and len(set(said)) == 1 and " of " in said[0], out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
+    end = [e for e in _events(run_dir) if e["type"] == "stage_end"][-1]
+    assert end["stage"] == "eval" and end["status"] == "stopped"
+    assert not (run_dir / "eval" / "report.json").exists() and not (run_dir / "stages" / "eval.json").exists()
+    rc, out = _finish(_launch(path, "eval"))
+    assert rc == 0, out[-4000:]
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["reward_model"]["modes"]["generate"]

@@ -5,6 +5,9 @@ The share is a stable assignment by content: a group goes to rank `hash(its firs
 so a resumed run with the same N gives each rank the same groups, and groups with identical content
 land on the same rank (computed once there). Whatever any rank wrote before a kill is in the cache and
 is not computed again. Appends from several ranks are serialised by `JsonlStore.put_many`'s lock.
+The ranks fill their shares in lockstep rounds (rounds.py): the progress events count every rank's
+groups, the metrics carry each rank's throughput, and a stop request seen by one rank stops them all
+after the same batch.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import distributed
-from .store import JsonlStore, fill_missing
+from ..rounds import run_in_rounds
+from .store import JsonlStore, compute_batch, plan_missing
 
 
 def open_shared_store(path: Path, fields: dict | None = None) -> JsonlStore:
@@ -31,15 +35,23 @@ def rank_of(keys: list[str], world: int) -> int:
     return int.from_bytes(digest[:8], "big") % world
 
 
-def fill_missing_sharded(groups: Sequence, keys: list[list[str]], store: JsonlStore, compute: Callable, **kwargs
+def fill_missing_sharded(groups: Sequence, keys: list[list[str]], store: JsonlStore, compute: Callable, *,
+                         per_batch: int, events, stop_requested: Callable[[], bool] = lambda: False
                          ) -> tuple[JsonlStore, int]:
-    """`fill_missing` on this rank's share; after every rank has finished, the whole cache re-read and the
-    number of entries computed by all ranks. One process: `fill_missing` itself."""
-    if not distributed.is_distributed():
-        return store, fill_missing(groups, keys, store, compute, **kwargs)
-    world, me = distributed.world_size(), distributed.rank()
-    idx = [i for i, ks in enumerate(keys) if rank_of(ks, world) == me]
-    computed = fill_missing([groups[i] for i in idx], [keys[i] for i in idx], store, compute, **kwargs)
-    distributed.barrier(f"all ranks filled {store.path.name}")
-    total = sum(distributed.gather_objects(computed))
-    return JsonlStore(store.path, store.fields), total
+    """`store.fill_missing` on this rank's share, `per_batch` groups at a time, in rounds with the other
+    ranks (one process: all groups). Returns the store holding every rank's entries (re-read under a
+    launcher) and the number of entries computed by all ranks. A stop request seen by any rank raises
+    StageStopped on every rank after the same round, naming the groups done by all of them."""
+    world = distributed.world_size() if distributed.is_distributed() else 1
+    me = distributed.rank() if world > 1 else 0
+    idx = [i for i, ks in enumerate(keys) if world == 1 or rank_of(ks, world) == me]
+    mine, mine_keys = [groups[i] for i in idx], [keys[i] for i in idx]
+    plan = plan_missing(mine_keys, store)
+    todo = [gi for gi, m in enumerate(plan) if m]
+    batches = [todo[s:s + per_batch] for s in range(0, len(todo), max(1, per_batch))]
+    result = run_in_rounds(batches, lambda batch: compute_batch(mine, mine_keys, plan, batch, store, compute),
+                           done=len(idx) - len(todo), events=events, stop_requested=stop_requested,
+                           stopped=lambda done, total: f"stopped after {done} of {total} groups; the cache keeps them")
+    if world > 1:  # every rank's appends are in the file (each appended before the last round)
+        store = JsonlStore(store.path, store.fields)
+    return store, result.computed

@@ -317,6 +317,34 @@ def _line(record: dict) -> bytes:
         return (json.dumps(record) + "\n").encode("ascii")
 
 
+def plan_missing(keys: list[list[str]], store: JsonlStore) -> list[list[int]]:
+    """Per group: the responses it computes, the keys that are neither stored nor claimed by an earlier
+    group (a key shared by several groups is computed once, by the first)."""
+    claimed: set[str] = set()
+    plan: list[list[int]] = []
+    for ks in keys:
+        mine = [ri for ri, k in enumerate(ks) if k not in store and k not in claimed]
+        claimed.update(ks[ri] for ri in mine)
+        plan.append(mine)
+    return plan
+
+
+def compute_batch(groups: Sequence[PreferenceGroup], keys: list[list[str]], plan: list[list[int]],
+                  batch: Sequence[int], store: JsonlStore,
+                  compute: Callable[[list[PreferenceGroup]], list[list[dict]]]) -> int:
+    """Compute and append the entries of the groups `batch` (indices into `groups`) still missing from
+    `store`; returns how many were computed."""
+    idx = [gi for gi in batch if any(keys[gi][ri] not in store for ri in plan[gi])]
+    missing = [[ri for ri in plan[gi] if keys[gi][ri] not in store] for gi in idx]
+    if not idx:
+        return 0
+    results = compute([groups[gi].subset(m) for gi, m in zip(idx, missing)])
+    records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, **payload}
+               for gi, m, res in zip(idx, missing, results) for ri, payload in zip(m, res)]
+    store.put_many(records)
+    return len(records)
+
+
 def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store: JsonlStore,
                  compute: Callable[[list[PreferenceGroup]], list[list[dict]]], *, per_batch: int, events,
                  stop_requested: Callable[[], bool] = lambda: False) -> int:
@@ -328,30 +356,19 @@ def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store
     content under other ids, or in both splits): the first group that has it computes it, the others
     read the stored entry, and a group whose every key is stored or claimed is not computed at all.
     A stop request between batches raises StageStopped: everything written so far stays. Returns the
-    number of entries computed.
+    number of entries computed. (The run's stages use `cache.sharded.fill_missing_sharded`, the same
+    work split over the ranks of a launch.)
     """
     from ..events import StageStopped
 
-    claimed: set[str] = set()
-    plan: list[list[int]] = []  # per group: the responses it computes (keys nobody stored or claimed)
-    for ks in keys:
-        mine = [ri for ri, k in enumerate(ks) if k not in store and k not in claimed]
-        claimed.update(ks[ri] for ri in mine)
-        plan.append(mine)
+    plan = plan_missing(keys, store)
     todo = [gi for gi, mine in enumerate(plan) if mine]
     total, done, computed = len(groups), len(groups) - len(todo), 0
     events.progress(done, total, unit="group")
     for s in range(0, len(todo), per_batch):
         if stop_requested():
             raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
-        idx = [gi for gi in todo[s:s + per_batch] if any(keys[gi][ri] not in store for ri in plan[gi])]
-        missing = [[ri for ri in plan[gi] if keys[gi][ri] not in store] for gi in idx]
-        if idx:
-            results = compute([groups[gi].subset(m) for gi, m in zip(idx, missing)])
-            records = [{"key": keys[gi][ri], "group_id": groups[gi].id, "response": ri, **payload}
-                       for gi, m, res in zip(idx, missing, results) for ri, payload in zip(m, res)]
-            store.put_many(records)
-            computed += len(records)
+        computed += compute_batch(groups, keys, plan, todo[s:s + per_batch], store, compute)
         done += len(todo[s:s + per_batch])
         events.progress(done, total, unit="group")
     return computed

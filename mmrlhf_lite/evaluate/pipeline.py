@@ -5,6 +5,12 @@ the share that is well-formed, the reward model's rank among the group's K respo
 (withheld when the starting policy's answers are not well-formed). Writes `eval/report.json` and
 `eval/report.md`.
 
+Under a launcher every part that loops over groups (each critique mode before and after training, the
+policy's log-probs, its generations, the scoring of its answers) is split over the ranks in chunks whose
+size and sampling seed come from the recipe, not from the number of ranks (`rounds.sharded_map`); every
+rank gathers the per-group results and runs the one-process aggregation, and rank 0 writes the report,
+which is the one a single process writes.
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages eval
     python -m mmrlhf_lite.evaluate reward runs/demo --data my_bench.jsonl --critique given
 """
@@ -17,12 +23,14 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..data.groups import PreferenceGroup, Response
 from ..events import StageStopped
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
 from ..models.packing import use_packing
+from ..rounds import chunk_seed, sharded_map
 from ..runs import write_atomic
 from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate
@@ -39,6 +47,24 @@ def _free(*objs) -> None:
 
 def scored_groups(groups: list[PreferenceGroup], scores: list[list[float]]) -> list[ScoredGroup]:
     return merge_by_id([ScoredGroup(g.id, g.category, g.pairs(), s, len(g.ties())) for g, s in zip(groups, scores)])
+
+
+def split_over_ranks(ctx, part: str, items: list, chunk_size: int, fn) -> list:
+    """`fn(chunk, index)` over `items`, chunks dealt to the ranks (one process: all of them), with
+    progress and throughput events labelled `part` and the run's stop request agreed between ranks."""
+    return sharded_map(items, chunk_size, fn, events=ctx.events, stop_requested=ctx.stop_requested, part=part,
+                       stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups; "
+                                               "an evaluation is not kept in parts: it starts over)")
+
+
+def score_split(ctx, scorer, groups: list[PreferenceGroup], mode: str, part: str) -> list:
+    """`scorer.score_groups` over `groups`, split over the ranks; chunk `i` samples with `chunk_seed`."""
+    from ..reward.scorer import groups_per_batch
+
+    rc, seed = ctx.recipe.reward, ctx.recipe.run.seed
+    return split_over_ranks(ctx, part, groups, groups_per_batch(rc, mode), lambda chunk, i: scorer.score_groups(
+        chunk, mode, n_samples=rc.n_samples, temperature=rc.temperature, max_new_tokens=rc.max_new_tokens,
+        batch_size=rc.generation_batch_size, seed=chunk_seed(seed, i)))
 
 
 def critique_fact_rate(groups: list[PreferenceGroup], critiques: list[list[list[str]]]) -> dict | None:
@@ -81,9 +107,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
     for m in modes:
         t = time.time()
         # scored exactly as after training (same samples per critique), so before vs after compares models only
-        scored = scorer.score_groups(groups, m, n_samples=rc.n_samples, temperature=rc.temperature,
-                                     max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                     seed=recipe.run.seed)
+        scored = score_split(ctx, scorer, groups, m, f"reward model before training, {m}")
         out["before"][m] = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
         out["before"][m]["seconds"] = round(time.time() - t, 1)
         if m == "generate":
@@ -97,9 +121,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
                                        max_frames=recipe.data.max_frames)
     for m in modes:
         t = time.time()
-        scored = scorer.score_groups(groups, m, n_samples=rc.n_samples, temperature=rc.temperature,
-                                     max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                     seed=recipe.run.seed)
+        scored = score_split(ctx, scorer, groups, m, f"reward model, {m}")
         res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
         res["seconds"] = round(time.time() - t, 1)
         res["delta_rank"] = delta_rank_correlation(groups, [[s.score for s in g] for g in scored])
@@ -129,14 +151,16 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
     spec = model.mmrlhf.family
     packed = use_packing(spec, recipe.model.packing, recipe.model.attn_implementation)
     encoder = GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length, max_frames=recipe.data.max_frames)
-    policy = []
-    for s in range(0, len(groups), 4):
-        chunk = groups[s:s + 4]
+
+    def forward(chunk: list[PreferenceGroup], _index: int) -> list[list[float]]:
         logps, _ = policy_forward(model, spec, [encoder.encode_policy(g) for g in chunk], packed)
-        k = 0
+        rows, k = [], 0
         for g in chunk:
-            policy.append([float(x) for x in logps[k:k + len(g.responses)]])
+            rows.append([float(x) for x in logps[k:k + len(g.responses)]])
             k += len(g.responses)
+        return rows
+
+    policy = split_over_ranks(ctx, "policy log-probs", groups, 4, forward)
     out = implicit_accuracy(policy, reference, [g.pairs() for g in groups])
     out["logp_accuracy"] = implicit_accuracy(policy, [[0.0] * len(p) for p in policy],
                                              [g.pairs() for g in groups])["implicit_accuracy"]
@@ -144,16 +168,21 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
     ec = recipe.eval
     if ec.policy_samples > 0:
         n = ec.policy_samples
-        prompts = [(encoder.policy_prompt(g), []) for g in groups for _ in range(n)]
-        kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens,
-                  do_sample=n > 1, temperature=1.0, seed=recipe.run.seed,
-                  batch_size=recipe.reward.generation_batch_size)
-        after = generate_after(model, spec, processor, prompts, **kw)
-        with model.disable_adapter():
-            before = generate_after(model, spec, processor, prompts, **kw)
+        gbs = recipe.reward.generation_batch_size
+
+        def answer(chunk: list[PreferenceGroup], index: int) -> list[tuple[list[str], list[str]]]:
+            prompts = [(encoder.policy_prompt(g), []) for g in chunk for _ in range(n)]
+            kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens, do_sample=n > 1,
+                      temperature=1.0, seed=chunk_seed(recipe.run.seed, index), batch_size=gbs)
+            after = generate_after(model, spec, processor, prompts, **kw)
+            with model.disable_adapter():
+                before = generate_after(model, spec, processor, prompts, **kw)
+            # (after samples, before samples) of each group: prompts were laid out group by group
+            return [(after[i * n:(i + 1) * n], before[i * n:(i + 1) * n]) for i in range(len(chunk))]
+
+        # about generation_batch_size prompts per chunk
+        answers = split_over_ranks(ctx, "policy answers", groups, max(1, gbs // n), answer)
         _free(model)
-        # answers[g] = (after samples, before samples) of group g: prompts were laid out group by group
-        answers = [(after[i * n:(i + 1) * n], before[i * n:(i + 1) * n]) for i in range(len(groups))]
         out.update(policy_answer_metrics(ctx, groups, answers))
         out["samples"] = [{"group": g.id, "before": b, "after": a} for g, (a, b) in list(zip(groups, answers))[:3]]
     return out
@@ -194,9 +223,7 @@ def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tupl
     scoring = [PreferenceGroup(id=g.id, prompt=g.prompt, images=g.images, video=g.video,
                                responses=[Response(r.text) for r in g.responses]
                                + [Response(t or " ") for t in a + b]) for g, (a, b) in zip(groups, answers)]
-    scored = scorer.score_groups(scoring, mode, n_samples=rc.n_samples, temperature=rc.temperature,
-                                 max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                 seed=recipe.run.seed)
+    scored = score_split(ctx, scorer, scoring, mode, "scoring the policy's answers")
     _free(scorer)
     ranks = {"after": [], "before": []}
     win_after, win_before = [], []
@@ -256,13 +283,14 @@ def run_stage(ctx) -> dict:
     if score.get("beta"):  # the margins MM-DPO trained with (stage score, recipe critique mode)
         report["margins"] = {k: score.get(k) for k in ("mode", "eval_delta_rank_spearman", "eval_delta_rank_pairs",
                                                        "beta")}
-    if ctx.stop_requested():
-        raise StageStopped("stopped during evaluation; run again to evaluate")
+    if distributed.any_rank(ctx.stop_requested()):  # every rank takes the same branch
+        raise StageStopped("stopped during evaluation (an evaluation is not kept in parts: it starts over)")
     report["policy"] = eval_policy(ctx, evals)
     report["seconds"] = round(time.time() - start, 1)
-    out_dir = ctx.run.stage_dir("eval")
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic(out_dir / "report.md", format_report(report))
+    if distributed.is_main():  # every rank holds the whole report; rank 0 writes it
+        out_dir = ctx.run.stage_dir("eval")
+        write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+        write_atomic(out_dir / "report.md", format_report(report))
     summary = {"reward_acc": {m: r["overall"]["acc"] for m, r in report["reward_model"]["modes"].items()}}
     if report.get("margins"):
         summary["delta_rank_spearman"] = report["margins"]["eval_delta_rank_spearman"]

@@ -177,6 +177,12 @@ def reward_fingerprint(model_cfg: ModelConfig, adapter_dir: Path) -> str:
                        policy_settings(model_cfg))
 
 
+def groups_per_batch(cfg: RewardConfig, mode: str) -> int:
+    """Groups scored per call: about `generation_batch_size` critiques (4 responses a group) in mode
+    `generate`, 4 groups otherwise. The score stage's batches and the eval stage's chunks."""
+    return max(1, cfg.generation_batch_size // 4) if mode == "generate" else 4
+
+
 def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
                      scorer_factory) -> tuple[list[list[dict]], int]:
     """Fill `store` for every response of `groups`; returns (records per group/response, newly computed)."""
@@ -195,8 +201,8 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
         return [[{"score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode} for sr in g]
                 for g in scored]
 
-    per_batch = max(1, rc.generation_batch_size // 4) if mode == "generate" else 4
-    store, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=per_batch, events=events,
+    store, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=groups_per_batch(rc, mode),
+                                           events=events,
                                            stop_requested=ctx.stop_requested)
     return [[store.get(k) for k in ks] for ks in keys], computed
 
