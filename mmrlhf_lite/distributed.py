@@ -306,8 +306,16 @@ class ShardedModel(torch.nn.Module):
 
 
 def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks (decoder layers of the language model and of the vision tower), found by the
-    model's own `_no_split_modules` class names, as accelerate's transformer-based wrap policy does."""
+    """The transformer blocks: the decoder layers of the language model and the encoder layers / blocks of
+    the vision tower (transformers' `GradientCheckpointingLayer`s); else the classes the model names in
+    `_no_split_modules`, as accelerate's transformer-based wrap policy takes them."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        GradientCheckpointingLayer = ()  # noqa: N806
+    blocks = [m for m in hf_model.modules() if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)]
+    if blocks:
+        return blocks
     names = set(getattr(hf_model, "_no_split_modules", None) or ())
     return [m for m in hf_model.modules() if type(m).__name__ in names]
 
