@@ -4,7 +4,8 @@ The launcher starts N copies of `python -m mmrlhf_lite.train recipe.yaml` with R
 LOCAL_RANK set. Rank 0 owns the run folder (lock, recipe, events.jsonl, data preparation, stage
 status); the other ranks wait for what it writes and then read it. Training stages are data-parallel
 (the trainers are `transformers.Trainer`s; `average_gradients` averages the trainable gradients once
-per step); score / reference / eval split their groups over the ranks, in lockstep rounds with global
+per step), or, under accelerate's FSDP launch, hold the base sharded over the ranks (`check_launch` reads
+the choice, `shard_model` applies FSDP2, `through_root` runs the packed forward in its root unit); score / reference / eval split their groups over the ranks, in lockstep rounds with global
 progress and one agreed stop point (rounds.py, cache/sharded.py). Without those variables (a plain `python -m ...`) every helper is a no-op.
 
 Failures: a rank that dies ends the job through the launcher (it stops the other processes and names

@@ -438,7 +438,8 @@ def fits(estimate: Estimate, budget: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # FSDP2 over N GPUs (docs/distributed.md): the training stages' weights and trainable state are sharded
 
-SHARDED_KEYS = ("decoder linears", "decoder linears (nf4)", "vision tower + projector", "LoRA + AdamW", "reward head + AdamW")
+SHARDED_KEYS = ("decoder linears", "decoder linears (nf4)", "vision tower + projector", "LoRA + AdamW",
+                "reward head + AdamW")
 ROOT_KEY = "embeddings, norms, LM head"
 GATHERED_BLOCKS = 2   # the block running and the one prefetched
 

@@ -141,7 +141,8 @@ def test_qlora_fsdp_shards_the_4bit_base_and_trains_what_one_process_trains(tmp_
 def _refused(tmp_path, monkeypatch, capsys, env: dict, extra: list[str] = ()) -> str:
     from mmrlhf_lite.train import main
 
-    for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+    for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS", "ACCELERATE_USE_DEEPSPEED",
+              "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
