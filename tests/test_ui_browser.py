@@ -284,6 +284,8 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     counts = [int(re.search(r"reward (\d+)", s).group(1)) for s in seen]
     assert counts == sorted(counts) and counts[-1] == LONG_STEPS and len(counts) >= 2, f"curves did not grow in view: {seen}"
     assert "resuming from" in page.locator("#run-log textarea").input_value()
+    # the stopped stage's time is the sum of its two pieces (the stop's and the resumed one's)
+    until(page, "#run-progress", "el.innerText.includes('in 2 pieces (Stop + Resume)')")
 
     # run 1 ran all the while: every stage done, curves of both trainers
     pick(page, "live-run", "tiny-ui")
