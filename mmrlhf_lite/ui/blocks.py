@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from ..data.formats import FORMATS
-from . import databrowser, datanav, evalcard, form, policy, runview
+from . import databrowser, datanav, essentials, evalcard, form, policy, runview
 from .handlers import Handlers, UIConfig, readable
 
 CSS = """
@@ -195,6 +195,12 @@ def _data_tab(h: Handlers):
 
 def _train_tab(h: Handlers):
     inputs: dict[str, gr.components.Component] = {}
+
+    def row_of(keys):
+        with gr.Row():
+            for key in keys:
+                inputs[key] = _input(form.FIELD_BY_KEY[key])
+
     with gr.Tab("2 · Train", id="train"):
         with gr.Row():
             recipe_dd = gr.Dropdown(label="Recipe (recipes/ or the last one used)", choices=[], elem_id="recipe",
@@ -203,20 +209,36 @@ def _train_tab(h: Handlers):
             run_name = gr.Textbox(label="Run name (a new folder under the runs root)", elem_id="run-name", scale=2)
             processes = gr.Number(label="Processes (GPUs; > 1 launches torchrun, docs/distributed.md)", value=1,
                                   precision=0, minimum=1, elem_id="processes", scale=1)
+        # the essentials and the pre-flight beside Start; every other setting is folded below
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, elem_id="train-essentials"):
+                gr.Markdown("**Essentials** (every other setting is in the closed sections below)")
+                row_of(("model.path", "data.path", "data.demo.groups"))
+                row_of(("run.stages", "model.lora_r"))
+                row_of(("reward.train.max_steps", "reward.train.epochs", "reward.train.learning_rate"))
+                row_of(("dpo.train.max_steps", "dpo.train.epochs", "dpo.train.learning_rate"))
+            with gr.Column(scale=2, elem_id="train-side"):
+                start = gr.Button("Start", variant="primary", elem_id="start")
+                with gr.Row():
+                    presets = [gr.Button(f"Preset: {name}", size="sm", elem_id=f"preset-{i}")
+                               for i, name in enumerate(essentials.PRESETS)]
+                status = gr.Markdown(elem_id="train-status")
+                load = gr.Button("Load the recipe (discard my edits)", visible=False, variant="stop",
+                                 elem_id="recipe-load")
+                preset_apply = gr.Button("Apply the preset (discard my edits)", visible=False, variant="stop",
+                                         elem_id="preset-apply")
+                estimate = gr.Markdown("**Pre-flight**: ...", elem_id="train-estimate")
+        preview = gr.Textbox(label="Recipe YAML that Start will run: only the keys whose values differ from the "
+                                   "defaults (read-only; updated as the form changes)",
+                             interactive=False, lines=12, max_lines=40, elem_id="train-yaml")
         with gr.Row():
-            run_fields = [s for s in form.FIELDS if s.section == "run"]
-            for spec in run_fields:
-                inputs[spec.key] = _input(spec)
-        with gr.Row():
-            start = gr.Button("Start", variant="primary", elem_id="start")
-            save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=2)
-            save = gr.Button("Save as recipe", elem_id="save-recipe")
-        status = gr.Markdown(elem_id="train-status")
-        load = gr.Button("Load the recipe (discard my edits)", visible=False, variant="stop", elem_id="recipe-load")
+            save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=3)
+            save = gr.Button("Save as recipe", elem_id="save-recipe", scale=1)
         loaded = gr.State(None)  # the form right after the last load/save/start (see Handlers.choose_recipe)
-        for section in ("model", "data", "reward", "cache", "dpo", "eval"):
-            specs = [s for s in form.FIELDS if s.section == section]
-            with gr.Accordion(f"{section} ({len(specs)} settings)", open=section == "data"):
+        pending = gr.State(None)  # the preset waiting for "Apply (discard my edits)"
+        for section in ("model", "data", "reward", "cache", "dpo", "eval", "run"):
+            specs = [s for s in form.FIELDS if s.section == section and s.key not in essentials.ESSENTIALS]
+            with gr.Accordion(f"{section} ({len(specs)} more settings)", open=False, elem_id=f"section-{section}"):
                 for i in range(0, len(specs), 3):
                     with gr.Row():
                         for spec in specs[i:i + 3]:
@@ -234,6 +256,19 @@ def _train_tab(h: Handlers):
         h.remember, *remember, api_name=False).then(lambda: "", None, status, api_name=False)
     save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe").success(
         h.remember, *remember, api_name=False)
+    # presets set a few keys, and over edits of those keys ask first (like picking another recipe)
+    preset_out = [*form_inputs, loaded, status, preset_apply, pending]
+    for button, name in zip(presets, essentials.PRESETS):
+        button.click(lambda *a, n=name: h.preset(n, *a), [loaded, *form_inputs], preset_out,
+                     api_name=False)
+    preset_apply.click(h.apply_preset, [pending, loaded, *form_inputs], preset_out, api_name="preset")
+    # the YAML preview follows every change; the pre-flight too (a burst of changes, as when a recipe loads,
+    # runs it at most twice: always_last)
+    changes = [c.change for c in [run_name, *form_inputs]]
+    gr.on(changes, h.recipe_yaml, [run_name, *form_inputs], preview, api_name="recipe_yaml",
+          trigger_mode="always_last", show_progress="hidden")
+    gr.on(changes, h.estimate, form_inputs, estimate, api_name="estimate", trigger_mode="always_last",
+          show_progress="minimal")
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
                            start=start, status=status, loaded=loaded, load=load, processes=processes)
 
