@@ -34,7 +34,7 @@ ESSENTIALS = ("model.path", "data.path", "data.demo.groups", "run.stages",
 SMOKE = "smoke test, 1 minute"
 FULL = "full demo"
 # On the demo recipe (recipes/demo.yaml), the smoke test runs every stage on 120 synthetic groups in
-# about 33 s on 2 CPU cores (docs/ui.md); the full demo is recipes/demo.yaml's own values (about 10 minutes).
+# 33-49 s on 2 shared CPU cores (docs/ui.md); the full demo is recipes/demo.yaml's own values (about 10 minutes).
 PRESETS: dict[str, dict[str, Any]] = {
     SMOKE: {"model.path": "tiny:qwen2_vl", "data.path": "demo", "data.demo.groups": 120,
             "run.stages": list(STAGES), "reward.train.max_steps": 60, "dpo.train.max_steps": 60,
@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
            "run.stages": list(STAGES), "reward.train.max_steps": 600, "dpo.train.max_steps": 600,
            "eval.max_groups": None},
 }
-PRESET_HELP = {SMOKE: "every stage on 120 demo groups, 60 steps per trainer: about 33 s on 2 CPU cores",
+PRESET_HELP = {SMOKE: "every stage on 120 demo groups, 60 steps per trainer: 33-49 s on 2 CPU cores",
                FULL: "recipes/demo.yaml's sizes: 600 demo groups, 600 steps per trainer (about 10 minutes on CPU)"}
 
 _INDEX = {s.key: i for i, s in enumerate(form.FIELDS)}
@@ -331,7 +331,7 @@ def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path) -> s
 
 def _escape(text: str) -> str:
     import html
-    return html.escape(text)
+    return html.escape(text, quote=False)
 
 
 def scratch_dir(upload_dir) -> Path:
