@@ -512,3 +512,76 @@ def test_train_essentials_presets_and_yaml_beside_start(context, server, tmp_pat
     until(p, "#train-yaml textarea", "el.value.includes('demo-data/demo.jsonl') && !el.value.includes('refuse')")
     until(p, "#train-estimate", "el.innerText.includes('data: 18 train / 2 held-out groups')")
     p.close()
+
+
+def _compared_run(runs: Path, name: str, i: int) -> None:
+    """A finished run folder as the Compare tab reads it: a recipe with long values and an evaluation
+    report with five categories and three critique modes (many columns)."""
+    import json
+
+    import yaml
+
+    from mmrlhf_lite.recipe import Recipe
+
+    run = runs / name
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    tree = Recipe().to_dict()
+    tree["data"]["path"] = "/data/" + "/".join(f"a-rather-long-folder-name-{k}" for k in range(6)) + f"/set-{i}.jsonl"
+    tree["model"]["lora_target_modules"] = [f"model.language_model.layers.{k}.self_attn.q_proj_{i}" for k in range(8)]
+    tree["dpo"]["beta"] = 0.1 * (i + 1)
+    tree["run"]["dir"] = str(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    cat = {"acc": 0.75, "acc_plus": 0.5, "pairs": 12, "groups": 3, "score_ties": 0, "rank_ties": 0}
+    mode = {"overall": dict(cat), "by_category": {c: dict(cat) for c in
+                                                  ("colour", "count", "safety", "shape", "size-and-position")}}
+    report = {"groups": 12, "pairs": 48, "dpo": {"beta": 0.1 * (i + 1), "w": 0.1, "k": 0.5},
+              "reward_model": {"modes": {m: mode for m in ("given", "none", "generate")}},
+              "policy": {"implicit_accuracy": 0.7, "win_rate": {"win_rate": 0.6}}}
+    (run / "eval" / "report.json").write_text(json.dumps(report))
+    (run / "events.jsonl").write_text(json.dumps({"time": 1.0, "type": "run_end", "status": "done"}) + "\n")
+
+
+def test_compare_tables_stay_within_the_screen_width(context, server):
+    """Four runs with long recipe values and many evaluation columns, in a 1400 px window: the tables wrap
+    or scroll inside their boxes; the page itself has no horizontal scroll."""
+    names = [f"wide-comparison-run-number-{i}-with-a-long-name" for i in range(4)]
+    for i, name in enumerate(names):
+        _compared_run(server.runs, name, i)
+    p = context.new_page()
+    p.set_viewport_size({"width": 1400, "height": 1000})
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "5 · Compare runs")
+    box = p.locator("#cmp-runs input")
+    for name in names:  # typed and taken with Enter (the growing list of chosen names moves the options)
+        box.fill(name)
+        p.get_by_role("option", name=name, exact=True).wait_for()
+        box.press("Enter")
+        until(p, "#cmp-runs", f"el.innerText.includes({name!r})")
+    p.keyboard.press("Escape")
+    p.locator("#cmp-go").click()
+    until(p, "#cmp-diff", "el.innerText.includes('dpo.beta') && el.innerText.includes('lora_target_modules')")
+    until(p, "#cmp-table", "el.innerText.includes('size-and-position')")
+    p.wait_for_timeout(1000)
+    width = p.evaluate("""() => ({doc: document.documentElement.scrollWidth, body: document.body.scrollWidth,
+                                  inner: window.innerWidth})""")
+    assert width["doc"] <= width["inner"] and width["body"] <= width["inner"], width
+    for box_id in ("cmp-table", "cmp-diff", "cmp-bench"):
+        right = p.evaluate(f"document.querySelector('#{box_id}').getBoundingClientRect().right")
+        assert right <= width["inner"], f"{box_id} ends at {right} px, beyond the window's {width['inner']} px"
+    # the recipe differences wrap: every run's column is in view side by side, no value is cut off
+    cells = p.evaluate("""() => {
+        const box = document.querySelector('#cmp-diff').getBoundingClientRect();
+        return [...document.querySelectorAll('#cmp-diff th, #cmp-diff td')].map(c => {
+            const r = c.getBoundingClientRect();
+            return {text: c.innerText.trim().slice(0, 80), right: r.right, box: box.right,
+                    clipped: c.scrollWidth > c.clientWidth + 1 ||
+                             [...c.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0)};
+        });
+    }""")
+    assert any(names[3] in c["text"] for c in cells), cells[:8]
+    outside = [c for c in cells if c["right"] > c["box"] + 1]
+    assert not outside, f"recipe-difference cells beyond the box (a horizontal scroll to see them): {outside[:4]}"
+    clipped = [c for c in cells if c["clipped"]]
+    assert not clipped, f"recipe-difference values cut off in their cells: {clipped[:4]}"
+    p.close()

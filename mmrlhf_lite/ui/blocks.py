@@ -32,6 +32,8 @@ CSS = """
 .mm-gallery {height:auto !important; min-height:0 !important}
 .mm-gallery .grid-wrap {height:auto !important; max-height:none !important; overflow:visible !important}
 .mm-gallery .thumbnail-item {max-height:360px}
+.mm-fit table {table-layout:fixed; width:100%}
+.mm-fit td, .mm-fit th, .mm-fit td *, .mm-fit th * {overflow-wrap:anywhere; word-break:break-word; white-space:normal}
 """
 
 INTRO = ("**mmrlhf-lite**: preference data → critique reward model → MM-DPO, on one GPU. "
@@ -382,15 +384,23 @@ def _compare_tab(h: Handlers):
         bench = gr.Dataframe(pd.DataFrame(columns=["benchmark", "metric"]), elem_id="cmp-bench", wrap=True,
                              label="Reward-model benchmarks (python -m mmrlhf_lite.evaluate bench RUN --bench ...)")
         diff = gr.Dataframe(pd.DataFrame(columns=["key"]), label="Recipe differences (keys whose values differ)",
-                            elem_id="cmp-diff", wrap=True, max_height=400)
+                            elem_id="cmp-diff", elem_classes="mm-fit", wrap=True, max_height=400)
     go.click(h.compare_benchmarks, [runs], [bench], api_name="compare_benchmarks")
     compared = go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
-    compared.success(lambda names: evalcard.recipe_diff(h.cfg.runs_root, list(names or [])), runs, diff,
+    compared.success(lambda names: _fitted_diff(evalcard.recipe_diff(h.cfg.runs_root, list(names or []))), runs, diff,
                      api_name="recipe_diff")
     # a new title makes the plot rebuild its colour scale for these runs' series (it keeps the first one's)
     compared.success(lambda names, c: gr.update(title=f"{runview.CURVES[c][0]}: {', '.join(names or [])}"),
                      [runs, curve], plot, api_name=False)
     return SimpleNamespace(runs=runs)
+
+
+def _fitted_diff(frame: pd.DataFrame):
+    """The recipe differences in the box's width: the key column a fifth, the runs share the rest (long
+    values wrap anywhere, CSS `.mm-fit`), so every run's value is in view side by side."""
+    runs = max(len(frame.columns) - 1, 1)
+    key = 20 if runs > 1 else 30
+    return gr.update(value=frame, column_widths=[f"{key}%"] + [f"{(100 - key) / runs:.2f}%"] * runs)
 
 
 LAUNCH_KWARGS = {"css": CSS, "ssr_mode": False, "mcp_server": False, "footer_links": ["api"]}
