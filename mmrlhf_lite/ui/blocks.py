@@ -263,7 +263,7 @@ def _train_tab(h: Handlers):
     for button, name in zip(presets, essentials.PRESETS):
         button.click(lambda *a, n=name: h.preset(n, *a), [loaded, *form_inputs], preset_out,
                      api_name=False)
-    preset_apply.click(h.apply_preset, [pending, loaded, *form_inputs], preset_out, api_name="preset")
+    preset_apply.click(h.apply_preset, [pending, loaded, *form_inputs], preset_out, api_name=False)
     # the YAML preview follows every change; the pre-flight too (a burst of changes, as when a recipe loads,
     # runs it at most twice: always_last)
     changes = [c.change for c in [run_name, *form_inputs]]
