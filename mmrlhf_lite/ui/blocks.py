@@ -78,11 +78,11 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
 
         # a (re)loaded page finds everything again from the folders, running jobs included
         app.load(h.load_data, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
-        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False).then(
-            h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load], api_name=False)
+        train.refresh(app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False).then(
+            h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load], api_name=False))
         app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
         app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
-        data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data")
+        train.refresh(data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data"))
         started = train.start.click(h.start, [train.run_name, *train.form, train.processes], [train.status, tabs, live.run],
                                     api_name="start")
         started.then(h.view, live.run, live.outputs, api_name=False)
@@ -252,27 +252,39 @@ def _train_tab(h: Handlers):
                                inputs["data.path"], demo_inputs, api_name=False, show_progress="hidden")
     remember = ([recipe_dd, run_name, *form_inputs], [loaded, load])
     # only a pick from the list loads (opening the list and clicking elsewhere fires `input`, not `select`)
-    recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
-                     [*form_inputs, run_name, loaded, status, load], api_name=False)
-    load.click(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe").success(
+    chosen = recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
+                              [*form_inputs, run_name, loaded, status, load], api_name=False)
+    loaded_dep = load.click(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe")
+    loaded_dep.success(
         h.remember, *remember, api_name=False).then(lambda: "", None, status, api_name=False)
     save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe").success(
         h.remember, *remember, api_name=False)
     # presets set a few keys, and over edits of those keys ask first (like picking another recipe)
     preset_out = [*form_inputs, loaded, status, preset_apply, pending]
-    for button, name in zip(presets, essentials.PRESETS):
-        button.click(lambda *a, n=name: h.preset(n, *a), [loaded, *form_inputs], preset_out,
-                     api_name=False)
-    preset_apply.click(h.apply_preset, [pending, loaded, *form_inputs], preset_out, api_name=False)
-    # the YAML preview follows every change; the pre-flight too (a burst of changes, as when a recipe loads,
-    # runs it at most twice: always_last)
-    changes = [c.change for c in [run_name, *form_inputs]]
-    gr.on(changes, h.recipe_yaml, [run_name, *form_inputs], preview, api_name="recipe_yaml",
-          trigger_mode="always_last", show_progress="hidden")
-    gr.on(changes, h.estimate, form_inputs, estimate, api_name="estimate", trigger_mode="always_last",
-          show_progress="minimal")
+    preset_deps = [button.click(lambda *a, n=name: h.preset(n, *a), [loaded, *form_inputs], preset_out,
+                                api_name=False) for button, name in zip(presets, essentials.PRESETS)]
+    applied = preset_apply.click(h.apply_preset, [pending, loaded, *form_inputs], preset_out, api_name=False)
+    # the YAML preview and the pre-flight follow the form: each edit (`input`: typing, picking), and after
+    # every change made for the user (a recipe load, a preset, "Train on this data", the page load), chained
+    # as `refresh` (`change` events would fire once per field on every recipe load: ~90 round trips)
+    def refresh(dep):
+        return dep.then(h.recipe_yaml, [run_name, *form_inputs], preview, api_name=False,
+                        show_progress="hidden").then(h.estimate, form_inputs, estimate, api_name=False,
+                                                     show_progress="minimal")
+
+    # (a text box's `input` misses text set at once, as by a paste or a browser's autofill: `change` for those)
+    def edited(components):
+        return [c.change if isinstance(c, gr.Textbox) else c.input for c in components]
+
+    gr.on(edited([run_name, *form_inputs]), h.recipe_yaml, [run_name, *form_inputs], preview,
+          api_name="recipe_yaml", trigger_mode="always_last", show_progress="hidden")
+    gr.on(edited(form_inputs), h.estimate, form_inputs, estimate, api_name="estimate",
+          trigger_mode="always_last", show_progress="minimal")
+    for dep in (chosen, loaded_dep, applied, *preset_deps):
+        refresh(dep)
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
-                           start=start, status=status, loaded=loaded, load=load, processes=processes)
+                           start=start, status=status, loaded=loaded, load=load, processes=processes,
+                           refresh=refresh)
 
 
 def _live_tab(h: Handlers):

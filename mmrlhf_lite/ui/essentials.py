@@ -15,6 +15,8 @@ numbers for the form as it is, and the recipe YAML that Start will write.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tempfile
 import threading
@@ -158,6 +160,7 @@ def yaml_preview(values: list, *, data_root, runs_root, run_name: str | None = N
 # the pre-flight estimate
 
 _PLAN_LOCK = threading.Lock()
+_PLANS: dict[str, tuple] = {}  # form + data stamps -> (plan, recipe, data warnings)
 _DATA_MESSAGE = re.compile(r"data: (\d+) train groups, (\d+) eval groups")
 
 
@@ -189,10 +192,16 @@ def plan_for(values: list, *, data_root, runs_root, scratch: Path):
     form._check_paths(tree, Path(data_root), Path(runs_root))
     if not tree["run"]["stages"]:
         raise Refused("choose at least one stage to run")
+    key = json.dumps([tree, _stamp(tree["data"].get("path")), _stamp(tree["data"].get("eval_path"))], sort_keys=True,
+                     default=str)
     with _PLAN_LOCK:
-        scratch.mkdir(parents=True, exist_ok=True)
-        (scratch / "cache").mkdir(exist_ok=True)  # the token-count memo, reused by the next estimate
-        tree["run"]["dir"] = str(scratch)
+        if key in _PLANS:  # the same form over the same files: the same plan (a second tab, a re-render)
+            return _PLANS[key]
+        # one folder per demo set (its images are written once), holding the token-count memo
+        demo = tree["data"].get("demo") or {}
+        folder = scratch / ("plan-" + hashlib.sha1(json.dumps(demo, sort_keys=True).encode()).hexdigest()[:10])
+        (folder / "cache").mkdir(parents=True, exist_ok=True)
+        tree["run"]["dir"] = str(folder)
         tree.setdefault("cache", {})["dir"] = None
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "recipe.yaml"
@@ -200,7 +209,21 @@ def plan_for(values: list, *, data_root, runs_root, scratch: Path):
             recipe = load_recipe(path)
         events = Collect()
         plan = preflight_plan(recipe, list(recipe.run.stages), events=events)
-    return plan, recipe, events.warnings
+        if len(_PLANS) >= 32:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = (plan, recipe, events.warnings)
+        return _PLANS[key]
+
+
+def _stamp(path: str | None):
+    """What a cached plan depends on besides the form: the data file's (or folder's) size and time."""
+    if not path or path == "demo":
+        return path
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _gib(x: float) -> str:

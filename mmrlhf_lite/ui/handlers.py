@@ -272,6 +272,7 @@ class Handlers:
 
     def estimate(self, *values) -> str:
         """The dry run's numbers for the form as it is, beside Start."""
+        t0 = time.time()
         try:
             return essentials.estimate_markdown(list(values), data_root=self.cfg.data_root,
                                                 runs_root=self.cfg.runs_root,
@@ -279,6 +280,8 @@ class Handlers:
         except Exception as exc:  # noqa: BLE001 - the estimate never takes the form down
             log.exception("pre-flight estimate failed")
             return f"**Pre-flight: no estimate** ({html.escape(type(exc).__name__)}: {html.escape(str(exc))})"
+        finally:
+            log.debug("pre-flight estimate in %.2f s", time.time() - t0)
 
     @readable
     def start(self, run_name: str, *values):
