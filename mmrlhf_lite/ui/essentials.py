@@ -192,8 +192,9 @@ def plan_for(values: list, *, data_root, runs_root, scratch: Path):
     form._check_paths(tree, Path(data_root), Path(runs_root))
     if not tree["run"]["stages"]:
         raise Refused("choose at least one stage to run")
-    key = json.dumps([tree, _stamp(tree["data"].get("path")), _stamp(tree["data"].get("eval_path"))], sort_keys=True,
-                     default=str)
+    folders = [tree["data"].get("path"), tree["data"].get("eval_path"), (tree.get("reward") or {}).get("model_from"),
+               tree["model"].get("path")]
+    key = json.dumps([tree, [_stamp(f) for f in folders]], sort_keys=True, default=str)
     with _PLAN_LOCK:
         if key in _PLANS:  # the same form over the same files: the same plan (a second tab, a re-render)
             return _PLANS[key]
@@ -216,8 +217,9 @@ def plan_for(values: list, *, data_root, runs_root, scratch: Path):
 
 
 def _stamp(path: str | None):
-    """What a cached plan depends on besides the form: the data file's (or folder's) size and time."""
-    if not path or path == "demo":
+    """What a cached plan depends on besides the form: a data file's, data folder's, model folder's or
+    reward run's size and modification time (None where it does not exist, as for `demo` or a hub id)."""
+    if not path or path == "demo" or path.startswith("tiny:"):
         return path
     try:
         st = Path(path).stat()
