@@ -49,6 +49,36 @@ class Sampling:
         return self
 
 
+def _token_streamer(base):
+    """A `TextIteratorStreamer` that releases the text after every token. transformers' streamers hold text
+    back to the next space (a word may still change), so an answer without spaces arrived whole at its end;
+    byte-level BPE text only changes at an incomplete UTF-8 character, which is held back ("\ufffd"), as
+    is any text that a later token rewrote (released only once it is stable again, or at the end)."""
+    class TokenStreamer(base):
+        def put(self, value):
+            if len(value.shape) > 1 and value.shape[0] > 1:
+                raise ValueError("the streamer takes one sequence at a time")
+            if len(value.shape) > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            released = getattr(self, "_released", "")
+            if text.endswith("\ufffd") or not text.startswith(released) or len(text) == len(released):
+                return
+            self._released = text
+            self.print_len = len(text)
+            self.on_finalized_text(text[len(released):])
+
+        def end(self):
+            self._released = ""
+            super().end()
+
+    return TokenStreamer
+
+
 def is_toy(model_path: str) -> bool:
     return str(model_path).startswith("tiny:")
 
@@ -135,7 +165,7 @@ class PolicyChat:
         s = (sampling or Sampling(**kw)).check()
         inputs = self._inputs(images, question)
         tok = self.processor.tokenizer
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = _token_streamer(TextIteratorStreamer)(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sample = float(s.temperature) > 0
         gen_kw = dict(**inputs, max_new_tokens=int(s.max_new_tokens), min_new_tokens=1, do_sample=sample,
                       temperature=float(s.temperature) if sample else None, top_p=float(s.top_p) if sample else None,
@@ -143,6 +173,7 @@ class PolicyChat:
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, use_cache=True,
                       streamer=streamer)
         error: list[BaseException] = []
+        generated: list = []
 
         def run():
             try:
@@ -150,23 +181,28 @@ class PolicyChat:
                     torch.manual_seed(int(s.seed))
                     if which == "base":
                         with self.model.disable_adapter():
-                            self.model.generate(**gen_kw)
+                            generated.append(self.model.generate(**gen_kw))
                     else:
-                        self.model.generate(**gen_kw)
+                        generated.append(self.model.generate(**gen_kw))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 error.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        text = ""
+        text, shown = "", None
         for piece in streamer:
             text += piece
-            yield text.strip()
+            if text.strip() and text.strip() != shown:  # no empty or repeated updates
+                shown = text.strip()
+                yield shown
         worker.join()
         if error:
             raise error[0]
-        yield text.strip()
+        # the whole answer decoded at once (the pieces are the same text, unless a tokenizer's clean-up
+        # changed earlier text as later tokens came)
+        n = inputs["input_ids"].shape[1]
+        yield tok.decode(generated[0][0, n:], skip_special_tokens=True).strip()
 
     def answer(self, images: Sequence, question: str, *, which: str = "policy", **kw) -> str:
         out = ""

@@ -233,21 +233,30 @@ def refuse_over_long(ctx: RunContext, stages: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # dry run: recipe + data + plan, no model
 
+def preflight_plan(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, events: EventLog | None = None) -> dict:
+    """The dry run's plan (recipe, data and pre-flight checks, no model) without printing it: the UI's
+    Train tab shows the same numbers beside Start. Data warnings go to `events` (default: the terminal)."""
+    from .checks import preflight_problems
+    from .data import prepare_data
+    from .plan import make_plan
+
+    events = events if events is not None else EventLog(None, echo=True)
+    problems = preflight_problems(recipe, stages)
+    train, evals = prepare_data(recipe, Path(recipe.run.dir), events, dry_run=True)
+    plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
+    plan["errors"] = problems + list(plan["errors"])
+    return plan
+
+
 def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, processes: int = 1,
             fsdp: bool = False) -> dict:
     """Validate recipe and data and print the plan. The pre-flight checks of the real run (checks.py) are
     errors here too, so "plan OK" means the run can start. `fsdp`: also the per-GPU estimate of the training
     stages with the base sharded over `processes` GPUs by FSDP2."""
-    from .checks import preflight_problems
-    from .data import prepare_data
-    from .plan import make_plan, format_plan
+    from .plan import format_plan
 
-    events = EventLog(None, echo=True)  # data warnings (skipped rows, ...) belong in the dry run's output
-    run_dir = Path(recipe.run.dir)
-    problems = preflight_problems(recipe, stages)
-    train, evals = prepare_data(recipe, run_dir, events, dry_run=True)
-    plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
-    plan["errors"] = problems + list(plan["errors"])
+    # data warnings (skipped rows, ...) belong in the dry run's output
+    plan = preflight_plan(recipe, stages, gpu_mem, EventLog(None, echo=True))
     fsdp = fsdp and processes > 1
     print(format_plan(plan))
     if fsdp:

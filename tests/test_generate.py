@@ -94,3 +94,21 @@ def test_cli(run, images, capsys, tmp_path):
     (empty / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
     assert main([str(empty), "--question", Q]) == 2
     assert "run its `dpo` stage first" in capsys.readouterr().err
+
+
+def test_policy_tab_handler_streams_growing_prefixes(chat, run, images):
+    """The Policy tab's `ask` (a gradio generator): the base answer grows token by token to its final text,
+    then the policy's does, the base answer staying whole; the last yield adds the scores. Checked at the
+    handler: the tiny model answers 12 tokens faster than a browser can be relied on to show each."""
+    from mmrlhf_lite.ui import policy
+
+    yields = list(policy.PolicyHandlers(run.parent).ask(run.name, [str(images[0])], Q, 12, 0, 1, 0, True))
+    final = chat.compare([images[0]], Q, max_new_tokens=12)
+    base_seen = [b for b, p, _ in yields if not p]
+    policy_seen = [p for _, p, _ in yields if p]
+    assert len(set(base_seen)) >= 3 and len(set(policy_seen)) >= 3, yields
+    for seen, whole in ((base_seen, final["base"]), (policy_seen, final["policy"])):
+        assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen   # each yield extends the last
+        assert seen[-1] == whole and any(0 < len(s) < len(whole) for s in seen)  # partial text came first
+    assert all(b == final["base"] for b, p, _ in yields if p)  # the policy streams after the base is done
+    assert "mm-card" not in yields[-2][2] and "<b>Base model</b> · score" in yields[-1][2]

@@ -252,7 +252,9 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     tab(other, "3 · Live")
     until(other, "#jobs", "el.innerText.includes('tiny-ui')")
     jobs_text = text(other, "jobs")
-    assert re.search(r"long-ui\s+(starting|running)", jobs_text) and re.search(r"tiny-ui\s+(starting|running)", jobs_text)
+    # (tiny-ui may already be done on a quiet machine: it takes seconds)
+    assert re.search(r"long-ui\s+(starting|running)", jobs_text) and re.search(r"tiny-ui\s+(starting|running|done)",
+                                                                                  jobs_text)
     other.close()
 
     # stop run 2 once it trains, from the live view
@@ -284,6 +286,8 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     counts = [int(re.search(r"reward (\d+)", s).group(1)) for s in seen]
     assert counts == sorted(counts) and counts[-1] == LONG_STEPS and len(counts) >= 2, f"curves did not grow in view: {seen}"
     assert "resuming from" in page.locator("#run-log textarea").input_value()
+    # the stopped stage's time is the sum of its two pieces (the stop's and the resumed one's)
+    until(page, "#run-progress", "el.innerText.includes('in 2 pieces (Stop + Resume)')")
 
     # run 1 ran all the while: every stage done, curves of both trainers
     pick(page, "live-run", "tiny-ui")
@@ -360,11 +364,19 @@ def test_policy_tab_answers_base_and_policy_and_exports(page, server, tmp_path, 
     page.locator("#pol-images input[type=file]").set_input_files(
         str(server.data / "uploads/demo-data/images/demo-00003.png"))
     page.locator("#pol-question textarea").fill("What shape is the object?")
-    page.locator("#pol-max-new input").fill("8")
+    page.locator("#pol-max-new input").fill("24")
+    # every value the policy's answer box shows, as it streams (sampled each few ms)
+    page.evaluate("""() => { window.mmSeen = []; window.mmRec = setInterval(() => {
+        const t = document.querySelector('#pol-policy textarea');
+        if (t && t.value && window.mmSeen[window.mmSeen.length - 1] !== t.value) window.mmSeen.push(t.value);
+    }, 4); }""")
     page.locator("#pol-ask").click()
     until(page, "#pol-scores", "el.querySelectorAll('.mm-card').length == 2", timeout=180_000)
     base, aligned = (page.locator(f"#{i} textarea").input_value() for i in ("pol-base", "pol-policy"))
     assert base.strip() and aligned.strip(), (base, aligned)
+    seen = page.evaluate("() => { clearInterval(window.mmRec); return window.mmSeen; }")
+    assert any(0 < len(s) < len(aligned) and aligned.startswith(s) for s in seen), \
+        f"the policy's answer box never showed partial text before {aligned!r}: {seen}"
     cards = text(page, "pol-scores")
     assert "Base model · score" in cards and "Aligned policy · score" in cards and "Critique:" in cards
     shot(page, tmp_path, "ui-policy.png", full_page=True)
@@ -392,6 +404,7 @@ def test_train_form_keeps_edits(context, server, tmp_path):
     until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
     p.locator("#f-data-path textarea").fill(DATA)
     p.locator("#run-name textarea").fill("my-run")
+    p.locator("#section-data").get_by_text("more settings").click()  # the data section is folded
     frac = p.locator("#f-data-eval_fraction input")
     frac.fill("0.3")
     frac.blur()
@@ -431,5 +444,154 @@ def test_train_form_keeps_edits(context, server, tmp_path):
     pick(p, "recipe", "tiny.yaml")
     until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
     assert "Loaded recipe tiny.yaml" in text(p, "train-status")
+    p.close()
+
+
+def test_train_essentials_presets_and_yaml_beside_start(context, server, tmp_path):
+    """The essentials and the pre-flight estimate are beside Start with every section folded; a preset
+    changes the shown values and the YAML preview, and says what it set; over an edit of one of its keys it
+    asks first; the demo set's settings hide for a data path that is not `demo`."""
+    p = context.new_page()
+    p.set_viewport_size({"width": 1400, "height": 1000})
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "2 · Train")
+    pick(p, "recipe", "demo.yaml")
+    until(p, "#run-name textarea", "el.value.startsWith('demo-')")
+    until(p, "#train-estimate", "el.innerText.includes('optimizer steps') && el.innerText.includes('memory')",
+          timeout=120_000)
+    # every section folded (one setting of each is hidden); the essentials and the estimate beside Start,
+    # in the first screen
+    for folded in ("model-load_in_4bit", "data-format", "reward-w_rank", "cache-dir", "dpo-beta", "eval-max_groups",
+                   "run-seed"):
+        assert not p.locator(f"#f-{folded}").is_visible(), f"{folded} should be folded"
+    start = p.locator("#start").bounding_box()
+    est = p.locator("#train-estimate").bounding_box()
+    assert est["x"] >= start["x"] - 1 and abs(est["x"] - start["x"]) < 40 and est["y"] > start["y"], (start, est)
+    for key in ("model-path", "data-path", "data-demo-groups", "run-stages", "model-lora_r",
+                "reward-train-max_steps", "reward-train-epochs", "reward-train-learning_rate",
+                "dpo-train-max_steps", "dpo-train-epochs", "dpo-train-learning_rate"):
+        box = p.locator(f"#f-{key}").bounding_box()
+        assert p.locator(f"#f-{key}").is_visible() and box and box["y"] + box["height"] <= 1000, (key, box)
+        assert box["x"] + box["width"] <= start["x"], f"{key} is not beside Start: {box} vs {start}"
+    assert est["y"] + 40 <= 1000
+    assert "reward: 600 optimizer steps" in text(p, "train-estimate"), text(p, "train-estimate")
+    yaml_box = p.locator("#train-yaml textarea")
+    until(p, "#train-yaml textarea", "el.value.includes('max_steps: 600')")
+    assert "groups: 600" in yaml_box.input_value()
+
+    # the smoke-test preset: the values shown, the YAML, the estimate, and what it set
+    p.locator("#preset-0").click()
+    until(p, "#f-reward-train-max_steps input", "el.value == '60'")
+    assert p.locator("#f-dpo-train-max_steps input").input_value() == "60"
+    assert p.locator("#f-data-demo-groups input").input_value() == "120"
+    status = text(p, "train-status")
+    assert "smoke test, 1 minute" in status and "reward.train.max_steps = 60" in status, status
+    until(p, "#train-yaml textarea", "el.value.includes('max_steps: 60\\n') && el.value.includes('groups: 120')")
+    until(p, "#train-estimate", "el.innerText.includes('reward: 60 optimizer steps')", timeout=60_000)
+    p.evaluate("window.scrollTo(0, 0)")
     shot(p, tmp_path, "ui-train.png")
+    # the full demo preset replaces the smoke test's values without asking (they were the preset's, not edits)
+    p.locator("#preset-1").click()
+    until(p, "#f-reward-train-max_steps input", "el.value == '600'")
+    until(p, "#train-yaml textarea", "el.value.includes('max_steps: 600')")
+
+    # an edit of a preset's key: the preset asks first, and applies only when told to
+    steps = p.locator("#f-dpo-train-max_steps input")
+    steps.fill("7")
+    steps.blur()
+    until(p, "#train-yaml textarea", "el.value.includes('max_steps: 7\\n')")
+    p.locator("#preset-0").click()
+    until(p, "#train-status", "el.innerText.includes('Nothing was changed')")
+    assert "dpo.train.max_steps" in text(p, "train-status") and steps.input_value() == "7"
+    p.locator("#preset-apply").click()
+    until(p, "#f-dpo-train-max_steps input", "el.value == '60'")
+    p.wait_for_selector("#preset-apply", state="hidden")
+
+    # a data path that is not the demo set hides data.demo.* (the essential and the folded ones)
+    if not (server.data / DATA).exists():  # this test alone: the upload test did not put it there
+        from mmrlhf_lite.data.demo import write_demo
+        write_demo(server.data / Path(DATA).parent, groups=20, seed=0)
+    p.locator("#f-data-path textarea").fill(DATA)
+    p.locator("#f-data-path textarea").blur()
+    p.wait_for_selector("#f-data-demo-groups", state="hidden")
+    p.locator("#section-data").get_by_text("more settings").click()
+    p.wait_for_selector("#f-data-format", state="visible")
+    for key in ("seed", "image_size", "safety_fraction"):
+        assert not p.locator(f"#f-data-demo-{key}").is_visible()
+    until(p, "#train-yaml textarea", "el.value.includes('demo-data/demo.jsonl') && !el.value.includes('refuse')")
+    until(p, "#train-estimate", "el.innerText.includes('data: 18 train / 2 held-out groups')")
+    p.close()
+
+
+def _compared_run(runs: Path, name: str, i: int) -> None:
+    """A finished run folder as the Compare tab reads it: a recipe with long values and an evaluation
+    report with five categories and three critique modes (many columns)."""
+    import json
+
+    import yaml
+
+    from mmrlhf_lite.recipe import Recipe
+
+    run = runs / name
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    tree = Recipe().to_dict()
+    tree["data"]["path"] = "/data/" + "/".join(f"a-rather-long-folder-name-{k}" for k in range(6)) + f"/set-{i}.jsonl"
+    tree["model"]["lora_target_modules"] = [f"model.language_model.layers.{k}.self_attn.q_proj_{i}" for k in range(8)]
+    tree["dpo"]["beta"] = 0.1 * (i + 1)
+    tree["run"]["dir"] = str(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    cat = {"acc": 0.75, "acc_plus": 0.5, "pairs": 12, "groups": 3, "score_ties": 0, "rank_ties": 0}
+    mode = {"overall": dict(cat), "by_category": {c: dict(cat) for c in
+                                                  ("colour", "count", "safety", "shape", "size-and-position")}}
+    report = {"groups": 12, "pairs": 48, "dpo": {"beta": 0.1 * (i + 1), "w": 0.1, "k": 0.5},
+              "reward_model": {"modes": {m: mode for m in ("given", "none", "generate")}},
+              "policy": {"implicit_accuracy": 0.7, "win_rate": {"win_rate": 0.6}}}
+    (run / "eval" / "report.json").write_text(json.dumps(report))
+    (run / "events.jsonl").write_text(json.dumps({"time": 1.0, "type": "run_end", "status": "done"}) + "\n")
+
+
+def test_compare_tables_stay_within_the_screen_width(context, server):
+    """Four runs with long recipe values and many evaluation columns, in a 1400 px window: the tables wrap
+    or scroll inside their boxes; the page itself has no horizontal scroll."""
+    names = [f"wide-comparison-run-number-{i}-with-a-long-name" for i in range(4)]
+    for i, name in enumerate(names):
+        _compared_run(server.runs, name, i)
+    p = context.new_page()
+    p.set_viewport_size({"width": 1400, "height": 1000})
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "5 · Compare runs")
+    box = p.locator("#cmp-runs input")
+    for name in names:  # typed and taken with Enter (the growing list of chosen names moves the options)
+        box.fill(name)
+        p.get_by_role("option", name=name, exact=True).wait_for()
+        box.press("Enter")
+        until(p, "#cmp-runs", f"el.innerText.includes({name!r})")
+    p.keyboard.press("Escape")
+    p.locator("#cmp-go").click()
+    until(p, "#cmp-diff", "el.innerText.includes('dpo.beta') && el.innerText.includes('lora_target_modules')")
+    until(p, "#cmp-table", "el.innerText.includes('size-and-position')")
+    p.wait_for_timeout(1000)
+    width = p.evaluate("""() => ({doc: document.documentElement.scrollWidth, body: document.body.scrollWidth,
+                                  inner: window.innerWidth})""")
+    assert width["doc"] <= width["inner"] and width["body"] <= width["inner"], width
+    for box_id in ("cmp-table", "cmp-diff", "cmp-bench"):
+        right = p.evaluate(f"document.querySelector('#{box_id}').getBoundingClientRect().right")
+        assert right <= width["inner"], f"{box_id} ends at {right} px, beyond the window's {width['inner']} px"
+    # the recipe differences wrap: every run's column is in view side by side, no value is cut off
+    cells = p.evaluate("""() => {
+        const box = document.querySelector('#cmp-diff').getBoundingClientRect();
+        return [...document.querySelectorAll('#cmp-diff th, #cmp-diff td')].map(c => {
+            const r = c.getBoundingClientRect();
+            return {text: c.innerText.trim().slice(0, 80), right: r.right, box: box.right,
+                    clipped: c.scrollWidth > c.clientWidth + 1 ||
+                             [...c.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0)};
+        });
+    }""")
+    assert any(names[3] in c["text"] for c in cells), cells[:8]
+    outside = [c for c in cells if c["right"] > c["box"] + 1]
+    assert not outside, f"recipe-difference cells beyond the box (a horizontal scroll to see them): {outside[:4]}"
+    clipped = [c for c in cells if c["clipped"]]
+    assert not clipped, f"recipe-difference values cut off in their cells: {clipped[:4]}"
     p.close()

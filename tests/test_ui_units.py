@@ -217,6 +217,49 @@ def test_stage_progress_and_eta():
     assert "data-stage='reward' data-status='done'" in html and "data-status='skipped'" in html
 
 
+def test_stage_durations_survive_stop_and_resume():
+    """Stop during dpo, then Resume: the stages done before the stop keep their durations (the resumed
+    invocation skips them), and the stopped stage's time is the sum of its two pieces."""
+    first = [
+        {"time": 0.0, "type": "run_start", "stages": ["reward", "score", "dpo"], "skip": []},
+        {"time": 1.0, "type": "stage_start", "stage": "reward"},
+        {"time": 11.0, "type": "stage_end", "stage": "reward", "status": "done", "seconds": 10.0},
+        {"time": 11.0, "type": "stage_start", "stage": "score"},
+        {"time": 15.0, "type": "stage_end", "stage": "score", "status": "done", "seconds": 4.0},
+        {"time": 15.0, "type": "stage_start", "stage": "dpo"},
+        {"time": 17.0, "type": "progress", "stage": "dpo", "n": 2, "total": 10, "unit": "step"},
+        {"time": 21.0, "type": "stage_end", "stage": "dpo", "status": "stopped", "seconds": 6.0},
+        {"time": 21.0, "type": "run_end", "status": "stopped"},
+    ]
+    second = [
+        {"time": 100.0, "type": "run_start", "stages": ["reward", "score", "dpo"], "skip": ["reward", "score"]},
+        {"time": 101.0, "type": "stage_start", "stage": "dpo"},
+        {"time": 102.0, "type": "progress", "stage": "dpo", "n": 3, "total": 10, "unit": "step"},
+    ]
+    running = {v.name: v for v in runview.stage_views(first + second)}
+    assert runview.stage_text(running["reward"]) == "done earlier in 10s; skipped now: already done with these settings"
+    assert runview.stage_text(running["score"]).startswith("done earlier in 4s")
+    assert runview.stage_text(running["dpo"]) == "3/10 steps · 6s before the stop"
+    end = [{"time": 107.0, "type": "stage_end", "stage": "dpo", "status": "done", "seconds": 5.5}]
+    views = {v.name: v for v in runview.stage_views(first + second + end)}
+    assert views["dpo"].seconds == pytest.approx(11.5) and views["dpo"].pieces == 2
+    assert runview.stage_text(views["dpo"]) == "done in 12s in 2 pieces (Stop + Resume) (3/10 steps)"
+    html = runview.progress_html(list(views.values()))
+    assert "done earlier in 10s" in html and "done earlier in 4s" in html and "done in 12s in 2 pieces" in html
+    # stopped twice: three pieces add up; a later --redo of the stage starts a new attempt (its own time only)
+    again = [{"time": 103.0, "type": "stage_end", "stage": "dpo", "status": "stopped", "seconds": 2.0},
+             {"time": 200.0, "type": "run_start", "stages": ["dpo"], "skip": []},
+             {"time": 201.0, "type": "stage_start", "stage": "dpo"},
+             {"time": 204.0, "type": "stage_end", "stage": "dpo", "status": "done", "seconds": 3.0}]
+    dpo = runview.stage_views(first + second + again)[0]
+    assert (dpo.seconds, dpo.pieces) == (pytest.approx(11.0), 3)
+    redo = [{"time": 300.0, "type": "run_start", "stages": ["dpo"], "skip": []},
+            {"time": 301.0, "type": "stage_start", "stage": "dpo"},
+            {"time": 309.0, "type": "stage_end", "stage": "dpo", "status": "done", "seconds": 8.0}]
+    dpo = runview.stage_views(first + second + again + redo)[0]
+    assert (dpo.seconds, dpo.pieces) == (8.0, 1) and runview.stage_text(dpo) == "done in 8s"
+
+
 def test_curves_and_point_counts():
     ev = run_events()
     frame = runview.curve_frame(ev, "reward_acc")

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from ..data.formats import FORMATS
-from . import databrowser, datanav, evalcard, form, policy, runview
+from . import databrowser, datanav, essentials, evalcard, form, policy, runview
 from .handlers import Handlers, UIConfig, readable
 
 CSS = """
@@ -32,6 +32,8 @@ CSS = """
 .mm-gallery {height:auto !important; min-height:0 !important}
 .mm-gallery .grid-wrap {height:auto !important; max-height:none !important; overflow:visible !important}
 .mm-gallery .thumbnail-item {max-height:360px}
+.mm-fit table {table-layout:fixed; width:100%}
+.mm-fit td, .mm-fit th, .mm-fit td *, .mm-fit th * {overflow-wrap:anywhere; word-break:break-word; white-space:normal}
 """
 
 INTRO = ("**mmrlhf-lite**: preference data → critique reward model → MM-DPO, on one GPU. "
@@ -76,11 +78,11 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
 
         # a (re)loaded page finds everything again from the folders, running jobs included
         app.load(h.load_data, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
-        app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False).then(
-            h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load], api_name=False)
+        train.refresh(app.load(h.load_train, None, [train.recipe, *train.form, train.run_name], api_name=False).then(
+            h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load], api_name=False))
         app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
         app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
-        data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data")
+        train.refresh(data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data"))
         started = train.start.click(h.start, [train.run_name, *train.form, train.processes], [train.status, tabs, live.run],
                                     api_name="start")
         started.then(h.view, live.run, live.outputs, api_name=False)
@@ -195,6 +197,12 @@ def _data_tab(h: Handlers):
 
 def _train_tab(h: Handlers):
     inputs: dict[str, gr.components.Component] = {}
+
+    def row_of(keys):
+        with gr.Row():
+            for key in keys:
+                inputs[key] = _input(form.FIELD_BY_KEY[key])
+
     with gr.Tab("2 · Train", id="train"):
         with gr.Row():
             recipe_dd = gr.Dropdown(label="Recipe (recipes/ or the last one used)", choices=[], elem_id="recipe",
@@ -203,20 +211,36 @@ def _train_tab(h: Handlers):
             run_name = gr.Textbox(label="Run name (a new folder under the runs root)", elem_id="run-name", scale=2)
             processes = gr.Number(label="Processes (GPUs; > 1 launches torchrun, docs/distributed.md)", value=1,
                                   precision=0, minimum=1, elem_id="processes", scale=1)
+        # the essentials and the pre-flight beside Start; every other setting is folded below
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, elem_id="train-essentials"):
+                gr.Markdown("**Essentials** (every other setting is in the closed sections below)")
+                row_of(("model.path", "data.path", "data.demo.groups"))
+                row_of(("run.stages", "model.lora_r"))
+                row_of(("reward.train.max_steps", "reward.train.epochs", "reward.train.learning_rate"))
+                row_of(("dpo.train.max_steps", "dpo.train.epochs", "dpo.train.learning_rate"))
+            with gr.Column(scale=2, elem_id="train-side"):
+                start = gr.Button("Start", variant="primary", elem_id="start")
+                with gr.Row():
+                    presets = [gr.Button(f"Preset: {name}", size="sm", elem_id=f"preset-{i}")
+                               for i, name in enumerate(essentials.PRESETS)]
+                status = gr.Markdown(elem_id="train-status")
+                load = gr.Button("Load the recipe (discard my edits)", visible=False, variant="stop",
+                                 elem_id="recipe-load")
+                preset_apply = gr.Button("Apply the preset (discard my edits)", visible=False, variant="stop",
+                                         elem_id="preset-apply")
+                estimate = gr.Markdown("**Pre-flight**: ...", elem_id="train-estimate")
+        preview = gr.Textbox(label="Recipe YAML that Start will run: only the keys whose values differ from the "
+                                   "defaults (read-only; updated as the form changes)",
+                             interactive=False, lines=12, max_lines=40, elem_id="train-yaml")
         with gr.Row():
-            run_fields = [s for s in form.FIELDS if s.section == "run"]
-            for spec in run_fields:
-                inputs[spec.key] = _input(spec)
-        with gr.Row():
-            start = gr.Button("Start", variant="primary", elem_id="start")
-            save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=2)
-            save = gr.Button("Save as recipe", elem_id="save-recipe")
-        status = gr.Markdown(elem_id="train-status")
-        load = gr.Button("Load the recipe (discard my edits)", visible=False, variant="stop", elem_id="recipe-load")
+            save_name = gr.Textbox(label="Save the form as recipe (name)", elem_id="save-name", scale=3)
+            save = gr.Button("Save as recipe", elem_id="save-recipe", scale=1)
         loaded = gr.State(None)  # the form right after the last load/save/start (see Handlers.choose_recipe)
-        for section in ("model", "data", "reward", "cache", "dpo", "eval"):
-            specs = [s for s in form.FIELDS if s.section == section]
-            with gr.Accordion(f"{section} ({len(specs)} settings)", open=section == "data"):
+        pending = gr.State(None)  # the preset waiting for "Apply (discard my edits)"
+        for section in ("model", "data", "reward", "cache", "dpo", "eval", "run"):
+            specs = [s for s in form.FIELDS if s.section == section and s.key not in essentials.ESSENTIALS]
+            with gr.Accordion(f"{section} ({len(specs)} more settings)", open=False, elem_id=f"section-{section}"):
                 for i in range(0, len(specs), 3):
                     with gr.Row():
                         for spec in specs[i:i + 3]:
@@ -228,14 +252,39 @@ def _train_tab(h: Handlers):
                                inputs["data.path"], demo_inputs, api_name=False, show_progress="hidden")
     remember = ([recipe_dd, run_name, *form_inputs], [loaded, load])
     # only a pick from the list loads (opening the list and clicking elsewhere fires `input`, not `select`)
-    recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
-                     [*form_inputs, run_name, loaded, status, load], api_name=False)
-    load.click(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe").success(
+    chosen = recipe_dd.select(h.choose_recipe, [recipe_dd, loaded, run_name, *form_inputs],
+                              [*form_inputs, run_name, loaded, status, load], api_name=False)
+    loaded_dep = load.click(h.load_recipe, recipe_dd, [*form_inputs, run_name], api_name="load_recipe")
+    loaded_dep.success(
         h.remember, *remember, api_name=False).then(lambda: "", None, status, api_name=False)
     save.click(h.save_recipe, [save_name, *form_inputs], [status, recipe_dd], api_name="save_recipe").success(
         h.remember, *remember, api_name=False)
+    # presets set a few keys, and over edits of those keys ask first (like picking another recipe)
+    preset_out = [*form_inputs, loaded, status, preset_apply, pending]
+    preset_deps = [button.click(lambda *a, n=name: h.preset(n, *a), [loaded, *form_inputs], preset_out,
+                                api_name=False) for button, name in zip(presets, essentials.PRESETS)]
+    applied = preset_apply.click(h.apply_preset, [pending, loaded, *form_inputs], preset_out, api_name=False)
+    # the YAML preview and the pre-flight follow the form: each edit (`input`: typing, picking), and after
+    # every change made for the user (a recipe load, a preset, "Train on this data", the page load), chained
+    # as `refresh` (`change` events would fire once per field on every recipe load: ~90 round trips)
+    def refresh(dep):
+        return dep.then(h.recipe_yaml, [run_name, *form_inputs], preview, api_name=False,
+                        show_progress="hidden").then(h.estimate, form_inputs, estimate, api_name=False,
+                                                     show_progress="minimal")
+
+    # (a text box's `input` misses text set at once, as by a paste or a browser's autofill: `change` for those)
+    def edited(components):
+        return [c.change if isinstance(c, gr.Textbox) else c.input for c in components]
+
+    gr.on(edited([run_name, *form_inputs]), h.recipe_yaml, [run_name, *form_inputs], preview,
+          api_name="recipe_yaml", trigger_mode="always_last", show_progress="hidden")
+    gr.on(edited(form_inputs), h.estimate, form_inputs, estimate, api_name="estimate",
+          trigger_mode="always_last", show_progress="minimal")
+    for dep in (chosen, loaded_dep, applied, *preset_deps):
+        refresh(dep)
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
-                           start=start, status=status, loaded=loaded, load=load, processes=processes)
+                           start=start, status=status, loaded=loaded, load=load, processes=processes,
+                           refresh=refresh)
 
 
 def _live_tab(h: Handlers):
@@ -347,15 +396,23 @@ def _compare_tab(h: Handlers):
         bench = gr.Dataframe(pd.DataFrame(columns=["benchmark", "metric"]), elem_id="cmp-bench", wrap=True,
                              label="Reward-model benchmarks (python -m mmrlhf_lite.evaluate bench RUN --bench ...)")
         diff = gr.Dataframe(pd.DataFrame(columns=["key"]), label="Recipe differences (keys whose values differ)",
-                            elem_id="cmp-diff", wrap=True, max_height=400)
+                            elem_id="cmp-diff", elem_classes="mm-fit", wrap=True, max_height=400)
     go.click(h.compare_benchmarks, [runs], [bench], api_name="compare_benchmarks")
     compared = go.click(h.compare, [runs, curve], [table, plot], api_name="compare")
-    compared.success(lambda names: evalcard.recipe_diff(h.cfg.runs_root, list(names or [])), runs, diff,
+    compared.success(lambda names: _fitted_diff(evalcard.recipe_diff(h.cfg.runs_root, list(names or []))), runs, diff,
                      api_name="recipe_diff")
     # a new title makes the plot rebuild its colour scale for these runs' series (it keeps the first one's)
     compared.success(lambda names, c: gr.update(title=f"{runview.CURVES[c][0]}: {', '.join(names or [])}"),
                      [runs, curve], plot, api_name=False)
     return SimpleNamespace(runs=runs)
+
+
+def _fitted_diff(frame: pd.DataFrame):
+    """The recipe differences in the box's width: the key column a fifth, the runs share the rest (long
+    values wrap anywhere, CSS `.mm-fit`), so every run's value is in view side by side."""
+    runs = max(len(frame.columns) - 1, 1)
+    key = 20 if runs > 1 else 30
+    return gr.update(value=frame, column_widths=[f"{key}%"] + [f"{(100 - key) / runs:.2f}%"] * runs)
 
 
 LAUNCH_KWARGS = {"css": CSS, "ssr_mode": False, "mcp_server": False, "footer_links": ["api"]}

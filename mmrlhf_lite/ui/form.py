@@ -83,6 +83,7 @@ def form_fields() -> list[FieldSpec]:
 
 
 FIELDS = form_fields()
+FIELD_BY_KEY = {f.key: f for f in FIELDS}
 
 
 def _get(tree: dict, key: str) -> Any:

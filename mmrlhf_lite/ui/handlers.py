@@ -24,7 +24,7 @@ import pandas as pd
 from ..events import EVENTS_FILE
 from ..recipe import STAGES, RecipeError
 from ..runs import RunDir, RunFolderError
-from . import compare, databrowser, form, jobs, playground, runview
+from . import compare, databrowser, essentials, form, jobs, playground, runview
 from .safety import Refused
 
 log = logging.getLogger("mmrlhf_lite.ui")
@@ -215,7 +215,7 @@ class Handlers:
 
     @staticmethod
     def edited_keys(loaded: dict | None, run_name: str, values) -> list[str]:
-        if not loaded:
+        if not loaded or loaded.get("values") is None:
             return []
         keys = ["run name", *form.field_names()]
         return [k for k, old, new in zip(keys, loaded["values"], [run_name, *values]) if not _same(old, new)]
@@ -241,6 +241,47 @@ class Handlers:
         out = self.load_recipe(choice)
         return (*out, {"choice": choice, "values": [out[-1], *out[:-1]]}, f"Loaded recipe **{html.escape(_choice_label(choice))}**.",
                 gr.update(visible=False))
+
+    # presets (essentials.PRESETS): a few keys; over the user's edits of those keys, ask first
+    @readable
+    def preset(self, name: str, loaded: dict | None, *values):
+        """A preset button: apply it, unless it would replace edits, which it names instead."""
+        n = len(form.FIELDS)
+        conflicts = essentials.preset_conflicts(name, list(values), loaded, (loaded or {}).get("preset"))
+        if conflicts:
+            shown = ", ".join(f"`{html.escape(k)}`" for k in conflicts)
+            notice = (f"**Nothing was changed.** The preset **{html.escape(name)}** would replace your edits of "
+                      f"{shown}. Keep editing, or apply it with the button below (those edits are lost).")
+            return (*[gr.skip()] * n, gr.skip(), notice,
+                    gr.update(visible=True, value=f"Apply {name} (discard my edits of {', '.join(conflicts)})"), name)
+        return self.apply_preset(name, loaded, *values)
+
+    @readable
+    def apply_preset(self, name: str | None, loaded: dict | None, *values):
+        """Set the preset's keys (the confirmation button, or a preset that replaces no edit)."""
+        if not name:
+            raise Refused("no preset is waiting to be applied; click a preset button first")
+        new, changed = essentials.apply_preset(name, list(values))
+        state = {**(loaded or {}), "preset": dict(essentials.preset_form_values(name))}
+        return (*new, state, essentials.preset_message(name, changed), gr.update(visible=False), None)
+
+    def recipe_yaml(self, run_name: str, *values) -> str:
+        """The read-only preview of what Start will write (keys that differ from the defaults)."""
+        return essentials.yaml_preview(list(values), data_root=self.cfg.data_root, runs_root=self.cfg.runs_root,
+                                       run_name=(run_name or "").strip() or None)
+
+    def estimate(self, *values) -> str:
+        """The dry run's numbers for the form as it is, beside Start."""
+        t0 = time.time()
+        try:
+            return essentials.estimate_markdown(list(values), data_root=self.cfg.data_root,
+                                                runs_root=self.cfg.runs_root,
+                                                scratch=essentials.scratch_dir(self.cfg.upload_dir))
+        except Exception as exc:  # noqa: BLE001 - the estimate never takes the form down
+            log.exception("pre-flight estimate failed")
+            return f"**Pre-flight: no estimate** ({html.escape(type(exc).__name__)}: {html.escape(str(exc))})"
+        finally:
+            log.debug("pre-flight estimate in %.2f s", time.time() - t0)
 
     @readable
     def start(self, run_name: str, *values):

@@ -94,9 +94,11 @@ class StageView:
     n: int = 0
     total: int | None = None
     unit: str = ""
-    seconds: float | None = None
+    seconds: float | None = None  # the stage's time: every piece since it last started afresh (Stop + Resume)
     rate: float | None = None   # units per second over the current attempt
     eta: float | None = None    # seconds left
+    pieces: int = 0             # invocations the stage ran in (2 after one Stop + Resume)
+    before: float = 0.0         # seconds of the pieces before the current invocation (running: so far)
     _first: tuple[float, int] | None = field(default=None, repr=False)
 
     @property
@@ -108,16 +110,50 @@ class StageView:
         return None
 
 
+def _stage_times(events: list[dict]) -> dict[str, tuple[float, int, bool]]:
+    """Per stage, over every invocation of the run: (seconds, pieces, done) of its latest attempt.
+
+    A stage stopped and resumed is one attempt in several pieces (each invocation's `stage_end` gives
+    the seconds of its piece): its time is their sum. An attempt ends when the stage is done; a later
+    `stage_start` (a `--redo`, or a stage recomputed because an input changed) starts a new one."""
+    out: dict[str, tuple[float, int, bool]] = {}
+    for e in events:
+        stage, kind = e.get("stage"), e.get("type")
+        if kind == "stage_start" and stage:
+            seconds, pieces, done = out.get(stage, (0.0, 0, False))
+            out[stage] = (0.0, 0, False) if done else (seconds, pieces, False)
+        elif kind == "stage_end" and stage:
+            seconds, pieces, _ = out.get(stage, (0.0, 0, False))
+            out[stage] = (seconds + (_seconds(e) or 0.0), pieces + 1, e.get("status", "done") == "done")
+    return out
+
+
+def _seconds(event: dict) -> float | None:
+    """A stage_end's `seconds` (None when missing or unreadable)."""
+    try:
+        value = float(event.get("seconds"))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def stage_views(events: list[dict]) -> list[StageView]:
-    """The stages of the latest invocation, each with its progress, in run order."""
+    """The stages of the latest invocation, each with its progress, in run order; each stage's time
+    counts the pieces of earlier invocations too (a stage done before a Stop keeps its duration)."""
     start_idx = max((i for i, e in enumerate(events) if e.get("type") == "run_start"), default=None)
     if start_idx is None:
         return []
     run_start = events[start_idx]
     views = {s: StageView(s) for s in run_start.get("stages", [])}
-    for s in run_start.get("skip", []):
-        if s in views:
-            views[s].status = "skipped"
+    earlier = _stage_times(events[:start_idx])
+    for name, v in views.items():
+        seconds, pieces, done = earlier.get(name, (0.0, 0, False))
+        if name in run_start.get("skip", []):
+            v.status = "skipped"
+            if done:
+                v.seconds, v.pieces = seconds, pieces
+        elif not done:  # the pieces of a stopped (or failed) attempt that this invocation continues
+            v.before, v.pieces = seconds, pieces
     for e in events[start_idx:]:
         v = views.get(e.get("stage"))
         if v is None:
@@ -134,7 +170,10 @@ def stage_views(events: list[dict]) -> list[StageView]:
                 v.rate = (v.n - n0) / (e["time"] - t0)
                 v.eta = (v.total - v.n) / v.rate if v.total else None
         elif kind == "stage_end":
-            v.status, v.seconds, v.eta = e.get("status", "done"), e.get("seconds"), None
+            v.status, v.eta = e.get("status", "done"), None
+            piece = _seconds(e)
+            v.seconds = piece if not v.pieces else v.before + (piece or 0.0)
+            v.pieces += 1
     return list(views.values())
 
 
@@ -149,8 +188,14 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _pieces(v: StageView) -> str:
+    return f" in {v.pieces} pieces (Stop + Resume)" if v.pieces > 1 else ""
+
+
 def stage_text(v: StageView) -> str:
     if v.status == "skipped":
+        if v.seconds is not None:
+            return f"done earlier in {_duration(v.seconds)}{_pieces(v)}; skipped now: already done with these settings"
         return "skipped: already done with these settings"
     if v.status == "pending":
         return "waiting"
@@ -159,11 +204,12 @@ def stage_text(v: StageView) -> str:
         speed = ""
         if v.rate:
             speed = f"{v.rate:.2f} {v.unit}/s" if v.rate >= 1 else f"{1 / v.rate:.1f} s/{v.unit}"
-        parts = [p for p in (count, speed, f"ETA {_duration(v.eta)}" if v.eta is not None else "") if p]
+        before = f"{_duration(v.before)} before the stop" if v.pieces else ""
+        parts = [p for p in (count, speed, f"ETA {_duration(v.eta)}" if v.eta is not None else "", before) if p]
         return " · ".join(parts) or "starting"
     if v.status == "done":
-        return f"done in {_duration(v.seconds)}" + (f" ({count})" if count else "")
-    return f"{v.status} after {_duration(v.seconds)}" + (f" at {count}" if count else "")
+        return f"done in {_duration(v.seconds)}{_pieces(v)}" + (f" ({count})" if count else "")
+    return f"{v.status} after {_duration(v.seconds)}{_pieces(v)}" + (f" at {count}" if count else "")
 
 
 def progress_html(views: list[StageView]) -> str:

@@ -1,0 +1,194 @@
+"""The Train tab's essentials (mmrlhf_lite/ui/essentials.py): presets, the YAML preview, the pre-flight
+numbers (the same as `--dry-run`), the measured-speed time estimate, and the smoke-test preset's real run.
+
+    python -m pytest -q tests/test_ui_essentials.py
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrlhf_lite.recipe import Recipe, load_recipe
+from mmrlhf_lite.ui import essentials, form
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo.yaml"
+KEYS = [s.key for s in form.FIELDS]
+
+
+def demo_values(data_root) -> list:
+    return form.form_values(form.recipe_tree(DEMO), data_root)
+
+
+def value(values, key):
+    return values[KEYS.index(key)]
+
+
+def test_every_essential_is_a_form_field_and_presets_set_only_form_keys():
+    assert set(essentials.ESSENTIALS) <= set(KEYS)
+    for name, keys in essentials.PRESETS.items():
+        assert set(keys) <= set(KEYS), name
+
+
+def test_full_demo_preset_is_the_demo_recipes_own_values():
+    demo = load_recipe(DEMO, check_paths=False)
+    for key, wanted in essentials.PRESETS[essentials.FULL].items():
+        node = demo
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == wanted, key
+
+
+def test_preset_sets_its_keys_and_says_so(tmp_path):
+    values = demo_values(tmp_path)
+    new, changed = essentials.apply_preset(essentials.SMOKE, values)
+    assert changed == ["data.demo.groups", "reward.train.max_steps", "dpo.train.max_steps", "eval.max_groups"]
+    assert (value(new, "reward.train.max_steps"), value(new, "data.demo.groups")) == (60, 120)
+    untouched = [k for k in KEYS if k not in essentials.PRESETS[essentials.SMOKE]]
+    assert all(value(new, k) == value(values, k) for k in untouched)
+    msg = essentials.preset_message(essentials.SMOKE, changed)
+    assert "`reward.train.max_steps` = 60" in msg and "`eval.max_groups` = 24" in msg
+    assert "`model.path`" not in msg  # it already had the preset's value
+
+
+def test_preset_asks_before_replacing_edits_but_not_its_own_values(tmp_path):
+    values = demo_values(tmp_path)
+    loaded = {"choice": "demo.yaml", "values": ["run-1", *values]}
+    # unedited form: no conflict
+    assert essentials.preset_conflicts(essentials.SMOKE, values, loaded, None) == []
+    # an edit of a key the preset sets is a conflict; an edit of another key is not
+    edited = list(values)
+    edited[KEYS.index("dpo.train.max_steps")] = 7
+    edited[KEYS.index("dpo.beta")] = 0.3
+    assert essentials.preset_conflicts(essentials.SMOKE, edited, loaded, None) == ["dpo.train.max_steps"]
+    # an edit equal to the preset's value replaces nothing
+    edited[KEYS.index("dpo.train.max_steps")] = 60
+    assert essentials.preset_conflicts(essentials.SMOKE, edited, loaded, None) == []
+    # the values a preset set are not edits for the next preset
+    smoke, _ = essentials.apply_preset(essentials.SMOKE, values)
+    state = essentials.preset_form_values(essentials.SMOKE)
+    assert essentials.preset_conflicts(essentials.FULL, smoke, loaded, state) == []
+    smoke[KEYS.index("reward.train.max_steps")] = 61
+    assert essentials.preset_conflicts(essentials.FULL, smoke, loaded, state) == ["reward.train.max_steps"]
+
+
+def test_yaml_preview_holds_exactly_the_keys_that_differ_and_rebuilds_the_recipe(tmp_path):
+    values, _ = essentials.apply_preset(essentials.SMOKE, demo_values(tmp_path))
+    text = essentials.yaml_preview(values, data_root=tmp_path, runs_root=tmp_path, run_name="r1")
+    assert text.startswith("# what Start will run: the keys whose values differ from the defaults")
+    shown = yaml.safe_load(text)
+    assert shown["reward"]["train"]["max_steps"] == 60 and shown["data"]["demo"]["groups"] == 120
+    assert "beta" not in shown.get("dpo", {}) and "run" not in shown  # defaults are left out
+    # independent check: the preview + the defaults are the recipe Start writes
+    started = yaml.safe_load(form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "r1"))
+    started["run"].pop("dir")
+    path = tmp_path / "preview.yaml"
+    path.write_text(text)
+    rebuilt = load_recipe(path, check_paths=False).to_dict()
+    rebuilt["run"].pop("dir")
+    assert rebuilt == started
+    # a form Start would refuse: the preview says why instead
+    values[KEYS.index("data.path")] = "missing.jsonl"
+    bad = essentials.yaml_preview(values, data_root=tmp_path, runs_root=tmp_path)
+    assert bad.startswith("# Start would refuse this form") and "missing.jsonl" in bad and "does not exist" in bad
+
+
+def test_estimate_shows_the_dry_runs_numbers(tmp_path):
+    """The steps, groups and memory peak beside Start are the ones `--dry-run` prints for the same recipe."""
+    values, _ = essentials.apply_preset(essentials.SMOKE, demo_values(tmp_path))
+    md = essentials.estimate_markdown(values, data_root=tmp_path, runs_root=tmp_path, scratch=tmp_path / "pf")
+    recipe = tmp_path / "smoke.yaml"
+    recipe.write_text(form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "dry"))
+    out = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), "--dry-run"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path).stdout
+    train, evals = (int(x) for x in re.search(r"\n  train\s+(\d+).*\n(?:.*\n)*?  eval\s+(\d+)", out).groups())
+    assert f"data: {train} train / {evals} held-out groups" in md, (md, out)
+    for stage in ("reward", "dpo"):
+        steps = re.search(rf"\n  {stage}\s+(\d+) steps", out).group(1)
+        assert f"{stage}: {steps} optimizer steps" in md
+    peak = re.search(r"peak: (\w+), ([\d.]+) GiB needed", out)
+    assert f"peak {float(peak.group(2)):.1f} GiB ({peak.group(1)})" in md, (md, peak.group(0))
+    assert "time: no estimate (no finished run of this model and device here yet)" in md
+    assert md.rstrip().endswith("plan OK")
+    # a problem the real run would refuse on is said, with its key
+    values[KEYS.index("model.path")] = "tiny:nosuchfamily"
+    md = essentials.estimate_markdown(values, data_root=tmp_path, runs_root=tmp_path, scratch=tmp_path / "pf")
+    assert "error: model.path 'tiny:nosuchfamily'" in md
+
+
+def _finished_run(runs: Path, name: str, recipe: dict, n_train: int, n_eval: int, seconds: dict, steps: dict):
+    run = runs / name
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    ev = [{"time": 0.0, "type": "run_start", "stages": list(seconds), "skip": []},
+          {"time": 0.1, "type": "log", "stage": "data",
+           "message": f"data: {n_train} train groups, {n_eval} eval groups from x.jsonl (ranked)"}]
+    for stage, s in seconds.items():
+        ev.append({"time": 1.0, "type": "stage_start", "stage": stage})
+        if stage in steps:
+            ev.append({"time": 1.5, "type": "progress", "stage": stage, "n": steps[stage], "total": steps[stage],
+                       "unit": "step"})
+        ev.append({"time": 2.0, "type": "stage_end", "stage": stage, "status": "done", "seconds": s})
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ev))
+
+
+def test_time_estimate_scales_a_finished_runs_measured_speed_by_hand(tmp_path):
+    runs = tmp_path / "runs"
+    recipe = Recipe().to_dict()
+    recipe["model"].update(device="cpu")
+    recipe["reward"]["train"].update(groups_per_step=2, grad_accum=1)
+    recipe["dpo"]["train"].update(groups_per_step=1, grad_accum=2)
+    recipe["eval"]["max_groups"] = 5
+    # 80 train + 20 eval groups; reward 10 steps x 2 groups in 20 s (1 s/group), score 50 s for 100 groups,
+    # reference 10 s, dpo 10 steps x 2 groups in 40 s (2 s/group), eval 10 s for 5 groups
+    _finished_run(runs, "measured", recipe, 80, 20, {"reward": 20.0, "score": 50.0, "reference": 10.0, "dpo": 40.0,
+                                                      "eval": 10.0}, {"reward": 10, "dpo": 10})
+    other = json.loads(json.dumps(recipe))
+    other["model"]["device"] = "cuda"  # another device: its speed is not used
+    _finished_run(runs, "gpu", other, 80, 20, {"reward": 1.0}, {"reward": 10})
+    time.sleep(0.01)
+    plan = {"stages": [{"stage": s, "status": "run"} for s in ("reward", "score", "reference", "dpo", "eval")],
+            "data": {"train": {"groups": 160}, "eval": {"groups": 40}},
+            "steps": {"reward": {"steps": 30, "groups_per_optimizer_step": 4},
+                      "dpo": {"steps": 5, "groups_per_optimizer_step": 2}}}
+    target = Recipe()
+    target.model.device = "cpu"
+    target.eval.max_groups = 10
+    total, per_stage, source = essentials.time_estimate(plan, target, runs)
+    assert source == "measured"
+    assert per_stage == pytest.approx({"reward": 120 * 1.0, "score": 200 * 0.5, "reference": 200 * 0.1,
+                                       "dpo": 10 * 2.0, "eval": 10 * 2.0})
+    assert total == pytest.approx(280.0)
+    # a stage already done in the run folder costs nothing; another model has no measured speed
+    plan["stages"][0]["status"] = "done"
+    assert essentials.time_estimate(plan, target, runs)[0] == pytest.approx(160.0)
+    target.model.path = "tiny:qwen3_vl"
+    assert essentials.time_estimate(plan, target, runs) == (None, {}, None)
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_every_stage_in_about_a_minute(tmp_path):
+    """The 'smoke test, 1 minute' preset on the demo recipe, as Start writes it, through the CLI."""
+    values, _ = essentials.apply_preset(essentials.SMOKE, demo_values(tmp_path))
+    run = tmp_path / "smoke"
+    text = form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=run)
+    recipe = tmp_path / "smoke.yaml"
+    recipe.write_text(text)
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), "--quiet"], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    wall = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"smoke preset: {wall:.1f} s wall")
+    ends = [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines() if '"stage_end"' in ln]
+    assert [(e["stage"], e["status"]) for e in ends] == [(s, "done") for s in ("reward", "score", "reference", "dpo",
+                                                                               "eval")]
+    assert (run / "eval" / "report.json").exists()
+    assert wall < 120, f"the smoke preset took {wall:.0f} s (about a minute expected)"
