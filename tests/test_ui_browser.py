@@ -365,11 +365,22 @@ def test_policy_tab_answers_base_and_policy_and_exports(page, server, tmp_path, 
         str(server.data / "uploads/demo-data/images/demo-00003.png"))
     page.locator("#pol-question textarea").fill("What shape is the object?")
     page.locator("#pol-max-new input").fill("24")
-    # every value the policy's answer box shows, as it streams (sampled each few ms)
-    page.evaluate("""() => { window.mmSeen = []; window.mmRec = setInterval(() => {
-        const t = document.querySelector('#pol-policy textarea');
-        if (t && t.value && window.mmSeen[window.mmSeen.length - 1] !== t.value) window.mmSeen.push(t.value);
-    }, 4); }""")
+    # every value the page puts into the policy's answer box as it streams: the box's own value setter is
+    # wrapped, so no value is missed when the browser gets several updates at once (a busy machine); a
+    # timer samples the box too, in case the page replaces the element
+    page.evaluate("""() => {
+        window.mmSeen = [];
+        const note = v => { if (v && window.mmSeen[window.mmSeen.length - 1] !== v) window.mmSeen.push(v); };
+        const proto = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value');
+        const hook = t => { if (t.mmHooked) return; t.mmHooked = true;
+            Object.defineProperty(t, 'value', { configurable: true, get() { return proto.get.call(this); },
+                set(v) { proto.set.call(this, v); note(String(v)); } }); };
+        window.mmRec = setInterval(() => {
+            const t = document.querySelector('#pol-policy textarea');
+            if (t) { hook(t); note(t.value); }
+        }, 4);
+        const t = document.querySelector('#pol-policy textarea'); if (t) hook(t);
+    }""")
     page.locator("#pol-ask").click()
     until(page, "#pol-scores", "el.querySelectorAll('.mm-card').length == 2", timeout=180_000)
     base, aligned = (page.locator(f"#{i} textarea").input_value() for i in ("pol-base", "pol-policy"))
