@@ -209,15 +209,11 @@ def _wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeo
             time.sleep(0.05)
     raise AssertionError(f"no complete checkpoint-{step} within {timeout} s")
 
-
-def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
-    recipe = _recipe(tmp_path, "run", 1)
-    run_dir = tmp_path / "run"
-    rc, out = _finish(_launch(recipe, "reward,score,reference"))
-    assert rc == 0, out[-4000:]
-    proc = _launch(recipe, "dpo")
+def _kill_rank_1_after_checkpoint(proc, run_dir: Path, step: int) -> tuple[int, str]:
+    """SIGKILL rank 1 of the launch `proc` once dpo's checkpoint `step` is written; the launcher must end the
+    job within 90 s. Returns its (exit code, output)."""
     try:
-        _wait_for_checkpoint(run_dir, 2, proc)  # 6 steps left: killed mid-dpo
+        _wait_for_checkpoint(run_dir, step, proc)
         victim = _rank_pid(proc.pid, 1)
         assert victim, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
@@ -225,7 +221,16 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes
         rc, out = _finish(proc, timeout=90)
     finally:
         _kill_group(proc)
-    assert rc != 0 and time.time() - killed < 90
+    assert rc != 0 and time.time() - killed < 90, (rc, out[-3000:])
+    return rc, out
+
+
+def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(recipe, "reward,score,reference"))
+    assert rc == 0, out[-4000:]
+    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, "dpo"), run_dir, 2)  # 6 steps left: killed mid-dpo
     assert "rank      : 1 (local_rank: 1)" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
     assert not (run_dir / "stages" / "dpo.json").exists()
 

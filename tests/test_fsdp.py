@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (COMMON, STAGES, _finish, _kill_group, _launch, _per_rank, _rank_pid, _recipe,
-                              _same_weights, _wait_for_checkpoint, _weights, single)  # noqa: F401 - fixture
+from test_distributed import (COMMON, STAGES, _finish, _kill_rank_1_after_checkpoint, _launch, _per_rank, _recipe,
+                              _same_weights, _weights, single)  # noqa: F401 - fixture
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
@@ -84,18 +82,8 @@ def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weig
     run_dir = tmp_path / "run"
     rc, out = _finish(_launch_fsdp(recipe, "reward,score,reference"))
     assert rc == 0, out[-4000:]
-    proc = _launch_fsdp(recipe, "dpo")
-    try:
-        _wait_for_checkpoint(run_dir, 2, proc)
-        ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-2"
-        victim = _rank_pid(proc.pid, 1)
-        assert victim, "rank 1 not found"
-        os.kill(victim, signal.SIGKILL)
-        killed = time.time()
-        rc, out = _finish(proc, timeout=90)
-    finally:
-        _kill_group(proc)
-    assert rc != 0 and time.time() - killed < 90
+    rc, out = _kill_rank_1_after_checkpoint(_launch_fsdp(recipe, "dpo"), run_dir, 2)
+    ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-2"
     assert "rank      : 1 (local_rank: 1)" in out, out[-3000:]
     # the checkpoint holds a normal adapter, one full optimizer state and the trainable parameters by name
     assert {"adapter_model.safetensors", "optimizer.pt", "sharded_trainable.safetensors"} <= {
