@@ -321,19 +321,27 @@ def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in hf_model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, decoder_only: bool = False) -> torch.nn.Module:
     """FSDP2 over every rank: each transformer block is one `fully_shard` unit (gathered when it runs,
     freed after), and the whole `...ForConditionalGeneration` is the root unit holding the rest (embeddings,
     final norm, LM head, vision merger, reward head). The packed forward calls those parts directly, not the
     root's forward, so `through_root` runs it inside the root's forward: its hooks gather the root's
     parameters and reduce-scatter their gradients. Gradients are averaged over ranks by FSDP (once), so the
-    trainers must not also run `average_gradients`. Returns the root."""
+    trainers must not also run `average_gradients`. Returns the root.
+
+    `decoder_only`: only the language model's decoder layers are units; the vision tower stays in the root
+    unit (gathered whole with it). The precompute stages shard so: every forward then makes the same
+    collectives (the root, then each decoder layer once) whatever its media, so ranks whose batches differ
+    (images on one, text only or a video on the other, or a dummy forward) stay in lockstep."""
     from torch.distributed.fsdp import fully_shard
 
     from .models.loading import unwrap
 
     hf = unwrap(model)
     units = shard_units(hf)
+    if decoder_only and callable(getattr(hf, "get_decoder", None)):
+        inside = {id(m) for m in hf.get_decoder().modules()}
+        units = [u for u in units if id(u) in inside]
     if not units:
         raise RankFailure(f"FSDP: {type(hf).__name__} names no transformer block class (_no_split_modules) to shard; "
                           "launch with recipes/accelerate/ddp.yaml instead")
@@ -345,6 +353,25 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(unit, mesh=mesh)
     fully_shard(hf, mesh=mesh)
     return hf
+
+
+def shards_precompute() -> bool:
+    """Whether the precompute stages (score, reference) shard the model they load: an FSDP2 launch of
+    several ranks (not inside `alone()`)."""
+    return sharding() is not None and is_distributed() and world_size() > 1
+
+
+def shard_frozen(model: torch.nn.Module, events, stage: str | None = None) -> list[dict]:
+    """`shard_model(model, decoder_only=True)` for a stage that only runs forwards (score, reference), and
+    an `FSDP2:` event with what each rank holds (`sharded_numel`). Collective: every rank calls it."""
+    shard_model(model, decoder_only=True)
+    held = gather_objects(sharded_numel(model))
+    total = held[0]["frozen_total_bytes"]
+    events.info(f"FSDP2: the base is sharded over {len(held)} ranks (decoder layers; the vision tower is "
+                "gathered with the root); frozen weights held per rank: "
+                + ", ".join(f"rank {r} {h['frozen_local_bytes'] / 2**20:.2f} MiB" for r, h in enumerate(held))
+                + f" of {total / 2**20:.2f} MiB", sharded_params=held, **({"stage": stage} if stage else {}))
+    return held
 
 
 def sharded_root(model: torch.nn.Module):

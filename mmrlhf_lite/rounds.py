@@ -61,13 +61,15 @@ def throughput(computed_groups: Sequence[float], seconds: float) -> dict[str, fl
 def run_in_rounds(batches: Sequence, work: Callable[[Any], int | None], *, events,
                   stopped: Callable[[int, int], str], size: Callable[[Any], int] = len, done: int = 0,
                   stop_requested: Callable[[], bool] = lambda: False, unit: str = "group",
-                  **extra: Any) -> RoundsResult:
+                  idle: Callable[[], None] | None = None, **extra: Any) -> RoundsResult:
     """Run `work(batch)` for each of this rank's `batches`, round by round with the other ranks.
 
     `size(batch)`: the groups in a batch; `done`: this rank's groups that need no work (already cached),
     counted as done from the start; `work` returns the number of entries it computed (or None);
     `stopped(done, total)`: the StageStopped message, from numbers every rank agrees on. `extra` fields
-    (e.g. `part`) go into the progress and metrics events."""
+    (e.g. `part`) go into the progress and metrics events. `idle()`: run instead of `work` in a round where
+    this rank has no batch left (or none at all), so that every rank makes the same calls each round:
+    FSDP forwards are collectives (cache/reference.py, reward/scorer.py run a dummy forward there)."""
     world, me = _world()
     mine = {"batches": len(batches), "groups": done + sum(size(b) for b in batches), "done": done, "stop": 0.0,
             "computed_groups": 0, "computed": 0}
@@ -101,6 +103,8 @@ def run_in_rounds(batches: Sequence, work: Callable[[Any], int | None], *, event
             mine["computed"] += int(got or 0)
             mine["computed_groups"] += n
             mine["done"] += n
+        elif idle is not None:
+            idle()
         k += 1
 
 

@@ -237,3 +237,59 @@ def test_dry_run_with_fsdp_shards_a_4bit_base_too(tmp_path, monkeypatch, capsys)
     nf4 = plan["memory"]["stages"]["dpo"]["components_gib"]["decoder linears (nf4)"]
     assert f"decoder linears (nf4) / 4 {nf4 / 4:.2f}" in out, out[-2500:]
     assert not any("FSDP" in e or "4-bit" in e for e in plan["errors"])   # (offline: the hub id is an error)
+
+
+# ---- the precompute stages with the base sharded
+
+def _cache(run_dir: Path, name: str) -> dict[str, dict]:
+    lines = [json.loads(x) for x in (run_dir / "cache" / name).read_text().splitlines() if x.strip()]
+    return {x["key"]: x for x in lines}
+
+
+def _shares(recipe, run_dir: Path) -> list[int]:
+    """Groups of each of 2 ranks (cache/sharded.py's split by content)."""
+    from mmrlhf_lite.cache.reference import reference_keys
+    from mmrlhf_lite.cache.sharded import rank_of
+    from mmrlhf_lite.data import prepare_data
+    from mmrlhf_lite.events import EventLog
+
+    train, evals = prepare_data(recipe, run_dir, EventLog(None, echo=False))
+    owners = [rank_of(ks, 2) for ks in reference_keys(train + evals, recipe.model, recipe.data.max_frames)]
+    return [owners.count(0), owners.count(1)]
+
+
+def _half_each(run_dir: Path, stage: str) -> None:
+    held = [e for e in _events(run_dir) if e["type"] == "log" and e["message"].startswith("FSDP2:")
+            and e["stage"] == stage]
+    assert len(held) == 1, [e["message"] for e in _events(run_dir)][-20:]
+    held = held[0]["sharded_params"]
+    total = held[0]["frozen_total"]
+    assert len(held) == 2 and total > 100_000
+    for h in held:   # decoder layers sharded; the root (embeddings, LM head, vision tower) is too, by rows
+        assert abs(h["frozen_local"] / total - 0.5) < 0.02, h
+
+
+def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_probs(tmp_path):
+    """2 ranks under the FSDP2 variables, uneven shares (the rank with fewer groups runs dummy forwards in
+    the rounds it has no batch for, in lockstep with the other): each rank holds about half the base, and
+    every cache line equals the one-process run's within fp32 tolerance."""
+    from mmrlhf_lite.recipe import load_recipe
+    from mmrlhf_lite.train import run_pipeline
+
+    over = COMMON + _per_rank(1) + ["data.demo.groups=5"]
+    run_pipeline(load_recipe(None, over + [f"run.dir={tmp_path / 'one'}"]), ["reference"], echo=False)
+    recipe = load_recipe(None, over + [f"run.dir={tmp_path / 'fsdp'}"])
+    shares = _shares(recipe, tmp_path / "fsdp")
+    assert sum(shares) == 5 and shares[0] != shares[1], shares
+    path = tmp_path / "fsdp.yaml"
+    recipe.save(path)
+    rc, out = _finish(_launch_fsdp(path, "reference"), timeout=180)
+    assert rc == 0, out[-4000:]
+    assert "terminate called" not in out, out[-3000:]
+    _half_each(tmp_path / "fsdp", "reference")
+    one, two = _cache(tmp_path / "one", "reference.jsonl"), _cache(tmp_path / "fsdp", "reference.jsonl")
+    assert one.keys() == two.keys() and len(one) >= 10
+    diff = max(abs(one[k]["logp"] - two[k]["logp"]) for k in one)
+    print(f"max |logp diff| FSDP2 2 ranks vs 1 process: {diff:.3g}")
+    assert diff < 1e-3, diff
+    assert all(one[k]["n_tokens"] == two[k]["n_tokens"] for k in one)

@@ -124,25 +124,43 @@ def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg
 
 def _fill(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore) -> int:
     """Compute the entries `store` lacks for `groups` (the base model loads only if one is missing); under
-    several processes each rank computes its share (cache/sharded.py)."""
+    several processes each rank computes its share (cache/sharded.py).
+
+    Under an FSDP2 launch the base is sharded over the ranks (`distributed.shard_frozen`) and each batch's
+    forward runs through the FSDP root. Those forwards are collectives, so every rank loads the model when
+    any rank has something missing, and a rank with no batch left in a round (uneven shares, or none)
+    runs a dummy forward on the first group, its result discarded: every rank makes one forward per round."""
     recipe = ctx.recipe
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
     loaded: dict = {}
+    sharded = distributed.shards_precompute()
+
+    def load() -> None:
+        model, processor = load_model(recipe.model, trainable=False, lora=False)
+        spec = model.mmrlhf.family
+        if sharded:
+            distributed.shard_frozen(model, ctx.events)
+        loaded.update(model=model, spec=spec,
+                      packed=use_packing(spec, recipe.model.packing, recipe.model.attn_implementation),
+                      encoder=GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
+                                           max_frames=recipe.data.max_frames))
+
+    def forward(batch: list[PreferenceGroup]) -> list[list[tuple[float, int]]]:
+        return distributed.through_root(loaded["model"], lambda: compute_reference(
+            loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"]))
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
         if not loaded:  # the model is loaded only when something is missing
-            model, processor = load_model(recipe.model, trainable=False, lora=False)
-            spec = model.mmrlhf.family
-            loaded.update(model=model, spec=spec,
-                          packed=use_packing(spec, recipe.model.packing, recipe.model.attn_implementation),
-                          encoder=GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
-                                               max_frames=recipe.data.max_frames))
-        results = compute_reference(loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"])
-        return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in results]
+            load()
+        return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in forward(batch)]
 
+    idle = None
+    if sharded and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
+        load()
+        idle = lambda: forward([groups[0]])  # noqa: E731 - the dummy forward of a rank without a batch
     _, computed = fill_missing_sharded(groups, keys, store, compute,
                                        per_batch=max(1, recipe.dpo.train.groups_per_step), events=ctx.events,
-                                       stop_requested=ctx.stop_requested)
+                                       stop_requested=ctx.stop_requested, idle=idle)
     return computed
 
 
