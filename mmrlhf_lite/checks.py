@@ -116,6 +116,19 @@ def _damaged(folder: Path, what: str) -> str | None:
     return None
 
 
+def fsdp_problems(recipe: Recipe, stages: list[str]) -> list[str]:
+    """What cannot run with the base sharded by FSDP2 (an FSDP launch, or the dry run's `--fsdp`): the score
+    stage generating critiques (reward/scorer.py `FSDP_GENERATE` says what to use)."""
+    from .reward.scorer import FSDP_GENERATE
+
+    return [FSDP_GENERATE] if "score" in stages and recipe.reward.critique_mode == "generate" else []
+
+
+FSDP_EVAL = ("eval is not sharded under FSDP: each GPU loads the whole policy (and the reward model) for its "
+             "share of the groups; a model that fits only sharded runs out of memory there. Leave eval out of "
+             "--stages under FSDP and run `--stages eval` where one GPU holds the whole model (or take the risk)")
+
+
 def preflight_problems(recipe: Recipe, stages: list[str]) -> list[str]:
     """Every problem found, each naming its key; empty when the run can start."""
     problems = []

@@ -127,7 +127,15 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             skip = run.check_recipe(recipe, stages)
             from .checks import preflight_problems
 
-            problems = preflight_problems(recipe, [s for s in stages if s not in skip])
+            todo = [s for s in stages if s not in skip]
+            problems = preflight_problems(recipe, todo)
+            sharded = dist.sharding() is not None and dist.world_size() > 1
+            if sharded:
+                from .checks import FSDP_EVAL, fsdp_problems
+
+                problems += fsdp_problems(recipe, todo)
+                if "eval" in todo:
+                    events.warning(FSDP_EVAL)
             if problems:
                 raise UserError("not starting:\n" + "\n".join(f"  {p}" for p in problems))
             recipe.save(run.path / "recipe.yaml")
@@ -207,9 +215,13 @@ def _fsdp_memory_lines(plan: dict, processes: int) -> list[str]:
         lines.append(f"  {stage:<10}{f['allocated_gib']:>6.1f} GiB allocated {f['needed_gib']:>5.1f} GiB needed "
                      f"(one GPU: {e['needed_gib']} GiB){fit} = "
                      + " + ".join(f"{k} {v:.2f}" for k, v in f["components_gib"].items() if v >= 0.005))
-    rest = [s for s in m["stages"] if s not in ("reward", "dpo")]
-    if rest:
-        lines.append(f"  {', '.join(rest)}: not sharded, each GPU holds the whole model (as in the table above)")
+    pre = [s for s in m["stages"] if s in ("score", "reference")]
+    if pre:
+        lines.append(f"  {', '.join(pre)}: the base sharded too (decoder layers; the vision tower, embeddings and "
+                     "LM head gathered for each forward), so below the one-GPU table")
+    if "eval" in m["stages"]:
+        lines.append("  eval: NOT sharded, each GPU holds the whole model (as in the table above); a model that fits "
+                     "only sharded runs out of memory there")
     return lines
 
 
@@ -258,6 +270,10 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, proce
     # data warnings (skipped rows, ...) belong in the dry run's output
     plan = preflight_plan(recipe, stages, gpu_mem, EventLog(None, echo=True))
     fsdp = fsdp and processes > 1
+    if fsdp:
+        from .checks import fsdp_problems
+
+        plan["errors"] = list(plan["errors"]) + fsdp_problems(recipe, stages)
     print(format_plan(plan))
     if fsdp:
         print("\n" + "\n".join(_fsdp_memory_lines(plan, processes)))

@@ -44,7 +44,8 @@ def fsdp(tmp_path_factory) -> Path:
 def test_fsdp_two_ranks_train_the_same_weights_as_one_rank_and_hold_half_the_base(single, fsdp):
     events = _events(fsdp)
     sharded = [e for e in events if e["type"] == "log" and e["message"].startswith("FSDP2:")]
-    assert [e["stage"] for e in sharded] == ["reward", "dpo"]     # both trainers sharded the base
+    # both trainers sharded the base, and so did the score and reference stages
+    assert [e["stage"] for e in sharded] == ["reward", "score", "reference", "dpo"]
     for e in sharded:
         held = e["sharded_params"]
         assert len(held) == 2
@@ -228,7 +229,9 @@ def test_dry_run_shows_the_per_gpu_memory_with_the_base_sharded(tmp_path, monkey
     assert sharded, out
     assert float(sharded.group(3)) == pytest.approx(one, abs=0.01)
     assert float(sharded.group(2)) < one / 2          # a bf16 7B: about 1/4 of the decoder plus the gathered root
-    assert "score, reference, eval: not sharded" in out
+    assert "score, reference: the base sharded too" in out
+    assert "eval: NOT sharded, each GPU holds the whole model" in out
+    assert "reward.critique_mode=generate: the score stage cannot run under an FSDP launch" in out  # the recipe's mode
 
 
 def test_dry_run_with_fsdp_shards_a_4bit_base_too(tmp_path, monkeypatch, capsys):
@@ -236,7 +239,9 @@ def test_dry_run_with_fsdp_shards_a_4bit_base_too(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     nf4 = plan["memory"]["stages"]["dpo"]["components_gib"]["decoder linears (nf4)"]
     assert f"decoder linears (nf4) / 4 {nf4 / 4:.2f}" in out, out[-2500:]
-    assert not any("FSDP" in e or "4-bit" in e for e in plan["errors"])   # (offline: the hub id is an error)
+    from mmrlhf_lite.reward.scorer import FSDP_GENERATE   # the recipe generates critiques: refused under FSDP
+    assert FSDP_GENERATE in plan["errors"]
+    assert not any("FSDP" in e or "4-bit" in e for e in plan["errors"] if e != FSDP_GENERATE)  # (the hub id is one)
 
 
 # ---- the precompute stages with the base sharded
@@ -293,3 +298,69 @@ def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_
     print(f"max |logp diff| FSDP2 2 ranks vs 1 process: {diff:.3g}")
     assert diff < 1e-3, diff
     assert all(one[k]["n_tokens"] == two[k]["n_tokens"] for k in one)
+
+
+def _score_rounds(recipe, run_dir: Path, reward_dir: Path) -> list[tuple[int, int]]:
+    """Per part of the score stage (mode given: groups with critiques, then those without, scored in mode
+    none), the rounds each of 2 ranks has work for (4 groups a batch)."""
+    from mmrlhf_lite.cache.sharded import rank_of
+    from mmrlhf_lite.data import prepare_data
+    from mmrlhf_lite.events import EventLog
+    from mmrlhf_lite.reward.scorer import groups_per_batch, response_keys, reward_fingerprint
+
+    train, evals = prepare_data(recipe, run_dir, EventLog(None, echo=False))
+    groups = train + evals
+    fp = reward_fingerprint(recipe.model, reward_dir)
+    out = []
+    for mode, part in (("given", [g for g in groups if all(r.critique for r in g.responses)]),
+                       ("none", [g for g in groups if not all(r.critique for r in g.responses)])):
+        owners = [rank_of(ks, 2) for ks in response_keys(part, fp, recipe.reward, mode, recipe.run.seed)]
+        per = groups_per_batch(recipe.reward, mode)
+        out.append(tuple(-(-owners.count(r) // per) for r in (0, 1)))
+    return out
+
+
+def test_fsdp_score_stage_shards_the_reward_model_and_gives_the_single_process_margins(tmp_path):
+    """Mode given (groups without critiques: mode none) with the reward model of a one-process run: 2 ranks
+    under the FSDP2 variables, one of them with more rounds of work than the other (dummy forwards), hold
+    about half the base each and write the one-process margins within fp32 tolerance."""
+    from mmrlhf_lite.recipe import load_recipe
+    from mmrlhf_lite.train import run_pipeline
+
+    over = COMMON + _per_rank(2) + ["data.demo.groups=14"]
+    run_pipeline(load_recipe(None, over + [f"run.dir={tmp_path / 'one'}"]), ["reward", "score"], echo=False)
+    recipe = load_recipe(None, over + [f"run.dir={tmp_path / 'fsdp'}", f"reward.model_from={tmp_path / 'one'}"])
+    rounds = _score_rounds(recipe, tmp_path / "fsdp", tmp_path / "one" / "reward" / "final")
+    assert any(a != b for a, b in rounds), rounds
+    path = tmp_path / "fsdp.yaml"
+    recipe.save(path)
+    rc, out = _finish(_launch_fsdp(path, "score"), timeout=180)
+    assert rc == 0, out[-4000:]
+    assert "terminate called" not in out, out[-3000:]
+    _half_each(tmp_path / "fsdp", "score")
+    ma = [json.loads(x) for x in (tmp_path / "one" / "score" / "margins.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "fsdp" / "score" / "margins.jsonl").read_text().splitlines()]
+    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb] and len(ma) == 14
+    diff = max(abs(x - y) for a, b in zip(ma, mb) for x, y in zip(a["scores"], b["scores"]))
+    print(f"score rounds per part (rank 0, rank 1): {rounds}; max |score diff| FSDP2 vs 1 process: {diff:.3g}")
+    assert diff < 1e-4, diff
+    da = [p["delta"] for m in ma for p in m["pairs"]]
+    assert len(da) >= 14 and [p["delta"] for m in mb for p in m["pairs"]] == pytest.approx(da, abs=1e-4)
+
+
+def test_fsdp_launch_refuses_generated_critiques_and_warns_that_eval_is_not_sharded(tmp_path):
+    """Before anything loads: mode generate in the score stage is refused naming what to use, and eval in the
+    stages gets a warning that each GPU loads the whole model."""
+    from mmrlhf_lite.recipe import load_recipe
+
+    path = tmp_path / "gen.yaml"
+    load_recipe(None, COMMON + _per_rank(1) + ["reward.critique_mode=generate", "data.eval_fraction=0.25",
+                                               f"run.dir={tmp_path / 'run'}"]).save(path)
+    rc, out = _finish(_launch_fsdp(path, "score,eval"), timeout=120)
+    assert rc == 1, out[-3000:]
+    assert "not starting" in out and "reward.critique_mode=generate: the score stage cannot run under an FSDP" in out
+    assert "reward.critique_mode=given" in out and "recipes/accelerate/ddp.yaml" in out
+    assert "mmrlhf_lite/" not in out.split("torch.distributed.elastic")[0], out[-3000:]  # no traceback of ours
+    warned = [e["message"] for e in _events(tmp_path / "run") if e["type"] == "warning"]
+    assert any(m.startswith("eval is not sharded under FSDP") for m in warned), warned
+    assert not (tmp_path / "run" / "score").exists()

@@ -269,6 +269,9 @@ def run_stage(ctx) -> dict:
         raise ValueError("no held-out groups: set data.eval_fraction > 0 or data.eval_path")
     if recipe.eval.max_groups:
         evals = evals[: recipe.eval.max_groups]
+    if distributed.shards_precompute():
+        from ..checks import FSDP_EVAL
+        ctx.events.warning(FSDP_EVAL)
     start = time.time()
     report = {"groups": len(evals), "pairs": sum(len(g.pairs()) for g in evals),
               "dpo": {"beta": recipe.dpo.beta, "w": recipe.dpo.w, "k": recipe.dpo.k, "pairs": recipe.dpo.pairs,

@@ -114,7 +114,8 @@ class RewardScorer:
             resp = response_logp_weight(self.model) > 0
             encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
                                         generated=generated)[0] for _, _, g, c in chunk]
-            rewards, _ = compute_rewards(self.model, self.spec, encoded, self.packed, with_logps=False)
+            rewards, _ = distributed.through_root(self.model, lambda: compute_rewards(
+                self.model, self.spec, encoded, self.packed, with_logps=False))  # FSDP: through the root
             off = 0
             for gi, si, g, _ in chunk:
                 for ri in range(len(g.responses)):
@@ -185,26 +186,46 @@ def groups_per_batch(cfg: RewardConfig, mode: str) -> int:
 
 def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
                      scorer_factory) -> tuple[list[list[dict]], int]:
-    """Fill `store` for every response of `groups`; returns (records per group/response, newly computed)."""
+    """Fill `store` for every response of `groups`; returns (records per group/response, newly computed).
+
+    Under an FSDP2 launch (`distributed.shards_precompute`, modes given / none) the scorer's forwards are
+    collectives: every rank builds the scorer when any rank has something missing, and a rank with no batch
+    left in a round scores a copy of the first group (result discarded), so every rank makes one forward
+    per round."""
     recipe, events = ctx.recipe, ctx.events
     rc = recipe.reward
     fp = reward_fingerprint(recipe.model, ctx.reward_model_dir())
     keys = response_keys(groups, fp, rc, mode, recipe.run.seed)
     scorer = None
 
-    def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
+    def get() -> RewardScorer:
         nonlocal scorer
         scorer = scorer or scorer_factory()
-        scored = scorer.score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
-                                     max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                     seed=recipe.run.seed)
+        return scorer
+
+    def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
+        scored = get().score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                    max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                    seed=recipe.run.seed)
         return [[{"score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode} for sr in g]
                 for g in scored]
 
+    idle = None
+    if distributed.shards_precompute() and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
+        if mode == "generate":
+            raise distributed.RankFailure(FSDP_GENERATE)
+        get()
+        idle = lambda: get().score_groups([groups[0]], mode)  # noqa: E731 - a rank without a batch: dummy forward
     store, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=groups_per_batch(rc, mode),
                                            events=events,
-                                           stop_requested=ctx.stop_requested)
+                                           stop_requested=ctx.stop_requested, idle=idle)
     return [[store.get(k) for k in ks] for ks in keys], computed
+
+
+FSDP_GENERATE = ("reward.critique_mode=generate: the score stage cannot run under an FSDP launch (generating "
+                 "critiques with the weights sharded is not supported); use reward.critique_mode=given (the "
+                 "dataset's critiques) or none, or run `--stages score` without FSDP (one process, or torchrun / "
+                 "recipes/accelerate/ddp.yaml: each GPU holds the whole model) and the other stages under FSDP")
 
 
 def margins_key(group: PreferenceGroup) -> str:
@@ -279,9 +300,20 @@ def run_stage(ctx) -> dict:
     if store.problems:
         events.warning(store.warning("reward cache"), stage="score")
 
+    sharded = distributed.shards_precompute()
+    if sharded and mode == "generate":
+        raise distributed.RankFailure(FSDP_GENERATE)
+    loaded: list[RewardScorer] = []
+
     def factory():
-        return RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
-                                         max_frames=recipe.data.max_frames)
+        if loaded:   # FSDP: one sharded scorer for both parts of mode given
+            return loaded[0]
+        scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
+                                           max_frames=recipe.data.max_frames)
+        if sharded:
+            distributed.shard_frozen(scorer.model, events)
+            loaded.append(scorer)
+        return scorer
 
     if mode == "given":
         with_crit = [g for g in groups if all(r.critique for r in g.responses)]
