@@ -266,7 +266,7 @@ def _shares(recipe, run_dir: Path) -> list[int]:
 def _half_each(run_dir: Path, stage: str) -> None:
     held = [e for e in _events(run_dir) if e["type"] == "log" and e["message"].startswith("FSDP2:")
             and e["stage"] == stage]
-    assert len(held) == 1, [e["message"] for e in _events(run_dir)][-20:]
+    assert len(held) == 1, [e.get("message") for e in _events(run_dir)][-20:]
     held = held[0]["sharded_params"]
     total = held[0]["frozen_total"]
     assert len(held) == 2 and total > 100_000
@@ -300,50 +300,53 @@ def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_
     assert all(one[k]["n_tokens"] == two[k]["n_tokens"] for k in one)
 
 
-def _score_rounds(recipe, run_dir: Path, reward_dir: Path) -> list[tuple[int, int]]:
-    """Per part of the score stage (mode given: groups with critiques, then those without, scored in mode
-    none), the rounds each of 2 ranks has work for (4 groups a batch)."""
+def _score_owners(recipe, run_dir: Path, reward_dir: Path) -> dict[str, int]:
+    """The rank (of 2) owning each response's reward-cache key (mode given: every demo group has critiques)."""
     from mmrlhf_lite.cache.sharded import rank_of
     from mmrlhf_lite.data import prepare_data
     from mmrlhf_lite.events import EventLog
-    from mmrlhf_lite.reward.scorer import groups_per_batch, response_keys, reward_fingerprint
+    from mmrlhf_lite.reward.scorer import response_keys, reward_fingerprint
 
     train, evals = prepare_data(recipe, run_dir, EventLog(None, echo=False))
     groups = train + evals
-    fp = reward_fingerprint(recipe.model, reward_dir)
-    out = []
-    for mode, part in (("given", [g for g in groups if all(r.critique for r in g.responses)]),
-                       ("none", [g for g in groups if not all(r.critique for r in g.responses)])):
-        owners = [rank_of(ks, 2) for ks in response_keys(part, fp, recipe.reward, mode, recipe.run.seed)]
-        per = groups_per_batch(recipe.reward, mode)
-        out.append(tuple(-(-owners.count(r) // per) for r in (0, 1)))
-    return out
+    assert all(r.critique for g in groups for r in g.responses)
+    keys = response_keys(groups, reward_fingerprint(recipe.model, reward_dir), recipe.reward, "given",
+                         recipe.run.seed)
+    return {k: rank_of(ks, 2) for ks in keys for k in ks}
 
 
 def test_fsdp_score_stage_shards_the_reward_model_and_gives_the_single_process_margins(tmp_path):
-    """Mode given (groups without critiques: mode none) with the reward model of a one-process run: 2 ranks
-    under the FSDP2 variables, one of them with more rounds of work than the other (dummy forwards), hold
-    about half the base each and write the one-process margins within fp32 tolerance."""
+    """Mode given with the reward model of a one-process run, under the FSDP2 variables on 2 ranks, rank 0's
+    share already in the cache (it has no batch at all: a dummy forward in every round, in lockstep with
+    rank 1's real ones): each rank holds about half the base, and rank 1's scores, hence every margin,
+    equal the one-process run's within fp32 tolerance."""
     from mmrlhf_lite.recipe import load_recipe
     from mmrlhf_lite.train import run_pipeline
 
     over = COMMON + _per_rank(2) + ["data.demo.groups=14"]
     run_pipeline(load_recipe(None, over + [f"run.dir={tmp_path / 'one'}"]), ["reward", "score"], echo=False)
     recipe = load_recipe(None, over + [f"run.dir={tmp_path / 'fsdp'}", f"reward.model_from={tmp_path / 'one'}"])
-    rounds = _score_rounds(recipe, tmp_path / "fsdp", tmp_path / "one" / "reward" / "final")
-    assert any(a != b for a, b in rounds), rounds
+    owner = _score_owners(recipe, tmp_path / "fsdp", tmp_path / "one" / "reward" / "final")
+    cached = _cache(tmp_path / "one", "reward.jsonl")
+    assert set(owner) == set(cached) and sum(owner.values()) >= 4, owner   # rank 1 has a group or more to score
+    (tmp_path / "fsdp" / "cache").mkdir(parents=True)
+    (tmp_path / "fsdp" / "cache" / "reward.jsonl").write_text(
+        "".join(json.dumps(cached[k]) + "\n" for k, r in owner.items() if r == 0))
     path = tmp_path / "fsdp.yaml"
     recipe.save(path)
     rc, out = _finish(_launch_fsdp(path, "score"), timeout=180)
     assert rc == 0, out[-4000:]
     assert "terminate called" not in out, out[-3000:]
     _half_each(tmp_path / "fsdp", "score")
+    two = _cache(tmp_path / "fsdp", "reward.jsonl")
+    assert two.keys() == cached.keys()
+    diff = max(abs(cached[k]["score"] - two[k]["score"]) for k, r in owner.items() if r == 1)
+    print(f"responses per rank {sum(r == 0 for r in owner.values())}/{sum(owner.values())} (rank 0 cached); "
+          f"max |score diff| FSDP2 vs 1 process: {diff:.3g}")
+    assert diff < 1e-4, diff
     ma = [json.loads(x) for x in (tmp_path / "one" / "score" / "margins.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "fsdp" / "score" / "margins.jsonl").read_text().splitlines()]
     assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb] and len(ma) == 14
-    diff = max(abs(x - y) for a, b in zip(ma, mb) for x, y in zip(a["scores"], b["scores"]))
-    print(f"score rounds per part (rank 0, rank 1): {rounds}; max |score diff| FSDP2 vs 1 process: {diff:.3g}")
-    assert diff < 1e-4, diff
     da = [p["delta"] for m in ma for p in m["pairs"]]
     assert len(da) >= 14 and [p["delta"] for m in mb for p in m["pairs"]] == pytest.approx(da, abs=1e-4)
 
