@@ -181,15 +181,15 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
 
 def _launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
     """The global batch of each training stage under `world` processes (DDP: each process holds a full
-    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run; FSDP2: the training
-    stages hold 1/world of the base each, see the dry run's FSDP2 lines)."""
+    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run; FSDP2: the training and
+    precompute stages hold 1/world of the base each, eval a full copy, see the dry run's FSDP2 lines)."""
     parts = []
     for stage in ("reward", "dpo"):
         t = getattr(recipe, stage).train
         parts.append(f"{stage} {t.groups_per_step} x {t.grad_accum} x {world} = "
                      f"{t.groups_per_step * t.grad_accum * world} groups per optimizer step")
-    how = (f"FSDP2: reward and dpo shard the base over the processes, 1/{world} of it each; score, reference and "
-           "eval hold a full copy each" if fsdp else
+    how = (f"FSDP2: reward, dpo, score and reference shard the base over the processes, 1/{world} of it each; "
+           "eval holds a full copy each" if fsdp else
            "data-parallel; per-GPU memory as in --dry-run, one model copy each")
     return (f"{world} processes ({how}); "
             f"global batch: {'; '.join(parts)}; score/reference/eval shard their groups over the processes")
