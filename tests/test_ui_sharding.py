@@ -156,3 +156,40 @@ def test_estimate_shows_the_dry_runs_fsdp2_lines_when_fsdp2_is_chosen(tmp_path):
     assert "memory per GPU with FSDP2" not in ddp and "2 processes (data-parallel" in ddp
     assert "launch:" not in one and fsdp.rstrip().endswith("plan OK")
     assert "FSDP2 needs Processes of 2 or more" in h.estimate(*values, 1, "fsdp2")
+
+
+def test_a_run_started_with_fsdp2_really_shards_over_two_processes(tmp_path, monkeypatch):
+    """The real launch (torchrun --standalone, 2 processes, gloo on CPU) of a 2-step reward stage on the
+    smallest tiny model: the CLI's ranks read the variables the UI set and say so in the run's events."""
+    import os
+    import signal
+
+    from mmrlhf_lite.recipe import load_recipe
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_distributed import COMMON  # the 2-rank CPU recipe the distributed tests use
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MMRLHF_LITE_DIST_TIMEOUT", "60")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    path = tmp_path / "r.yaml"
+    load_recipe(None, COMMON + ["run.stages=[reward]", "reward.train.groups_per_step=1"]).save(path)
+    run = jobs.start_run(tmp_path / "runs", "fsdp-ui", path.read_text(), processes=2, sharding=jobs.FSDP2)
+    pid = json.loads((run / jobs.JOB_FILE).read_text())["pid"]
+    try:
+        end = time.time() + 240
+        while time.time() < end and jobs.job_state(run).active:
+            time.sleep(0.5)
+        state = jobs.job_state(run)
+        log = (run / jobs.CONSOLE_LOG).read_text()
+        assert state.status == "done", (state, log[-3000:])
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the launcher and its ranks (their own session), if still there
+        except ProcessLookupError:
+            pass
+        jobs.kill_children()
+    infos = [e.get("message", "") for e in json.loads("[" + ",".join(
+        (run / "events.jsonl").read_text().splitlines()) + "]") if e.get("type") == "log"]
+    assert any(m.startswith("2 processes (FSDP2: reward and dpo shard the base") for m in infos), infos
