@@ -4,7 +4,7 @@ Upload the demo data and see its preview; start the tiny recipe and watch its cu
 it finishes; start, stop and resume a second run (a second tab finds the running jobs); score answers in
 the playground; compare runs (numeric axes, lines drawn); ask the policy tab for base and aligned answers
 and export the merged policy (loaded by transformers in a process that cannot import the project); the
-Train form keeps edits. Every request the pages make must go to 127.0.0.1. Screenshots are taken with
+Train form keeps edits; the Sharding choice follows Processes. Every request the pages make must go to 127.0.0.1. Screenshots are taken with
 animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-*.png (one per tab).
 
     python -m pytest -q -m browser tests/test_ui_browser.py

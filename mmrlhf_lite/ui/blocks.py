@@ -21,8 +21,8 @@ from .handlers import JOB_COLUMNS, Handlers, UIConfig, readable
 
 SHARDING_CHOICES = [("none (each GPU holds the model: DDP)", jobs.NO_SHARDING),
                     ("FSDP2 (the base sharded over the GPUs)", jobs.FSDP2)]
-SHARDING_HELP = ("DDP while one GPU holds the whole model (fastest); FSDP2 when it does not: the reward and dpo "
-                 "stages then hold 1/N of the base per GPU (the pre-flight shows both; needs Processes > 1)")
+SHARDING_HELP = ("DDP while one GPU holds the whole model (fastest); FSDP2 when it does not (reward and dpo "
+                 "then hold 1/N of the base per GPU)")
 
 CSS = """
 .mm-progress {display:flex; flex-direction:column; gap:6px}
