@@ -353,7 +353,7 @@ class Handlers:
                 log.warning("run folder %s could not be read", run, exc_info=True)
                 status, done = f"damaged ({type(exc).__name__}: {exc})", []
             launch = jobs.launch_label(*jobs.launch_of(run)) if (run / jobs.JOB_FILE).exists() else "-"
-            rows.append({"run": n, "status": status, "launch": launch, "stages done": ", ".join(done) or "-",
+            rows.append({"run": n, "status": status, "stages done": ", ".join(done) or "-", "launch": launch,
                          "updated": time.strftime("%H:%M:%S", time.localtime(_mtime(run)))})
         return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
@@ -375,8 +375,9 @@ class Handlers:
         status = f"**{html.escape(run_name)}** · status: **{state.status}**"
         if state.pid and state.active:
             status += f" (pid {state.pid})"
-        if (run / jobs.JOB_FILE).exists():
-            status += f" · {jobs.launch_label(*jobs.launch_of(run))}"
+        processes, sharding = jobs.launch_of(run)
+        if processes > 1:  # how it was launched (one process is the plain CLI: nothing to say)
+            status += f" · {jobs.launch_label(processes, sharding)}"
         done_at = next((e for e in reversed(events) if e.get("type") == "run_end"), None)
         if done_at and not state.active:
             status += f" · ended {time.strftime('%H:%M:%S', time.localtime(done_at['time']))}"
@@ -507,7 +508,7 @@ class Handlers:
         return compare.bench_table(self.cfg.runs_root, names)
 
 
-JOB_COLUMNS = ["run", "status", "launch", "stages done", "updated"]  # the Live tab's "All runs" table
+JOB_COLUMNS = ["run", "status", "stages done", "launch", "updated"]  # the Live tab's "All runs" table
 
 
 def _launch_inputs(values: list) -> tuple:
