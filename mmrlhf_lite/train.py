@@ -195,7 +195,7 @@ def _launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
             f"global batch: {'; '.join(parts)}; score/reference/eval shard their groups over the processes")
 
 
-def _fsdp_memory_lines(plan: dict, processes: int) -> list[str]:
+def fsdp_memory_lines(plan: dict, processes: int) -> list[str]:
     """The dry run's per-GPU estimate of the training stages under FSDP2 (memory.fsdp_training_estimate)."""
     from .memory import fsdp_training_estimate
 
@@ -276,7 +276,7 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, proce
         plan["errors"] = list(plan["errors"]) + fsdp_problems(recipe, stages)
     print(format_plan(plan))
     if fsdp:
-        print("\n" + "\n".join(_fsdp_memory_lines(plan, processes)))
+        print("\n" + "\n".join(fsdp_memory_lines(plan, processes)))
     if processes > 1:
         launch = (f"accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes {processes}"
                   if fsdp else f"torchrun --nproc_per_node {processes}")

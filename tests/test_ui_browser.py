@@ -4,7 +4,7 @@ Upload the demo data and see its preview; start the tiny recipe and watch its cu
 it finishes; start, stop and resume a second run (a second tab finds the running jobs); score answers in
 the playground; compare runs (numeric axes, lines drawn); ask the policy tab for base and aligned answers
 and export the merged policy (loaded by transformers in a process that cannot import the project); the
-Train form keeps edits. Every request the pages make must go to 127.0.0.1. Screenshots are taken with
+Train form keeps edits; the Sharding choice follows Processes. Every request the pages make must go to 127.0.0.1. Screenshots are taken with
 animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-*.png (one per tab).
 
     python -m pytest -q -m browser tests/test_ui_browser.py
@@ -532,6 +532,33 @@ def test_train_essentials_presets_and_yaml_beside_start(context, server, tmp_pat
         assert not p.locator(f"#f-data-demo-{key}").is_visible()
     until(p, "#train-yaml textarea", "el.value.includes('demo-data/demo.jsonl') && !el.value.includes('refuse')")
     until(p, "#train-estimate", "el.innerText.includes('data: 18 train / 2 held-out groups')")
+    p.close()
+
+
+def test_sharding_follows_processes_and_fsdp2_shows_its_per_gpu_memory(context, server):
+    """Sharding is off (and "none") with one process, on with two; FSDP2 adds the per-GPU lines of
+    `--dry-run --processes 2 --fsdp` to the pre-flight beside Start, and they go with one process again."""
+    p = context.new_page()
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "2 · Train")
+    pick(p, "recipe", "demo.yaml")
+    until(p, "#train-estimate", "el.innerText.includes('optimizer steps') && el.innerText.includes('memory')",
+          timeout=120_000)
+    radios = "document.querySelectorAll('#sharding input[type=radio]')"
+    until(p, "#sharding", f"{radios}.length == 2 && [...{radios}].every(r => r.disabled)")
+    procs = p.locator("#processes input")
+    procs.fill("2")
+    procs.blur()
+    until(p, "#sharding", f"[...{radios}].every(r => !r.disabled)")
+    until(p, "#train-estimate", "el.innerText.includes('2 processes (data-parallel')")
+    p.locator("#sharding").get_by_text("FSDP2 (the base sharded over the GPUs)").click()
+    until(p, "#train-estimate", "el.innerText.includes('memory per GPU with FSDP2 over 2 GPUs')")
+    assert re.search(r"reward\s+[\d.]+ GiB allocated", text(p, "train-estimate")), text(p, "train-estimate")
+    procs.fill("1")
+    procs.blur()
+    until(p, "#sharding", f"[...{radios}].every(r => r.disabled) && {radios}[0].checked")
+    until(p, "#train-estimate", "!el.innerText.includes('FSDP2') && el.innerText.includes('plan OK')")
     p.close()
 
 

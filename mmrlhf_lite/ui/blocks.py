@@ -16,8 +16,13 @@ import gradio as gr
 import pandas as pd
 
 from ..data.formats import FORMATS
-from . import databrowser, datanav, essentials, evalcard, form, policy, runview
-from .handlers import Handlers, UIConfig, readable
+from . import databrowser, datanav, essentials, evalcard, form, jobs, policy, runview
+from .handlers import JOB_COLUMNS, Handlers, UIConfig, readable
+
+SHARDING_CHOICES = [("none (each GPU holds the model: DDP)", jobs.NO_SHARDING),
+                    ("FSDP2 (the base sharded over the GPUs)", jobs.FSDP2)]
+SHARDING_HELP = ("DDP while one GPU holds the whole model (fastest); FSDP2 when it does not (reward and dpo "
+                 "then hold 1/N of the base per GPU)")
 
 CSS = """
 .mm-progress {display:flex; flex-direction:column; gap:6px}
@@ -83,7 +88,8 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
         app.load(h.load_live, None, [live.run, *live.outputs], api_name=False)
         app.load(h.load_lists, None, [pg.run, pg.cache_run, cmp.runs], api_name=False)
         train.refresh(data.use.click(h.use_data, data.file, [train.data_path, tabs], api_name="use_data"))
-        started = train.start.click(h.start, [train.run_name, *train.form, train.processes], [train.status, tabs, live.run],
+        started = train.start.click(h.start, [train.run_name, *train.form, train.processes, train.sharding],
+                                    [train.status, tabs, live.run],
                                     api_name="start")
         started.then(h.view, live.run, live.outputs, api_name=False)
         started.success(h.remember, [train.recipe, train.run_name, *train.form], [train.loaded, train.load],
@@ -211,6 +217,8 @@ def _train_tab(h: Handlers):
             run_name = gr.Textbox(label="Run name (a new folder under the runs root)", elem_id="run-name", scale=2)
             processes = gr.Number(label="Processes (GPUs; > 1 launches torchrun, docs/distributed.md)", value=1,
                                   precision=0, minimum=1, elem_id="processes", scale=1)
+            sharding = gr.Radio(SHARDING_CHOICES, value=jobs.NO_SHARDING, label="Sharding (with Processes > 1)",
+                                info=SHARDING_HELP, interactive=False, elem_id="sharding", scale=2)
         # the essentials and the pre-flight beside Start; every other setting is folded below
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, elem_id="train-essentials"):
@@ -269,7 +277,7 @@ def _train_tab(h: Handlers):
     # as `refresh` (`change` events would fire once per field on every recipe load: ~90 round trips)
     def refresh(dep):
         return dep.then(h.recipe_yaml, [run_name, *form_inputs], preview, api_name=False,
-                        show_progress="hidden").then(h.estimate, form_inputs, estimate, api_name=False,
+                        show_progress="hidden").then(h.estimate, launch_inputs, estimate, api_name=False,
                                                      show_progress="minimal")
 
     # (a text box's `input` misses text set at once, as by a paste or a browser's autofill: `change` for those)
@@ -278,12 +286,17 @@ def _train_tab(h: Handlers):
 
     gr.on(edited([run_name, *form_inputs]), h.recipe_yaml, [run_name, *form_inputs], preview,
           api_name="recipe_yaml", trigger_mode="always_last", show_progress="hidden")
-    gr.on(edited(form_inputs), h.estimate, form_inputs, estimate, api_name="estimate",
-          trigger_mode="always_last", show_progress="minimal")
+    # sharding only means something over several processes: off (and back to "none") with one
+    processes.change(lambda n: gr.update(interactive=(n or 1) > 1) if (n or 1) > 1 else
+                     gr.update(interactive=False, value=jobs.NO_SHARDING), processes, sharding,
+                     api_name=False, show_progress="hidden")
+    launch_inputs = [*form_inputs, processes, sharding]
+    gr.on([*edited(form_inputs), processes.change, sharding.change], h.estimate, launch_inputs, estimate,
+          api_name="estimate", trigger_mode="always_last", show_progress="minimal")
     for dep in (chosen, loaded_dep, applied, *preset_deps):
         refresh(dep)
     return SimpleNamespace(form=form_inputs, data_path=inputs["data.path"], recipe=recipe_dd, run_name=run_name,
-                           start=start, status=status, loaded=loaded, load=load, processes=processes,
+                           start=start, status=status, loaded=loaded, load=load, processes=processes, sharding=sharding,
                            refresh=refresh)
 
 
@@ -314,7 +327,7 @@ def _live_tab(h: Handlers):
                              type="pil", interactive=False, height=260, elem_id="beta-hist")
         log = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
                          elem_id="run-log")
-        jobs_table = gr.Dataframe(pd.DataFrame(columns=["run", "status", "stages done", "updated"]), label="All runs", elem_id="jobs", interactive=False)
+        jobs_table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="All runs", elem_id="jobs", interactive=False)
         timer = gr.Timer(1.5)
         sig = gr.State(None)
         card_sig = gr.State(None)

@@ -314,8 +314,11 @@ def time_estimate(plan: dict, recipe, runs_root) -> tuple[float | None, dict[str
     return sum(per_stage.values()), per_stage, source
 
 
-def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path) -> str:
-    """The pre-flight beside Start: steps, memory and time for the form as it is (or why it cannot run)."""
+def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path, processes: int = 1,
+                      sharding: str = "none") -> str:
+    """The pre-flight beside Start: steps, memory and time for the form as it is (or why it cannot run).
+    With processes > 1 also the launch (global batch per optimizer step) and, with sharding "fsdp2", the
+    per-GPU memory of the training stages with the base sharded (`--dry-run --processes N --fsdp`)."""
     try:
         plan, recipe, data_warnings = plan_for(values, data_root=data_root, runs_root=runs_root, scratch=scratch)
     except _user_errors() as exc:
@@ -337,6 +340,7 @@ def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path) -> s
         lines.append(f"- memory: peak {_gib(peak['needed_gib'])} ({peak['stage']}){verdict}")
     elif m.get("note"):
         lines.append(f"- memory: {_escape(m['note'])}")
+    lines += _launch_lines(plan, recipe, processes, sharding)
     total, per_stage, source = time_estimate(plan, recipe, runs_root)
     if total is not None:
         parts = ", ".join(f"{s} {_duration(t)}" for s, t in per_stage.items())
@@ -352,6 +356,26 @@ def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path) -> s
         lines.append(f"- **error: {_escape(e)}**")
     lines.append("" if plan["errors"] else "\nplan OK")
     return "\n".join(lines)
+
+
+def _launch_lines(plan: dict, recipe, processes, sharding) -> list[str]:
+    """The launch's lines of the estimate: nothing for one process; the global batch for several; and
+    for FSDP2 the dry run's per-GPU lines (train.fsdp_memory_lines), one item each."""
+    from ..train import _launch_summary, fsdp_memory_lines
+
+    try:
+        processes = int(processes or 1)
+    except (TypeError, ValueError):
+        return [f"- **launch: processes must be a whole number, got {_escape(repr(processes))}**"]
+    if processes <= 1:
+        return ["- launch: 1 process; **FSDP2 needs Processes of 2 or more**"] if sharding == "fsdp2" else []
+    fsdp = sharding == "fsdp2"
+    lines = [f"- launch: {_escape(_launch_summary(recipe, processes, fsdp))}"]
+    if fsdp:
+        head, *rest = fsdp_memory_lines(plan, processes)
+        lines.append(f"- {_escape(head)}")
+        lines += [f"    - {_escape(r.strip())}" for r in rest]
+    return lines
 
 
 def _escape(text: str) -> str:

@@ -271,12 +271,16 @@ class Handlers:
                                        run_name=(run_name or "").strip() or None)
 
     def estimate(self, *values) -> str:
-        """The dry run's numbers for the form as it is, beside Start."""
+        """The dry run's numbers for the form as it is, beside Start (the form's values, then optionally the
+        Train tab's processes and sharding)."""
         t0 = time.time()
+        values = list(values)
+        processes, sharding = _launch_inputs(values)
         try:
-            return essentials.estimate_markdown(list(values), data_root=self.cfg.data_root,
+            return essentials.estimate_markdown(values, data_root=self.cfg.data_root,
                                                 runs_root=self.cfg.runs_root,
-                                                scratch=essentials.scratch_dir(self.cfg.upload_dir))
+                                                scratch=essentials.scratch_dir(self.cfg.upload_dir),
+                                                processes=processes, sharding=sharding)
         except Exception as exc:  # noqa: BLE001 - the estimate never takes the form down
             log.exception("pre-flight estimate failed")
             return f"**Pre-flight: no estimate** ({html.escape(type(exc).__name__)}: {html.escape(str(exc))})"
@@ -286,18 +290,20 @@ class Handlers:
     @readable
     def start(self, run_name: str, *values):
         values = list(values)
-        processes = values.pop() if len(values) > len(form.FIELDS) else 1  # the Train tab's "processes"
+        processes, sharding = _launch_inputs(values)  # the Train tab's "processes" and "sharding"
         try:
             processes = int(processes or 1)
         except (TypeError, ValueError):
             raise Refused(f"processes must be a whole number (one process per GPU), got {processes!r}") from None
+        jobs.check_launch(processes, sharding)
         name = (run_name or "").strip() or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
         run = jobs.run_path(self.cfg.runs_root, name)
         if run.exists():
             raise Refused(f"run '{name}' already exists; pick another name (or Resume it in the live view)")
         text = form.run_recipe(list(values), data_root=self.cfg.data_root, runs_root=self.cfg.runs_root, run_dir=run)
-        jobs.start_run(self.cfg.runs_root, name, text, processes=processes)
-        msg = f"Started **{html.escape(name)}**: following it in the live view."
+        jobs.start_run(self.cfg.runs_root, name, text, processes=processes, sharding=sharding)
+        msg = (f"Started **{html.escape(name)}** ({jobs.launch_label(processes, sharding)}): following it in the "
+               "live view.")
         return msg, gr.update(selected="live"), gr.update(choices=jobs.list_runs(self.cfg.runs_root), value=name)
 
     @readable
@@ -346,9 +352,10 @@ class Handlers:
             except Exception as exc:  # noqa: BLE001 - one damaged folder must not take the table down
                 log.warning("run folder %s could not be read", run, exc_info=True)
                 status, done = f"damaged ({type(exc).__name__}: {exc})", []
-            rows.append({"run": n, "status": status, "stages done": ", ".join(done) or "-",
+            launch = jobs.launch_label(*jobs.launch_of(run)) if (run / jobs.JOB_FILE).exists() else "-"
+            rows.append({"run": n, "status": status, "stages done": ", ".join(done) or "-", "launch": launch,
                          "updated": time.strftime("%H:%M:%S", time.localtime(_mtime(run)))})
-        return pd.DataFrame(rows, columns=["run", "status", "stages done", "updated"])
+        return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
     N_VIEW = 10 + len(runview.CURVES)  # outputs of `view`
 
@@ -368,6 +375,9 @@ class Handlers:
         status = f"**{html.escape(run_name)}** · status: **{state.status}**"
         if state.pid and state.active:
             status += f" (pid {state.pid})"
+        processes, sharding = jobs.launch_of(run)
+        if processes > 1:  # how it was launched (one process is the plain CLI: nothing to say)
+            status += f" · {jobs.launch_label(processes, sharding)}"
         done_at = next((e for e in reversed(events) if e.get("type") == "run_end"), None)
         if done_at and not state.active:
             status += f" · ended {time.strftime('%H:%M:%S', time.localtime(done_at['time']))}"
@@ -421,7 +431,8 @@ class Handlers:
     def resume(self, run_name: str):
         run = jobs.run_path(self.cfg.runs_root, run_name)
         jobs.resume_run(run)
-        return f"Resumed **{html.escape(run_name)}**: finished stages are skipped, training continues from its checkpoint."
+        return (f"Resumed **{html.escape(run_name)}** ({jobs.launch_label(*jobs.launch_of(run))}): finished stages "
+                "are skipped, training continues from its checkpoint.")
 
     # ------------------------------------------------------------------------------------ playground
     def reward_run_choices(self):
@@ -495,6 +506,19 @@ class Handlers:
         if not names:
             raise Refused("pick one or more runs")
         return compare.bench_table(self.cfg.runs_root, names)
+
+
+JOB_COLUMNS = ["run", "status", "stages done", "launch", "updated"]  # the Live tab's "All runs" table
+
+
+def _launch_inputs(values: list) -> tuple:
+    """Pop the Train tab's processes and sharding off the end of a handler's inputs (the form's fields come
+    first; either may be missing: 1 process, no sharding)."""
+    extra = values[len(form.FIELDS):]
+    del values[len(form.FIELDS):]
+    processes = extra[0] if extra else 1
+    sharding = extra[1] if len(extra) > 1 else jobs.NO_SHARDING
+    return processes, sharding or jobs.NO_SHARDING
 
 
 def _same(a, b) -> bool:

@@ -6,8 +6,9 @@ its output to `<run>/console.log`. Its state is never kept in the browser or the
 run's lock file (`RunDir.running_pid`), `ui_job.json` (the pid the UI launched, for the seconds before
 the CLI takes the lock) and `events.jsonl` (run_start / run_end) say whether it runs and how it ended.
 So a reloaded page, a second tab, or a restarted app finds the same jobs. Stop writes the STOP file
-(the trainers checkpoint and exit with code 3); Resume launches the same command again (finished
-stages are skipped, training resumes from its checkpoint).
+(the trainers checkpoint and exit with code 3); Resume launches the same command again, with
+the same processes and sharding (kept in `ui_job.json`; finished stages are skipped, training resumes from its
+checkpoint).
 
     python app.py            # Train tab -> Start / Stop / Resume
 """
@@ -178,54 +179,108 @@ def job_state(run: str | os.PathLike, events: list[dict] | None = None) -> JobSt
 # --------------------------------------------------------------------------------------------------
 # start / stop / resume
 
+NO_SHARDING = "none"
+FSDP2 = "fsdp2"
+SHARDINGS = (NO_SHARDING, FSDP2)
+# what `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` sets; under torchrun the same two
+# variables make the trainers shard the base over the processes (docs/distributed.md)
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
 def launch_command(run: Path, processes: int = 1) -> list[str]:
     """The CLI command of a run; with processes > 1 the same command under torchrun (one node,
-    docs/distributed.md)."""
+    docs/distributed.md). FSDP2 is the same command with `launch_env`'s variables."""
     cli = ["-m", "mmrlhf_lite.train", str(run / RECIPE_FILE), f"run.dir={run}"]
     if processes > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *cli]
     return [sys.executable, *cli]
 
 
-def _processes_of(run: Path) -> int:
-    """The process count of a run's last launch (Resume launches the same command)."""
-    try:
-        return int(json.loads((run / JOB_FILE).read_text()).get("processes", 1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 1
-
-
-def _launch(run: Path, processes: int | None = None) -> int:
-    processes = _processes_of(run) if processes is None else processes
+def check_launch(processes, sharding) -> tuple[int, str]:
+    """(processes, sharding) as a launch takes them, or Refused saying what to change."""
+    if isinstance(processes, bool) or not isinstance(processes, int):
+        raise Refused(f"processes must be a whole number (one process per GPU), got {processes!r}")
     if not 1 <= processes <= 64:
         raise Refused(f"processes must be between 1 and 64 (one per GPU), got {processes}")
+    sharding = NO_SHARDING if sharding in (None, "") else sharding
+    if sharding not in SHARDINGS:
+        raise Refused(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
+    if sharding == FSDP2 and processes < 2:
+        raise Refused("FSDP2 shards the base over the processes: it needs Processes of 2 or more "
+                      "(with one process choose sharding 'none')")
+    return processes, sharding
+
+
+def launch_env(processes: int, sharding: str, base: dict | None = None) -> dict[str, str]:
+    """The job's environment: `base` (default: the app's) with FSDP2's launch variables set for an FSDP2
+    launch and removed otherwise (an app started with them set must not shard a run that did not ask)."""
+    env = dict(os.environ if base is None else base)
+    for key in FSDP2_ENV:
+        env.pop(key, None)
+    if sharding == FSDP2 and processes > 1:
+        env.update(FSDP2_ENV)
+    return env
+
+
+def launch_label(processes: int, sharding: str) -> str:
+    """How a job was launched, as the Live tab and the run list say it: "1 process", "2 processes, DDP",
+    "2 processes, FSDP2"."""
+    if processes <= 1:
+        return "1 process"
+    return f"{processes} processes, {'FSDP2' if sharding == FSDP2 else 'DDP'}"
+
+
+def launch_of(run: Path) -> tuple[int, str]:
+    """(processes, sharding) of a run's last launch (Resume launches the same way); (1, "none") when the
+    run has no launch record (or a damaged one)."""
+    job = _job(run)
+    processes, sharding = job.get("processes", 1), job.get("sharding", NO_SHARDING)
+    try:
+        return check_launch(processes, sharding)
+    except Refused:
+        return 1, NO_SHARDING
+
+
+def _processes_of(run: Path) -> int:
+    """The process count of a run's last launch (Resume launches the same command)."""
+    return launch_of(run)[0]
+
+
+def _launch(run: Path, processes: int | None = None, sharding: str | None = None) -> int:
+    if processes is None:  # Resume: as the last launch
+        processes, sharding = launch_of(run)
+    processes, sharding = check_launch(processes, sharding)
     cmd = launch_command(run, processes)
     RunDir(run).stop_file.unlink(missing_ok=True)  # a stop asked of the previous launch is done with
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = launch_env(processes, sharding, dict(os.environ, PYTHONUNBUFFERED="1"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     for key in [k for k in env if k.startswith("GRADIO_")]:
         env.pop(key)
+    shown = " ".join(f"{k}={v}" for k, v in FSDP2_ENV.items()) + " " if sharding == FSDP2 else ""
     with open(run / CONSOLE_LOG, "a", encoding="utf-8") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {LAUNCH_MARK}{' '.join(cmd)}\n")
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {LAUNCH_MARK}{shown}{' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, cwd=str(PROJECT_ROOT))
     with _children_lock:
         _children[proc.pid] = proc
     write_atomic(run / JOB_FILE, json.dumps({"pid": proc.pid, "started": time.time(), "command": cmd,
-                                             "processes": processes}))
+                                             "processes": processes, "sharding": sharding,
+                                             "env": {k: env[k] for k in FSDP2_ENV if k in env}}))
     return proc.pid
 
 
-def start_run(runs_root: str | os.PathLike, name: str, recipe_yaml: str, processes: int = 1) -> Path:
-    """Create run folder `name`, write the recipe and launch the CLI (under torchrun when processes > 1).
-    Refuses an existing folder."""
+def start_run(runs_root: str | os.PathLike, name: str, recipe_yaml: str, processes: int = 1,
+              sharding: str = NO_SHARDING) -> Path:
+    """Create run folder `name`, write the recipe and launch the CLI (under torchrun when processes > 1;
+    `sharding` "fsdp2": with the base sharded over them by FSDP2). Refuses an existing folder."""
+    check_launch(processes, sharding)
     run = run_path(runs_root, name)
     if run.exists():
         raise Refused(f"run '{name}' already exists; pick another name (or Resume it from the live view)")
     run.mkdir(parents=True)
     write_atomic(run / RECIPE_FILE, recipe_yaml)
-    _launch(run, processes)
+    _launch(run, processes, sharding)
     return run
 
 
