@@ -321,7 +321,7 @@ def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in hf_model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module, decoder_only: bool = False) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, decoder_only: bool = True) -> torch.nn.Module:
     """FSDP2 over every rank: each transformer block is one `fully_shard` unit (gathered when it runs,
     freed after), and the whole `...ForConditionalGeneration` is the root unit holding the rest (embeddings,
     final norm, LM head, vision merger, reward head). The packed forward calls those parts directly, not the
@@ -329,10 +329,11 @@ def shard_model(model: torch.nn.Module, decoder_only: bool = False) -> torch.nn.
     parameters and reduce-scatter their gradients. Gradients are averaged over ranks by FSDP (once), so the
     trainers must not also run `average_gradients`. Returns the root.
 
-    `decoder_only`: only the language model's decoder layers are units; the vision tower stays in the root
-    unit (gathered whole with it). The precompute stages shard so: every forward then makes the same
-    collectives (the root, then each decoder layer once) whatever its media, so ranks whose batches differ
-    (images on one, text only or a video on the other, or a dummy forward) stay in lockstep."""
+    `decoder_only` (what every stage uses): only the language model's decoder layers are units; the vision
+    tower stays in the root unit (gathered whole with it). Every forward then makes the same collectives
+    (the root, then each decoder layer once) whatever its media, so ranks whose batches differ (images on
+    one, text only or a video on the other, or a dummy forward) stay in lockstep; with the vision blocks
+    as units, a rank without images would skip their gathers and the collectives would no longer match."""
     from torch.distributed.fsdp import fully_shard
 
     from .models.loading import unwrap
@@ -362,7 +363,7 @@ def shards_precompute() -> bool:
 
 
 def shard_frozen(model: torch.nn.Module, events, stage: str | None = None) -> list[dict]:
-    """`shard_model(model, decoder_only=True)` for a stage that only runs forwards (score, reference), and
+    """`shard_model(model)` for any stage (reward and dpo before their optimizer exists; score, reference), and
     an `FSDP2:` event with what each rank holds (`sharded_numel`). Collective: every rank calls it."""
     shard_model(model, decoder_only=True)
     held = gather_objects(sharded_numel(model))

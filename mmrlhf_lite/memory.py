@@ -438,24 +438,24 @@ def fits(estimate: Estimate, budget: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # FSDP2 over N GPUs (docs/distributed.md): the training stages' weights and trainable state are sharded
 
-SHARDED_KEYS = ("decoder linears", "decoder linears (nf4)", "vision tower + projector", "LoRA + AdamW",
-                "reward head + AdamW")
-ROOT_KEY = "embeddings, norms, LM head"
+SHARDED_KEYS = ("decoder linears", "decoder linears (nf4)", "LoRA + AdamW", "reward head + AdamW")
+ROOT_KEYS = ("embeddings, norms, LM head", "vision tower + projector")   # the root unit: gathered for a step
 GATHERED_BLOCKS = 2   # the block running and the one prefetched
 
 
 def fsdp_training_estimate(stage: dict, processes: int, layers: int) -> dict:
     """Per-GPU memory of a training stage (a `Estimate.to_dict()`) when FSDP2 shards the base over
-    `processes` GPUs as the trainers do: each transformer block is a unit, gathered only while it runs
-    (about `GATHERED_BLOCKS` decoder blocks at a time); the root unit (embeddings, norms, LM head, vision
-    merger, reward head) stays gathered through the forward and backward, so it counts in full plus its
-    1/N shard. LoRA and AdamW states are sharded too; activations are those of one GPU's micro-batch."""
+    `processes` GPUs as the trainers do: each decoder layer is a unit, gathered only while it runs
+    (about `GATHERED_BLOCKS` decoder blocks at a time); the root unit (embeddings, norms, LM head, the
+    vision tower and merger, reward head) stays gathered through the forward and backward, so it counts in
+    full plus its 1/N shard. LoRA and AdamW states are sharded too; activations are those of one GPU's
+    micro-batch."""
     comps = dict(stage["components_gib"])
     out: dict[str, float] = {}
     for k, v in comps.items():
         if k in SHARDED_KEYS:
             out[k + f" / {processes}"] = v / processes
-        elif k == ROOT_KEY:
+        elif k in ROOT_KEYS:
             out[k + " (gathered)"] = v + v / processes
         else:
             out[k] = v

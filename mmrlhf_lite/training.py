@@ -116,12 +116,9 @@ class GroupTrainer(Trainer):
         self._groups_since_log, self._last_log_time = 0, None
         self.sharded = distributed.sharding() is not None and args.world_size > 1
         if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
-            distributed.shard_model(model)
-            held = distributed.gather_objects(distributed.sharded_numel(model))
-            total = held[0]["frozen_total_bytes"]
-            events.info(f"FSDP2: the base is sharded over {len(held)} ranks; frozen weights held per rank: "
-                        + ", ".join(f"rank {r} {h['frozen_local_bytes'] / 2**20:.2f} MiB" for r, h in enumerate(held))
-                        + f" of {total / 2**20:.2f} MiB", sharded_params=held)
+            # decoder layers only: ranks whose micro-batches differ in media (an image on one, text only or a
+            # video on the other) must make the same collectives, and only the decoder runs on every forward
+            distributed.shard_frozen(model, events)
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and

@@ -152,7 +152,7 @@ def test_estimate_shows_the_dry_runs_fsdp2_lines_when_fsdp2_is_chosen(tmp_path):
         assert line in fsdp, (line, fsdp)
         assert line not in ddp
     launch = next(ln for ln in out.splitlines() if ln.startswith("launch: "))[len("launch: "):]
-    assert f"- launch: {launch}" in fsdp and "FSDP2: reward and dpo shard the base" in fsdp
+    assert f"- launch: {launch}" in fsdp and "FSDP2: reward, dpo, score and reference shard the base" in fsdp
     assert "memory per GPU with FSDP2" not in ddp and "2 processes (data-parallel" in ddp
     assert "launch:" not in one and fsdp.rstrip().endswith("plan OK")
     assert "FSDP2 needs Processes of 2 or more" in h.estimate(*values, 1, "fsdp2")
@@ -192,4 +192,4 @@ def test_a_run_started_with_fsdp2_really_shards_over_two_processes(tmp_path, mon
         jobs.kill_children()
     infos = [e.get("message", "") for e in json.loads("[" + ",".join(
         (run / "events.jsonl").read_text().splitlines()) + "]") if e.get("type") == "log"]
-    assert any(m.startswith("2 processes (FSDP2: reward and dpo shard the base") for m in infos), infos
+    assert any(m.startswith("2 processes (FSDP2: reward, dpo, score and reference shard the base") for m in infos), infos
