@@ -42,7 +42,7 @@ class RoundsResult:
     seconds: float
 
 
-def _world() -> tuple[int, int]:
+def work_split() -> tuple[int, int]:
     """(ranks, this rank) of the work being split: 1 process, or a launch not inside `distributed.alone()`."""
     if distributed.is_distributed():
         return distributed.world_size(), distributed.rank()
@@ -70,7 +70,7 @@ def run_in_rounds(batches: Sequence, work: Callable[[Any], int | None], *, event
     (e.g. `part`) go into the progress and metrics events. `idle()`: run instead of `work` in a round where
     this rank has no batch left (or none at all), so that every rank makes the same calls each round:
     FSDP forwards are collectives (cache/reference.py, reward/scorer.py run a dummy forward there)."""
-    world, me = _world()
+    world, me = work_split()
     mine = {"batches": len(batches), "groups": done + sum(size(b) for b in batches), "done": done, "stop": 0.0,
             "computed_groups": 0, "computed": 0}
     start = last_metrics = time.time()
@@ -123,7 +123,7 @@ def sharded_map(items: Sequence, chunk_size: int, fn: Callable[[list, int], list
     end). Chunk boundaries and seeds (`chunk_seed(seed, index)`) come from the recipe, not from the
     number of ranks, so each chunk is computed alike wherever it runs, and the code that aggregates the
     results is the one-process code."""
-    world, me = _world()
+    world, me = work_split()
     chunk_size = max(1, int(chunk_size))
     chunks = [list(items[s:s + chunk_size]) for s in range(0, len(items), chunk_size)]
     mine = list(range(me, len(chunks), world))

@@ -139,6 +139,9 @@ def test_two_writers_and_a_kill_lose_nothing_duplicate_nothing(tmp_path):
         def progress(self, *a, **k):
             pass
 
+        def metrics(self, *a, **k):
+            pass
+
     fill_missing(groups, store_keys, store, compute, per_batch=8, events=_Quiet())
     missing_before = {str(i) for i in range(50, 150) if f"k{i}" not in keys or f"k{i}b" not in keys}
     assert set(asked) == missing_before

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import distributed
-from ..rounds import run_in_rounds
-from .store import JsonlStore, compute_batch, plan_missing
+from ..rounds import work_split
+from .store import JsonlStore, fill_missing
 
 
 def open_shared_store(path: Path, fields: dict | None = None) -> JsonlStore:
@@ -38,21 +38,15 @@ def rank_of(keys: list[str], world: int) -> int:
 def fill_missing_sharded(groups: Sequence, keys: list[list[str]], store: JsonlStore, compute: Callable, *,
                          per_batch: int, events, stop_requested: Callable[[], bool] = lambda: False,
                          idle: Callable[[], None] | None = None) -> tuple[JsonlStore, int]:
-    """`store.fill_missing` on this rank's share, `per_batch` groups at a time, in rounds with the other
-    ranks (one process: all groups). Returns the store holding every rank's entries (re-read under a
-    launcher) and the number of entries computed by all ranks. A stop request seen by any rank raises
-    StageStopped on every rank after the same round, naming the groups done by all of them. `idle`: what a
-    rank runs in a round it has no batch for (`run_in_rounds`; a dummy forward under FSDP)."""
-    world = distributed.world_size() if distributed.is_distributed() else 1
-    me = distributed.rank() if world > 1 else 0
+    """`store.fill_missing` on this rank's share, in rounds with the other ranks (one process: all groups).
+    Returns the store holding every rank's entries (re-read under a launcher) and the number of entries
+    computed by all ranks. A stop request seen by any rank raises StageStopped on every rank after the
+    same round, naming the groups done by all of them. `idle`: what a rank runs in a round it has no batch
+    for (a dummy forward under FSDP)."""
+    world, me = work_split()
     idx = [i for i, ks in enumerate(keys) if world == 1 or rank_of(ks, world) == me]
-    mine, mine_keys = [groups[i] for i in idx], [keys[i] for i in idx]
-    plan = plan_missing(mine_keys, store)
-    todo = [gi for gi, m in enumerate(plan) if m]
-    batches = [todo[s:s + per_batch] for s in range(0, len(todo), max(1, per_batch))]
-    result = run_in_rounds(batches, lambda batch: compute_batch(mine, mine_keys, plan, batch, store, compute),
-                           done=len(idx) - len(todo), events=events, stop_requested=stop_requested, idle=idle,
-                           stopped=lambda done, total: f"stopped after {done} of {total} groups; the cache keeps them")
+    computed = fill_missing([groups[i] for i in idx], [keys[i] for i in idx], store, compute, per_batch=per_batch,
+                            events=events, stop_requested=stop_requested, idle=idle)
     if world > 1:  # every rank's appends are in the file (each appended before the last round)
         store = JsonlStore(store.path, store.fields)
-    return store, result.computed
+    return store, computed

@@ -347,7 +347,7 @@ def compute_batch(groups: Sequence[PreferenceGroup], keys: list[list[str]], plan
 
 def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store: JsonlStore,
                  compute: Callable[[list[PreferenceGroup]], list[list[dict]]], *, per_batch: int, events,
-                 stop_requested: Callable[[], bool] = lambda: False) -> int:
+                 stop_requested: Callable[[], bool] = lambda: False, idle: Callable[[], None] | None = None) -> int:
     """Compute only the missing entries, `per_batch` groups at a time, and append them as they come.
 
     `compute(subgroups)` gets each group cut down to its missing responses (`PreferenceGroup.subset`) and
@@ -356,19 +356,19 @@ def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store
     content under other ids, or in both splits): the first group that has it computes it, the others
     read the stored entry, and a group whose every key is stored or claimed is not computed at all.
     A stop request between batches raises StageStopped: everything written so far stays. Returns the
-    number of entries computed. (The run's stages use `cache.sharded.fill_missing_sharded`, the same
-    work split over the ranks of a launch.)
+    number of entries computed.
+
+    The batches run through `rounds.run_in_rounds`: in one process a plain loop; on a rank of a launch
+    (`cache.sharded.fill_missing_sharded` passes each rank its share) in lockstep with the other ranks,
+    with their progress, stop and entry counts summed, and `idle()` run in a round this rank has no batch for.
     """
-    from ..events import StageStopped
+    from ..rounds import run_in_rounds
 
     plan = plan_missing(keys, store)
     todo = [gi for gi, mine in enumerate(plan) if mine]
-    total, done, computed = len(groups), len(groups) - len(todo), 0
-    events.progress(done, total, unit="group")
-    for s in range(0, len(todo), per_batch):
-        if stop_requested():
-            raise StageStopped(f"stopped after {done} of {total} groups; the cache keeps them")
-        computed += compute_batch(groups, keys, plan, todo[s:s + per_batch], store, compute)
-        done += len(todo[s:s + per_batch])
-        events.progress(done, total, unit="group")
-    return computed
+    per_batch = max(1, per_batch)
+    batches = [todo[s:s + per_batch] for s in range(0, len(todo), per_batch)]
+    result = run_in_rounds(batches, lambda batch: compute_batch(groups, keys, plan, batch, store, compute),
+                           done=len(groups) - len(todo), events=events, stop_requested=stop_requested, idle=idle,
+                           stopped=lambda done, total: f"stopped after {done} of {total} groups; the cache keeps them")
+    return result.computed

@@ -149,6 +149,9 @@ class _Progress:
             self.bar = tqdm(total=total, desc=self.desc, unit="row", disable=not self.enabled, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
+    def metrics(self, **_) -> None:   # throughput events: the bar shows the rate itself
+        pass
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
