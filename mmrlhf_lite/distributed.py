@@ -321,26 +321,25 @@ def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in hf_model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module, decoder_only: bool = True) -> torch.nn.Module:
-    """FSDP2 over every rank: each transformer block is one `fully_shard` unit (gathered when it runs,
-    freed after), and the whole `...ForConditionalGeneration` is the root unit holding the rest (embeddings,
-    final norm, LM head, vision merger, reward head). The packed forward calls those parts directly, not the
-    root's forward, so `through_root` runs it inside the root's forward: its hooks gather the root's
-    parameters and reduce-scatter their gradients. Gradients are averaged over ranks by FSDP (once), so the
-    trainers must not also run `average_gradients`. Returns the root.
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 over every rank: each decoder layer of the language model is one `fully_shard` unit (gathered
+    when it runs, freed after), and the whole `...ForConditionalGeneration` is the root unit holding the
+    rest (embeddings, final norm, LM head, the vision tower and merger, reward head). The packed forward
+    calls those parts directly, not the root's forward, so `through_root` runs it inside the root's forward:
+    its hooks gather the root's parameters and reduce-scatter their gradients. Gradients are averaged over
+    ranks by FSDP (once), so the trainers must not also run `average_gradients`. Returns the root.
 
-    `decoder_only` (what every stage uses): only the language model's decoder layers are units; the vision
-    tower stays in the root unit (gathered whole with it). Every forward then makes the same collectives
-    (the root, then each decoder layer once) whatever its media, so ranks whose batches differ (images on
-    one, text only or a video on the other, or a dummy forward) stay in lockstep; with the vision blocks
-    as units, a rank without images would skip their gathers and the collectives would no longer match."""
+    The vision blocks are not units of their own: every forward then makes the same collectives (the root,
+    then each decoder layer once) whatever its media, so ranks whose batches differ (images on one, text
+    only or a video on the other, or a dummy forward) stay in lockstep; with the vision blocks as units, a
+    rank without images would skip their gathers and the collectives would no longer match."""
     from torch.distributed.fsdp import fully_shard
 
     from .models.loading import unwrap
 
     hf = unwrap(model)
     units = shard_units(hf)
-    if decoder_only and callable(getattr(hf, "get_decoder", None)):
+    if callable(getattr(hf, "get_decoder", None)):
         inside = {id(m) for m in hf.get_decoder().modules()}
         units = [u for u in units if id(u) in inside]
     if not units:
@@ -356,22 +355,22 @@ def shard_model(model: torch.nn.Module, decoder_only: bool = True) -> torch.nn.M
     return hf
 
 
-def shards_precompute() -> bool:
-    """Whether the precompute stages (score, reference) shard the model they load: an FSDP2 launch of
-    several ranks (not inside `alone()`)."""
-    return sharding() is not None and is_distributed() and world_size() > 1
+def shards_base() -> bool:
+    """Whether the stages shard the model they load (reward and dpo training, score, reference): an FSDP2
+    launch of several ranks (not inside `alone()`)."""
+    return sharding() is not None and is_distributed()
 
 
-def shard_frozen(model: torch.nn.Module, events, stage: str | None = None) -> list[dict]:
-    """`shard_model(model)` for any stage (reward and dpo before their optimizer exists; score, reference), and
-    an `FSDP2:` event with what each rank holds (`sharded_numel`). Collective: every rank calls it."""
-    shard_model(model, decoder_only=True)
+def shard_frozen(model: torch.nn.Module, events) -> list[dict]:
+    """`shard_model(model)` (reward and dpo before their optimizer exists; score, reference), and an
+    `FSDP2:` event with what each rank holds (`sharded_numel`). Collective: every rank calls it."""
+    shard_model(model)
     held = gather_objects(sharded_numel(model))
     total = held[0]["frozen_total_bytes"]
     events.info(f"FSDP2: the base is sharded over {len(held)} ranks (decoder layers; the vision tower is "
                 "gathered with the root); frozen weights held per rank: "
                 + ", ".join(f"rank {r} {h['frozen_local_bytes'] / 2**20:.2f} MiB" for r, h in enumerate(held))
-                + f" of {total / 2**20:.2f} MiB", sharded_params=held, **({"stage": stage} if stage else {}))
+                + f" of {total / 2**20:.2f} MiB", sharded_params=held)
     return held
 
 

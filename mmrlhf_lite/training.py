@@ -114,7 +114,7 @@ class GroupTrainer(Trainer):
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._trainable: list | None = None
         self._groups_since_log, self._last_log_time = 0, None
-        self.sharded = distributed.sharding() is not None and args.world_size > 1
+        self.sharded = distributed.shards_base()
         if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
             # decoder layers only: ranks whose micro-batches differ in media (an image on one, text only or a
             # video on the other) must make the same collectives, and only the decoder runs on every forward

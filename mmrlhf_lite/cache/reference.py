@@ -133,7 +133,7 @@ def _fill(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore) -> int:
     recipe = ctx.recipe
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames)
     loaded: dict = {}
-    sharded = distributed.shards_precompute()
+    sharded = distributed.shards_base()
 
     def load() -> None:
         model, processor = load_model(recipe.model, trainable=False, lora=False)

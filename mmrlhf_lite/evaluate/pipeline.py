@@ -269,7 +269,7 @@ def run_stage(ctx) -> dict:
         raise ValueError("no held-out groups: set data.eval_fraction > 0 or data.eval_path")
     if recipe.eval.max_groups:
         evals = evals[: recipe.eval.max_groups]
-    if distributed.shards_precompute():
+    if distributed.shards_base():
         from ..checks import FSDP_EVAL
         ctx.events.warning(FSDP_EVAL)
     start = time.time()

@@ -188,7 +188,7 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
                      scorer_factory) -> tuple[list[list[dict]], int]:
     """Fill `store` for every response of `groups`; returns (records per group/response, newly computed).
 
-    Under an FSDP2 launch (`distributed.shards_precompute`, modes given / none) the scorer's forwards are
+    Under an FSDP2 launch (`distributed.shards_base`, modes given / none) the scorer's forwards are
     collectives: every rank builds the scorer when any rank has something missing, and a rank with no batch
     left in a round scores a copy of the first group (result discarded), so every rank makes one forward
     per round."""
@@ -211,7 +211,7 @@ def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: Jsonl
                 for g in scored]
 
     idle = None
-    if distributed.shards_precompute() and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
+    if distributed.shards_base() and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
         if mode == "generate":
             raise distributed.RankFailure(FSDP_GENERATE)
         get()
@@ -300,7 +300,7 @@ def run_stage(ctx) -> dict:
     if store.problems:
         events.warning(store.warning("reward cache"), stage="score")
 
-    sharded = distributed.shards_precompute()
+    sharded = distributed.shards_base()
     if sharded and mode == "generate":
         raise distributed.RankFailure(FSDP_GENERATE)
     loaded: list[RewardScorer] = []
