@@ -305,15 +305,14 @@ def run_stage(ctx) -> dict:
         raise distributed.RankFailure(FSDP_GENERATE)
     loaded: list[RewardScorer] = []
 
-    def factory():
-        if loaded:   # FSDP: one sharded scorer for both parts of mode given
-            return loaded[0]
-        scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
-                                           max_frames=recipe.data.max_frames)
-        if sharded:
-            distributed.shard_frozen(scorer.model, events)
+    def factory():   # loaded once, on first need: both parts of mode given share it (sharded under FSDP)
+        if not loaded:
+            scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
+                                               max_frames=recipe.data.max_frames)
+            if sharded:
+                distributed.shard_frozen(scorer.model, events)
             loaded.append(scorer)
-        return scorer
+        return loaded[0]
 
     if mode == "given":
         with_crit = [g for g in groups if all(r.critique for r in g.responses)]
