@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.groups import PreferenceGroup
-from ..models.image_tokens import (IMAGE_COUNTERS, _SizedImage, count_idefics3, count_llava_onevision,  # noqa: F401
+from ..models.image_tokens import (IMAGE_COUNTERS, SizedImage, count_idefics3, count_llava_onevision,  # noqa: F401
                                    count_qwen, image_counter, image_size)
 from ..recipe import Recipe, TrainConfig
 from ..runs import RunDir, cache_dir_of, changed_message
