@@ -5,7 +5,8 @@ The real-size entries restate the public `config.json` hyperparameters of the re
 knowledge of those architectures; nothing is downloaded. Note the vocabularies differ: 151936 for the
 2B (whose LM head is tied to the embeddings), 152064 for both 7B models (untied head).
 
-`tiny` is the same builder at toy size, for the CPU smoke run and the tests.
+`tiny` is the same builder at toy size, for the CPU smoke run and the tests; `cpu` is a ~37M-parameter
+Qwen2-VL layout for the side-by-side on a CPU (bench/cpu.sh), where a step's time is matmul time.
 
     python -c "from bench.configs import SHAPES; print(sorted(SHAPES))"
 """
@@ -70,6 +71,14 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
                        num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False, mrope_section=(4, 2, 2)),
         vision=VisionShape(depth=1, embed_dim=32, num_heads=2, mlp_hidden=64, mlp_gated=False),
         notes="toy size for the CPU smoke run and tests; same builder and code paths as the real shapes",
+    ),
+    Shape(
+        name="cpu", family="qwen2_vl",
+        text=TextShape(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=False, mrope_section=(8, 12, 12)),
+        vision=VisionShape(depth=4, embed_dim=256, num_heads=4, mlp_hidden=4 * 256, mlp_gated=False),
+        notes="CPU side-by-side shape (bench/cpu.sh): Qwen2-VL layout, ~37M parameters, small enough for a 2-core "
+              "CPU and large enough that a training step's time goes to matmuls, not to per-call overhead",
     ),
     Shape(
         name="2b", family="qwen2_vl",

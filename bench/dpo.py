@@ -33,6 +33,10 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _peak(text: str) -> float | str:
+    return text if text == "measure" else float(text)
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -63,7 +67,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", default="auto", choices=("auto", "yes", "no"),
                    help="each measurement in a fresh process (auto: yes on CUDA) for clean memory peaks and "
                         "import order (unsloth must come before transformers)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM bf16 dense)")
+    p.add_argument("--peak-tflops", type=_peak, default=989.0,
+                   help="device peak for MFU (default: H100 SXM bf16 dense), or 'measure': this machine's dense "
+                        "matmul peak, measured in this run (bench/peak.py; a `kind: peak` row)")
+    p.add_argument("--profile", action="store_true",
+                   help="each run profiles one more step after the timed ones (torch.profiler; `profile` in its row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="bench-results.jsonl")
@@ -160,11 +168,20 @@ def main(argv: list[str] | None = None) -> int:
           "build_s": time.time() - t0, "isolate": isolate,
           "args": {k: v for k, v in vars(args).items() if k not in ("child", "child_out")}})
 
+    peak_gflops = None
+    if args.peak_tflops == "measure":
+        from .peak import matmul_peak
+        peak = emit({"kind": "peak", **matmul_peak()})
+        peak_gflops = peak["peak_gflops"]
+        print(f"measured {peak['device']} {peak['dtype']} matmul peak: {peak_gflops:.1f} GFLOP/s "
+              f"({peak['threads']} threads)", flush=True)
+    peak_tflops = peak_gflops / 1e3 if peak_gflops else args.peak_tflops
+
     def spec_for(system: str, batch: int) -> RunSpec:
         return RunSpec(system=system, model=args.model, model_dir=model_dir, batch=batch,
                        image_tokens=args.image_tokens, response_tokens=args.response_tokens,
                        question_tokens=args.question_tokens, k=args.k, steps=args.steps, warmup=args.warmup,
-                       seed=args.seed, peak_tflops=args.peak_tflops, w=args.w)
+                       seed=args.seed, peak_tflops=peak_tflops, w=args.w, profile=args.profile)
 
     def measure(spec) -> dict:
         if isolate:
@@ -195,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"memcap {cap:g} GB {system:14s} {row['status']}: "
                   + (f"max {row['max_batch']} {row['batch_unit']} ({row['pairs_per_step']} pairs/step)"
                      if row["status"] == "ok" else row.get("reason", "")), flush=True)
+    from .summary import side_by_side
+    summary, lines = side_by_side(rows, peak_gflops)
+    emit(summary)
     print(f"results appended to {out} (run_id {run_id})")
+    for line in lines:
+        print(line, flush=True)
     return 0
 
 

@@ -67,8 +67,8 @@ class StepTimer(TrainerCallback):
 
     `first_step_s` is step 1 alone (lazy initialisation, compilation, autotuning land there)."""
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
+    def __init__(self, warmup: int, steps: int | None = None):
+        self.warmup, self.steps = warmup, steps
         self.times: list[float] = []
         self._t0 = 0.0
         self.peak_after_warmup: dict[str, float | None] = {}
@@ -86,7 +86,9 @@ class StepTimer(TrainerCallback):
 
     @property
     def timed(self) -> list[float]:
-        return self.times[self.warmup:]
+        """The timed steps: after the warm-up, up to `steps` of them (a profiled step after them is not timed)."""
+        end = None if self.steps is None else self.warmup + self.steps
+        return self.times[self.warmup:end]
 
     @property
     def first_step_s(self) -> float | None:
@@ -127,3 +129,78 @@ def _dist_version(name: str) -> str | None:
         return version(name)
     except Exception:  # noqa: BLE001
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# where a step's time goes
+
+OP_CATEGORIES = (  # (category, substrings of the profiler's op name), first match wins
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
+    ("4-bit dequantisation", ("bitsandbytes", "dequantize", "bnb")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "gemm", "aten::linear")),
+    ("convolution", ("conv",)),
+    ("softmax / log-softmax", ("softmax",)),
+    ("copies and layout", ("aten::copy_", "aten::to", "aten::contiguous", "aten::clone", "aten::cat", "aten::index",
+                           "aten::gather", "aten::scatter", "aten::fill_", "aten::zero_", "aten::empty")),
+    ("optimizer", ("optimizer", "adam", "_foreach")),
+)
+
+
+def op_category(name: str) -> str:
+    low = name.lower()
+    for category, keys in OP_CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return category
+    return "other (element-wise, norms, autograd bookkeeping)"
+
+
+def profile_summary(prof, wall_s: float, top: int = 12) -> dict[str, Any]:
+    """Self time per op (device time on CUDA, CPU time elsewhere) of one profiled step: the top ops and
+    the share per category (matmul, attention, 4-bit dequantisation, ...). Self times add up to the
+    profiled thread time, so shares are of that sum; `wall_s` is the step's wall time under the profiler."""
+    device = cuda()
+    rows = []
+    for ev in prof.key_averages():
+        t = (getattr(ev, "self_device_time_total", 0) if device else ev.self_cpu_time_total) or 0
+        if t > 0:
+            rows.append((ev.key, t / 1e6, ev.count))
+    total = sum(t for _, t, _ in rows) or 1.0
+    cats: dict[str, float] = {}
+    for name, t, _ in rows:
+        c = op_category(name)
+        cats[c] = cats.get(c, 0.0) + t
+    rows.sort(key=lambda r: -r[1])
+    return {"time_of": "device" if device else "cpu", "profiled_step_wall_s": wall_s, "self_time_s": total,
+            "categories": {c: {"s": t, "share": t / total} for c, t in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": n, "s": t, "share": t / total, "calls": k} for n, t, k in rows[:top]]}
+
+
+def step_callbacks(spec) -> tuple[StepTimer, "StepProfiler | None"]:
+    """The step timer of a `RunSpec` (warm-up, then `spec.steps` timed steps) and, with `spec.profile`, a
+    profiler over one more step after the timed ones."""
+    timer = StepTimer(spec.warmup, spec.steps)
+    return timer, (StepProfiler(spec.warmup + spec.steps) if spec.profile else None)
+
+
+class StepProfiler(TrainerCallback):
+    """`torch.profiler` over one optimizer step (`step`, 0-based), summarised by `profile_summary`."""
+
+    def __init__(self, step: int):
+        self.step, self._seen, self._prof, self._t0 = step, 0, None, 0.0
+        self.summary: dict[str, Any] | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._seen == self.step:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+            self._t0 = now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._prof is not None:
+            wall = now() - self._t0
+            self._prof.__exit__(None, None, None)
+            self.summary = profile_summary(self._prof, wall)
+            self._prof = None
+        self._seen += 1

@@ -10,8 +10,9 @@ Systems
     ours-vcache     packed, and the frozen vision tower's output kept from the reference pass (training never
                     runs the vision encoder; `prefix_embeddings` / `packed_forward_embedded`)
     ours-unsloth    packed, Unsloth FastVisionModel backend (CUDA + unsloth only)
-    trl             TRL DPOTrainer + bitsandbytes + peft (CUDA only: its fused LM head is a Triton kernel)
-    unsloth-trl     Unsloth FastVisionModel + TRL DPOTrainer (CUDA only)
+    trl             TRL DPOTrainer + bitsandbytes + peft (CPU too: TRL 1.16's chunked log-prob kernel uses Triton
+                    on CUDA only and a plain PyTorch path elsewhere)
+    unsloth-trl     Unsloth FastVisionModel + TRL DPOTrainer (CUDA only: FastVisionModel is CUDA only)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .data import make_groups
-from .measure import GIB, StepTimer, cuda, median, now, peak_memory, reset_peak
+from .measure import GIB, cuda, median, now, peak_memory, reset_peak, step_callbacks
 from .spec import (BETA, LEARNING_RATE, LORA_ALPHA, LORA_R, OURS, SYSTEMS, TRL_SYSTEMS, RunSpec, group_tokens, is_oom,
                    result_row, skipped, throughput_fields)
 
@@ -155,7 +156,7 @@ def run_ours(spec: RunSpec, *, packed: bool, backend: str, vision_cache: bool, l
     info = model.mmrlhf
     family = info.family
     encoder = GroupEncoder(processor, family, max_length=1 << 20)
-    n_steps = spec.warmup + spec.steps
+    n_steps = spec.warmup + spec.steps + int(spec.profile)
     groups = make_groups(processor.tokenizer, spec.synthetic(), spec.batch * n_steps)
 
     reference, cache, ref_times, encode_times = _reference_pass(model, family, encoder, groups, spec.batch, packed,
@@ -176,8 +177,10 @@ def run_ours(spec: RunSpec, *, packed: bool, backend: str, vision_cache: bool, l
             trainer = _vision_cached_trainer_class()(model, args, prefix_cache=cache, **kwargs)
         else:
             trainer = DpoTrainer(model, args, **kwargs)
-        timer = StepTimer(spec.warmup)
-        trainer.add_callback(timer)
+        timer, profiler = step_callbacks(spec)
+        for cb in (timer, profiler):
+            if cb is not None:
+                trainer.add_callback(cb)
         result = trainer.train()
     step_s = median(timer.timed)
     ref_s = median(ref_times[1:] or ref_times)
@@ -188,4 +191,4 @@ def run_ours(spec: RunSpec, *, packed: bool, backend: str, vision_cache: bool, l
                 load_s=load_s, first_step_s=timer.first_step_s, step_s_median=step_s, step_s=timer.timed,
                 warmup_step_s=timer.times[:spec.warmup], reference_s_per_step=ref_s, reference_s=ref_times,
                 encode_s_per_step=median(encode_times), train_loss=result.training_loss,
-                **timer.peak_after_warmup, **fields)
+                **timer.peak_after_warmup, **fields, **({"profile": profiler.summary} if profiler else {}))

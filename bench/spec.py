@@ -44,6 +44,7 @@ class RunSpec:
     mem_cap_gb: float | None = None
     peak_tflops: float = F.H100_SXM_BF16_DENSE_TFLOPS
     w: float = 0.1                # MM-DPO dynamic beta weight (ours); 0 = plain DPO
+    profile: bool = False         # one more step after the timed ones, under torch.profiler (not timed)
 
     def synthetic(self) -> SyntheticSpec:
         return SyntheticSpec(image_tokens=self.image_tokens, k=self.k, response_tokens=self.response_tokens,

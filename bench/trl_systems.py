@@ -1,18 +1,21 @@
-"""The baselines: TRL 1.15 DPOTrainer on vision preference pairs, with bitsandbytes + peft or with Unsloth.
+"""The baselines: TRL's DPOTrainer on vision preference pairs, with bitsandbytes + peft or with Unsloth.
 
-Written against TRL 1.15's DPOTrainer / DPOConfig (read from its source, not run here: no CUDA in the
-session that wrote it). The settings are the issue's table: nf4 + double quant, bf16 compute, LoRA r=16
-(alpha 32, no dropout) on the language model's q/k/v/o/gate/up/down, gradient checkpointing, beta 0.1,
-sigmoid loss, the reference log-probs from the same model with the adapter disabled (TRL cannot
-precompute them for vision data, so it runs that forward every step), `max_length=None` (TRL's default
-1024 would cut through image tokens at 1024 image tokens per prompt).
+Written against TRL 1.15/1.16's DPOTrainer / DPOConfig. TRL 1.16.0 (requirements-dev.txt) runs here on
+CPU: its chunked log-prob kernel uses Triton on CUDA/XPU only and a plain PyTorch path elsewhere
+(`trl/kernels/chunked_logprob.py`). On a GPU, Unsloth 2026.10.9 caps trl at 1.15, so each row names the
+TRL version it ran (`trl`). The settings are the issue's table: nf4 + double quant, LoRA r=16 (alpha 32,
+no dropout) on the language model's q/k/v/o/gate/up/down, gradient checkpointing, beta 0.1, sigmoid loss,
+the reference log-probs from the same model with the adapter disabled (TRL cannot precompute them for
+vision data, so it runs that forward every step), `max_length=None` (TRL's default 1024 would cut through
+image tokens at 1024 image tokens per prompt). Compute dtype: bfloat16 on CUDA, float32 elsewhere, as
+our loader's `auto` resolves (`compute_dtype`), so every system computes in the same dtype.
 
 Data: TRL's standard (non-conversational) vision rows, one per ranked pair of each synthetic group:
 `images`, `prompt` (rendered with the model's chat template), `chosen`, `rejected` (text + end of turn),
 which its `DataCollatorForVisionPreference` tokenises into the same tokens our encoder makes
 (bench/gate.py checks this on whatever machine has TRL importable).
 
-Skipped, with the reason recorded, where CUDA or the packages are missing.
+Skipped, with the reason recorded, where the packages are missing (and Unsloth + TRL off CUDA).
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ import tempfile
 import torch
 
 from .data import trl_pair_rows
-from .measure import StepTimer, cuda, median, now, reset_peak
+from .measure import cuda, median, now, reset_peak, step_callbacks
 
-TRL_VERSION_TESTED = "1.15.0"
+
+def compute_dtype() -> str:
+    """The dtype every system computes in: bfloat16 on CUDA, float32 elsewhere (our loader's `auto`)."""
+    return "bfloat16" if cuda() else "float32"
 
 
 def lora_target_regex(family) -> str:
@@ -97,10 +103,8 @@ def build_trainer(spec, model_dir: str, family, processor, rows, out_dir: str, *
 def run_trl(spec, *, unsloth: bool, layout: str) -> dict:
     from .spec import group_tokens, result_row, skipped, throughput_fields
 
-    name = "Unsloth + TRL" if unsloth else "TRL"
-    if not cuda():
-        return skipped(spec, f"{name} needs CUDA: TRL's DPOTrainer computes log-probs with a Triton kernel "
-                             "(fused LM head) and Unsloth's FastVisionModel is CUDA only")
+    if unsloth and not cuda():
+        return skipped(spec, "Unsloth + TRL needs CUDA: Unsloth's FastVisionModel is CUDA only")
     if unsloth:
         try:
             import unsloth  # noqa: F401 - must be imported before transformers/trl to patch them
@@ -120,25 +124,28 @@ def run_trl(spec, *, unsloth: bool, layout: str) -> dict:
     family = detect_family(spec.model_dir)
     processor = load_processor(spec.model_dir, family)
     encoder = GroupEncoder(processor, family, max_length=1 << 20)
-    n_steps = spec.warmup + spec.steps
+    n_steps = spec.warmup + spec.steps + int(spec.profile)
     n_pairs = spec.batch * n_steps
     pairs_per_group = spec.k * (spec.k - 1) // 2
     groups = make_groups(processor.tokenizer, spec.synthetic(), math.ceil(n_pairs / pairs_per_group))
     rows = trl_pair_rows(groups, encoder)[:n_pairs]
     tokens = group_tokens([encoder.encode_policy(g) for g in groups[:2]])
-    timer = StepTimer(spec.warmup)
+    timer, profiler = step_callbacks(spec)
     reset_peak()
+    dtype = compute_dtype()
     with tempfile.TemporaryDirectory(prefix="mmrlhf-bench-trl-") as tmp:
         t0 = now()
         trainer = build_trainer(spec, spec.model_dir, family, processor, rows, tmp, unsloth=unsloth,
-                                n_steps=n_steps, callbacks=[timer])
+                                n_steps=n_steps, callbacks=[cb for cb in (timer, profiler) if cb], bf16=dtype == "bfloat16", dtype=dtype)
         load_s = now() - t0
         result = trainer.train()
     step_s = median(timer.timed)
     fields = throughput_fields(spec, layout, tokens, float(spec.batch), step_s)
-    return result_row(spec, "ok", backend="unsloth" if unsloth else "transformers", device=torch.cuda.get_device_name(0),
-                dtype="bfloat16", trl=trl.__version__, trl_version_tested=TRL_VERSION_TESTED, load_s=load_s,
+    return result_row(spec, "ok", backend="unsloth" if unsloth else "transformers",
+                device=torch.cuda.get_device_name(0) if cuda() else "cpu", dtype=dtype, trl=trl.__version__,
+                load_s=load_s,
                 first_step_s=timer.first_step_s, step_s_median=step_s, step_s=timer.timed,
                 warmup_step_s=timer.times[:spec.warmup], reference_s_per_step=0.0,
                 reference_note="TRL runs the reference forward inside every step (adapter disabled)",
-                train_loss=result.training_loss, **timer.peak_after_warmup, **fields)
+                train_loss=result.training_loss, **timer.peak_after_warmup, **fields,
+                **({"profile": profiler.summary} if profiler else {}))

@@ -138,25 +138,30 @@ def smoke(bench_model, tmp_path_factory) -> tuple[list[dict], Path]:
 def test_harness_rows(smoke):
     rows, _ = smoke
     kinds = [r["kind"] for r in rows]
-    assert kinds == ["env", "gate"] + ["run"] * 6 + ["memcap"] * 6
+    assert kinds == ["env", "gate"] + ["run"] * 6 + ["memcap"] * 6 + ["summary"]
     assert len({r["run_id"] for r in rows}) == 1 and all(r["schema"] == 1 for r in rows)
     env = rows[0]
     assert env["env"]["device"] == "cpu" and env["env"]["torch"] == torch.__version__
     assert env["command"].startswith("python -m bench.dpo --model tiny")
     runs = {r["system"]: r for r in rows if r["kind"] == "run"}
-    for system in ("ours", "ours-unpacked", "ours-vcache"):
+    for system in ("ours", "ours-unpacked", "ours-vcache", "trl"):
         r = runs[system]
         assert r["status"] == "ok", r.get("reason")
         assert len(r["step_s"]) == 2 and len(r["warmup_step_s"]) == 1
-        assert r["step_s_median"] > 0 and r["reference_s_per_step"] > 0 and r["first_step_s"] > 0
-        assert r["pairs_per_step"] == 6
-        # throughput counts the reference pass: pairs / (median step + median reference batch)
-        assert r["pairs_per_s"] == pytest.approx(6 / (r["step_s_median"] + r["reference_s_per_step"]))
+        assert r["step_s_median"] > 0 and r["first_step_s"] > 0 and r["dtype"] == "float32"
+        if system == "trl":   # TRL runs its reference forward inside each step; its batch is in pairs
+            assert r["reference_s_per_step"] == 0 and r["pairs_per_step"] == 1 and r["trl"] == trl_version()
+            assert r["pairs_per_s"] == pytest.approx(1 / r["step_s_median"])
+        else:
+            assert r["reference_s_per_step"] > 0 and r["pairs_per_step"] == 6
+            # throughput counts the reference pass: pairs / (median step + median reference batch)
+            assert r["pairs_per_s"] == pytest.approx(6 / (r["step_s_median"] + r["reference_s_per_step"]))
         assert r["unique_tokens_per_s"] == pytest.approx(r["pairs_per_s"] * r["unique_tokens_per_pair"])
         assert r["mfu"] == pytest.approx(r["pairs_per_s"] * r["useful_tflop_per_pair"] / 989.0)
         assert r["peak_allocated_gib"] is None and r["peak_rss_gib"] > 0   # no CUDA counters on CPU
         assert torch.isfinite(torch.tensor(r["train_loss"]))
     assert runs["ours"]["layout"] == "packed" and runs["ours-unpacked"]["layout"] == "unpacked"
+    assert runs["trl"]["layout"] == "pairs" and runs["trl"]["prompt_tokens_mean"] == runs["ours"]["prompt_tokens_mean"]
     assert runs["ours-unpacked"]["executed_tflop_per_pair"] > runs["ours"]["executed_tflop_per_pair"] \
         > runs["ours-vcache"]["executed_tflop_per_pair"] == runs["ours"]["useful_tflop_per_pair"]
     # the same synthetic groups everywhere: same prompt and response lengths
@@ -165,11 +170,13 @@ def test_harness_rows(smoke):
 
 
 def test_unavailable_systems_are_recorded_as_skipped(smoke):
-    """No CUDA: TRL, Unsloth + TRL, our Unsloth backend and the memory caps are skipped with a reason and
-    carry no numbers."""
+    """No CUDA: Unsloth + TRL, our Unsloth backend and the memory caps are skipped with a reason and carry
+    no numbers (TRL itself runs on CPU)."""
     rows, _ = smoke
+    assert {r["system"] for r in rows if r["kind"] == "run" and r["status"] == "skipped"} == {"unsloth-trl",
+                                                                                             "ours-unsloth"}
     for r in rows:
-        if r["kind"] == "run" and r["system"] in ("trl", "unsloth-trl", "ours-unsloth"):
+        if r["kind"] == "run" and r["system"] in ("unsloth-trl", "ours-unsloth"):
             assert r["status"] == "skipped" and "CUDA" in r["reason"]
             assert "pairs_per_s" not in r and "step_s_median" not in r
         if r["kind"] == "memcap":
@@ -185,7 +192,28 @@ def test_gate_passes_on_cpu(smoke):
     assert ind["status"] == "ok" and ind["passed"]
     assert ind["max_abs_diff_policy_logp"] < 2e-3 and ind["max_abs_diff_pair_loss"] < 1e-4
     assert ind["policy_vs_reference_max_abs"] > 1e-3     # the adapter is not zero: a real comparison
-    assert checks["trl_trainer"]["status"] == "skipped"  # CUDA only
+    # TRL's own DPOTrainer on CPU (its chunked log-prob kernel has a plain PyTorch path off CUDA)
+    trainer = checks["trl_trainer"]
+    assert trainer["status"] == "ok" and trainer["passed"] and gate["skipped"] == []
+    assert trainer["max_abs_diff_pair_loss"] < 1e-4 and trainer["abs_diff_mean_loss_vs_trainer_compute_loss"] < 1e-4
+    assert trainer["max_abs_diff_policy_chosen_logp"] < 2e-3 and trainer["max_abs_diff_reference_rejected_logp"] < 2e-3
+
+
+def test_summary_of_the_smoke_run(smoke):
+    """The run ends with a `summary` row: each system's best batch, ours over TRL, the FLOP model's ratio."""
+    rows, _ = smoke
+    summary = rows[-1]
+    assert summary["kind"] == "summary"
+    runs = {r["system"]: r for r in rows if r["kind"] == "run"}
+    assert summary["ratio"] == pytest.approx(runs["ours"]["pairs_per_s"] / runs["trl"]["pairs_per_s"])
+    assert summary["flop_model_ratio"] == pytest.approx(runs["trl"]["executed_tflop_per_pair"]
+                                                        / runs["ours"]["executed_tflop_per_pair"])
+    assert set(summary["systems"]) == {"ours", "ours-unpacked", "ours-vcache", "trl"}
+
+
+def trl_version() -> str:
+    from importlib.metadata import version
+    return version("trl")
 
 
 def test_chart_from_the_smoke_run(smoke, tmp_path):
@@ -210,6 +238,84 @@ def test_committed_cpu_smoke_result_and_chart(tmp_path):
     assert any(r["kind"] == "run" and r["status"] == "ok" for r in rows)
     assert (REPO / "docs" / "bench-cpu-tiny-smoke.png").stat().st_size > 10_000
     assert draw(select_run(rows), tmp_path / "c.png").exists()
+
+
+def test_cpu_side_by_side_script_tiny(tmp_path):
+    """`bash bench/cpu.sh --tiny`: the CPU side-by-side harness on the tiny shape (one process, one timed
+    step): both systems produce rows, a profile and the measured peak are in the run, and the last line is
+    the ratio line in its exact form."""
+    import os
+    import subprocess
+
+    from bench.summary import RATIO_LINE
+
+    out = tmp_path / "side.jsonl"
+    env = {**os.environ, "BENCH_OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "cpu.sh"), "--tiny"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = RATIO_LINE.match(last)
+    assert m, last
+    assert m.group(2) == "tiny: 4 image tokens, K=4, ~12-token responses"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    runs = {r["system"]: r for r in rows if r["kind"] == "run"}
+    assert set(runs) == {"ours", "trl"} and all(r["status"] == "ok" for r in runs.values())
+    assert float(m.group(1)) == pytest.approx(runs["ours"]["pairs_per_s"] / runs["trl"]["pairs_per_s"], abs=0.006)
+    peak = next(r for r in rows if r["kind"] == "peak")
+    assert peak["peak_gflops"] == max(peak["by_size"].values()) > 0 and peak["dtype"] == "float32"
+    for r in runs.values():
+        assert r["peak_tflops"] == pytest.approx(peak["peak_gflops"] / 1e3)   # MFU against the measured peak
+        prof = r["profile"]
+        assert prof["time_of"] == "cpu" and prof["categories"]["matmul"]["share"] > 0.05
+        assert sum(c["share"] for c in prof["categories"].values()) == pytest.approx(1.0)
+        assert len(r["step_s"]) == 1      # the profiled step is not timed
+
+
+def _fake_run(system, batch, pairs_per_s, executed, useful=1.0, **extra):
+    return {"kind": "run", "system": system, "status": "ok", "batch": batch, "batch_unit": "groups",
+            "pairs_per_s": pairs_per_s, "executed_tflop_per_pair": executed, "useful_tflop_per_pair": useful,
+            "model": "cpu", "image_tokens_target": 256, "k": 4, "response_tokens_target": 64, **extra}
+
+
+def test_side_by_side_summary_by_hand():
+    """Best batch per system, ratio, FLOP-model ratio and shares of the peak, worked by hand: ours best at
+    batch 2 (4.0 pairs/s), TRL best at 4 pairs (0.5): 8.00x; TRL executes 9 / 1.1 = 8.18x ours' FLOPs;
+    ours executes 4.0 * 1.1 TFLOP/s = 4400 GFLOP/s of a 10000 peak (44%), useful 4000 (MFU 40%)."""
+    from bench.summary import RATIO_LINE, side_by_side
+
+    rows = [_fake_run("ours", 1, 3.0, 1.1), _fake_run("ours", 2, 4.0, 1.1),
+            _fake_run("trl", 2, 0.4, 9.0), _fake_run("trl", 4, 0.5, 9.0),
+            {**_fake_run("trl", 8, 9.9, 9.0), "status": "oom"}]
+    summary, lines = side_by_side(rows, peak_gflops=10_000.0)
+    assert lines[-1] == "ours/trl pairs/s = 8.00x at cpu: 256 image tokens, K=4, ~64-token responses"
+    assert RATIO_LINE.match(lines[-1])
+    assert summary["ratio"] == pytest.approx(8.0) and summary["flop_model_ratio"] == pytest.approx(9 / 1.1)
+    ours = summary["systems"]["ours"]
+    assert ours["batch"] == 2 and ours["executed_share_of_peak"] == pytest.approx(0.44)
+    assert ours["mfu_measured_peak"] == pytest.approx(0.40) and summary["systems"]["trl"]["batch"] == 4
+    summary, lines = side_by_side([_fake_run("ours", 1, 3.0, 1.1), {**_fake_run("trl", 2, 0, 9.0),
+                                                                    "status": "skipped", "reason": "no trl"}])
+    assert summary["ratio"] is None and lines[-1].startswith("ours/trl pairs/s: not measured (trl: skipped")
+
+
+def test_profile_summary_categories():
+    """A profiled matmul lands in `matmul`, a softmax in its own category; shares add up to 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.measure import op_category, profile_summary
+
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            torch.mm(a, a).softmax(-1)
+    summary = profile_summary(prof, wall_s=1.0)
+    assert {"matmul", "softmax / log-softmax"} <= set(summary["categories"])
+    assert sum(c["share"] for c in summary["categories"].values()) == pytest.approx(1.0)
+    assert summary["top_ops"][0]["s"] >= summary["top_ops"][-1]["s"]
+    assert op_category("aten::addmm") == "matmul"
+    assert op_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert op_category("bitsandbytes::dequantize_4bit") == "4-bit dequantisation"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,3 +415,4 @@ def test_vision_cache_refuses_when_not_valid():
     model, spec, groups, _ = _vision_cache_case("qwen3_vl")
     with pytest.raises(MediaNotCacheable, match="deepstack"):
         prefix_embeddings(model, spec, groups)
+
