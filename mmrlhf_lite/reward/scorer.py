@@ -1,7 +1,8 @@
 """Scoring with the critique reward model (stage `score`, and a Python API for the UI and notebooks).
 
 For each response: generate a critique (greedy; `n_samples > 1` samples several and averages their
-scores), append it, score once (`generate`); or use the dataset's critique (`given`); or score without
+scores), append it, score once (`generate`; the group's prompt and image are run once for its K x n
+critiques and its scoring pass: `prompt_embeddings`, `generation.generate_branches`); or use the dataset's critique (`given`); or score without
 one (`none`). Results go to the reward cache (`<cache>/reward.jsonl`), keyed by content, written as
 they are produced; `<run>/score/margins.jsonl` then lists, per group, the scores and every pair's
 margin delta = r(better) - r(worse) that MM-DPO's dynamic beta uses.
@@ -11,6 +12,7 @@ margin delta = r(better) - r(worse) that MM-DPO's dynamic beta uses.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,9 +24,11 @@ from ..cache.sharded import fill_missing_sharded, open_shared_store
 from ..cache.store import JsonlStore, content_key, directory_fingerprint, group_content, model_fingerprint
 from ..data.groups import PreferenceGroup, Response, text_to_turn
 from ..models.encoding import GroupEncoder
-from ..models.generation import generate_after
+from ..models.generation import SharedPrefix, generate_after, generate_branches
 from ..models.loading import load_model
 from ..models.logprobs import use_packing
+from ..models.packing import EncodedGroup
+from ..models.vision_cache import MediaNotCacheable, prefix_embeddings
 from ..recipe import ModelConfig, RewardConfig
 from ..runs import write_atomic
 from .prompt import TEMPLATE_VERSION, CritiqueEncoder
@@ -46,10 +50,14 @@ class RewardScorer:
     """A loaded critique reward model that scores groups in any critique mode."""
 
     def __init__(self, model, processor, *, max_length: int = 4096, max_frames: int = 8, packing: str = "auto",
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", share_prompt: bool = True):
         self.model, self.processor = model, processor
         self.spec = model.mmrlhf.family
         self.packed = use_packing(self.spec, packing, attn_implementation)
+        # mode generate: one vision pass and one prompt prefill per group for its K x n critiques and its
+        # scores (where groups are packed); False: one row per critique (the fallback, and the bench's baseline)
+        self.share_prompt = share_prompt
+        self.last_generate_s = 0.0
         self.encoder = GroupEncoder(processor, self.spec, max_length=max_length, max_frames=max_frames)
         self.crit = CritiqueEncoder(self.encoder)
         model.eval()
@@ -68,20 +76,48 @@ class RewardScorer:
         return cls(model, processor, max_length=max_length, max_frames=max_frames, packing=model_cfg.packing,
                    attn_implementation=model_cfg.attn_implementation)
 
+    # ----- the prompt's vision work, once per group
+    def prompt_embeddings(self, groups: Sequence[PreferenceGroup]) -> list[torch.Tensor] | None:
+        """Each group's critique prompt as decoder input embeddings (vision tower + projector run once,
+        `vision_cache.prefix_embeddings`): the K (x n_samples) critique branches and the scoring pass start
+        from them. None where they cannot be reused: unpacked scoring, or a family that feeds vision
+        features to the decoder some other way (`MediaNotCacheable`, e.g. Qwen3-VL's DeepStack)."""
+        if not (self.packed and self.share_prompt):
+            return None
+        encoded = [EncodedGroup(prefix=self.crit.generation_inputs(g)[0], branches=[], group_id=g.id)
+                   for g in groups]
+        try:
+            return prefix_embeddings(self.model, self.spec, encoded)
+        except MediaNotCacheable:
+            return None
+
     # ----- critiques
     def generate_critiques(self, groups: Sequence[PreferenceGroup], *, n_samples: int = 1, temperature: float = 0.7,
-                           max_new_tokens: int = 96, batch_size: int = 8, seed: int = 0) -> list[list[list[str]]]:
-        """critiques[g][r][s] for group g, response r, sample s."""
-        prompts, index = [], []
-        for gi, g in enumerate(groups):
-            prefix, contexts = self.crit.generation_inputs(g)
-            for ri, ctx in enumerate(contexts):
-                for si in range(n_samples):
-                    prompts.append((prefix, ctx))
-                    index.append((gi, ri, si))
-        texts = generate_after(self.model, self.spec, self.processor, prompts, end_of_turn=self.encoder.end_of_turn,
-                               max_new_tokens=max_new_tokens, do_sample=n_samples > 1, temperature=temperature,
-                               batch_size=batch_size, seed=seed, return_ids=True)
+                           max_new_tokens: int = 96, batch_size: int = 8, seed: int = 0,
+                           shared_prefix: bool | None = None,
+                           prompt_embeds: list[torch.Tensor] | None = None) -> list[list[list[str]]]:
+        """critiques[g][r][s] for group g, response r, sample s.
+
+        `shared_prefix` (default: `share_prompt`, where groups are packed): the group's prompt is run once and its K x n
+        critique branches are decoded from its key/value states (`generation.generate_branches`), starting
+        from `prompt_embeds` when given (the vision tower then does not run here); False: one full row per
+        critique through `generate` (`generation.generate_after`), prompt and image repeated per row."""
+        inputs = [self.crit.generation_inputs(g) for g in groups]
+        index = [(gi, ri, si) for gi, (_, contexts) in enumerate(inputs) for ri in range(len(contexts))
+                 for si in range(n_samples)]
+        common = dict(end_of_turn=self.encoder.end_of_turn, max_new_tokens=max_new_tokens, do_sample=n_samples > 1,
+                      temperature=temperature, batch_size=batch_size, seed=seed)
+        start = time.perf_counter()
+        if (self.packed and self.share_prompt) if shared_prefix is None else shared_prefix:
+            items = [SharedPrefix(prefix, [c for c in contexts for _ in range(n_samples)],
+                                  prompt_embeds[gi] if prompt_embeds is not None else None)
+                     for gi, (prefix, contexts) in enumerate(inputs)]
+            texts = [t for per_item in generate_branches(self.model, self.spec, self.processor, items, **common)
+                     for t in per_item]
+        else:
+            prompts = [(inputs[gi][0], inputs[gi][1][ri]) for gi, ri, _ in index]
+            texts = generate_after(self.model, self.spec, self.processor, prompts, return_ids=True, **common)
+        self.last_generate_s = time.perf_counter() - start
         out = [[[""] * n_samples for _ in g.responses] for g in groups]
         ge = self.encoder
         eot = ge.template_tokens(ge.end_of_turn)
@@ -98,9 +134,11 @@ class RewardScorer:
     # ----- scores
     @torch.no_grad()
     def score_with(self, groups: Sequence[PreferenceGroup], critiques: list[list[list[str]]] | None,
-                   batch_groups: int = 4, generated: bool = False) -> list[list[list[float]]]:
+                   batch_groups: int = 4, generated: bool = False,
+                   prompt_embeds: list[torch.Tensor] | None = None) -> list[list[list[float]]]:
         """scores[g][r][s]; `critiques=None` scores without critique (mode `none`); `generated`: the
-        critiques are the model's own (an empty one is its end-of-turn token, see CritiqueEncoder.encode)."""
+        critiques are the model's own (an empty one is its end-of-turn token, see CritiqueEncoder.encode);
+        `prompt_embeds` (from `prompt_embeddings`): the groups' prompts need no vision tower here."""
         jobs = []  # expand samples into extra branches of the same group (same prefix, same image)
         for gi, g in enumerate(groups):
             n = len(critiques[gi][0]) if critiques is not None else 1
@@ -114,8 +152,10 @@ class RewardScorer:
             resp = response_logp_weight(self.model) > 0
             encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
                                         generated=generated)[0] for _, _, g, c in chunk]
+            embeds = [prompt_embeds[gi] for gi, _, _, _ in chunk] if prompt_embeds is not None else None
             rewards, _ = distributed.through_root(self.model, lambda: compute_rewards(
-                self.model, self.spec, encoded, self.packed, with_logps=False))  # FSDP: through the root
+                self.model, self.spec, encoded, self.packed, with_logps=False,
+                prefix_embeds=embeds))  # FSDP: through the root
             off = 0
             for gi, si, g, _ in chunk:
                 for ri in range(len(g.responses)):
@@ -126,9 +166,12 @@ class RewardScorer:
     def score_groups(self, groups: Sequence[PreferenceGroup], mode: str = "generate", *, n_samples: int = 1,
                      temperature: float = 0.7, max_new_tokens: int = 96, batch_size: int = 8,
                      seed: int = 0) -> list[list[ScoredResponse]]:
+        embeds = None
         if mode == "generate":
+            embeds = self.prompt_embeddings(groups)   # the vision tower once per group: critiques and scores
             crits = self.generate_critiques(groups, n_samples=n_samples, temperature=temperature,
-                                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+                                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                            prompt_embeds=embeds)
         elif mode == "given":
             missing = [g.source or g.id for g in groups if any(not r.critique for r in g.responses)]
             if missing:
@@ -138,7 +181,7 @@ class RewardScorer:
             crits = None
         else:
             raise ValueError(f"unknown critique mode {mode!r}")
-        scores = self.score_with(groups, crits, generated=mode == "generate")
+        scores = self.score_with(groups, crits, generated=mode == "generate", prompt_embeds=embeds)
         return [[ScoredResponse(score=sum(sc) / len(sc), scores=sc, critiques=crits[gi][ri] if crits else [],
                                 empty_critiques=sum(not c for c in crits[gi][ri]) if mode == "generate" else 0)
                  for ri, sc in enumerate(group_scores)] for gi, group_scores in enumerate(scores)]

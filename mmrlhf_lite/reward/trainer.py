@@ -20,6 +20,7 @@ from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.wrappers import unwrap
 from ..models.logprobs import group_forward, use_packing
+from ..models.vision_cache import packed_forward_embedded
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
 from .loss import bradley_terry, reward_loss, step_counts
@@ -64,16 +65,22 @@ def response_logp_weight(model) -> float:
     return float(getattr(unwrap(model).reward_head, "response_logp_weight", 0.0) or 0.0)
 
 
-def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, head_part: bool = False):
+def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, head_part: bool = False,
+                    prefix_embeds=None):
     """(rewards (N,), per-branch critique token log-probs) for a list of encoded critique groups.
 
     reward = head(h at the branch's last token) [+ response_logp_weight * mean log p(response tokens)
     when the branches mark the response's tokens as targets (CritiqueEncoder.encode(response_targets=True))].
     `head_part`: also return the head's part alone (the centering loss keeps that part near 0; the
-    log-prob part is centred by nothing, since pulling it toward 0 would raise every response's likelihood)."""
+    log-prob part is centred by nothing, since pulling it toward 0 would raise every response's likelihood).
+    `prefix_embeds` (packed only): each group's prompt embeddings from `vision_cache.prefix_embeddings`,
+    so that the vision tower does not run again (the scorer computed them for critique generation)."""
     n_resp = [getattr(b, "n_response", 0) for e in encoded for b in e.branches]
     need_resp = any(n_resp)
-    out = group_forward(model, spec, encoded, packed=packed, logps=with_logps or need_resp, hidden=True)
+    if packed and prefix_embeds is not None:
+        out = packed_forward_embedded(model, spec, encoded, prefix_embeds, logps=with_logps or need_resp, hidden=True)
+    else:
+        out = group_forward(model, spec, encoded, packed=packed, logps=with_logps or need_resp, hidden=True)
     head = unwrap(model).reward_head
     head_rewards = rewards = head(torch.stack(out.last_hidden))
     crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if out.token_logps else out.token_logps
