@@ -416,3 +416,39 @@ def test_vision_cache_refuses_when_not_valid():
     with pytest.raises(MediaNotCacheable, match="deepstack"):
         prefix_embeddings(model, spec, groups)
 
+
+# --------------------------------------------------------------------------------------------------
+# bench/gpu.sh --dry: the GPU run's script on the tiny shape on CPU
+
+def test_gpu_script_dry_run(tmp_path):
+    """`bash bench/gpu.sh --dry` runs every item of the GPU bench in priority order and writes its rows to
+    $OUT as it goes: ours at three batch sizes, ours with the vision cache, TRL (its version named), Unsloth
+    + TRL (skipped off CUDA), the gate, the memory caps (skipped off CUDA), critique generation, a summary."""
+    import os
+    import subprocess
+
+    from bench.summary import RATIO_LINE
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry"], capture_output=True, text=True,
+                          env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu-bench.jsonl").read_text().splitlines()]
+    items = [r for r in rows if r["kind"] == "item"]
+    assert [r["item"] for r in items] == ["model", "ours", "ours-vcache", "trl", "unsloth-trl", "gate", "memcap",
+                                          "critiques"]
+    assert all(r["status"] == "ok" for r in items), items
+    runs = [(r["system"], r["batch"], r["status"]) for r in rows if r["kind"] == "run"]
+    assert runs == [("ours", 1, "ok"), ("ours", 2, "ok"), ("ours-vcache", 2, "ok"), ("trl", 2, "ok"),
+                    ("unsloth-trl", 2, "skipped")]
+    trl = next(r for r in rows if r["kind"] == "run" and r["system"] == "trl")
+    assert trl["trl"] == trl_version() and trl["first_step_s"] > 0
+    gate = next(r for r in rows if r["kind"] == "gate")
+    assert gate["passed"] and gate["dtype"] == "float32"
+    assert [(r["cap_gb"], r["status"]) for r in rows if r["kind"] == "memcap"] == [(12.0, "skipped"), (24.0, "skipped")]
+    crit = [r for r in rows if r["kind"] == "critiques"]
+    assert [r["path"] for r in crit] == ["per row", "shared prompt"] and crit[1]["identical_critiques"] == 4
+    summary = rows[-1]
+    assert summary["kind"] == "summary" and set(summary["systems"]) == {"ours", "ours-vcache", "trl"}
+    assert RATIO_LINE.match(proc.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "gpu-bench.log").stat().st_size > 1000
