@@ -286,12 +286,14 @@ def _coerce(value: Any, t, key: str, source: str | None) -> Any:
     raise RecipeError(f"expected {_type_name(t)}, got {type(value).__name__} {value!r}", source=source, key=key)
 
 
-def _build(cls, data: dict, prefix: str, source: str | None):
+def _build(cls, data: dict, prefix: str, source: str | None, base=None):
+    """`data` over `base` (the section's default: `DpoConfig.train` differs from a bare `TrainConfig`)."""
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping (section), got {type(data).__name__}", source=source,
                           key=prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -300,10 +302,11 @@ def _build(cls, data: dict, prefix: str, source: str | None):
             raise RecipeError(f"unknown key{hint}", source=source, key=f"{prefix}{key}")
         t = hints[key]
         if dataclasses.is_dataclass(t):
-            kwargs[key] = _build(t, {} if value is None else value, f"{prefix}{key}.", source)
+            kwargs[key] = _build(t, {} if value is None else value, f"{prefix}{key}.", source,
+                                 fields[key].default_factory())
         else:
             kwargs[key] = _coerce(value, t, f"{prefix}{key}", source)
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 def _set_path(tree: dict, key_path: str, value: Any, source: str) -> None:
