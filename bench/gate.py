@@ -12,7 +12,8 @@ Checks (each a dict with the largest differences, its tolerance and `passed`; sk
   left, as TRL forwards it) through the model's full forward. Wherever `trl` imports.
 - `trl_trainer`: ours against TRL's own DPOTrainer on the same model object (TRL's normal path: model
   path, quantization_config, peft_config): TRL's fused-LM-head log-probs (policy; reference with the
-  adapter disabled), its per-pair sigmoid loss and `trainer.compute_loss` on the batch. CUDA + TRL only.
+  adapter disabled), its per-pair sigmoid loss and `trainer.compute_loss` on the batch. Wherever `trl`
+  imports (TRL 1.16's fused head has a plain PyTorch path off CUDA).
 
 LoRA B matrices are set to seeded random values first, so that policy and reference differ.
 Tolerances: float32 compute (the default): sums of log-probs within 2e-3 + 1e-5 * |sum|, per-pair
@@ -209,7 +210,7 @@ def check_trl_collation(processor, groups, encoded, encoder) -> tuple[dict, dict
 
 def trl_batch_logps(model, batch) -> torch.Tensor:
     """Summed completion log-probs of each row of a TRL batch through the model's full forward (the same
-    inputs TRL's DPOTrainer feeds; its fused LM head needs Triton, the full logits do not)."""
+    inputs TRL's DPOTrainer feeds, read through the full logits instead of its fused LM head)."""
     from mmrlhf_lite.models.wrappers import unwrap
 
     device = next(model.parameters()).device
@@ -256,13 +257,14 @@ def check_trl_batch(model, family, groups, encoded, batch, rows, dtype: str) -> 
 
 
 def check_trl_trainer(spec, model_dir: str, groups, encoder, dtype: str) -> dict:
-    """Ours vs TRL's DPOTrainer itself (fused LM head, its loss) on the same model object. CUDA + TRL."""
+    """Ours vs TRL's DPOTrainer itself (fused LM head, its loss) on the same model object. Wherever TRL imports."""
     reason = trl_importable()
     if reason:
         return {"name": "trl_trainer", "status": "skipped", "reason": reason}
     from trl.trainer.utils import use_adapter
 
     from mmrlhf_lite.models.families import detect_family
+    from mmrlhf_lite.models.loading import disable_bnb_cpu_packed_kernel
 
     from .trl_systems import build_trainer
 
@@ -273,6 +275,7 @@ def check_trl_trainer(spec, model_dir: str, groups, encoder, dtype: str) -> dict
         trainer = build_trainer(spec, model_dir, family, encoder.processor, rows, tmp, unsloth=False,
                                 n_steps=1, bf16=dtype == "bfloat16", dtype=dtype)
         model = trainer.model
+        disable_bnb_cpu_packed_kernel(model)   # as our loader does: eval-mode no-grad passes keep the training kernel
         randomize_lora(model)
         model.eval()
         examples = [trainer.train_dataset[i] for i in range(len(rows))]

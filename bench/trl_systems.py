@@ -95,9 +95,22 @@ def build_trainer(spec, model_dir: str, family, processor, rows, out_dir: str, *
     args = dpo_config(spec, out_dir, n_steps=n_steps, model_init=True, bf16=bf16, dtype=dtype)
     peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                              target_modules=lora_target_regex(family))
-    return DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=processor,
-                      callbacks=list(callbacks), quantization_config=bnb_config(family, getattr(torch, dtype)),
-                      peft_config=peft_config)
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=processor,
+                         callbacks=list(callbacks), quantization_config=bnb_config(family, getattr(torch, dtype)),
+                         peft_config=peft_config)
+    if dtype == "float32":
+        adapters_to_float32(trainer.model)
+    return trainer
+
+
+def adapters_to_float32(model) -> None:
+    """TRL 1.16 casts a quantized model's LoRA weights to bfloat16 whatever the compute dtype (QLoRA's
+    recommendation; `dpo_trainer.py`, "converted to bf16"), so its adapters compute in bfloat16 where ours
+    compute in float32. Off CUDA every system computes in float32: the adapters go back to it (before
+    `train()` builds the optimizer). On CUDA TRL keeps its own choice, bf16 adapters under bf16 compute."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def run_trl(spec, *, unsloth: bool, layout: str) -> dict:
@@ -138,11 +151,13 @@ def run_trl(spec, *, unsloth: bool, layout: str) -> dict:
         trainer = build_trainer(spec, spec.model_dir, family, processor, rows, tmp, unsloth=unsloth,
                                 n_steps=n_steps, callbacks=[cb for cb in (timer, profiler) if cb], bf16=dtype == "bfloat16", dtype=dtype)
         load_s = now() - t0
+        adapter_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
         result = trainer.train()
     step_s = median(timer.timed)
     fields = throughput_fields(spec, layout, tokens, float(spec.batch), step_s)
     return result_row(spec, "ok", backend="unsloth" if unsloth else "transformers",
-                device=torch.cuda.get_device_name(0) if cuda() else "cpu", dtype=dtype, trl=trl.__version__,
+                device=torch.cuda.get_device_name(0) if cuda() else "cpu", dtype=dtype,
+                adapter_dtype=adapter_dtype.replace("torch.", ""), trl=trl.__version__,
                 load_s=load_s,
                 first_step_s=timer.first_step_s, step_s_median=step_s, step_s=timer.timed,
                 warmup_step_s=timer.times[:spec.warmup], reference_s_per_step=0.0,

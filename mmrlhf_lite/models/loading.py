@@ -260,9 +260,10 @@ def _quantization_config(cfg: ModelConfig, family: FamilySpec, dtype: torch.dtyp
                               bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(family.skip_4bit), **storage)
 
 
-def _disable_bnb_cpu_packed_kernel(model: torch.nn.Module) -> None:
+def disable_bnb_cpu_packed_kernel(model: torch.nn.Module) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes switches eval-mode no-grad 4-bit matmuls to a packed kernel
-    that needs a hub download and crashes offline; keep the portable kernel."""
+    that needs a hub download and crashes offline (or, where it loads, computes differently from the
+    training path); keep the portable kernel. Also for a 4-bit model loaded elsewhere (TRL's, in bench/gate.py)."""
     try:
         import bitsandbytes as bnb
     except Exception:  # noqa: BLE001
@@ -362,7 +363,7 @@ def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, rew
     if quant is None:
         model.to(device)
     if device.type == "cpu":
-        _disable_bnb_cpu_packed_kernel(model)
+        disable_bnb_cpu_packed_kernel(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if reward_head is not None:
@@ -383,7 +384,7 @@ def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, rew
     if not trainable:
         model.eval()
     if device.type == "cpu":
-        _disable_bnb_cpu_packed_kernel(model)
+        disable_bnb_cpu_packed_kernel(model)
     return model
 
 
