@@ -5,7 +5,17 @@ prompt does not run the vision tower and projector again.
 Exact only while everything before the decoder is frozen (no vision LoRA, embeddings not trained):
 checked, else `MediaNotCacheable`. tests/test_bench.py checks it against `logprobs.packed_forward`.
 
-    python -m pytest tests/test_bench.py -q -k cache
+Where it is used: the reward scorer's mode `generate` computes each group's critique prompt once here and
+feeds it to the K x n critique branches and to the scoring pass (`RewardScorer.prompt_embeddings`,
+tests/test_shared_prompt.py); the bench's `ours-vcache` carries the reference pass's embeddings into
+training in one process. Within a training step or a reference batch the packed row already runs the
+vision tower once per group (frozen: forward only, no backward, no recompute). The product does not carry
+the embeddings from the `reference` stage to the `dpo` stage: that saves one vision forward per group
+(8.7% of a packed group's executed FLOPs at the Qwen2-VL-7B shape, 10% at the CPU shape) for 7.2 MB of
+stored embeddings per 1024-image-token group (about 144 GB for 20k prompts); docs/benchmarks.md,
+"Where the vision tower runs", has the measurements.
+
+    python -m pytest tests/test_bench.py tests/test_shared_prompt.py -q -k "cache or vision"
 """
 from __future__ import annotations
 
