@@ -100,12 +100,11 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     Under `torchrun` / `accelerate launch` (docs/distributed.md) every rank calls this: rank 0 owns the
     run folder (lock, recipe, events, data preparation, stage status), the others wait for it and read;
     a stage is marked done once every rank has finished it."""
-    from . import distributed as dist
+    from . import distributed
 
     stages = list(stages or recipe.run.stages)
-    dist.check_launch(recipe.model.backend)
-    dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
-    main = dist.is_main()
+    launch = distributed.start(recipe.model.backend, "cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
+    main = launch.main
     run = RunDir(recipe.run.dir)
     if main:
         run.acquire()
@@ -129,8 +128,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
 
             todo = [s for s in stages if s not in skip]
             problems = preflight_problems(recipe, todo)
-            sharded = dist.sharding() is not None and dist.world_size() > 1
-            if sharded:
+            if launch.sharded:
                 from .checks import FSDP_EVAL, fsdp_problems
 
                 problems += fsdp_problems(recipe, todo)
@@ -140,13 +138,13 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
                 raise UserError("not starting:\n" + "\n".join(f"  {p}" for p in problems))
             recipe.save(run.path / "recipe.yaml")
             events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
-                        **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
-            if dist.is_distributed():
-                events.info(launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
+                        **({"world_size": launch.world} if launch.several else {}))
+            if launch.several:
+                events.info(launch_summary(recipe, launch.world, launch.sharded))
             refuse_over_long(ctx, [s for s in stages if s not in skip])
             return skip
 
-        skip = dist.main_first("run setup", setup)
+        skip = distributed.on_main("run setup", setup)
         for stage in stages:
             if stage in skip:
                 events.info(f"stage {stage} already done with these settings; skipped (--redo {stage} recomputes)",
@@ -160,7 +158,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             # every stage runs on every rank: reward/dpo data-parallel, score/reference/eval on each rank's
             # share of the groups (cache/sharded.py, distributed/lockstep.py)
             info = run_stage()
-            dist.barrier(f"end of stage {stage}")
+            distributed.barrier(f"end of stage {stage}")
             if main:
                 run.mark_done(stage, recipe, **info)
         if main:

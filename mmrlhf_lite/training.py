@@ -5,8 +5,10 @@ sharding of `torchrun` / `accelerate launch` come from the library. Subclasses g
 `group_loss(model, batch, norm) -> (loss, metrics)` and `step_counts(batch)` (what the loss averages
 over); the loss of an optimizer step is the mean over all of its pairs however the step is split into
 micro-batches, accumulation steps and ranks (the step's counts are summed and passed as `norm`, as
-transformers does with `num_items_in_batch`). Under a launcher the trainable gradients are averaged over
-ranks once per step (docs/distributed.md). The collator turns group indices into encoded groups.
+transformers does with `num_items_in_batch`). Under a launcher `distributed.TrainerOverRanks` sums those
+counts over the ranks, averages the gradients (or lets FSDP2 reduce-scatter them) and saves and loads sharded
+checkpoints (docs/distributed.md): this module reads as one process. The collator turns group indices into
+encoded groups.
 Progress and metrics go to the run's event stream; a stop request (the run folder's STOP file, SIGTERM,
 Ctrl-C) saves a checkpoint and raises `StageStopped` (on every rank at the same step), and the next
 invocation resumes from it.
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -33,7 +34,6 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import distributed
 from .events import EventLog, StageStopped
-from .models.wrappers import ShardedModel
 from .recipe import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class _EventsCallback(TrainerCallback):
         return control
 
 
-class GroupTrainer(Trainer):
+class GroupTrainer(distributed.TrainerOverRanks, Trainer):
     """Trainer over preference groups; subclasses implement `group_loss`."""
 
     def __init__(self, model, args: TrainingArguments, *, groups: Sequence, collate: Callable[[list], Any],
@@ -113,13 +113,8 @@ class GroupTrainer(Trainer):
         self.stopped = False
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
-        self._trainable: list | None = None
         self._groups_since_log, self._last_log_time = 0, None
-        self.sharded = distributed.shards_base()
-        if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
-            # decoder layers only: ranks whose micro-batches differ in media (an image on one, text only or a
-            # video on the other) must make the same collectives, and only the decoder runs on every forward
-            distributed.shard_frozen(model, events)
+        distributed.shard(model, events)   # before the optimizer exists: it must hold the sharded parameters
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
@@ -139,114 +134,14 @@ class GroupTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """One optimizer step's micro-batches, with the step's counts in place of transformers' token count
-        (`num_items_in_batch`, then passed to compute_loss)."""
+        (`num_items_in_batch`, then passed to compute_loss): summed over its micro-batches and over all ranks,
+        so the step's loss is the mean over all of its pairs however they are split into micro-batches,
+        accumulation steps and ranks."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        return batch_samples, self._step_counts(batch_samples, device)
-
-    def _step_counts(self, batch_samples: list, device: torch.device) -> dict[str, float] | None:
-        """The optimizer step's counts: summed over its micro-batches here and over all ranks (as
-        transformers does for `num_items_in_batch` tokens), so the step's loss is the mean over all of its
-        pairs however they are split into micro-batches, accumulation steps and ranks."""
-        counts = [self.step_counts(b) for b in batch_samples]
-        keys = sorted({k for c in counts for k in c}) if counts else []
-        if self.args.world_size > 1:
-            keys = self._agreed_keys(keys)
-        if not keys:
-            return None
-        total = torch.tensor([[c.get(k, 0.0) for k in keys] for c in counts] or [[0.0] * len(keys)],
-                             dtype=torch.float64).sum(0)
-        if self.args.world_size > 1:
-            total = self.accelerator.reduce(total.to(device), reduction="sum").cpu()
-        return dict(zip(keys, total.tolist()))
-
-    def _agreed_keys(self, keys: list[str]) -> list[str]:
-        """Every rank must reduce the same vector: the union of the count names of all ranks."""
-        import torch.distributed as dist
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, keys)
-        return sorted({k for g in gathered for k in g})
-
-    # ---- FSDP2 (docs/distributed.md): the base is sharded by `distributed.shard_model`, not by accelerate
-    def _wrap_model(self, model, training: bool = True, dataloader=None):
-        if self.sharded and training:
-            if isinstance(model, ShardedModel):
-                return model
-            return ShardedModel(model)  # not `self.model`: Trainer then does not DDP-wrap it
-        return super()._wrap_model(model, training, dataloader)
-
-    def trainable_state(self) -> dict[str, torch.Tensor] | None:
-        """Sharded: the full trainable parameters by name (collective: every rank calls it); else None."""
-        return distributed.trainable_state(self.model) if self.sharded else None
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not self.sharded:
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        state = distributed.trainable_state(self.model)   # every rank takes part in the gather
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            self._save(output_dir, state_dict=state)       # a normal adapter, loadable in one process
-            from safetensors.torch import save_file
-            save_file(state, os.path.join(output_dir, SHARDED_STATE))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        path = os.path.join(resume_from_checkpoint, SHARDED_STATE)
-        if os.path.isfile(path) != self.sharded:   # the optimizer states of the two are laid out differently
-            from .runs import RunFolderError
-            wrote, now = ("an FSDP launch", "without FSDP") if not self.sharded else ("a run without FSDP",
-                                                                                        "with FSDP")
-            raise RunFolderError(
-                f"{resume_from_checkpoint} was written by {wrote} and this run is {now}: resume with the launch "
-                "that wrote it (recipes/accelerate/fsdp2.yaml or not; the number of processes may change), or "
-                f"start the stage again with --redo {self.events.stage or 'STAGE'}")
-        if not self.sharded:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from safetensors.torch import load_file
-        distributed.load_trainable_state(self.model, load_file(path))
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self.sharded:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        full = get_optimizer_state_dict(self.model, _raw_optimizer(self.optimizer),
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.args.should_save:   # one full optimizer state, whatever the number of ranks
-            torch.save(full, os.path.join(output_dir, "optimizer.pt"))
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        """Under a CPU launcher (gloo) transformers maps the optimizer state to `cpu:0`, which torch.load
-        cannot restore; load it on the CPU as a single process does. Sharded: every rank reads the full
-        state and keeps its shards."""
-        if checkpoint is not None and self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
-            if os.path.isfile(opt) and os.path.isfile(sched):
-                set_optimizer_state_dict(self.model, _raw_optimizer(self.optimizer),
-                                         torch.load(opt, map_location="cpu", weights_only=True),
-                                         options=StateDictOptions(full_state_dict=True))
-                self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
-            return
-        if checkpoint is None or self.args.world_size <= 1 or self.args.device.type != "cpu":
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        opt, sched = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
-        if os.path.isfile(opt) and os.path.isfile(sched):
-            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
-            self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.sharded:  # reduce-scatter once per optimizer step (its last micro-batch), not per micro-batch
-            distributed.sharded_root(self.model).set_requires_gradient_sync(self.accelerator.sync_gradients)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.world_size > 1 and not self.sharded and self.accelerator.sync_gradients:  # last micro-batch
-            # (sharded: FSDP reduce-scatters and averages the gradients itself)
-            if self._trainable is None:
-                self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-            distributed.average_gradients(self._trainable)
-        return loss
+        return batch_samples, self.summed_over_ranks([self.step_counts(b) for b in batch_samples], device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = distributed.through_root(model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
+        loss, metrics = distributed.forward(model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
         if num_items_in_batch is not None:
             # gradients are averaged over ranks (average_gradients, or FSDP's reduce-scatter when sharded);
             # the shares of all ranks must add up
@@ -273,14 +168,13 @@ class GroupTrainer(Trainer):
 
     def _throughput(self) -> dict[str, float]:
         """Groups per second since the last log: over all ranks, and per rank under a launcher (every
-        rank logs at the same steps, so the gather below is collective)."""
+        rank logs at the same steps, so `per_rank` is collective)."""
         now = time.time()
         start, groups = self._last_log_time or self._train_start, self._groups_since_log
         self._last_log_time, self._groups_since_log = now, 0
-        rate = groups / max(now - start, 1e-9)
-        if self.args.world_size <= 1:
-            return {"groups_per_s": rate}
-        rates = distributed.gather_objects(rate)
+        rates = self.per_rank(groups / max(now - start, 1e-9))
+        if len(rates) == 1:
+            return {"groups_per_s": rates[0]}
         return {"groups_per_s": sum(rates), **{f"rank{i}_groups_per_s": r for i, r in enumerate(rates)}}
 
     def train(self, *args, **kwargs):
@@ -288,19 +182,12 @@ class GroupTrainer(Trainer):
         return super().train(*args, **kwargs)
 
 
-SHARDED_STATE = "sharded_trainable.safetensors"   # a sharded run's checkpoint: trainable parameters by name
-
-
-def _raw_optimizer(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)   # accelerate's AcceleratedOptimizer wraps it
-
-
 def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
     """Train (resuming from the newest checkpoint in out_dir) and return the final log history entry.
 
     Raises StageStopped after saving a checkpoint when a stop was requested.
     """
-    last = distributed.main_first("resume point", lambda: last_complete_checkpoint(out_dir, trainer.events))
+    last = distributed.on_main("resume point", lambda: last_complete_checkpoint(out_dir, trainer.events))
     if last:
         trainer.events.info(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

@@ -144,11 +144,12 @@ def run_stage(ctx) -> dict:
                          events=events, stop_check=ctx.stop_requested, cfg=dc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
-    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (rank 0 reads the model)
-    if not distributed.is_main():
-        return result  # rank 0 writes the policy and the result
-    save_adapter(model, final, state_dict=state, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
-    result["train_seconds"] = round(time.time() - start, 1)
-    (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
-    remove_checkpoints(out_dir / "checkpoints")
-    return result
+    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (the model holds it whole)
+
+    def write() -> dict:   # the policy and the result are written once
+        save_adapter(model, final, state_dict=state, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
+        result["train_seconds"] = round(time.time() - start, 1)
+        (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        remove_checkpoints(out_dir / "checkpoints")
+        return result
+    return distributed.on_main("dpo: the policy", write)

@@ -7,7 +7,7 @@ the share that is well-formed, the reward model's rank among the group's K respo
 
 Under a launcher every part that loops over groups (each critique mode before and after training, the
 policy's log-probs, its generations, the scoring of its answers) is split over the ranks in chunks whose
-size and sampling seed come from the recipe, not from the number of ranks (`distributed.lockstep.sharded_map`); every
+size and sampling seed come from the recipe, not from the number of ranks (`distributed.sharded_map`); every
 rank gathers the per-group results and runs the one-process aggregation, and rank 0 writes the report,
 which is the one a single process writes.
 
@@ -30,7 +30,6 @@ from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
 from ..models.logprobs import use_packing
-from ..distributed.lockstep import chunk_seed, sharded_map
 from ..runs import write_atomic
 from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate
@@ -52,9 +51,10 @@ def scored_groups(groups: list[PreferenceGroup], scores: list[list[float]]) -> l
 def split_over_ranks(ctx, part: str, items: list, chunk_size: int, fn) -> list:
     """`fn(chunk, index)` over `items`, chunks dealt to the ranks (one process: all of them), with
     progress and throughput events labelled `part` and the run's stop request agreed between ranks."""
-    return sharded_map(items, chunk_size, fn, events=ctx.events, stop_requested=ctx.stop_requested, part=part,
-                       stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups; "
-                                               "an evaluation is not kept in parts: it starts over)")
+    return distributed.sharded_map(
+        items, chunk_size, fn, events=ctx.events, stop_requested=ctx.stop_requested, part=part,
+        stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups; "
+                                    "an evaluation is not kept in parts: it starts over)")
 
 
 def score_split(ctx, scorer, groups: list[PreferenceGroup], mode: str, part: str) -> list:
@@ -64,7 +64,7 @@ def score_split(ctx, scorer, groups: list[PreferenceGroup], mode: str, part: str
     rc, seed = ctx.recipe.reward, ctx.recipe.run.seed
     return split_over_ranks(ctx, part, groups, groups_per_batch(rc, mode), lambda chunk, i: scorer.score_groups(
         chunk, mode, n_samples=rc.n_samples, temperature=rc.temperature, max_new_tokens=rc.max_new_tokens,
-        batch_size=rc.generation_batch_size, seed=chunk_seed(seed, i)))
+        batch_size=rc.generation_batch_size, seed=distributed.chunk_seed(seed, i)))
 
 
 def critique_fact_rate(groups: list[PreferenceGroup], critiques: list[list[list[str]]]) -> dict | None:
@@ -173,7 +173,7 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
         def answer(chunk: list[PreferenceGroup], index: int) -> list[tuple[list[str], list[str]]]:
             prompts = [(encoder.policy_prompt(g), []) for g in chunk for _ in range(n)]
             kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens, do_sample=n > 1,
-                      temperature=1.0, seed=chunk_seed(recipe.run.seed, index), batch_size=gbs)
+                      temperature=1.0, seed=distributed.chunk_seed(recipe.run.seed, index), batch_size=gbs)
             after = generate_after(model, spec, processor, prompts, **kw)
             with model.disable_adapter():
                 before = generate_after(model, spec, processor, prompts, **kw)
@@ -290,10 +290,12 @@ def run_stage(ctx) -> dict:
         raise StageStopped("stopped during evaluation (an evaluation is not kept in parts: it starts over)")
     report["policy"] = eval_policy(ctx, evals)
     report["seconds"] = round(time.time() - start, 1)
-    if distributed.is_main():  # every rank holds the whole report; rank 0 writes it
-        out_dir = ctx.run.stage_dir("eval")
+    out_dir = ctx.run.stage_dir("eval")
+
+    def write() -> None:   # every rank holds the whole report; it is written once
         write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
         write_atomic(out_dir / "report.md", format_report(report))
+    distributed.on_main("eval: report", write)
     summary = {"reward_acc": {m: r["overall"]["acc"] for m, r in report["reward_model"]["modes"].items()}}
     if report.get("margins"):
         summary["delta_rank_spearman"] = report["margins"]["eval_delta_rank_spearman"]

@@ -174,22 +174,21 @@ def run_stage(ctx) -> dict:
                             events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
-    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (rank 0 reads the model)
-    acc = None
-    if eval_groups and (distributed.is_main() or trainer.sharded):  # sharded: every rank runs the forwards
-        acc = distributed.through_root(model, lambda: given_critique_accuracy(
-            model, info.family, crit, [g for g in eval_groups if g.pairs()], packed))
-    if not distributed.is_main():
-        return result  # rank 0 writes the model, the held-out accuracy and the result
-    save_adapter(model, final, state_dict=state, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
-    result["train_seconds"] = round(time.time() - start, 1)
-    if eval_groups:
+    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (the model holds it whole)
+    held_out = [g for g in eval_groups if g.pairs()]
+    acc = distributed.forward(model, lambda: given_critique_accuracy(model, info.family, crit, held_out, packed)
+                              ) if held_out else None
+
+    def write() -> dict:   # the model and the result are written once
+        save_adapter(model, final, state_dict=state, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
+        result["train_seconds"] = round(time.time() - start, 1)
         if acc is not None:
             result["eval_pair_accuracy_given"] = acc
             events.metrics(step=result["steps"], eval_pair_accuracy_given=acc)
-    (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
-    remove_checkpoints(out_dir / "checkpoints")
-    return result
+        (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        remove_checkpoints(out_dir / "checkpoints")
+        return result
+    return distributed.on_main("reward: the model", write)
 
 
 def reward_model_dir(run_dir: str | Path) -> Path:
