@@ -202,17 +202,26 @@ def fsdp_memory_lines(plan: dict, processes: int) -> list[str]:
         return [f"memory per GPU with FSDP2 over {processes} GPUs: {m.get('note', 'no estimate')}"]
     lines = [f"memory per GPU with FSDP2 over {processes} GPUs (training stages; the base sharded; "
              "docs/distributed.md):"]
+    loads = []
     for stage in ("reward", "dpo"):
         e = m["stages"].get(stage)
         if not e:
             continue
-        f = fsdp_training_estimate(e, processes, m["architecture"]["layers"])
+        f = fsdp_training_estimate(e, processes, m["architecture"]["layers"], load={
+            "largest_linear": m["architecture"]["largest_linear"], "weight_bytes": m["weight_bytes"],
+            "load_in_4bit": m["load_in_4bit"]})
         fit = ""
         if m.get("budget"):
             fit = "; fits" if f["needed_gib"] * 2**30 <= m["budget"]["bytes"] else "; does NOT fit"
         lines.append(f"  {stage:<10}{f['allocated_gib']:>6.1f} GiB allocated {f['needed_gib']:>5.1f} GiB needed "
                      f"(one GPU: {e['needed_gib']} GiB){fit} = "
                      + " + ".join(f"{k} {v:.2f}" for k, v in f["components_gib"].items() if v >= 0.005))
+        loads.append(f["load"])
+    if loads:   # the stages' loads differ by the reward head only: the larger one
+        load = max(loads, key=lambda x: x["needed_gib"])
+        lines.append(f"  {'loading':<10}{load['allocated_gib']:>6.1f} GiB allocated {load['needed_gib']:>5.1f} GiB needed "
+                     f"(each rank reads only its shards; loaded whole first: {load['whole_base_gib']} GiB) = "
+                     + " + ".join(f"{k} {v:.2f}" for k, v in load["components_gib"].items() if v >= 0.005))
     pre = [s for s in m["stages"] if s in ("score", "reference")]
     if pre:
         lines.append(f"  {', '.join(pre)}: the base sharded too (decoder layers; the vision tower, embeddings and "

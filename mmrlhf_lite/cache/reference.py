@@ -132,7 +132,7 @@ def _fill(ctx, groups: Sequence[PreferenceGroup], keys: list[list[str]], store: 
 
     def policy() -> dict:   # loaded on first need
         if not loaded:
-            model, processor = load_model(recipe.model, trainable=False, lora=False)
+            model, processor = load_model(recipe.model, trainable=False, lora=False, shard=True)
             distributed.shard(model, ctx.events)
             spec = model.mmrlhf.family
             loaded.update(model=model, spec=spec,

@@ -5,7 +5,7 @@ What a stage asks (the whole interface; docs/distributed.md, "The seam"):
 
 | a stage wants to                                | it calls                                           | one process          |
 |-------------------------------------------------|----------------------------------------------------|----------------------|
-| hold the model it loaded as the launch says     | `shard(model, events)`                             | nothing              |
+| hold the model it loaded as the launch says     | `shard(model, events)` (after `load_model(..., shard=True)`) | nothing    |
 | know whether its model is sharded (to refuse what sharding cannot do) | `shards_base()`              | False                |
 | run a forward that calls the model's parts      | `forward(model, lambda: ...)`                      | calls it             |
 | work on its share of the items                  | `shares(item_keys)`                                | all of them          |
@@ -24,7 +24,7 @@ mmrlhf_lite.train recipe.yaml` with RANK / WORLD_SIZE / LOCAL_RANK set. Rank 0 o
 recipe, events.jsonl, data preparation, stage status); the other ranks get what it wrote through `on_main`.
 Training stages are data-parallel (`TrainerOverRanks` averages the trainable gradients once per step), or,
 under accelerate's FSDP launch (`check_launch` reads the choice), hold the base sharded over the ranks
-(`shard_model`).
+(`shard_model`; `load_model(..., shard=True)` loads it straight into the shards, models/sharded_loading.py).
 Score / reference / eval split their groups over the ranks and run them in lockstep: the same number of
 steps on every rank, and, when the model is sharded, a forward on every rank in every step (a rank without a
 batch runs the stage's `idle_forward`, since FSDP forwards are collectives). Without the launcher's

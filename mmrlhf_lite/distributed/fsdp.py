@@ -36,7 +36,7 @@ def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in hf_model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
     """FSDP2 over every rank: each decoder layer of the language model is one `fully_shard` unit (gathered
     when it runs, freed after), and the whole `...ForConditionalGeneration` is the root unit holding the
     rest (embeddings, final norm, LM head, the vision tower and merger, reward head). The packed forward
@@ -47,7 +47,10 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     The vision blocks are not units of their own: every forward then makes the same collectives (the root,
     then each decoder layer once) whatever its media, so ranks whose batches differ (images on one, text
     only or a video on the other, or a dummy forward) stay in lockstep; with the vision blocks as units, a
-    rank without images would skip their gathers and the collectives would no longer match."""
+    rank without images would skip their gathers and the collectives would no longer match.
+
+    `device`: where the shards live (default: the device of the model's first parameter); parameters on
+    the meta device stay there, sharded (`models/sharded_loading.py` fills them)."""
     from torch.distributed.fsdp import fully_shard
 
     hf = unwrap(model)
@@ -60,7 +63,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
                           "launch with recipes/accelerate/ddp.yaml instead")
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = next(hf.parameters()).device   # the mesh of the model's own device type (cuda:LOCAL_RANK, cpu)
+    device = device or next(hf.parameters()).device   # the mesh of the model's device type (cuda:LOCAL_RANK, cpu)
     mesh = init_device_mesh(device.type, (world_size(),))
     for unit in units:
         fully_shard(unit, mesh=mesh)
@@ -70,7 +73,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def shard(model: torch.nn.Module, events) -> None:
     """Hold a loaded model as the launch says: under an FSDP2 launch (`shards_base()`) its base sharded over
-    the ranks (`shard_model`, unless it is sharded already), and an
+    the ranks (`shard_model`, unless `load_model(..., shard=True)` loaded it straight into its shards), and an
     `FSDP2:` event with what each rank holds (`sharded_numel`); otherwise nothing. The trainers call it
     before their optimizer exists, score and reference on the model they load. Collective under FSDP2:
     every rank calls it."""

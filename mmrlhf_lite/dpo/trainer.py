@@ -131,7 +131,7 @@ def run_stage(ctx) -> dict:
     reference = dict(zip((g.id for g in groups), reference_logps(ctx, groups)))
     deltas = margins_for(groups, dc.margin_source if dc.w > 0 else "none", ctx.run_dir)
     seed_everything(recipe.run.seed)
-    model, processor = load_model(recipe.model)
+    model, processor = load_model(recipe.model, shard=True)
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"policy: {info.family.name} via {info.backend} on {info.device}; "

@@ -308,11 +308,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, trainable: bool = True,
-               reward_head: dict | None = None, lora: bool = True):
+               reward_head: dict | None = None, lora: bool = True, shard: bool = False):
     """Load model + processor.
 
     adapter: a saved adapter folder to load (trainable or frozen); else a fresh LoRA when `lora`.
     reward_head: {"kind": "mlp"|"linear", "dropout": p} attaches a scalar head saved with the adapter.
+    shard: the caller holds the model sharded under an FSDP2 launch (the reward and dpo trainers, score,
+    reference: `distributed.shard`); there the base is loaded straight into its shards, never whole
+    (models/sharded_loading.py). One process or a DDP launch: ignored. Collective under FSDP2.
     Returns (model, processor); `model.mmrlhf` is a `LoadedModel` with family/backend/device/dtype.
     """
     path = resolve_model_path(cfg.path)
@@ -337,51 +340,68 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     if backend == "unsloth":
         model = _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora)
     else:
-        model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora)
+        model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora, shard)
     cap_model_grid(model, family, cfg.max_pixels)
     processor = load_processor(path, family, cfg)
     model.mmrlhf = LoadedModel(path=path, family=family, backend=backend, device=device, dtype=dtype)
     return model, processor
 
 
-def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora):
+def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora, shard=False):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText
+
+    from ..distributed import shards_base
 
     quant = _quantization_config(cfg, family, dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
                                   trust_remote_code=cfg.trust_remote_code)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        with _quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load model from '{path}': {exc}") from None
-    if quant is None:
-        model.to(device)
-    if device.type == "cpu":
-        _disable_bnb_cpu_packed_kernel(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if reward_head is not None:
-        hidden = model.config.get_text_config().hidden_size
-        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0),
-                                       reward_head.get("response_logp_weight", 0.0)).to(
-            device=device, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    elif lora:
-        targets = lora_target_names(model, family, cfg)
-        lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, bias="none",
-                              modules_to_save=["reward_head"] if reward_head is not None else None)
-        model = get_peft_model(model, lora_cfg)
-    if trainable and cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if not trainable:
-        model.eval()
+
+    def attach(model):
+        """What follows `from_pretrained`: frozen base, reward head, adapter or fresh LoRA, checkpointing."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if reward_head is not None:
+            hidden = model.config.get_text_config().hidden_size
+            model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0),
+                                           reward_head.get("response_logp_weight", 0.0)).to(
+                device=device, dtype=torch.float32)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        elif lora:
+            targets = lora_target_names(model, family, cfg)
+            lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  target_modules=targets, bias="none",
+                                  modules_to_save=["reward_head"] if reward_head is not None else None)
+            model = get_peft_model(model, lora_cfg)
+        if trainable and cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if not trainable:
+            model.eval()
+        return model
+
+    def pretrained(**placement):
+        try:
+            with _quiet_transformers():
+                return AutoModelForImageTextToText.from_pretrained(path, **kwargs, **placement)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load model from '{path}': {exc}") from None
+
+    if shard and shards_base():
+        from .sharded_loading import ShardedLoadError, load_sharded
+        try:
+            model = load_sharded(path, pretrained, device, attach)
+        except ShardedLoadError as exc:
+            raise ModelLoadError(f"cannot load model '{path}' sharded (FSDP2): {exc}") from None
+    else:
+        model = pretrained(**({"device_map": {"": str(device)}} if quant is not None else {}))
+        if quant is None:
+            model.to(device)
+        if device.type == "cpu":
+            _disable_bnb_cpu_packed_kernel(model)
+        model = attach(model)
     if device.type == "cpu":
         _disable_bnb_cpu_packed_kernel(model)
     return model

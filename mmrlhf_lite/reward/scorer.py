@@ -67,7 +67,7 @@ class RewardScorer:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"no trained reward model in {adapter}: run the `reward` stage first")
-        model, processor = load_model(model_cfg, adapter=adapter, trainable=False)
+        model, processor = load_model(model_cfg, adapter=adapter, trainable=False, shard=events is not None)
         if events is not None:
             distributed.shard(model, events)
         return cls(model, processor, max_length=max_length, max_frames=max_frames, packing=model_cfg.packing,

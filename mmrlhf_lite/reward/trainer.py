@@ -161,7 +161,7 @@ def run_stage(ctx) -> dict:
     seed_everything(recipe.run.seed)
     train_groups = trainable_groups(train_groups, events)
     rc = recipe.reward
-    model, processor = load_model(recipe.model, reward_head=head_settings(rc))
+    model, processor = load_model(recipe.model, reward_head=head_settings(rc), shard=True)
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"reward model: {info.family.name} via {info.backend} on {info.device}, "
