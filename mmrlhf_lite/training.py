@@ -11,7 +11,10 @@ checkpoints (docs/distributed.md): this module reads as one process. The collato
 encoded groups.
 Progress and metrics go to the run's event stream; a stop request (the run folder's STOP file, SIGTERM,
 Ctrl-C) saves a checkpoint and raises `StageStopped` (on every rank at the same step), and the next
-invocation resumes from it.
+invocation resumes from it. A checkpoint is complete once every rank's part of it is written: rank 0 then
+writes its `checkpoint_complete.json` (after a barrier) and only then removes checkpoints beyond
+`save_total_limit`; a resume takes the newest complete one, so a rank killed while saving (its
+`rng_state_N.pth` cut short) costs the steps since the checkpoint before, never a crash on every resume.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
@@ -35,6 +38,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from . import distributed
 from .events import EventLog, StageStopped
 from .recipe import TrainConfig
+from .runs import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,25 @@ class _EventsCallback(TrainerCallback):
         return control
 
 
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"   # in a checkpoint folder once every rank's part is written
+TRAIN_RESULT = "train_result.json"                 # in a training stage's folder once its model is saved
+
+
+class _CheckpointCompletion(TrainerCallback):
+    """After every rank saved its part of a checkpoint (transformers saves each rank's RNG state, rank 0
+    the rest), rank 0 marks it complete and removes the complete checkpoints beyond the `keep` newest
+    (transformers' own rotation would remove the one before while another rank still writes the new one)."""
+
+    def __init__(self, keep: int | None):
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        distributed.barrier(f"{folder.name} saved by every rank")
+        distributed.on_main(f"{folder.name} complete", lambda: mark_complete(folder, self.keep))
+        return control
+
+
 class GroupTrainer(distributed.TrainerOverRanks, Trainer):
     """Trainer over preference groups; subclasses implement `group_loss`."""
 
@@ -114,6 +137,7 @@ class GroupTrainer(distributed.TrainerOverRanks, Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._groups_since_log, self._last_log_time = 0, None
+        keep, args.save_total_limit = args.save_total_limit, None   # rotated once complete (_CheckpointCompletion)
         distributed.shard(model, events)   # before the optimizer exists: it must hold the sharded parameters
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
                          data_collator=lambda idx: collate([self.groups[i] for i in idx]))
@@ -122,6 +146,7 @@ class GroupTrainer(distributed.TrainerOverRanks, Trainer):
         self.model_accepts_loss_kwargs = True
         self.remove_callback(PrinterCallback)  # metrics reach the terminal through the event stream
         self.add_callback(_EventsCallback(self))
+        self.add_callback(_CheckpointCompletion(keep))
 
     def group_loss(self, model, batch, norm: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, metrics) of one micro-batch; with `norm` (the step's counts of `step_counts`, summed
@@ -197,23 +222,82 @@ def run_training(trainer: GroupTrainer, out_dir: Path) -> dict:
             "seconds": result.metrics.get("train_runtime")}
 
 
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The `checkpoint-N` folders of a training stage, newest first."""
+    found = [d for d in out_dir.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()] if out_dir.exists() else []
+    return sorted(found, key=lambda d: int(d.name.split("-")[-1]), reverse=True)
+
+
+def mark_complete(folder: Path, keep: int | None) -> None:
+    """Mark a checkpoint complete (every rank's part is written), then remove the checkpoints older than the
+    `keep` newest complete ones (all kept when `keep` is None)."""
+    write_atomic(folder / CHECKPOINT_COMPLETE, json.dumps({"step": int(folder.name.split("-")[-1])}) + "\n")
+    complete = [d for d in checkpoints(folder.parent) if (d / CHECKPOINT_COMPLETE).exists()]
+    if keep and len(complete) > keep:
+        oldest_kept = int(complete[keep - 1].name.split("-")[-1])
+        for d in checkpoints(folder.parent):
+            if int(d.name.split("-")[-1]) < oldest_kept:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _parts_read_whole(folder: Path) -> bool:
+    """A checkpoint written before completion markers existed: its trainer state parses and each rank's RNG
+    state (a torch.save zip archive) reads to its end with matching checksums."""
+    import zipfile
+
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+        for part in folder.glob("rng_state*.pth"):
+            with zipfile.ZipFile(part) as archive:
+                if archive.testzip() is not None:
+                    return False
+        return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
 def last_complete_checkpoint(out_dir: Path, events: EventLog | None = None) -> str | None:
-    """The newest checkpoint that was fully written. Trainer writes `trainer_state.json` last, so a kill
-    during a save leaves a newer folder without a readable one: it is removed (it cannot be resumed and
-    would be taken as the newest) and the one before is used."""
-    if not out_dir.exists():
-        return None
-    candidates = sorted((d for d in out_dir.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()),
-                        key=lambda d: int(d.name.split("-")[-1]), reverse=True)
-    for d in candidates:
-        try:
-            json.loads((d / "trainer_state.json").read_text())
+    """The newest complete checkpoint: the newest with its completion marker (`mark_complete`). Newer ones
+    are what a kill during a save left (a rank's part missing or cut short): they are removed, since they
+    cannot be resumed and would be taken as the newest, and the one before is used. In a folder of
+    checkpoints written before the markers existed, a checkpoint counts as complete when its parts read
+    whole (`_parts_read_whole`)."""
+    found = checkpoints(out_dir)
+    before_markers = not any((d / CHECKPOINT_COMPLETE).exists() for d in found)
+    for d in found:
+        if _parts_read_whole(d) if before_markers else (d / CHECKPOINT_COMPLETE).exists():
             return str(d)
-        except (OSError, ValueError):
-            if events is not None:
-                events.warning(f"{d.name} was not completely written (interrupted save); removed")
-            shutil.rmtree(d, ignore_errors=True)
+        if events is not None:
+            events.warning(f"{d.name} was not completely written (interrupted save); removed")
+        shutil.rmtree(d, ignore_errors=True)
     return None
+
+
+def finished_result(out_dir: Path, final: Path, events: EventLog) -> dict | None:
+    """A training stage's result when its model is already saved (killed before the stage was marked done),
+    else None (train, resuming from its checkpoints). A `train_result.json` that does not parse (written
+    before it was written atomically, and cut by a kill) costs its numbers, not the trained model."""
+    from .models.loading import ModelLoadError, check_saved_files
+
+    path = out_dir / TRAIN_RESULT
+    if not (path.exists() and (final / "adapter_config.json").exists()):
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        try:
+            check_saved_files(final, "trained adapter")
+        except ModelLoadError:
+            return None
+        events.warning(f"{path} is damaged (an interrupted write); the trained model in {final} is kept and "
+                       "its training numbers are lost")
+        result = {"train_result": f"lost: {path.name} was damaged; the model in {final.name}/ is complete"}
+        write_result(out_dir, result)
+        return result
+
+
+def write_result(out_dir: Path, result: dict) -> None:
+    write_atomic(out_dir / TRAIN_RESULT, json.dumps(result, indent=2))
 
 
 def remove_checkpoints(out_dir: Path) -> None:

@@ -9,7 +9,6 @@ reference forward pass runs during training. The margins delta come from the rew
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.logprobs import group_forward, use_packing
 from ..recipe import DpoConfig
-from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
+from ..training import (GroupTrainer, finished_result, remove_checkpoints, run_training, seed_everything,
+                        training_arguments, write_result)
 from .loss import mm_dpo_loss
 
 
@@ -119,8 +119,9 @@ def run_stage(ctx) -> dict:
     recipe, events = ctx.recipe, ctx.events
     out_dir = ctx.run.stage_dir("dpo")
     final = policy_dir(ctx.run_dir)
-    if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
-        return json.loads((out_dir / "train_result.json").read_text())
+    done = finished_result(out_dir, final, events)   # finished; killed before marked done
+    if done is not None:
+        return done
     dc = recipe.dpo
     train_groups, _ = ctx.data()
     groups = [g for g in train_groups if group_pairs(g, dc.pairs)]
@@ -149,7 +150,7 @@ def run_stage(ctx) -> dict:
     def write() -> dict:   # the policy and the result are written once
         save_adapter(model, final, state_dict=state, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
         result["train_seconds"] = round(time.time() - start, 1)
-        (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        write_result(out_dir, result)
         remove_checkpoints(out_dir / "checkpoints")
         return result
     return distributed.on_main("dpo: the policy", write)

@@ -8,7 +8,6 @@ comes from the K rewards (reward/loss.py). The image is encoded once per group.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from ..models.loading import load_model, save_adapter
 from ..models.wrappers import unwrap
 from ..models.logprobs import group_forward, use_packing
 from ..recipe import RewardConfig
-from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
+from ..training import (GroupTrainer, finished_result, remove_checkpoints, run_training, seed_everything,
+                        training_arguments, write_result)
 from .loss import bradley_terry, reward_loss, step_counts
 from .prompt import TEMPLATE_VERSION, CritiqueEncoder
 
@@ -155,8 +155,9 @@ def run_stage(ctx) -> dict:
         return {"model_from": recipe.reward.model_from}
     out_dir = ctx.run.stage_dir("reward")
     final = out_dir / "final"
-    if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
-        return json.loads((out_dir / "train_result.json").read_text())  # finished; killed before marked done
+    done = finished_result(out_dir, final, events)   # finished; killed before marked done
+    if done is not None:
+        return done
     train_groups, eval_groups = ctx.data()
     seed_everything(recipe.run.seed)
     train_groups = trainable_groups(train_groups, events)
@@ -185,7 +186,7 @@ def run_stage(ctx) -> dict:
         if acc is not None:
             result["eval_pair_accuracy_given"] = acc
             events.metrics(step=result["steps"], eval_pair_accuracy_given=acc)
-        (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        write_result(out_dir, result)
         remove_checkpoints(out_dir / "checkpoints")
         return result
     return distributed.on_main("reward: the model", write)
