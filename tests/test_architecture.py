@@ -229,3 +229,18 @@ def test_the_seam_check_finds_internals_and_torch_distributed(tmp_path):
     assert bad == ["mmrlhf_lite/stage.py:2: mmrlhf_lite.distributed.lockstep.work_split",
                    "mmrlhf_lite/stage.py:3: torch.distributed", "mmrlhf_lite/stage.py:6: mmrlhf_lite.distributed.is_main",
                    "mmrlhf_lite/stage.py:7: torch.distributed.get_world_size"]
+
+
+def test_each_stage_module_says_what_it_reads_and_writes_in_the_run_folder_and_its_command():
+    """A reader opening a stage's module learns first what it reads and writes in the run folder and the
+    command that exercises it (the stages of train.STAGE_RUNNERS, and the data preparation)."""
+    from mmrlhf_lite.train import STAGE_RUNNERS
+
+    modules = [runner.split(":")[0] for runner in STAGE_RUNNERS.values()] + ["mmrlhf_lite.data"]
+    for mod in modules:
+        rel = mod.replace(".", "/")
+        path = ROOT / (rel + ".py") if (ROOT / (rel + ".py")).exists() else ROOT / rel / "__init__.py"
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        words = set(doc.split())
+        assert "In the run folder" in doc and {"reads", "writes"} <= words, (mod, doc[:200])
+        assert "python -m mmrlhf_lite." in doc, mod

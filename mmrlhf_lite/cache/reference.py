@@ -6,6 +6,11 @@ forward pass. The starting policy is the base model (a fresh LoRA starts at zero
 (base-model fingerprint, prompt turns, media bytes, response text, processor settings), written as
 produced, and reused by any later run that points `cache.dir` at the same folder.
 
+In the run folder it reads the groups (`data.path`, train and eval) and the base model (`model.path`; no
+adapter) and writes `<cache>/reference.jsonl` (`cache.dir`, default `cache/`: `{"key", "logp", "n_tokens"}`
+per response), its progress in `events.jsonl` and, through train.py, `stages/reference.json`. The dpo and
+eval stages read the cache (`reference_logps`), computing first what it lost since.
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reference
 """
 from __future__ import annotations

@@ -1,9 +1,18 @@
 """Stage `dpo`: MM-DPO on preference groups with cached reference log-probs and reward margins.
 
-Each step forwards every response of its groups once (one packed sequence per group: the prompt and
-its image tokens once), gathers log-probs on response tokens only, and forms every ranked pair's loss
-from the K log-probs (dpo/loss.py). The reference log-probs come from the `reference` cache: no
-reference forward pass runs during training. The margins delta come from the reward cache (`score`).
+One DPO step, read top to bottom: `DpoCollator` turns the step's groups into a batch (the encoded groups,
+every ranked pair as indices into the flat list of responses, each pair's margin delta, the cached
+reference log-probs, each group's best response); `DpoTrainer.group_loss` runs `policy_forward` (one packed
+sequence per group: the prompt and its image tokens once, log-probs gathered on response tokens only,
+models/logprobs.py) and forms every pair's loss from the K log-probs with `mm_dpo_loss` (dpo/loss.py: the
+dynamic beta_i from delta, the SFT term). The optimizer step, accumulation, schedule and checkpoints are
+transformers.Trainer's (training.GroupTrainer). No reference forward pass runs during training.
+
+In the run folder it reads the training groups (`data.path`), `<cache>/reference.jsonl` (the `reference`
+stage; entries it lost are computed first) and, with `dpo.margin_source: reward`, `score/margins.jsonl`; it
+writes `dpo/checkpoints/checkpoint-N/` while it trains (resume points, removed once it is done),
+`dpo/final/` (the policy's LoRA adapter and `mmrlhf_lite.json`), `dpo/train_result.json`, its progress and
+metrics in `events.jsonl` and, through train.py, `stages/dpo.json`.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages dpo
 """

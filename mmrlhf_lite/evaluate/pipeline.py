@@ -2,8 +2,13 @@
 training), critique quality on the demo set, and the policy: held-out implicit reward accuracy, and of
 its own answers before vs after MM-DPO the share that is right (when the data knows the right answer),
 the share that is well-formed, the reward model's rank among the group's K responses, and a win rate
-(withheld when the starting policy's answers are not well-formed). Writes `eval/report.json` and
-`eval/report.md`.
+(withheld when the starting policy's answers are not well-formed).
+
+In the run folder it reads the held-out groups (`data.eval_fraction` / `data.eval_path`), the reward model
+(`reward/final/` or `reward.model_from`'s), the policy (`dpo/final/`), `<cache>/reference.jsonl` (computing
+what it lacks) and `stages/*.json` (the training stages' times, the score stage's margins summary); it
+writes `eval/report.json` and `eval/report.md`, its progress per part in `events.jsonl` and, through
+train.py, `stages/eval.json`. Nothing is cached: a stopped evaluation starts over.
 
 Under a launcher every part that loops over groups (each critique mode before and after training, the
 policy's log-probs, its generations, the scoring of its answers) is split over the ranks in chunks whose

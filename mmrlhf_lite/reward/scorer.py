@@ -6,6 +6,12 @@ one (`none`). Results go to the reward cache (`<cache>/reward.jsonl`), keyed by 
 they are produced; `<run>/score/margins.jsonl` then lists, per group, the scores and every pair's
 margin delta = r(better) - r(worse) that MM-DPO's dynamic beta uses.
 
+In the run folder the stage reads the groups (`data.path`) and the reward model (`reward/final/`, or that of
+`reward.model_from`) and writes `<cache>/reward.jsonl` (`cache.dir`, default `cache/`: one line per
+response, reused by any run with the same model and content), `score/margins.jsonl`, `score/beta_hist.png`
+(the training pairs' beta_i), its progress in `events.jsonl` and, through train.py, `stages/score.json`
+(with the held-out Spearman(delta, human rank gap) and the spread of beta_i).
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages score
 """
 from __future__ import annotations

@@ -4,6 +4,13 @@ Per group, one packed forward scores all K responses: each branch is response + 
 critique tokens carry the LM loss and the last token feeds the head; every pair's Bradley-Terry term
 comes from the K rewards (reward/loss.py). The image is encoded once per group.
 
+In the run folder it reads the training groups (`data.path`; the demo set in `data/demo/`) and writes
+`reward/checkpoints/checkpoint-N/` while it trains (resume points, removed once it is done),
+`reward/final/` (the LoRA adapter, the head and `mmrlhf_lite.json`: what the score and eval stages load),
+`reward/train_result.json` (loss, steps, seconds, held-out accuracy with the dataset's critiques), its
+progress and metrics in `events.jsonl`, and, through train.py, `stages/reward.json`. With
+`reward.model_from` it trains nothing and the other stages read that run's `reward/final/`.
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
 from __future__ import annotations
