@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -128,12 +129,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def unsloth_available() -> bool:
+    """Whether the unsloth backend could run here: CUDA and an installed unsloth. Looked up without importing
+    it: importing unsloth patches transformers, peft and TRL process-wide, and this is asked for every
+    `backend: auto` load and every cache key, so a transformers run on a machine with requirements-gpu.txt
+    installed would otherwise train on unsloth's patched classes. unsloth is imported on its own path only
+    (`_load_unsloth`)."""
     if not torch.cuda.is_available():
         return False
     try:
-        importlib.import_module("unsloth")
-        return True
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return importlib.util.find_spec("unsloth") is not None
+    except (ImportError, ValueError):  # a broken install: a module without a spec, a failing parent
         return False
 
 
@@ -149,7 +154,7 @@ def resolve_backend(cfg: ModelConfig, device: torch.device, family: FamilySpec) 
             raise ModelLoadError("model.backend=unsloth needs a CUDA GPU (FastVisionModel is CUDA only); "
                                  "use model.backend=transformers (4-bit also works on CPU) or auto")
         if not unsloth_available():
-            raise ModelLoadError("model.backend=unsloth but unsloth is not importable; "
+            raise ModelLoadError("model.backend=unsloth but unsloth is not installed; "
                                  "pip install -r requirements-gpu.txt, or use model.backend=transformers")
         return "unsloth"
     if cfg.backend == "auto" and device.type == "cuda" and family.unsloth and unsloth_available():
@@ -388,7 +393,12 @@ def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, rew
 
 
 def _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora):  # pragma: no cover - CUDA
-    from unsloth import FastVisionModel  # noqa: I001 - must come first on CUDA
+    try:
+        from unsloth import FastVisionModel  # noqa: I001 - imported here only: it patches libraries process-wide
+    except Exception as exc:  # noqa: BLE001 - an install that find_spec sees but that does not import
+        raise ModelLoadError(f"model.backend=unsloth but importing unsloth failed ({type(exc).__name__}: {exc}); "
+                             "reinstall it (pip install -r requirements-gpu.txt) or use "
+                             "model.backend=transformers") from None
 
     model, _ = FastVisionModel.from_pretrained(path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
                                                use_gradient_checkpointing=cfg.gradient_checkpointing and trainable,
