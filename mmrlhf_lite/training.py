@@ -9,7 +9,8 @@ transformers does with `num_items_in_batch`). Under a launcher the trainable gra
 ranks once per step (docs/distributed.md). The collator turns group indices into encoded groups.
 Progress and metrics go to the run's event stream; a stop request (the run folder's STOP file, SIGTERM,
 Ctrl-C) saves a checkpoint and raises `StageStopped` (on every rank at the same step), and the next
-invocation resumes from it.
+invocation resumes from it. An inf/NaN loss stops the stage (`NonFiniteLoss`) before it reaches the weights,
+naming the fix for the compute dtype (float16 on GPUs without native bf16: models/precision.py).
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
@@ -33,6 +34,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import distributed
 from .events import EventLog, StageStopped
+from .models.precision import NonFiniteLoss, overflow_fix, trainer_precision
 from .recipe import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,7 @@ def training_arguments(cfg: TrainConfig, out_dir: Path, *, device: torch.device,
         save_strategy="steps",
         report_to=[] if report_to == "none" else [report_to],
         use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16 and device.type == "cuda",
-        fp16=dtype == torch.float16 and device.type == "cuda",
+        **trainer_precision(device, dtype),
         seed=seed,
         data_seed=seed,
         remove_unused_columns=False,
@@ -113,6 +114,8 @@ class GroupTrainer(Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._trainable: list | None = None
+        loaded = getattr(model, "mmrlhf", None)      # models.loading.LoadedModel: the compute dtype
+        self.compute_dtype = loaded.dtype if loaded is not None else None
         self._groups_since_log, self._last_log_time = 0, None
         self.sharded = distributed.shards_base()
         if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
@@ -246,6 +249,7 @@ class GroupTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = distributed.through_root(model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
+        self._check_finite(loss)
         if num_items_in_batch is not None:
             # gradients are averaged over ranks (average_gradients, or FSDP's reduce-scatter when sharded);
             # the shares of all ranks must add up
@@ -256,6 +260,22 @@ class GroupTrainer(Trainer):
                 self._metric_sums[k] += float(v)
                 self._metric_counts[k] += 1
         return (loss, None) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first inf/NaN loss, before its gradients reach the weights (the last checkpoint stays
+        good), with the fix for the dtype in use. transformers would log the step's loss as filtered and train
+        on; under float16's loss scaling the steps would be skipped one by one. Every rank stops together."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.args.world_size > 1:
+            bad = distributed.any_rank(bad)
+        if not bad:
+            return
+        dtype = self.compute_dtype or loss.dtype
+        value = "a NaN" if bool(loss.detach().isnan().any()) else "an inf"
+        stage = self.events.stage or "training"
+        raise NonFiniteLoss(f"{stage}: the loss is {value} at step {self.state.global_step + 1} in "
+                            f"{str(dtype).replace('torch.', '')}; {overflow_fix(dtype)} (the checkpoints written so far "
+                            f"in {self.args.output_dir} are kept)")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

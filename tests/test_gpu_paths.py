@@ -1,19 +1,40 @@
 """GPU code paths, held on CPU: what the code asks of torch (`torch.cuda.is_available`,
 `get_device_capability`) is patched where a path is reachable only on a GPU; the models are the real tiny ones.
 
-- unsloth is looked up, never imported, by a transformers run (importing it patches libraries process-wide).
+- unsloth is looked up, never imported, by a transformers run (importing it patches libraries process-wide);
+- `compute_dtype: auto` is bf16 only from compute capability 8.0 (a T4 reports bf16 "supported" through
+  emulation), fp16 with loss scaling below it; an inf/NaN loss stops training with the fix.
 
     python -m pytest -q tests/test_gpu_paths.py
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import torch
+
+from mmrlhf_lite.recipe import load_recipe
+
 REPO = Path(__file__).resolve().parents[1]
+TINY_DPO = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu",
+            "data.demo.groups=8", "data.demo.image_size=56", "data.eval_fraction=0", "data.demo.safety_fraction=0",
+            "dpo.margin_source=none", "dpo.w=0", "dpo.gamma=0", "dpo.train.groups_per_step=2",
+            "dpo.train.grad_accum=1", "dpo.train.logging_steps=1", "dpo.train.save_steps=100"]
+
+
+def _dpo_metrics(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["type"] == "metrics" and e.get("stage") == "dpo":
+            out[e["step"]] = e
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,3 +85,83 @@ def test_a_transformers_run_never_imports_unsloth(tmp_path, tiny_qwen2_vl_xs):
     assert any("model.backend=auto uses transformers" in x for x in lines)   # the note: unsloth would run here
     assert "unsloth in sys.modules False" in lines
     assert not mark.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# compute dtype: bf16 from compute capability 8.0, fp16 + loss scaling below, inf/NaN stops
+
+@pytest.mark.parametrize("capability, want", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16)])
+def test_auto_dtype_is_bf16_from_compute_capability_8_only(monkeypatch, capability, want):
+    """A T4 (7.5) says bf16 is supported (emulated): auto must still pick fp16 there."""
+    from mmrlhf_lite.models.loading import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda")) == want
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+
+
+def test_explicit_bf16_on_a_t4_warns(monkeypatch, caplog):
+    from mmrlhf_lite.models.loading import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with caplog.at_level("WARNING"):
+        assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    assert "emulated" in caplog.text and "7.5 < 8.0" in caplog.text
+
+
+def test_fp16_trains_with_loss_scaling_on_fp32_trainable_weights(tiny_qwen2_vl_xs):
+    """transformers' fp16=True scales the loss (GradScaler), which refuses to unscale fp16 gradients: every
+    trainable weight of an fp16 base (LoRA, the reward head) must be fp32."""
+    from mmrlhf_lite.models.loading import load_model
+    from mmrlhf_lite.models.precision import trainer_precision
+    from mmrlhf_lite.recipe import ModelConfig
+
+    assert trainer_precision(torch.device("cuda"), torch.float16) == {"bf16": False, "fp16": True}
+    assert trainer_precision(torch.device("cuda"), torch.bfloat16) == {"bf16": True, "fp16": False}
+    assert trainer_precision(torch.device("cpu"), torch.float16) == {"bf16": False, "fp16": False}
+    model, _ = load_model(ModelConfig(path=str(tiny_qwen2_vl_xs), device="cpu", load_in_4bit=False,
+                                      compute_dtype="float16"), reward_head={"kind": "mlp", "dropout": 0.0})
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "reward_head" not in n}
+    assert frozen == {torch.float16}            # (peft keeps the head's untrained original beside its copy)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_fix(tmp_path, capsys):
+    """A real tiny run whose weights blow up (learning rate 1e30): the first inf/NaN loss stops the stage,
+    the CLI prints one line naming the step and the fix, no traceback, exit code 1; checkpoints stay."""
+    from mmrlhf_lite import train
+
+    args = TINY_DPO + ["dpo.train.max_steps=6", "dpo.train.learning_rate=1e30", "dpo.train.warmup_ratio=0",
+                       "dpo.train.lr_scheduler=constant", "dpo.train.save_steps=1", "dpo.gamma=1",
+                       f"run.dir={tmp_path / 'run'}", f"cache.dir={tmp_path / 'cache'}"]
+    recipe = load_recipe(None, args)
+    recipe.save(tmp_path / "recipe.yaml")
+    code = train.main([str(tmp_path / "recipe.yaml"), "--stages", "reference,dpo", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    line = next(x for x in err.splitlines() if x.startswith("error: dpo: the loss is"))
+    assert "Traceback" not in err
+    assert " at step " in line and "in float32" in line and "lower the stage's train.learning_rate" in line
+    step = int(line.split(" at step ")[1].split()[0])
+    assert 1 < step <= 6                          # step 1 is finite (lr applies after it)
+    # no inf/NaN ever reached the logged metrics; the steps before it were checkpointed
+    metrics = _dpo_metrics(tmp_path / "run")
+    assert sorted(metrics) == list(range(1, step))
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "dpo" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] == step - 1
+    end = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+           if '"stage_end"' in x][-1]
+    assert end["stage"] == "dpo" and end["status"] == "error"
+
+
+def test_fp16_overflow_message_names_bf16_and_float32():
+    from mmrlhf_lite.models.precision import overflow_fix
+
+    text = overflow_fix(torch.float16)
+    assert "compute capability >= 8.0" in text and "model.compute_dtype=float32" in text
+    assert "Qwen2" in text

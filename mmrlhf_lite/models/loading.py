@@ -30,6 +30,7 @@ from ..distributed import ShardedModel
 from ..recipe import ModelConfig
 from .families import FamilySpec, apply_pixel_limits, cap_model_grid, detect_family
 from .heads import RewardHead
+from .precision import auto_dtype, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU with native bf16, float16 on older GPUs (a T4), float32 on CPU
+    (models/precision.py); an explicit bfloat16 on a GPU without native bf16 runs emulated, with a warning."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
+        return auto_dtype(device)
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
+        log.warning("model.compute_dtype=bfloat16 on a GPU without native bf16 (compute capability %s < 8.0): it is "
+                    "emulated, slowly, and SDPA falls back to its math kernel; model.compute_dtype=auto uses float16",
+                    ".".join(map(str, torch.cuda.get_device_capability(device))))
+    return dtype
 
 
 def unsloth_available() -> bool:
