@@ -34,7 +34,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import distributed
 from .events import EventLog, StageStopped
-from .models.precision import NonFiniteLoss, overflow_fix, trainer_precision
+from .models.precision import NonFiniteLoss, overflow_fix, policy_forward_context, trainer_precision
 from .recipe import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class GroupTrainer(Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._trainable: list | None = None
-        loaded = getattr(model, "mmrlhf", None)      # models.loading.LoadedModel: the compute dtype
+        loaded = getattr(model, "mmrlhf", None)      # models.loading.LoadedModel: the device and compute dtype
+        self.compute_device = loaded.device if loaded is not None else args.device
         self.compute_dtype = loaded.dtype if loaded is not None else None
         self._groups_since_log, self._last_log_time = 0, None
         self.sharded = distributed.shards_base()
@@ -248,7 +249,9 @@ class GroupTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = distributed.through_root(model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
+        with policy_forward_context(self.compute_device):   # the reference pass's numerics (models/precision.py)
+            loss, metrics = distributed.through_root(
+                model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
         self._check_finite(loss)
         if num_items_in_batch is not None:
             # gradients are averaged over ranks (average_gradients, or FSDP's reduce-scatter when sharded);
@@ -274,8 +277,8 @@ class GroupTrainer(Trainer):
         value = "a NaN" if bool(loss.detach().isnan().any()) else "an inf"
         stage = self.events.stage or "training"
         raise NonFiniteLoss(f"{stage}: the loss is {value} at step {self.state.global_step + 1} in "
-                            f"{str(dtype).replace('torch.', '')}; {overflow_fix(dtype)} (the checkpoints written so far "
-                            f"in {self.args.output_dir} are kept)")
+                            f"{str(dtype).replace('torch.', '')}; {overflow_fix(dtype)} (the checkpoints written "
+                            f"so far in {self.args.output_dir} are kept)")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

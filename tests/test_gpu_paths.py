@@ -3,7 +3,8 @@
 
 - unsloth is looked up, never imported, by a transformers run (importing it patches libraries process-wide);
 - `compute_dtype: auto` is bf16 only from compute capability 8.0 (a T4 reports bf16 "supported" through
-  emulation), fp16 with loss scaling below it; an inf/NaN loss stops training with the fix.
+  emulation), fp16 with loss scaling below it; an inf/NaN loss stops training with the fix;
+- the reference pass runs the policy forward in the training step's numerics: the step-0 log-ratio is 0.
 
     python -m pytest -q tests/test_gpu_paths.py
 """
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from mmrlhf_lite.recipe import load_recipe
+from mmrlhf_lite.train import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DPO = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu",
@@ -152,7 +154,8 @@ def test_a_non_finite_loss_stops_training_naming_the_fix(tmp_path, capsys):
     # no inf/NaN ever reached the logged metrics; the steps before it were checkpointed
     metrics = _dpo_metrics(tmp_path / "run")
     assert sorted(metrics) == list(range(1, step))
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "dpo" / "checkpoints").glob("checkpoint-*"))
+    checkpoints = sorted(int(p.name.split("-")[1])
+                         for p in (tmp_path / "run" / "dpo" / "checkpoints").glob("checkpoint-*"))
     assert checkpoints and checkpoints[-1] == step - 1
     end = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()
            if '"stage_end"' in x][-1]
@@ -165,3 +168,28 @@ def test_fp16_overflow_message_names_bf16_and_float32():
     text = overflow_fix(torch.float16)
     assert "compute capability >= 8.0" in text and "model.compute_dtype=float32" in text
     assert "Qwen2" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# reference pass: the training step's numerics
+
+def test_step0_log_ratio_is_zero_whatever_context_the_trainer_enters(tmp_path, monkeypatch):
+    """The trainer's loss context is made to autocast in bf16 on the CPU (as accelerate's mixed precision
+    does around `model.forward`, over fp32 weights): the policy forward of the training step and of the
+    reference pass run in one context (models/precision.py), so at step 0 the policy equals the cached
+    reference. (Before, the training forward ran in bf16 and the reference in fp32: max |log-ratio| 4.9e-3.)"""
+    import transformers
+
+    entered = {"n": 0}
+
+    def autocasting_context(self):
+        entered["n"] += 1
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    monkeypatch.setattr(transformers.Trainer, "compute_loss_context_manager", autocasting_context)
+    recipe = load_recipe(None, TINY_DPO + ["dpo.train.max_steps=1", f"run.dir={tmp_path / 'run'}",
+                                           f"cache.dir={tmp_path / 'cache'}"])
+    run_pipeline(recipe, ["reference", "dpo"], echo=False)
+    assert entered["n"] == 1
+    step1 = _dpo_metrics(tmp_path / "run")[1]
+    assert step1["abs_log_ratio_max"] <= 1e-6, step1
+    assert step1["loss"] == pytest.approx(0.6931472, abs=1e-6)    # log 2: every pair's h = 0
