@@ -127,6 +127,10 @@ class TrainConfig:
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (resume point).", gt=0)
     logging_steps: int = _f(5, "Log metrics every N optimizer steps.", gt=0)
     save_total_limit: int = _f(2, "Checkpoints kept.", gt=0)
+    dataloader_workers: int | None = _f(None, "Processes that collate the next micro-batches (image decoding, chat "
+                                        "template, masks) while the step runs; null = auto: up to 4 on CUDA, 0 on "
+                                        "CPU (workers would take cores from the step). Same batches, same order.",
+                                        ge=0)
 
 
 @dataclass
