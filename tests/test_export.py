@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from mmrlhf_lite.export import ExportError, export_model, main
-from mmrlhf_lite.models.loading import load_model, save_adapter, unwrap
+from mmrlhf_lite.models.loading import load_model, save_adapter
+from mmrlhf_lite.models.wrappers import unwrap
 from mmrlhf_lite.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,12 @@ from typing import Sequence
 import torch
 
 from .families import FamilySpec
-from .packing import TOKEN_LEVEL_KEYS, _cat_media, _forward_keys
+from .packing import TOKEN_LEVEL_KEYS, concat_media, forward_keys
 
 
-def _stop_ids(processor, end_of_turn: str) -> list[int]:
+def stop_ids(processor, end_of_turn: str) -> list[int]:
+    """The token ids that end a generated turn: the template's end-of-turn token (when it is one token) and
+    the tokenizer's EOS."""
     tok = processor.tokenizer
     ids = set()
     eot = tok(end_of_turn, add_special_tokens=False)["input_ids"]
@@ -33,7 +35,7 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stop = _stop_ids(processor, end_of_turn)
+    stop = stop_ids(processor, end_of_turn)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -55,7 +57,7 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
                     v = p[k][0].tolist()
                     token_keys[k][i, L - len(ids):L - len(ids) + len(v)] = torch.tensor(v)
             prefixes = [p for _, p in rows]
-            media = _cat_media(prefixes, _forward_keys(spec, prefixes))
+            media = concat_media(prefixes, forward_keys(spec, prefixes))
             kwargs = {k: v.to(device) for k, v in {**media, **token_keys}.items()}
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs,
                                  max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -8,7 +8,7 @@ trainer's mixed-precision flags.
   stay float32, so their gradients unscale).
 - `policy_forward_context`: the training step and the reference pass run the policy forward in the same
   numerics, so that at step 0 (LoRA B = 0) the policy equals the cached reference: log pi - log pi_ref = 0
-  (REFERENCE.md, MM-DPO). The trainers call the decoder directly (models/packing.py), not `model.forward`,
+  (REFERENCE.md, MM-DPO). The trainers call the decoder directly (models/logprobs.py), not `model.forward`,
   so accelerate's autocast wrapper of `model.forward` never applied to training; docs/memory.md models that
   (weights in the compute dtype, LoRA inputs cast to fp32 by peft). This context pins it: autocast off on
   the model's device type, whatever context a caller (a Trainer, a notebook) entered around it.
