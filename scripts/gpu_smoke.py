@@ -75,6 +75,8 @@ class Recorder:
         with open(self.out / "smoke.jsonl", "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")
         self.write_summary()
+        shown = {k: v for k, v in fields.items() if v is not None and k not in ("stages", "budget")}
+        print(f"[gpu-smoke] {kind}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
         return rec
 
     def write_summary(self) -> None:
@@ -307,6 +309,7 @@ def main() -> int:
                 **numbers)
         if (run_dir / "events.jsonl").exists():
             shutil.copyfile(run_dir / "events.jsonl", out / "events.jsonl")
+    print(f"\n{(out / 'summary.md').read_text()}\n[gpu-smoke] files in {out}", flush=True)
     return 1 if failed else 0
 
 
