@@ -51,7 +51,7 @@ def scorer(groups):
     opt = torch.optim.Adam(params, lr=LR)
     encoded = [sc.crit.encode(g)[0] for g in groups]
     for _ in range(STEPS):
-        _, token_logps = compute_rewards(model, sc.spec, encoded, sc.packed, with_logps=True)
+        token_logps = compute_rewards(model, sc.spec, encoded, sc.packed, with_logps=True).critique_token_logps
         loss = -torch.cat(token_logps).mean()
         opt.zero_grad()
         loss.backward()

@@ -51,7 +51,6 @@ class CritiqueEncoder:
 
     def __init__(self, encoder: GroupEncoder):
         self.encoder = encoder
-        self._split_cache: dict[tuple[str, int], tuple[str, str]] = {}
 
     def _template_split(self, group: PreferenceGroup) -> tuple[list[dict], list, str, str]:
         """(messages, images, text after the prefix up to the response, text after the response).

@@ -114,8 +114,8 @@ class RewardScorer:
             resp = response_logp_weight(self.model) > 0
             encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
                                         generated=generated)[0] for _, _, g, c in chunk]
-            rewards, _ = distributed.through_root(self.model, lambda: compute_rewards(
-                self.model, self.spec, encoded, self.packed, with_logps=False))  # FSDP: through the root
+            rewards = distributed.through_root(self.model, lambda: compute_rewards(
+                self.model, self.spec, encoded, self.packed, with_logps=False)).scores  # FSDP: through the root
             off = 0
             for gi, si, g, _ in chunk:
                 for ri in range(len(g.responses)):
