@@ -20,10 +20,11 @@ from ..events import EventLog
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter, unwrap
 from ..models.packing import group_forward, use_packing
+from ..models.reward_score import TEMPLATE_VERSION, hybrid_score
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
 from .loss import bradley_terry, reward_loss, step_counts
-from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+from .prompt import CritiqueEncoder
 
 
 def pair_tensors(groups, offsets: list[int], margin_scale: float = 0.0):
@@ -91,9 +92,8 @@ def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool) -> Rew
     crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if with_logps else []
     resp = None
     if need_resp:
-        w = response_logp_weight(model)
         resp = torch.stack([t[:n].mean() if n else t.new_zeros(()) for t, n in zip(out.token_logps, n_resp)])
-        rewards = head_rewards + w * resp.to(head_rewards.dtype)
+        rewards = hybrid_score(head_rewards, resp, response_logp_weight(model))
     return Rewards(scores=rewards, head=head_rewards, response_logp=resp, critique_token_logps=crit)
 
 
