@@ -107,7 +107,7 @@ def exported(request, tmp_path_factory):
     shutil.copytree(out, copy)
     rows = [{"id": g.id, "images": [str(p) for p in g.images], "question": g.question_text(),
              "answers": [r.text for r in g.responses], "critiques": [r.critique for r in g.responses],
-             "modes": list(MODES)} for g in groups]
+             "modes": list(MODES), "pairs": g.pairs()} for g in groups]
     return run, records, rows, copy, weight
 
 
@@ -190,3 +190,40 @@ def test_merged_reward_export_scores_alike(exported, tmp_path):
     for g in got:
         want = records[(g["id"], "none")]["scores"]
         assert all(_close(a, b) for a, b in zip(g["scores"], want)), (g["scores"], want)
+
+
+def test_evaluate_reward_gives_each_parts_accuracy(exported):
+    """Per critique mode: the accuracy of the sum, and for a hybrid score of the head alone and of the log-prob
+    term alone, each equal to a count by hand over the per-response parts; the table and the eval report
+    show them, labelled."""
+    from mmrlhf_lite.evaluate.report import format_report
+
+    run, records, rows, _, weight = exported
+    out = run.parent / "eval"   # where the fixture's evaluate reward wrote
+    bench = json.loads((out / "reward_bench.json").read_text())
+    md = (out / "reward_bench.md").read_text()
+
+    def by_hand(part: str, mode: str) -> float:
+        right = total = 0
+        for row in rows:
+            values = records[(row["id"], mode)][part]
+            for b, w in row["pairs"]:
+                right += values[b] > values[w]
+                total += 1
+        return right / total
+
+    for mode in MODES:
+        res = bench["results"][mode]
+        assert res["overall"]["acc"] == by_hand("scores", mode)
+        if weight:
+            assert res["parts"]["head"]["overall"]["acc"] == by_hand("head", mode)
+            assert res["parts"]["response_logp"]["overall"]["acc"] == by_hand("response_logp", mode)
+            for label in ("hybrid sum", "head alone", "log-prob term alone"):
+                assert f"| {mode}: {label} |" in md
+        else:
+            assert "parts" not in res and f"| {mode} |" in md
+    report = format_report({"groups": len(rows), "pairs": sum(len(r["pairs"]) for r in rows),
+                            "reward_model": {"modes": bench["results"]}})
+    assert ("Hybrid score: head on the critique + 2 x the answer's mean log-prob" in report) == bool(weight)
+    assert ("| given: head alone |" in report) == bool(weight)
+
