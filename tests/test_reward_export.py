@@ -227,3 +227,22 @@ def test_evaluate_reward_gives_each_parts_accuracy(exported):
     assert ("Hybrid score: head on the critique + 2 x the answer's mean log-prob" in report) == bool(weight)
     assert ("| given: head alone |" in report) == bool(weight)
 
+
+
+def test_playground_card_says_hybrid_and_the_weight(exported):
+    """The playground scores with the project's scorer: its numbers equal evaluate reward's, and a hybrid
+    model's card shows the head's part, the weight and the mean log-prob, which add up to the score."""
+    from mmrlhf_lite.ui import playground
+
+    run, records, rows, _, weight = exported
+    row = rows[0]
+    results = playground.score(run.parent, run.name, row["images"][0], row["question"], row["answers"], mode="none")
+    want = records[(row["id"], "none")]
+    assert all(_close(r["score"], b) for r, b in zip(results, want["scores"]))
+    cards = playground.cards_html(results)
+    if weight:
+        assert cards.count("hybrid score = head ") == len(row["answers"]) and f"+ {weight:g} × mean log-prob" in cards
+        for r in results:
+            assert _close(r["head"] + weight * r["response_logp"], r["score"])
+    else:
+        assert "hybrid" not in cards
