@@ -23,12 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from mmrlhf_lite.data.demo import generate as demo_groups
-from mmrlhf_lite.models.loading import load_model, save_adapter
-from mmrlhf_lite.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "given", "generate")
@@ -65,29 +61,8 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def reward_run(root: Path, weight: float) -> Path:
-    """A run folder whose reward model is the tiny Qwen2-VL with random non-zero LoRA B and head (a fresh
-    LoRA is a no-op), the head saved with `response_logp_weight` = weight, as the reward stage saves it."""
-    run = root / "run"
-    run.mkdir(parents=True)
-    tree = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
-    tree["model"].update(path="tiny:qwen2_vl:xs", load_in_4bit=False, device="cpu", lora_vision=False)
-    tree["reward"].update(response_logp_weight=weight, generation_batch_size=1, max_new_tokens=8, n_samples=1,
-                          critique_mode="generate")
-    (run / "recipe.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    recipe = load_recipe(run / "recipe.yaml", check_paths=False)
-    model, _ = load_model(recipe.model, reward_head={"kind": "mlp", "dropout": 0.0, "response_logp_weight": weight})
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n or "reward_head" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_adapter(model, run / "reward" / "final", kind="reward")
-    return run
-
-
 @pytest.fixture(scope="module", params=[0.0, 2.0], ids=["w0", "w2"])
-def exported(request, tmp_path_factory):
+def exported(request, tmp_path_factory, reward_run_factory):
     """(run, its evaluate-reward records by (id, mode), the rows, a copy of the exported folder, w)."""
     from mmrlhf_lite.evaluate.__main__ import SCORES_FILE, main as evaluate
     from mmrlhf_lite.export import export_model
@@ -97,7 +72,7 @@ def exported(request, tmp_path_factory):
     groups = demo_groups(root / "data", groups=3, seed=2, image_size=56, safety_fraction=0.0)
     data = root / "data" / "rows.jsonl"
     data.write_text("".join(json.dumps(g.to_record()) + "\n" for g in groups))
-    run = reward_run(root, weight)
+    run = reward_run_factory(root, weight)
     assert evaluate(["reward", str(run), "--data", str(data), "--critique", ",".join(MODES),
                      "--out", str(root / "eval")]) == 0
     records = {(r["id"], r["mode"]): r for r in map(json.loads, (root / "eval" / SCORES_FILE).read_text().splitlines())}

@@ -444,6 +444,9 @@ class Scorer:
                 lm_head = base.get_output_embeddings()
                 means = []
                 for i, b in enumerate(chunk):
+                    if not b.n_response:  # no answer token (an empty answer): the term is 0, as in the project
+                        means.append(torch.zeros((), device=self.device))
+                        continue
                     pos = torch.arange(p - 1, p - 1 + b.n_response)
                     logits = lm_head(hidden[i, pos.to(self.device)]).float()
                     target = torch.tensor(b.context[:b.n_response], device=self.device)
