@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data.groups import PreferenceGroup, Response, text_to_turn
+from .models.reward_score import AnswerScore
 
 MODES = ("none", "generate")
 
@@ -131,72 +132,84 @@ def _group_key(group: PreferenceGroup) -> str:
     return h.hexdigest()
 
 
-class _ProjectBackend:
-    """A run folder's reward model through the project's packed scorer."""
+class RunRewardModel:
+    """A run folder's reward model through the project's packed scorer (`RewardScorer`)."""
 
     def __init__(self, scorer, recipe):
         self.scorer, self.recipe = scorer, recipe
+        self.response_logp_weight = scorer.response_logp_weight
+        rc = recipe.reward
+        self.default_mode = "generate" if rc.critique_mode == "given" else rc.critique_mode
 
-    def score(self, groups: list[PreferenceGroup], mode: str) -> list[list[float]]:
+    def score_groups(self, groups: list[PreferenceGroup], mode: str, batch_groups: int = 4) -> list[list[AnswerScore]]:
+        """Each group's responses scored in `mode` (none / generate), `batch_groups` groups per packed forward."""
         rc = self.recipe.reward
         scored = self.scorer.score_groups(groups, mode, n_samples=rc.n_samples, temperature=rc.temperature,
                                           max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                          seed=self.recipe.run.seed)
-        return [[s.score for s in g] for g in scored]
+                                          seed=self.recipe.run.seed, batch_groups=batch_groups)
+        return [[AnswerScore(score=s.score, head=s.head, response_logp=s.response_logp,
+                             critique=" | ".join(s.critiques) if s.critiques else None) for s in g] for g in scored]
 
 
-class _ExportBackend:
-    """An exported folder's reward model through its own `reward_score.Scorer` (no packing)."""
+class ExportedRewardModel:
+    """An exported folder's reward model through its own `reward_score.Scorer` (plain forward, no packing)."""
 
     def __init__(self, scorer):
         self.scorer = scorer
+        self.response_logp_weight = scorer.weight
+        self.default_mode = scorer.default_mode()
 
-    def score(self, groups: list[PreferenceGroup], mode: str) -> list[list[float]]:
-        return [self.scorer.score([m for m in g.images], g.question_text(), [r.text for r in g.responses], mode)
+    def score_groups(self, groups: list[PreferenceGroup], mode: str, batch_groups: int = 4) -> list[list[AnswerScore]]:
+        return [self.scorer.score_answers(list(g.images), g.question_text(), [r.text for r in g.responses], mode)
                 for g in groups]
+
+
+def open_reward_model(path: str | Path, device: str | None = None) -> RunRewardModel | ExportedRewardModel:
+    """The reward model of a run folder (its `reward/final`, or its `reward.model_from`) or of an exported
+    folder (`reward_score.json` in it). `device`: where it runs (default: the run's `model.device`; `cuda:1`
+    puts it beside a policy on `cuda:0`)."""
+    from .models.reward_score import SETTINGS_FILE, Scorer
+
+    path = Path(path)
+    if (path / SETTINGS_FILE).exists():
+        return ExportedRewardModel(Scorer.load(path, device=device or "auto"))
+    if not (path / "recipe.yaml").exists():
+        raise FileNotFoundError(f"{path} is neither a run folder (no recipe.yaml) nor an exported reward model "
+                                f"(no {SETTINGS_FILE}): give runs/<name> or the folder `python -m "
+                                "mmrlhf_lite.export RUN --what reward` wrote")
+    from .recipe import load_recipe
+    from .reward.scorer import RewardScorer
+
+    recipe = load_recipe(path / "recipe.yaml", check_paths=False)
+    if device:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, device=device))
+    rc = recipe.reward
+    scorer = RewardScorer.from_run(path, recipe.model, max_length=rc.train.max_length,
+                                   max_frames=recipe.data.max_frames)
+    return RunRewardModel(scorer, recipe)
 
 
 class RewardFunction:
     """`rf(prompts, completions, **columns) -> list[float]`: the critique reward model's score of each completion.
 
-    Build it with `from_run`. `critique`: `none` (fast: the head and, for a hybrid model, the log-prob term,
-    without a critique) or `generate` (the model writes a critique first, greedy unless the run samples).
-    `batch_groups`: prompts scored per call of the scorer (each prompt's completions in one packed row)."""
+    Build it with `from_run`; `model` is a `RunRewardModel` or an `ExportedRewardModel`. `critique`: `none`
+    (fast: the head and, for a hybrid model, the log-prob term, without a critique) or `generate` (the model
+    writes a critique first, greedy unless the run samples). `batch_groups`: prompts per packed forward
+    (each prompt's completions share one row)."""
 
-    def __init__(self, backend, critique: str, *, batch_groups: int = 8, name: str = "mmrlhf_reward"):
+    def __init__(self, model, critique: str, *, batch_groups: int = 8, name: str = "mmrlhf_reward"):
         if critique not in MODES:
             raise RewardFunctionError(f"critique must be one of {', '.join(MODES)}, not {critique!r}")
-        self.backend, self.critique, self.batch_groups = backend, critique, max(1, int(batch_groups))
+        self.model, self.critique, self.batch_groups = model, critique, max(1, int(batch_groups))
         self.__name__ = name  # TRL logs rewards under the function's name: rewards/<name>/mean
 
     @classmethod
     def from_run(cls, path: str | Path, *, critique: str | None = None, device: str | None = None,
                  batch_groups: int = 8, name: str = "mmrlhf_reward") -> "RewardFunction":
-        """The reward model of a run folder (its `reward/final`, or its `reward.model_from`) or of an exported
-        folder (`reward_score.json` in it). `device`: where it runs (default: the run's `model.device`;
-        `cuda:1` puts it beside a policy on `cuda:0`). `critique`: default the run's mode."""
-        from .models.reward_score import SETTINGS_FILE, Scorer
-
-        path = Path(path)
-        if (path / SETTINGS_FILE).exists():
-            scorer = Scorer.load(path, device=device or "auto")
-            mode = critique or scorer.default_mode()
-            return cls(_ExportBackend(scorer), mode, batch_groups=batch_groups, name=name)
-        if not (path / "recipe.yaml").exists():
-            raise FileNotFoundError(f"{path} is neither a run folder (no recipe.yaml) nor an exported reward model "
-                                    f"(no {SETTINGS_FILE}): give runs/<name> or the folder `python -m "
-                                    "mmrlhf_lite.export RUN --what reward` wrote")
-        from .recipe import load_recipe
-        from .reward.scorer import RewardScorer
-
-        recipe = load_recipe(path / "recipe.yaml", check_paths=False)
-        if device:
-            recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, device=device))
-        rc = recipe.reward
-        scorer = RewardScorer.from_run(path, recipe.model, max_length=rc.train.max_length,
-                                       max_frames=recipe.data.max_frames)
-        mode = critique or ("generate" if rc.critique_mode == "given" else rc.critique_mode)
-        return cls(_ProjectBackend(scorer, recipe), mode, batch_groups=batch_groups, name=name)
+        """The reward model of a run folder or an exported folder (`open_reward_model`). `critique`: default
+        the run's mode (`given` becomes `generate`)."""
+        model = open_reward_model(path, device)
+        return cls(model, critique or model.default_mode, batch_groups=batch_groups, name=name)
 
     def groups(self, prompts: Sequence, completions: Sequence, **kwargs) -> tuple[list[PreferenceGroup], list]:
         """The completions grouped by prompt (same turns, same images) and, per completion, its (group, index)."""
@@ -216,6 +229,6 @@ class RewardFunction:
         scores: dict[int, list[float]] = {}
         for s in range(0, len(groups), self.batch_groups):
             chunk = groups[s:s + self.batch_groups]
-            for g, sc in zip(chunk, self.backend.score(chunk, self.critique)):
-                scores[id(g)] = sc
+            for g, sc in zip(chunk, self.model.score_groups(chunk, self.critique, self.batch_groups)):
+                scores[id(g)] = [a.score for a in sc]
         return [scores[id(g)][k] for g, k in where]

@@ -141,7 +141,9 @@ class RewardScorer:
 
     def score_groups(self, groups: Sequence[PreferenceGroup], mode: str = "generate", *, n_samples: int = 1,
                      temperature: float = 0.7, max_new_tokens: int = 96, batch_size: int = 8,
-                     seed: int = 0) -> list[list[ScoredResponse]]:
+                     seed: int = 0, batch_groups: int = 4) -> list[list[ScoredResponse]]:
+        """Each group's responses scored in `mode`; `batch_size` critiques per generation call, `batch_groups`
+        groups per packed scoring forward."""
         if mode == "generate":
             crits = self.generate_critiques(groups, n_samples=n_samples, temperature=temperature,
                                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
@@ -154,7 +156,7 @@ class RewardScorer:
             crits = None
         else:
             raise ValueError(f"unknown critique mode {mode!r}")
-        scores = self.score_with(groups, crits, generated=mode == "generate")
+        scores = self.score_with(groups, crits, batch_groups=batch_groups, generated=mode == "generate")
         return [[_scored(samples, crits[gi][ri] if crits else [], mode) for ri, samples in enumerate(group_scores)]
                 for gi, group_scores in enumerate(scores)]
 
