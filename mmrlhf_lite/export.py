@@ -164,7 +164,7 @@ def _save_processor(processor, base_path: str, out: Path) -> None:
     """The processor files AutoProcessor reads. Without torchvision the project's loader builds the processor
     from its parts (no video processor); then the parts are saved and the base's processor_config copied, so
     the folder is what AutoProcessor loads wherever torchvision is installed."""
-    from .models.loading import _local_processor_files
+    from .models.loading import local_processor_files
     from .models.reward_score import FramesOnlyVideoProcessor
 
     if not isinstance(getattr(processor, "video_processor", None), FramesOnlyVideoProcessor):
@@ -174,7 +174,7 @@ def _save_processor(processor, base_path: str, out: Path) -> None:
     processor.image_processor.save_pretrained(str(out))
     if processor.chat_template:
         (out / "chat_template.jinja").write_text(processor.chat_template)
-    src = Path(_local_processor_files(base_path))
+    src = Path(local_processor_files(base_path))
     for name in ("processor_config.json", "video_preprocessor_config.json"):
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)

@@ -138,14 +138,14 @@ class PolicyChat:
 
     def _inputs(self, images: Sequence, question: str) -> dict:
         from .data.media import MediaError
-        from .models.packing import TOKEN_LEVEL_KEYS, _forward_keys
+        from .models.packing import TOKEN_LEVEL_KEYS, forward_keys
 
         try:
             prefix = self.encoder.policy_prompt(self._group(images, question))
         except MediaError as exc:
             raise GenerateError(f"cannot read an image: {exc}") from None
         device = next(p for p in self.model.parameters()).device
-        keys = [k for k in _forward_keys(self.spec, [prefix]) if k in prefix] + [k for k in TOKEN_LEVEL_KEYS if k in prefix]
+        keys = [k for k in forward_keys(self.spec, [prefix]) if k in prefix] + [k for k in TOKEN_LEVEL_KEYS if k in prefix]
         out = {k: prefix[k].to(device) for k in dict.fromkeys(keys)}
         out["input_ids"] = prefix["input_ids"].to(device)
         out["attention_mask"] = out["input_ids"].new_ones(out["input_ids"].shape)

@@ -142,7 +142,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
                         **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
             if dist.is_distributed():
-                events.info(_launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
+                events.info(launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
             refuse_over_long(ctx, [s for s in stages if s not in skip])
             return skip
 
@@ -158,7 +158,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
                 with events.stage_run(stage):
                     return runner(ctx) or {}
             # every stage runs on every rank: reward/dpo data-parallel, score/reference/eval on each rank's
-            # share of the groups (cache/sharded.py, rounds.py)
+            # share of the groups (cache/sharded.py, distributed/lockstep.py)
             info = run_stage()
             dist.barrier(f"end of stage {stage}")
             if main:
@@ -179,7 +179,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             run.release()
 
 
-def _launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
+def launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
     """The global batch of each training stage under `world` processes (DDP: each process holds a full
     copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run; FSDP2: the training and
     precompute stages hold 1/world of the base each, eval a full copy, see the dry run's FSDP2 lines)."""
@@ -280,7 +280,7 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, proce
     if processes > 1:
         launch = (f"accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes {processes}"
                   if fsdp else f"torchrun --nproc_per_node {processes}")
-        print(f"\nlaunch: {_launch_summary(recipe, processes, fsdp)}\n"
+        print(f"\nlaunch: {launch_summary(recipe, processes, fsdp)}\n"
               f"  {launch} -m mmrlhf_lite.train {recipe.source} ... (docs/distributed.md)")
     return plan
 
@@ -433,7 +433,10 @@ def _free_space(path) -> str:
         return "free space unknown"
 
 
-def _known_user_errors() -> tuple[type, ...]:
+def known_user_errors() -> tuple[type, ...]:
+    """The exception types that are the user's to fix (bad data rows, missing or bad media, unloadable model
+    files, a sample too long for max_length): the CLI prints their message without a traceback, and the UI's
+    pre-flight shows it."""
     out: list[type] = []
     for mod, name in (("mmrlhf_lite.data.errors", "DataError"), ("mmrlhf_lite.data.media", "MediaError"),
                       ("mmrlhf_lite.models.loading", "ModelLoadError"),
@@ -446,7 +449,7 @@ def _known_user_errors() -> tuple[type, ...]:
 
 
 def _unexpected(exc: BaseException) -> int:
-    if isinstance(exc, _known_user_errors()):
+    if isinstance(exc, known_user_errors()):
         print(f"error: {exc}", file=sys.stderr)
         return 1
     trace = "".join(traceback.format_exception(exc))

@@ -17,7 +17,8 @@ import torch
 
 from mmrlhf_lite.data.demo import generate as demo_groups
 from mmrlhf_lite.models.generation import generate_after
-from mmrlhf_lite.models.loading import load_model, unwrap
+from mmrlhf_lite.models.loading import load_model
+from mmrlhf_lite.models.wrappers import unwrap
 from mmrlhf_lite.recipe import ModelConfig
 from mmrlhf_lite.reward.scorer import RewardScorer
 from mmrlhf_lite.reward.trainer import compute_rewards

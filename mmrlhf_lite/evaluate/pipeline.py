@@ -7,7 +7,7 @@ the share that is well-formed, the reward model's rank among the group's K respo
 
 Under a launcher every part that loops over groups (each critique mode before and after training, the
 policy's log-probs, its generations, the scoring of its answers) is split over the ranks in chunks whose
-size and sampling seed come from the recipe, not from the number of ranks (`rounds.sharded_map`); every
+size and sampling seed come from the recipe, not from the number of ranks (`distributed.lockstep.sharded_map`); every
 rank gathers the per-group results and runs the one-process aggregation, and rank 0 writes the report,
 which is the one a single process writes.
 
@@ -29,8 +29,8 @@ from ..events import StageStopped
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
-from ..models.packing import use_packing
-from ..rounds import chunk_seed, sharded_map
+from ..models.logprobs import use_packing
+from ..distributed.lockstep import chunk_seed, sharded_map
 from ..runs import write_atomic
 from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate

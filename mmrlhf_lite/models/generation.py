@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from .families import FamilySpec
-from .packing import TOKEN_LEVEL_KEYS, _cat_media, _forward_keys
+from .packing import TOKEN_LEVEL_KEYS, concat_media, forward_keys
 from .reward_score import cut_reply, stop_ids
 
 
@@ -45,7 +45,7 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
                     v = p[k][0].tolist()
                     token_keys[k][i, L - len(ids):L - len(ids) + len(v)] = torch.tensor(v)
             prefixes = [p for _, p in rows]
-            media = _cat_media(prefixes, _forward_keys(spec, prefixes))
+            media = concat_media(prefixes, forward_keys(spec, prefixes))
             kwargs = {k: v.to(device) for k, v in {**media, **token_keys}.items()}
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs,
                                  max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from ..distributed import ShardedModel
 from ..recipe import ModelConfig
 from .families import FamilySpec, apply_pixel_limits, cap_model_grid, detect_family
 from .reward_score import RewardHead, processor_without_torchvision
@@ -93,7 +92,8 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub id's config is in the local Hugging Face cache (an offline run can load it)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -167,7 +167,7 @@ def _torchvision_available() -> bool:
         return False
 
 
-def _local_processor_files(path: str) -> str:
+def local_processor_files(path: str) -> str:
     """A hub id's tokenizer/processor files (no weights) as a local folder, for the torchvision-free
     path that reads them by file name; a local folder is returned as is."""
     if Path(path).exists():
@@ -184,7 +184,7 @@ def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None
     if _torchvision_available():
         processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust)
     else:
-        processor = processor_without_torchvision(_local_processor_files(path),
+        processor = processor_without_torchvision(local_processor_files(path),
                                                   getattr(transformers, family.processor_class),
                                                   family.image_processor_type(), trust)
     if cfg is not None:
@@ -272,7 +272,7 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     Returns (model, processor); `model.mmrlhf` is a `LoadedModel` with family/backend/device/dtype.
     """
     path = resolve_model_path(cfg.path)
-    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1" and not in_hub_cache(path):
         raise ModelLoadError(f"model.path '{cfg.path}' is not a local folder, not in the Hugging Face cache, "
                              "and the hub is offline (HF_HUB_OFFLINE=1)")
     try:
@@ -406,16 +406,3 @@ def save_adapter(model, out_dir: str | os.PathLike, state_dict: dict | None = No
                                "response_logp_weight": getattr(head, "response_logp_weight", 0.0)}
     (out / META_FILE).write_text(json.dumps(info, indent=2, default=str))
     return out
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers `...ForConditionalGeneration` under peft/compile wrappers."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, ShardedModel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

@@ -24,7 +24,7 @@ from ..data.groups import PreferenceGroup, Response, text_to_turn
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
-from ..models.packing import use_packing
+from ..models.logprobs import use_packing
 from ..models.reward_score import TEMPLATE_VERSION, AnswerScore
 from ..recipe import ModelConfig, RewardConfig
 from ..runs import write_atomic

@@ -18,8 +18,9 @@ import torch
 from .. import distributed
 from ..events import EventLog
 from ..models.encoding import GroupEncoder
-from ..models.loading import load_model, save_adapter, unwrap
-from ..models.packing import group_forward, use_packing
+from ..models.loading import load_model, save_adapter
+from ..models.wrappers import unwrap
+from ..models.logprobs import group_forward, use_packing
 from ..models.reward_score import TEMPLATE_VERSION, hybrid_score
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments

@@ -52,11 +52,6 @@ _INDEX = {s.key: i for i, s in enumerate(form.FIELDS)}
 _SPEC = {s.key: s for s in form.FIELDS}
 
 
-def _same(a, b) -> bool:
-    from .handlers import _same as same
-    return same(a, b)
-
-
 # --------------------------------------------------------------------------------------------------
 # presets
 
@@ -80,11 +75,11 @@ def preset_conflicts(name: str, values: list, loaded: dict | None, preset_state:
     out = []
     for key, value in wanted.items():
         current = values[_INDEX[key]]
-        if _same(current, value):
+        if form.same_value(current, value):
             continue
-        if base is not None and _same(current, base[1 + _INDEX[key]]):  # base[0] is the run name
+        if base is not None and form.same_value(current, base[1 + _INDEX[key]]):  # base[0] is the run name
             continue
-        if preset_state and key in preset_state and _same(current, preset_state[key]):
+        if preset_state and key in preset_state and form.same_value(current, preset_state[key]):
             continue
         if base is None and not preset_state:
             continue  # nothing loaded yet: the form holds the defaults
@@ -98,7 +93,7 @@ def apply_preset(name: str, values: list) -> tuple[list, list[str]]:
     changed = []
     for key, value in preset_form_values(name).items():
         i = _INDEX[key]
-        if not _same(new[i], value):
+        if not form.same_value(new[i], value):
             changed.append(key)
         new[i] = value
     return new, changed
@@ -165,11 +160,11 @@ _DATA_MESSAGE = re.compile(r"data: (\d+) train groups, (\d+) eval groups")
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ..train import UserError, _known_user_errors
+    from ..train import UserError, known_user_errors
     from ..runs import RunFolderError
     from ..recipe import RecipeError
 
-    return (Refused, RecipeError, RunFolderError, UserError, OSError, *_known_user_errors())
+    return (Refused, RecipeError, RunFolderError, UserError, OSError, *known_user_errors())
 
 
 def plan_for(values: list, *, data_root, runs_root, scratch: Path):
@@ -361,7 +356,7 @@ def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path, proc
 def _launch_lines(plan: dict, recipe, processes, sharding) -> list[str]:
     """The launch's lines of the estimate: nothing for one process; the global batch for several; and
     for FSDP2 the dry run's per-GPU lines (train.fsdp_memory_lines), one item each."""
-    from ..train import _launch_summary, fsdp_memory_lines
+    from ..train import launch_summary, fsdp_memory_lines
 
     try:
         processes = int(processes or 1)
@@ -370,7 +365,7 @@ def _launch_lines(plan: dict, recipe, processes, sharding) -> list[str]:
     if processes <= 1:
         return ["- launch: 1 process; **FSDP2 needs Processes of 2 or more**"] if sharding == "fsdp2" else []
     fsdp = sharding == "fsdp2"
-    lines = [f"- launch: {_escape(_launch_summary(recipe, processes, fsdp))}"]
+    lines = [f"- launch: {_escape(launch_summary(recipe, processes, fsdp))}"]
     if fsdp:
         head, *rest = fsdp_memory_lines(plan, processes)
         lines.append(f"- {_escape(head)}")

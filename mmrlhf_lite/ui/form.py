@@ -251,3 +251,11 @@ def save_recipe(values: list, name: str, *, recipes_root, data_root, runs_root) 
 def field_names() -> list[str]:
     return [f.key for f in FIELDS]
 
+
+def same_value(a, b) -> bool:
+    """Form values equal as the form means them (a Number may come back as 3 or 3.0; empty is empty)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    if a in (None, "") and b in (None, ""):
+        return True
+    return a == b

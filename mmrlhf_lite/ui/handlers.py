@@ -218,7 +218,7 @@ class Handlers:
         if not loaded or loaded.get("values") is None:
             return []
         keys = ["run name", *form.field_names()]
-        return [k for k, old, new in zip(keys, loaded["values"], [run_name, *values]) if not _same(old, new)]
+        return [k for k, old, new in zip(keys, loaded["values"], [run_name, *values]) if not form.same_value(old, new)]
 
     @readable
     def choose_recipe(self, choice: str | None, loaded: dict | None, run_name: str, *values):
@@ -519,15 +519,6 @@ def _launch_inputs(values: list) -> tuple:
     processes = extra[0] if extra else 1
     sharding = extra[1] if len(extra) > 1 else jobs.NO_SHARDING
     return processes, sharding or jobs.NO_SHARDING
-
-
-def _same(a, b) -> bool:
-    """Form values equal as the form means them (a Number may come back as 3 or 3.0)."""
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    if a in (None, "") and b in (None, ""):
-        return True
-    return a == b
 
 
 def _choice_label(choice: str | None) -> str:
