@@ -272,6 +272,7 @@ def score_settings(recipe, processor, family, head: _Head, hidden: int, merged: 
         "head": {"kind": head.kind, "hidden_size": hidden, "dropout": head.dropout, "read_at": READ_AT},
         "reply_prefix": reply_prefix, "end_of_turn": end_of_turn,
         "max_length": rc.train.max_length, "max_new_tokens": rc.max_new_tokens, "critique_mode": rc.critique_mode,
+        "generation_batch_size": rc.generation_batch_size,
         "compute_dtype": None if m.compute_dtype == "auto" else m.compute_dtype,
         "attn_implementation": m.attn_implementation, "trust_remote_code": m.trust_remote_code,
         "load_in_4bit": bool(m.load_in_4bit) and not merged, "skip_4bit": list(family.skip_4bit),

@@ -42,7 +42,7 @@ out = []
 for row in json.load(open(rows_file)):
     for mode in row["modes"]:
         got = L.score_answers(row["images"], row["question"], row["answers"], mode,
-                              row["critiques"] if mode == "given" else None, batch_size=1 if mode == "generate" else 8)
+                              row["critiques"] if mode == "given" else None)   # greedy critiques at the run's batch 1
         out.append({"id": row["id"], "mode": mode, "scores": [s.score for s in got], "head": [s.head for s in got],
                     "response_logp": [s.response_logp for s in got], "critiques": [s.critique for s in got]})
 assert not any(m == "mmrlhf_lite" or m.startswith("mmrlhf_lite.") for m in sys.modules if sys.modules[m] is not None)

@@ -335,7 +335,11 @@ class Scorer:
                              f"scorer writes {TEMPLATE_VERSION!r}: export the run again")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, dtype or settings.get("compute_dtype") or "float32")
+        dtype = dtype or settings.get("compute_dtype")
+        if dtype is None:  # the run's `auto`: bfloat16 on a GPU that has it (else float16), float32 on the CPU
+            on_gpu = str(device).startswith("cuda")
+            dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
+        dtype = getattr(torch, dtype)
         adapter = (folder / "adapter_config.json").exists()
         source = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter \
             else str(folder)
@@ -494,9 +498,11 @@ class Scorer:
 
     def score_answers(self, images, question: str, answers: list[str], critique: str | None = None,
                       critiques: list[str] | None = None, *, max_new_tokens: int | None = None,
-                      batch_size: int = 8) -> list[AnswerScore]:
+                      batch_size: int = 8, generation_batch_size: int | None = None) -> list[AnswerScore]:
         """Each answer's score and parts. `critique`: none | given (then `critiques`, one per answer) |
-        generate (greedy, `max_new_tokens` default: the run's); default: the run's mode (`default_mode`)."""
+        generate (greedy; `max_new_tokens` and `generation_batch_size` default to the run's: left-padded
+        batches can change a greedy critique, so batch size 1 reproduces the project's batch-1 critiques
+        token for token); default: the run's mode (`default_mode`). `batch_size`: answers per scoring forward."""
         mode = critique or self.default_mode()
         if mode not in CRITIQUE_MODES:
             raise ValueError(f"critique must be one of {', '.join(CRITIQUE_MODES)}, not {mode!r}")
@@ -510,7 +516,7 @@ class Scorer:
         if mode == "generate":
             contexts = [b.context for b in self._branches(lead, after, answers, None, False)]
             critiques = self._generate(prefix, contexts, max_new_tokens or int(self.settings.get("max_new_tokens", 96)),
-                                       batch_size)
+                                       generation_batch_size or int(self.settings.get("generation_batch_size", 8)))
         elif mode == "none":
             critiques = None
         scored = self._forward(prefix, self._branches(lead, after, answers, critiques, mode == "generate"), batch_size)
@@ -557,6 +563,9 @@ def main(argv: list[str] | None = None, folder: str | os.PathLike | None = None)
     p.add_argument("--folder", default=str(folder or Path(__file__).resolve().parent),
                    help="the exported folder (default: this script's)")
     args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout/stderr hold only the critiques, the scores and errors
     try:
         scorer = Scorer.load(args.folder, device=args.device)
         scored = scorer.score_answers(args.image, args.question, args.answer, args.critique,
