@@ -109,9 +109,9 @@ def test_bad_calls_name_the_sample(rf, groups):
 def test_trl_grpo_trainer_logs_the_reward_models_scores(rf, scorer, groups, tmp_path):
     """GRPOTrainer, 3 steps, 2 prompts x 2 completions a step: the logged rewards are the function's, and each
     equals the project's scorer on that completion alone."""
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
+    import datasets
     import torch
+    import trl  # requirements-dev.txt: trl==1.16.0
     from transformers import AutoModelForImageTextToText
 
     from mmrlhf_lite.models.families import detect_family
