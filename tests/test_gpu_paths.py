@@ -102,6 +102,9 @@ def test_auto_dtype_is_bf16_from_compute_capability_8_only(monkeypatch, capabili
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert resolve_dtype("auto", torch.device("cuda")) == want
+    # the exported scorer (models/reward_score.py, copied into exports without the project) picks the same
+    from mmrlhf_lite.models.reward_score import auto_dtype
+    assert getattr(torch, auto_dtype("cuda")) == want and auto_dtype("cpu") == "float32"
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
 
