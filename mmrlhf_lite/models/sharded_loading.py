@@ -22,7 +22,9 @@ largest weight bounds it (`memory.fsdp_load_estimate`). The shards equal those o
 after, value for value (tested in bf16 and 4-bit).
 
 A checkpoint whose tensors transformers converts on load beyond renaming them (fused or split weights) is
-refused with what to do; every family in models/families.py loads by renaming.
+refused with what to do. The tiny twins of the five families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+LLaVA-OneVision, Idefics3) load this way equal bit for bit, fp32 and 4-bit (by hand; the test runs Qwen2-VL);
+checkpoints saved in the hub's older key layouts are read through transformers' own renaming, reverted.
 
     python -m pytest tests/test_fsdp_loading.py -q
 """
