@@ -3,8 +3,9 @@ data, reward model, margins and reference log-probs, with and without label nois
 
 Per noise level, one base run trains the reward model and computes the margins (stage score) and the
 reference log-probs once (on the noisy training pairs: the reward model learns from the same noisy labels
-the policy gets; `--reward-from RUN` uses one already trained reward model for every level instead). Every DPO run then reuses them: `reward.model_from` = the base, one shared `cache.dir`,
-and the base's `score/margins.jsonl`; it runs `dpo` and a light `eval` (held-out implicit reward accuracy
+the policy gets; `--reward-from RUN` uses one already trained reward model for every level instead).
+Every DPO run then reuses them: `reward.model_from` = the base, one shared `cache.dir` (per level unless
+given) and the base's `score/margins.jsonl`; it runs `dpo` and a light `eval` (held-out implicit reward accuracy
 and log-prob ranking accuracy on the clean held-out labels, no generation unless `--policy-samples`
 asks for the policy's own answers: then the table adds the share of right answers and the reward model's
 rank of them). Every row also gives the mean beta_i the runs trained with (the `beta_mean` training
@@ -118,7 +119,9 @@ def compare(recipe_path: str, out: Path, seeds: list[int], noises: list[float], 
         root = out / f"noise{noise:g}"
         base = root / "base"
         cache = root / "cache"
-        common = overrides + [f"data.label_noise={noise}", f"cache.dir={cache}"]
+        # the caches are content-keyed (reward model, responses): a `cache.dir=` override shared by every
+        # level and by other comparisons with the same reward model recomputes nothing
+        common = [f"cache.dir={cache}"] + overrides + [f"data.label_noise={noise}"]
         t = time.time()
         if reward_from:  # one reward model (trained on clean labels) for every noise level
             _run(recipe_path, common + [f"run.dir={base}", "run.seed=0", f"reward.model_from={reward_from}"],
