@@ -440,7 +440,8 @@ def known_user_errors() -> tuple[type, ...]:
     out: list[type] = []
     for mod, name in (("mmrlhf_lite.data.errors", "DataError"), ("mmrlhf_lite.data.media", "MediaError"),
                       ("mmrlhf_lite.models.loading", "ModelLoadError"),
-                      ("mmrlhf_lite.models.encoding", "SequenceTooLong")):
+                      ("mmrlhf_lite.models.encoding", "SequenceTooLong"),
+                      ("mmrlhf_lite.models.precision", "NonFiniteLoss")):
         try:
             out.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

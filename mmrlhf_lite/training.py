@@ -9,7 +9,8 @@ transformers does with `num_items_in_batch`). Under a launcher the trainable gra
 ranks once per step (docs/distributed.md). The collator turns group indices into encoded groups.
 Progress and metrics go to the run's event stream; a stop request (the run folder's STOP file, SIGTERM,
 Ctrl-C) saves a checkpoint and raises `StageStopped` (on every rank at the same step), and the next
-invocation resumes from it.
+invocation resumes from it. An inf/NaN loss stops the stage (`NonFiniteLoss`) before it reaches the weights,
+naming the fix for the compute dtype (float16 on GPUs without native bf16: models/precision.py).
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
@@ -33,6 +34,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import distributed
 from .events import EventLog, StageStopped
+from .models.precision import NonFiniteLoss, overflow_fix, policy_forward_context, trainer_precision
 from .models.wrappers import ShardedModel
 from .recipe import TrainConfig
 
@@ -58,8 +60,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+AUTO_WORKERS_PER_PROCESS = 4   # CUDA: decoding + templating of the next batches, a few groups each
+
+
+def dataloader_workers(setting: int | None, device: torch.device) -> int:
+    """`train.dataloader_workers`: None (auto) = collation in worker processes on CUDA (image decoding, chat
+    templating and mask building of the next micro-batches run beside the GPU step; under a launcher every
+    rank has its own), min(4, cores per process - 1); 0 on CPU, where workers would take cores from the
+    step's own compute threads. An explicit number is used as given."""
+    if setting is not None:
+        return setting
+    if device.type != "cuda":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(AUTO_WORKERS_PER_PROCESS, per_process - 1))
+
+
 def training_arguments(cfg: TrainConfig, out_dir: Path, *, device: torch.device, dtype: torch.dtype,
                        seed: int, report_to: str) -> TrainingArguments:
+    workers = dataloader_workers(cfg.dataloader_workers, device)
+    if workers:   # the tokenizer runs in the forked workers: without this, each fork warns and turns it off
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.groups_per_step,
@@ -77,12 +102,15 @@ def training_arguments(cfg: TrainConfig, out_dir: Path, *, device: torch.device,
         save_strategy="steps",
         report_to=[] if report_to == "none" else [report_to],
         use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16 and device.type == "cuda",
-        fp16=dtype == torch.float16 and device.type == "cuda",
+        **trainer_precision(device, dtype),
         seed=seed,
         data_seed=seed,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        # workers only collate (the sampler stays in the main process): the same batches in the same order as
+        # without them, and a resumed run skips the same ones
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_prefetch_factor=2 if workers > 0 else None,
         disable_tqdm=True,
         gradient_checkpointing=False,  # enabled by the loader (non-reentrant, input grads on)
     )
@@ -92,6 +120,9 @@ class _EventsCallback(TrainerCallback):
     def __init__(self, trainer: "GroupTrainer"):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log_step = state.global_step   # after a resumed checkpoint's state is loaded
+
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         t.events.progress(state.global_step, state.max_steps, unit="step")
@@ -100,6 +131,24 @@ class _EventsCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+COLLATE_SECONDS = "collate_seconds"   # a batch's own collation time, measured where it was collated
+
+
+class CollateGroups:
+    """The Trainer's collator: group indices -> the stage's encoded batch, timed. A plain object, not a
+    closure over the Trainer, so that a DataLoader worker gets the groups and the encoder only (and it pickles
+    where workers are spawned rather than forked)."""
+
+    def __init__(self, groups: Sequence, collate: Callable[[list], Any]):
+        self.groups, self.collate = groups, collate
+
+    def __call__(self, indices: list[int]) -> dict:
+        start = time.perf_counter()
+        batch = self.collate([self.groups[i] for i in indices])
+        batch[COLLATE_SECONDS] = time.perf_counter() - start
+        return batch
 
 
 class GroupTrainer(Trainer):
@@ -114,14 +163,19 @@ class GroupTrainer(Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_counts: dict[str, int] = defaultdict(int)
         self._trainable: list | None = None
+        loaded = getattr(model, "mmrlhf", None)      # models.loading.LoadedModel: the device and compute dtype
+        self.compute_device = loaded.device if loaded is not None else args.device
+        self.compute_dtype = loaded.dtype if loaded is not None else None
         self._groups_since_log, self._last_log_time = 0, None
+        self._collate_seconds = self._data_wait_seconds = 0.0   # since the last log
+        self._last_log_step = 0
         self.sharded = distributed.shards_base()
         if self.sharded:   # before the optimizer exists: it must hold the sharded parameters
             # decoder layers only: ranks whose micro-batches differ in media (an image on one, text only or a
             # video on the other) must make the same collectives, and only the decoder runs on every forward
             distributed.shard_frozen(model, events)
         super().__init__(model=model, args=args, train_dataset=GroupIndexDataset(len(self.groups)),
-                         data_collator=lambda idx: collate([self.groups[i] for i in idx]))
+                         data_collator=CollateGroups(self.groups, collate))
         # compute_loss gets the optimizer step's item counts (summed over micro-batches and ranks) and
         # returns this micro-batch's share of the step's mean, so Trainer must not divide by grad_accum
         self.model_accepts_loss_kwargs = True
@@ -140,7 +194,9 @@ class GroupTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """One optimizer step's micro-batches, with the step's counts in place of transformers' token count
         (`num_items_in_batch`, then passed to compute_loss)."""
+        start = time.perf_counter()
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._data_wait_seconds += time.perf_counter() - start   # what collation costs the step's critical path
         return batch_samples, self._step_counts(batch_samples, device)
 
     def _step_counts(self, batch_samples: list, device: torch.device) -> dict[str, float] | None:
@@ -246,7 +302,11 @@ class GroupTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = distributed.through_root(model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
+        self._collate_seconds += float(inputs.pop(COLLATE_SECONDS, 0.0))
+        with policy_forward_context(self.compute_device):   # the reference pass's numerics (models/precision.py)
+            loss, metrics = distributed.through_root(
+                model, lambda: self.group_loss(model, inputs, norm=num_items_in_batch))
+        self._check_finite(loss)
         if num_items_in_batch is not None:
             # gradients are averaged over ranks (average_gradients, or FSDP's reduce-scatter when sharded);
             # the shares of all ranks must add up
@@ -257,6 +317,22 @@ class GroupTrainer(Trainer):
                 self._metric_sums[k] += float(v)
                 self._metric_counts[k] += 1
         return (loss, None) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first inf/NaN loss, before its gradients reach the weights (the last checkpoint stays
+        good), with the fix for the dtype in use. transformers would log the step's loss as filtered and train
+        on; under float16's loss scaling the steps would be skipped one by one. Every rank stops together."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.args.world_size > 1:
+            bad = distributed.any_rank(bad)
+        if not bad:
+            return
+        dtype = self.compute_dtype or loss.dtype
+        value = "a NaN" if bool(loss.detach().isnan().any()) else "an inf"
+        stage = self.events.stage or "training"
+        raise NonFiniteLoss(f"{stage}: the loss is {value} at step {self.state.global_step + 1} in "
+                            f"{str(dtype).replace('torch.', '')}; {overflow_fix(dtype)} (the checkpoints written "
+                            f"so far in {self.args.output_dir} are kept)")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -272,19 +348,26 @@ class GroupTrainer(Trainer):
         super().log(logs, start_time)
 
     def _throughput(self) -> dict[str, float]:
-        """Groups per second since the last log: over all ranks, and per rank under a launcher (every
-        rank logs at the same steps, so the gather below is collective)."""
+        """Since the last log: groups per second over all ranks (and per rank under a launcher: every rank
+        logs at the same steps, so the gather below is collective); per optimizer step of this process, its
+        wall time `step_s`, the seconds spent collating its batches `collate_s` (in workers or not) and the
+        seconds the step waited for them `data_wait_s` (0 when workers keep up)."""
         now = time.time()
         start, groups = self._last_log_time or self._train_start, self._groups_since_log
-        self._last_log_time, self._groups_since_log = now, 0
+        steps = max(1, self.state.global_step - self._last_log_step)
+        timing = {"step_s": (now - start) / steps, "collate_s": self._collate_seconds / steps,
+                  "data_wait_s": self._data_wait_seconds / steps}
+        self._last_log_time, self._groups_since_log, self._last_log_step = now, 0, self.state.global_step
+        self._collate_seconds = self._data_wait_seconds = 0.0
         rate = groups / max(now - start, 1e-9)
         if self.args.world_size <= 1:
-            return {"groups_per_s": rate}
+            return {"groups_per_s": rate, **timing}
         rates = distributed.gather_objects(rate)
-        return {"groups_per_s": sum(rates), **{f"rank{i}_groups_per_s": r for i, r in enumerate(rates)}}
+        return {"groups_per_s": sum(rates), **{f"rank{i}_groups_per_s": r for i, r in enumerate(rates)}, **timing}
 
     def train(self, *args, **kwargs):
         self._train_start, self._last_log_time, self._groups_since_log = time.time(), None, 0
+        self._last_log_step = 0   # a resumed run's checkpoint step: _EventsCallback.on_train_begin
         return super().train(*args, **kwargs)
 
 

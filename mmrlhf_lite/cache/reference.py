@@ -20,6 +20,7 @@ from .. import distributed
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model
 from ..models.logprobs import group_forward, use_packing
+from ..models.precision import policy_forward_context
 from ..recipe import ModelConfig
 from .sharded import fill_missing_sharded, open_shared_store
 from .store import JsonlStore, content_key, group_content, model_fingerprint
@@ -90,9 +91,11 @@ def report_repeats(train: Sequence[PreferenceGroup], evals: Sequence[PreferenceG
 @torch.no_grad()
 def compute_reference(model, spec, encoder: GroupEncoder, groups: Sequence[PreferenceGroup], packed: bool,
                       max_row_tokens: int | None = None) -> list[list[tuple[float, int]]]:
-    """[(summed log-prob, n_tokens)] per response of each group."""
+    """[(summed log-prob, n_tokens)] per response of each group, in the numerics of the training step
+    (`policy_forward_context`, the one both use): at step 0 the policy's log-probs equal these."""
     encoded = [encoder.encode_policy(g) for g in groups]
-    out = group_forward(model, spec, encoded, packed=packed, logps=True, max_row_tokens=max_row_tokens)
+    with policy_forward_context(model.mmrlhf.device):
+        out = group_forward(model, spec, encoded, packed=packed, logps=True, max_row_tokens=max_row_tokens)
     res, k = [], 0
     for g in groups:
         res.append([(float(out.logps[k + i]), out.n_tokens[k + i]) for i in range(len(g.responses))])

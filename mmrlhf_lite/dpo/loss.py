@@ -100,6 +100,10 @@ def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs
             "beta_mean": betas.mean().item(), "beta_min": betas.min().item(), "beta_max": betas.max().item(),
             "delta_mean": deltas.float().mean().item(),
             "logp_chosen": chosen.mean().item(), "logp_rejected": rejected.mean().item(),
+            # largest |log pi - log pi_ref| (summed over tokens) of the batch: 0 at step 0, where the policy is
+            # the reference; a nonzero value there means the reference cache was computed in other numerics
+            "abs_log_ratio_max": (policy_logps.detach() - reference_logps.to(policy_logps)).abs().max().item()
+            if policy_logps.numel() else 0.0,
         }
     if sft_nll is not None and gamma > 0:
         sft_nll = sft_nll.to(losses)
