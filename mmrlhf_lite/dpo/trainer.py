@@ -62,15 +62,22 @@ def margins_for(groups, source: str, run_dir: Path) -> dict[str, list[float]]:
     return out
 
 
+def sft_response(group, pair: tuple[int, int], target: str) -> int:
+    """Index in `group` of the response whose mean token NLL the SFT term adds to `pair` = (better, worse):
+    `chosen`, the pair's better response (REFERENCE.md: alpha * L_dpo + gamma * NLL(chosen)), or `best`,
+    the group's rank-1 response (one response for all of the group's pairs)."""
+    return pair[0] if target == "chosen" else group.best_index()
+
+
 class DpoCollator:
     def __init__(self, encoder: GroupEncoder, cfg: DpoConfig, reference: dict[str, list[float]],
                  deltas: dict[str, list[float]]):
         self.encoder, self.cfg, self.reference, self.deltas = encoder, cfg, reference, deltas
 
     def __call__(self, groups) -> dict:
-        encoded, pairs, deltas, ref, best, pair_group = [], [], [], [], [], []
+        encoded, pairs, deltas, ref, sft = [], [], [], [], []
         off = 0
-        for gi, g in enumerate(groups):
+        for g in groups:
             encoded.append(self.encoder.encode_policy(g))
             all_pairs = g.pairs()
             chosen = set(group_pairs(g, self.cfg.pairs))
@@ -78,15 +85,13 @@ class DpoCollator:
                 if (b, w) in chosen:
                     pairs.append((off + b, off + w))
                     deltas.append(d)
-                    pair_group.append(gi)
+                    sft.append(off + sft_response(g, (b, w), self.cfg.sft_target))
             ref.extend(self.reference[g.id])
-            best.append(off + g.best_index())
             off += len(g.responses)
         return {"encoded": encoded, "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
                 "deltas": torch.tensor(deltas, dtype=torch.float32),
                 "reference_logps": torch.tensor(ref, dtype=torch.float32),
-                "best": torch.tensor(best, dtype=torch.long),
-                "pair_group": torch.tensor(pair_group, dtype=torch.long)}
+                "sft_responses": torch.tensor(sft, dtype=torch.long)}
 
 
 def policy_forward(model, spec, encoded, packed: bool):
@@ -107,9 +112,8 @@ class DpoTrainer(GroupTrainer):
         c = self.cfg
         logps, token_logps = policy_forward(model, self.spec, batch["encoded"], self.packed)
         sft = None
-        if c.gamma > 0:  # each pair carries the NLL of its group's best response
-            best_nll = torch.stack([-token_logps[i].mean() for i in batch["best"].tolist()])
-            sft = best_nll[batch["pair_group"].to(best_nll.device)]
+        if c.gamma > 0:  # per pair: the mean token NLL of its SFT response (dpo.sft_target, see sft_response)
+            sft = torch.stack([-token_logps[i].mean() for i in batch["sft_responses"].tolist()])
         loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(logps.device), batch["pairs"].to(logps.device),
                                     batch["deltas"].to(logps.device), beta=c.beta, w=c.w, k=c.k,
                                     beta_floor=c.beta_floor, loss_type=c.loss_type,

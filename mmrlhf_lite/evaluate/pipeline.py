@@ -291,7 +291,8 @@ def run_stage(ctx) -> dict:
     start = time.time()
     report = {"groups": len(evals), "pairs": sum(len(g.pairs()) for g in evals),
               "dpo": {"beta": recipe.dpo.beta, "w": recipe.dpo.w, "k": recipe.dpo.k, "pairs": recipe.dpo.pairs,
-                      "loss_type": recipe.dpo.loss_type}}
+                      "loss_type": recipe.dpo.loss_type, "gamma": recipe.dpo.gamma,
+                      "sft_target": recipe.dpo.sft_target}}
     stage_seconds = {}
     for st in ("reward", "score", "reference", "dpo"):
         s = ctx.run.status(st)
