@@ -2,11 +2,12 @@
 
 One DPO step, read top to bottom: `DpoCollator` turns the step's groups into a batch (the encoded groups,
 every ranked pair as indices into the flat list of responses, each pair's margin delta, the cached
-reference log-probs, each group's best response); `DpoTrainer.group_loss` runs `policy_forward` (one packed
-sequence per group: the prompt and its image tokens once, log-probs gathered on response tokens only,
-models/logprobs.py) and forms every pair's loss from the K log-probs with `mm_dpo_loss` (dpo/loss.py: the
-dynamic beta_i from delta, the SFT term). The optimizer step, accumulation, schedule and checkpoints are
-transformers.Trainer's (training.GroupTrainer). No reference forward pass runs during training.
+reference log-probs, each pair's SFT response by `dpo.sft_target`); `DpoTrainer.group_loss` runs
+`policy_forward` (one packed sequence per group: the prompt and its image tokens once, log-probs gathered on
+response tokens only, models/logprobs.py) and forms every pair's loss from the K log-probs with
+`mm_dpo_loss` (dpo/loss.py: the dynamic beta_i from delta, the SFT term). The optimizer step, accumulation,
+schedule and checkpoints are transformers.Trainer's (training.GroupTrainer). No reference forward pass runs
+during training.
 
 In the run folder it reads the training groups (`data.path`), `<cache>/reference.jsonl` (the `reference`
 stage; entries it lost are computed first) and, with `dpo.margin_source: reward`, `score/margins.jsonl`; it
