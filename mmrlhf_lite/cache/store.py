@@ -53,6 +53,29 @@ def group_content(group: PreferenceGroup) -> dict:
 _HASHED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # configs, tokenizers, chat templates
 
 
+# peft writes these adapter_config.json lists from a set: their order changes from process to process
+_SET_VALUED_KEYS = ("target_modules", "modules_to_save")
+
+
+def _canonical_bytes(f: Path) -> bytes:
+    """A file's bytes for its fingerprint; a JSON object re-serialised with sorted keys and its set-valued
+    lists sorted, so two saves of the same adapter in two processes have one fingerprint (peft's
+    `target_modules` order follows Python's per-process string hashing)."""
+    data = f.read_bytes()
+    if f.suffix != ".json":
+        return data
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return data
+    if not isinstance(obj, dict):
+        return data
+    for key in _SET_VALUED_KEYS:
+        if isinstance(obj.get(key), list) and all(isinstance(x, str) for x in obj[key]):
+            obj[key] = sorted(obj[key])
+    return json.dumps(obj, sort_keys=True).encode()
+
+
 def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] = ()) -> str:
     """Identity of a model or adapter folder: contents of its small config/tokenizer/template files, names
     and sizes of the large ones (weights, a large tokenizer.json), and full hashes of the files in
@@ -66,7 +89,7 @@ def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] 
             continue
         small = f.stat().st_size < 1 << 20
         if f.name in hash_files or f.suffix in _HASHED_SUFFIXES and small:
-            parts.append((f.name, hashlib.sha256(f.read_bytes()).hexdigest()))
+            parts.append((f.name, hashlib.sha256(_canonical_bytes(f)).hexdigest()))
         elif f.suffix in _HASHED_SUFFIXES or f.suffix in (".safetensors", ".bin", ".gguf"):
             parts.append((f.name, f.stat().st_size))
     return content_key(parts)
