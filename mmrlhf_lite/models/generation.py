@@ -20,20 +20,8 @@ import torch.nn.functional as F
 from .families import FamilySpec, prompt_positions
 from .logprobs import backbone
 from .packing import TOKEN_LEVEL_KEYS, concat_media, forward_keys
+from .reward_score import cut_reply, stop_ids
 from .wrappers import unwrap
-
-
-def stop_ids(processor, end_of_turn: str) -> list[int]:
-    """The token ids that end a generated turn: the template's end-of-turn token (when it is one token) and
-    the tokenizer's EOS."""
-    tok = processor.tokenizer
-    ids = set()
-    eot = tok(end_of_turn, add_special_tokens=False)["input_ids"]
-    if len(eot) == 1:
-        ids.add(eot[0])
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return sorted(ids)
 
 
 @torch.no_grad()
@@ -45,7 +33,7 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stop = stop_ids(processor, end_of_turn)
+    stop = stop_ids(tok, end_of_turn)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -74,9 +62,8 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
                                  temperature=temperature if do_sample else None, top_p=None, top_k=None,
                                  eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
             for row in gen[:, L:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                text = tok.decode(row[:cut], skip_special_tokens=True).strip()
-                texts.append((text, row[:cut + 1]) if return_ids else text)
+                text, ids = cut_reply(tok, row, stop)  # the score function's decoding rule
+                texts.append((text, ids) if return_ids else text)
     finally:
         if was_training:
             model.train()
@@ -147,7 +134,8 @@ def generate_branches(model, spec: FamilySpec, processor, items: Sequence[Shared
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stop = torch.tensor(stop_ids(processor, end_of_turn), device=device)
+    stop_list = stop_ids(tok, end_of_turn)
+    stop = torch.tensor(stop_list, device=device)
     if seed is not None:
         torch.manual_seed(seed)
     head = unwrap(model).get_output_embeddings()
@@ -206,10 +194,8 @@ def generate_branches(model, spec: FamilySpec, processor, items: Sequence[Shared
                     break
                 attention = torch.cat([attention, torch.ones((B, 1), dtype=torch.long, device=device)], dim=1)
                 logits = step(nxt[:, None], (next_pos + t)[:, None])
-            stop_list = set(stop.tolist())
             for (ii, ci), row in zip(chunk, generated.tolist()):
-                cut = next((i for i, x in enumerate(row) if x in stop_list), len(row))
-                out[ii][ci] = (tok.decode(row[:cut], skip_special_tokens=True).strip(), row[:cut + 1])
+                out[ii][ci] = cut_reply(tok, row, stop_list)   # the score function's decoding rule
                 remaining[ii] -= 1
                 if not remaining[ii]:
                     del prefilled[ii]   # every branch of this prompt is done: free its states

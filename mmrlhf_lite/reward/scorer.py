@@ -7,6 +7,12 @@ one (`none`). Results go to the reward cache (`<cache>/reward.jsonl`), keyed by 
 they are produced; `<run>/score/margins.jsonl` then lists, per group, the scores and every pair's
 margin delta = r(better) - r(worse) that MM-DPO's dynamic beta uses.
 
+In the run folder the stage reads the groups (`data.path`) and the reward model (`reward/final/`, or that of
+`reward.model_from`) and writes `<cache>/reward.jsonl` (`cache.dir`, default `cache/`: one line per
+response, reused by any run with the same model and content), `score/margins.jsonl`, `score/beta_hist.png`
+(the training pairs' beta_i), its progress in `events.jsonl` and, through train.py, `stages/score.json`
+(with the held-out Spearman(delta, human rank gap) and the spread of beta_i).
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages score
 """
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,10 +34,11 @@ from ..models.generation import SharedPrefix, generate_after, generate_branches
 from ..models.loading import load_model
 from ..models.logprobs import use_packing
 from ..models.packing import EncodedGroup
+from ..models.reward_score import TEMPLATE_VERSION, AnswerScore
 from ..models.vision_cache import MediaNotCacheable, prefix_embeddings
 from ..recipe import ModelConfig, RewardConfig
 from ..runs import write_atomic
-from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+from .prompt import CritiqueEncoder
 from .trainer import compute_rewards, response_logp_weight, reward_model_dir
 
 REWARD_CACHE = "reward.jsonl"
@@ -40,10 +47,14 @@ REWARD_FIELDS = {"score": (int, float), "scores": list, "critiques": list}  # th
 
 @dataclass
 class ScoredResponse:
+    """A response's score (the mean over its critique samples) and, apart, the two parts of a hybrid score
+    (`reward_score.hybrid_score`): score = head + response_logp_weight * response_logp."""
     score: float
     scores: list[float]
     critiques: list[str]
     empty_critiques: int = 0  # generated critiques that were empty (the model ended its turn at once)
+    head: float | None = None           # the head's part, mean over samples
+    response_logp: float | None = None  # mean log-prob of the response's tokens (None when the weight is 0)
 
 
 class RewardScorer:
@@ -68,11 +79,16 @@ class RewardScorer:
         return cls.from_adapter(reward_model_dir(Path(run_dir)), model_cfg, max_length, max_frames)
 
     @classmethod
-    def from_adapter(cls, adapter: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8):
+    def from_adapter(cls, adapter: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8,
+                     events=None):
+        """`events`: the stage's event stream; with it the model is held as the launch says (sharded under
+        FSDP2, `distributed.shard`), without it (UI, notebooks, eval) whole."""
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"no trained reward model in {adapter}: run the `reward` stage first")
-        model, processor = load_model(model_cfg, adapter=adapter, trainable=False)
+        model, processor = load_model(model_cfg, adapter=adapter, trainable=False, shard=events is not None)
+        if events is not None:
+            distributed.shard(model, events)
         return cls(model, processor, max_length=max_length, max_frames=max_frames, packing=model_cfg.packing,
                    attn_implementation=model_cfg.attn_implementation)
 
@@ -80,8 +96,8 @@ class RewardScorer:
     def prompt_embeddings(self, groups: Sequence[PreferenceGroup]) -> list[torch.Tensor] | None:
         """Each group's critique prompt as decoder input embeddings (vision tower + projector run once,
         `vision_cache.prefix_embeddings`): the K (x n_samples) critique branches and the scoring pass start
-        from them. None where they cannot be reused: unpacked scoring, or a family that feeds vision
-        features to the decoder some other way (`MediaNotCacheable`, e.g. Qwen3-VL's DeepStack)."""
+        from them. None where they are not used: unpacked scoring, `share_prompt=False`, or a family that
+        feeds vision features to the decoder some other way (`MediaNotCacheable`, e.g. Qwen3-VL's DeepStack)."""
         if not (self.packed and self.share_prompt):
             return None
         encoded = [EncodedGroup(prefix=self.crit.generation_inputs(g)[0], branches=[], group_id=g.id)
@@ -98,10 +114,10 @@ class RewardScorer:
                            prompt_embeds: list[torch.Tensor] | None = None) -> list[list[list[str]]]:
         """critiques[g][r][s] for group g, response r, sample s.
 
-        `shared_prefix` (default: `share_prompt`, where groups are packed): the group's prompt is run once and its K x n
-        critique branches are decoded from its key/value states (`generation.generate_branches`), starting
-        from `prompt_embeds` when given (the vision tower then does not run here); False: one full row per
-        critique through `generate` (`generation.generate_after`), prompt and image repeated per row."""
+        `shared_prefix` (default: `share_prompt`, where groups are packed): the group's prompt is run once
+        and its K x n critique branches are decoded from its key/value states (`generation.generate_branches`),
+        starting from `prompt_embeds` when given (the vision tower then does not run here); False: one full
+        row per critique through `generate` (`generation.generate_after`), prompt and image repeated per row."""
         inputs = [self.crit.generation_inputs(g) for g in groups]
         index = [(gi, ri, si) for gi, (_, contexts) in enumerate(inputs) for ri in range(len(contexts))
                  for si in range(n_samples)]
@@ -132,40 +148,52 @@ class RewardScorer:
         return out
 
     # ----- scores
+    @property
+    def response_logp_weight(self) -> float:
+        """w of the hybrid score (0: the head alone)."""
+        return response_logp_weight(self.model)
+
     @torch.no_grad()
     def score_with(self, groups: Sequence[PreferenceGroup], critiques: list[list[list[str]]] | None,
                    batch_groups: int = 4, generated: bool = False,
-                   prompt_embeds: list[torch.Tensor] | None = None) -> list[list[list[float]]]:
-        """scores[g][r][s]; `critiques=None` scores without critique (mode `none`); `generated`: the
-        critiques are the model's own (an empty one is its end-of-turn token, see CritiqueEncoder.encode);
-        `prompt_embeds` (from `prompt_embeddings`): the groups' prompts need no vision tower here."""
+                   prompt_embeds: list[torch.Tensor] | None = None) -> list[list[list[AnswerScore]]]:
+        """scores[g][r][s] with their parts; `critiques=None` scores without critique (mode `none`);
+        `generated`: the critiques are the model's own (an empty one is its end-of-turn token, see
+        CritiqueEncoder.encode); `prompt_embeds` (from `prompt_embeddings`): the groups' prompts need no
+        vision tower here."""
         jobs = []  # expand samples into extra branches of the same group (same prefix, same image)
         for gi, g in enumerate(groups):
             n = len(critiques[gi][0]) if critiques is not None else 1
             for si in range(n):
                 crit = [critiques[gi][ri][si] for ri in range(len(g.responses))] if critiques is not None else None
                 jobs.append((gi, si, g, crit))
-        scores = [[[0.0] * (len(critiques[gi][0]) if critiques is not None else 1) for _ in g.responses]
-                  for gi, g in enumerate(groups)]
+        scores: list[list[list[AnswerScore | None]]] = [
+            [[None] * (len(critiques[gi][0]) if critiques is not None else 1) for _ in g.responses]
+            for gi, g in enumerate(groups)]
+        resp = self.response_logp_weight > 0
         for s in range(0, len(jobs), batch_groups):
             chunk = jobs[s:s + batch_groups]
-            resp = response_logp_weight(self.model) > 0
             encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
                                         generated=generated)[0] for _, _, g, c in chunk]
             embeds = [prompt_embeds[gi] for gi, _, _, _ in chunk] if prompt_embeds is not None else None
-            rewards, _ = distributed.through_root(self.model, lambda: compute_rewards(
-                self.model, self.spec, encoded, self.packed, with_logps=False,
-                prefix_embeds=embeds))  # FSDP: through the root
+            out = distributed.forward(self.model, lambda: compute_rewards(
+                self.model, self.spec, encoded, self.packed, with_logps=False, prefix_embeds=embeds))
             off = 0
-            for gi, si, g, _ in chunk:
+            for gi, si, g, crit in chunk:
                 for ri in range(len(g.responses)):
-                    scores[gi][ri][si] = float(rewards[off + ri])
+                    k = off + ri
+                    scores[gi][ri][si] = AnswerScore(
+                        score=float(out.scores[k]), head=float(out.head[k]),
+                        response_logp=None if out.response_logp is None else float(out.response_logp[k]),
+                        critique=None if crit is None else crit[ri])
                 off += len(g.responses)
         return scores
 
     def score_groups(self, groups: Sequence[PreferenceGroup], mode: str = "generate", *, n_samples: int = 1,
                      temperature: float = 0.7, max_new_tokens: int = 96, batch_size: int = 8,
-                     seed: int = 0) -> list[list[ScoredResponse]]:
+                     seed: int = 0, batch_groups: int = 4) -> list[list[ScoredResponse]]:
+        """Each group's responses scored in `mode`; `batch_size` critiques per generation call, `batch_groups`
+        groups per packed scoring forward."""
         embeds = None
         if mode == "generate":
             embeds = self.prompt_embeddings(groups)   # the vision tower once per group: critiques and scores
@@ -181,10 +209,10 @@ class RewardScorer:
             crits = None
         else:
             raise ValueError(f"unknown critique mode {mode!r}")
-        scores = self.score_with(groups, crits, generated=mode == "generate", prompt_embeds=embeds)
-        return [[ScoredResponse(score=sum(sc) / len(sc), scores=sc, critiques=crits[gi][ri] if crits else [],
-                                empty_critiques=sum(not c for c in crits[gi][ri]) if mode == "generate" else 0)
-                 for ri, sc in enumerate(group_scores)] for gi, group_scores in enumerate(scores)]
+        scores = self.score_with(groups, crits, batch_groups=batch_groups, generated=mode == "generate",
+                                 prompt_embeds=embeds)
+        return [[_scored(samples, crits[gi][ri] if crits else [], mode) for ri, samples in enumerate(group_scores)]
+                for gi, group_scores in enumerate(scores)]
 
     def score_answers(self, image, question: str, answers: list[str], mode: str = "generate",
                       max_new_tokens: int = 96) -> list[ScoredResponse]:
@@ -193,6 +221,15 @@ class RewardScorer:
         g = PreferenceGroup(id="playground", prompt=[text_to_turn(question, len(images))],
                             responses=[Response(a) for a in answers], images=images)
         return self.score_groups([g], mode, max_new_tokens=max_new_tokens)[0]
+
+
+def _scored(samples: list[AnswerScore], critiques: list[str], mode: str) -> ScoredResponse:
+    """A response's samples as one ScoredResponse: each part averaged over the samples."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    logps = [s.response_logp for s in samples]
+    return ScoredResponse(score=mean([s.score for s in samples]), scores=[s.score for s in samples],
+                          critiques=critiques, empty_critiques=sum(not c for c in critiques) if mode == "generate" else 0,
+                          head=mean([s.head for s in samples]), response_logp=None if None in logps else mean(logps))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,40 +265,25 @@ def groups_per_batch(cfg: RewardConfig, mode: str) -> int:
 
 
 def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
-                     scorer_factory) -> tuple[list[list[dict]], int]:
+                     scorer: Callable[[], RewardScorer]) -> tuple[list[list[dict]], int]:
     """Fill `store` for every response of `groups`; returns (records per group/response, newly computed).
-
-    Under an FSDP2 launch (`distributed.shards_base`, modes given / none) the scorer's forwards are
-    collectives: every rank builds the scorer when any rank has something missing, and a rank with no batch
-    left in a round scores a copy of the first group (result discarded), so every rank makes one forward
-    per round."""
+    When the launch shards the reward model (FSDP2, modes given / none) its forwards are collectives: a rank
+    with no batch left in a round scores the first group instead (`idle_forward`, its result discarded)."""
     recipe, events = ctx.recipe, ctx.events
     rc = recipe.reward
     fp = reward_fingerprint(recipe.model, ctx.reward_model_dir())
     keys = response_keys(groups, fp, rc, mode, recipe.run.seed)
-    scorer = None
-
-    def get() -> RewardScorer:
-        nonlocal scorer
-        scorer = scorer or scorer_factory()
-        return scorer
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
-        scored = get().score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
-                                    max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                    seed=recipe.run.seed)
+        scored = scorer().score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                       max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                       seed=recipe.run.seed)
         return [[{"score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode} for sr in g]
                 for g in scored]
 
-    idle = None
-    if distributed.shards_base() and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
-        if mode == "generate":
-            raise distributed.RankFailure(FSDP_GENERATE)
-        get()
-        idle = lambda: get().score_groups([groups[0]], mode)  # noqa: E731 - a rank without a batch: dummy forward
     store, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=groups_per_batch(rc, mode),
-                                           events=events,
-                                           stop_requested=ctx.stop_requested, idle=idle)
+                                           events=events, stop_requested=ctx.stop_requested,
+                                           idle_forward=lambda: scorer().score_groups(list(groups[:1]), mode))
     return [[store.get(k) for k in ks] for ks in keys], computed
 
 
@@ -343,46 +365,43 @@ def run_stage(ctx) -> dict:
     if store.problems:
         events.warning(store.warning("reward cache"), stage="score")
 
-    sharded = distributed.shards_base()
-    if sharded and mode == "generate":
+    if distributed.shards_base() and mode == "generate":   # (the pre-flight refuses it before anything loads)
         raise distributed.RankFailure(FSDP_GENERATE)
     loaded: list[RewardScorer] = []
 
-    def factory():   # loaded once, on first need: both parts of mode given share it (sharded under FSDP)
+    def scorer() -> RewardScorer:   # loaded on first need: both parts of mode given share it
         if not loaded:
-            scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
-                                               max_frames=recipe.data.max_frames)
-            if sharded:
-                distributed.shard_frozen(scorer.model, events)
-            loaded.append(scorer)
+            loaded.append(RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, events=events,
+                                                    max_length=rc.train.max_length, max_frames=recipe.data.max_frames))
         return loaded[0]
 
     if mode == "given":
         with_crit = [g for g in groups if all(r.critique for r in g.responses)]
         without = [g for g in groups if not all(r.critique for r in g.responses)]
-        rec_a, n_a = score_into_cache(ctx, with_crit, "given", store, factory)
-        rec_b, n_b = score_into_cache(ctx, without, "none", store, factory)
+        rec_a, n_a = score_into_cache(ctx, with_crit, "given", store, scorer)
+        rec_b, n_b = score_into_cache(ctx, without, "none", store, scorer)
         by_index = {id(g): r for g, r in zip(with_crit + without, rec_a + rec_b)}  # ids may repeat across splits
         records, computed = [by_index[id(g)] for g in groups], n_a + n_b
     else:
-        records, computed = score_into_cache(ctx, groups, mode, store, factory)
+        records, computed = score_into_cache(ctx, groups, mode, store, scorer)
     empty = sum(c == "" for recs in records for r in recs if r.get("mode") == "generate" for c in r["critiques"])
     if empty:
         events.warning(f"{empty} generated critique(s) are empty (the model ended its turn at once); they are "
                        "scored at their end-of-turn token, like every other critique")
-    split = {g.id: "eval" for g in evals}
-    out_dir = ctx.run.stage_dir("score")
-    if distributed.is_main():  # every rank holds all records; rank 0 writes the margins
-        write_margins(out_dir / "margins.jsonl", groups, records, split,
-                      splits=["train"] * len(train) + ["eval"] * len(evals))
     n = sum(len(g.responses) for g in groups)
     events.info(f"scored {n} responses ({computed} computed, {n - computed} from cache) in mode {mode}")
     result = {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}
     if mode == "generate":
         result["empty_critiques"] = empty
+    out_dir = ctx.run.stage_dir("score")
     is_eval = [False] * len(train) + [True] * len(evals)  # by position: a train and an eval group may share an id
-    result.update(margin_summary(recipe, groups, records, is_eval,
-                                 out_dir / BETA_HISTOGRAM if distributed.is_main() else None))
+
+    def write() -> dict:   # every rank holds all records; the margins and the histogram are written once
+        write_margins(out_dir / "margins.jsonl", groups, records, {g.id: "eval" for g in evals},
+                      splits=["train"] * len(train) + ["eval"] * len(evals))
+        return margin_summary(recipe, groups, records, is_eval, out_dir / BETA_HISTOGRAM)
+
+    result.update(distributed.on_main("score: margins", write))
     if result.get("eval_delta_rank_spearman") is not None:
         events.metrics(eval_delta_rank_spearman=result["eval_delta_rank_spearman"])
     return result

@@ -4,12 +4,19 @@ Per group, one packed forward scores all K responses: each branch is response + 
 critique tokens carry the LM loss and the last token feeds the head; every pair's Bradley-Terry term
 comes from the K rewards (reward/loss.py). The image is encoded once per group.
 
+In the run folder it reads the training groups (`data.path`; the demo set in `data/demo/`) and writes
+`reward/checkpoints/checkpoint-N/` while it trains (resume points, removed once it is done),
+`reward/final/` (the LoRA adapter, the head and `mmrlhf_lite.json`: what the score and eval stages load),
+`reward/train_result.json` (loss, steps, seconds, held-out accuracy with the dataset's critiques), its
+progress and metrics in `events.jsonl`, and, through train.py, `stages/reward.json`. With
+`reward.model_from` it trains nothing and the other stages read that run's `reward/final/`.
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,11 +27,13 @@ from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.wrappers import unwrap
 from ..models.logprobs import group_forward, use_packing
+from ..models.reward_score import TEMPLATE_VERSION, hybrid_score
 from ..models.vision_cache import packed_forward_embedded
 from ..recipe import RewardConfig
-from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
+from ..training import (GroupTrainer, finished_result, remove_checkpoints, run_training, seed_everything,
+                        training_arguments, write_result)
 from .loss import bradley_terry, reward_loss, step_counts
-from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+from .prompt import CritiqueEncoder
 
 
 def pair_tensors(groups, offsets: list[int], margin_scale: float = 0.0):
@@ -65,14 +74,25 @@ def response_logp_weight(model) -> float:
     return float(getattr(unwrap(model).reward_head, "response_logp_weight", 0.0) or 0.0)
 
 
-def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, head_part: bool = False,
-                    prefix_embeds=None):
-    """(rewards (N,), per-branch critique token log-probs) for a list of encoded critique groups.
+@dataclass
+class Rewards:
+    """What one forward of the critique reward model gives, per branch (response), in input order.
+
+    `scores` = `head` + response_logp_weight * `response_logp` (the hybrid score when the weight is > 0;
+    the paper's head alone at 0). The parts are kept apart: the centring loss acts on the head's part only,
+    the evaluation reports each part's accuracy, and the log-prob part has its own ranking loss."""
+    scores: torch.Tensor                 # (N,)
+    head: torch.Tensor                   # (N,) head(h at the branch's last token)
+    response_logp: torch.Tensor | None   # (N,) mean log p(response tokens); None when no branch marks them
+    critique_token_logps: list[torch.Tensor] = field(default_factory=list)  # per branch (n_critique,); [] unless asked
+
+
+def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, prefix_embeds=None) -> Rewards:
+    """The rewards of a list of encoded critique groups (one packed or unpacked forward).
 
     reward = head(h at the branch's last token) [+ response_logp_weight * mean log p(response tokens)
     when the branches mark the response's tokens as targets (CritiqueEncoder.encode(response_targets=True))].
-    `head_part`: also return the head's part alone (the centering loss keeps that part near 0; the
-    log-prob part is centred by nothing, since pulling it toward 0 would raise every response's likelihood).
+    `with_logps`: also return each branch's critique token log-probs (the critique LM loss).
     `prefix_embeds` (packed only): each group's prompt embeddings from `vision_cache.prefix_embeddings`,
     so that the vision tower does not run again (the scorer computed them for critique generation)."""
     n_resp = [getattr(b, "n_response", 0) for e in encoded for b in e.branches]
@@ -83,12 +103,12 @@ def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, head_p
         out = group_forward(model, spec, encoded, packed=packed, logps=with_logps or need_resp, hidden=True)
     head = unwrap(model).reward_head
     head_rewards = rewards = head(torch.stack(out.last_hidden))
-    crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if out.token_logps else out.token_logps
+    crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if with_logps else []
+    resp = None
     if need_resp:
-        w = response_logp_weight(model)
         resp = torch.stack([t[:n].mean() if n else t.new_zeros(()) for t, n in zip(out.token_logps, n_resp)])
-        rewards = head_rewards + w * resp.to(head_rewards.dtype)
-    return (rewards, crit, head_rewards) if head_part else (rewards, crit)
+        rewards = hybrid_score(head_rewards, resp, response_logp_weight(model))
+    return Rewards(scores=rewards, head=head_rewards, response_logp=resp, critique_token_logps=crit)
 
 
 class RewardTrainer(GroupTrainer):
@@ -101,8 +121,8 @@ class RewardTrainer(GroupTrainer):
 
     def group_loss(self, model, batch, norm=None):
         c = self.cfg
-        rewards, token_logps, head_rewards = compute_rewards(model, self.spec, batch["encoded"], self.packed,
-                                                             c.w_crit > 0, head_part=True)
+        out = compute_rewards(model, self.spec, batch["encoded"], self.packed, c.w_crit > 0)
+        rewards, token_logps, head_rewards = out.scores, out.critique_token_logps, out.head
         pairs = batch["pairs"].to(rewards.device)
         margins = None if batch["margins"] is None else batch["margins"].to(rewards.device)
         loss, parts = reward_loss(rewards, pairs, batch["ties"].to(rewards.device),
@@ -143,7 +163,7 @@ def given_critique_accuracy(model, spec, crit: CritiqueEncoder, groups, packed: 
     for s in range(0, len(groups), batch):
         chunk = groups[s:s + batch]
         encoded = [crit.encode(g, response_targets=response_logp_weight(model) > 0)[0] for g in chunk]
-        rewards, _ = compute_rewards(model, spec, encoded, packed, with_logps=False)
+        rewards = compute_rewards(model, spec, encoded, packed, with_logps=False).scores
         off = 0
         for g in chunk:
             for b, w in g.pairs():
@@ -162,13 +182,14 @@ def run_stage(ctx) -> dict:
         return {"model_from": recipe.reward.model_from}
     out_dir = ctx.run.stage_dir("reward")
     final = out_dir / "final"
-    if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
-        return json.loads((out_dir / "train_result.json").read_text())  # finished; killed before marked done
+    done = finished_result(out_dir, final, events)   # finished; killed before marked done
+    if done is not None:
+        return done
     train_groups, eval_groups = ctx.data()
     seed_everything(recipe.run.seed)
     train_groups = trainable_groups(train_groups, events)
     rc = recipe.reward
-    model, processor = load_model(recipe.model, reward_head=head_settings(rc))
+    model, processor = load_model(recipe.model, reward_head=head_settings(rc), shard=True)
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"reward model: {info.family.name} via {info.backend} on {info.device}, "
@@ -181,22 +202,21 @@ def run_stage(ctx) -> dict:
                             events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
-    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (rank 0 reads the model)
-    acc = None
-    if eval_groups and (distributed.is_main() or trainer.sharded):  # sharded: every rank runs the forwards
-        acc = distributed.through_root(model, lambda: given_critique_accuracy(
-            model, info.family, crit, [g for g in eval_groups if g.pairs()], packed))
-    if not distributed.is_main():
-        return result  # rank 0 writes the model, the held-out accuracy and the result
-    save_adapter(model, final, state_dict=state, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
-    result["train_seconds"] = round(time.time() - start, 1)
-    if eval_groups:
+    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (the model holds it whole)
+    held_out = [g for g in eval_groups if g.pairs()]
+    acc = distributed.forward(model, lambda: given_critique_accuracy(model, info.family, crit, held_out, packed)
+                              ) if held_out else None
+
+    def write() -> dict:   # the model and the result are written once
+        save_adapter(model, final, state_dict=state, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
+        result["train_seconds"] = round(time.time() - start, 1)
         if acc is not None:
             result["eval_pair_accuracy_given"] = acc
             events.metrics(step=result["steps"], eval_pair_accuracy_given=acc)
-    (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
-    remove_checkpoints(out_dir / "checkpoints")
-    return result
+        write_result(out_dir, result)
+        remove_checkpoints(out_dir / "checkpoints")
+        return result
+    return distributed.on_main("reward: the model", write)
 
 
 def reward_model_dir(run_dir: str | Path) -> Path:
