@@ -142,7 +142,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
                         **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
             if dist.is_distributed():
-                events.info(_launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
+                events.info(launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
             refuse_over_long(ctx, [s for s in stages if s not in skip])
             return skip
 
@@ -179,10 +179,11 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             run.release()
 
 
-def _launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
-    """The global batch of each training stage under `world` processes (DDP: each process holds a full
-    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run; FSDP2: the training and
-    precompute stages hold 1/world of the base each, eval a full copy, see the dry run's FSDP2 lines)."""
+def launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
+    """One line on a launch of `world` processes, for the CLI's log, `--dry-run` and the web UI's pre-flight:
+    the global batch of each training stage (DDP: each process holds a full copy of the model, so the per-GPU
+    memory is the single-GPU estimate of --dry-run; FSDP2: the training and precompute stages hold 1/world of
+    the base each, eval a full copy, see the dry run's FSDP2 lines)."""
     parts = []
     for stage in ("reward", "dpo"):
         t = getattr(recipe, stage).train
@@ -280,7 +281,7 @@ def dry_run(recipe: Recipe, stages: list[str], gpu_mem: str | None = None, proce
     if processes > 1:
         launch = (f"accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes {processes}"
                   if fsdp else f"torchrun --nproc_per_node {processes}")
-        print(f"\nlaunch: {_launch_summary(recipe, processes, fsdp)}\n"
+        print(f"\nlaunch: {launch_summary(recipe, processes, fsdp)}\n"
               f"  {launch} -m mmrlhf_lite.train {recipe.source} ... (docs/distributed.md)")
     return plan
 
@@ -433,7 +434,10 @@ def _free_space(path) -> str:
         return "free space unknown"
 
 
-def _known_user_errors() -> tuple[type, ...]:
+def known_user_errors() -> tuple[type, ...]:
+    """The exception types that are the user's input, not a bug (bad data, media, model folder, an over-long
+    sample): the CLI prints their message alone, no traceback, and the web UI's pre-flight shows it as a
+    reason not to start. Each is imported only if its module imports (a missing optional stack is no error)."""
     out: list[type] = []
     for mod, name in (("mmrlhf_lite.data.errors", "DataError"), ("mmrlhf_lite.data.media", "MediaError"),
                       ("mmrlhf_lite.models.loading", "ModelLoadError"),
@@ -446,7 +450,7 @@ def _known_user_errors() -> tuple[type, ...]:
 
 
 def _unexpected(exc: BaseException) -> int:
-    if isinstance(exc, _known_user_errors()):
+    if isinstance(exc, known_user_errors()):
         print(f"error: {exc}", file=sys.stderr)
         return 1
     trace = "".join(traceback.format_exception(exc))

@@ -1,7 +1,7 @@
 """`DataError`: a bad row or file, named by `file:line` (and the key / media path involved).
 
 Every check in the data layer raises this one class, so the CLI prints the message without a
-traceback (`mmrlhf_lite.train._known_user_errors`) and `data.on_error: skip` can count skipped rows by
+traceback (`mmrlhf_lite.train.known_user_errors`) and `data.on_error: skip` can count skipped rows by
 `reason`, a short stable word from `REASONS`.
 
     python -m mmrlhf_lite.data stats tests/does-not-exist.jsonl    # -> error: ... not found
