@@ -139,7 +139,7 @@ def test_preflight_names_every_bad_row_and_the_key_that_trains_past_them(tmp_pat
     assert not p.can_start and p.bad_rows == 2, p.markdown
     assert "2 bad data row(s) (data.path: 1 malformed json, 1 missing image), first at set/demo.jsonl:5, " \
            "set/demo.jsonl:10" in p.markdown, p.markdown
-    assert "trains on the 18 good group(s)" in p.markdown and "Skip bad rows" in p.markdown
+    assert "trains on the 18 good group(s): the button below sets it" in p.markdown
     skip = essentials.preflight(now.replace({"data.on_error": "skip"}), **kw)
     assert skip.can_start and skip.bad_rows == 0 and "data: 16 train / 2 held-out groups" in skip.markdown, skip.markdown
     taken = essentials.preflight(now.replace({"data.on_error": "skip"}), run_name="taken", **kw)

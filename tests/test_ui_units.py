@@ -536,7 +536,7 @@ def test_compare_table_from_reports(tmp_path):
     assert table.set_index("metric")["plain"].to_dict() == {
         "status": "done", "evaluation": "-", "Acc (given)": "75.0%", "Acc+ (given)": "50.0%",
         "colour: Acc / Acc+ (given)": "100.0% / 100.0%", "implicit reward accuracy": "62.5%",
-        "win rate after vs before": "50.0%", "DPO settings": "beta=0.1 w=0.0 k=0.5 (plain DPO)"}
+        "win rate after vs before": "50.0%", "DPO settings": "beta=0.1 w=0 k=0.5 (plain DPO)"}
     noeval = table.set_index("metric")["noeval"]
     assert noeval["evaluation"] == "none yet" and noeval["Acc (given)"] == "-"
     curves = compare.overlay(tmp_path, ["plain", "noeval"], "dpo_acc", runview.EventTail())

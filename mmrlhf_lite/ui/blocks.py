@@ -40,7 +40,7 @@ CSS = """
 .mm-fit table {table-layout:fixed; width:100%}
 .mm-fit td, .mm-fit th, .mm-fit td *, .mm-fit th * {overflow-wrap:anywhere; word-break:break-word; white-space:normal}
 .mm-words td, .mm-words th, .mm-words td *, .mm-words th * {overflow-wrap:normal; word-break:normal; hyphens:manual}
-.mm-plot g.mark-symbol path {d: path("M2.5,0A2.5,2.5,0,1,1,-2.5,0A2.5,2.5,0,1,1,2.5,0"); opacity:1 !important}
+.mm-plot g.mark-symbol.role-mark path {d: path("M2.5,0A2.5,2.5,0,1,1,-2.5,0A2.5,2.5,0,1,1,2.5,0"); opacity:1 !important}
 .mm-offscreen {display:none !important}
 """
 # A line through one point is drawn as nothing: every point also gets a small mark (`.mm-plot`: the plot's
@@ -92,6 +92,7 @@ def _wire(app, tabs, h, data, train, live, pg, cmp, pol, page_hidden, page_shown
     app.load(h.data.load, None, [data.file, data.scores_run, *data.inspect_out], api_name=False)
     loaded = app.load(with_form(h.train.load), None, [train.recipe, *train.form, train.run_name], api_name=False)
     train.refresh(loaded.then(*train.remember, api_name=False))
+    train.relabel(loaded)
     app.load(h.live.choices, None, live.run, api_name=False)
     app.load(lambda: (h.playground.reward_run_choices(), h.playground.cache_run_choices(), h.compare.choices()),
              None, [pg.run, pg.cache_run, cmp.runs], api_name=False)

@@ -23,6 +23,11 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x) -> str:
+    """A setting as written (0.1, not 0.30000000000000004)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
     """The final evaluations side by side: a row per metric, a column per run (so a comparison of many runs
     grows down the page, never off its right edge). Rows: the run's status; per critique mode, Acc and Acc+
@@ -65,7 +70,7 @@ def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
         col["implicit reward accuracy"] = _pct(pol.get("implicit_accuracy"))
         col["win rate after vs before"] = _pct((pol.get("win_rate") or {}).get("win_rate"))
         d = report.get("dpo") or {}
-        col["DPO settings"] = (f"beta={d.get('beta')} w={d.get('w')} k={d.get('k')}"
+        col["DPO settings"] = (" ".join(f"{k}={_num(d.get(k))}" for k in ("beta", "w", "k"))
                                + (" (plain DPO)" if d.get("w") == 0 else ""))
         columns[name] = col
     metrics = ["status"] + (["evaluation"] if any("evaluation" in c for c in columns.values()) else [])

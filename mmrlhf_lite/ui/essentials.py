@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
            "run.stages": list(STAGES), "reward.train.max_steps": 600, "dpo.train.max_steps": 600,
            "eval.max_groups": None},
 }
-# what each preset is; how long it takes is measured on this machine (`preset_label`), never promised
+# what each preset is; how long the smoke test takes is measured on this machine (`preset_label`), never promised
 PRESET_HELP = {SMOKE: "every stage on 120 demo groups, 60 steps per trainer",
                FULL: "recipes/demo.yaml's sizes: 600 demo groups, 600 steps per trainer"}
 
@@ -328,7 +328,7 @@ def preflight(now: FormValues, *, data_root, runs_root, scratch: Path, run_name:
         lines = ["**Pre-flight: cannot start.**"] + [f"- **{_escape(e)}**" for e in errors]
         if bad and bad.good_groups:
             lines.append(f"\n`data.on_error: skip` leaves the {bad.rows} bad row(s) out and trains on the "
-                         f"{bad.good_groups} good group(s): **Skip bad rows** sets it.")
+                         f"{bad.good_groups} good group(s): the button below sets it.")
         return Preflight("\n".join(lines), False, bad.rows if bad and bad.good_groups else 0, errors)
     lines = ["**Pre-flight** (the numbers of `--dry-run`)"]
     errors = ([name_error] if name_error else []) + list(plan["errors"])

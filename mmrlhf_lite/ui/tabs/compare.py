@@ -51,7 +51,8 @@ class CompareHandlers:
     def plot_title(self, names: list[str] | None, curve: str):
         # a new title makes the plot rebuild its colour scale for these runs' series (it keeps the first one's)
         title, ylabel, _ = runview.CURVES[curve]
-        return gr.update(title=f"{title}: {', '.join(names or [])}", y_title=ylabel)
+        shown = ", ".join(names or [])
+        return gr.update(title=f"{title}: {shown if len(shown) <= 80 else f'{len(names)} runs'}", y_title=ylabel)
 
 
 def fitted(frame: pd.DataFrame, first: int):

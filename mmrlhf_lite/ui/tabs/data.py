@@ -22,7 +22,7 @@ from ..base import UIConfig, readable
 from ..safety import Refused
 
 PROBLEM_COLUMNS = ["where", "problem", "how to fix"]
-PROBLEM_WIDTHS = ["22%", "40%", "38%"]
+PROBLEM_WIDTHS = ["27%", "35%", "38%"]
 
 
 class DataHandlers:
@@ -236,8 +236,10 @@ def build(h: DataHandlers) -> SimpleNamespace:
     inspect_out = [summary, problems, index, *group_out]
     inspect_in = [data_file, fmt, media_root, scores_run]
     group_in = [data_file, fmt, media_root, index, scores_run]
-    upload.upload(h.upload, upload, data_file, api_name="upload").then(
-        h.inspect, inspect_in, inspect_out, api_name=False)
+    uploaded = upload.upload(h.upload, upload, data_file, api_name="upload")
+    uploaded.then(h.inspect, inspect_in, inspect_out, api_name=False)
+    # the upload box empties (the file is under the data root now), ready for the next one
+    uploaded.success(lambda: None, None, upload, api_name=False, show_progress="hidden")
     demo_btn.click(h.make_demo, demo_groups, data_file, api_name="make_demo").then(
         h.inspect, inspect_in, inspect_out, api_name=False)
     data_file.input(h.inspect, inspect_in, inspect_out, api_name="inspect")

@@ -340,6 +340,8 @@ def build(h: LiveHandlers) -> SimpleNamespace:
     live_run.change(lambda: (gr.update(value=None, visible=False), *h.cancel_delete()), None,
                     [files, confirm_text, confirm, cancel, pending], api_name=False, show_progress="hidden")
     live_run.input(lambda: "", None, action, api_name=False, show_progress="hidden")
+    # the list is read when it is opened (a run started elsewhere, by the CLI or another page, is there)
+    live_run.focus(h.choices, live_run, live_run, api_name=False, show_progress="hidden")
     show(live_run.input(h.view, live_run, [*outputs, sig], api_name="view"))
     timer.tick(h.tick, [live_run, sig], [*outputs, sig, timer], api_name=False, show_progress="hidden",
                concurrency_limit=8)
