@@ -115,9 +115,9 @@ def run_isolated(spec, threads: int | None, gate: dict | None = None) -> dict:
             return {"kind": "gate", "model": spec.model, "passed": False, "skipped": [], "isolated": True,
                     "checks": [{"name": "error", "status": "error", "passed": False,
                                 "reason": f"child process exited {proc.returncode} without a result", "stderr": tail}]}
-        from .runs import _row
+        from .spec import result_row
         status = "oom" if "out of memory" in tail.lower() else "error"
-        return _row(spec, status, reason=f"child process exited {proc.returncode} without a result", stderr=tail,
+        return result_row(spec, status, reason=f"child process exited {proc.returncode} without a result", stderr=tail,
                     isolated=True)
 
 

@@ -65,7 +65,7 @@ def pairs_of(groups) -> list[tuple[int, int]]:
 
 def ours_logps(model, family, encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """(policy, reference) summed response log-probs through our packed forward."""
-    from mmrlhf_lite.models.packing import packed_forward
+    from mmrlhf_lite.models.logprobs import packed_forward
 
     with torch.no_grad():
         policy = torch.stack(packed_forward(model, family, encoded).logps)
@@ -112,7 +112,7 @@ def _row_inputs(prefix: dict, branch_ids: list[int]) -> dict:
 
 def full_forward_logps(model, encoded) -> torch.Tensor:
     """Summed response log-probs, one ordinary row per response, full-vocabulary logits."""
-    from mmrlhf_lite.models.loading import unwrap
+    from mmrlhf_lite.models.wrappers import unwrap
 
     device = next(model.parameters()).device
     base = unwrap(model).model
@@ -210,7 +210,7 @@ def check_trl_collation(processor, groups, encoded, encoder) -> tuple[dict, dict
 def trl_batch_logps(model, batch) -> torch.Tensor:
     """Summed completion log-probs of each row of a TRL batch through the model's full forward (the same
     inputs TRL's DPOTrainer feeds; its fused LM head needs Triton, the full logits do not)."""
-    from mmrlhf_lite.models.loading import unwrap
+    from mmrlhf_lite.models.wrappers import unwrap
 
     device = next(model.parameters()).device
     keys = [k for k in batch if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")]
@@ -315,12 +315,12 @@ def run_gate(spec, n_groups: int = 2, dtype: str | None = None) -> dict:
     from mmrlhf_lite.models.encoding import GroupEncoder
 
     from .data import make_groups
-    from .runs import _load_ours
+    from .runs import load_ours
 
     dtype = dtype or "float32"
     checks = []
     try:
-        model, processor = _load_ours(spec.model_dir, "transformers", packed=True, dtype=dtype,
+        model, processor = load_ours(spec.model_dir, "transformers", packed=True, dtype=dtype,
                                       seed=spec.seed)
         family = model.mmrlhf.family
         randomize_lora(model, seed=spec.seed)

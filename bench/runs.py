@@ -15,78 +15,17 @@ Systems
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import tempfile
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from . import flops as F
-from .configs import get_shape
-from .data import SyntheticSpec, make_groups
-from .measure import GIB, StepTimer, cuda, median, now, peak_memory, peak_rss_gib, reset_peak
-
-OURS = {
-    "ours": dict(packed=True, backend="transformers", vision_cache=False, layout="packed"),
-    "ours-unpacked": dict(packed=False, backend="transformers", vision_cache=False, layout="unpacked"),
-    "ours-vcache": dict(packed=True, backend="transformers", vision_cache=True, layout="packed-vision-cached"),
-    "ours-unsloth": dict(packed=True, backend="unsloth", vision_cache=False, layout="packed"),
-}
-TRL_SYSTEMS = {"trl": dict(unsloth=False, layout="pairs"), "unsloth-trl": dict(unsloth=True, layout="pairs")}
-SYSTEMS = tuple(OURS) + tuple(TRL_SYSTEMS)
-LORA_R, LORA_ALPHA, LEARNING_RATE, BETA = 16, 32.0, 5e-5, 0.1
-
-
-@dataclass
-class RunSpec:
-    system: str
-    model: str                    # shape name (bench/configs.py)
-    model_dir: str
-    batch: int                    # groups per step (ours*) or pairs per step (trl, unsloth-trl)
-    image_tokens: int = 1024
-    response_tokens: int = 186
-    question_tokens: int = 12
-    k: int = 4
-    steps: int = 20
-    warmup: int = 3
-    seed: int = 0
-    mem_cap_gb: float | None = None
-    peak_tflops: float = F.H100_SXM_BF16_DENSE_TFLOPS
-    w: float = 0.1                # MM-DPO dynamic beta weight (ours); 0 = plain DPO
-
-    def synthetic(self) -> SyntheticSpec:
-        return SyntheticSpec(image_tokens=self.image_tokens, k=self.k, response_tokens=self.response_tokens,
-                             question_tokens=self.question_tokens, seed=self.seed)
-
-    @property
-    def unit(self) -> str:
-        return "pairs" if self.system in TRL_SYSTEMS else "groups"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _row(spec: RunSpec, status: str, **fields) -> dict:
-    fields.setdefault("peak_rss_gib", peak_rss_gib())
-    return {"kind": "run", "system": spec.system, "status": status, "model": spec.model,
-            "batch_unit": spec.unit, "batch": spec.batch, "image_tokens_target": spec.image_tokens,
-            "response_tokens_target": spec.response_tokens, "k": spec.k, "steps": spec.steps,
-            "warmup": spec.warmup, "mem_cap_gb": spec.mem_cap_gb, **fields}
-
-
-def skipped(spec: RunSpec, reason: str) -> dict:
-    return _row(spec, "skipped", reason=reason)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return "out of memory" in str(exc).lower()
-
+from .data import make_groups
+from .measure import GIB, StepTimer, cuda, median, now, peak_memory, reset_peak
+from .spec import (BETA, LEARNING_RATE, LORA_ALPHA, LORA_R, OURS, SYSTEMS, TRL_SYSTEMS, RunSpec, group_tokens, is_oom,
+                   result_row, skipped, throughput_fields)
 
 def apply_memory_cap(cap_gb: float | None) -> None:
     if cap_gb and cuda():
@@ -107,9 +46,9 @@ def run(spec: RunSpec) -> dict:
         from .trl_systems import run_trl
         return run_trl(spec, **TRL_SYSTEMS[spec.system])
     except Exception as exc:  # noqa: BLE001 - recorded, the harness goes on with the next system
-        if _is_oom(exc):
-            return _row(spec, "oom", reason=f"{type(exc).__name__}: {str(exc)[:300]}", **peak_memory())
-        return _row(spec, "error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+        if is_oom(exc):
+            return result_row(spec, "oom", reason=f"{type(exc).__name__}: {str(exc)[:300]}", **peak_memory())
+        return result_row(spec, "error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
     finally:
         gc.collect()
         if cuda():
@@ -117,44 +56,9 @@ def run(spec: RunSpec) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# token layout -> FLOPs and throughput fields (the same for every system)
-
-def group_tokens(encoded) -> list[F.GroupTokens]:
-    out = []
-    for e in encoded:
-        thw = e.prefix.get("image_grid_thw")
-        patches = tuple(int(t * h * w) for t, h, w in thw.tolist()) if thw is not None else ()
-        out.append(F.GroupTokens(prompt=e.prefix_len, responses=tuple(len(b.ids) for b in e.branches),
-                                 image_patches=patches, targets=tuple(sum(b.target) for b in e.branches)))
-    return out
-
-
-def throughput_fields(spec: RunSpec, layout: str, tokens: list[F.GroupTokens], pairs_per_step: float,
-                      seconds_per_step: float | None) -> dict[str, Any]:
-    """pairs/s, unique tokens/s, useful FLOPs and MFU from the median seconds per step (reference included
-    for ours). Each pair is credited with its group's unique tokens / pairs, the same for every system."""
-    shape = get_shape(spec.model)
-    n_pairs = sum(g.n_pairs for g in tokens)
-    useful = sum(F.useful_group_flops(shape, g, LORA_R)["total"].total for g in tokens) / n_pairs
-    executed = sum(F.executed_group_flops(shape, g, layout, LORA_R)["total"].total for g in tokens) / n_pairs
-    unique = sum(g.unique_tokens for g in tokens) / n_pairs
-    out = {"pairs_per_step": pairs_per_step, "layout": layout,
-           "prompt_tokens_mean": sum(g.prompt for g in tokens) / len(tokens),
-           "response_tokens_mean": sum(sum(g.responses) for g in tokens) / sum(len(g.responses) for g in tokens),
-           "image_patches_mean": sum(sum(g.image_patches) for g in tokens) / len(tokens),
-           "unique_tokens_per_pair": unique, "useful_tflop_per_pair": useful / 1e12,
-           "executed_tflop_per_pair": executed / 1e12, "peak_tflops": spec.peak_tflops}
-    if seconds_per_step:
-        pairs_per_s = pairs_per_step / seconds_per_step
-        out.update(pairs_per_s=pairs_per_s, unique_tokens_per_s=pairs_per_s * unique,
-                   useful_tflops=pairs_per_s * useful / 1e12, mfu=F.mfu(pairs_per_s * useful, spec.peak_tflops))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # ours
 
-def _load_ours(model_dir: str, backend: str, packed: bool, dtype: str = "auto", seed: int = 0):
+def load_ours(model_dir: str, backend: str, packed: bool, dtype: str = "auto", seed: int = 0):
     from mmrlhf_lite.models.loading import load_model
     from mmrlhf_lite.recipe import ModelConfig
 
@@ -168,7 +72,8 @@ def _load_ours(model_dir: str, backend: str, packed: bool, dtype: str = "auto", 
 def _reference_pass(model, family, encoder, groups, batch: int, packed: bool, vision_cache: bool):
     """Reference log-probs (adapter off, no grad), in steps of `batch` groups, each timed. With the vision
     cache, the same pass also keeps each prompt's input embeddings (the vision tower runs here only)."""
-    from mmrlhf_lite.models.packing import group_forward, packed_forward_embedded, prefix_embeddings
+    from mmrlhf_lite.models.logprobs import group_forward
+    from mmrlhf_lite.models.vision_cache import packed_forward_embedded, prefix_embeddings
 
     reference, cache, times, encode_times = {}, {}, [], []
     model.eval()
@@ -201,7 +106,7 @@ def _reference_pass(model, family, encoder, groups, batch: int, packed: bool, vi
 def _vision_cached_trainer_class():
     from mmrlhf_lite.dpo.loss import mm_dpo_loss
     from mmrlhf_lite.dpo.trainer import DpoTrainer
-    from mmrlhf_lite.models.packing import packed_forward_embedded
+    from mmrlhf_lite.models.vision_cache import packed_forward_embedded
 
     class VisionCachedDpoTrainer(DpoTrainer):
         """DpoTrainer whose policy forward starts from the prompts' cached input embeddings."""
@@ -245,7 +150,7 @@ def run_ours(spec: RunSpec, *, packed: bool, backend: str, vision_cache: bool, l
         return skipped(spec, "unsloth backend needs CUDA and an importable unsloth (FastVisionModel is CUDA only)")
     reset_peak()
     t0 = now()
-    model, processor = _load_ours(spec.model_dir, backend, packed, seed=spec.seed)
+    model, processor = load_ours(spec.model_dir, backend, packed, seed=spec.seed)
     load_s = now() - t0
     info = model.mmrlhf
     family = info.family
@@ -279,7 +184,7 @@ def run_ours(spec: RunSpec, *, packed: bool, backend: str, vision_cache: bool, l
     pairs_per_step = sum(g.n_pairs for g in tokens) / len(tokens) * spec.batch
     fields = throughput_fields(spec, layout, tokens, pairs_per_step, (step_s + ref_s) if step_s else None)
     fields["pairs_per_s_train_only"] = pairs_per_step / step_s if step_s else None
-    return _row(spec, "ok", backend=info.backend, device=str(info.device), dtype=str(info.dtype).replace("torch.", ""),
+    return result_row(spec, "ok", backend=info.backend, device=str(info.device), dtype=str(info.dtype).replace("torch.", ""),
                 load_s=load_s, first_step_s=timer.first_step_s, step_s_median=step_s, step_s=timer.timed,
                 warmup_step_s=timer.times[:spec.warmup], reference_s_per_step=ref_s, reference_s=ref_times,
                 encode_s_per_step=median(encode_times), train_loss=result.training_loss,

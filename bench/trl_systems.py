@@ -70,7 +70,7 @@ def build_trainer(spec, model_dir: str, family, processor, rows, out_dir: str, *
     from peft import LoraConfig
     from trl import DPOTrainer
 
-    from .runs import LORA_ALPHA, LORA_R
+    from .spec import LORA_ALPHA, LORA_R
 
     ds = pair_dataset(rows)
     if unsloth:
@@ -95,7 +95,7 @@ def build_trainer(spec, model_dir: str, family, processor, rows, out_dir: str, *
 
 
 def run_trl(spec, *, unsloth: bool, layout: str) -> dict:
-    from .runs import _row, group_tokens, skipped, throughput_fields
+    from .spec import group_tokens, result_row, skipped, throughput_fields
 
     name = "Unsloth + TRL" if unsloth else "TRL"
     if not cuda():
@@ -136,7 +136,7 @@ def run_trl(spec, *, unsloth: bool, layout: str) -> dict:
         result = trainer.train()
     step_s = median(timer.timed)
     fields = throughput_fields(spec, layout, tokens, float(spec.batch), step_s)
-    return _row(spec, "ok", backend="unsloth" if unsloth else "transformers", device=torch.cuda.get_device_name(0),
+    return result_row(spec, "ok", backend="unsloth" if unsloth else "transformers", device=torch.cuda.get_device_name(0),
                 dtype="bfloat16", trl=trl.__version__, trl_version_tested=TRL_VERSION_TESTED, load_s=load_s,
                 first_step_s=timer.first_step_s, step_s_median=step_s, step_s=timer.timed,
                 warmup_step_s=timer.times[:spec.warmup], reference_s_per_step=0.0,

@@ -58,9 +58,9 @@ def model_path_problem(path: str) -> str | None:
         return (f"model.path '{path}' is not an existing folder (nor a hub id of the form owner/name); check the "
                 "path (relative paths resolve against the working directory, then the recipe's folder)")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from .models.loading import _in_hub_cache
+        from .models.loading import in_hub_cache
 
-        if not _in_hub_cache(path):
+        if not in_hub_cache(path):
             return (f"model.path '{path}' is neither a local folder nor in the Hugging Face cache, and the hub is "
                     "offline (HF_HUB_OFFLINE=1): download it first (huggingface-cli download "
                     f"{path}) or point model.path at a local folder")

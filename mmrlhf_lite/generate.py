@@ -158,7 +158,7 @@ class PolicyChat:
     def _inputs(self, images: Sequence, question: str, history: Sequence[Turn] = ()) -> dict:
         from .data.media import MediaError
         from .models.encoding import SequenceTooLong
-        from .models.packing import TOKEN_LEVEL_KEYS, _forward_keys
+        from .models.packing import TOKEN_LEVEL_KEYS, forward_keys
 
         try:
             prefix = self.encoder.policy_prompt(self._group(images, question, history))
@@ -168,7 +168,7 @@ class PolicyChat:
             raise GenerateError(f"the conversation is too long for this model's max_length ({exc}); start a new "
                                 "conversation") from None
         device = next(p for p in self.model.parameters()).device
-        keys = [k for k in _forward_keys(self.spec, [prefix]) if k in prefix] + [k for k in TOKEN_LEVEL_KEYS if k in prefix]
+        keys = [k for k in forward_keys(self.spec, [prefix]) if k in prefix] + [k for k in TOKEN_LEVEL_KEYS if k in prefix]
         out = {k: prefix[k].to(device) for k in dict.fromkeys(keys)}
         out["input_ids"] = prefix["input_ids"].to(device)
         out["attention_mask"] = out["input_ids"].new_ones(out["input_ids"].shape)
@@ -182,7 +182,7 @@ class PolicyChat:
         import torch
         from transformers import TextIteratorStreamer
 
-        from .models.generation import _stop_ids
+        from .models.reward_score import stop_ids
 
         if which not in WHICH:
             raise GenerateError(f"which must be 'base' or 'policy', not {which!r}")
@@ -193,7 +193,7 @@ class PolicyChat:
         sample = float(s.temperature) > 0
         gen_kw = dict(**inputs, max_new_tokens=int(s.max_new_tokens), min_new_tokens=1, do_sample=sample,
                       temperature=float(s.temperature) if sample else None, top_p=float(s.top_p) if sample else None,
-                      top_k=None, eos_token_id=_stop_ids(self.processor, self.encoder.end_of_turn),
+                      top_k=None, eos_token_id=stop_ids(self.processor.tokenizer, self.encoder.end_of_turn),
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, use_cache=True,
                       streamer=streamer)
         error: list[BaseException] = []

@@ -52,7 +52,7 @@ LAYER_BYTES_PER_INTERMEDIATE = 12  # gate, up, act(gate), product (2 B each) + d
 # One vision block's saved tensors per patch (no LoRA on the tower): norms, qkv, attention output, MLP.
 VISION_BYTES_PER_HIDDEN = 24
 VISION_BYTES_PER_INTERMEDIATE = 6
-# The LM head on target tokens only, chunked and checkpointed (models/packing.token_logps): one chunk of
+# The LM head on target tokens only, chunked and checkpointed (models/logprobs.token_logps): one chunk of
 # <= 1024 tokens x vocab at a time; in backward the recomputed fp32 log-softmax, its gradient, exp() and
 # the bf16 cast of the result are alive together.
 HEAD_CHUNK_TOKENS = 1024

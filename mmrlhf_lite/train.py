@@ -158,7 +158,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
                 with events.stage_run(stage):
                     return runner(ctx) or {}
             # every stage runs on every rank: reward/dpo data-parallel, score/reference/eval on each rank's
-            # share of the groups (cache/sharded.py, rounds.py)
+            # share of the groups (cache/sharded.py, distributed/lockstep.py)
             info = run_stage()
             dist.barrier(f"end of stage {stage}")
             if main:
@@ -180,10 +180,9 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
 
 
 def launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
-    """One line on a launch of `world` processes, for the CLI's log, `--dry-run` and the web UI's pre-flight:
-    the global batch of each training stage (DDP: each process holds a full copy of the model, so the per-GPU
-    memory is the single-GPU estimate of --dry-run; FSDP2: the training and precompute stages hold 1/world of
-    the base each, eval a full copy, see the dry run's FSDP2 lines)."""
+    """The global batch of each training stage under `world` processes (DDP: each process holds a full
+    copy of the model, so the per-GPU memory is the single-GPU estimate of --dry-run; FSDP2: the training and
+    precompute stages hold 1/world of the base each, eval a full copy, see the dry run's FSDP2 lines)."""
     parts = []
     for stage in ("reward", "dpo"):
         t = getattr(recipe, stage).train
@@ -435,9 +434,9 @@ def _free_space(path) -> str:
 
 
 def known_user_errors() -> tuple[type, ...]:
-    """The exception types that are the user's input, not a bug (bad data, media, model folder, an over-long
-    sample): the CLI prints their message alone, no traceback, and the web UI's pre-flight shows it as a
-    reason not to start. Each is imported only if its module imports (a missing optional stack is no error)."""
+    """The exception types that are the user's to fix (bad data rows, missing or bad media, unloadable model
+    files, a sample too long for max_length): the CLI prints their message without a traceback, and the UI's
+    pre-flight shows it."""
     out: list[type] = []
     for mod, name in (("mmrlhf_lite.data.errors", "DataError"), ("mmrlhf_lite.data.media", "MediaError"),
                       ("mmrlhf_lite.models.loading", "ModelLoadError"),

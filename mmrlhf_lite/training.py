@@ -33,6 +33,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import distributed
 from .events import EventLog, StageStopped
+from .models.wrappers import ShardedModel
 from .recipe import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,9 @@ class GroupTrainer(Trainer):
     # ---- FSDP2 (docs/distributed.md): the base is sharded by `distributed.shard_model`, not by accelerate
     def _wrap_model(self, model, training: bool = True, dataloader=None):
         if self.sharded and training:
-            if isinstance(model, distributed.ShardedModel):
+            if isinstance(model, ShardedModel):
                 return model
-            return distributed.ShardedModel(model)  # not `self.model`: Trainer then does not DDP-wrap it
+            return ShardedModel(model)  # not `self.model`: Trainer then does not DDP-wrap it
         return super()._wrap_model(model, training, dataloader)
 
     def trainable_state(self) -> dict[str, torch.Tensor] | None:

@@ -258,7 +258,7 @@ def test_trl_lora_targets_are_ours(bench_model):
 
 
 # --------------------------------------------------------------------------------------------------
-# frozen vision tower cache (mmrlhf_lite/models/packing.py)
+# frozen vision tower cache (mmrlhf_lite/models/vision_cache.py)
 
 def _vision_cache_case(family: str, lora_vision: bool = False):
     sys.path.insert(0, str(REPO / "tests"))
@@ -272,7 +272,8 @@ def test_vision_cache_matches_packed_forward(family):
     """Prompt embeddings computed once (vision tower + projector + token embeddings, no grad) and fed back
     give the same response log-probs, last hidden states and LoRA gradients as the ordinary packed forward
     (mixed batch: image, two-image and text-only groups; whole rows and split rows)."""
-    from mmrlhf_lite.models.packing import packed_forward, packed_forward_embedded, prefix_embeddings
+    from mmrlhf_lite.models.logprobs import packed_forward
+    from mmrlhf_lite.models.vision_cache import packed_forward_embedded, prefix_embeddings
 
     model, spec, groups, lora_params = _vision_cache_case(family)
 
@@ -300,7 +301,7 @@ def test_vision_cache_matches_packed_forward(family):
 def test_vision_cache_refuses_when_not_valid():
     """Vision LoRA trains the tower (its output changes every step); Qwen3-VL's DeepStack feeds vision
     features to decoder layers besides the input embeddings: both refuse."""
-    from mmrlhf_lite.models.packing import MediaNotCacheable, prefix_embeddings
+    from mmrlhf_lite.models.vision_cache import MediaNotCacheable, prefix_embeddings
 
     model, spec, groups, _ = _vision_cache_case("qwen2_vl", lora_vision=True)
     with pytest.raises(MediaNotCacheable, match="before the decoder train"):

@@ -118,13 +118,13 @@ def test_hub_model_keys_follow_the_cached_revision(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     from mmrlhf_lite.cache.store import model_fingerprint
-    from mmrlhf_lite.models.loading import ModelLoadError, _in_hub_cache
+    from mmrlhf_lite.models.loading import ModelLoadError, in_hub_cache
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     _hub_snapshot(tmp_path / "hub", "org/vlm", "a" * 40, {"model_type": "qwen2_vl"})
     first = model_fingerprint("org/vlm")
-    assert first == model_fingerprint("org/vlm") and _in_hub_cache("org/vlm")
+    assert first == model_fingerprint("org/vlm") and in_hub_cache("org/vlm")
     # the same id at a new revision (same config, same sizes): new keys
     _hub_snapshot(tmp_path / "hub", "org/vlm", "b" * 40, {"model_type": "qwen2_vl"})
     second = model_fingerprint("org/vlm")
@@ -133,7 +133,7 @@ def test_hub_model_keys_follow_the_cached_revision(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"model.path 'org/other' is not a local folder, and its hub "
                                              r"revision could not be resolved"):
         model_fingerprint("org/other")
-    assert not _in_hub_cache("org/other")
+    assert not in_hub_cache("org/other")
 
 
 def _demo_rows(tmp_path):

@@ -1,7 +1,7 @@
 """One run, N processes (torchrun, gloo on CPU): 2 ranks x B groups per step train the same LoRA weights
 as 1 rank x 2B; a SIGKILLed rank ends the job in bounded time with the launcher naming it, and the same
 command resumes to the same final weights; two "nodes" (two launchers, --nnodes 2) run the stages end to end;
-score/reference/eval split over ranks in lockstep rounds count every rank's groups in their progress, stop
+score/reference/eval split over ranks in lockstep count every rank's groups in their progress, stop
 every rank at one point, and eval writes the single process's report.
 
 Every launcher runs in its own process group with a hard timeout, and the group is killed afterwards.
@@ -364,9 +364,10 @@ def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(t
     assert "rank 0 failed at 'run setup'" in out, out[-3000:]
 
 
-ROUNDS_SCRIPT = '''
+LOCKSTEP_SCRIPT = '''
 import json, sys
-from mmrlhf_lite import distributed, rounds
+from mmrlhf_lite import distributed
+from mmrlhf_lite.distributed import lockstep
 from mmrlhf_lite.events import EventLog, StageStopped
 
 distributed.init("cpu")
@@ -381,9 +382,9 @@ for case, stop_after in (("uneven", None), ("stop", 2)):
 
     batches = [[0, 1], [2], [3, 4, 5]] if me == 0 else []      # rank 1 has no batch at all
     try:
-        res = rounds.run_in_rounds(batches, lambda b: seen.extend(b) or 10 * len(b), done=0 if me == 0 else 1,
-                                   events=events, stop_requested=stop, part=case,
-                                   stopped=lambda done, total: f"stopped after {done} of {total} groups")
+        res = lockstep.run_in_lockstep(batches, lambda b: seen.extend(b) or 10 * len(b), done=0 if me == 0 else 1,
+                                       events=events, stop_requested=stop, part=case,
+                                       stopped=lambda done, total: f"stopped after {done} of {total} groups")
         said = f"done {res.groups} {res.computed} {res.computed_groups}"
     except StageStopped as exc:
         said = f"stopped: {exc}"
@@ -392,12 +393,12 @@ distributed.destroy()
 '''
 
 
-def test_rounds_with_uneven_shards_count_all_ranks_and_stop_every_rank_at_one_point(tmp_path):
-    """rounds.run_in_rounds under torchrun: rank 0 holds 3 batches, rank 1 none (no deadlock: both join
+def test_lockstep_with_uneven_shards_count_all_ranks_and_stop_every_rank_at_one_point(tmp_path):
+    """lockstep.run_in_lockstep under torchrun: rank 0 holds 3 batches, rank 1 none (no deadlock: both join
     every round); progress counts both ranks' groups; a stop seen by rank 1 alone stops both after the
     same round with the same message."""
-    script = tmp_path / "rounds_script.py"
-    script.write_text(ROUNDS_SCRIPT)
+    script = tmp_path / "lockstep_script.py"
+    script.write_text(LOCKSTEP_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path)]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -406,7 +407,7 @@ def test_rounds_with_uneven_shards_count_all_ranks_and_stop_every_rank_at_one_po
     assert rc == 0, out[-3000:]
     assert "[uneven] rank 0: done 7 60 [6, 0]; worked on [0, 1, 2, 3, 4, 5]" in out, out[-3000:]
     assert "[uneven] rank 1: done 7 60 [6, 0]; worked on []" in out, out[-3000:]
-    # checked before rounds 0, 1, 2: rank 1's third check stops both before rank 0's third batch
+    # checked before steps 0, 1, 2: rank 1's third check stops both before rank 0's third batch
     assert "[stop] rank 0: stopped: stopped after 4 of 7 groups; worked on [0, 1, 2]" in out, out[-3000:]
     assert "[stop] rank 1: stopped: stopped after 4 of 7 groups; worked on []" in out, out[-3000:]
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@
 present, DPO training runs no reference forward pass and loads no second model."""
 
 from mmrlhf_lite.dpo import trainer as dpo_trainer
-from mmrlhf_lite.models.loading import unwrap
+from mmrlhf_lite.models.wrappers import unwrap
 from mmrlhf_lite.recipe import load_recipe
 from mmrlhf_lite.train import run_pipeline
 

@@ -281,7 +281,7 @@ def _half_each(run_dir: Path, stage: str) -> None:
 
 def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_probs(tmp_path):
     """2 ranks under the FSDP2 variables, uneven shares (the rank with fewer groups runs dummy forwards in
-    the rounds it has no batch for, in lockstep with the other): each rank holds about half the base, and
+    the lockstep steps it has no batch for, in lockstep with the other): each rank holds about half the base, and
     every cache line equals the one-process run's within fp32 tolerance."""
     from mmrlhf_lite.recipe import load_recipe
     from mmrlhf_lite.train import run_pipeline

@@ -21,6 +21,7 @@ PACKAGES = {m.name for m in WALK if m.ispkg}
 def test_the_walk_finds_the_foundation():
     for name in ("mmrlhf_lite.recipe", "mmrlhf_lite.train", "mmrlhf_lite.events", "mmrlhf_lite.runs",
                  "mmrlhf_lite.plan", "mmrlhf_lite.models.loading", "mmrlhf_lite.models.packing",
+                 "mmrlhf_lite.models.logprobs", "mmrlhf_lite.models.vision_cache", "mmrlhf_lite.distributed.lockstep",
                  "mmrlhf_lite.data.groups"):
         assert name in MODULES
 

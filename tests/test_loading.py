@@ -11,8 +11,9 @@ import torch
 
 from mmrlhf_lite.data.groups import PreferenceGroup, Response, text_to_turn
 from mmrlhf_lite.models.encoding import GroupEncoder
-from mmrlhf_lite.models.loading import (ModelLoadError, lora_target_names, load_model, save_adapter, unwrap)
-from mmrlhf_lite.models.packing import group_forward
+from mmrlhf_lite.models.loading import ModelLoadError, load_model, lora_target_names, save_adapter
+from mmrlhf_lite.models.wrappers import unwrap
+from mmrlhf_lite.models.logprobs import group_forward
 from mmrlhf_lite.recipe import ModelConfig
 
 HEAD = {"kind": "mlp", "dropout": 0.0}

@@ -181,4 +181,4 @@ def test_parse_memory_rejects_nonsense():
 
 
 def test_head_chunk_is_capped():
-    assert HEAD_CHUNK_TOKENS == 1024  # models/packing.token_logps's chunk
+    assert HEAD_CHUNK_TOKENS == 1024  # models/logprobs.token_logps's chunk

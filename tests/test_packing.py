@@ -18,8 +18,8 @@ import torch
 from mmrlhf_lite.models.encoding import GroupEncoder
 from mmrlhf_lite.models.families import FAMILIES
 from mmrlhf_lite.models.loading import load_model
-from mmrlhf_lite.models.packing import (Branch, EncodedGroup, group_forward, lm_head_of, packed_mask, plan_rows,
-                                        token_logps)
+from mmrlhf_lite.models.logprobs import group_forward, lm_head_of, token_logps
+from mmrlhf_lite.models.packing import Branch, EncodedGroup, packed_mask, plan_rows
 from mmrlhf_lite.recipe import ModelConfig
 
 TOL = 1e-4

@@ -398,7 +398,7 @@ def test_llava_onevision_max_pixels_caps_the_anyres_grid_in_processor_and_model(
     import torch
 
     from mmrlhf_lite.models.loading import load_model
-    from mmrlhf_lite.models.packing import group_forward
+    from mmrlhf_lite.models.logprobs import group_forward
     from mmrlhf_lite.models.tiny import ensure_tiny
 
     path = str(ensure_tiny("tiny:llava_onevision:xs"))

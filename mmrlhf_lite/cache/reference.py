@@ -19,7 +19,7 @@ from ..data.groups import PreferenceGroup
 from .. import distributed
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model
-from ..models.packing import group_forward, use_packing
+from ..models.logprobs import group_forward, use_packing
 from ..recipe import ModelConfig
 from .sharded import fill_missing_sharded, open_shared_store
 from .store import JsonlStore, content_key, group_content, model_fingerprint

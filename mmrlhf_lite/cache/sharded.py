@@ -5,7 +5,7 @@ The share is a stable assignment by content: a group goes to rank `hash(its firs
 so a resumed run with the same N gives each rank the same groups, and groups with identical content
 land on the same rank (computed once there). Whatever any rank wrote before a kill is in the cache and
 is not computed again. Appends from several ranks are serialised by `JsonlStore.put_many`'s lock.
-The ranks fill their shares in lockstep rounds (rounds.py): the progress events count every rank's
+The ranks fill their shares in lockstep (distributed/lockstep.py): the progress events count every rank's
 groups, the metrics carry each rank's throughput, and a stop request seen by one rank stops them all
 after the same batch.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import distributed
-from ..rounds import work_split
+from ..distributed.lockstep import work_split
 from .store import JsonlStore, fill_missing
 
 
@@ -38,7 +38,7 @@ def rank_of(keys: list[str], world: int) -> int:
 def fill_missing_sharded(groups: Sequence, keys: list[list[str]], store: JsonlStore, compute: Callable, *,
                          per_batch: int, events, stop_requested: Callable[[], bool] = lambda: False,
                          idle: Callable[[], None] | None = None) -> tuple[JsonlStore, int]:
-    """`store.fill_missing` on this rank's share, in rounds with the other ranks (one process: all groups).
+    """`store.fill_missing` on this rank's share, in lockstep with the other ranks (one process: all groups).
     Returns the store holding every rank's entries (re-read under a launcher) and the number of entries
     computed by all ranks. A stop request seen by any rank raises StageStopped on every rank after the
     same round, naming the groups done by all of them. `idle`: what a rank runs in a round it has no batch

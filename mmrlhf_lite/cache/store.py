@@ -358,17 +358,17 @@ def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store
     A stop request between batches raises StageStopped: everything written so far stays. Returns the
     number of entries computed.
 
-    The batches run through `rounds.run_in_rounds`: in one process a plain loop; on a rank of a launch
+    The batches run through `distributed.lockstep.run_in_lockstep`: in one process a plain loop; on a rank of a launch
     (`cache.sharded.fill_missing_sharded` passes each rank its share) in lockstep with the other ranks,
     with their progress, stop and entry counts summed, and `idle()` run in a round this rank has no batch for.
     """
-    from ..rounds import run_in_rounds
+    from ..distributed.lockstep import run_in_lockstep
 
     plan = plan_missing(keys, store)
     todo = [gi for gi, mine in enumerate(plan) if mine]
     per_batch = max(1, per_batch)
     batches = [todo[s:s + per_batch] for s in range(0, len(todo), per_batch)]
-    result = run_in_rounds(batches, lambda batch: compute_batch(groups, keys, plan, batch, store, compute),
+    result = run_in_lockstep(batches, lambda batch: compute_batch(groups, keys, plan, batch, store, compute),
                            done=len(groups) - len(todo), events=events, stop_requested=stop_requested, idle=idle,
                            stopped=lambda done, total: f"stopped after {done} of {total} groups; the cache keeps them")
     return result.computed

@@ -19,7 +19,7 @@ from .. import distributed
 from ..cache.reference import reference_logps
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
-from ..models.packing import group_forward, use_packing
+from ..models.logprobs import group_forward, use_packing
 from ..recipe import DpoConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
 from .loss import mm_dpo_loss

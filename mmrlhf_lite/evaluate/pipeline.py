@@ -7,7 +7,7 @@ the share that is well-formed, the reward model's rank among the group's K respo
 
 Under a launcher every part that loops over groups (each critique mode before and after training, the
 policy's log-probs, its generations, the scoring of its answers) is split over the ranks in chunks whose
-size and sampling seed come from the recipe, not from the number of ranks (`rounds.sharded_map`); every
+size and sampling seed come from the recipe, not from the number of ranks (`distributed.lockstep.sharded_map`); every
 rank gathers the per-group results and runs the one-process aggregation, and rank 0 writes the report,
 which is the one a single process writes.
 
@@ -29,8 +29,8 @@ from ..events import StageStopped
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
-from ..models.packing import use_packing
-from ..rounds import chunk_seed, sharded_map
+from ..models.logprobs import use_packing
+from ..distributed.lockstep import chunk_seed, sharded_map
 from ..runs import write_atomic
 from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate
@@ -47,6 +47,17 @@ def _free(*objs) -> None:
 
 def scored_groups(groups: list[PreferenceGroup], scores: list[list[float]]) -> list[ScoredGroup]:
     return merge_by_id([ScoredGroup(g.id, g.category, g.pairs(), s, len(g.ties())) for g, s in zip(groups, scores)])
+
+
+def reward_results(groups: list[PreferenceGroup], scored: list[list], weight: float) -> dict:
+    """`reward_bench` of the scores; a hybrid score (weight > 0: head + w x mean log-prob) also gets each part
+    ranked alone under `parts` (`head`, `response_logp`), so a report says which part does the ranking."""
+    res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+    if weight > 0:
+        res["response_logp_weight"] = weight
+        res["parts"] = {part: reward_bench(scored_groups(groups, [[getattr(s, part) for s in g] for g in scored]))
+                        for part in ("head", "response_logp")}
+    return res
 
 
 def split_over_ranks(ctx, part: str, items: list, chunk_size: int, fn) -> list:
@@ -108,7 +119,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
         t = time.time()
         # scored exactly as after training (same samples per critique), so before vs after compares models only
         scored = score_split(ctx, scorer, groups, m, f"reward model before training, {m}")
-        out["before"][m] = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+        out["before"][m] = reward_results(groups, scored, scorer.response_logp_weight)
         out["before"][m]["seconds"] = round(time.time() - t, 1)
         if m == "generate":
             out["before"][m]["critique_fact_rate"] = critique_fact_rate(groups, [[s.critiques for s in g] for g in scored])
@@ -122,7 +133,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
     for m in modes:
         t = time.time()
         scored = score_split(ctx, scorer, groups, m, f"reward model, {m}")
-        res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+        res = reward_results(groups, scored, scorer.response_logp_weight)
         res["seconds"] = round(time.time() - t, 1)
         res["delta_rank"] = delta_rank_correlation(groups, [[s.score for s in g] for g in scored])
         if m == "generate":

@@ -10,18 +10,8 @@ from typing import Sequence
 import torch
 
 from .families import FamilySpec
-from .packing import TOKEN_LEVEL_KEYS, _cat_media, _forward_keys
-
-
-def _stop_ids(processor, end_of_turn: str) -> list[int]:
-    tok = processor.tokenizer
-    ids = set()
-    eot = tok(end_of_turn, add_special_tokens=False)["input_ids"]
-    if len(eot) == 1:
-        ids.add(eot[0])
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return sorted(ids)
+from .packing import TOKEN_LEVEL_KEYS, concat_media, forward_keys
+from .reward_score import cut_reply, stop_ids
 
 
 @torch.no_grad()
@@ -33,7 +23,7 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stop = _stop_ids(processor, end_of_turn)
+    stop = stop_ids(tok, end_of_turn)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -55,16 +45,15 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
                     v = p[k][0].tolist()
                     token_keys[k][i, L - len(ids):L - len(ids) + len(v)] = torch.tensor(v)
             prefixes = [p for _, p in rows]
-            media = _cat_media(prefixes, _forward_keys(spec, prefixes))
+            media = concat_media(prefixes, forward_keys(spec, prefixes))
             kwargs = {k: v.to(device) for k, v in {**media, **token_keys}.items()}
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs,
                                  max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  temperature=temperature if do_sample else None, top_p=None, top_k=None,
                                  eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
             for row in gen[:, L:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                text = tok.decode(row[:cut], skip_special_tokens=True).strip()
-                texts.append((text, row[:cut + 1]) if return_ids else text)
+                text, ids = cut_reply(tok, row, stop)  # the score function's decoding rule
+                texts.append((text, ids) if return_ids else text)
     finally:
         if was_training:
             model.train()

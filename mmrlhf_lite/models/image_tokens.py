@@ -9,7 +9,7 @@ Each counter takes (processor, [(width, height)], nested, config) and returns pe
 """
 from __future__ import annotations
 
-class _SizedImage:
+class SizedImage:
     """Stands in for a decoded image: only its size is read."""
 
     def __init__(self, width: int, height: int):

@@ -1,33 +1,24 @@
-"""A group of K responses as one packed sequence: `[prompt with image][r1][r2]...[rK]`.
+"""A group of K responses as one packed row: `[prompt with image][r1][r2]...[rK]`, built here.
 
 DESIGN.md, "A group is one packed sequence": the prompt and its image tokens are run once per group,
 not once per response. Each response ("branch") attends to the prompt and to itself only (4-D boolean
 mask; 0/-inf floats for eager attention, which adds the mask to the scores), and its positions continue
 from the prompt's end (3-D M-RoPE ids from the model's own rope-index function on the prompt).
-Log-probs are gathered on branch target tokens only, through a chunked LM head: full-vocabulary
-logits are never built for image or prompt positions.
-
-The unpacked path (one ordinary row per branch, the model computing masks and positions itself) is
-the fallback for families whose attention cannot take the mask, and the test oracle.
-
-While everything before the decoder is frozen (no vision LoRA), a prompt's decoder input embeddings
-(image features merged in) are the same in every pass: `prefix_embeddings` computes them once (e.g. in
-the reference pass) and `packed_forward_embedded` starts from them, so the vision tower does not run
-again (tests/test_bench.py checks it against `packed_forward`).
+This module builds the rows, masks, positions and media inputs; models/logprobs.py runs them through the
+model and gathers log-probs; models/vision_cache.py starts a pass from cached prompt embeddings.
 
     python -m pytest tests/test_packing.py -q
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .families import FamilySpec, prompt_positions
-from .loading import unwrap
+from .wrappers import unwrap
 
 TOKEN_LEVEL_KEYS = ("mm_token_type_ids", "token_type_ids")
 
@@ -65,20 +56,11 @@ class EncodedGroup:
         return self.prefix_len + sum(len(b.ids) for b in self.branches)
 
 
-@dataclass
-class BranchOutput:
-    """Per branch of each group, in input order."""
-    logps: list[torch.Tensor] = field(default_factory=list)       # summed target log-prob, scalar
-    token_logps: list[torch.Tensor] = field(default_factory=list)  # (n_target,)
-    n_tokens: list[int] = field(default_factory=list)
-    last_hidden: list[torch.Tensor] = field(default_factory=list)  # (h,) at the branch's last token
-
-
 # --------------------------------------------------------------------------------------------------
 # row building
 
 @dataclass
-class _Row:
+class PackedRow:
     ids: list[int]
     token_keys: dict[str, list[int]]
     positions: torch.Tensor          # (3, L) or (1, L)
@@ -109,7 +91,7 @@ def plan_rows(groups: Sequence[EncodedGroup], max_row_tokens: int | None) -> lis
     return rows
 
 
-def _build_row(model, spec: FamilySpec, g: EncodedGroup, gi: int, branch_idx: list[int]) -> _Row:
+def build_row(model, spec: FamilySpec, g: EncodedGroup, gi: int, branch_idx: list[int]) -> PackedRow:
     base = unwrap(model)
     prefix = g.prefix
     ids = prefix["input_ids"][0].tolist()
@@ -127,7 +109,7 @@ def _build_row(model, spec: FamilySpec, g: EncodedGroup, gi: int, branch_idx: li
         pos_parts.append(p.unsqueeze(0).expand(pos_prefix.shape[0], -1))
         spans.append((start, len(ids)))
         owners.append((gi, bi))
-    return _Row(ids=ids, token_keys=token_keys, positions=torch.cat(pos_parts, dim=1), spans=spans,
+    return PackedRow(ids=ids, token_keys=token_keys, positions=torch.cat(pos_parts, dim=1), spans=spans,
                 prefix_len=g.prefix_len, prefix=prefix, owners=owners)
 
 
@@ -146,7 +128,7 @@ def packed_mask(prefix_len: int, spans: list[tuple[int, int]], length: int) -> t
     return mask
 
 
-def _attention_mask(mask: torch.Tensor, model) -> torch.Tensor:
+def attention_mask_for(mask: torch.Tensor, model) -> torch.Tensor:
     """The packed mask in the form the decoder's attention takes: SDPA (and unsloth) take the boolean
     mask as is; eager attention adds the mask to the scores, so it needs 0 / dtype-min floats in the
     hidden-state dtype (a boolean mask would be added as 0/1 and mask nothing)."""
@@ -157,7 +139,7 @@ def _attention_mask(mask: torch.Tensor, model) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def _cat_media(prefixes: list[dict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+def concat_media(prefixes: list[dict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
     out = {}
     for k in keys:
         if k in TOKEN_LEVEL_KEYS:
@@ -184,7 +166,7 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
-def _forward_keys(spec: FamilySpec, prefixes: list[dict]) -> list[str]:
+def forward_keys(spec: FamilySpec, prefixes: list[dict]) -> list[str]:
     keys = list(spec.forward_keys)
     for p in prefixes:
         for k in p:
@@ -193,101 +175,18 @@ def _forward_keys(spec: FamilySpec, prefixes: list[dict]) -> list[str]:
     return keys
 
 
-# --------------------------------------------------------------------------------------------------
-# log-probs through a chunked LM head
-
-def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
-
-
-def token_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
-                chunk: int = 1024) -> torch.Tensor:
-    """log p(target_t | h_t) for (N, h) hidden states, N target ids -> (N,) float32.
-
-    Chunks of `chunk` tokens, each recomputed in backward (activation checkpointing), so at most one
-    chunk's (chunk, vocab) logits exist at a time. The head is called as a module, so whatever wraps
-    it (LoRA on the head, a hook) takes part.
-    """
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
-    outs = []
-    for s in range(0, hidden.shape[0], chunk):
-        h, t = hidden[s:s + chunk], targets[s:s + chunk]
-        if needs_grad:
-            outs.append(checkpoint(_chunk_logps, h, t, lm_head, use_reentrant=False))
-        else:
-            outs.append(_chunk_logps(h, t, lm_head))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _collect(hidden: torch.Tensor, prefix_lens: list[int], spans_per_row, owners_per_row, groups, lm_head,
-             want_logps: bool, want_hidden: bool) -> BranchOutput:
-    """Per-branch outputs from (B, L, h) hidden states of a packed or unpacked batch.
-
-    Token 0 of a branch is predicted by the last prefix token (also in a packed row, where the previous
-    position belongs to another branch); token t > 0 by the token before it.
-    """
-    device = hidden.device
-    pred_rows, pred_cols, target_ids, owner_of = [], [], [], []
-    last = {}
-    for r, (spans, owners) in enumerate(zip(spans_per_row, owners_per_row)):
-        for (s, e), (gi, bi) in zip(spans, owners):
-            b = groups[gi].branches[bi]
-            if want_logps:
-                for t, is_target in enumerate(b.target):
-                    if is_target:
-                        pred_rows.append(r)
-                        pred_cols.append(prefix_lens[r] - 1 if t == 0 else s + t - 1)
-                        target_ids.append(b.ids[t])
-                        owner_of.append((gi, bi))
-            if want_hidden:
-                last[(gi, bi)] = hidden[r, e - 1]
-    out = BranchOutput()
-    order = [(gi, bi) for gi, g in enumerate(groups) for bi in range(len(g.branches))]
-    if want_logps:
-        if pred_rows:
-            h = hidden[torch.tensor(pred_rows, device=device), torch.tensor(pred_cols, device=device)]
-            lp = token_logps(h, torch.tensor(target_ids, device=device), lm_head)
-        else:
-            lp = hidden.new_zeros(0, dtype=torch.float32)
-        index: dict[tuple[int, int], list[int]] = {k: [] for k in order}
-        for i, key in enumerate(owner_of):
-            index[key].append(i)
-        for key in order:
-            tl = lp[torch.tensor(index[key], device=device, dtype=torch.long)]
-            out.token_logps.append(tl)
-            out.logps.append(tl.sum())
-            out.n_tokens.append(len(index[key]))
-    if want_hidden:
-        out.last_hidden = [last[k] for k in order]
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# the two forwards
-
-def backbone(model) -> torch.nn.Module:
-    """The multimodal backbone (`...ForConditionalGeneration.model`) returning last hidden states."""
-    return unwrap(model).model
-
-
-def lm_head_of(model) -> torch.nn.Module:
-    return unwrap(model).get_output_embeddings()
-
-
 @dataclass
-class _PackedBatch:
-    rows: list[_Row]
+class PackedBatch:
+    rows: list[PackedRow]
     input_ids: torch.Tensor          # (B, L)
     positions: torch.Tensor          # (3, B, L) for M-RoPE families, else (B, L)
     mask: torch.Tensor               # (B, 1, L, L) boolean, True = may attend
     token_keys: dict[str, torch.Tensor]
 
 
-def _packed_batch(model, spec: FamilySpec, groups: Sequence[EncodedGroup], max_row_tokens: int | None) -> _PackedBatch:
+def packed_batch(model, spec: FamilySpec, groups: Sequence[EncodedGroup], max_row_tokens: int | None) -> PackedBatch:
     plan = plan_rows(groups, max_row_tokens)
-    rows = [_build_row(model, spec, groups[gi], gi, bidx) for ((gi, bidx),) in plan]
+    rows = [build_row(model, spec, groups[gi], gi, bidx) for ((gi, bidx),) in plan]
     L = max(len(r.ids) for r in rows)
     pad_id = 0
     B = len(rows)
@@ -303,177 +202,5 @@ def _packed_batch(model, spec: FamilySpec, groups: Sequence[EncodedGroup], max_r
         mask[i, 0] = packed_mask(r.prefix_len, r.spans, L)
         for k, v in r.token_keys.items():
             token_keys[k][i, :n] = torch.tensor(v)
-    return _PackedBatch(rows=rows, input_ids=input_ids, positions=positions if spec.mrope else positions[0],
+    return PackedBatch(rows=rows, input_ids=input_ids, positions=positions if spec.mrope else positions[0],
                         mask=mask, token_keys=token_keys)
-
-
-def packed_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, logps: bool = True,
-                   hidden: bool = False, max_row_tokens: int | None = None) -> BranchOutput:
-    """One row per group (split under `max_row_tokens`), each branch attending to prefix + itself."""
-    device = next(p for p in model.parameters()).device
-    batch = _packed_batch(model, spec, groups, max_row_tokens)
-    rows = batch.rows
-    prefixes = [r.prefix for r in rows]
-    kwargs = _cat_media(prefixes, _forward_keys(spec, prefixes))
-    kwargs.update(batch.token_keys)
-    attention_mask = _attention_mask(batch.mask, model).to(device)
-    out = backbone(model)(input_ids=batch.input_ids.to(device), attention_mask=attention_mask,
-                          position_ids=batch.positions.to(device), use_cache=False,
-                          **{k: v.to(device) for k, v in kwargs.items()})
-    return _collect(out.last_hidden_state, [r.prefix_len for r in rows], [r.spans for r in rows],
-                    [r.owners for r in rows], groups, lm_head_of(model), logps, hidden)
-
-
-# --------------------------------------------------------------------------------------------------
-# frozen vision tower: compute the prompt's input embeddings once, reuse them
-
-class _Captured(Exception):
-    pass
-
-
-class MediaNotCacheable(ValueError):
-    """The prompt's embeddings cannot be reused: something before the decoder trains, or the family feeds
-    vision features to the decoder layers in another way than through its input embeddings."""
-
-
-def _media_trainable(model, spec: FamilySpec) -> list[str]:
-    base = unwrap(model)
-    prefixes = tuple(p + "." for p in spec.vision_prefixes)
-    names = [n for n, p in base.named_parameters() if p.requires_grad and n.startswith(prefixes)]
-    names += [f"input embeddings ({n})" for n, p in base.get_input_embeddings().named_parameters() if p.requires_grad]
-    return names
-
-
-def prefix_embeddings(model, spec: FamilySpec, groups: Sequence[EncodedGroup]) -> list[torch.Tensor]:
-    """Per group, the decoder's input embeddings of its prefix, image features merged in: (prefix_len, h).
-
-    They are what the language model receives for the prompt, so a later pass can start from them and skip
-    the vision tower (and projector). This is exact only while everything before the decoder is frozen
-    (no vision LoRA, `model.lora_vision=false`; embeddings not trained): checked, else `MediaNotCacheable`.
-    Computed with the model's own forward, stopped at the decoder's input, without gradients.
-    """
-    trainable = _media_trainable(model, spec)
-    if trainable:
-        raise MediaNotCacheable(f"{len(trainable)} parameter(s) before the decoder train (e.g. {trainable[0]}): "
-                                "their output changes every step, so it cannot be cached")
-    base = unwrap(model)
-    decoder = base.get_submodule(spec.text_prefix)
-    device = next(p for p in model.parameters()).device
-    captured: dict = {}
-
-    def grab(module, args, kwargs):
-        captured.update(kwargs)
-        raise _Captured
-
-    handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
-    out = []
-    try:
-        with torch.no_grad():
-            for g in groups:
-                captured.clear()
-                prefix = g.prefix
-                keys = _forward_keys(spec, [prefix])
-                kwargs = {k: v.to(device) for k, v in _cat_media([prefix], keys).items()}
-                kwargs.update({k: prefix[k].to(device) for k in TOKEN_LEVEL_KEYS if k in prefix})
-                base_positions = prompt_positions(base, spec, prefix)
-                try:
-                    backbone(model)(input_ids=prefix["input_ids"].to(device), position_ids=base_positions.to(device),
-                                    use_cache=False, **kwargs)
-                except _Captured:
-                    pass
-                embeds = captured.get("inputs_embeds")
-                if embeds is None:
-                    raise MediaNotCacheable(f"{spec.name}: the decoder was not called with inputs_embeds")
-                extra = [k for k, v in captured.items() if isinstance(v, (torch.Tensor, list, tuple)) and v is not None
-                         and k not in ("inputs_embeds", "position_ids", "attention_mask", "input_ids",
-                                       "past_key_values", "cache_position")]
-                if extra:
-                    raise MediaNotCacheable(f"{spec.name} passes {extra} to its decoder besides the input embeddings "
-                                            "(e.g. DeepStack vision features): not cacheable")
-                out.append(embeds[0].detach())
-    finally:
-        handle.remove()
-    return out
-
-
-def packed_forward_embedded(model, spec: FamilySpec, groups: Sequence[EncodedGroup],
-                            prefix_embeds: Sequence[torch.Tensor], *, logps: bool = True, hidden: bool = False,
-                            max_row_tokens: int | None = None) -> BranchOutput:
-    """`packed_forward` with each group's prefix given as input embeddings (from `prefix_embeddings`): the
-    vision tower and projector do not run. Branch tokens go through the model's embedding layer as usual."""
-    if len(prefix_embeds) != len(groups):
-        raise ValueError("one prefix embedding tensor per group")
-    device = next(p for p in model.parameters()).device
-    batch = _packed_batch(model, spec, groups, max_row_tokens)
-    rows = batch.rows
-    embed = unwrap(model).get_input_embeddings()
-    input_ids = batch.input_ids.to(device)
-    token_embeds = embed(input_ids)                                                  # (B, L, h)
-    cached = torch.zeros_like(token_embeds, requires_grad=False)
-    is_prefix = torch.zeros(input_ids.shape, dtype=torch.bool, device=device)         # (B, L)
-    for i, r in enumerate(rows):
-        gi = r.owners[0][0]
-        e = prefix_embeds[gi]
-        if e.shape[0] != r.prefix_len:
-            raise ValueError(f"group {gi}: cached prefix has {e.shape[0]} positions, the prefix {r.prefix_len}")
-        cached[i, :r.prefix_len] = e.to(device=device, dtype=token_embeds.dtype)
-        is_prefix[i, :r.prefix_len] = True
-    inputs_embeds = torch.where(is_prefix[..., None], cached, token_embeds)
-    attention_mask = _attention_mask(batch.mask, model).to(device)
-    out = backbone(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          position_ids=batch.positions.to(device), use_cache=False)
-    return _collect(out.last_hidden_state, [r.prefix_len for r in rows], [r.spans for r in rows],
-                    [r.owners for r in rows], groups, lm_head_of(model), logps, hidden)
-
-
-def unpacked_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, logps: bool = True,
-                     hidden: bool = False) -> BranchOutput:
-    """One ordinary right-padded row per branch; the model builds its own mask and positions."""
-    device = next(p for p in model.parameters()).device
-    rows, prefixes, spans, owners = [], [], [], []
-    for gi, g in enumerate(groups):
-        for bi, b in enumerate(g.branches):
-            ids = g.prefix["input_ids"][0].tolist() + list(b.ids)
-            rows.append((ids, {k: g.prefix[k][0].tolist() + [0] * len(b.ids) for k in TOKEN_LEVEL_KEYS
-                               if k in g.prefix}))
-            prefixes.append(g.prefix)
-            spans.append([(g.prefix_len, len(ids))])
-            owners.append([(gi, bi)])
-    L = max(len(ids) for ids, _ in rows)
-    B = len(rows)
-    input_ids = torch.zeros((B, L), dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    token_keys = {k: torch.zeros((B, L), dtype=torch.long) for _, tk in rows for k in tk}
-    for i, (ids, tk) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attn[i, :len(ids)] = 1
-        for k, v in tk.items():
-            token_keys[k][i, :len(v)] = torch.tensor(v)
-    kwargs = _cat_media(prefixes, _forward_keys(spec, prefixes))
-    kwargs.update(token_keys)
-    base = backbone(model)
-    if hasattr(base, "rope_deltas"):
-        base.rope_deltas = None  # stale deltas from a previous generate() must not leak into this pass
-    out = base(input_ids=input_ids.to(device), attention_mask=attn.to(device), use_cache=False,
-               **{k: v.to(device) for k, v in kwargs.items()})
-    return _collect(out.last_hidden_state, [groups[o[0][0]].prefix_len for o in owners], spans, owners, groups,
-                    lm_head_of(model), logps, hidden)
-
-
-def group_forward(model, spec: FamilySpec, groups: Sequence[EncodedGroup], *, packed: bool, logps: bool = True,
-                  hidden: bool = False, max_row_tokens: int | None = None) -> BranchOutput:
-    if packed:
-        return packed_forward(model, spec, groups, logps=logps, hidden=hidden, max_row_tokens=max_row_tokens)
-    return unpacked_forward(model, spec, groups, logps=logps, hidden=hidden)
-
-
-def use_packing(spec: FamilySpec, setting: str, attn_implementation: str) -> bool:
-    """`auto` packs where the family and attention kernel take a 4-D mask."""
-    if setting == "unpacked":
-        return False
-    ok = spec.packing and attn_implementation in ("sdpa", "eager")
-    if setting == "packed" and not ok:
-        raise ValueError(f"model.packing=packed is not supported for {spec.name} with "
-                         f"attn_implementation={attn_implementation}; use sdpa or model.packing=auto")
-    return ok
-

@@ -10,7 +10,7 @@ import math
 from typing import Callable, Sequence
 
 from ..data.groups import PreferenceGroup
-from ..models.image_tokens import _SizedImage, image_counter, image_size
+from ..models.image_tokens import SizedImage, image_counter, image_size
 from ..recipe import Recipe
 
 # which sequence each stage feeds the model, and the max_length that bounds it
@@ -110,7 +110,7 @@ def _size_only_encoder_class():
         """GroupEncoder whose media are image sizes read from headers (see `CountingProcessor`)."""
 
         def open_media(self, media):
-            return _SizedImage(*image_size(media))
+            return SizedImage(*image_size(media))
 
     return SizeOnlyEncoder
 
@@ -209,7 +209,7 @@ def _processor_counter(recipe: Recipe, stages: Sequence[str], family, processor,
 
 def _formula_counter(recipe: Recipe, family, config: dict, reason: str) -> _Counter:
     """Offline: text as characters/4, images by the family's formula from the config."""
-    from ..reward.prompt import INSTRUCTION
+    from ..models.reward_score import INSTRUCTION
 
     proc = offline_processor(family, config, recipe.model)
     count_images = image_counter(family)

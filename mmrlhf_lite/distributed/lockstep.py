@@ -1,24 +1,25 @@
-"""Work split over the ranks of a launch, run in lockstep rounds: global progress, per-rank throughput
-and one agreed stop point. The precompute stages' cache fills (cache/sharded.py) and the eval stage
-(evaluate/pipeline.py) run their groups through here, with one process or many.
+"""Work split over the ranks of a launch, run in lockstep (batch k of every rank together): global progress,
+per-rank throughput and one agreed stop point. The precompute stages' cache fills (cache/sharded.py,
+cache/store.py) and the eval stage (evaluate/pipeline.py) run their groups through here, with one process
+or many. ("Lockstep", not "rounds": that word is kept for rounds of online training.)
 
 Each rank holds its own list of batches; the lists may differ in length (a content-hash split is
-uneven; a rank may have none). Before each round every rank puts its numbers (batches, groups, groups
+uneven; a rank may have none). Before each step every rank puts its numbers (batches, groups, groups
 done, whether it saw a stop request, groups and entries computed) into its slots of one vector, and one
 all-reduce sums it. So:
 - every rank runs the same number of collectives (the longest list's batches, plus one after the last
-  round): a rank out of batches keeps joining the rounds without working, and uneven shards cannot
+  step): a rank out of batches keeps joining the steps without working, and uneven shards cannot
   deadlock;
 - rank 0's progress events count every rank's groups (`n` of `total`), and its metrics events carry
   `groups_per_s` over all ranks and, under a launcher, `rankN_groups_per_s` per rank (at the end, and
   every `METRICS_EVERY_S` seconds);
-- a stop request (the run folder's STOP file, SIGTERM, the UI's Stop) seen by any rank before a round
-  stops every rank after the same round, with the same message (`StageStopped`: exit code 3); what the
+- a stop request (the run folder's STOP file, SIGTERM, the UI's Stop) seen by any rank before a step
+  stops every rank after the same step, with the same message (`StageStopped`: exit code 3); what the
   batches wrote stays.
 One process: the same loop, the collective a no-op. The price is that ranks move from batch to batch
-together (a rank whose batch is quicker waits for the others at each round).
+together (a rank whose batch is quicker waits for the others at each step).
 
-    python -m pytest tests/test_distributed.py -q -k rounds
+    python -m pytest tests/test_lockstep.py tests/test_distributed.py -q -k lockstep
 """
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import distributed
-from .events import StageStopped
+from ..events import StageStopped
+from .collectives import all_reduce_sum, gather_objects
+from .launch import is_distributed, rank, world_size
 
 METRICS_EVERY_S = 30.0
 _SLOTS = ("batches", "groups", "done", "stop", "computed_groups", "computed")
 
 
 @dataclass
-class RoundsResult:
+class LockstepResult:
     groups: int                  # groups of all ranks (work done earlier included)
     computed: int                # what `work` returned, summed over batches and ranks (e.g. cache entries)
     computed_groups: list[int]   # groups each rank worked on this time, by rank
@@ -44,8 +46,8 @@ class RoundsResult:
 
 def work_split() -> tuple[int, int]:
     """(ranks, this rank) of the work being split: 1 process, or a launch not inside `distributed.alone()`."""
-    if distributed.is_distributed():
-        return distributed.world_size(), distributed.rank()
+    if is_distributed():
+        return world_size(), rank()
     return 1, 0
 
 
@@ -58,42 +60,42 @@ def throughput(computed_groups: Sequence[float], seconds: float) -> dict[str, fl
     return out
 
 
-def run_in_rounds(batches: Sequence, work: Callable[[Any], int | None], *, events,
+def run_in_lockstep(batches: Sequence, work: Callable[[Any], int | None], *, events,
                   stopped: Callable[[int, int], str], size: Callable[[Any], int] = len, done: int = 0,
                   stop_requested: Callable[[], bool] = lambda: False, unit: str = "group",
-                  idle: Callable[[], None] | None = None, **extra: Any) -> RoundsResult:
-    """Run `work(batch)` for each of this rank's `batches`, round by round with the other ranks.
+                  idle: Callable[[], None] | None = None, **extra: Any) -> LockstepResult:
+    """Run `work(batch)` for each of this rank's `batches`, step by step with the other ranks.
 
     `size(batch)`: the groups in a batch; `done`: this rank's groups that need no work (already cached),
     counted as done from the start; `work` returns the number of entries it computed (or None);
     `stopped(done, total)`: the StageStopped message, from numbers every rank agrees on. `extra` fields
-    (e.g. `part`) go into the progress and metrics events. `idle()`: run instead of `work` in a round where
-    this rank has no batch left (or none at all), so that every rank makes the same calls each round:
+    (e.g. `part`) go into the progress and metrics events. `idle()`: run instead of `work` in a step where
+    this rank has no batch left (or none at all), so that every rank makes the same calls each step:
     FSDP forwards are collectives (cache/reference.py, reward/scorer.py run a dummy forward there)."""
     world, me = work_split()
     mine = {"batches": len(batches), "groups": done + sum(size(b) for b in batches), "done": done, "stop": 0.0,
             "computed_groups": 0, "computed": 0}
     start = last_metrics = time.time()
-    k, rounds = 0, 0
+    k, steps = 0, 0
     while True:
         mine["stop"] = 1.0 if stop_requested() else 0.0
         vec = [0.0] * (len(_SLOTS) * world)
         for i, slot in enumerate(_SLOTS):
             vec[i * world + me] = float(mine[slot])
-        vec = distributed.all_reduce_sum(vec)
+        vec = all_reduce_sum(vec)
         per = {slot: vec[i * world:(i + 1) * world] for i, slot in enumerate(_SLOTS)}
         if k == 0:
-            rounds = int(max(per["batches"]))
+            steps = int(max(per["batches"]))
         total, all_done = int(sum(per["groups"])), int(sum(per["done"]))
         if total:
             events.progress(all_done, total, unit=unit, **extra)
         now = time.time()
-        final = k >= rounds
+        final = k >= steps
         if k and (final or now - last_metrics >= METRICS_EVERY_S):
             events.metrics(**extra, **throughput(per["computed_groups"], now - start))
             last_metrics = now
         if final:
-            return RoundsResult(groups=total, computed=int(sum(per["computed"])),
+            return LockstepResult(groups=total, computed=int(sum(per["computed"])),
                                 computed_groups=[int(x) for x in per["computed_groups"]], seconds=now - start)
         if any(per["stop"]):
             raise StageStopped(stopped(all_done, total))
@@ -136,9 +138,9 @@ def sharded_map(items: Sequence, chunk_size: int, fn: Callable[[list, int], list
         results[ci] = list(out)
         return len(out)
 
-    run_in_rounds(mine, work, size=lambda ci: len(chunks[ci]), events=events, stopped=stopped,
+    run_in_lockstep(mine, work, size=lambda ci: len(chunks[ci]), events=events, stopped=stopped,
                   stop_requested=stop_requested, **extra)
     merged: dict[int, list] = {}
-    for part in (distributed.gather_objects(results) if world > 1 else [results]):
+    for part in (gather_objects(results) if world > 1 else [results]):
         merged.update(part)
     return [r for ci in range(len(chunks)) for r in merged[ci]]

@@ -1,12 +1,12 @@
-"""rounds.py in one process (the collective is a no-op): progress and throughput events, the stop point,
+"""distributed/lockstep.py in one process (the collective is a no-op): progress and throughput events, the stop point,
 chunking and seeds of sharded_map. The multi-process behaviour (uneven shards, a stop seen by one rank) is
-tested under torchrun in tests/test_distributed.py (-k rounds)."""
+tested under torchrun in tests/test_distributed.py (-k lockstep)."""
 from __future__ import annotations
 
 import pytest
 
 from mmrlhf_lite.events import EventLog, StageStopped, read_events
-from mmrlhf_lite.rounds import chunk_seed, run_in_rounds, sharded_map, throughput
+from mmrlhf_lite.distributed.lockstep import chunk_seed, run_in_lockstep, sharded_map, throughput
 
 
 def _stopped(done: int, total: int) -> str:
@@ -16,7 +16,7 @@ def _stopped(done: int, total: int) -> str:
 def test_one_process_runs_every_batch_with_progress_from_the_cached_groups_on(tmp_path):
     events = EventLog(tmp_path, echo=False)
     worked = []
-    res = run_in_rounds([["a", "b"], ["c"]], lambda b: worked.extend(b) or 5 * len(b), done=1, events=events,
+    res = run_in_lockstep([["a", "b"], ["c"]], lambda b: worked.extend(b) or 5 * len(b), done=1, events=events,
                         stopped=_stopped, part="x")
     assert worked == ["a", "b", "c"] and res.groups == 4 and res.computed == 15 and res.computed_groups == [3]
     got, _ = read_events(tmp_path)
@@ -29,7 +29,7 @@ def test_one_process_runs_every_batch_with_progress_from_the_cached_groups_on(tm
 
 def test_nothing_to_do_writes_no_progress_and_a_stop_is_not_needed(tmp_path):
     events = EventLog(tmp_path, echo=False)
-    res = run_in_rounds([], lambda b: 1 / 0, events=events, stopped=_stopped, stop_requested=lambda: True)
+    res = run_in_lockstep([], lambda b: 1 / 0, events=events, stopped=_stopped, stop_requested=lambda: True)
     assert res.groups == 0 and res.computed == 0
     assert read_events(tmp_path)[0] == []
 
@@ -38,7 +38,7 @@ def test_a_stop_request_is_seen_before_the_next_batch_and_names_the_groups_done(
     events = EventLog(tmp_path, echo=False)
     worked: list = []
     with pytest.raises(StageStopped, match="stopped after 3 of 5 groups"):
-        run_in_rounds([[1, 2], [3, 4]], worked.extend, done=1, events=events, stopped=_stopped,
+        run_in_lockstep([[1, 2], [3, 4]], worked.extend, done=1, events=events, stopped=_stopped,
                       stop_requested=lambda: bool(worked))
     assert worked == [1, 2]
 
