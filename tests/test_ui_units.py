@@ -534,7 +534,7 @@ def test_compare_table_from_reports(tmp_path):
     # a row per metric, a column per run: many runs grow the table down the page, never off its right edge
     assert list(table.columns) == ["metric", "plain", "noeval"]
     assert table.set_index("metric")["plain"].to_dict() == {
-        "status": "done", "evaluation": "-", "Acc (given)": "75.0%", "Acc+ (given)": "50.0%",
+        "status": "done", "evaluation": "done", "Acc (given)": "75.0%", "Acc+ (given)": "50.0%",
         "colour: Acc / Acc+ (given)": "100.0% / 100.0%", "implicit reward accuracy": "62.5%",
         "win rate after vs before": "50.0%", "DPO settings": "beta=0.1 w=0 k=0.5 (plain DPO)"}
     noeval = table.set_index("metric")["noeval"]

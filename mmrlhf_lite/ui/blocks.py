@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from . import compare, playground
 from .base import UIConfig, with_form
 from .tabs import compare as compare_tab
 from .tabs import data as data_tab
@@ -154,11 +155,12 @@ def _refresh_lists(h):
     """Run lists change while a page is open (a job started in another tab, a run renamed or deleted): new
     choices, the same values where they still exist."""
     def refresh(live_run, pg_run, cache_run, cmp_runs, scores_run):
-        from . import compare, playground
-
         rewards, cached = playground.reward_runs(h.live.cfg.runs_root), playground.cache_runs(h.live.cfg.runs_root)
-        return (h.live.choices(live_run), gr.update(choices=rewards), gr.update(choices=cached),
-                gr.update(choices=compare.comparable_runs(h.live.cfg.runs_root)), gr.update(choices=[""] + cached))
+        runs = compare.comparable_runs(h.live.cfg.runs_root)
+        # the Live tab's value only where its run is gone (an answer that comes late never undoes a pick)
+        live = gr.update(choices=runs) if live_run in runs else h.live.choices(None)
+        return (live, gr.update(choices=rewards), gr.update(choices=cached),
+                gr.update(choices=runs), gr.update(choices=[""] + cached))
     return refresh
 
 

@@ -58,6 +58,8 @@ def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
             col["evaluation"] = "none yet"
             columns[name] = col
             continue
+        held_out = (report.get("groups"), report.get("pairs"))
+        col["evaluation"] = f"{held_out[0]} groups, {held_out[1]} pairs" if None not in held_out else "done"
         for mode in modes:
             res = ((report.get("reward_model") or {}).get("modes") or {}).get(mode)
             if not res:
@@ -74,7 +76,7 @@ def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
         col["DPO settings"] = (" ".join(f"{k}={_num(d.get(k))}" for k in ("beta", "w", "k"))
                                + (" (plain DPO)" if d.get("w") == 0 else ""))
         columns[name] = col
-    metrics = ["status"] + (["evaluation"] if any("evaluation" in c for c in columns.values()) else [])
+    metrics = ["status", "evaluation"]
     for mode in modes:
         metrics += [f"Acc ({mode})", f"Acc+ ({mode})"] + [f"{c}: Acc / Acc+ ({mode})" for c in cats]
     metrics += ["implicit reward accuracy", "win rate after vs before", "DPO settings"]

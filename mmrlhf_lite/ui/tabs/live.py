@@ -340,8 +340,10 @@ def build(h: LiveHandlers) -> SimpleNamespace:
     live_run.change(lambda: (gr.update(value=None, visible=False), *h.cancel_delete()), None,
                     [files, confirm_text, confirm, cancel, pending], api_name=False, show_progress="hidden")
     live_run.input(lambda: "", None, action, api_name=False, show_progress="hidden")
-    # the list is read when it is opened (a run started elsewhere, by the CLI or another page, is there)
-    live_run.focus(h.choices, live_run, live_run, api_name=False, show_progress="hidden")
+    # the list is read when it is opened (a run started elsewhere, by the CLI or another page, is there); only
+    # the choices: its answer may come after the user's pick, which it must not undo
+    live_run.focus(lambda: gr.update(choices=jobs.list_runs(h.cfg.runs_root)), None, live_run, api_name=False,
+                   show_progress="hidden")
     show(live_run.input(h.view, live_run, [*outputs, sig], api_name="view"))
     timer.tick(h.tick, [live_run, sig], [*outputs, sig, timer], api_name=False, show_progress="hidden",
                concurrency_limit=8)

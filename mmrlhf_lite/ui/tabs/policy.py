@@ -70,10 +70,14 @@ class PolicyHandlers:
         earlier = {w: policy.history(turns, w) for w in ("base", "policy")}
         state = {"run": run_name, "turns": turns}
 
+        cleared = []
+
         def shown(scores=""):
+            """What the page shows now; the question box is emptied once (the user may type the next one)."""
             now = [*turns, turn]
-            return (policy.chat_messages(now, "base"), policy.chat_messages(now, "policy"), scores, state,
-                    gr.update(value=None))
+            box = gr.skip() if cleared else gr.update(value=None)
+            cleared.append(True)
+            return policy.chat_messages(now, "base"), policy.chat_messages(now, "policy"), scores, state, box
 
         try:
             for which in ("base", "policy"):
