@@ -263,6 +263,7 @@ def sleeping_job(run: Path, started: float):
     """A live process whose command line names mmrlhf_lite.train, recorded as the run's job (what the app
     checks a job's pid against): an active run without the cost of training one."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "mmrlhf_lite.train"])
+    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, interval=0.01)
     (run / "ui_job.json").write_text(json.dumps({"pid": proc.pid, "started": started}))
     return proc
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from mmrlhf_lite.recipe import Recipe, recipe_fields
+from test_ui_support import wait_for
 from mmrlhf_lite.ui import compare, databrowser, form, jobs, playground, runview
 from mmrlhf_lite.ui.safety import Refused, check_bind, clean_filename, inside, is_local_host, parse_auth, safe_name
 
@@ -180,6 +181,8 @@ def alive_trainer():
     import sys
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mmrlhf_lite.train"])
+    # (its command line shows once it has exec'd: empty for a moment after the spawn)
+    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, interval=0.01)
     yield proc
     proc.kill()
     proc.wait()
@@ -200,6 +203,17 @@ def test_a_finishing_job_is_running_never_starting_again(tmp_path, alive_trainer
     # an older run's events do not count for a new launch
     (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T + 60}))
     assert jobs.job_state(run).status == "starting"
+
+
+def test_a_job_between_fork_and_exec_is_alive(monkeypatch, alive_trainer):
+    """Right after the launch, the child's /proc cmdline is empty for a moment (it has not exec'd yet): a job
+    the app launched read as ended then ("interrupted" just after Start). Empty means alive for our own child,
+    not for another process's (a zombie)."""
+    monkeypatch.setattr(jobs, "_cmdline", lambda pid: b"")
+    monkeypatch.setitem(jobs._children, alive_trainer.pid, alive_trainer)
+    assert jobs._proc_alive(alive_trainer.pid)
+    del jobs._children[alive_trainer.pid]
+    assert not jobs._proc_alive(alive_trainer.pid)
 
 
 def finished_run(root: Path, name: str, **recipe) -> Path:

@@ -98,9 +98,16 @@ def _proc_alive(pid: int | None) -> bool:
     except PermissionError:
         pass
     try:
-        return b"mmrlhf_lite.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = _cmdline(pid)
     except OSError:
         return child is not None  # no /proc (not Linux): trust our own child record
+    if not cmdline:  # between fork and exec (just launched), or a zombie: ours while it is our child
+        return child is not None
+    return b"mmrlhf_lite.train" in cmdline
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def _job(run: Path) -> dict:
