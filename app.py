@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         p.mkdir(parents=True, exist_ok=True)
 
     from mmrlhf_lite.ui.blocks import LAUNCH_KWARGS, build_app
-    from mmrlhf_lite.ui.handlers import UIConfig
+    from mmrlhf_lite.ui.base import UIConfig
 
     cfg = UIConfig(data_root=roots["data"], runs_root=roots["runs"], recipes_root=Path(args.recipes_dir).resolve(),
                    upload_dir=roots["upload"], max_upload_bytes=int(args.max_upload_mb * 2**20))

@@ -12,6 +12,8 @@ Prints the base model's and the aligned policy's answers (tokens streamed as the
     chat.compare(["cat.png"], "What colour is the square?")   # {"base": "...", "policy": "..."}
     for text in chat.stream(["cat.png"], "What colour?", which="policy"):
         print(text)                                          # the answer so far
+    earlier = [Turn("What colour?", "Red.", images=["cat.png"])]
+    chat.answer([], "And its shape?", history=earlier)      # a conversation: earlier turns come first
 
 The base answers are the same model with the LoRA adapter switched off (`disable_adapter`), so only one
 model is in memory. The model settings (family, 4-bit, device, pixel limits) are the run's recipe's.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,6 +32,15 @@ WHICH = ("base", "policy")
 
 class GenerateError(ValueError):
     """The request cannot be served; the message says what to do."""
+
+
+@dataclass
+class Turn:
+    """One earlier exchange of a conversation: the question, the images sent with it, and the answer the
+    model gave (each model of a side-by-side chat keeps its own answers)."""
+    question: str
+    answer: str
+    images: list = field(default_factory=list)
 
 
 @dataclass
@@ -127,23 +138,35 @@ class PolicyChat:
         return (reward_model_dir(self.run_dir) / "adapter_config.json").exists()
 
     # ----- prompts
-    def _group(self, images: Sequence, question: str):
+    def _group(self, images: Sequence, question: str, history: Sequence[Turn] = ()):
+        """The conversation as one prompt: each earlier turn (its images in place, then the model's answer),
+        then the new question with its images."""
         from .data.groups import PreferenceGroup, text_to_turn
 
         question = (question or "").strip()
         if not question:
             raise GenerateError("give a question")
+        prompt, all_images = [], []
+        for turn in history:
+            prompt += [text_to_turn(turn.question, len(turn.images)),
+                       {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]}]
+            all_images += list(turn.images)
         images = list(images or [])
-        return PreferenceGroup(id="ask", prompt=[text_to_turn(question, len(images))], responses=[], images=images)
+        prompt.append(text_to_turn(question, len(images)))
+        return PreferenceGroup(id="ask", prompt=prompt, responses=[], images=all_images + images)
 
-    def _inputs(self, images: Sequence, question: str) -> dict:
+    def _inputs(self, images: Sequence, question: str, history: Sequence[Turn] = ()) -> dict:
         from .data.media import MediaError
+        from .models.encoding import SequenceTooLong
         from .models.packing import TOKEN_LEVEL_KEYS, forward_keys
 
         try:
-            prefix = self.encoder.policy_prompt(self._group(images, question))
+            prefix = self.encoder.policy_prompt(self._group(images, question, history))
         except MediaError as exc:
             raise GenerateError(f"cannot read an image: {exc}") from None
+        except SequenceTooLong as exc:
+            raise GenerateError(f"the conversation is too long for this model's max_length ({exc}); start a new "
+                                "conversation") from None
         device = next(p for p in self.model.parameters()).device
         keys = [k for k in forward_keys(self.spec, [prefix]) if k in prefix] + [k for k in TOKEN_LEVEL_KEYS if k in prefix]
         out = {k: prefix[k].to(device) for k in dict.fromkeys(keys)}
@@ -153,8 +176,9 @@ class PolicyChat:
 
     # ----- generation
     def stream(self, images: Sequence, question: str, *, which: str = "policy", sampling: Sampling | None = None,
-               **kw) -> Iterator[str]:
-        """Yield the answer so far after each new piece of text (the last one is the whole answer)."""
+               history: Sequence[Turn] = (), **kw) -> Iterator[str]:
+        """Yield the answer so far after each new piece of text (the last one is the whole answer). `history`:
+        the earlier turns of the conversation, as this model answered them."""
         import torch
         from transformers import TextIteratorStreamer
 
@@ -163,7 +187,7 @@ class PolicyChat:
         if which not in WHICH:
             raise GenerateError(f"which must be 'base' or 'policy', not {which!r}")
         s = (sampling or Sampling(**kw)).check()
-        inputs = self._inputs(images, question)
+        inputs = self._inputs(images, question, history)
         tok = self.processor.tokenizer
         streamer = _token_streamer(TextIteratorStreamer)(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sample = float(s.temperature) > 0
@@ -216,8 +240,9 @@ class PolicyChat:
 
     # ----- reward model
     def critique(self, images: Sequence, question: str, answers: Sequence[str], *, mode: str | None = None,
-                 max_new_tokens: int | None = None) -> list[dict]:
-        """Each answer's critique and score from the run's critique reward model."""
+                 max_new_tokens: int | None = None, history: Sequence[Turn] = ()) -> list[dict]:
+        """Each answer's critique and score from the run's critique reward model (after `history`, the earlier
+        turns, which the critique template shows as `User:` / `Assistant:` lines)."""
         from .data.groups import Response
         from .reward.scorer import RewardScorer
         from .reward.trainer import reward_model_dir
@@ -228,7 +253,7 @@ class PolicyChat:
         if self._scorer is None:
             self._scorer = RewardScorer.from_adapter(reward_model_dir(self.run_dir), self.recipe.model,
                                                      max_length=rc.train.max_length, max_frames=self.recipe.data.max_frames)
-        group = self._group(images, question)
+        group = self._group(images, question, history)
         group.responses = [Response(a or " ") for a in answers]
         mode = mode or ("generate" if rc.critique_mode == "given" else rc.critique_mode)
         with self._lock:

@@ -196,7 +196,8 @@ def test_reward_cache_damage_recomputed_and_damaged_adapter_named(tmp_path, reci
 def test_damaged_events_file_shows_the_run_as_damaged_not_a_crash(tmp_path):
     from mmrlhf_lite.events import read_events
     from mmrlhf_lite.ui import jobs
-    from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.tabs.live import LiveHandlers
 
     runs = tmp_path / "runs"
     for name in ("bad", "good"):
@@ -216,8 +217,8 @@ def test_damaged_events_file_shows_the_run_as_damaged_not_a_crash(tmp_path):
     assert [d.split(": ", 1)[1] for d in damaged] == ["not UTF-8", "a JSON int, not an object", "no number 'time'",
                                                       "field 'step' is not int"]
     assert jobs.job_state(runs / "bad").status == "done"
-    h = Handlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
-                          max_upload_bytes=1))
+    h = LiveHandlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
+                              max_upload_bytes=1))
     table = h.jobs_frame().set_index("run")
     assert table.loc["good", "status"] == "done"
     assert table.loc["bad", "status"] == "done (damaged: 4 unreadable line(s) in events.jsonl)"

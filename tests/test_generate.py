@@ -96,19 +96,53 @@ def test_cli(run, images, capsys, tmp_path):
     assert "run its `dpo` stage first" in capsys.readouterr().err
 
 
-def test_policy_tab_handler_streams_growing_prefixes(chat, run, images):
+def _answer(messages: list[dict]) -> str:
+    """The model's answer of the last turn in a chat as the Policy tab shows it ("" before it starts)."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+
+
+def test_policy_tab_handler_streams_growing_prefixes(chat, run, images, tmp_path):
     """The Policy tab's `ask` (a gradio generator): the base answer grows token by token to its final text,
     then the policy's does, the base answer staying whole; the last yield adds the scores. Checked at the
     handler: the tiny model answers 12 tokens faster than a browser can be relied on to show each."""
-    from mmrlhf_lite.ui import policy
+    from mmrlhf_lite.ui.tabs.policy import PolicyHandlers
 
-    yields = list(policy.PolicyHandlers(run.parent).ask(run.name, [str(images[0])], Q, 12, 0, 1, 0, True))
+    h = PolicyHandlers(run.parent, tmp_path)
+    yields = list(h.ask(run.name, {"text": Q, "files": [str(images[0])]}, 12, 0, 1, 0, True, None))
     final = chat.compare([images[0]], Q, max_new_tokens=12)
-    base_seen = [b for b, p, _ in yields if not p]
-    policy_seen = [p for _, p, _ in yields if p]
+    base_seen = [_answer(b) for b, p, *_ in yields if not _answer(p)]
+    policy_seen = [_answer(p) for _, p, *_ in yields if _answer(p)]
     assert len(set(base_seen)) >= 3 and len(set(policy_seen)) >= 3, yields
     for seen, whole in ((base_seen, final["base"]), (policy_seen, final["policy"])):
         assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen   # each yield extends the last
         assert seen[-1] == whole and any(0 < len(s) < len(whole) for s in seen)  # partial text came first
-    assert all(b == final["base"] for b, p, _ in yields if p)  # the policy streams after the base is done
+    assert all(_answer(b) == final["base"] for b, p, *_ in yields if _answer(p))  # the policy streams after the base
     assert "mm-card" not in yields[-2][2] and "<b>Base model</b> · score" in yields[-1][2]
+    # the question is shown with the image asked about (the picture, not a file name)
+    assert yields[-1][0][0] == {"role": "user", "content": [{"path": str(images[0])}, Q]}
+
+
+def test_policy_tab_keeps_the_conversation_and_each_model_answers_after_its_own_turns(chat, run, images, tmp_path):
+    """A second turn: both models answer it after the first turn, each with its own first answer (the prompt
+    holds user, assistant, user turns and the first turn's image); the answers are those `PolicyChat` gives
+    for that history, computed here on their own."""
+    from mmrlhf_lite.generate import Turn
+    from mmrlhf_lite.ui.tabs.policy import PolicyHandlers
+
+    h = PolicyHandlers(run.parent, tmp_path)
+    first = list(h.ask(run.name, {"text": Q, "files": [str(images[0])]}, 8, 0, 1, 0, False, None))[-1]
+    state = first[3]
+    assert [len(t["images"]) for t in state["turns"]] == [1]
+    Q2 = "And what shape is it?"
+    second = list(h.ask(run.name, {"text": Q2, "files": []}, 8, 0, 1, 0, False, state))[-1]
+    base_chat, policy_chat, _, state, _ = second
+    assert [m["role"] for m in policy_chat] == ["user", "assistant", "user", "assistant"]
+    assert policy_chat[0]["content"][0] == {"path": str(images[0])} and policy_chat[2]["content"] == [Q2]
+    turns = state["turns"]
+    for which, shown in (("base", base_chat), ("policy", policy_chat)):
+        history = [Turn(Q, turns[0][which], [str(images[0])])]
+        group = chat._group([], Q2, history)
+        assert [t["role"] for t in group.prompt] == ["user", "assistant", "user"] and group.images == [str(images[0])]
+        assert shown[3]["content"] == chat.answer([], Q2, which=which, max_new_tokens=8, history=history)
+    # another run's conversation, or a new one, starts over
+    assert h.new_conversation()[3] == {"run": None, "turns": []}

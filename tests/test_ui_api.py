@@ -7,6 +7,7 @@ view, the reward playground and cache browser, compare, save as recipe.
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import yaml
@@ -182,14 +183,37 @@ def test_start_stop_resume_and_live_view(client, server, job):
         client.predict("tiny-api", api_name="/resume")
 
 
-def test_a_failing_job_shows_a_readable_error(client, server, job):
-    """The CLI refuses a model folder that does not exist (before any event): the view shows its message."""
+def test_start_launches_only_what_the_preflight_accepts(client, server, job):
+    """A model folder that does not exist: the pre-flight names it, Start refuses and makes no run folder."""
     values, _ = form(client, "tiny.yaml", model__path="./no-such-model")
+    estimate = client.predict("broken-api", *values, 1, "none", api_name="/estimate")  # (Start's state: no API)
+    assert "cannot start" in estimate and "model.path" in estimate and "path not found" in estimate
+    with pytest.raises(AppError, match="pre-flight does not accept.*model.path.*path not found"):
+        client.predict("broken-api", *values, api_name="/start")
+    assert not (server.runs / "broken-api").exists()
+    # a taken run name is the pre-flight's too
+    values, _ = form(client, "tiny.yaml", data__path="uploads/demo-data/demo.jsonl")
+    estimate = client.predict("tiny-api", *values, 1, "none", api_name="/estimate")
+    assert "cannot start" in estimate and "run name 'tiny-api' is taken" in estimate
+
+
+def test_a_failing_job_shows_a_readable_error(client, server, job, tmp_path):
+    """A model folder with its config but no weights passes the pre-flight and fails as the job loads it: the
+    view shows the CLI's message, no traceback."""
+    from mmrlhf_lite.models.tiny import ensure_tiny
+
+    half = tmp_path / "no-weights"
+    half.mkdir()
+    for f in ensure_tiny("tiny:qwen2_vl").iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, half / f.name)
+    values, _ = form(client, "tiny.yaml", model__path=str(half), data__path="uploads/demo-data/demo.jsonl",
+                     run__stages=["reward"])
     client.predict("broken-api", *values, api_name="/start")
-    wait_for(lambda: "status: **error**" in view(client, "broken-api")["status"], 120, what="error status")
+    wait_for(lambda: "status: **error**" in view(client, "broken-api")["status"], 180, what="error status")
     v = view(client, "broken-api")
-    assert v["error"].startswith("**Error:** error:") and "model.path" in v["error"] and "path not found" in v["error"]
-    assert "Traceback" not in v["error"] and "Traceback" not in v["log"]
+    assert v["error"].startswith("**Error:** ") and "Traceback" not in v["error"], v["error"]
+    assert "Traceback" not in v["log"]
 
 
 def test_playground_cache_compare_and_save(client, server, job):
@@ -212,8 +236,9 @@ def test_playground_cache_compare_and_save(client, server, job):
         assert beta_i == pytest.approx(max(1e-3, 0.1 * (1 + 0.1 * (1 - math.exp(-0.5 * delta)))), abs=2e-5)
 
     table, plot = client.predict(["tiny-api"], "reward_loss", api_name="/compare")
-    row = table["data"][0]
-    assert row[:3] == ["tiny-api", "done", "none"] and row[3].endswith("%")
+    assert table["headers"] == ["metric", "tiny-api"]  # a row per metric, a column per run
+    rows = dict(map(tuple, table["data"]))
+    assert rows["status"] == "done" and rows["Acc (none)"].endswith("%")
     assert {r[2] for r in plot["data"]} == {"tiny-api: total", "tiny-api: ranking (BT)", "tiny-api: critique CE"}
 
     status, _ = client.predict("my-recipe", *values, api_name="/save_recipe")

@@ -6,14 +6,15 @@ stage wrote it, and nothing for a name outside the runs root.
 from __future__ import annotations
 
 from mmrlhf_lite.evaluate.margins import write_beta_histogram
-from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+from mmrlhf_lite.ui.base import UIConfig
+from mmrlhf_lite.ui.tabs.live import LiveHandlers
 
 
 def test_beta_histogram_handler(tmp_path):
     runs = tmp_path / "runs"
     (runs / "a").mkdir(parents=True)
-    h = Handlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
-                          max_upload_bytes=1 << 20))
+    h = LiveHandlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
+                              max_upload_bytes=1 << 20))
     assert h.beta_histogram("a") is None and h.beta_histogram(None) is None
     write_beta_histogram(runs / "a" / "score" / "beta_hist.png", [0.0, 1.0, -1.0, 2.0], 0.1, 0.1, 0.5, 1e-3)
     img = h.beta_histogram("a")

@@ -72,7 +72,7 @@ def test_data_inputs_refuse_paths_out_of_the_data_root(client, bad):
     with pytest.raises(AppError, match=REFUSED):
         client.predict(bad, "auto", "", 0, "", api_name="/group")
     with pytest.raises(AppError, match=REFUSED):
-        client.predict(bad, api_name="/use_data")
+        client.predict(bad, "auto", "", True, api_name="/use_data")
 
 
 @pytest.mark.parametrize("bad", ["../secret", "/etc", "escape-dir"])

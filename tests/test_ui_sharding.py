@@ -1,4 +1,4 @@
-"""The Train tab's Sharding choice (mmrlhf_lite/ui/jobs.py, handlers.py, essentials.py): with Processes > 1,
+"""The Train tab's Sharding choice (mmrlhf_lite/ui/jobs.py, tabs/train.py, essentials.py): with Processes > 1,
 "FSDP2" launches the torchrun command with ACCELERATE_USE_FSDP=true and FSDP_VERSION=2 (what
 `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` sets), the run's ui_job.json keeps it so Resume
 (also from a restarted app) launches the same way, the Live tab says it, and the pre-flight beside Start shows
@@ -18,7 +18,9 @@ import gradio as gr
 import pytest
 
 from mmrlhf_lite.ui import essentials, form, jobs
-from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+from mmrlhf_lite.ui.base import UIConfig
+from mmrlhf_lite.ui.tabs.live import LiveHandlers
+from mmrlhf_lite.ui.tabs.train import TrainHandlers
 from mmrlhf_lite.ui.safety import Refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,14 +71,15 @@ def test_launch_record_round_trips_and_a_damaged_one_falls_back_to_one_process(t
         assert jobs.launch_of(run) == (1, "none"), bad
 
 
-def _handlers(tmp_path: Path) -> Handlers:
+def _config(tmp_path: Path) -> UIConfig:
     (tmp_path / "runs").mkdir(exist_ok=True)
-    return Handlers(UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path,
-                             upload_dir=tmp_path / "up", max_upload_bytes=1 << 20))
+    return UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path / "up",
+                    max_upload_bytes=1 << 20)
 
 
-def _values(tmp_path: Path) -> list:
-    return form.form_values(form.recipe_tree(DEMO), tmp_path)
+def _values(tmp_path: Path) -> form.FormValues:
+    """The demo recipe's form on a small demo set (Start's pre-flight plans it)."""
+    return form.form_values(form.recipe_tree(DEMO), tmp_path).replace({"data.demo.groups": 12})
 
 
 def _wait_env_lines(run: Path, n: int, timeout: float = 60) -> list[dict]:
@@ -98,9 +101,9 @@ def test_start_and_resume_launch_with_the_fsdp2_variables_and_the_live_tab_says_
     monkeypatch.setattr(jobs, "launch_command", lambda run, processes=1: [sys.executable, "-c", PRINT_ENV])
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # set in the app's shell: must not leak into a DDP run
     monkeypatch.setenv("FSDP_VERSION", "2")
-    h = _handlers(tmp_path)
+    h, live = TrainHandlers(_config(tmp_path)), LiveHandlers(_config(tmp_path))
     values = _values(tmp_path)
-    msg, _, _ = h.start("sharded", *values, 2, "fsdp2")
+    msg, _, _ = h.start("sharded", values, 2, "fsdp2")
     assert "(2 processes, FSDP2)" in msg
     run = tmp_path / "runs" / "sharded"
     assert _wait_env_lines(run, 1) == [{"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}]
@@ -108,38 +111,38 @@ def test_start_and_resume_launch_with_the_fsdp2_variables_and_the_live_tab_says_
     assert (job["processes"], job["sharding"], job["env"]) == (2, "fsdp2", dict(zip(FSDP_KEYS, ("true", "2"))))
     assert "launched: ACCELERATE_USE_FSDP=true FSDP_VERSION=2 " in (run / jobs.CONSOLE_LOG).read_text()
     # the Live tab and its run list say how it was launched
-    assert "2 processes, FSDP2" in h.view("sharded")[0]
-    assert h.jobs_frame().set_index("run").loc["sharded", "launch"] == "2 processes, FSDP2"
-    # Resume from a restarted app (a new Handlers, nothing in memory): the same variables again
+    assert "2 processes, FSDP2" in live.view("sharded")[0]
+    assert live.jobs_frame().set_index("run").loc["sharded", "launch"] == "2 processes, FSDP2"
+    # Resume from a restarted app (new handlers, nothing in memory): the same variables again
     jobs._children.clear()
-    assert "(2 processes, FSDP2)" in _handlers(tmp_path).resume("sharded")
+    assert "(2 processes, FSDP2)" in LiveHandlers(_config(tmp_path)).resume("sharded")
     assert _wait_env_lines(run, 2)[1] == {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     assert jobs.launch_of(run) == (2, "fsdp2")
 
-    msg, _, _ = h.start("ddp", *values, 2, "none")
+    msg, _, _ = h.start("ddp", values, 2, "none")
     assert "(2 processes, DDP)" in msg
     ddp = tmp_path / "runs" / "ddp"
     assert _wait_env_lines(ddp, 1) == [{"ACCELERATE_USE_FSDP": None, "FSDP_VERSION": None}]
-    h.resume("ddp")
+    live.resume("ddp")
     assert _wait_env_lines(ddp, 2)[1] == {"ACCELERATE_USE_FSDP": None, "FSDP_VERSION": None}
-    assert h.jobs_frame().set_index("run").loc["ddp", "launch"] == "2 processes, DDP"
+    assert live.jobs_frame().set_index("run").loc["ddp", "launch"] == "2 processes, DDP"
     # a Start without the sharding input (an API call of before) is a DDP launch
-    h.start("old-api", *values, 2)
+    h.start("old-api", values, 2)
     assert _wait_env_lines(tmp_path / "runs" / "old-api", 1) == [{"ACCELERATE_USE_FSDP": None, "FSDP_VERSION": None}]
     # FSDP2 on one process is refused before any folder is made
     with pytest.raises(gr.Error, match="FSDP2 shards the base over the processes"):
-        h.start("one", *values, 1, "fsdp2")
+        h.start("one", values, 1, "fsdp2")
     assert not (tmp_path / "runs" / "one").exists()
 
 
 def test_estimate_shows_the_dry_runs_fsdp2_lines_when_fsdp2_is_chosen(tmp_path):
     """The pre-flight beside Start holds, for Processes 2 + FSDP2, each per-GPU line that
     `python -m mmrlhf_lite.train recipe.yaml --dry-run --processes 2 --fsdp` prints; with DDP none of them."""
-    h = _handlers(tmp_path)
+    h = TrainHandlers(_config(tmp_path))
     values, _ = essentials.apply_preset(essentials.SMOKE, _values(tmp_path))
-    fsdp = h.estimate(*values, 2, "fsdp2")
-    ddp = h.estimate(*values, 2, "none")
-    one = h.estimate(*values)
+    fsdp = h.estimate("", values, 2, "fsdp2")[0]
+    ddp = h.estimate("", values, 2, "none")[0]
+    one = h.estimate("", values)[0]
     recipe = tmp_path / "smoke.yaml"
     recipe.write_text(form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "dry"))
     out = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), "--dry-run", "--processes", "2",
@@ -155,7 +158,7 @@ def test_estimate_shows_the_dry_runs_fsdp2_lines_when_fsdp2_is_chosen(tmp_path):
     assert f"- launch: {launch}" in fsdp and "FSDP2: reward, dpo, score and reference shard the base" in fsdp
     assert "memory per GPU with FSDP2" not in ddp and "2 processes (data-parallel" in ddp
     assert "launch:" not in one and fsdp.rstrip().endswith("plan OK")
-    assert "FSDP2 needs Processes of 2 or more" in h.estimate(*values, 1, "fsdp2")
+    assert "FSDP2 needs Processes of 2 or more" in h.estimate("", values, 1, "fsdp2")[0]
 
 
 def test_a_run_started_with_fsdp2_really_shards_over_two_processes(tmp_path, monkeypatch):

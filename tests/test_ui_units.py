@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from mmrlhf_lite.recipe import Recipe, recipe_fields
+from test_ui_support import wait_for
 from mmrlhf_lite.ui import compare, databrowser, form, jobs, playground, runview
 from mmrlhf_lite.ui.safety import Refused, check_bind, clean_filename, inside, is_local_host, parse_auth, safe_name
 
@@ -99,9 +100,9 @@ def test_form_errors_name_the_key(tmp_path):
     keys = [s.key for s in form.FIELDS]
 
     def start(key, value):
-        v = list(values)
-        v[keys.index(key)] = value
-        return form.run_recipe(v, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "r")
+        assert key in keys
+        return form.run_recipe(values.replace({key: value}), data_root=tmp_path, runs_root=tmp_path,
+                               run_dir=tmp_path / "r")
     with pytest.raises(Refused, match="key 'dpo.beta': must be > 0"):
         start("dpo.beta", -1)
     with pytest.raises(Refused, match="reward.train.max_steps: expected a whole number"):
@@ -119,10 +120,10 @@ def test_recipe_paths_show_relative_to_the_data_root(tmp_path):
     (tmp_path / "data" / "sets" / "a.jsonl").write_text("{}")
     tree = Recipe().to_dict()
     tree["data"]["path"] = str(tmp_path / "data" / "sets" / "a.jsonl")
-    values = dict(zip([s.key for s in form.FIELDS], form.form_values(tree, tmp_path / "data")))
+    values = form.form_values(tree, tmp_path / "data")
     assert values["data.path"] == "sets/a.jsonl"
     tree["data"]["path"] = "/elsewhere/b.jsonl"
-    values = dict(zip([s.key for s in form.FIELDS], form.form_values(tree, tmp_path / "data")))
+    values = form.form_values(tree, tmp_path / "data")
     assert values["data.path"] == "/elsewhere/b.jsonl"  # shown as is; Start refuses it
 
 
@@ -172,6 +173,110 @@ def test_job_that_failed_before_its_events_shows_the_clis_message(tmp_path):
     assert state.message == "error: ImportError: cannot import name 'y'" and "File" not in state.message
 
 
+@pytest.fixture
+def alive_trainer():
+    """A live process whose command line names mmrlhf_lite.train (what job_state checks a pid against): a job
+    that is still there, without the cost of one."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mmrlhf_lite.train"])
+    # (its command line shows once it has exec'd: empty for a moment after the spawn)
+    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, interval=0.01)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_finishing_job_is_running_never_starting_again(tmp_path, alive_trainer):
+    """The CLI releases its lock before its process exits: between the two, the job had gone back from
+    running to "starting" (running -> starting -> done). Once its CLI began, it is running until it ends."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T}))
+    assert jobs.job_state(run).status == "starting"  # launched, no event yet
+    write_events(run, [{"time": T + 2, "type": "run_start", "stages": ["reward"], "skip": []}])
+    assert jobs.job_state(run).status == "running"  # no lock (released), the process still there
+    write_events(run, [{"time": T + 2, "type": "run_start", "stages": ["reward"], "skip": []},
+                       {"time": T + 9, "type": "run_end", "status": "done"}])
+    assert jobs.job_state(run).status == "running" and jobs.job_state(run).active
+    # an older run's events do not count for a new launch
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T + 60}))
+    assert jobs.job_state(run).status == "starting"
+
+
+def test_a_job_between_fork_and_exec_is_alive(monkeypatch, alive_trainer):
+    """Right after the launch, the child's /proc cmdline is empty for a moment (it has not exec'd yet): a job
+    the app launched read as ended then ("interrupted" just after Start). Empty means alive for our own child,
+    not for another process's (a zombie)."""
+    monkeypatch.setattr(jobs, "_cmdline", lambda pid: b"")
+    monkeypatch.setitem(jobs._children, alive_trainer.pid, alive_trainer)
+    assert jobs._proc_alive(alive_trainer.pid)
+    del jobs._children[alive_trainer.pid]
+    assert not jobs._proc_alive(alive_trainer.pid)
+
+
+def finished_run(root: Path, name: str, **recipe) -> Path:
+    run = root / name
+    tree = Recipe().to_dict()
+    tree["run"]["dir"] = str(run)
+    for key, value in recipe.items():
+        section, field = key.split("__")
+        tree[section][field] = value
+    write_events(run, [{"time": T, "type": "run_start", "stages": ["reward"], "skip": []},
+                       {"time": T + 1, "type": "run_end", "status": "done"}])
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    (run / "console.log").write_text("=== launched\n[reward] step=1 loss=0.7\n")
+    return run
+
+
+def test_rename_moves_the_run_and_its_recipe_follows(tmp_path):
+    run = finished_run(tmp_path, "old", cache__dir=str(tmp_path / "old" / "shared-cache"))
+    assert jobs.rename_run(tmp_path, "old", "new") == "renamed run 'old' to 'new'"
+    assert not run.exists() and (tmp_path / "new" / "events.jsonl").exists()
+    tree = yaml.safe_load((tmp_path / "new" / "recipe.yaml").read_text())
+    assert tree["run"]["dir"] == str((tmp_path / "new").resolve())
+    assert tree["cache"]["dir"] == str((tmp_path / "new").resolve() / "shared-cache")
+    assert jobs.job_state(tmp_path / "new").status == "done" and jobs.list_runs(tmp_path) == ["new"]
+    finished_run(tmp_path, "other")
+    with pytest.raises(Refused, match="exists already"):
+        jobs.rename_run(tmp_path, "new", "other")
+    with pytest.raises(Refused, match="not allowed"):
+        jobs.rename_run(tmp_path, "new", "../escape")
+
+
+def test_delete_and_rename_refuse_a_running_run_and_one_another_run_reads(tmp_path, alive_trainer):
+    run = finished_run(tmp_path, "busy")
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T + 5}))
+    for act in (lambda: jobs.delete_run(tmp_path, "busy"), lambda: jobs.rename_run(tmp_path, "busy", "idle")):
+        with pytest.raises(Refused, match="is starting: Stop it"):
+            act()
+    assert run.exists()
+    rm = finished_run(tmp_path, "rm")
+    finished_run(tmp_path, "reader", reward__model_from=str(rm))
+    with pytest.raises(Refused, match="read by run\\(s\\) reader"):
+        jobs.delete_run(tmp_path, "rm")
+    with pytest.raises(Refused, match="read by run\\(s\\) reader"):
+        jobs.rename_run(tmp_path, "rm", "moved")
+    jobs.delete_run(tmp_path, "reader")
+    assert jobs.delete_run(tmp_path, "rm").startswith("deleted run 'rm' (") and not rm.exists()
+
+
+def test_run_files_are_copies_of_the_log_and_report(tmp_path):
+    run = finished_run(tmp_path / "runs", "r")
+    (run / "eval").mkdir()
+    (run / "eval" / "report.md").write_text("# report\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    files = jobs.run_files(run, out)
+    assert [f.name for f in files] == ["r-console.log", "r-report.md"]
+    assert all(out in f.parents for f in files) and files[1].read_text() == "# report\n"
+    empty = tmp_path / "runs" / "empty"
+    empty.mkdir()
+    with pytest.raises(Refused, match="no log or report"):
+        jobs.run_files(empty, out)
+
+
 def test_tail_text_collapses_progress_redraws(tmp_path):
     log = tmp_path / "console.log"
     log.write_text("start\nreward:  10%|#  | 1/10\rreward:  20%|## | 2/10\r[reward] step=2 loss=1\n\x1b[32mok\x1b[0m\n")
@@ -215,6 +320,21 @@ def test_stage_progress_and_eta():
     assert r.fraction == 1.0 and runview.stage_text(r) == "done in 19s (3/10 steps)"
     html = runview.progress_html(runview.stage_views(done))
     assert "data-stage='reward' data-status='done'" in html and "data-status='skipped'" in html
+
+
+def test_eta_follows_the_recent_step_rate():
+    """After a resume the first steps came fast and later ones slowly (a busier machine): the ETA takes the
+    pace of the last steps (RATE_WINDOW progress events), not the attempt's average: 5 steps of 1 s, then
+    steps of 10 s; at step 11 of 20 the recent rate is 1 step per 10 s, so 9 steps are 90 s away."""
+    events = [{"time": 0.0, "type": "run_start", "stages": ["dpo"], "skip": []},
+              {"time": 0.0, "type": "stage_start", "stage": "dpo"}]
+    t = 0.0
+    for n in range(1, 12):
+        t += 1.0 if n <= 5 else 10.0
+        events.append({"time": t, "type": "progress", "stage": "dpo", "n": n, "total": 20, "unit": "step"})
+    v = runview.stage_views(events)[0]
+    assert v.rate == pytest.approx(5 / 50) and v.eta == pytest.approx(90.0)
+    assert runview.stage_text(v) == "11/20 steps · 10.0 s/step · ETA 1m30s"
 
 
 def test_stage_durations_survive_stop_and_resume():
@@ -424,11 +544,15 @@ def test_compare_table_from_reports(tmp_path):
               "policy": {"implicit_accuracy": 0.625, "win_rate": {"win_rate": 0.5}}}
     fake_run(tmp_path, "plain", {}, report)
     fake_run(tmp_path, "noeval", {})
-    table = compare.eval_table(tmp_path, ["plain", "noeval"]).to_dict("records")
-    assert table[0] == {"run": "plain", "status": "done", "critique mode": "given", "Acc": "75.0%", "Acc+": "50.0%",
-                        "colour Acc / Acc+": "100.0% / 100.0%", "implicit acc": "62.5%",
-                        "win rate after vs before": "50.0%", "dpo": "beta=0.1 w=0.0 k=0.5 (plain DPO)"}
-    assert table[1]["critique mode"] == "(no evaluation yet)" and table[1]["Acc"] == "-"
+    table = compare.eval_table(tmp_path, ["plain", "noeval"])
+    # a row per metric, a column per run: many runs grow the table down the page, never off its right edge
+    assert list(table.columns) == ["metric", "plain", "noeval"]
+    assert table.set_index("metric")["plain"].to_dict() == {
+        "status": "done", "evaluation": "done", "Acc (given)": "75.0%", "Acc+ (given)": "50.0%",
+        "colour: Acc / Acc+ (given)": "100.0% / 100.0%", "implicit reward accuracy": "62.5%",
+        "win rate after vs before": "50.0%", "DPO settings": "beta=0.1 w=0 k=0.5 (plain DPO)"}
+    noeval = table.set_index("metric")["noeval"]
+    assert noeval["evaluation"] == "none yet" and noeval["Acc (given)"] == "-"
     curves = compare.overlay(tmp_path, ["plain", "noeval"], "dpo_acc", runview.EventTail())
     assert set(curves["series"]) == {"plain: implicit accuracy", "noeval: implicit accuracy"}
 
@@ -437,7 +561,8 @@ def test_jobs_table_marks_stale_stages(tmp_path):
     """A stage whose input stage was recomputed since it finished is listed as stale."""
     from mmrlhf_lite.recipe import load_recipe
     from mmrlhf_lite.runs import RunDir
-    from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.tabs.live import LiveHandlers
 
     runs = tmp_path / "runs"
     recipe = load_recipe(None, [f"run.dir={runs / 'r1'}"], check_paths=False)
@@ -447,8 +572,8 @@ def test_jobs_table_marks_stale_stages(tmp_path):
     for stage in ("reward", "score", "reference", "dpo"):
         rd.mark_done(stage, recipe)
     rd.mark_done("reward", recipe)  # recomputed: score, and dpo through it, are now out of date
-    h = Handlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
-                          max_upload_bytes=1))
+    h = LiveHandlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
+                              max_upload_bytes=1))
     row = h.jobs_frame().set_index("run").loc["r1"]
     assert row["stages done"] == "reward, score (stale), reference, dpo (stale)"
 
@@ -462,8 +587,9 @@ def test_every_plot_gets_numeric_axes_even_before_any_point(tmp_path, monkeypatc
     import gradio as gr
     import pandas as pd
 
+    from mmrlhf_lite.ui.base import UIConfig
     from mmrlhf_lite.ui.blocks import build_app
-    from mmrlhf_lite.ui.handlers import Handlers, UIConfig
+    from mmrlhf_lite.ui.tabs.live import LiveHandlers
 
     cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
                    max_upload_bytes=1 << 20)
@@ -474,7 +600,7 @@ def test_every_plot_gets_numeric_axes_even_before_any_point(tmp_path, monkeypatc
     numeric = {"step": "quantitative", "value": "quantitative", "series": "nominal"}
     for plot in plots:
         assert plot.value["datatypes"] == numeric, (plot.elem_id, plot.value["datatypes"])
-    h = Handlers(cfg)
+    h = LiveHandlers(cfg)
     tables = [v for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, pd.DataFrame) and "step" in v]
     tables += [v["value"] for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, dict) and "value" in v
                and isinstance(v["value"], pd.DataFrame)]
@@ -609,8 +735,8 @@ def test_the_tabs_hold_only_tabs(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
+    from mmrlhf_lite.ui.base import UIConfig
     from mmrlhf_lite.ui.blocks import build_app
-    from mmrlhf_lite.ui.handlers import UIConfig
 
     cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
                    max_upload_bytes=1 << 20)

@@ -24,44 +24,64 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x) -> str:
+    """A setting as written (0.1, not 0.30000000000000004)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 def eval_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
-    """One row per (run, critique mode): Acc / Acc+ overall and per category, policy metrics, DPO settings."""
+    """The final evaluations side by side: a row per metric, a column per run (so a comparison of many runs
+    grows down the page, never off its right edge). Rows: the run's status; per critique mode, Acc and Acc+
+    overall and per category; the policy's implicit reward accuracy and win rate; the DPO settings. "-"
+    where a run lacks the number."""
     runs = {name: run_path(runs_root, name) for name in names}
     from ..evaluate.pipeline import load_report  # imports torch: only once the names are known to be safe
 
-    rows, categories = [], set()
     reports = {}
+    modes: list[str] = []
+    categories: set[str] = set()
     for name, run in runs.items():
         try:
             reports[name] = load_report(run)
         except ValueError:
             reports[name] = None
-        for res in ((reports[name] or {}).get("reward_model") or {}).get("modes", {}).values():
-            categories.update(res.get("by_category", {}))
+        for mode, res in (((reports[name] or {}).get("reward_model") or {}).get("modes") or {}).items():
+            if mode not in modes:
+                modes.append(mode)
+            categories.update((res or {}).get("by_category", {}))
     cats = sorted(categories)
+    columns: dict[str, dict[str, str]] = {}
     for name in names:
         report = reports[name]
-        base = {"run": name, "status": job_state(run_path(runs_root, name)).status}
+        col = {"status": job_state(runs[name]).status}
         if not report:
-            rows.append({**base, "critique mode": "(no evaluation yet)"})
+            col["evaluation"] = "none yet"
+            columns[name] = col
             continue
+        held_out = (report.get("groups"), report.get("pairs"))
+        col["evaluation"] = f"{held_out[0]} groups, {held_out[1]} pairs" if None not in held_out else "done"
+        for mode in modes:
+            res = ((report.get("reward_model") or {}).get("modes") or {}).get(mode)
+            if not res:
+                continue
+            col[f"Acc ({mode})"] = _pct(res["overall"]["acc"])
+            col[f"Acc+ ({mode})"] = _pct(res["overall"]["acc_plus"])
+            for c in cats:
+                cr = res.get("by_category", {}).get(c)
+                col[f"{c}: Acc / Acc+ ({mode})"] = f"{_pct(cr['acc'])} / {_pct(cr['acc_plus'])}" if cr else "-"
         pol = report.get("policy") or {}
-        wr = (pol.get("win_rate") or {}).get("win_rate")
+        col["implicit reward accuracy"] = _pct(pol.get("implicit_accuracy"))
+        col["win rate after vs before"] = _pct((pol.get("win_rate") or {}).get("win_rate"))
         d = report.get("dpo") or {}
-        extra = {"implicit acc": _pct(pol.get("implicit_accuracy")), "win rate after vs before": _pct(wr),
-                 "dpo": f"beta={d.get('beta')} w={d.get('w')} k={d.get('k')}" + (" (plain DPO)" if d.get("w") == 0 else "")}
-        modes = (report.get("reward_model") or {}).get("modes", {}) or {"-": None}
-        for mode, res in modes.items():
-            row = {**base, "critique mode": mode}
-            if res:
-                row["Acc"], row["Acc+"] = _pct(res["overall"]["acc"]), _pct(res["overall"]["acc_plus"])
-                for c in cats:
-                    cr = res.get("by_category", {}).get(c)
-                    row[f"{c} Acc / Acc+"] = f"{_pct(cr['acc'])} / {_pct(cr['acc_plus'])}" if cr else "-"
-            rows.append({**row, **extra})
-    columns = ["run", "status", "critique mode", "Acc", "Acc+"] + [f"{c} Acc / Acc+" for c in cats] + [
-        "implicit acc", "win rate after vs before", "dpo"]
-    return pd.DataFrame(rows, columns=columns).fillna("-")
+        col["DPO settings"] = (" ".join(f"{k}={_num(d.get(k))}" for k in ("beta", "w", "k"))
+                               + (" (plain DPO)" if d.get("w") == 0 else ""))
+        columns[name] = col
+    metrics = ["status", "evaluation"]
+    for mode in modes:
+        metrics += [f"Acc ({mode})", f"Acc+ ({mode})"] + [f"{c}: Acc / Acc+ ({mode})" for c in cats]
+    metrics += ["implicit reward accuracy", "win rate after vs before", "DPO settings"]
+    rows = [{"metric": m, **{n: columns[n].get(m, "-") for n in names}} for m in metrics]
+    return pd.DataFrame(rows, columns=["metric", *names])
 
 
 def bench_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:

@@ -20,6 +20,8 @@ import json
 import re
 import tempfile
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +29,16 @@ import yaml
 
 from ..recipe import STAGES, Recipe
 from . import form
+from .form import FormValues, same_value
+from .runview import format_duration, stage_times
 from .safety import Refused
 
 ESSENTIALS = ("model.path", "data.path", "data.demo.groups", "run.stages",
               "reward.train.max_steps", "reward.train.epochs", "reward.train.learning_rate",
               "dpo.train.max_steps", "dpo.train.epochs", "dpo.train.learning_rate", "model.lora_r")
 
-SMOKE = "smoke test, 1 minute"
+SMOKE = "smoke test"
 FULL = "full demo"
-# On the demo recipe (recipes/demo.yaml), the smoke test runs every stage on 120 synthetic groups in
-# 33-49 s on 2 shared CPU cores (docs/ui.md); the full demo is recipes/demo.yaml's own values (about 10 minutes).
 PRESETS: dict[str, dict[str, Any]] = {
     SMOKE: {"model.path": "tiny:qwen2_vl", "data.path": "demo", "data.demo.groups": 120,
             "run.stages": list(STAGES), "reward.train.max_steps": 60, "dpo.train.max_steps": 60,
@@ -45,11 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
            "run.stages": list(STAGES), "reward.train.max_steps": 600, "dpo.train.max_steps": 600,
            "eval.max_groups": None},
 }
-PRESET_HELP = {SMOKE: "every stage on 120 demo groups, 60 steps per trainer: 33-49 s on 2 CPU cores",
-               FULL: "recipes/demo.yaml's sizes: 600 demo groups, 600 steps per trainer (about 10 minutes on CPU)"}
-
-_INDEX = {s.key: i for i, s in enumerate(form.FIELDS)}
-_SPEC = {s.key: s for s in form.FIELDS}
+# what each preset is; how long the smoke test takes is measured on this machine (`preset_label`), never promised
+PRESET_HELP = {SMOKE: "every stage on 120 demo groups, 60 steps per trainer",
+               FULL: "recipes/demo.yaml's sizes: 600 demo groups, 600 steps per trainer"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,49 +61,43 @@ def preset_form_values(name: str) -> dict[str, Any]:
         raise Refused(f"unknown preset '{name}'; presets are {', '.join(PRESETS)}")
     out = {}
     for key, value in PRESETS[name].items():
-        spec = _SPEC[key]
+        spec = form.FIELD_BY_KEY[key]
         out[key] = ", ".join(value) if spec.kind == "list" else value
     return out
 
 
-def preset_conflicts(name: str, values: list, loaded: dict | None, preset_state: dict | None) -> list[str]:
+def preset_conflicts(name: str, now: FormValues, loaded: Mapping | None, preset_state: Mapping | None) -> list[str]:
     """The preset's keys whose current value is an edit of the user's that the preset would replace:
-    differs from what the last load/save/start left there, from what the last preset set, and from the
-    preset's own value."""
+    differs from what the last load/save/start left there (`loaded`, keyed by recipe key), from what the last
+    preset set, and from the preset's own value."""
     wanted = preset_form_values(name)
-    base = (loaded or {}).get("values")
     out = []
     for key, value in wanted.items():
-        current = values[_INDEX[key]]
-        if form.same_value(current, value):
+        current = now[key]
+        if same_value(current, value):
             continue
-        if base is not None and form.same_value(current, base[1 + _INDEX[key]]):  # base[0] is the run name
+        if loaded is not None and key in loaded and same_value(current, loaded[key]):
             continue
-        if preset_state and key in preset_state and form.same_value(current, preset_state[key]):
+        if preset_state and key in preset_state and same_value(current, preset_state[key]):
             continue
-        if base is None and not preset_state:
+        if loaded is None and not preset_state:
             continue  # nothing loaded yet: the form holds the defaults
         out.append(key)
     return out
 
 
-def apply_preset(name: str, values: list) -> tuple[list, list[str]]:
-    """(new form values, the keys whose value changed)."""
-    new = list(values)
-    changed = []
-    for key, value in preset_form_values(name).items():
-        i = _INDEX[key]
-        if not form.same_value(new[i], value):
-            changed.append(key)
-        new[i] = value
-    return new, changed
+def apply_preset(name: str, now: FormValues) -> tuple[FormValues, list[str]]:
+    """(the form with the preset's keys set, the keys whose value changed)."""
+    wanted = preset_form_values(name)
+    changed = [key for key, value in wanted.items() if not same_value(now[key], value)]
+    return now.replace(wanted), changed
 
 
 def preset_message(name: str, changed: list[str]) -> str:
     wanted = preset_form_values(name)
     shown = ", ".join(f"`{k}` = {_show(wanted[k])}" for k in changed) if changed else "nothing (the form had its values)"
     return (f"Preset **{name}** ({PRESET_HELP[name]}) set {shown}. Every other setting is as it was; "
-            "the YAML below is what Start will run.")
+            "the YAML below is what Start will run, and the pre-flight beside Start says how long it takes here.")
 
 
 def _show(value) -> str:
@@ -130,16 +124,14 @@ def _diff(tree: dict, defaults: dict) -> dict:
     return out
 
 
-def yaml_preview(values: list, *, data_root, runs_root, run_name: str | None = None) -> str:
+def yaml_preview(now: FormValues, *, data_root, runs_root, run_name: str | None = None) -> str:
     """The keys of the recipe Start would write whose values differ from the defaults (validated as
     Start validates them: a problem is said instead of a YAML)."""
     try:
-        tree = form.values_tree(list(values))
-        form._check_paths(tree, Path(data_root), Path(runs_root))
+        tree = form.values_tree(now)
+        form.keep_under_roots(tree, Path(data_root), Path(runs_root))
         text = form.validated_yaml(tree)
-    except Refused as exc:
-        return f"# Start would refuse this form:\n# {exc}"
-    except (TypeError, ValueError) as exc:
+    except (Refused, TypeError, ValueError) as exc:
         return f"# Start would refuse this form:\n# {exc}"
     resolved = yaml.safe_load(text)
     resolved.get("run", {}).pop("dir", None)  # Start sets run.dir to the run's folder
@@ -152,7 +144,7 @@ def yaml_preview(values: list, *, data_root, runs_root, run_name: str | None = N
 
 
 # --------------------------------------------------------------------------------------------------
-# the pre-flight estimate
+# the pre-flight
 
 _PLAN_LOCK = threading.Lock()
 _PLANS: dict[str, tuple] = {}  # form + data stamps -> (plan, recipe, data warnings)
@@ -160,18 +152,34 @@ _DATA_MESSAGE = re.compile(r"data: (\d+) train groups, (\d+) eval groups")
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ..train import UserError, known_user_errors
-    from ..runs import RunFolderError
     from ..recipe import RecipeError
+    from ..runs import RunFolderError
+    from ..train import UserError, known_user_errors
 
     return (Refused, RecipeError, RunFolderError, UserError, OSError, *known_user_errors())
 
 
-def plan_for(values: list, *, data_root, runs_root, scratch: Path):
+def recipe_of(now: FormValues, *, data_root, runs_root, run_dir: Path):
+    """The validated Recipe of a form (paths kept under their roots), run in `run_dir`; no data is read."""
+    from ..recipe import load_recipe
+
+    tree = form.values_tree(now)
+    form.keep_under_roots(tree, Path(data_root), Path(runs_root))
+    if not tree["run"]["stages"]:
+        raise Refused("choose at least one stage to run")
+    tree["run"]["dir"] = str(run_dir)
+    tree.setdefault("cache", {})["dir"] = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(form.validated_yaml(tree))
+        return load_recipe(path)
+
+
+def plan_for(now: FormValues, *, data_root, runs_root, scratch: Path):
     """(plan, recipe, data warnings): the dry run's plan of the form's recipe (its data prepared under
     `scratch`, never in a run folder)."""
     from ..events import EventLog
-    from ..recipe import load_recipe
+    from ..train import preflight_plan
 
     class Collect(EventLog):  # data warnings (skipped rows, ...) are shown with the estimate
         def __init__(self):
@@ -181,12 +189,8 @@ def plan_for(values: list, *, data_root, runs_root, scratch: Path):
         def warning(self, message: str, **extra: Any) -> None:
             self.warnings.append(message)
 
-    from ..train import preflight_plan
-
-    tree = form.values_tree(list(values))
-    form._check_paths(tree, Path(data_root), Path(runs_root))
-    if not tree["run"]["stages"]:
-        raise Refused("choose at least one stage to run")
+    tree = form.values_tree(now)
+    form.keep_under_roots(tree, Path(data_root), Path(runs_root))
     folders = [tree["data"].get("path"), tree["data"].get("eval_path"), (tree.get("reward") or {}).get("model_from"),
                tree["model"].get("path")]
     key = json.dumps([tree, [_stamp(f) for f in folders]], sort_keys=True, default=str)
@@ -197,12 +201,7 @@ def plan_for(values: list, *, data_root, runs_root, scratch: Path):
         demo = tree["data"].get("demo") or {}
         folder = scratch / ("plan-" + hashlib.sha1(json.dumps(demo, sort_keys=True).encode()).hexdigest()[:10])
         (folder / "cache").mkdir(parents=True, exist_ok=True)
-        tree["run"]["dir"] = str(folder)
-        tree.setdefault("cache", {})["dir"] = None
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "recipe.yaml"
-            path.write_text(form.validated_yaml(tree))
-            recipe = load_recipe(path)
+        recipe = recipe_of(now, data_root=data_root, runs_root=runs_root, run_dir=folder)
         events = Collect()
         plan = preflight_plan(recipe, list(recipe.run.stages), events=events)
         if len(_PLANS) >= 32:
@@ -227,18 +226,12 @@ def _gib(x: float) -> str:
     return f"{x:.1f} GiB" if x >= 0.1 else f"{x:.2f} GiB"
 
 
-def _duration(seconds: float) -> str:
-    from .runview import _duration as d
-    return d(seconds)
-
-
 def measured_speeds(runs_root, recipe) -> tuple[str | None, dict[str, float]]:
     """Seconds per unit of work of each stage, from the newest run under `runs_root` that finished
     stages with the same model, device and 4-bit setting (units: groups per optimizer step x steps for
     the trainers, all groups for score and reference, evaluated groups for eval)."""
     from ..events import read_events
     from . import jobs
-    from .runview import _stage_times
 
     root = Path(runs_root)
     for name in sorted(jobs.list_runs(root), key=lambda n: _mtime(root / n), reverse=True):
@@ -258,7 +251,7 @@ def measured_speeds(runs_root, recipe) -> tuple[str | None, dict[str, float]]:
         n_train, n_eval = int(counts[-1].group(1)), int(counts[-1].group(2))
         totals = {e.get("stage"): e.get("total") for e in events if e.get("type") == "progress" and e.get("total")}
         speeds = {}
-        for stage, (seconds, _, done) in _stage_times(events).items():
+        for stage, (seconds, _, done) in stage_times(events).items():
             if not done or seconds <= 0:
                 continue
             if stage in ("reward", "dpo"):
@@ -309,16 +302,39 @@ def time_estimate(plan: dict, recipe, runs_root) -> tuple[float | None, dict[str
     return sum(per_stage.values()), per_stage, source
 
 
-def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path, processes: int = 1,
-                      sharding: str = "none") -> str:
-    """The pre-flight beside Start: steps, memory and time for the form as it is (or why it cannot run).
-    With processes > 1 also the launch (global batch per optimizer step) and, with sharding "fsdp2", the
-    per-GPU memory of the training stages with the base sharded (`--dry-run --processes N --fsdp`)."""
+@dataclass
+class Preflight:
+    """What the pre-flight beside Start says about the form: the text, whether Start may launch it, and how
+    many bad data rows `data.on_error: skip` would leave out (0 when that is not what stops it)."""
+    markdown: str
+    can_start: bool
+    bad_rows: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def preflight(now: FormValues, *, data_root, runs_root, scratch: Path, run_name: str | None = None,
+              processes: int = 1, sharding: str = "none") -> Preflight:
+    """The pre-flight beside Start: steps, memory and time for the form as it is, or every reason it cannot
+    start (a taken run name, bad data rows counted with the one key that trains past them, the dry run's
+    errors). Start launches only what this accepts. With processes > 1 also the launch (global batch per
+    optimizer step) and, with sharding "fsdp2", the per-GPU memory of the training stages with the base
+    sharded (`--dry-run --processes N --fsdp`)."""
+    name_error = _run_name_error(runs_root, run_name)
     try:
-        plan, recipe, data_warnings = plan_for(values, data_root=data_root, runs_root=runs_root, scratch=scratch)
+        plan, recipe, data_warnings = plan_for(now, data_root=data_root, runs_root=runs_root, scratch=scratch)
     except _user_errors() as exc:
-        return f"**Pre-flight: cannot start.** {_escape(str(exc))}"
+        bad = _bad_rows(now, exc, data_root, runs_root)
+        errors = [e for e in (name_error,) if e] + [bad.message if bad else str(exc)]
+        lines = ["**Pre-flight: cannot start.**"] + [f"- **{_escape(e)}**" for e in errors]
+        if bad and bad.good_groups:
+            lines.append(f"\n`data.on_error: skip` leaves the {bad.rows} bad row(s) out and trains on the "
+                         f"{bad.good_groups} good group(s): the button below sets it.")
+        return Preflight("\n".join(lines), False, bad.rows if bad and bad.good_groups else 0, errors)
     lines = ["**Pre-flight** (the numbers of `--dry-run`)"]
+    errors = ([name_error] if name_error else []) + list(plan["errors"])
+    if errors:  # first, where they are seen: each stops Start
+        lines[0] = "**Pre-flight: cannot start.**"
+        lines += [f"- **error: {_escape(e)}**" for e in errors]
     d = plan["data"]
     lines.append(f"- data: {d['train']['groups']} train / {d['eval']['groups']} held-out groups, "
                  f"{d['train']['pairs']} training pairs")
@@ -338,25 +354,87 @@ def estimate_markdown(values: list, *, data_root, runs_root, scratch: Path, proc
     lines += _launch_lines(plan, recipe, processes, sharding)
     total, per_stage, source = time_estimate(plan, recipe, runs_root)
     if total is not None:
-        parts = ", ".join(f"{s} {_duration(t)}" for s, t in per_stage.items())
-        lines.append(f"- time: about {_duration(total)} plus start-up ({parts}); scaled from run `{_escape(source)}`, "
-                     "measured on this machine with the same model and device")
+        parts = ", ".join(f"{s} {format_duration(t)}" for s, t in per_stage.items())
+        lines.append(f"- time: about {format_duration(total)} plus start-up ({parts}); scaled from run "
+                     f"`{_escape(source)}`, measured on this machine with the same model and device")
     else:
         why = (f"run `{_escape(source)}` did not finish every stage this recipe runs" if source else
                "no finished run of this model and device here yet")
         lines.append(f"- time: no estimate ({why}); the Live tab shows each stage's speed and ETA")
     for w in plan.get("warnings", []) + data_warnings:
         lines.append(f"- warning: {_escape(w)}")
-    for e in plan["errors"]:
-        lines.append(f"- **error: {_escape(e)}**")
-    lines.append("" if plan["errors"] else "\nplan OK")
-    return "\n".join(lines)
+    lines.append("" if errors else "\nplan OK")
+    return Preflight("\n".join(lines), not errors, 0, errors)
+
+
+def _run_name_error(runs_root, run_name: str | None) -> str | None:
+    """Why Start cannot make this run folder (a taken or unusable name), or None. An empty name is fine:
+    Start names the run by the time."""
+    from . import jobs
+
+    name = (run_name or "").strip()
+    if not name:
+        return None
+    try:
+        run = jobs.run_path(runs_root, name)
+    except Refused as exc:
+        return str(exc)
+    if run.exists():
+        return (f"run name '{name}' is taken: a run folder of that name exists; pick another name (or Resume "
+                "that run in the Live tab)")
+    return None
+
+
+@dataclass
+class BadRows:
+    rows: int           # rows `data.on_error: skip` leaves out
+    good_groups: int    # the groups it keeps
+    message: str
+
+
+def _bad_rows(now: FormValues, exc: BaseException, data_root, runs_root) -> BadRows | None:
+    """When the data stopped the plan at a bad row (`data.on_error: raise`): every bad row of the data files,
+    counted by kind with where the first ones are, and how many groups a skip keeps. None when the error is
+    not a bad row, or skipping is already on."""
+    from ..data.errors import DataError
+    from ..data.readers import load_groups
+
+    if not isinstance(exc, DataError) or exc.reason == "bad_source" or now["data.on_error"] == "skip":
+        return None
+    tree = form.values_tree(now)
+    form.keep_under_roots(tree, Path(data_root), Path(runs_root))
+    d = tree["data"]
+    rows, groups, where, kinds = 0, 0, [], []
+    for key in ("path", "eval_path"):
+        if not d.get(key) or d[key] == "demo":
+            continue
+        try:
+            result = load_groups(d[key], fmt=d["format"], media_root=d.get("media_root"), on_error="skip",
+                                 max_frames=d["max_frames"], allow_empty=True, dataset=d.get("dataset") if key == "path" else None)
+        except (DataError, OSError, ValueError):
+            return None
+        rows += sum(result.skipped.values())
+        groups += len(result.groups) if key == "path" else 0
+        where += [_relative(e.source, data_root) for e in result.errors[:3]]
+        if result.skipped:
+            kinds.append(f"data.{key}: " + ", ".join(f"{n} {reason.replace('_', ' ')}"
+                                                     for reason, n in result.skipped.most_common()))
+    if not rows:
+        return None
+    more = f" and {rows - len(where)} more" if rows > len(where) else ""
+    return BadRows(rows, groups, f"{rows} bad data row(s) ({'; '.join(kinds)}), first at {', '.join(where)}{more}; "
+                                 "the Data tab lists each with what to fix")
+
+
+def _relative(text: str, data_root) -> str:
+    root = str(Path(data_root).resolve())
+    return text.replace(root + "/", "")
 
 
 def _launch_lines(plan: dict, recipe, processes, sharding) -> list[str]:
     """The launch's lines of the estimate: nothing for one process; the global batch for several; and
     for FSDP2 the dry run's per-GPU lines (train.fsdp_memory_lines), one item each."""
-    from ..train import launch_summary, fsdp_memory_lines
+    from ..train import fsdp_memory_lines, launch_summary
 
     try:
         processes = int(processes or 1)
@@ -373,6 +451,23 @@ def _launch_lines(plan: dict, recipe, processes, sharding) -> list[str]:
     return lines
 
 
+def preset_label(name: str, now: FormValues, *, data_root, runs_root, scratch: Path) -> str:
+    """A preset button's label with the time the preset's run takes on this machine, scaled from the newest
+    finished run of the same model and device here (`time_estimate`), or that it has not been timed here:
+    a shared machine took minutes where a quiet one took seconds, so no fixed number is printed. Without a
+    measured run this reads no data (the label is instant); with one it plans the preset's recipe once."""
+    applied, _ = apply_preset(name, now)
+    try:
+        recipe = recipe_of(applied, data_root=data_root, runs_root=runs_root, run_dir=scratch / "label")
+        total = None
+        if measured_speeds(runs_root, recipe)[1]:
+            plan, recipe, _ = plan_for(applied, data_root=data_root, runs_root=runs_root, scratch=scratch)
+            total = time_estimate(plan, recipe, runs_root)[0]
+    except _user_errors():
+        total = None
+    return f"Preset: {name} · " + (f"about {format_duration(total)} here" if total is not None else "not timed here yet")
+
+
 def _escape(text: str) -> str:
     import html
     return html.escape(text, quote=False)
@@ -380,5 +475,3 @@ def _escape(text: str) -> str:
 
 def scratch_dir(upload_dir) -> Path:
     return Path(upload_dir) / "preflight"
-
-

@@ -13,6 +13,7 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,72 @@ FIELDS = form_fields()
 FIELD_BY_KEY = {f.key: f for f in FIELDS}
 
 
+class FormValues(Mapping):
+    """The recipe form as the page holds it, keyed by recipe key (`form["dpo.beta"]`): one value per field
+    of FIELDS, as its input holds it (a list key as its comma-separated text, an empty text box as "").
+
+    Handlers read and change the form by name, so a new recipe field moves nothing. The page's inputs are
+    positional (one component per field, in FIELDS order): `from_inputs` and `inputs` convert at the edge.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        unknown = [k for k in values if k not in FIELD_BY_KEY]
+        missing = [s.key for s in FIELDS if s.key not in values]
+        if unknown or missing:
+            raise Refused(f"the form has {'unknown keys ' + ', '.join(unknown) if unknown else ''}"
+                          f"{'; ' if unknown and missing else ''}"
+                          f"{'no value for ' + ', '.join(missing[:5]) if missing else ''}; reload the page")
+        self._values = {s.key: values[s.key] for s in FIELDS}
+
+    @classmethod
+    def from_inputs(cls, inputs: Sequence) -> "FormValues":
+        """The page's inputs, one per field in FIELDS order."""
+        inputs = list(inputs)
+        if len(inputs) != len(FIELDS):
+            raise Refused(f"the form sent {len(inputs)} values, expected {len(FIELDS)}; reload the page")
+        return cls(dict(zip(FIELD_BY_KEY, inputs)))
+
+    def inputs(self) -> list:
+        """The values in FIELDS order: what the page's inputs take."""
+        return list(self._values.values())
+
+    def replace(self, changes: Mapping[str, Any]) -> "FormValues":
+        """A copy with some keys set (`form.replace({"data.on_error": "skip"})`)."""
+        return FormValues({**self._values, **changes})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"FormValues({self._values!r})"
+
+
+def same_value(a, b) -> bool:
+    """Two values of one input equal as the form means them (a Number may come back as 3 or 3.0; an empty
+    text box as "" or None)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    if a in (None, "") and b in (None, ""):
+        return True
+    return a == b
+
+
+def edited_keys(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two forms (both keyed by name; a key missing from `before`
+    counts as edited), in `now`'s order."""
+    if before is None:
+        return []
+    return [k for k, v in now.items() if k not in before or not same_value(before[k], v)]
+
+
 def _get(tree: dict, key: str) -> Any:
     node: Any = tree
     for part in key.split("."):
@@ -134,11 +201,11 @@ def recipe_tree(path: str | os.PathLike) -> dict:
 
 
 def form_values(tree: dict, data_root: str | os.PathLike, recipe_dir: str | os.PathLike | None = None,
-                runs_root: str | os.PathLike | None = None) -> list:
-    """Values for the form's inputs, in FIELDS order."""
+                runs_root: str | os.PathLike | None = None) -> FormValues:
+    """The form of a recipe tree (`recipe_tree`): data paths shown relative to the data root."""
     data_root = Path(data_root)
     bases = [Path.cwd()] + ([Path(recipe_dir)] if recipe_dir else [])
-    values = []
+    values = {}
     for spec in FIELDS:
         v = _get(tree, spec.key)
         if spec.key in DATA_PATH_KEYS:
@@ -149,8 +216,8 @@ def form_values(tree: dict, data_root: str | os.PathLike, recipe_dir: str | os.P
             v = ", ".join(v or [])
         elif spec.kind == "str" and v is None:
             v = ""
-        values.append(v)
-    return values
+        values[spec.key] = v
+    return FormValues(values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,16 +246,17 @@ def _from_input(spec: FieldSpec, value: Any) -> Any:
     return value
 
 
-def values_tree(values: list) -> dict:
-    if len(values) != len(FIELDS):
-        raise Refused(f"the form sent {len(values)} values, expected {len(FIELDS)}; reload the page")
+def values_tree(form: FormValues) -> dict:
+    """The recipe tree of a form (values typed as the recipe takes them; not yet validated)."""
+    if not isinstance(form, FormValues):
+        raise TypeError(f"values_tree takes a FormValues, got {type(form).__name__}")
     tree: dict = {}
-    for spec, value in zip(FIELDS, values):
-        _set(tree, spec.key, _from_input(spec, value))
+    for spec in FIELDS:
+        _set(tree, spec.key, _from_input(spec, form[spec.key]))
     return tree
 
 
-def _check_paths(tree: dict, data_root: Path, runs_root: Path) -> None:
+def keep_under_roots(tree: dict, data_root: Path, runs_root: Path) -> None:
     """Data under the data root, the cache under the runs root (absolute paths stored in the recipe)."""
     data = tree["data"]
     if data.get("path") != "demo":
@@ -223,39 +291,27 @@ def validated_yaml(tree: dict) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-def run_recipe(values: list, *, data_root, runs_root, run_dir: Path) -> str:
+def run_recipe(form: FormValues, *, data_root, runs_root, run_dir: Path) -> str:
     """The YAML that Start writes into the new run folder."""
-    tree = values_tree(values)
-    _check_paths(tree, Path(data_root), Path(runs_root))
+    tree = values_tree(form)
+    keep_under_roots(tree, Path(data_root), Path(runs_root))
     if not tree["run"]["stages"]:
         raise Refused("choose at least one stage to run")
     tree["run"]["dir"] = str(run_dir)
     return validated_yaml(tree)
 
 
-def save_recipe(values: list, name: str, *, recipes_root, data_root, runs_root) -> Path:
+def save_recipe(form: FormValues, name: str, *, recipes_root, data_root, runs_root) -> Path:
     """'Save as recipe': recipes/<name>.yaml; never overwrites an existing file."""
     stem = safe_name(name.removesuffix(".yaml"), what="recipe name")
     path = inside(recipes_root, f"{stem}.yaml", what="recipe file")
     if path.exists():
         raise Refused(f"recipe '{stem}.yaml' already exists; choose another name")
-    tree = values_tree(values)
-    _check_paths(tree, Path(data_root), Path(runs_root))
+    tree = values_tree(form)
+    keep_under_roots(tree, Path(data_root), Path(runs_root))
     tree["run"]["dir"] = f"runs/{stem}"
     text = validated_yaml(tree)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# saved from the web UI\n{text}")
     return path
 
-
-def field_names() -> list[str]:
-    return [f.key for f in FIELDS]
-
-
-def same_value(a, b) -> bool:
-    """Form values equal as the form means them (a Number may come back as 3 or 3.0; empty is empty)."""
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    if a in (None, "") and b in (None, ""):
-        return True
-    return a == b

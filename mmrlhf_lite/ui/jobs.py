@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -97,9 +98,16 @@ def _proc_alive(pid: int | None) -> bool:
     except PermissionError:
         pass
     try:
-        return b"mmrlhf_lite.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = _cmdline(pid)
     except OSError:
         return child is not None  # no /proc (not Linux): trust our own child record
+    if not cmdline:  # between fork and exec (just launched), or a zombie: ours while it is our child
+        return child is not None
+    return b"mmrlhf_lite.train" in cmdline
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def _job(run: Path) -> dict:
@@ -154,12 +162,15 @@ def job_state(run: str | os.PathLike, events: list[dict] | None = None) -> JobSt
     lock_pid = RunDir(run).running_pid() if (run / LOCK_FILE).exists() else None
     job = _job(run)
     launched = job.get("pid")
-    if lock_pid and _proc_alive(lock_pid) or _proc_alive(launched):
-        stopping = RunDir(run).stop_requested() or job.get("stop_requested", 0) > job.get("started", 0)
-        status = "stopping" if stopping else ("running" if lock_pid else "starting")
-        return JobState(status, lock_pid or launched)
     start, end, error = _last_run(run, events)
     launched_at = job.get("started", 0)
+    if lock_pid and _proc_alive(lock_pid) or _proc_alive(launched):
+        stopping = RunDir(run).stop_requested() or job.get("stop_requested", 0) > launched_at
+        # without the lock, the launch is "starting" only until its CLI began: a CLI that released its lock
+        # and is finishing (writing its last events, exiting) is still running, never starting again
+        began = start is not None and start["time"] >= launched_at - 1
+        status = "stopping" if stopping else ("running" if lock_pid or began else "starting")
+        return JobState(status, lock_pid or launched)
     if start is None or (launched_at and start["time"] < launched_at - 1):
         # the latest launch never reached run_start: a recipe / run-folder error, or killed early
         msg = console_error(run)
@@ -335,6 +346,128 @@ def kill_children() -> None:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+# --------------------------------------------------------------------------------------------------
+# delete, rename, files to download
+
+def _folder_of(value, runs_root: Path) -> Path | None:
+    try:
+        return Path(value).resolve() if value else None
+    except (TypeError, OSError):
+        return None
+
+
+def dependents(runs_root: str | os.PathLike, run: Path) -> list[str]:
+    """Other runs whose recipe reads this run's folder (its reward model as `reward.model_from`, or a
+    `cache.dir` inside it): deleting or renaming the run would break them."""
+    import yaml
+
+    root, run = Path(runs_root), Path(run).resolve()
+    out = []
+    for name in list_runs(root):
+        if name == run.name:
+            continue
+        try:
+            tree = yaml.safe_load((root / name / RECIPE_FILE).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for value in ((tree.get("reward") or {}).get("model_from"), (tree.get("cache") or {}).get("dir")):
+            folder = _folder_of(value, root)
+            if folder is not None and (folder == run or run in folder.parents):
+                out.append(name)
+                break
+    return out
+
+
+def _idle(run: Path, what: str) -> None:
+    """Refuse to touch a run folder whose job is running (or being started or stopped)."""
+    state = job_state(run)
+    if state.active:
+        raise Refused(f"run '{run.name}' is {state.status}: Stop it and wait until it has stopped before you {what} it")
+    if (run / LOCK_FILE).exists() and RunDir(run).running_pid():
+        raise Refused(f"run '{run.name}' is in use by another process (its run.lock is held); not {what}d")
+
+
+def folder_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for f in filenames:
+            try:
+                total += (Path(dirpath) / f).lstat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def delete_run(runs_root: str | os.PathLike, name: str) -> str:
+    """Delete a run folder and everything in it; never while its job runs, nor when another run reads it."""
+    run = run_path(runs_root, name)
+    if not run.is_dir():
+        raise Refused(f"run '{name}' does not exist")
+    _idle(run, "delete")
+    users = dependents(runs_root, run)
+    if users:
+        raise Refused(f"run '{name}' is read by run(s) {', '.join(users)} (their reward.model_from or cache.dir): "
+                      "delete those first")
+    size = folder_size(run)
+    shutil.rmtree(run)
+    return f"deleted run '{name}' ({size / 2**20:.1f} MB)"
+
+
+def rename_run(runs_root: str | os.PathLike, name: str, new_name: str) -> str:
+    """Rename a run folder; its recipe's run.dir (and a cache.dir inside it) follow. Resume, the Live tab and
+    the other tabs find it under the new name; never while its job runs, nor when another run reads it."""
+    import yaml
+
+    run = run_path(runs_root, name)
+    target = run_path(runs_root, new_name)
+    if not run.is_dir():
+        raise Refused(f"run '{name}' does not exist")
+    if target == run:
+        raise Refused(f"run '{name}' already has that name")
+    if target.exists():
+        raise Refused(f"a run named '{new_name}' exists already; pick another name")
+    _idle(run, "rename")
+    users = dependents(runs_root, run)
+    if users:
+        raise Refused(f"run '{name}' is read by run(s) {', '.join(users)} (their reward.model_from or cache.dir) "
+                      "through its folder's name: renaming it would break them")
+    run.rename(target)
+    recipe = target / RECIPE_FILE
+    if recipe.exists():
+        try:
+            tree = yaml.safe_load(recipe.read_text()) or {}
+        except yaml.YAMLError:
+            tree = None
+        if isinstance(tree, dict):
+            tree.setdefault("run", {})["dir"] = str(target)
+            cache = (tree.get("cache") or {}).get("dir")
+            if cache and _folder_of(cache, Path(runs_root)) is not None and str(cache).startswith(str(run)):
+                tree["cache"]["dir"] = str(target) + str(cache)[len(str(run)):]
+            write_atomic(recipe, yaml.safe_dump(tree, sort_keys=False))
+    return f"renamed run '{name}' to '{new_name}'"
+
+
+RUN_FILES = (("console.log", "console.log"), ("train.log", "train.log"), ("eval/report.md", "report.md"),
+             ("eval/report.json", "report.json"))
+
+
+def run_files(run: Path, out_dir: str | os.PathLike) -> list[Path]:
+    """Copies of a run's log and evaluation report (those it has), named `<run>-<file>`, in a fresh folder of
+    `out_dir` (what the page offers to download: the app never serves a run folder itself)."""
+    import tempfile
+
+    present = [(run / src, dst) for src, dst in RUN_FILES if (run / src).is_file()]
+    if not present:
+        raise Refused(f"run '{run.name}' has no log or report yet")
+    folder = Path(tempfile.mkdtemp(prefix="run-files-", dir=str(out_dir)))
+    out = []
+    for src, dst in present:
+        path = folder / f"{run.name}-{dst}"
+        shutil.copyfile(src, path)
+        out.append(path)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

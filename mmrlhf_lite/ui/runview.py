@@ -95,11 +95,11 @@ class StageView:
     total: int | None = None
     unit: str = ""
     seconds: float | None = None  # the stage's time: every piece since it last started afresh (Stop + Resume)
-    rate: float | None = None   # units per second over the current attempt
-    eta: float | None = None    # seconds left
+    rate: float | None = None   # units per second over the last RATE_WINDOW progress events of this attempt
+    eta: float | None = None    # seconds left at that rate
     pieces: int = 0             # invocations the stage ran in (2 after one Stop + Resume)
     before: float = 0.0         # seconds of the pieces before the current invocation (running: so far)
-    _first: tuple[float, int] | None = field(default=None, repr=False)
+    _recent: list[tuple[float, int]] = field(default_factory=list, repr=False)  # (time, n) of this attempt
 
     @property
     def fraction(self) -> float | None:
@@ -110,7 +110,11 @@ class StageView:
         return None
 
 
-def _stage_times(events: list[dict]) -> dict[str, tuple[float, int, bool]]:
+RATE_WINDOW = 6  # progress events (5 intervals) the speed and ETA are taken over: the recent pace, not the
+# attempt's average (a resumed attempt's first steps, or a machine that got busier, would mislead it)
+
+
+def stage_times(events: list[dict]) -> dict[str, tuple[float, int, bool]]:
     """Per stage, over every invocation of the run: (seconds, pieces, done) of its latest attempt.
 
     A stage stopped and resumed is one attempt in several pieces (each invocation's `stage_end` gives
@@ -145,7 +149,7 @@ def stage_views(events: list[dict]) -> list[StageView]:
         return []
     run_start = events[start_idx]
     views = {s: StageView(s) for s in run_start.get("stages", [])}
-    earlier = _stage_times(events[:start_idx])
+    earlier = stage_times(events[:start_idx])
     for name, v in views.items():
         seconds, pieces, done = earlier.get(name, (0.0, 0, False))
         if name in run_start.get("skip", []):
@@ -160,14 +164,15 @@ def stage_views(events: list[dict]) -> list[StageView]:
             continue
         kind = e.get("type")
         if kind == "stage_start":
-            v.status, v.n, v.total, v.rate, v.eta, v._first = "running", 0, None, None, None, None
+            v.status, v.n, v.total, v.rate, v.eta, v._recent = "running", 0, None, None, None, []
         elif kind == "progress":
             v.n, v.total, v.unit = int(e.get("n") or 0), e.get("total"), e.get("unit", "")
-            if v._first is None or v.n < v._first[1]:
-                v._first = (e["time"], v.n)
-            t0, n0 = v._first
-            if e["time"] > t0 and v.n > n0:
-                v.rate = (v.n - n0) / (e["time"] - t0)
+            if v._recent and v.n < v._recent[-1][1]:
+                v._recent = []  # counting started over
+            v._recent = (v._recent + [(e["time"], v.n)])[-RATE_WINDOW:]
+            (t0, n0), (t1, n1) = v._recent[0], v._recent[-1]
+            if t1 > t0 and n1 > n0:
+                v.rate = (n1 - n0) / (t1 - t0)
                 v.eta = (v.total - v.n) / v.rate if v.total else None
         elif kind == "stage_end":
             v.status, v.eta = e.get("status", "done"), None
@@ -177,7 +182,7 @@ def stage_views(events: list[dict]) -> list[StageView]:
     return list(views.values())
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
     seconds = int(round(seconds))
@@ -195,7 +200,7 @@ def _pieces(v: StageView) -> str:
 def stage_text(v: StageView) -> str:
     if v.status == "skipped":
         if v.seconds is not None:
-            return f"done earlier in {_duration(v.seconds)}{_pieces(v)}; skipped now: already done with these settings"
+            return f"done earlier in {format_duration(v.seconds)}{_pieces(v)}; skipped now: already done with these settings"
         return "skipped: already done with these settings"
     if v.status == "pending":
         return "waiting"
@@ -204,12 +209,12 @@ def stage_text(v: StageView) -> str:
         speed = ""
         if v.rate:
             speed = f"{v.rate:.2f} {v.unit}/s" if v.rate >= 1 else f"{1 / v.rate:.1f} s/{v.unit}"
-        before = f"{_duration(v.before)} before the stop" if v.pieces else ""
-        parts = [p for p in (count, speed, f"ETA {_duration(v.eta)}" if v.eta is not None else "", before) if p]
+        before = f"{format_duration(v.before)} before the stop" if v.pieces else ""
+        parts = [p for p in (count, speed, f"ETA {format_duration(v.eta)}" if v.eta is not None else "", before) if p]
         return " · ".join(parts) or "starting"
     if v.status == "done":
-        return f"done in {_duration(v.seconds)}{_pieces(v)}" + (f" ({count})" if count else "")
-    return f"{v.status} after {_duration(v.seconds)}{_pieces(v)}" + (f" at {count}" if count else "")
+        return f"done in {format_duration(v.seconds)}{_pieces(v)}" + (f" ({count})" if count else "")
+    return f"{v.status} after {format_duration(v.seconds)}{_pieces(v)}" + (f" at {count}" if count else "")
 
 
 def progress_html(views: list[StageView]) -> str:

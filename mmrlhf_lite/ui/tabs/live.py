@@ -1,0 +1,361 @@
+"""The Live tab: one run's progress, curves, messages and log; Stop / Resume; rename, delete, and the run's
+log and report to download; the table of all runs.
+
+The page polls only what can change: one timer, ticking only while this tab is shown, the browser tab is
+visible and some run is active (starting, running, stopping); it stops itself when the last run ends. Each
+tick sends only the outputs whose content changed (`tick`: a fingerprint per output), so a plot gets new
+data in place and is never re-drawn for nothing. Job state is read from the run folders on every look.
+
+`LiveHandlers` holds the tab's handlers (what its tests call); `build` lays the tab out and wires its own
+events; blocks.py turns the timer on and off as tabs and the page's visibility change.
+
+    python app.py            # Live tab
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from ...events import EVENTS_FILE
+from ...recipe import STAGES
+from ...runs import RunDir
+from .. import evalcard, jobs, runview
+from ..base import UIConfig, log, readable
+from ..safety import Refused
+
+JOB_COLUMNS = ["run", "status", "stages done", "launch", "updated"]  # the "All runs" table
+TICK_SECONDS = 1.5
+# the outputs of `view` and `tick`, in order (the first 14 are the API's /view answer as before)
+OUTPUTS = ["status", "progress", "error", "points", *[f"plot-{n}" for n in runview.CURVES], "tokens", "gpu", "log",
+           "jobs", "stop", "resume", "card", "hist", "rename", "delete"]
+
+
+class LiveHandlers:
+    def __init__(self, cfg: UIConfig):
+        self.cfg = cfg
+        self.tail = runview.EventTail()
+
+    # ------------------------------------------------------------------------------------ lists
+    def choices(self, current: str | None = None):
+        """The run picker: every run, the current one kept, else the first active one (else the newest)."""
+        runs = jobs.list_runs(self.cfg.runs_root)
+        if current in runs:
+            return gr.update(choices=runs, value=current)
+        active = [n for n in runs if self.state(n).active]
+        return gr.update(choices=runs, value=(active or runs or [None])[0])
+
+    def state(self, run_name: str) -> jobs.JobState:
+        run = self.cfg.runs_root / run_name
+        return jobs.job_state(run, self.tail.events(run))
+
+    def any_active(self) -> bool:
+        return any(self.state(n).active for n in jobs.list_runs(self.cfg.runs_root))
+
+    def jobs_frame(self) -> pd.DataFrame:
+        rows = []
+        for n in jobs.list_runs(self.cfg.runs_root):
+            run = self.cfg.runs_root / n
+            try:
+                st = jobs.job_state(run, self.tail.events(run))
+                rd = RunDir(run)
+                stale = rd.stale_stages()  # finished, but an input stage was recomputed since
+                done = [f"{s} (stale)" if s in stale else s for s in STAGES if rd.is_done(s)]
+                status = st.status
+                if damaged := self.tail.damaged(run):
+                    status += f" (damaged: {len(damaged)} unreadable line(s) in {EVENTS_FILE})"
+            except Exception as exc:  # noqa: BLE001 - one damaged folder must not take the table down
+                log.warning("run folder %s could not be read", run, exc_info=True)
+                status, done = f"damaged ({type(exc).__name__}: {exc})", []
+            launch = jobs.launch_label(*jobs.launch_of(run)) if (run / jobs.JOB_FILE).exists() else "-"
+            rows.append({"run": n, "status": status, "stages done": ", ".join(done) or "-", "launch": launch,
+                         "updated": time.strftime("%H:%M:%S", time.localtime(_mtime(run)))})
+        return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+    # ------------------------------------------------------------------------------------ the view
+    def parts(self, run_name: str | None) -> dict:
+        """Every output of the view by name (OUTPUTS); the histogram as the key of its file, loaded by `view`
+        and `tick` only when it changed."""
+        if not run_name:
+            empty = runview.curve_table()
+            out = {"status": "No run selected: start one in the Train tab.", "progress": runview.progress_html([]),
+                   "error": "", "points": "", "tokens": runview.with_series(empty, runview.SPEED_SERIES),
+                   "gpu": gr.update(value=runview.with_series(empty, runview.GPU_SERIES), visible=False), "log": "",
+                   "jobs": self.jobs_frame(), "stop": gr.update(interactive=False),
+                   "resume": gr.update(interactive=False), "card": "", "hist": None,
+                   "rename": gr.update(interactive=False), "delete": gr.update(interactive=False)}
+            out.update({f"plot-{n}": runview.curve_plot([], n) for n in runview.CURVES})
+            return out
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        events = self.tail.events(run)
+        state = jobs.job_state(run, events)
+        views = runview.stage_views(events)
+        status = f"**{html.escape(run_name)}** · status: **{state.status}**"
+        if state.pid and state.active:
+            status += f" (pid {state.pid})"
+        processes, sharding = jobs.launch_of(run)
+        if processes > 1:  # how it was launched (one process is the plain CLI: nothing to say)
+            status += f" · {jobs.launch_label(processes, sharding)}"
+        done_at = next((e for e in reversed(events) if e.get("type") == "run_end"), None)
+        if done_at and not state.active:
+            status += f" · ended {time.strftime('%H:%M:%S', time.localtime(done_at['time']))}"
+        error = ""
+        if state.message and state.status in ("error", "interrupted"):
+            error = f"**{'Error' if state.status == 'error' else 'Interrupted'}:** {html.escape(state.message)}"
+        warn = [(k, st, m) for k, st, m in runview.messages(events) if not (k == "error" and m in state.message)]
+        if damaged := self.tail.damaged(run):
+            warn.append(("warning", "-", f"{EVENTS_FILE}: skipped {len(damaged)} unreadable line(s) "
+                         f"({'; '.join(damaged[:3])}{'; ...' if len(damaged) > 3 else ''})"))
+        if warn:
+            error += ("\n\n" if error else "") + "\n".join(
+                f"- {kind} [{html.escape(stage)}]: {html.escape(msg)}" for kind, stage, msg in warn)
+        counts = runview.point_counts(events)
+        points = "Curve points: " + (", ".join(f"{s} {n}" for s, n in counts.items()) if counts else "none yet")
+        gpu = runview.gpu_memory(events)
+        log_text = jobs.tail_text(run / jobs.CONSOLE_LOG, 24_000)
+        report, report_mtime = evalcard.report_of(self.cfg.runs_root, run_name)
+        out = {"status": status, "progress": runview.progress_html(views), "error": error, "points": points,
+               "tokens": runview.with_series(runview.tokens_per_second(events, _grad_accum(run)), runview.SPEED_SERIES),
+               "gpu": gr.update(value=runview.with_series(gpu, runview.GPU_SERIES), visible=not gpu.empty),
+               "log": runview.explain_library_noise("\n".join(log_text.splitlines()[-60:])),
+               "jobs": self.jobs_frame(), "stop": gr.update(interactive=state.active),
+               "resume": gr.update(interactive=state.resumable), "card": evalcard.card_html(report),
+               "hist": (str(run), self.beta_histogram_mtime(run_name)),
+               # never renamed or deleted while its job runs (the handlers refuse it too)
+               "rename": gr.update(interactive=not state.active), "delete": gr.update(interactive=not state.active)}
+        out.update({f"plot-{n}": runview.curve_plot(events, n) for n in runview.CURVES})
+        return out
+
+    @readable
+    def view(self, run_name: str | None):
+        """Everything the Live tab shows for one run (OUTPUTS), and the fingerprints `tick` compares with."""
+        parts = self.parts(run_name)
+        sig = {k: _fingerprint(v) for k, v in parts.items()}
+        parts["hist"] = self.beta_histogram(run_name)
+        return (*[parts[k] for k in OUTPUTS], sig)
+
+    def tick(self, run_name: str | None, last: dict | None):
+        """The timer: only the outputs whose content changed (the rest `gr.skip()`: no traffic, no redraw), the
+        new fingerprints, and the timer itself, turned off once no run is active."""
+        try:
+            parts = self.parts(run_name)
+        except Exception:  # noqa: BLE001 - a run renamed or deleted meanwhile: nothing to show, keep ticking
+            return (*[gr.skip()] * len(OUTPUTS), last, gr.skip())
+        last = last or {}
+        sig = {k: _fingerprint(v) for k, v in parts.items()}
+        out = []
+        for k in OUTPUTS:
+            if sig[k] == last.get(k):
+                out.append(gr.skip())
+            elif k == "hist":
+                out.append(self.beta_histogram(run_name))
+            else:
+                out.append(parts[k])
+        active = self.any_active()
+        return (*out, sig, gr.skip() if active else gr.Timer(active=False))
+
+    def poll(self, shown: bool = True):
+        """The timer's state for a shown Live tab: on while some run is active, else off."""
+        return gr.Timer(active=bool(shown) and self.any_active())
+
+    # ------------------------------------------------------------------------------------ jobs
+    @readable
+    def stop(self, run_name: str):
+        return jobs.stop_run(jobs.run_path(self.cfg.runs_root, run_name))
+
+    @readable
+    def resume(self, run_name: str):
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        jobs.resume_run(run)
+        return (f"Resumed **{html.escape(run_name)}** ({jobs.launch_label(*jobs.launch_of(run))}) at "
+                f"{time.strftime('%H:%M:%S')}: finished stages are skipped, training continues from its checkpoint.")
+
+    @readable
+    def ask_delete(self, run_name: str | None):
+        """Delete, first click: say what goes (and refuse a running run), show the confirmation."""
+        if not run_name:
+            raise Refused("choose a run")
+        run = jobs.run_path(self.cfg.runs_root, run_name)
+        state = self.state(run_name)
+        if state.active:
+            raise Refused(f"run '{run_name}' is {state.status}: Stop it and wait until it has stopped before you "
+                          "delete it")
+        size = jobs.folder_size(run) / 2**20
+        notice = (f"**Delete run {html.escape(run_name)}?** Its folder goes, with everything in it ({size:.1f} MB: "
+                  "recipe, log, checkpoints, caches, exports). This cannot be undone.")
+        return notice, gr.update(visible=True, value=f"Delete {run_name} for good"), gr.update(visible=True), run_name
+
+    @readable
+    def delete(self, pending: str | None):
+        """Delete, confirmed: the run that was asked about (not whatever is picked now)."""
+        if not pending:
+            raise Refused("nothing is waiting to be deleted; click Delete first")
+        message = jobs.delete_run(self.cfg.runs_root, pending)
+        return (f"{html.escape(message[0].upper() + message[1:])}.", "", gr.update(visible=False),
+                gr.update(visible=False), None, self.choices(None))
+
+    def cancel_delete(self):
+        return "", gr.update(visible=False), gr.update(visible=False), None
+
+    @readable
+    def rename(self, run_name: str | None, new_name: str | None):
+        if not run_name:
+            raise Refused("choose a run")
+        new_name = (new_name or "").strip()
+        message = jobs.rename_run(self.cfg.runs_root, run_name, new_name)
+        return f"{html.escape(message[0].upper() + message[1:])}.", "", self.choices(new_name)
+
+    @readable
+    def run_files(self, run_name: str | None):
+        """The run's log and evaluation report, copied for download."""
+        if not run_name:
+            raise Refused("choose a run")
+        files = jobs.run_files(jobs.run_path(self.cfg.runs_root, run_name), self.cfg.upload_dir)
+        return gr.update(value=[str(f) for f in files], visible=True)
+
+    # ------------------------------------------------------------------------------------ histogram
+    def beta_histogram_mtime(self, run_name: str | None) -> float | None:
+        """When the run's beta histogram was last written (None: not yet, or no such run)."""
+        if not run_name:
+            return None
+        try:
+            return (jobs.run_path(self.cfg.runs_root, run_name) / "score" / "beta_hist.png").stat().st_mtime
+        except (Refused, OSError):
+            return None
+
+    def beta_histogram(self, run_name: str | None):
+        """The run's histogram of the dynamic beta_i (written by its score stage), as an image; None until then."""
+        if not run_name:
+            return None
+        try:
+            path = jobs.run_path(self.cfg.runs_root, run_name) / "score" / "beta_hist.png"
+        except Refused:
+            return None
+        if not path.is_file():
+            return None
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.copy()
+
+
+def _fingerprint(value) -> str:
+    """What an output shows, as a short hash: equal when a re-send would change nothing on the page."""
+    if isinstance(value, pd.DataFrame):
+        text = "|".join(map(str, value.columns)) + "\n" + value.to_csv(index=False)
+    elif isinstance(value, dict):
+        text = repr(sorted((k, _fingerprint(v)) for k, v in value.items()))
+    else:
+        text = repr(value)
+    return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()
+
+
+def _mtime(run: Path) -> float:
+    try:
+        return max((run / f).stat().st_mtime for f in ("events.jsonl", jobs.RECIPE_FILE, jobs.JOB_FILE)
+                   if (run / f).exists())
+    except ValueError:
+        return run.stat().st_mtime
+
+
+def _grad_accum(run: Path) -> int:
+    import yaml
+
+    try:
+        tree = yaml.safe_load((run / jobs.RECIPE_FILE).read_text()) or {}
+        return int(tree.get("dpo", {}).get("train", {}).get("grad_accum", 4))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return 4
+
+
+def _plot(name: str, height: int = 220):
+    title, ylabel, _ = runview.CURVES.get(name, (name, "", []))
+    return gr.LinePlot(runview.curve_plot([], name), x="step", y="value", color="series", title=title,
+                       y_title=ylabel, x_title="step", height=height, elem_id=f"plot-{name}",
+                       elem_classes="mm-plot")
+
+
+def build(h: LiveHandlers) -> SimpleNamespace:
+    with gr.Tab("3 · Live", id="live") as tab:
+        with gr.Row():
+            live_run = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, elem_id="live-run", scale=3)
+            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+            resume = gr.Button("Resume", interactive=False, elem_id="resume")
+        with gr.Row(equal_height=True):  # the run's folder: renamed, deleted (never while it runs), its files
+            new_name = gr.Textbox(show_label=False, placeholder="a new name for this run", elem_id="rename-to",
+                                  container=False, scale=3)
+            rename = gr.Button("Rename", size="sm", elem_id="rename", scale=1)
+            delete = gr.Button("Delete…", size="sm", elem_id="delete", scale=1)
+            files_btn = gr.Button("Log and report ↓", size="sm", elem_id="run-files-make", scale=1)
+        with gr.Row(equal_height=True):
+            confirm_text = gr.Markdown(elem_id="delete-notice")
+            confirm = gr.Button("Delete for good", variant="stop", size="sm", visible=False, elem_id="delete-confirm",
+                                scale=0)
+            cancel = gr.Button("Cancel", size="sm", visible=False, elem_id="delete-cancel", scale=0)
+        files = gr.File(label="The run's log and report", file_count="multiple", interactive=False, visible=False,
+                        elem_id="run-files", height=90)
+        status = gr.Markdown(elem_id="run-status")
+        action = gr.Markdown(elem_id="run-action")
+        progress = gr.HTML(elem_id="run-progress")
+        eval_card = gr.HTML(elem_id="run-eval")  # the final evaluation, once `eval` has written its report
+        error = gr.Markdown(elem_id="run-error")
+        points = gr.Markdown(elem_id="curve-points")
+        names = list(runview.CURVES)
+        plots = []
+        for i in range(0, len(names), 2):
+            with gr.Row():
+                plots += [_plot(n) for n in names[i:i + 2]]
+        with gr.Row():
+            speed = gr.LinePlot(runview.with_series(runview.curve_table(), runview.SPEED_SERIES), x="step", y="value",
+                                color="series", title="DPO tokens/s", y_title="tokens/s", x_title="step", height=220,
+                                elem_id="plot-tokens", elem_classes="mm-plot")
+            gpu = gr.LinePlot(runview.with_series(runview.curve_table(), runview.GPU_SERIES), x="step", y="value",
+                              color="series", title="GPU memory (GB)", y_title="GB", x_title="step", height=220,
+                              visible=False, elem_id="plot-gpu", elem_classes="mm-plot")
+        beta_hist = gr.Image(label="Reward margins and the dynamic beta_i of the training pairs (stage score)",
+                             type="pil", interactive=False, height=260, elem_id="beta-hist")
+        log_box = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
+                             elem_id="run-log")
+        jobs_table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="All runs", elem_id="jobs", interactive=False)
+        timer = gr.Timer(TICK_SECONDS, active=False)  # inside the Tab (outside, it broke the tab bar)
+        sig = gr.State(None)
+        pending = gr.State(None)  # the run the delete confirmation is about
+    by_name = {"status": status, "progress": progress, "error": error, "points": points, "tokens": speed, "gpu": gpu,
+               "log": log_box, "jobs": jobs_table, "stop": stop, "resume": resume, "card": eval_card, "hist": beta_hist,
+               "rename": rename, "delete": delete}
+    by_name.update({f"plot-{n}": p for n, p in zip(names, plots)})
+    outputs = [by_name[k] for k in OUTPUTS]
+
+    def show(dep):
+        """After an action: the view again, and the timer on while a run is active."""
+        return dep.then(h.view, live_run, [*outputs, sig], api_name=False).then(h.poll, None, timer, api_name=False)
+
+    # another run shown: no files or delete confirmation of the one before stay under it (nor its action's
+    # message: cleared when a run is picked, and by Start, in blocks.py; a rename or delete keeps its own)
+    live_run.change(lambda: (gr.update(value=None, visible=False), *h.cancel_delete()), None,
+                    [files, confirm_text, confirm, cancel, pending], api_name=False, show_progress="hidden")
+    live_run.input(lambda: "", None, action, api_name=False, show_progress="hidden")
+    # the list is read when it is opened (a run started elsewhere, by the CLI or another page, is there); only
+    # the choices: its answer may come after the user's pick, which it must not undo
+    live_run.focus(lambda: gr.update(choices=jobs.list_runs(h.cfg.runs_root)), None, live_run, api_name=False,
+                   show_progress="hidden")
+    show(live_run.input(h.view, live_run, [*outputs, sig], api_name="view"))
+    timer.tick(h.tick, [live_run, sig], [*outputs, sig, timer], api_name=False, show_progress="hidden",
+               concurrency_limit=8)
+    # the log box shows its newest line after every update (not where the user last scrolled to)
+    log_box.change(None, None, None, js="() => { const t = document.querySelector('#run-log textarea'); "
+                                        "if (t) t.scrollTop = t.scrollHeight; }")
+    show(stop.click(h.stop, live_run, action, api_name="stop"))
+    show(resume.click(h.resume, live_run, action, api_name="resume"))
+    files_btn.click(h.run_files, live_run, files, api_name="run_files")
+    delete.click(h.ask_delete, live_run, [confirm_text, confirm, cancel, pending], api_name=False)
+    cancel.click(h.cancel_delete, None, [confirm_text, confirm, cancel, pending], api_name=False)
+    show(confirm.click(h.delete, pending, [action, confirm_text, confirm, cancel, pending, live_run],
+                       api_name="delete_run"))
+    show(rename.click(h.rename, [live_run, new_name], [action, new_name, live_run], api_name="rename_run"))
+    return SimpleNamespace(tab=tab, run=live_run, outputs=outputs, sig=sig, timer=timer, action=action)

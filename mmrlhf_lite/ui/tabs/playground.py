@@ -1,0 +1,90 @@
+"""The Reward playground tab: score answers with a run's critique reward model, side by side; browse the run's
+reward cache (every pair's margin and the dynamic beta it got).
+
+`PlaygroundHandlers` holds the tab's handlers (what its tests call); `build` lays the tab out and wires its
+own events. The work is done by ui/playground.py.
+
+    python app.py            # Reward playground tab
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from .. import databrowser, playground, policy
+from ..base import UIConfig, readable
+from ..safety import Refused
+
+SCORE_COLUMNS = ["answer #", "rank", "score", "answer", "critique"]
+SCORE_WIDTHS = ["9%", "6%", "9%", "30%", "46%"]
+
+
+class PlaygroundHandlers:
+    def __init__(self, cfg: UIConfig):
+        self.cfg = cfg
+
+    def reward_run_choices(self):
+        runs = playground.reward_runs(self.cfg.runs_root)
+        return gr.update(choices=runs, value=runs[0] if runs else None)
+
+    def cache_run_choices(self):
+        runs = playground.cache_runs(self.cfg.runs_root)
+        return gr.update(choices=runs, value=runs[0] if runs else None)
+
+    def warm(self, run_name: str | None) -> None:
+        playground.warm(self.cfg.runs_root, run_name)
+
+    def notice(self, run_name: str | None) -> str:
+        return policy.toy_notice(self.cfg.runs_root, run_name)
+
+    @readable
+    def score(self, run_name: str, image, question: str, a1: str, a2: str, a3: str, a4: str, a5: str,
+              mode: str, max_new_tokens: float):
+        if not run_name:
+            raise Refused("choose a run with a trained reward model")
+        data = databrowser.image_bytes(image) if image is not None else None
+        results = playground.score(self.cfg.runs_root, run_name, data, question, [a1, a2, a3, a4, a5], mode,
+                                   int(max_new_tokens or 64))
+        return playground.cards_html(results), playground.results_frame(results)
+
+    @readable
+    def cache(self, run_name: str):
+        if not run_name:
+            raise Refused("choose a run whose score stage has finished")
+        frame, summary = playground.cache_pairs(self.cfg.runs_root, run_name)
+        return summary, frame
+
+
+def build(h: PlaygroundHandlers) -> SimpleNamespace:
+    with gr.Tab("4 · Reward playground", id="playground") as tab:
+        with gr.Row(elem_id="pg-head"):  # the run, and what to do with its reward model
+            pg_run = gr.Dropdown(label="Critique reward model (a run whose reward stage finished)", choices=[],
+                                 allow_custom_value=True, elem_id="pg-run", scale=3)
+            mode = gr.Radio(["generate", "none"], value="generate", label="Critique", scale=2)
+            max_tokens = gr.Number(value=48, precision=0, label="Critique length (tokens)", scale=1)
+        pg_notice = gr.Markdown(elem_id="pg-notice")  # a tiny random-init base: its critiques are a toy
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=240,
+                             elem_id="pg-image", scale=1)
+            with gr.Column(scale=2):
+                question = gr.Textbox(label="Question", elem_id="pg-question")
+                answers = [gr.Textbox(label=f"Answer {i + 1}", elem_id=f"pg-answer-{i + 1}") for i in range(5)]
+        score = gr.Button("Score", variant="primary", elem_id="pg-score")
+        cards = gr.HTML(elem_id="pg-cards")
+        table = gr.Dataframe(pd.DataFrame(columns=SCORE_COLUMNS), label="Scores", elem_id="pg-table", wrap=True,
+                             elem_classes="mm-fit", column_widths=SCORE_WIDTHS)
+        gr.Markdown("### Reward cache: every pair's margin and the dynamic beta it got")
+        with gr.Row():
+            cache_run = gr.Dropdown(label="Run (its score stage finished)", choices=[], allow_custom_value=True,
+                                    elem_id="cache-run", scale=3)
+            show = gr.Button("Show pairs", elem_id="cache-show")
+        cache_summary = gr.Markdown(elem_id="cache-summary")
+        cache_table = gr.Dataframe(pd.DataFrame(columns=["group", "better #", "worse #", "delta", "beta"]),
+                                   label="Pairs", elem_id="cache-table", max_height=400)
+    pg_run.input(h.warm, pg_run, None, api_name=False, show_progress="hidden")
+    pg_run.change(h.notice, pg_run, pg_notice, api_name=False, show_progress="hidden")
+    score.click(h.score, [pg_run, image, question, *answers, mode, max_tokens], [cards, table], api_name="score")
+    show.click(h.cache, cache_run, [cache_summary, cache_table], api_name="reward_cache")
+    return SimpleNamespace(tab=tab, run=pg_run, cache_run=cache_run)
