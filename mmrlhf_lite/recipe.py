@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("reward", "score", "reference", "dpo", "eval")
+STAGES = ("reward", "score", "reference", "dpo", "eval", "rounds")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -180,6 +180,10 @@ class DpoConfig:
     margin_source: str = _f("reward", "Where delta_i comes from: `reward` (the reward cache of stage score), "
                             "`scores` (the dataset's scores), `none` (delta = 0, plain DPO beta).",
                             choices=("reward", "scores", "none"))
+    reference: str = _f("previous", "Online rounds: the reference policy of each round's MM-DPO, `previous` (the policy "
+                        "the round starts from, i.e. the previous round's) or `initial` (the policy round 1 started "
+                        "from). The offline `dpo` stage always starts from, and refers to, the base model.",
+                        choices=("previous", "initial"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5),
                                metadata={"help": "MM-DPO optimisation."})
 
@@ -199,10 +203,34 @@ class EvalConfig:
 
 
 @dataclass
+class RoundsConfig:
+    n: int = _f(0, "Online MM-DPO rounds after the offline stages (stage `rounds`; `--rounds N` sets it): each round "
+                "the current policy samples answers per prompt, the reward model ranks them, MM-DPO trains on them. "
+                "0 = none. Raising it later continues from the last finished round.", ge=0)
+    patience: int = _f(2, "Stop early when, for this many rounds in a row, the reward model's mean score of the "
+                       "policy's held-out answers rose while a signal it cannot game (right answers, well-formed "
+                       "answers, held-out implicit accuracy) fell (docs/rounds.md). 0 = never stop early.", ge=0)
+    samples: int = _f(4, "Answers sampled per prompt each round (K of a group).", ge=2)
+    temperature: float = _f(1.0, "Sampling temperature of the round's answers.", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling top-p of the round's answers (1 = off).", gt=0, le=1)
+    max_new_tokens: int = _f(48, "Longest sampled answer.", gt=0)
+    steps: int = _f(0, "MM-DPO optimizer steps per round; 0 = as dpo.train (max_steps, else epochs over the "
+                    "round's groups).", ge=0)
+    prompts: str = _f("all", "Which training prompts the rounds sample for: `all` (the human-ranked groups' prompts "
+                      "and the rows without a ranking) or `unranked` (only the rows without a ranking).",
+                      choices=("all", "unranked"))
+    max_prompts: int | None = _f(None, "Sample for at most this many prompts per round (a different seeded subset "
+                                 "each round); null = all.", gt=0)
+    min_gap: float = _f(0.0, "Two sampled answers whose reward scores differ by no more than this are a tie (no "
+                        "pair); a group whose answers are all tied is dropped and counted.", ge=0)
+
+
+@dataclass
 class RunConfig:
     dir: str = _f("runs/demo", "Run folder: resolved recipe, events.jsonl, logs, and each stage's outputs.")
     seed: int = _f(0, "Seed of model init, sampling and data order.")
-    stages: list = _f(list(STAGES), "Stages to run, in order: reward, score, reference, dpo, eval.")
+    stages: list = _f(list(STAGES), "Stages to run, in order: reward, score, reference, dpo, eval, rounds (rounds "
+                      "runs only with rounds.n > 0).")
     report_to: str = _f("none", "transformers `report_to` (none, tensorboard, wandb).")
 
 
@@ -214,6 +242,7 @@ class Recipe:
     cache: CacheConfig = field(default_factory=CacheConfig, metadata={"help": "Content-keyed caches."})
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "MM-DPO."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    rounds: RoundsConfig = field(default_factory=RoundsConfig, metadata={"help": "Online MM-DPO rounds."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run folder and stages."})
     source: str | None = field(default=None, repr=False, metadata={"help": "", "internal": True})
 

@@ -32,10 +32,20 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "reference": ("model", "data"),
     "dpo": ("model", "data", "dpo", "run.seed"),
     "eval": ("eval", "reward.critique_mode", "reward.n_samples", "reward.max_new_tokens"),
+    # rounds.n and rounds.patience are not inputs: more rounds continue from the last one, and the stop rule is
+    # read again from the finished rounds' metrics
+    "rounds": ("model", "data", "dpo", "eval", "reward.critique_mode", "reward.n_samples", "reward.temperature",
+               "reward.max_new_tokens", "rounds.samples", "rounds.temperature", "rounds.top_p",
+               "rounds.max_new_tokens", "rounds.steps", "rounds.prompts", "rounds.max_prompts", "rounds.min_gap",
+               "run.seed"),
 }
+# Keys inside a section a stage reads that do not change its outputs (dpo.reference is the rounds' choice).
+NOT_INPUTS: dict[str, tuple[str, ...]] = {"dpo": ("dpo.reference",)}
 # Which finished stages each stage reads (a recomputed input stage makes its finished readers stale).
-STAGE_DEPS: dict[str, tuple[str, ...]] = {"score": ("reward",), "dpo": ("score", "reference"), "eval": ("reward", "dpo")}
-STAGE_DIRS = {"reward": "reward", "score": "score", "reference": "reference", "dpo": "dpo", "eval": "eval"}
+STAGE_DEPS: dict[str, tuple[str, ...]] = {"score": ("reward",), "dpo": ("score", "reference"), "eval": ("reward", "dpo"),
+                                          "rounds": ("reward", "dpo")}
+STAGE_DIRS = {"reward": "reward", "score": "score", "reference": "reference", "dpo": "dpo", "eval": "eval",
+              "rounds": "rounds"}
 STOP_FILE = "STOP"
 LOCK_FILE = "run.lock"
 
@@ -52,7 +62,12 @@ def _lookup(tree: dict, key: str) -> Any:
 
 
 def stage_inputs(recipe_dict: dict, stage: str) -> dict:
-    return {k: _lookup(recipe_dict, k) for k in STAGE_INPUTS[stage]}
+    out = {k: _lookup(recipe_dict, k) for k in STAGE_INPUTS[stage]}
+    for key in NOT_INPUTS.get(stage, ()):
+        section, name = key.split(".", 1)
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmrlhf_lite.data import load_data
 from mmrlhf_lite.data.__main__ import main as data_main
 from mmrlhf_lite.data.errors import DataError
 from mmrlhf_lite.data.readers import load_groups
+from mmrlhf_lite.events import EventLog
+from mmrlhf_lite.recipe import load_recipe
 
 
 def png(path: Path, colour=(200, 30, 30)) -> Path:
@@ -125,6 +128,19 @@ def _mixed_file(tmp_path: Path) -> Path:
             row["responses"] = [{"text": "Red.", "rank": 1}, {"text": "Blue.", "rank": 2}]
         rows.append(row)
     return jsonl(tmp_path / "mixed.jsonl", rows)
+
+
+def test_load_data_keeps_prompts_out_of_the_offline_stages(tmp_path):
+    path = _mixed_file(tmp_path)
+    recipe = load_recipe(None, [f"data.path={path}", "data.eval_fraction=0.3", "rounds.n=2"])
+    data = load_data(recipe, tmp_path / "run", EventLog(None, echo=False), dry_run=True)
+    assert all(g.is_ranked() for g in data.train + data.evals)
+    assert not any(g.is_ranked() for g in data.train_prompts + data.eval_prompts)
+    assert len(data.train) + len(data.evals) == 8 and len(data.train_prompts) + len(data.eval_prompts) == 12
+    assert data.eval_prompts  # split by the same hash as the ranked groups
+    # without rounds the same file is the error it was
+    with pytest.raises(DataError, match="i8.png|missing field 'responses'"):
+        load_data(load_recipe(None, [f"data.path={path}"]), tmp_path / "run", EventLog(None, echo=False))
 
 
 def test_data_stats_counts_prompts_images_and_rounds_ready_rows(tmp_path, capsys):
