@@ -113,7 +113,9 @@ def test_two_rounds_write_each_step_from_the_stages_caches(offline, two_rounds):
         assert report["implicit_accuracy"] == h["held_out"]["implicit_accuracy"]
         assert "before" not in report["reward_score"]   # a round answers with its own policy only
     md = (run / "rounds" / "report.md").read_text()
-    assert md.count("\n| ") == 4 and "| round | right answers |" in md   # header + rounds 0, 1, 2
+    held, sampled = md.split("The answers each round sampled", 1)
+    assert held.count("\n| ") == 4 and "| round | right answers |" in held   # header + rounds 0, 1, 2
+    assert sampled.count("\n| ") == 3 and "| KL to pi_0 |" in sampled     # header + rounds 1, 2
     assert json.loads((run / "stages" / "rounds.json").read_text())["rounds"] == 2
 
 
@@ -285,3 +287,60 @@ def test_a_prompt_s_meta_can_name_the_right_answer_for_any_data():
     assert answer_correct(g, "The dots are big.") is False     # none of them either
     g.meta = {"answer": "red"}                                  # without its choices it cannot tell
     assert answer_correct(g, "red") is None
+
+
+def test_the_guard_numbers_of_a_round_recount_from_its_caches(two_rounds):
+    """Round 2 samples from pi_1: its mean reward is the count-weighted mean of the reward cache's scores, and its KL
+    to pi_0 the count-weighted mean of log pi_1 - log pi_0 read from the reference cache (keys of each adapter)."""
+    run = two_rounds
+    recipe = _recipe(run)
+    train, _ = _data(recipe)
+    by_id = {g.id: g for g in train}
+    folder = run / "rounds" / "2"
+    h = json.loads((folder / "round.json").read_text())
+    samples = {x["group_id"]: x["answers"] for x in _lines(folder / "cache" / "samples.jsonl")}
+    reward = {(x["group_id"], x["response"]): x["score"] for x in _lines(folder / "cache" / "reward.jsonl")}
+    logp = {x["key"]: x["logp"] for x in _lines(folder / "cache" / "reference.jsonl")}
+    pi0, pi1 = run / "dpo" / "final", run / "rounds" / "1" / "dpo" / "final"
+    scores, ratios, n_empty = [], [], 0
+    for gid, answers in samples.items():
+        texts = _distinct(answers)
+        n_empty += sum(not a.strip() for a in answers)
+        if not texts:
+            continue
+        counts = [sum(a.strip() == t for a in answers) for t in texts]
+        g = PreferenceGroup(id=gid, prompt=by_id[gid].prompt, images=by_id[gid].images,
+                            responses=[Response(t) for t in texts])
+        [k1] = reference_keys([g], recipe.model, recipe.data.max_frames, pi1)
+        [k0] = reference_keys([g], recipe.model, recipe.data.max_frames, pi0)
+        for i, c in enumerate(counts):
+            scores += [reward[(gid, i)]] * c
+            ratios += [logp[k1[i]] - logp[k0[i]]] * c
+    sm = h["sampled"]
+    assert sm["samples"] == sum(len(a) for a in samples.values())
+    assert sm["empty"] == pytest.approx(n_empty / sm["samples"])
+    assert sm["reward_score"] == pytest.approx(sum(scores) / len(scores), rel=1e-9)
+    assert sm["kl_to_initial"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-9)
+    assert sm["kl_to_initial"] != 0.0
+    r1 = json.loads((run / "rounds" / "1" / "round.json").read_text())["sampled"]
+    assert r1["kl_to_initial"] == 0.0          # round 1 samples from pi_0 itself
+
+
+def test_the_stop_rule_ends_the_rounds_before_the_next_one(two_rounds, tmp_path):
+    """Finished rounds whose held-out reward rose while right answers fell, twice: with patience 2 round 3 does
+    not run, the stage says why, and the summary records it."""
+    run = _copy(two_rounds, tmp_path / "run")
+    for r, (reward, right) in enumerate([(0.1, 0.6), (0.2, 0.5), (0.3, 0.4)]):
+        path = run / "rounds" / str(r) / "round.json"
+        h = json.loads(path.read_text())
+        h["held_out"].update(reward_score=reward, right_answers=right)
+        path.write_text(json.dumps(h))
+    ctx = run_pipeline(_recipe(run, "rounds.n=3", "rounds.patience=2"), ["rounds"], echo=False)
+    assert not (run / "rounds" / "3").exists()
+    st = ctx.run.status("rounds")
+    assert st["rounds"] == 2 and st["stopped_early"].startswith("stopped after round 2: for 2 round(s) in a row")
+    events, _ = read_events(run)
+    warned = [e["message"] for e in events if e["type"] == "warning" and e.get("stage") == "rounds"]
+    assert any("right_answers 0.5 -> 0.4" in w and w.endswith("rounds 3..3 not run") for w in warned)
+    summary = json.loads((run / "rounds" / "summary.json").read_text())
+    assert summary["stopped_early"] == st["stopped_early"] and len(summary["history"]) == 3

@@ -4,7 +4,10 @@ After the offline stages (or from the base policy when the run has no human-rank
 rounds samples `rounds.samples` answers per training prompt from the current policy, scores them with the reward
 model in the recipe's critique mode (critiques kept), drops the prompts whose answers are degenerate or all tied
 (counted), forms every ranked pair with its margin (MM-DPO's beta_i), continues MM-DPO from the current policy for
-`rounds.steps`, and ends with the eval stage's policy metrics on the held-out groups. Every step is a stage's own
+`rounds.steps`, and ends with the eval stage's policy metrics on the held-out groups. Beside the reward model's
+mean score it reports what the reward model cannot game (rounds/guard.py: right and well-formed answers, their
+length, the KL to the starting policy) and stops early, with a warning, when for `rounds.patience` rounds in a row
+the reward rose while a held-out signal fell. Every step is a stage's own
 function (rounds/round.py lists them); the rounds are not a second pipeline. Reads the run's `reward/final` (or
 `reward.model_from`'s), `dpo/final` and its data (ranked groups and prompts without a ranking, docs/rounds.md);
 writes `rounds/<r>/` per round (round 0: the starting policy's held-out metrics) and `rounds/summary.json` /
@@ -22,7 +25,9 @@ import json
 from pathlib import Path
 
 from .. import distributed
+from ..evaluate.metrics import known_words
 from ..runs import write_atomic
+from .guard import HELD_OUT_SIGNALS, RoundSignals, stop_reason
 from .round import ROUND_FILE, policy_of, round_dir, run_round, start_round
 
 SUMMARY_FILE = "summary.json"
@@ -83,27 +88,50 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"the rounds rank answers with the reward model, and {ctx.reward_model_dir()} holds none: "
                          "run the `reward` stage or set reward.model_from")
     initial = starting_policy(ctx)
+    known = known_words([r.text for g in list(data.train) + list(data.evals) for r in g.responses]) or None
+    fresh = not (round_dir(ctx, 0) / ROUND_FILE).exists()
     history = [start_round(ctx, initial, held_out, held_out_prompts)]
-    _report_round(ctx, history[-1])
-    start = initial
-    for r in range(1, rc.n + 1):
-        history.append(run_round(ctx.with_events(events.tagged(round=r)), r, start, initial, prompts, held_out,
-                                 held_out_prompts))
+    if fresh:
         _report_round(ctx, history[-1])
+    start, stopped = initial, None
+    for r in range(1, rc.n + 1):
+        stopped = stop_reason(signals(history), rc.patience)
+        if stopped:
+            events.warning(stopped + f"; rounds {r}..{rc.n} not run")
+            break
+        fresh = not (round_dir(ctx, r) / ROUND_FILE).exists()
+        history.append(run_round(ctx.with_events(events.tagged(round=r)), r, start, initial, prompts, held_out,
+                                 held_out_prompts, known))
+        if fresh:  # a round finished by an earlier invocation already has its metrics event
+            _report_round(ctx, history[-1])
         start = policy_of(ctx, r)
-    summary = {"rounds": len(history) - 1, "history": history}
+    else:
+        late = stop_reason(signals(history), rc.patience)
+        if late:
+            events.warning(late.replace("stopped after", "after", 1))
+    summary = {"rounds": len(history) - 1, "stopped_early": stopped, "history": history}
     if distributed.is_main():
         folder = ctx.run.stage_dir("rounds")
         write_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2))
         write_atomic(folder / REPORT_FILE, format_rounds(history))
     last = history[-1]["held_out"]
-    return {"rounds": len(history) - 1, **{f"last_{k}": v for k, v in last.items() if v is not None}}
+    return {"rounds": len(history) - 1, "stopped_early": stopped,
+            **{f"last_{k}": v for k, v in last.items() if v is not None}}
+
+
+def signals(history: list[dict]) -> list[RoundSignals]:
+    """The stop rule's view of the rounds so far: the reward model's mean score of the held-out answers, and the
+    held-out signals it cannot game."""
+    return [RoundSignals(h["round"], h["held_out"].get("reward_score"),
+                         {k: h["held_out"].get(k) for k in HELD_OUT_SIGNALS}) for h in history]
 
 
 def _report_round(ctx, summary: dict) -> None:
-    """One metrics event per round (step = the round): the Live tab's curves over rounds."""
+    """One metrics event per round (step = the round): the Live tab's curves over rounds. Held-out numbers are
+    `rounds_<metric>`, those of the round's samples `rounds_sampled_<metric>`."""
     flat = {f"rounds_{k}": v for k, v in summary["held_out"].items() if v is not None}
-    flat.update({f"rounds_{k}": v for k, v in (summary.get("sampled") or {}).items() if isinstance(v, (int, float))})
+    flat.update({f"rounds_sampled_{k}": v for k, v in (summary.get("sampled") or {}).items()
+                 if isinstance(v, (int, float))})
     if summary["round"]:
         flat.update(rounds_groups=summary["groups"], rounds_pairs=summary["pairs"],
                     rounds_dropped_degenerate=summary["dropped"]["degenerate"],
@@ -133,6 +161,16 @@ def format_rounds(history: list[dict]) -> str:
                      f"{_num(ho.get('reward_rank'), 2)} | {_num(ho.get('reward_score'))} | "
                      f"{_pct(ho.get('implicit_accuracy'))} | {h.get('groups', '-')} | {h.get('pairs', '-')} | "
                      + (f"{drop['degenerate']} / {drop['tied']} |" if drop else "- |"))
+    lines += ["", "The answers each round sampled (from the policy it started from), every sample counted: the reward "
+              "model's mean score beside what it cannot game.", "",
+              "| round | samples | reward score | right answers | well-formed | empty | length (words) | KL to pi_0 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for h in history:
+        sm = h.get("sampled")
+        if sm:
+            lines.append(f"| {h['round']} | {sm['samples']} | {_num(sm['reward_score'])} | {_pct(sm['right_answers'])} | "
+                         f"{_pct(sm['well_formed'])} | {_pct(sm['empty'])} | {_num(sm['length_words'], 1)} | "
+                         f"{_num(sm['kl_to_initial'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,7 @@ from ..cache.reference import REFERENCE_CACHE, REFERENCE_FIELDS, fill_reference,
 from ..cache.sharded import open_shared_store
 from ..data.groups import PreferenceGroup
 from ..runs import write_atomic
+from .guard import PromptSamples, sampled_metrics
 from .ranking import answer_group, distinct_answers, rank_answers
 from .sampling import sample_answers
 
@@ -86,8 +87,10 @@ def reference_of(ctx, groups: list[PreferenceGroup], cache_dir: Path, policy: Pa
 
 
 def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: list[PreferenceGroup],
-              held_out: list[PreferenceGroup], held_out_prompts: list[PreferenceGroup]) -> dict:
-    """Round `r` from policy `start` (None = base); `initial` is pi_0. Returns the round's summary."""
+              held_out: list[PreferenceGroup], held_out_prompts: list[PreferenceGroup],
+              known: set[str] | None = None) -> dict:
+    """Round `r` from policy `start` (None = base); `initial` is pi_0; `known`: the words of the data's human-ranked
+    responses (the well-formed check of the samples; None: not measured). Returns the round's summary."""
     from ..dpo.trainer import margins_for, train_policy
     from ..reward.scorer import write_margins
 
@@ -103,8 +106,14 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     answers = sample_answers(ctx.with_events(events.tagged(part="sample")), chosen, start, cache, r)
     distinct = distinct_answers(chosen, answers)
     scored = [d for d in distinct if d.texts]
-    records = score_answers(ctx.with_events(events.tagged(part="score")), [answer_group(d) for d in scored], cache)
+    answer_groups = [answer_group(d) for d in scored]
+    records = score_answers(ctx.with_events(events.tagged(part="score")), answer_groups, cache)
     by_prompt = {id(d): rec for d, rec in zip(scored, records)}
+    # every sampled answer's log-prob under the sampling policy and under pi_0: the KL guard, and the reference of
+    # the round's MM-DPO (the same cache entries)
+    ref_events = ctx.with_events(events.tagged(part="reference"))
+    policy_logps = reference_of(ref_events, answer_groups, cache, start)
+    initial_logps = policy_logps if start == initial else reference_of(ref_events, answer_groups, cache, initial)
     ranked = rank_answers(distinct, [by_prompt.get(id(d)) for d in distinct], rc.min_gap)
     if distributed.is_main():
         write_margins(folder / "score" / "margins.jsonl", ranked.groups, ranked.records, {},
@@ -113,7 +122,9 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     summary: dict = {"round": r, "prompts": len(chosen), "samples": sum(len(a) for a in answers),
                      "dropped": ranked.dropped, "groups": len(ranked.groups),
                      "pairs": sum(len(g.pairs()) for g in ranked.groups),
-                     "start_policy": str(start) if start is not None else "base"}
+                     "start_policy": str(start) if start is not None else "base",
+                     "sampled": sampled_metrics(guard_view(distinct, by_prompt, scored, policy_logps, initial_logps),
+                                                known)}
     if ranked.dropped["degenerate"] or ranked.dropped["tied"]:
         events.info(f"round {r}: {ranked.dropped['degenerate']} prompt(s) dropped with fewer than 2 distinct non-empty "
                     f"answers, {ranked.dropped['tied']} with every answer tied (rounds.min_gap {rc.min_gap}); "
@@ -123,8 +134,7 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
                          "train on: sample more answers (rounds.samples), at a higher rounds.temperature, or lower "
                          "rounds.min_gap")
     reference_policy = start if dc.reference == "previous" else initial
-    ref_events = ctx.with_events(events.tagged(part="reference"))
-    reference = reference_of(ref_events, ranked.groups, cache, reference_policy)
+    reference = reference_of(ref_events, ranked.groups, cache, reference_policy)   # cached above
     deltas = margins_for(ranked.groups, dc.margin_source if dc.w > 0 else "none", folder)
     train_policy(ctx.with_events(events.tagged(part="dpo")), ranked.groups,
                  {g.id: ref for g, ref in zip(ranked.groups, reference)}, deltas, folder / "dpo", policy_of(ctx, r),
@@ -136,6 +146,22 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
         write_atomic(folder / ROUND_FILE, json.dumps(summary, indent=2))
     distributed.barrier(f"round {r} done")
     return summary
+
+
+def guard_view(distinct, records_by_prompt: dict, scored, policy_logps, initial_logps) -> list[PromptSamples]:
+    """The round's samples as the guard's metrics read them (rounds/guard.py)."""
+    from ..data.demo import answer_correct
+
+    logps = {id(d): (p, i) for d, p, i in zip(scored, policy_logps, initial_logps)}
+    out = []
+    for d in distinct:
+        recs = records_by_prompt.get(id(d))
+        lp = logps.get(id(d))
+        out.append(PromptSamples(right=[answer_correct(d.prompt, t) for t in d.texts], texts=d.texts,
+                                 counts=d.counts, empty=d.empty,
+                                 scores=[float(x["score"]) for x in recs] if recs else None,
+                                 policy_logps=lp[0] if lp else None, initial_logps=lp[1] if lp else None))
+    return out
 
 
 def evaluate_policy(ctx, folder: Path, held_out: list[PreferenceGroup], held_out_prompts: list[PreferenceGroup],
