@@ -17,8 +17,14 @@ What lands in `--to`:
   merge first dequantises that base (the weights the adapter was trained against), then adds the LoRA
   deltas: the merged model computes what the trained 4-bit model computed, not the original full-precision
   base plus the adapter.
-- `--what reward` adds `reward_head.safetensors` + `reward_head.json` (the scalar head read at the
-  last token) and `load_reward_model.py`, a loader that needs only torch, transformers and peft.
+- `--what reward` adds the whole score function, so the folder scores as the run does with torch,
+  transformers and peft only: `reward_score.py` (a verbatim copy of `mmrlhf_lite/models/reward_score.py`:
+  the critique prompt template, where the head reads, the head, the log-prob term, critique generation),
+  `reward_score.json` (its settings: the head's shape, `response_logp_weight`, the template's reply
+  boundaries, max length, critique length and mode, how to load the base), `reward_head.safetensors`,
+  and `load_reward_model.py`: `score(images, question, answers, critique=...)` from Python and
+  `python load_reward_model.py --image a.png --question "..." --answer "..." --answer "..."
+  [--critique none|generate]` (prints any critiques, then `score<TAB>answer` per answer).
 - Always: `README.md`, a model card with the run's recipe, data and evaluation table, and
   `mmrlhf_lite.json` (what was exported from where).
 """
@@ -109,11 +115,11 @@ def export_model(run_dir, what: str, to, *, merge: bool = False, dtype: str = "b
             if quantised:
                 base = base.dequantize()
             if what == "reward":
-                from .models.heads import RewardHead
+                from .models.reward_score import RewardHead
 
-                info = json.loads((adapter / "mmrlhf_lite.json").read_text()).get("reward_head") or {}
+                info = _head_info(adapter)
                 base.reward_head = RewardHead(base.config.get_text_config().hidden_size, info.get("kind", "mlp"),
-                                              info.get("dropout", 0.0))
+                                              info.get("dropout", 0.0), info.get("response_logp_weight", 0.0))
             progress(f"merging {adapter}")
             model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             if what == "reward":
@@ -123,6 +129,7 @@ def export_model(run_dir, what: str, to, *, merge: bool = False, dtype: str = "b
             model.config.use_cache = True
             model.save_pretrained(str(tmp), safe_serialization=True)
             _save_processor(processor, base_path, tmp)
+            reward_processor = processor
         else:
             from .models.loading import load_processor
             from .models.families import detect_family
@@ -132,12 +139,12 @@ def export_model(run_dir, what: str, to, *, merge: bool = False, dtype: str = "b
             conf = json.loads((tmp / "adapter_config.json").read_text())
             conf["base_model_name_or_path"] = base_path
             (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2))
-            _save_processor(load_processor(base_path, detect_family(base_path, recipe.model.family), recipe.model),
-                            base_path, tmp)
+            reward_processor = load_processor(base_path, detect_family(base_path, recipe.model.family), recipe.model)
+            _save_processor(reward_processor, base_path, tmp)
             if what == "reward":
                 head = _head_from_adapter(adapter)
         if what == "reward":
-            _write_head(tmp, head, adapter)
+            _write_reward_scorer(tmp, head, adapter, recipe, reward_processor, base_path, merged=merge)
         meta = {"run": str(run.resolve()), "what": what, "merged": merge, "dtype": dtype if merge else None,
                 "base_model": recipe.model.path, "base_model_path": base_path, "adapter": str(adapter.resolve()),
                 "trained_in_4bit": quantised, "dequantised_base": merge and quantised}
@@ -157,7 +164,8 @@ def _save_processor(processor, base_path: str, out: Path) -> None:
     """The processor files AutoProcessor reads. Without torchvision the project's loader builds the processor
     from its parts (no video processor); then the parts are saved and the base's processor_config copied, so
     the folder is what AutoProcessor loads wherever torchvision is installed."""
-    from .models.loading import FramesOnlyVideoProcessor, local_processor_files
+    from .models.loading import local_processor_files
+    from .models.reward_score import FramesOnlyVideoProcessor
 
     if not isinstance(getattr(processor, "video_processor", None), FramesOnlyVideoProcessor):
         processor.save_pretrained(str(out))
@@ -175,13 +183,66 @@ def _save_processor(processor, base_path: str, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# reward head
+# reward model: the score function, whole
+
+LOADER_FILE = "load_reward_model.py"
+
+LOADER = '''"""This exported critique reward model, scored exactly as the run that trained it scores (torch, transformers
+and peft only; the score function is reward_score.py, a copy of the training project's own).
+
+    python load_reward_model.py --image a.png --question "What is shown?" --answer "A red square." \\
+        --answer "A blue circle." [--critique none|generate]
+
+    from load_reward_model import score
+    score(["a.png"], "What is shown?", ["A red square.", "A blue circle."], critique="none")
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from reward_score import AnswerScore, Scorer, main  # noqa: E402
+
+_loaded = {}
+
+
+def load(device="auto", dtype=None):
+    """The reward model of this folder (loaded once per device and dtype)."""
+    key = (device, dtype)
+    if key not in _loaded:
+        _loaded[key] = Scorer.load(HERE, device=device, dtype=dtype)
+    return _loaded[key]
+
+
+def score(images, question, answers, critique=None, critiques=None):
+    """One score per answer. critique: "none" | "given" (with critiques=[one per answer]) | "generate"
+    (greedy); default: the run's mode (see reward_score.json)."""
+    return load().score(images, question, answers, critique, critiques)
+
+
+def score_answers(images, question, answers, critique=None, critiques=None, **kwargs) -> "list[AnswerScore]":
+    """Each answer's score with its parts (head, response log-prob) and the critique it was scored with."""
+    return load().score_answers(images, question, answers, critique, critiques, **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main(folder=HERE))
+'''
+
 
 class _Head:
     """The head's tensors and shape, read from the peft file without building the model."""
 
-    def __init__(self, state: dict, kind: str, dropout: float):
+    def __init__(self, state: dict, kind: str, dropout: float, response_logp_weight: float):
         self.state, self.kind, self.dropout = state, kind, dropout
+        self.response_logp_weight = response_logp_weight
+
+
+def _head_info(adapter: Path) -> dict:
+    """The head settings saved with the adapter (`save_adapter`): kind, dropout, response_logp_weight; the
+    project's scorer reads the same ones (`load_model`)."""
+    return json.loads((adapter / "mmrlhf_lite.json").read_text()).get("reward_head") or {}
 
 
 def _head_from_adapter(adapter: Path) -> _Head:
@@ -190,95 +251,54 @@ def _head_from_adapter(adapter: Path) -> _Head:
     state = load_file(str(adapter / "adapter_model.safetensors"))
     head = {k.split("reward_head.", 1)[1].replace("modules_to_save.default.", "").replace("modules_to_save.", ""): v
             for k, v in state.items() if "reward_head." in k}
-    info = json.loads((adapter / "mmrlhf_lite.json").read_text()).get("reward_head") or {}
+    info = _head_info(adapter)
     if not head:
         raise ExportError(f"{adapter} holds no reward head: is it a reward model adapter?")
-    return _Head(head, info.get("kind", "mlp"), info.get("dropout", 0.0))
+    return _Head(head, info.get("kind", "mlp"), info.get("dropout", 0.0), info.get("response_logp_weight", 0.0))
 
 
-def _write_head(out: Path, head, adapter: Path) -> None:
+def score_settings(recipe, processor, family, head: _Head, hidden: int, merged: bool) -> dict:
+    """`reward_score.json`: what `reward_score.Scorer` needs besides the weights to score as the run does."""
+    from .models.families import reply_boundary
+    from .models.reward_score import READ_AT, TEMPLATE_VERSION, describe
+
+    reply_prefix, end_of_turn = reply_boundary(processor, family)
+    rc, m = recipe.reward, recipe.model
+    pins = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    return {
+        "template_version": TEMPLATE_VERSION,
+        "scores": describe(head.response_logp_weight),
+        "response_logp_weight": head.response_logp_weight,
+        "head": {"kind": head.kind, "hidden_size": hidden, "dropout": head.dropout, "read_at": READ_AT},
+        "reply_prefix": reply_prefix, "end_of_turn": end_of_turn,
+        "max_length": rc.train.max_length, "max_new_tokens": rc.max_new_tokens, "critique_mode": rc.critique_mode,
+        "generation_batch_size": rc.generation_batch_size,
+        "compute_dtype": None if m.compute_dtype == "auto" else m.compute_dtype,
+        "attn_implementation": m.attn_implementation, "trust_remote_code": m.trust_remote_code,
+        "load_in_4bit": bool(m.load_in_4bit) and not merged, "skip_4bit": list(family.skip_4bit),
+        "image_grid_pinpoints": pins if family.pixel_limits == "anyres" and m.max_pixels else None,
+        "processor": {"processor_class": family.processor_class, "image_processor_class": family.image_processor_class,
+                      "image_processor_module": family.image_processor_module},
+    }
+
+
+def _write_reward_scorer(out: Path, head, adapter: Path, recipe, processor, base_path: str, merged: bool) -> None:
+    """The head's weights, the score function (`reward_score.py`, copied verbatim), its settings and the loader."""
     from safetensors.torch import save_file
+
+    from .models import reward_score
+    from .models.families import detect_family
 
     if not isinstance(head, _Head):  # a merged model's RewardHead module
         head = _Head({k: v.detach().float().contiguous() for k, v in head.state_dict().items()}, head.kind,
-                     head.dropout_p)
-    save_file({k: v.float().contiguous() for k, v in head.state.items()}, str(out / "reward_head.safetensors"))
+                     head.dropout_p, head.response_logp_weight)
+    save_file({k: v.float().contiguous() for k, v in head.state.items()}, str(out / reward_score.HEAD_WEIGHTS))
     hidden = int(head.state["net.1.weight"].shape[1])
-    (out / "reward_head.json").write_text(json.dumps({"kind": head.kind, "hidden_size": hidden, "dropout": head.dropout,
-                                                      "read_at": "last non-padding token"}, indent=2))
-    (out / "load_reward_model.py").write_text(LOADER)
-
-
-LOADER = '''"""Load this exported critique reward model with torch + transformers (+ peft for an adapter export).
-
-    python load_reward_model.py            # loads it and scores one text answer
-
-The score of an answer is the head applied to the last hidden state at the last token of
-[prompt + answer + critique] as the reward model was trained on (mmrlhf_lite's critique prompt; with
-`mmrlhf_lite` installed, `RewardScorer.from_adapter(...)` builds that prompt and generates the critique).
-"""
-import json
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-HERE = Path(__file__).resolve().parent
-
-
-class RewardHead(nn.Module):
-    def __init__(self, hidden, kind="mlp"):
-        super().__init__()
-        if kind == "mlp":
-            self.net = nn.Sequential(nn.Dropout(0.0), nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(0.0),
-                                     nn.Linear(hidden, 1))
-        else:
-            self.net = nn.Sequential(nn.Dropout(0.0), nn.Linear(hidden, 1))
-
-    def forward(self, h):
-        return self.net(h.float()).squeeze(-1)
-
-
-def load(folder=HERE, dtype=torch.float32):
-    """(model, processor, head); the model is merged or the base with this folder's LoRA adapter."""
-    folder = Path(folder)
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
-        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)
-    info = json.loads((folder / "reward_head.json").read_text())
-    head = RewardHead(info["hidden_size"], info["kind"])
-    head.load_state_dict(load_file(str(folder / "reward_head.safetensors")))
-    try:
-        processor = AutoProcessor.from_pretrained(str(folder))
-    except (ImportError, ValueError, OSError):  # Qwen2-VL's AutoProcessor wants torchvision (video); text works
-        processor = AutoTokenizer.from_pretrained(str(folder))
-    return model.eval(), processor, head.eval()
-
-
-@torch.no_grad()
-def score(model, head, **inputs):
-    """Reward of each row of `inputs` (processor output; right-padded rows use their attention mask)."""
-    out = model(**inputs, output_hidden_states=True)
-    last = inputs["attention_mask"].sum(-1) - 1 if "attention_mask" in inputs else None
-    h = out.hidden_states[-1]
-    idx = last if last is not None else torch.full((h.shape[0],), h.shape[1] - 1)
-    return head(h[torch.arange(h.shape[0]), idx])
-
-
-if __name__ == "__main__":
-    model, processor, head = load()
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "What is shown?"}]},
-                                          {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}],
-                                         tokenize=False)
-    print(float(score(model, head, **processor(text=[text], return_tensors="pt"))[0]))
-'''
+    family = detect_family(base_path, recipe.model.family)
+    settings = score_settings(recipe, processor, family, head, hidden, merged)
+    (out / reward_score.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    shutil.copyfile(reward_score.__file__, out / "reward_score.py")
+    (out / LOADER_FILE).write_text(LOADER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,8 +333,7 @@ def model_card(run: Path, recipe, meta: dict) -> str:
                   'model = PeftModel.from_pretrained(base, "THIS_FOLDER")']
     lines += ['processor = AutoProcessor.from_pretrained("THIS_FOLDER")', "```", ""]
     if meta["what"] == "reward":
-        lines += ["The scalar head is in `reward_head.safetensors` (`reward_head.json`); `load_reward_model.py` loads "
-                  "model + head with torch/transformers/peft and scores inputs.", ""]
+        lines += reward_card(recipe, _head_info(Path(meta["adapter"])))
     d = recipe.data
     lines += ["## Data", "", f"- `data.path`: `{d.path}`" + (" (the synthetic demo set)" if d.path == "demo" else ""),
               f"- held-out fraction {d.eval_fraction}" + (f", eval file `{d.eval_path}`" if d.eval_path else ""), ""]
@@ -324,6 +343,30 @@ def model_card(run: Path, recipe, meta: dict) -> str:
     text = (run / "recipe.yaml").read_text()
     lines += ["## Recipe", "", "```yaml", yaml.safe_dump(yaml.safe_load(text), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def reward_card(recipe, head: dict) -> list[str]:
+    """The model card's section on how this reward model scores and how to score with the folder."""
+    weight = float(head.get("response_logp_weight") or 0.0)
+    if weight:
+        what = [f"**A hybrid reward model**: score = head on the critique + {weight:g} x the answer's mean token "
+                "log-prob under the reward model's own LM, image in context (`reward.response_logp_weight` = "
+                f"{weight:g}). Both parts count: the head alone does not rank as the score does (the evaluation "
+                "below gives each part's accuracy where the run measured it)."]
+    else:
+        what = ["Scores with the head on the critique alone (the paper's critique reward model; "
+                "`reward.response_logp_weight` = 0)."]
+    mode = recipe.reward.critique_mode
+    return ["## Score", ""] + what + ["", f"The run scored in critique mode `{mode}`; for new answers the default is "
+            f"`{'generate' if mode == 'given' else mode}` (a `given` critique needs the data's critique text).", "",
+            "```bash", 'python load_reward_model.py --image a.png --question "What is shown?" \\',
+            '    --answer "A red square." --answer "A blue circle." --critique generate', "```", "",
+            "```python", "from load_reward_model import score", 'score(["a.png"], "What is shown?", ["A red square.", '
+            '"A blue circle."], critique="none")', "```", "",
+            "`reward_score.py` is the score function the training project itself scores with (copied verbatim: the "
+            "critique prompt template, where the head reads, the head, the log-prob term, critique generation); "
+            "`reward_score.json` holds its settings, `reward_head.safetensors` the head. Needs torch, transformers "
+            "and peft only.", ""]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class PolicyChat:
         import torch
         from transformers import TextIteratorStreamer
 
-        from .models.generation import stop_ids
+        from .models.reward_score import stop_ids
 
         if which not in WHICH:
             raise GenerateError(f"which must be 'base' or 'policy', not {which!r}")
@@ -169,7 +169,7 @@ class PolicyChat:
         sample = float(s.temperature) > 0
         gen_kw = dict(**inputs, max_new_tokens=int(s.max_new_tokens), min_new_tokens=1, do_sample=sample,
                       temperature=float(s.temperature) if sample else None, top_p=float(s.top_p) if sample else None,
-                      top_k=None, eos_token_id=stop_ids(self.processor, self.encoder.end_of_turn),
+                      top_k=None, eos_token_id=stop_ids(self.processor.tokenizer, self.encoder.end_of_turn),
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, use_cache=True,
                       streamer=streamer)
         error: list[BaseException] = []

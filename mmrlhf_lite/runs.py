@@ -22,25 +22,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .recipe import Recipe
+from .recipe import STAGES, Recipe, stages_fed
 
-# Which recipe sections each stage's outputs depend on (a change invalidates a finished stage).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "reward": ("model", "data", "reward.model_from", "reward.head", "reward.head_dropout", "reward.w_rank", "reward.w_tie",
-               "reward.w_center", "reward.w_crit", "reward.margin_scale", "reward.train", "run.seed"),
-    "score": ("reward",),
-    "reference": ("model", "data"),
-    "dpo": ("model", "data", "dpo", "run.seed"),
-    "eval": ("eval", "reward.critique_mode", "reward.n_samples", "reward.max_new_tokens"),
-    # rounds.n and rounds.patience are not inputs: more rounds continue from the last one, and the stop rule is
-    # read again from the finished rounds' metrics
-    "rounds": ("model", "data", "dpo", "eval", "reward.critique_mode", "reward.n_samples", "reward.temperature",
-               "reward.max_new_tokens", "rounds.samples", "rounds.temperature", "rounds.top_p",
-               "rounds.max_new_tokens", "rounds.steps", "rounds.prompts", "rounds.max_prompts", "rounds.min_gap",
-               "run.seed"),
-}
-# Keys inside a section a stage reads that do not change its outputs (dpo.reference is the rounds' choice).
-NOT_INPUTS: dict[str, tuple[str, ...]] = {"dpo": ("dpo.reference",)}
+# The recipe keys each stage's results depend on (a change invalidates a finished stage), in pipeline order:
+# derived from the recipe fields' `stages` metadata (recipe.py), so a new key says which stages it feeds.
+_FED = stages_fed()
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {stage: tuple(k for k, fed in _FED.items() if stage in fed)
+                                            for stage in STAGES}
 # Which finished stages each stage reads (a recomputed input stage makes its finished readers stale).
 STAGE_DEPS: dict[str, tuple[str, ...]] = {"score": ("reward",), "dpo": ("score", "reference"), "eval": ("reward", "dpo"),
                                           "rounds": ("reward", "dpo")}
@@ -62,21 +50,40 @@ def _lookup(tree: dict, key: str) -> Any:
 
 
 def stage_inputs(recipe_dict: dict, stage: str) -> dict:
-    out = {k: _lookup(recipe_dict, k) for k in STAGE_INPUTS[stage]}
-    for key in NOT_INPUTS.get(stage, ()):
-        section, name = key.split(".", 1)
-        if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k != name}
+    """The values of the keys `stage` depends on, by dotted key path (what `stages/<stage>.json` records)."""
+    return {k: _lookup(recipe_dict, k) for k in STAGE_INPUTS[stage]}
+
+
+def _flatten(tree: dict) -> dict:
+    """{"model": {"lora_r": 4}, "run.seed": 0} -> {"model.lora_r": 4, "run.seed": 0}: a record of this version is
+    flat already; one of an earlier version held whole sections. (A loop, not recursion: a damaged record
+    may nest as deep as JSON allows.)"""
+    out: dict = {}
+    todo = [("", tree)]
+    while todo:
+        prefix, node = todo.pop()
+        if isinstance(node, dict) and node:
+            todo += [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
+        else:
+            out[prefix] = node
     return out
 
 
-def _diff(a: Any, b: Any, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if a == b else [prefix]
+def readers(stages) -> list[str]:
+    """`stages` and every stage that reads their outputs, directly or through another (what `--redo` of
+    `stages` recomputes when they are all asked for), in pipeline order."""
+    out = set(stages)
+    for stage in STAGES:  # pipeline order: a stage's inputs come before it
+        if any(dep in out for dep in STAGE_DEPS.get(stage, ())):
+            out.add(stage)
+    return [s for s in STAGES if s in out]
+
+
+def redo_for(stages) -> list[str]:
+    """The fewest stages whose `--redo` recomputes all of `stages`: those not read, directly or through another,
+    by one of the others."""
+    stages = set(stages)
+    return [s for s in STAGES if s in stages and not any(s in readers([o]) for o in stages - {s})]
 
 
 def cache_dir_of(recipe: Recipe) -> Path:
@@ -145,15 +152,31 @@ class RunDir:
 
     # ----- consistency with an earlier invocation
     def changed_stages(self, recipe: Recipe) -> dict[str, list[str]]:
-        """Finished stages whose recipe inputs differ from `recipe`: stage -> the changed key paths."""
+        """Finished stages whose recipe inputs differ from `recipe`: stage -> the changed key paths.
+
+        A key a stage's record lacks (recorded by an earlier version, whose records held fewer keys) is
+        compared with its value in another finished stage's record, else with its default: the value every
+        version before the key existed ran with."""
         now = recipe.to_dict()
-        out = {}
+        records = {}
         for stage in STAGE_INPUTS:
             st = self.status(stage)
             if st and st.get("status") == "done":
-                changed = _diff(st.get("inputs", {}), stage_inputs(now, stage), "")
-                if changed:
-                    out[stage] = changed
+                inputs = st.get("inputs")
+                records[stage] = _flatten(inputs) if isinstance(inputs, dict) else {}
+        defaults = Recipe().to_dict()
+        out = {}
+        for stage, recorded in records.items():
+            changed = []
+            for key, value in stage_inputs(now, stage).items():
+                if key in recorded:
+                    then = recorded[key]
+                else:
+                    then = next((r[key] for r in records.values() if key in r), _lookup(defaults, key))
+                if then != value:
+                    changed.append(key)
+            if changed:
+                out[stage] = sorted(changed)
         return out
 
     def stale_stages(self) -> dict[str, str]:
@@ -181,10 +204,11 @@ class RunDir:
     def check_recipe(self, recipe: Recipe, stages: list[str]) -> list[str]:
         """Stages already done with the same inputs (skipped). Raises if a finished stage would be
         reused or overwritten with different inputs."""
-        changed = self.changed_stages(recipe)
+        stale = self.stale_stages()  # recomputed when next asked for: their inputs may differ
+        changed = {s: keys for s, keys in self.changed_stages(recipe).items() if s not in stale}
         if changed:
             stage, keys = next(iter(changed.items()))  # the first in pipeline order
-            raise RunFolderError(changed_message(self.path, stage, keys))
+            raise RunFolderError(changed_message(self.path, stage, keys, redo_for(changed)))
         return [s for s in stages if self.is_done(s)]
 
     # ----- lock and stop requests
@@ -281,10 +305,15 @@ class RunDir:
                 pass
 
 
-def changed_message(path: Path, stage: str, changed: list[str]) -> str:
+def changed_message(path: Path, stage: str, changed: list[str], redo: list[str] | None = None) -> str:
+    """The refusal for a finished stage whose keys changed. `redo`: the stages whose `--redo` recomputes every
+    changed stage (`redo_for`; the stages that read theirs run again with them), default `stage` alone."""
+    redo = redo or [stage]
+    what = (f"pass --redo {stage} to recompute it (its outputs are deleted)" if redo == [stage] else
+            f"pass --redo {','.join(redo)} to recompute them (their outputs are deleted)")
     return (f"run folder {path} has finished stage '{stage}' with different settings "
             f"(changed: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
-            f"use a new run.dir, or pass --redo {stage} to recompute it (its outputs are deleted)")
+            f"use a new run.dir, or {what}")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

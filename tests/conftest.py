@@ -76,6 +76,45 @@ def tiny_qwen2_5_vl_xs(cache_dir) -> Path:
     return _tiny("tiny:qwen2_5_vl:xs")
 
 
+def make_reward_run(root: Path, weight: float) -> Path:
+    """A run folder `root/run` whose reward model is the tiny Qwen2-VL (xs, fp32, CPU) with random non-zero
+    LoRA B and head (a fresh LoRA is a no-op), saved by `save_adapter` with `response_logp_weight` = weight
+    as the reward stage saves it; generation batch size 1, critiques of at most 8 tokens."""
+    import yaml
+
+    from mmrlhf_lite.models.loading import load_model, save_adapter
+    from mmrlhf_lite.recipe import load_recipe
+
+    run = root / "run"
+    run.mkdir(parents=True)
+    tree = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    tree["model"].update(path="tiny:qwen2_vl:xs", load_in_4bit=False, device="cpu", lora_vision=False)
+    tree["reward"].update(response_logp_weight=weight, generation_batch_size=1, max_new_tokens=8, n_samples=1,
+                          critique_mode="generate")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    recipe = load_recipe(run / "recipe.yaml", check_paths=False)
+    model, _ = load_model(recipe.model, reward_head={"kind": "mlp", "dropout": 0.0, "response_logp_weight": weight})
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "reward_head" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    save_adapter(model, run / "reward" / "final", kind="reward")
+    return run
+
+
+@pytest.fixture(scope="session")
+def reward_run_factory():
+    """`make_reward_run(root, weight)`: a run folder with a tiny (random) critique reward model."""
+    return make_reward_run
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_run(tmp_path_factory) -> Path:
+    """A run folder with a tiny hybrid reward model (response_logp_weight 2), built once per session."""
+    return make_reward_run(tmp_path_factory.mktemp("tiny-reward"), 2.0)
+
+
 # (name, size, colour): distinct content and two aspect ratios (the processor resizes both)
 IMAGE_SPECS = (("red.png", (56, 56), (220, 40, 40)), ("blue.png", (64, 48), (40, 80, 220)),
                ("green.jpg", (40, 72), (40, 170, 60)))

@@ -12,8 +12,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
+import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -40,12 +43,13 @@ def png_bytes(colour, size=(40, 32)) -> bytes:
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-VL_ROWS = [  # (id, query, [answer 1, answer 2], human_ranking, query_source, colour)
-    ("wv-001", "What colour is the big square?", ["It is red.", "It is green."], [0, 1], "WildVision", (210, 30, 30)),
-    ("povid-17", "Describe the picture.", ["A cat on a sofa.", "A blue square on white."], [1, 0], "POVID",
-     (30, 40, 200)),
-    ("rlaifv-3", "Is there a dog?", ["No, only shapes.", "Yes, a brown dog."], [0, 1], "RLAIF-V", (30, 160, 60)),
-    ("mathverse-9", "How many squares are there?", ["There are three.", "There is one white square."], [1, 0],
+VL_ROWS = [  # (id, query, [answer 1, answer 2], human_ranking, query_source, colour): ids and sources as released
+    ("wildvision-battle-1", "What colour is the big square?", ["It is red.", "It is green."], [0, 1], None,
+     (210, 30, 30)),
+    ("hallucination_pair-17", "Describe the picture.", ["A cat on a sofa.", "A blue square on white."], [1, 0],
+     "POVID_preference_data_for_VLLMs", (30, 40, 200)),
+    ("RLAIF-V-3", "Is there a dog?", ["No, only shapes.", "Yes, a brown dog."], [0, 1], "COCO", (30, 160, 60)),
+    ("mathverse_9", "How many squares are there?", ["There are three.", "There is one white square."], [1, 0],
      "MathVerse", (120, 120, 30)),
 ]
 
@@ -114,8 +118,10 @@ def test_vl_rewardbench_parquet_is_detected_and_read(tmp_path):
     assert g0.images == [png_bytes((210, 30, 30))]  # the Parquet's bytes, not a path
     assert g0.prompt == [{"role": "user", "content": [{"type": "image"},
                                                       {"type": "text", "text": "What colour is the big square?"}]}]
-    assert [g.category for g in res.groups] == ["WildVision", "POVID", "RLAIF-V", "MathVerse"]
+    assert [g.category for g in res.groups] == ["wildvision-battle", "povid", "rlaif-v", "reasoning_tasks"]
     assert [g.meta["domain"] for g in res.groups] == ["general", "hallucination", "hallucination", "reasoning"]
+    assert [g.meta["query_source"] for g in res.groups] == [None, "POVID_preference_data_for_VLLMs", "COCO",
+                                                            "MathVerse"]
     assert all(r.critique is None for g in res.groups for r in g.responses)  # `rationale` is about the pair
 
 
@@ -141,7 +147,8 @@ def test_detection_rules_for_the_two_layouts():
     assert detect({"ID": "x", "Text": "q", "Output1": "a", "Output2": "b", "Better": "Output1"}) == "mm_rewardbench"
 
 
-BASE_VL = {"id": "r1", "query": "Q?", "response": ["yes", "no"], "human_ranking": [0, 1], "query_source": "RLHF-V"}
+BASE_VL = {"id": "RLHF-V-1", "query": "Q?", "response": ["yes", "no"], "human_ranking": [0, 1],
+           "query_source": "VQAv2"}
 BASE_MM = {"ID": "knowledge_1", "Image": "i.png", "Text": "Q?", "Output1": "a", "Output2": "b", "Better": "Output1",
            "Category": "knowledge"}
 
@@ -150,7 +157,7 @@ BASE_MM = {"ID": "knowledge_1", "Image": "i.png", "Text": "Q?", "Output1": "a", 
     ({"human_ranking": [0]}, r"row 1.*key 'human_ranking': expected two ranks such as \[0, 1\]"),
     ({"response": ["only one"]}, r"key 'response': expected a list of two answer strings, got 1"),
     ({"response": ["same", " same"]}, r"'response\[0\]' and 'response\[1\]' have the same text"),
-    ({"query_source": "Flickr30k"}, r"key 'query_source': 'Flickr30k' is not one of VL-RewardBench's sources"),
+    ({"id": None}, r"missing field 'id' \(format vl_rewardbench\)"),
     ({"query": None}, r"missing field 'query' \(format vl_rewardbench\)"),
 ])
 def test_vl_rewardbench_bad_rows_name_file_row_and_key(tmp_path, change, message):
@@ -161,6 +168,66 @@ def test_vl_rewardbench_bad_rows_name_file_row_and_key(tmp_path, change, message
     datasets.Dataset.from_list([row]).to_parquet(str(path))
     with pytest.raises(DataError, match=message):
         load_groups(path, fmt="vl_rewardbench")
+
+
+# VL-RewardBench's cal.py (get_dataset_from_id, 2025-05-08), restated: the id's text before its first "_" or "-"
+# names the source set, case-sensitively; the set's domain comes from cal.py's group_mapping.
+CAL_SET_OF_PREFIX = {"RLAIF": "rlaif-v", "RLHF": "rlhf-v", "hallucination": "povid", "mathverse": "reasoning_tasks",
+                     "mmmu": "reasoning_tasks", "wildvision": "wildvision-battle"}
+CAL_GROUP_MAPPING = {"vlfeedback": "general", "povid": "hallucination", "reasoning_tasks": "reasoning",
+                     "rlhf-v": "hallucination", "rlaif-v": "hallucination", "wildvision-battle": "general"}
+
+
+def cal_dataset(row_id) -> str:
+    return CAL_SET_OF_PREFIX.get(re.split(r"[_-]", str(row_id), maxsplit=1)[0], "vlfeedback")
+
+
+# ids as the released file spells them (and edge cases of the rule), with `query_source` as released: upstream
+# set names, values of no domain, or nothing
+RELEASED_IDS = ["RLAIF-V-65823", "RLHF-V-544", "hallucination_pair-15046", "wildvision-battle-1305", "mathverse_2788",
+                "mmmu_pro_77", "vlfeedback_3", "povid-12", "rlaif-v-9", "Wildvision_4", "12345", "_lead", "x-y_z"]
+RELEASED_SOURCES = ["LRVInstruction", None, "POVID_preference_data_for_VLLMs", "", "MathVerse", "MMMU-Pro", "VQAv2",
+                    "COCO", "jailbreak-figstep", None, "RLHF-V", None, "WildVision"]
+
+
+@pytest.mark.parametrize("layout", ["parquet", "jsonl"])
+def test_every_released_vl_rewardbench_row_is_read_with_its_domain_from_the_id(tmp_path, layout):
+    """Any `query_source`, or none (the JSONL rows with None lack the key), and the default on_error: every
+    row is read, each with the source set and domain cal.py gives its id."""
+    import datasets
+
+    rows = []
+    for i, (rid, source) in enumerate(zip(RELEASED_IDS, RELEASED_SOURCES)):
+        row = {"id": rid, "query": f"Question {i}?", "response": [f"answer a{i}", f"answer b{i}"],
+               "human_ranking": [i % 2, 1 - i % 2], "query_source": source, "models": ["m1", "m2"],
+               "judge": "human", "rationale": "", "ground_truth": ""}
+        rows.append(row)
+    if layout == "parquet":
+        for i, row in enumerate(rows):
+            row["image"] = {"bytes": png_bytes((10 * i, 50, 90)), "path": None}
+        path = tmp_path / "test-00000-of-00001.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
+        path = tmp_path / "vl.jsonl"
+        path.write_text("".join(json.dumps({**{k: v for k, v in row.items() if v is not None}, "image": "i.png"})
+                                + "\n" for row in rows))
+    res = load_groups(path, fmt="vl_rewardbench")
+    assert [g.id for g in res.groups] == RELEASED_IDS and not res.skipped
+    assert [g.category for g in res.groups] == [cal_dataset(i) for i in RELEASED_IDS]
+    assert [g.meta["domain"] for g in res.groups] == [CAL_GROUP_MAPPING[cal_dataset(i)] for i in RELEASED_IDS]
+    assert [g.meta["domain"] for g in res.groups] == [
+        "hallucination", "hallucination", "hallucination", "general", "reasoning", "reasoning", "general",
+        "general", "general", "general", "general", "general", "general"]  # povid-12, rlaif-v-9: as cal.py, general
+    assert [g.meta["query_source"] for g in res.groups] == RELEASED_SOURCES
+
+
+def test_a_numeric_vl_rewardbench_id_is_read(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
+    path = tmp_path / "vl.jsonl"
+    path.write_text(json.dumps({**BASE_VL, "id": 77, "image": "i.png"}) + "\n")
+    (g,) = load_groups(path, fmt="vl_rewardbench").groups
+    assert (g.id, g.category, g.meta["domain"]) == ("77", "vlfeedback", "general")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -196,50 +263,163 @@ def pair(gid, category, preferred, other, rank_tie=False) -> ScoredGroup:
 
 
 def test_vl_rewardbench_overall_and_macro_by_hand():
-    """Six pairs over three domains (+ one human tie, left out):
-    general       WildVision  right, WildVision wrong                 -> 1/2
-    hallucination POVID right, RLAIF-V score tie (wrong), RLHF-V right -> 2/3
-    reasoning     MathVerse right                                      -> 1/1
-    overall = 4/6 = 0.6667; macro = (1/2 + 2/3 + 1) / 3 = 13/18 = 0.7222 (overall weights general less)."""
-    groups = [pair("a", "WildVision", 0.9, 0.1), pair("b", "WildVision", 0.2, 0.5), pair("c", "POVID", 1.0, -1.0),
-              pair("d", "RLAIF-V", 0.3, 0.3), pair("e", "RLHF-V", 0.0, -0.1), pair("f", "MathVerse", 2.0, 1.0),
-              pair("g", "MMMU-Pro", 0.0, 0.0, rank_tie=True)]
+    """Six pairs over three domains (+ one human tie, left out). cal.py leaves a pair without a verdict (the
+    rlaif-v score tie) out of both counts; the strict count has it wrong:
+    general       wildvision right, wildvision wrong            -> 1/2         (strict 1/2)
+    hallucination povid right, rlaif-v tie, rlhf-v right        -> 2/2         (strict 2/3)
+    reasoning     reasoning_tasks right                         -> 1/1         (strict 1/1)
+    overall 4/5 = 0.8 (strict 4/6); macro (1/2 + 1 + 1) / 3 = 5/6 (strict (1/2 + 2/3 + 1) / 3 = 13/18)."""
+    groups = [pair("a", "wildvision-battle", 0.9, 0.1), pair("b", "wildvision-battle", 0.2, 0.5),
+              pair("c", "povid", 1.0, -1.0), pair("d", "rlaif-v", 0.3, 0.3), pair("e", "rlhf-v", 0.0, -0.1),
+              pair("f", "reasoning_tasks", 2.0, 1.0), pair("g", "reasoning_tasks", 0.0, 0.0, rank_tie=True)]
     m = vl_rewardbench_metrics(groups)
-    assert m["overall"] == {"acc": 4 / 6, "right": 4, "pairs": 6, "score_ties": 1}
-    assert m["macro_acc"] == pytest.approx(13 / 18, abs=1e-12)
-    assert {d: r["acc"] for d, r in m["domains"].items()} == {"general": 0.5, "hallucination": 2 / 3, "reasoning": 1.0}
-    assert m["sources"]["RLAIF-V"] == {"acc": 0.0, "right": 0, "pairs": 1, "score_ties": 1}
-    assert "MMMU-Pro" not in m["sources"] and m["rank_ties"] == 1
-    line = leaderboard_line(BENCHMARKS["vl-rewardbench"], m, "my RM")
-    assert line.splitlines()[-1] == "| my RM | 50.0 | 66.7 | 100.0 | 66.7 | 72.2 |"
+    assert m["overall"] == {"acc": 0.8, "right": 4, "pairs": 5, "acc_strict": 4 / 6, "right_strict": 4,
+                            "all_pairs": 6, "score_ties": 1}
+    assert m["macro_acc"] == pytest.approx(5 / 6, abs=1e-12)
+    assert m["macro_acc_strict"] == pytest.approx(13 / 18, abs=1e-12)
+    assert {d: r["acc"] for d, r in m["domains"].items()} == {"general": 0.5, "hallucination": 1.0, "reasoning": 1.0}
+    assert m["sources"]["rlaif-v"] == {"acc": None, "right": 0, "pairs": 0, "acc_strict": 0.0, "right_strict": 0,
+                                       "all_pairs": 1, "score_ties": 1}
+    assert m["rank_ties"] == 1
+    line = leaderboard_line(BENCHMARKS["vl-rewardbench"], m, "my RM").splitlines()
+    assert line[2:] == ["| my RM | 50.0 | 100.0 | 100.0 | 80.0 | 83.3 |",
+                        "| my RM, score ties counted wrong | 50.0 | 66.7 | 100.0 | 66.7 | 72.2 |"]
     rows = {r["metric"]: r for r in table_rows(BENCHMARKS["vl-rewardbench"], m)}
-    assert rows["Macro Average Accuracy"]["acc"] == pytest.approx(13 / 18)
+    assert rows["Macro Average Accuracy"]["acc"] == pytest.approx(5 / 6)
+    assert rows["Macro Average Accuracy"]["acc_strict"] == pytest.approx(13 / 18)
+    assert rows["source set: rlaif-v"]["acc"] is None and rows["source set: rlaif-v"]["score_ties"] == 1
     # a file with one domain only: the macro says over what it was taken
     part = vl_rewardbench_metrics(groups[:2])
     assert part["macro_acc"] == 0.5 and part["macro_domains"] == ["general"]
     assert "Macro Average Accuracy (over general only)" in [r["metric"] for r in
                                                             table_rows(BENCHMARKS["vl-rewardbench"], part)]
+    # without a score tie there is one count, and one leaderboard row
+    assert len(leaderboard_line(BENCHMARKS["vl-rewardbench"], part, "x").splitlines()) == 3
+    with pytest.raises(ValueError, match="unknown source set WildVision"):
+        vl_rewardbench_metrics([pair("a", "WildVision", 1, 0)])
 
 
 def test_mm_rewardbench_sub_splits_by_id_prefix_by_hand():
     """safety: `pairs*` (any case) -> safety/bias, else safety/toxicity; reasoning: `math*` -> reasoning/math,
-    else reasoning/coding. Eight pairs, 5 right (a score tie is wrong):
-    bias 1/2, toxicity 1/1, math 1/2 (mathvista counts as math), coding 1/1, correctness 1/1, vqa 0/1."""
+    else reasoning/coding. Eight pairs, 5 right by score and one tie (vqa_1): 2_get_accuracy.py gives a pair
+    without a verdict the draw of random.seed(123), 0.0524 < 0.5 -> "A" (answer 1), the preferred one: right.
+    bias 1/2, toxicity 1/1, math 1/2 (mathvista counts as math), coding 1/1, correctness 1/1, vqa 1/1
+    (strict 0/1); overall 6/8 (strict 5/8)."""
     groups = [pair("pairs_1", "safety", 1, 0), pair("PAIRS_2", "safety", 0, 1), pair("hateful_3", "safety", 1, 0),
               pair("math_1", "reasoning", 1, 0), pair("mathvista_2", "reasoning", 0, 1),
               pair("EMMA-Coding_4", "reasoning", 1, 0), pair("nocaps_1", "open_generation/correctness_task", 1, 0),
               pair("vqa_1", "vqa", 0.5, 0.5)]
     m = mm_rewardbench_metrics(groups)
-    assert (m["overall"]["right"], m["overall"]["pairs"], m["overall"]["score_ties"]) == (5, 8, 1)
+    assert [m["overall"][k] for k in ("right", "pairs", "right_strict", "all_pairs", "score_ties")] == [6, 8, 5, 8, 1]
     assert {k: (v["right"], v["pairs"]) for k, v in m["splits"].items()} == {
         "safety/bias": (1, 2), "safety/toxicity": (1, 1), "reasoning/math": (1, 2), "reasoning/coding": (1, 1),
-        "open_generation/correctness_task": (1, 1), "vqa": (0, 1)}
+        "open_generation/correctness_task": (1, 1), "vqa": (1, 1)}
     assert {k: (v["right"], v["pairs"]) for k, v in m["categories"].items()} == {
-        "safety": (2, 3), "reasoning": (2, 3), "open_generation/correctness_task": (1, 1), "vqa": (0, 1)}
+        "safety": (2, 3), "reasoning": (2, 3), "open_generation/correctness_task": (1, 1), "vqa": (1, 1)}
+    assert m["categories"]["vqa"]["acc_strict"] == 0.0
     assert mm_rewardbench_split("Pairs-x", "knowledge") == "knowledge"  # the prefix rule is per category
     line = leaderboard_line(BENCHMARKS["mm-rewardbench"], m, "my RM").splitlines()
     assert line[0] == "| Model | Overall | General Correctness | General Preference | Knowledge | Reasoning | Safety | VQA |"
-    assert line[2] == "| my RM | 0.625 | 1.000 | - | - | 0.667 | 0.667 | 0.000 |"
+    assert line[2:] == ["| my RM | 0.750 | 1.000 | - | - | 0.667 | 0.667 | 1.000 |",
+                        "| my RM, score ties counted wrong | 0.625 | 1.000 | - | - | 0.667 | 0.667 | 0.000 |"]
+    # the preferred answer second: the same draw says "A", now wrong
+    assert mm_rewardbench_metrics([ScoredGroup("vqa_1", "vqa", [(1, 0)], [0.5, 0.5])])["overall"]["right"] == 0
+
+
+def cal_py_counts(rows: list[tuple[str, float, float]]) -> dict:
+    """VL-RewardBench's cal.py restated for one verdict per row (k = 1), on (id, r(preferred), r(other)): the
+    verdict agrees when the preferred answer scores higher, rejects when lower, and does not match on a tie;
+    per source set accept rate = agree / (agree + reject); per domain correct / total over agree + reject;
+    overall = all correct / all total; macro = mean of the three domain accuracies."""
+    sets: dict = defaultdict(lambda: {"agree": 0, "reject": 0})
+    for rid, preferred, other in rows:
+        counts = sets[cal_dataset(rid)]  # a set whose pairs all tie has no verdict, and no accept rate
+        if preferred != other:
+            counts["agree" if preferred > other else "reject"] += 1
+    correct, total = defaultdict(int), defaultdict(int)
+    for name, n in sets.items():
+        correct[CAL_GROUP_MAPPING[name]] += n["agree"]
+        total[CAL_GROUP_MAPPING[name]] += n["agree"] + n["reject"]
+    domains = ("reasoning", "hallucination", "general")
+    return {"sets": {k: n["agree"] / (n["agree"] + n["reject"]) if n["agree"] + n["reject"] else None
+                     for k, n in sets.items()},
+            "domains": {d: correct[d] / total[d] for d in domains if total[d]},
+            "overall": sum(correct.values()) / sum(total.values()),
+            "macro": sum(correct[d] / total[d] for d in domains) / 3}
+
+
+def get_accuracy_py(rows: list[tuple[str, str, float, float, str]]) -> dict:
+    """Multimodal RewardBench's 2_get_accuracy.py restated on (ID, Category, r(Output1), r(Output2), Better) in
+    file order: the verdict is "[[A]]" when Output1 scores higher, "[[B]]" when Output2 does, none on a tie,
+    which gets `'A' if random.random() < 0.5 else 'B'` after one random.seed(123); accuracy per 'all' and per
+    category, safety and reasoning split by ID prefix."""
+    state = random.getstate()
+    random.seed(123)
+    accs = defaultdict(list)
+    try:
+        for rid, category, s1, s2, better in rows:
+            output = "[[A]]" if s1 > s2 else "[[B]]" if s2 > s1 else "no verdict"
+            pred = "A" if "[[A]]" in output else "B" if "[[B]]" in output else ("A" if random.random() < 0.5 else "B")
+            acc = int(pred == ("B" if better == "Output2" else "A"))
+            accs["all"].append(acc)
+            if category == "safety":
+                category = "safety/bias" if rid.lower().startswith("pairs") else "safety/toxicity"
+            elif category == "reasoning":
+                category = "reasoning/math" if rid.lower().startswith("math") else "reasoning/coding"
+            accs[category].append(acc)
+    finally:
+        random.setstate(state)
+    return {k: sum(v) / len(v) for k, v in accs.items()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_ties", [True, False])
+def test_vl_rewardbench_metrics_equal_cal_py(seed, with_ties):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(300):
+        rid = f"{rng.choice(RELEASED_IDS)}{i}"
+        score = (lambda: float(rng.randint(0, 2))) if with_ties else rng.random
+        rows.append((rid, score(), score()))
+    groups = []
+    for rid, preferred, other in rows:  # the preferred answer first or second, as human_ranking says
+        first = rng.random() < 0.5
+        groups.append(ScoredGroup(rid, cal_dataset(rid), [(0, 1)] if first else [(1, 0)],
+                                  [preferred, other] if first else [other, preferred]))
+    m = vl_rewardbench_metrics(groups)
+    cal = cal_py_counts(rows)
+    assert (m["overall"]["score_ties"] > 0) == with_ties
+    assert m["overall"]["acc"] == pytest.approx(cal["overall"], abs=1e-12)
+    assert m["macro_acc"] == pytest.approx(cal["macro"], abs=1e-12)
+    assert {d: r["acc"] for d, r in m["domains"].items()} == pytest.approx(cal["domains"], abs=1e-12)
+    assert {s: r["acc"] for s, r in m["sources"].items()} == pytest.approx(cal["sets"], abs=1e-12)
+    strict = sum(p > o for _, p, o in rows) / len(rows)
+    assert m["overall"]["acc_strict"] == pytest.approx(strict, abs=1e-12)
+    assert (m["overall"]["acc_strict"] < m["overall"]["acc"]) == with_ties
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_ties", [True, False])
+def test_mm_rewardbench_metrics_equal_2_get_accuracy_py(seed, with_ties):
+    rng = random.Random(seed)
+    ids = {"safety": ["pairs_{}", "PAIRS-{}", "hateful_{}"], "reasoning": ["math_{}", "mathvista_{}", "EMMA-coding_{}"],
+           "vqa": ["vqa_{}"], "knowledge": ["mmmu_{}"], "open_generation/correctness_task": ["nocaps_{}"]}
+    rows = []
+    for i in range(300):
+        category = rng.choice(list(ids))
+        score = (lambda: float(rng.randint(0, 2))) if with_ties else rng.random
+        rows.append((rng.choice(ids[category]).format(i), category, score(), score(),
+                     rng.choice(["Output1", "Output2"])))
+    groups = [ScoredGroup(rid, cat, [(0, 1)] if better == "Output1" else [(1, 0)], [s1, s2])
+              for rid, cat, s1, s2, better in rows]
+    m = mm_rewardbench_metrics(groups)
+    official = get_accuracy_py(rows)
+    assert (m["overall"]["score_ties"] > 0) == with_ties
+    assert m["overall"]["acc"] == pytest.approx(official["all"], abs=1e-12)
+    assert {k: r["acc"] for k, r in m["splits"].items()} == pytest.approx(
+        {k: v for k, v in official.items() if k != "all"}, abs=1e-12)
+    strict = sum((s1 > s2) if b == "Output1" else (s2 > s1) for _, _, s1, s2, b in rows) / len(rows)
+    assert m["overall"]["acc_strict"] == pytest.approx(strict, abs=1e-12)
 
 
 def test_mmrlhf_rewardbench_acc_plus_over_rows_sharing_an_id():
@@ -249,6 +429,26 @@ def test_mmrlhf_rewardbench_acc_plus_over_rows_sharing_an_id():
     m = mmrlhf_rewardbench_metrics(groups)
     assert (m["overall"]["acc"], m["overall"]["acc_plus"]) == (0.75, 0.5)
     assert leaderboard_line(BENCHMARKS["mmrlhf-rewardbench"], m, "x").splitlines()[-1] == "| x | 75.0 | 50.0 | 75.0 | 50.0 |"
+
+
+def test_report_md_gives_the_official_count_and_the_strict_one_beside_it():
+    from mmrlhf_lite.evaluate.benchmarks import bench_result, markdown
+
+    groups = [pair("a", "wildvision-battle", 0.9, 0.1), pair("b", "wildvision-battle", 0.2, 0.5),
+              pair("c", "povid", 1.0, -1.0), pair("d", "rlaif-v", 0.3, 0.3), pair("e", "rlhf-v", 0.0, -0.1),
+              pair("f", "reasoning_tasks", 2.0, 1.0)]
+    report = {"benchmark": "vl-rewardbench", "run": "runs/x", "data": "vl.parquet", "format": "vl_rewardbench",
+              "groups": 6, "pairs": 6, "rank_ties": 0, "model": "m", "adapter": "a", "packed": True,
+              "results": {"none": {**bench_result("vl-rewardbench", groups, "my RM"), "seconds": 1.0}}}
+    md = markdown(report).splitlines()
+    assert "| Overall Accuracy | 80.0% | 4 / 5 pairs | 66.7% (4 / 6) | 1 |" in md
+    assert "| Hallucination | 100.0% | 2 / 2 pairs | 66.7% (2 / 3) | 1 |" in md
+    assert "| Macro Average Accuracy | 83.3% |  | 72.2% |  |" in md
+    assert "| source set: rlaif-v | - | 0 / 0 pairs | 0.0% (0 / 1) | 1 |" in md
+    assert md[-2:] == ["| my RM | 50.0 | 100.0 | 100.0 | 80.0 | 83.3 |",
+                       "| my RM, score ties counted wrong | 50.0 | 66.7 | 100.0 | 66.7 | 72.2 |"]
+    assert ("Accuracy: as VL-RewardBench's cal.py counts: a pair without a verdict (a score tie) is left out of "
+            "both counts. Score ties counted wrong: our stricter count, over every pair. Leaderboard line:") in md
 
 
 # --------------------------------------------------------------------------------- end to end (tiny)
@@ -286,17 +486,21 @@ def test_vl_rewardbench_end_to_end_cli(reward_run, tmp_path):
     assert len(preds) == 8 and [p["pairs"] for p in preds[:4]] == [[[0, 1]], [[1, 0]], [[0, 1]], [[1, 0]]]
     for mode, res in report["results"].items():
         mine = [p for p in preds if p["mode"] == mode]
-        # the report's numbers, recomputed from the written scores (ties wrong)
-        right = [p["scores"][p["pairs"][0][0]] > p["scores"][p["pairs"][0][1]] for p in mine]
-        assert res["metrics"]["overall"]["right"] == sum(right) and res["metrics"]["overall"]["pairs"] == 4
-        dom = {"general": [right[0]], "hallucination": right[1:3], "reasoning": [right[3]]}
-        macro = sum(sum(v) / len(v) for v in dom.values()) / 3
-        assert res["metrics"]["macro_acc"] == pytest.approx(macro)
+        # the report's numbers, recomputed from the written scores (cal.py: a tie is left out; strict: wrong)
+        scores = [(p["scores"][p["pairs"][0][0]], p["scores"][p["pairs"][0][1]]) for p in mine]
+        overall = res["metrics"]["overall"]
+        assert (overall["right"], overall["pairs"]) == (sum(b > w for b, w in scores), sum(b != w for b, w in scores))
+        assert (overall["right_strict"], overall["all_pairs"]) == (sum(b > w for b, w in scores), 4)
+        dom = {"general": scores[:1], "hallucination": scores[1:3], "reasoning": scores[3:]}  # by the ids
+        strict_macro = sum(sum(b > w for b, w in v) / len(v) for v in dom.values()) / 3
+        assert res["metrics"]["macro_acc_strict"] == pytest.approx(strict_macro)
         assert res["leaderboard"].splitlines()[0].startswith("| Model | General | Hallucination | Reasoning |")
         assert (res["computed"], res["from_cache"]) == (8, 0)
     assert report["packed"] is True  # the tiny Qwen2-VL with SDPA: both answers of a pair in one row
     md = (folder / "report.md").read_text()
     assert "**Smoke run**" in md and "## Critique mode `generate`" in md and "| Macro Average Accuracy |" in md
+    assert "| metric | accuracy | right / counted | score ties counted wrong | score ties |" in md
+    assert "Accuracy: as VL-RewardBench's cal.py counts: a pair without a verdict (a score tie) is left out" in md
     assert "critique mode `given` skipped" in md
     assert md in out.stdout
 
@@ -359,8 +563,8 @@ def test_compare_tab_shows_benchmark_tables_of_runs_side_by_side(tmp_path):
         (folder / "report.json").write_text(json.dumps({"benchmark": bench, "pairs": 2, "smoke": smoke,
                                                         "results": results}))
 
-    vl_a = [pair("a", "WildVision", 1, 0), pair("b", "POVID", 0, 1)]
-    vl_b = [pair("a", "WildVision", 1, 0), pair("b", "POVID", 1, 0)]
+    vl_a = [pair("a", "wildvision-battle", 1, 0), pair("b", "povid", 0, 1)]
+    vl_b = [pair("a", "wildvision-battle", 1, 0), pair("b", "povid", 1, 0)]
     fake("run-a", "vl-rewardbench", {"generate": vl_a, "none": vl_b})
     fake("run-b", "vl-rewardbench", {"none": vl_b}, smoke=True)
     fake("run-b", "mm-rewardbench", {"none": [pair("pairs_1", "safety", 1, 0), pair("x", "vqa", 0, 0)]}, smoke=True)
@@ -375,7 +579,8 @@ def test_compare_tab_shows_benchmark_tables_of_runs_side_by_side(tmp_path):
     assert rows[("VL-RewardBench", "Macro Average Accuracy (over general, hallucination only)")]["run-a (none)"] == "100.0%"
     mm = rows[("Multimodal RewardBench", "split: safety/bias")]
     assert (mm["run-a (generate)"], mm["run-b (none, smoke run)"]) == ("-", "100.0%")
-    assert rows[("Multimodal RewardBench", "VQA")]["run-b (none, smoke run)"] == "0.0%"  # a score tie is wrong
+    # a score tie: the benchmark's own count (its seeded draw: right here), and ours (wrong) beside it
+    assert rows[("Multimodal RewardBench", "VQA")]["run-b (none, smoke run)"] == "100.0% (score ties wrong: 0.0%)"
     assert [k[0] for k in rows][0] == "VL-RewardBench"
     assert rows[("VL-RewardBench", "pairs scored")]["run-b (none, smoke run)"] == "2"
 
@@ -476,7 +681,7 @@ def test_compare_benchmarks_refuses_paths_outside_the_runs_root(tmp_path):
 def test_report_markdown_names_smoke_runs_skipped_rows_warnings_and_ties():
     from mmrlhf_lite.evaluate.benchmarks import bench_result, markdown
 
-    res = bench_result("vl-rewardbench", [pair("a", "WildVision", 1, 1), pair("b", "POVID", 1, 0)], "tiny RM")
+    res = bench_result("vl-rewardbench", [pair("a", "wildvision-battle", 1, 1), pair("b", "povid", 1, 0)], "tiny RM")
     md = markdown({"benchmark": "vl-rewardbench", "run": "runs/x", "smoke": True, "model": "tiny:qwen2_vl",
                    "data": "vl.parquet", "format": "vl_rewardbench", "groups": 3, "pairs": 2, "rank_ties": 1,
                    "adapter": "runs/x/reward/final", "skipped_rows": {"missing_image": 2},
@@ -487,6 +692,27 @@ def test_report_markdown_names_smoke_runs_skipped_rows_warnings_and_ties():
     assert "**Smoke run**: `tiny:qwen2_vl`" in md and "1 pair(s) the humans ranked equal were left out" in md
     assert "Rows left out (`--on-error skip`): 2 missing_image." in md
     assert "1 warning(s) while reading" in md and "- f:3: key 'id': id 'a' repeats" in md
-    assert "| General | 0.0% | 0 / 1 pairs | 1 |" in md  # the score tie: wrong, and counted
-    assert "| tiny RM | 0.0 | 100.0 | - | 50.0 | 50.0 |" in md
+    # the score tie: left out by cal.py's count (no general pair counted), wrong in ours, and counted
+    assert "| General | - | 0 / 0 pairs | 0.0% (0 / 1) | 1 |" in md
+    assert "| tiny RM | - | 100.0 | - | 100.0 | 100.0 |" in md
+    assert "| tiny RM, score ties counted wrong | 0.0 | 100.0 | - | 50.0 | 50.0 |" in md
     assert "- critique mode `given` skipped: VL-RewardBench ships no critique per answer" in md
+
+
+def test_the_smoke_file_in_the_vl_rewardbench_layout_has_every_domain_in_turn(tmp_path):
+    """write_vl_rewardbench_layout (the reward notebook's smoke file): one row per group, its best vs worst answer,
+    ids prefixed so that the domains come in turn."""
+    from mmrlhf_lite.data.groups import PreferenceGroup, Response, text_to_turn
+    from mmrlhf_lite.evaluate.bench_run import write_vl_rewardbench_layout
+
+    image = tmp_path / "i.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(image)
+    groups = [PreferenceGroup(id=f"g{i}", prompt=[text_to_turn(f"Question {i}?", 1)], images=[str(image)],
+                              responses=[Response(f"best {i}", rank=1), Response(f"middle {i}", rank=2),
+                                         Response(f"worst {i}", rank=3)]) for i in range(4)]
+    res = load_groups(write_vl_rewardbench_layout(groups, tmp_path / "smoke.parquet"))
+    assert res.formats == {str(tmp_path / "smoke.parquet"): "vl_rewardbench"}
+    assert [g.id for g in res.groups] == ["wildvision-battle-g0", "RLAIF-V-g1", "mathverse_g2", "wildvision-battle-g3"]
+    assert [g.meta["domain"] for g in res.groups] == ["general", "hallucination", "reasoning", "general"]
+    assert [[(r.text, r.rank) for r in g.responses] for g in res.groups[:2]] == [
+        [("best 0", 1), ("worst 0", 2)], [("worst 1", 2), ("best 1", 1)]]

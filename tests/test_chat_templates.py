@@ -22,7 +22,8 @@ from mmrlhf_lite.models.encoding import GroupEncoder, SpecialTokenInPrompt
 from mmrlhf_lite.models.families import FAMILIES
 from mmrlhf_lite.models.loading import load_processor
 from mmrlhf_lite.models.tiny import ensure_tiny
-from mmrlhf_lite.reward.prompt import INSTRUCTION, CritiqueEncoder
+from mmrlhf_lite.models.reward_score import INSTRUCTION
+from mmrlhf_lite.reward.prompt import CritiqueEncoder
 
 FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "idefics3")
 

@@ -52,7 +52,7 @@ def scorer(groups):
     opt = torch.optim.Adam(params, lr=LR)
     encoded = [sc.crit.encode(g)[0] for g in groups]
     for _ in range(STEPS):
-        _, token_logps = compute_rewards(model, sc.spec, encoded, sc.packed, with_logps=True)
+        token_logps = compute_rewards(model, sc.spec, encoded, sc.packed, with_logps=True).critique_token_logps
         loss = -torch.cat(token_logps).mean()
         opt.zero_grad()
         loss.backward()
@@ -111,7 +111,7 @@ def test_generated_critique_identical_to_given_scores_the_same(scorer, groups):
             k += 1
             if not ok:
                 continue
-            a, b = gen_scores[gi][ri][0], given[gi][ri].score
+            a, b = gen_scores[gi][ri][0].score, given[gi][ri].score
             assert abs(a - b) <= TOL, (gi, ri, a, b)
             plain = _plain_score(scorer, g, ri, ids if ids[-len(eot):] == eot else ids + eot)
             assert abs(a - plain) <= TOL, (gi, ri, a, plain)
@@ -125,9 +125,9 @@ def test_empty_generated_critique_is_read_at_its_end_of_turn_and_counted(scorer,
     none = scorer.score_with([g], None)[0]
     for ri in range(len(g.responses)):
         plain = _plain_score(scorer, g, ri, eot)
-        assert abs(got[ri][0] - plain) <= TOL
-        assert abs(got[ri][0] - none[ri][0]) > TOL  # not silently the no-critique position
-        assert abs(none[ri][0] - _plain_score(scorer, g, ri, [])) <= TOL
+        assert abs(got[ri][0].score - plain) <= TOL
+        assert abs(got[ri][0].score - none[ri][0].score) > TOL  # not silently the no-critique position
+        assert abs(none[ri][0].score - _plain_score(scorer, g, ri, [])) <= TOL
     # score_groups flags an empty generated critique
     from mmrlhf_lite.reward.scorer import ScoredResponse
     assert ScoredResponse(0.0, [0.0], [""], empty_critiques=1).empty_critiques == 1
@@ -157,7 +157,11 @@ def test_response_logp_term_matches_a_plain_forward(scorer, groups):
                 out = scorer.model(input_ids=torch.tensor([ids]), output_hidden_states=True, **kwargs)
                 logp = out.logits[0].double().log_softmax(-1)
                 resp = [logp[p - 1 + t, ids[p + t]].item() for t in range(n_resp)]
-                want = float(head(out.hidden_states[-1][0, -1])) + w * sum(resp) / n_resp
-            assert abs(got[ri][0] - want) <= 1e-4, (ri, got[ri][0], want)
+                head_value = float(head(out.hidden_states[-1][0, -1]))
+                want = head_value + w * sum(resp) / n_resp
+            assert abs(got[ri][0].score - want) <= 1e-4, (ri, got[ri][0].score, want)
+            # the parts apart: the head's and the response's mean log-prob
+            assert abs(got[ri][0].head - head_value) <= 1e-5
+            assert abs(got[ri][0].response_logp - sum(resp) / n_resp) <= 1e-4
     finally:
         head.response_logp_weight = 0.0

@@ -1,10 +1,11 @@
-"""Export: the policy as a peft adapter or merged into the base, the reward model as adapter + head.
+"""Export: the policy as a peft adapter or merged into the base.
 
 Each exported folder is loaded in a fresh Python process in which `mmrlhf_lite` cannot be imported
 (transformers, peft and torch only), and what it computes is compared with the run's own model loaded by
-the project's loader: response log-probs (fp32) within 1e-4, reward scores likewise. Adapters are real
+the project's loader: response log-probs (fp32) within 1e-4. Adapters are real
 LoRA adapters on the tiny twins with random non-zero LoRA B (a fresh LoRA is a no-op, which would hide
-a wrong merge), saved by the project's `save_adapter`.
+a wrong merge), saved by the project's `save_adapter`. The reward model's export (its whole score function)
+is tested in tests/test_reward_export.py.
 
     python -m pytest -q tests/test_export.py
 """
@@ -22,7 +23,6 @@ import yaml
 
 from mmrlhf_lite.export import ExportError, export_model, main
 from mmrlhf_lite.models.loading import load_model, save_adapter
-from mmrlhf_lite.models.wrappers import unwrap
 from mmrlhf_lite.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,43 +61,36 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 folder, inputs_file, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 out = {}
-if mode == "reward":
-    sys.path.insert(0, str(folder))
-    import load_reward_model as L
-    model, processor, head = L.load(folder)
-    full = processor(text=[sys.argv[4]], return_tensors="pt")
-    out = {"score": float(L.score(model, head, **full)[0]), "ids": full["input_ids"][0].tolist()}
+if mode == "merged":
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    out["dtype"] = str(model.dtype)
+    model = model.float()
 else:
-    if mode == "merged":
-        model = AutoModelForImageTextToText.from_pretrained(folder)
-        out["dtype"] = str(model.dtype)
-        model = model.float()
-    else:
-        from peft import PeftModel
-        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), folder)
-    saved = torch.load(inputs_file)
-    inputs, n = saved["inputs"], saved["n"]
-    with torch.no_grad():
-        logits = model.eval()(**inputs).logits.float()
-    out["logps"] = logits[0, n - 1:-1].log_softmax(-1).gather(-1, inputs["input_ids"][0, n:, None])[:, 0].tolist()
-    image = Image.open(saved["image"]).convert("RGB")
-    try:
-        processor = AutoProcessor.from_pretrained(folder)
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": saved["question"]}]}]
-        prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        again = processor(text=[prompt + saved["answer"]], images=[image], return_tensors="pt")
-        out["processor"] = "AutoProcessor"
-        out["same_inputs"] = all(torch.equal(again[k], v) for k, v in inputs.items())
-    except ImportError:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        tok, ip = AutoTokenizer.from_pretrained(folder), Qwen2VLImageProcessorPil.from_pretrained(folder)
-        pix = ip(images=[image], return_tensors="pt")
-        out["processor"] = "tokenizer + image processor"
-        tail = tok(saved["answer"], add_special_tokens=False)["input_ids"]
-        out["same_inputs"] = (torch.equal(pix["pixel_values"], inputs["pixel_values"])
-                              and torch.equal(pix["image_grid_thw"], inputs["image_grid_thw"])
-                              and inputs["input_ids"][0, -len(tail):].tolist() == tail)
+    from peft import PeftModel
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), folder)
+saved = torch.load(inputs_file)
+inputs, n = saved["inputs"], saved["n"]
+with torch.no_grad():
+    logits = model.eval()(**inputs).logits.float()
+out["logps"] = logits[0, n - 1:-1].log_softmax(-1).gather(-1, inputs["input_ids"][0, n:, None])[:, 0].tolist()
+image = Image.open(saved["image"]).convert("RGB")
+try:
+    processor = AutoProcessor.from_pretrained(folder)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": saved["question"]}]}]
+    prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    again = processor(text=[prompt + saved["answer"]], images=[image], return_tensors="pt")
+    out["processor"] = "AutoProcessor"
+    out["same_inputs"] = all(torch.equal(again[k], v) for k, v in inputs.items())
+except ImportError:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tok, ip = AutoTokenizer.from_pretrained(folder), Qwen2VLImageProcessorPil.from_pretrained(folder)
+    pix = ip(images=[image], return_tensors="pt")
+    out["processor"] = "tokenizer + image processor"
+    tail = tok(saved["answer"], add_special_tokens=False)["input_ids"]
+    out["same_inputs"] = (torch.equal(pix["pixel_values"], inputs["pixel_values"])
+                          and torch.equal(pix["image_grid_thw"], inputs["image_grid_thw"])
+                          and inputs["input_ids"][0, -len(tail):].tolist() == tail)
 assert not any(m == "mmrlhf_lite" or m.startswith("mmrlhf_lite.") for m in sys.modules if sys.modules[m] is not None)
 print("RESULT " + json.dumps(out))
 '''
@@ -117,7 +110,7 @@ def fresh(folder: Path, mode: str, *extra: str, processor=None, image: Path | No
     return json.loads(line[len("RESULT "):])
 
 
-def make_run(root: Path, name: str, *, four_bit: bool, reward: bool = False) -> Path:
+def make_run(root: Path, name: str, *, four_bit: bool) -> Path:
     """A run folder with a recipe and a trained-looking adapter (LoRA B random, so the LoRA changes outputs)."""
     run = root / name
     run.mkdir(parents=True)
@@ -125,19 +118,19 @@ def make_run(root: Path, name: str, *, four_bit: bool, reward: bool = False) -> 
     tree["model"].update(path="tiny:qwen2_vl:xs", load_in_4bit=four_bit, device="cpu")
     (run / "recipe.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     recipe = load_recipe(run / "recipe.yaml", check_paths=False)
-    model, _ = load_model(recipe.model, reward_head={"kind": "mlp", "dropout": 0.0} if reward else None)
+    model, _ = load_model(recipe.model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n or "reward_head" in n:
+            if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_adapter(model, run / ("reward" if reward else "dpo") / "final", kind="reward" if reward else "policy")
+    save_adapter(model, run / "dpo" / "final", kind="policy")
     return run
 
 
-def project_model(run: Path, what: str):
+def project_model(run: Path):
     recipe = load_recipe(run / "recipe.yaml", check_paths=False)
-    return load_model(recipe.model, adapter=run / ("dpo" if what == "policy" else "reward") / "final", trainable=False)
+    return load_model(recipe.model, adapter=run / "dpo" / "final", trainable=False)
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["fp32-trained", "4bit-trained"])
@@ -150,7 +143,7 @@ def test_merged_policy_loads_without_the_project_and_matches_the_adapter_model(t
     card = (out / "README.md").read_text()
     assert ("dequantised the 4-bit base first" in card) is four_bit and "A toy." in card and "```yaml" in card
 
-    model, processor = project_model(run, "policy")
+    model, processor = project_model(run)
     got = fresh(out, "merged", processor=processor, image=images[0])
     assert got["same_inputs"], got
     inputs, n = answer_inputs(processor, images[0])
@@ -166,7 +159,7 @@ def test_merged_policy_loads_without_the_project_and_matches_the_adapter_model(t
 def test_default_merge_is_bf16_safetensors_in_the_hf_layout(tmp_path, images):
     run = make_run(tmp_path, "r", four_bit=False)
     assert main([str(run), "--what", "policy", "--to", str(tmp_path / "bf16"), "--merge"]) == 0
-    model, processor = project_model(run, "policy")
+    model, processor = project_model(run)
     got = fresh(tmp_path / "bf16", "merged", processor=processor, image=images[0])
     assert got["dtype"] == "torch.bfloat16" and got["same_inputs"]
     want = answer_logps(model, *answer_inputs(processor, images[0]))
@@ -177,30 +170,11 @@ def test_adapter_export_loads_with_peft(tmp_path, images):
     run = make_run(tmp_path, "r", four_bit=False)
     out = export_model(run, "policy", tmp_path / "adapter", progress=lambda m: None)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    model, processor = project_model(run, "policy")
+    model, processor = project_model(run)
     got = fresh(out, "adapter", processor=processor, image=images[0])
     assert got["same_inputs"], got
     want = answer_logps(model, *answer_inputs(processor, images[0]))
     assert max(abs(a - b) for a, b in zip(got["logps"], want)) < 1e-4
-
-
-@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
-def test_reward_export_scores_like_the_run_with_the_shipped_loader(tmp_path, merge):
-    run = make_run(tmp_path, "r", four_bit=False, reward=True)
-    out = export_model(run, "reward", tmp_path / "reward", merge=merge, dtype="float32", progress=lambda m: None)
-    assert (out / "reward_head.safetensors").exists() and (out / "load_reward_model.py").exists()
-    assert json.loads((out / "reward_head.json").read_text())["kind"] == "mlp"
-    model, processor = project_model(run, "reward")
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "What colour?"}]},
-                                          {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
-                                         tokenize=False)
-    got = fresh(out, "reward", text)
-    full = processor(text=[text], return_tensors="pt")
-    with torch.no_grad():
-        h = model(**full, output_hidden_states=True).hidden_states[-1]
-        want = float(unwrap(model).reward_head(h[0, -1]))
-    assert got["ids"] == full["input_ids"][0].tolist()
-    assert abs(got["score"] - want) < 1e-4, (got["score"], want)
 
 
 def test_export_refuses_clearly(tmp_path, capsys):

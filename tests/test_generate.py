@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmrlhf_lite.generate import GenerateError, PolicyChat, Sampling, main
-from mmrlhf_lite.models.generation import stop_ids
+from mmrlhf_lite.models.reward_score import stop_ids
 from mmrlhf_lite.models.loading import load_model, save_adapter
 from mmrlhf_lite.recipe import load_recipe
 from test_export import make_run
@@ -48,7 +48,7 @@ def test_base_answers_are_the_base_models_and_tokens_stream(chat, run, images):
     inputs = chat._inputs([images[0]], Q)
     with torch.no_grad():
         out = base.generate(**inputs, max_new_tokens=8, min_new_tokens=1, do_sample=False,
-                            eos_token_id=stop_ids(processor, chat.encoder.end_of_turn), pad_token_id=0)
+                            eos_token_id=stop_ids(processor.tokenizer, chat.encoder.end_of_turn), pad_token_id=0)
     n = inputs["input_ids"].shape[1]
     assert both["base"] == processor.tokenizer.decode(out[0, n:], skip_special_tokens=True).strip()
     # streamed: each yield extends the previous one; the last is the whole answer

@@ -267,6 +267,16 @@ def test_override_into_a_section_the_file_leaves_empty(write):
     assert recipe.dpo.train.grad_accum == 2
 
 
+@pytest.mark.parametrize("text, overrides", [("", ["dpo.train.epochs=2"]), ("dpo:\n  train:\n    epochs: 2\n", [])])
+def test_a_section_given_in_part_keeps_its_own_defaults(write, text, overrides):
+    """dpo.train's learning rate defaults to 5e-5 (a bare TrainConfig's is 2e-4): setting another key of the
+    section, in the file or on the command line, keeps it."""
+    recipe = load_recipe(write(text), overrides, check_paths=False)
+    assert (recipe.dpo.train.epochs, recipe.dpo.train.learning_rate) == (2.0, 5e-5)
+    assert recipe.to_dict()["dpo"] == {**Recipe().to_dict()["dpo"], "train": {**Recipe().to_dict()["dpo"]["train"],
+                                                                           "epochs": 2.0}}
+
+
 # ------------------------------------------------------------------------------------------------
 # defaults, help, round trip
 

@@ -17,7 +17,7 @@ import pytest
 from mmrlhf_lite import train
 from mmrlhf_lite.events import StageStopped, read_events
 from mmrlhf_lite.recipe import load_recipe
-from mmrlhf_lite.runs import LOCK_FILE, RunDir, RunFolderError, write_atomic
+from mmrlhf_lite.runs import LOCK_FILE, STAGE_INPUTS, RunDir, RunFolderError, write_atomic
 
 
 def make_recipe(run_dir, *overrides):
@@ -49,16 +49,17 @@ def test_mark_done_records_the_stage_inputs(tmp_path):
     run.mark_done("dpo", recipe, pairs=12)
     st = run.status("dpo")
     assert st["status"] == "done" and st["pairs"] == 12 and run.is_done("dpo")
-    assert sorted(st["inputs"]) == ["data", "dpo", "model", "run.seed"]
-    assert st["inputs"]["dpo"]["beta"] == 0.3 and st["inputs"]["run.seed"] == 0
+    assert list(st["inputs"]) == list(STAGE_INPUTS["dpo"])  # flat key paths, from the recipe fields' `stages`
+    assert st["inputs"]["dpo.beta"] == 0.3 and st["inputs"]["run.seed"] == 0 and st["inputs"]["model.lora_r"] == 16
+    assert "dpo.train.logging_steps" not in st["inputs"] and "reward.w_rank" not in st["inputs"]
 
 
 def test_finished_stages_with_the_same_inputs_are_skipped(tmp_path, calls):
     recipe = make_recipe(tmp_path / "run", "run.stages=[reward, score]")
     train.run_pipeline(recipe, echo=False)
     assert calls == ["reward", "score"]
-    # same recipe again, and a change that neither stage depends on (dpo.beta)
-    train.run_pipeline(make_recipe(tmp_path / "run", "run.stages=[reward, score]", "dpo.beta=0.5"), echo=False)
+    # same recipe again, and a change that neither stage depends on (dpo.gamma)
+    train.run_pipeline(make_recipe(tmp_path / "run", "run.stages=[reward, score]", "dpo.gamma=0.5"), echo=False)
     assert calls == ["reward", "score"]
     train.run_pipeline(make_recipe(tmp_path / "run"), ["reward", "score", "dpo"], echo=False)
     assert calls == ["reward", "score", "dpo"]
@@ -96,7 +97,7 @@ def test_redo_clears_outputs_and_recomputes(tmp_path, calls):
     train.run_pipeline(make_recipe(run_dir, "model.lora_r=4"), ["reward"], redo=("reward",), echo=False)
     assert calls == ["reward", "reward"]
     assert not (run_dir / "reward" / "stale.bin").exists()
-    assert RunDir(run_dir).status("reward")["inputs"]["model"]["lora_r"] == 4
+    assert RunDir(run_dir).status("reward")["inputs"]["model.lora_r"] == 4
 
 
 def test_clear_removes_status_and_folder(tmp_path):

@@ -9,18 +9,18 @@
                      Better: "Output1" | "Output2", Category}
 
 The two answers keep their order; the preferred one gets rank 1. `human_ranking` values are ranks
-(0 = best), so equal values are a tie: kept as a tie, left out of accuracy and counted. VL-RewardBench's
-`query_source` names one of six source sets, grouped into the benchmark's three domains (`VL_DOMAINS`); an
-unknown source is an error naming it. Multimodal RewardBench's `Image` resolves against the JSON file's
-folder (its `data/`), or `--media-root` / `data.media_root`. Neither benchmark ships a critique per
-answer (VL-RewardBench's `rationale` explains the pair), so critique mode `given` does not apply.
+(0 = best), so equal values are a tie: kept as a tie, left out of accuracy and counted. A VL-RewardBench
+row's domain comes from its `id`, as the benchmark's scoring script (`cal.py`) tells it (`vl_dataset`);
+`query_source` is optional and kept as it is (the released rows hold upstream set names such as `COCO` or
+`VQAv2`, or nothing). Multimodal RewardBench's `Image` resolves against the JSON file's folder (its
+`data/`), or `--media-root` / `data.media_root`. Neither benchmark ships a critique per answer
+(VL-RewardBench's `rationale` explains the pair), so critique mode `given` does not apply.
 
     python -m mmrlhf_lite.data stats path/to/vl_rewardbench.parquet
     python -m pytest -q tests/test_bench_rm.py
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from . import chat
@@ -31,25 +31,28 @@ from .validate import check_distinct, check_response_text
 VL_REWARDBENCH = "vl-rewardbench"
 MM_REWARDBENCH = "mm-rewardbench"
 
-# VL-RewardBench's domains by source. The dataset card lists the six sources; the official scoring
-# script (VL_RewardBench cal.py) groups its folder names the same way (vlfeedback and wildvision-battle
-# -> general; povid, rlhf-v, rlaif-v -> hallucination; reasoning_tasks -> reasoning), and the paper puts
-# MMMU-Pro and MathVerse under reasoning. Keys are normalised (lower case, letters and digits only).
-VL_DOMAINS = {
-    "wildvision": "general", "wildvisionbattle": "general", "vlfeedback": "general",
-    "povid": "hallucination", "rlaifv": "hallucination", "rlhfv": "hallucination",
-    "mmmupro": "reasoning", "mathverse": "reasoning", "reasoningtasks": "reasoning",
-}
+# VL-RewardBench's scoring script (cal.py of github.com/vl-rewardbench/VL_RewardBench, `get_dataset_from_id`,
+# as of its 2025-05-08 fix) names a row's source set from its id: the text before the first "_" or "-" (the
+# whole id when it has neither), compared case-sensitively; every other prefix is `vlfeedback`. Its
+# `group_mapping` then puts each set in one of the three domains.
+VL_DATASET_OF_PREFIX = {"RLAIF": "rlaif-v", "RLHF": "rlhf-v", "hallucination": "povid",
+                        "mathverse": "reasoning_tasks", "mmmu": "reasoning_tasks", "wildvision": "wildvision-battle"}
+VL_OTHER_DATASET = "vlfeedback"
+VL_DOMAIN_OF_DATASET = {"vlfeedback": "general", "wildvision-battle": "general", "povid": "hallucination",
+                        "rlaif-v": "hallucination", "rlhf-v": "hallucination", "reasoning_tasks": "reasoning"}
 VL_DOMAIN_ORDER = ("general", "hallucination", "reasoning")
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+def vl_dataset(row_id: str) -> str:
+    """VL-RewardBench's source set of a row, from its id (see VL_DATASET_OF_PREFIX)."""
+    cut = [i for i in (row_id.find("_"), row_id.find("-")) if i != -1]
+    prefix = row_id[:min(cut)] if cut else row_id
+    return VL_DATASET_OF_PREFIX.get(prefix, VL_OTHER_DATASET)
 
 
-def vl_domain(source: str) -> str | None:
-    """VL-RewardBench's domain of a `query_source` (None when the source is not one of the benchmark's)."""
-    return VL_DOMAINS.get(_norm(source))
+def vl_domain(dataset: str) -> str | None:
+    """The domain (general / hallucination / reasoning) of a source set `vl_dataset` names (None for another)."""
+    return VL_DOMAIN_OF_DATASET.get(dataset)
 
 
 def _unique_id(raw: Any, ctx: RowContext, key: str) -> str:
@@ -84,18 +87,16 @@ def parse_vl_rewardbench(row: dict, ctx: RowContext) -> PreferenceGroup:
     if len(ranking) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranking):
         raise ctx.error(f"key 'human_ranking': expected two ranks such as [0, 1] (answer 1 preferred) or [1, 0] "
                         f"(answer 2 preferred), got {ranking!r}", "bad_value", key="human_ranking")
-    source = need(row, "query_source", ctx)
-    domain = vl_domain(source)
-    if domain is None:
-        known = "WildVision, POVID, RLAIF-V, RLHF-V, MMMU-Pro, MathVerse"
-        raise ctx.error(f"key 'query_source': '{source}' is not one of VL-RewardBench's sources ({known}); its domain "
-                        "(general / hallucination / reasoning) cannot be told", "bad_value", key="query_source")
+    raw_id = str(row["id"])
+    dataset = vl_dataset(raw_id)
+    source = row.get("query_source")  # optional, any value: the domain comes from the id
     images = resolve_images(need(row, "image", ctx, (str, dict, bytes)), ctx, "image")
     prompt = chat.build_prompt([("user", query)], len(images), False, ctx, "query")
     # ranks: 0 = best in the file; ours start at 1
     responses = [Response(a, rank=int(r) + 1) for a, r in zip(answers, ranking)]
-    meta = {"benchmark": VL_REWARDBENCH, "source": source, "domain": domain, "row_id": str(row["id"])}
-    return PreferenceGroup(id=gid, prompt=prompt, responses=responses, images=images, category=source,
+    meta = {"benchmark": VL_REWARDBENCH, "dataset": dataset, "domain": vl_domain(dataset), "row_id": raw_id,
+            "query_source": None if source is None else str(source)}
+    return PreferenceGroup(id=gid, prompt=prompt, responses=responses, images=images, category=dataset,
                            source=ctx.source, meta=meta)
 
 

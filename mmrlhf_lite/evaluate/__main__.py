@@ -10,7 +10,10 @@ Public reward-model benchmarks in the layouts they ship, with their own metrics 
     python -m mmrlhf_lite.evaluate bench runs/demo --bench mm-rewardbench --data multimodal_rewardbench/data/all_data.json
 
 Acc and Acc+ overall and per category (REFERENCE.md): pairs sharing an id (bench files list several pairs
-per id) form one group for Acc+. The model settings come from the run folder's recipe.yaml.
+per id) form one group for Acc+. The model settings come from the run folder's recipe.yaml. A hybrid
+reward model (`reward.response_logp_weight` > 0: head + w x mean log-prob) gets, per critique mode, the
+accuracy of the head alone and of the log-prob term alone beside that of the sum. `reward` also writes
+`reward_scores.jsonl`: per group and mode, each response's score, its two parts and its critiques.
 """
 from __future__ import annotations
 
@@ -27,8 +30,7 @@ def _reward(args) -> int:
     from ..data.readers import load_groups
     from ..recipe import load_recipe
     from ..reward.scorer import RewardScorer
-    from .metrics import reward_bench
-    from .pipeline import scored_groups
+    from .pipeline import reward_results
     from .report import bench_table
 
     run = Path(args.run_dir)
@@ -47,23 +49,32 @@ def _reward(args) -> int:
     rc = recipe.reward
     scorer = RewardScorer.from_run(run, recipe.model, max_length=rc.train.max_length,
                                    max_frames=recipe.data.max_frames)
-    results = {}
+    results, lines = {}, []
+    weight = scorer.response_logp_weight
     for mode in args.critique.split(","):
         start = time.time()
         scored = scorer.score_groups(groups, mode, n_samples=args.n_samples or rc.n_samples,
                                      temperature=rc.temperature, max_new_tokens=rc.max_new_tokens,
                                      batch_size=rc.generation_batch_size, seed=recipe.run.seed)
-        res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+        res = reward_results(groups, scored, weight)
         res["seconds"] = round(time.time() - start, 1)
         results[mode] = res
+        lines += [json.dumps({"id": g.id, "source": g.source, "mode": mode, "scores": [s.score for s in sc],
+                              "head": [s.head for s in sc], "response_logp": [s.response_logp for s in sc],
+                              "critiques": [s.critiques for s in sc]}) + "\n" for g, sc in zip(groups, scored)]
     out = Path(args.out) if args.out else run / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reward_bench.json").write_text(json.dumps({"data": str(args.data), "results": results}, indent=2))
+    (out / "reward_bench.json").write_text(json.dumps({"data": str(args.data), "response_logp_weight": weight,
+                                                      "results": results}, indent=2))
+    (out / SCORES_FILE).write_text("".join(lines))
     table = "\n".join(bench_table(f"Reward bench: {args.data}", results))
     (out / "reward_bench.md").write_text(table + "\n")
     print(table)
-    print(f"written: {out / 'reward_bench.json'}, {out / 'reward_bench.md'}")
+    print(f"written: {out / 'reward_bench.json'}, {out / 'reward_bench.md'}, {out / SCORES_FILE}")
     return 0
+
+
+SCORES_FILE = "reward_scores.jsonl"  # per group and mode: each response's score, its parts and critiques
 
 
 def _bench(args) -> int:

@@ -186,21 +186,22 @@ def _score(loaded: list, groups, mode: str, recipe, rc, adapter: Path, store, pr
     return [[store.get(k)["score"] for k in ks] for ks in keys], computed
 
 
-SMOKE_SOURCES = ("WildVision", "RLAIF-V", "MathVerse")  # one source of each domain, in turn
+# id prefixes of one source set of each domain (general, hallucination, reasoning), as the released ids start
+SMOKE_ID_PREFIXES = ("wildvision-battle-", "RLAIF-V-", "mathverse_")
 
 
 def write_vl_rewardbench_layout(groups, path: str | Path) -> Path:
     """Write held-out groups as a VL-RewardBench-layout Parquet (image bytes inside), one row per group:
-    its best vs worst answer, in alternating order, `query_source` assigned in turn so every domain
-    appears. A smoke file to check the benchmark path end to end: its domain numbers mean nothing."""
+    its best vs worst answer, in alternating order, its id prefixed in turn so that every domain appears
+    (the domain comes from the id). A smoke file to check the benchmark path end to end: its domain
+    numbers mean nothing."""
     import datasets
 
     from ..data.media import load_image
 
     feats = datasets.Features({"id": datasets.Value("string"), "query": datasets.Value("string"),
                                "response": datasets.Sequence(datasets.Value("string")), "image": datasets.Image(),
-                               "human_ranking": datasets.Sequence(datasets.Value("int64")),
-                               "query_source": datasets.Value("string")})
+                               "human_ranking": datasets.Sequence(datasets.Value("int64"))})
     rows = {k: [] for k in feats}
     for g in groups:
         pairs = g.best_vs_worst()
@@ -211,11 +212,11 @@ def write_vl_rewardbench_layout(groups, path: str | Path) -> Path:
         flip = n % 2 == 1
         buf = io.BytesIO()
         load_image(g.images[0]).save(buf, format="PNG")
-        for key, value in (("id", g.id), ("query", g.question_text()),
+        prefix = SMOKE_ID_PREFIXES[n % len(SMOKE_ID_PREFIXES)]
+        for key, value in (("id", prefix + g.id), ("query", g.question_text()),
                            ("response", [g.responses[i].text for i in ((worst, best) if flip else (best, worst))]),
                            ("image", {"bytes": buf.getvalue(), "path": None}),
-                           ("human_ranking", [1, 0] if flip else [0, 1]),
-                           ("query_source", SMOKE_SOURCES[n % len(SMOKE_SOURCES)])):
+                           ("human_ranking", [1, 0] if flip else [0, 1])):
             rows[key].append(value)
     if not rows["id"]:
         raise ValueError("no group with one image and a ranked pair to write in the VL-RewardBench layout")

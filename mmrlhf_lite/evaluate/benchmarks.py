@@ -1,15 +1,20 @@
 """Reward-model benchmarks with their own metrics: pure functions of scored pairs, and their tables.
 
-A benchmark pair is right when r(preferred) > r(other); an exact score tie counts as wrong and is counted
-(`score_ties`). Pairs the humans ranked equal are not scored pairs: left out and counted (`rank_ties`).
+A benchmark pair is right when r(preferred) > r(other). An exact score tie is a pair without a verdict,
+and each benchmark's own script treats that its own way; the headline `acc` follows it, and `acc_strict`
+beside it counts every tie as wrong (our stricter count, over all pairs). Pairs the humans ranked equal are
+not scored pairs: left out and counted (`rank_ties`).
 
-- VL-RewardBench: accuracy per source (`query_source`), per domain (general = WildVision; hallucination =
-  POVID, RLAIF-V, RLHF-V; reasoning = MMMU-Pro, MathVerse), overall accuracy = right / pairs over all
-  domains, macro average = mean of the three domain accuracies (as the official cal.py computes them).
-- Multimodal RewardBench: accuracy overall and per `Category`; as in the official 2_get_accuracy.py,
-  `safety` splits into `safety/bias` (ID starting with `pairs`, case-insensitive) and `safety/toxicity`, and
-  `reasoning` into `reasoning/math` (ID starting with `math`) and `reasoning/coding`.
-- MM-RLHF-RewardBench: Acc and Acc+ overall and per category (`metrics.reward_bench`).
+- VL-RewardBench (its cal.py): a pair without a verdict is left out of both counts. Accuracy per source set
+  and per domain, both from the row's id (`data.formats_bench.vl_dataset`: general = wildvision-battle,
+  vlfeedback; hallucination = povid, rlaif-v, rlhf-v; reasoning = reasoning_tasks); overall accuracy = right
+  / counted over all domains; macro average = mean of the three domain accuracies.
+- Multimodal RewardBench (its 2_get_accuracy.py): a pair without a verdict gets a random one (`random`
+  seeded 123 once, one draw per such pair in file order, answer 1 when the draw is < 0.5). Accuracy overall
+  and per `Category`; `safety` splits into `safety/bias` (ID starting with `pairs`, case-insensitive) and
+  `safety/toxicity`, and `reasoning` into `reasoning/math` (ID starting with `math`) and `reasoning/coding`.
+- MM-RLHF-RewardBench: Acc and Acc+ overall and per category (`metrics.reward_bench`); a tie is wrong in
+  both counts (its scoring script was not available to check).
 
 docs/benchmarks-rm.md has the definitions and where each was checked.
 
@@ -18,6 +23,7 @@ docs/benchmarks-rm.md has the definitions and where each was checked.
 """
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -25,22 +31,52 @@ from typing import Callable
 from ..data.formats_bench import VL_DOMAIN_ORDER, vl_domain
 from .metrics import ScoredGroup, merge_by_id, reward_bench
 
-
-def accuracy(pairs: list[tuple[float, float]]) -> dict:
-    """pairs: (r(preferred), r(other)). Ties in score are wrong."""
-    right = sum(b > w for b, w in pairs)
-    return {"acc": right / len(pairs) if pairs else None, "right": right, "pairs": len(pairs),
-            "score_ties": sum(b == w for b, w in pairs)}
+MM_TIE_SEED = 123  # Multimodal RewardBench's 2_get_accuracy.py: random.seed(123) before its first line
 
 
-def _scored_pairs(groups: list[ScoredGroup]) -> list[tuple[ScoredGroup, float, float]]:
-    return [(g, g.scores[b], g.scores[w]) for g in groups for b, w in g.pairs]
+@dataclass(frozen=True)
+class Outcome:
+    """One scored pair: right by the strict count, a score tie, and right by the benchmark's own rule
+    (None: the rule leaves the pair out)."""
+    group: ScoredGroup
+    strict: bool
+    tie: bool
+    official: bool | None
 
 
-def _by(groups: list[ScoredGroup], key: Callable[[ScoredGroup], str]) -> dict[str, dict]:
+def outcomes(groups: list[ScoredGroup], ties: str) -> list[Outcome]:
+    """Every ranked pair of `groups`, in order. `ties`: "leave_out" (VL-RewardBench), "coin" (Multimodal
+    RewardBench: its seeded draws, one per tie in this order) or "wrong"."""
+    coin = random.Random(MM_TIE_SEED)
+    out = []
+    for g in groups:
+        for b, w in g.pairs:
+            tie = g.scores[b] == g.scores[w]
+            right = g.scores[b] > g.scores[w]
+            if not tie or ties == "wrong":
+                official = right
+            elif ties == "leave_out":
+                official = None
+            else:  # the script's verdict "A" (answer 1) when the draw is < 0.5; right when that is the preferred
+                official = (coin.random() < 0.5) == (b == 0)
+            out.append(Outcome(g, right, tie, official))
+    return out
+
+
+def accuracy(pairs: list[Outcome]) -> dict:
+    """acc = right / counted by the benchmark's rule; acc_strict = right / all pairs, a tie wrong."""
+    counted = [o for o in pairs if o.official is not None]
+    right = sum(o.official for o in counted)
+    strict = sum(o.strict for o in pairs)
+    return {"acc": right / len(counted) if counted else None, "right": right, "pairs": len(counted),
+            "acc_strict": strict / len(pairs) if pairs else None, "right_strict": strict, "all_pairs": len(pairs),
+            "score_ties": sum(o.tie for o in pairs)}
+
+
+def _by(pairs: list[Outcome], key: Callable[[ScoredGroup], str]) -> dict[str, dict]:
     buckets: dict[str, list] = defaultdict(list)
-    for g, b, w in _scored_pairs(groups):
-        buckets[key(g)].append((b, w))
+    for o in pairs:
+        buckets[key(o.group)].append(o)
     return {k: accuracy(v) for k, v in sorted(buckets.items())}
 
 
@@ -51,31 +87,41 @@ def _rank_ties(groups: list[ScoredGroup]) -> int:
 # ------------------------------------------------------------------------------------ VL-RewardBench
 
 def vl_rewardbench_metrics(groups: list[ScoredGroup]) -> dict:
-    """Overall accuracy, macro average over the domains, per domain and per source (module doc)."""
+    """Overall accuracy, macro average over the domains, per domain and per source set (module doc); each
+    group's category is its source set as `data.formats_bench.vl_dataset` names it from the row's id."""
     unknown = sorted({g.category for g in groups if vl_domain(g.category) is None})
     if unknown:
-        raise ValueError(f"VL-RewardBench: unknown query_source {', '.join(unknown)}")
-    domains = _by(groups, lambda g: vl_domain(g.category))
+        raise ValueError(f"VL-RewardBench: unknown source set {', '.join(unknown)} (the sets are those cal.py "
+                         "names from a row's id: vlfeedback, wildvision-battle, povid, rlaif-v, rlhf-v, "
+                         "reasoning_tasks)")
+    pairs = outcomes(groups, "leave_out")
+    domains = _by(pairs, lambda g: vl_domain(g.category))
     measured = [d for d in VL_DOMAIN_ORDER if domains.get(d, {}).get("acc") is not None]
     macro = sum(domains[d]["acc"] for d in measured) / len(measured) if measured else None
-    return {"overall": accuracy([(b, w) for _, b, w in _scored_pairs(groups)]), "macro_acc": macro,
-            "macro_domains": measured, "domains": {d: domains[d] for d in VL_DOMAIN_ORDER if d in domains},
-            "sources": _by(groups, lambda g: g.category), "rank_ties": _rank_ties(groups)}
+    strict = [d for d in VL_DOMAIN_ORDER if domains.get(d, {}).get("acc_strict") is not None]
+    macro_strict = sum(domains[d]["acc_strict"] for d in strict) / len(strict) if strict else None
+    return {"overall": accuracy(pairs), "macro_acc": macro, "macro_domains": measured,
+            "macro_acc_strict": macro_strict, "macro_domains_strict": strict,
+            "domains": {d: domains[d] for d in VL_DOMAIN_ORDER if d in domains},
+            "sources": _by(pairs, lambda g: g.category), "rank_ties": _rank_ties(groups)}
 
 
-def vl_rewardbench_rows(m: dict) -> list[tuple[str, dict | float | None]]:
+def vl_rewardbench_rows(m: dict) -> list[tuple[str, dict | None]]:
     rows: list = [(d.capitalize(), m["domains"].get(d)) for d in VL_DOMAIN_ORDER]
     partial = len(m["macro_domains"]) < len(VL_DOMAIN_ORDER)
     macro = "Macro Average Accuracy" + (f" (over {', '.join(m['macro_domains']) or 'no domain'} only)" if partial else "")
-    rows += [("Overall Accuracy", m["overall"]), (macro, m["macro_acc"])]
-    rows += [(f"source: {s}", r) for s, r in m["sources"].items()]
+    rows += [("Overall Accuracy", m["overall"]),
+             (macro, {"acc": m["macro_acc"], "acc_strict": m.get("macro_acc_strict"), "unit": ""})]
+    rows += [(f"source set: {s}", r) for s, r in m["sources"].items()]
     return rows
 
 
-def vl_rewardbench_leaderboard(m: dict) -> tuple[list[str], list[str]]:
+def vl_rewardbench_leaderboard(m: dict, strict: bool = False) -> tuple[list[str], list[str]]:
     """The paper's columns (General, Hallucination, Reasoning, Overall Accuracy, Macro Average), in %."""
+    acc = "acc_strict" if strict else "acc"
     cols = ["General", "Hallucination", "Reasoning", "Overall Accuracy", "Macro Average Accuracy"]
-    vals = [m["domains"].get(d, {}).get("acc") for d in VL_DOMAIN_ORDER] + [m["overall"]["acc"], m["macro_acc"]]
+    vals = [m["domains"].get(d, {}).get(acc) for d in VL_DOMAIN_ORDER] + [m["overall"][acc],
+                                                                         m.get(f"macro_{acc}")]
     return cols, [_pct(v) for v in vals]
 
 
@@ -97,10 +143,11 @@ def mm_rewardbench_split(pair_id: str, category: str) -> str:
 
 
 def mm_rewardbench_metrics(groups: list[ScoredGroup]) -> dict:
-    """Accuracy overall, per Category, and per the official (sub)category split (module doc)."""
-    return {"overall": accuracy([(b, w) for _, b, w in _scored_pairs(groups)]),
-            "categories": _by(groups, lambda g: g.category),
-            "splits": _by(groups, lambda g: mm_rewardbench_split(g.id, g.category)),
+    """Accuracy overall, per Category, and per the official (sub)category split (module doc); `groups` in
+    the file's order, which decides the seeded verdicts of ties."""
+    pairs = outcomes(groups, "coin")
+    return {"overall": accuracy(pairs), "categories": _by(pairs, lambda g: g.category),
+            "splits": _by(pairs, lambda g: mm_rewardbench_split(g.id, g.category)),
             "rank_ties": _rank_ties(groups)}
 
 
@@ -118,10 +165,11 @@ def mm_rewardbench_rows(m: dict) -> list[tuple[str, dict | None]]:
     return rows
 
 
-def mm_rewardbench_leaderboard(m: dict) -> tuple[list[str], list[str]]:
+def mm_rewardbench_leaderboard(m: dict, strict: bool = False) -> tuple[list[str], list[str]]:
     """The repository leaderboard's columns (Overall, the six categories), as fractions with 3 decimals."""
+    acc = "acc_strict" if strict else "acc"
     cols = ["Overall"] + list(MM_CATEGORY_NAMES.values())
-    vals = [m["overall"]["acc"]] + [m["categories"].get(c, {}).get("acc") for c in MM_CATEGORY_NAMES]
+    vals = [m["overall"][acc]] + [m["categories"].get(c, {}).get(acc) for c in MM_CATEGORY_NAMES]
     return cols, ["-" if v is None else f"{v:.3f}" for v in vals]
 
 
@@ -141,17 +189,19 @@ def mmrlhf_rewardbench_rows(m: dict) -> list[tuple[str, dict | None]]:
     return rows
 
 
-def _acc_row(r: dict) -> dict:
+def _acc_row(r: dict) -> dict:  # one rule (a tie is wrong): the strict count is the count
     right = None if r["acc"] is None else round(r["acc"] * r["pairs"])
-    return {"acc": r["acc"], "right": right, "pairs": r["pairs"], "score_ties": r["score_ties"]}
+    return {"acc": r["acc"], "right": right, "pairs": r["pairs"], "acc_strict": r["acc"], "right_strict": right,
+            "all_pairs": r["pairs"], "score_ties": r["score_ties"]}
 
 
 def _plus_row(r: dict) -> dict:
     right = None if r["acc_plus"] is None else round(r["acc_plus"] * r["groups"])
-    return {"acc": r["acc_plus"], "right": right, "pairs": r["groups"], "score_ties": None, "unit": "ids"}
+    return {"acc": r["acc_plus"], "right": right, "pairs": r["groups"], "acc_strict": r["acc_plus"],
+            "right_strict": right, "all_pairs": r["groups"], "score_ties": None, "unit": "ids"}
 
 
-def mmrlhf_rewardbench_leaderboard(m: dict) -> tuple[list[str], list[str]]:
+def mmrlhf_rewardbench_leaderboard(m: dict, strict: bool = False) -> tuple[list[str], list[str]]:
     cols, vals = ["Acc", "Acc+"], [m["overall"]["acc"], m["overall"]["acc_plus"]]
     for c, r in m["by_category"].items():
         cols += [f"{c} Acc", f"{c} Acc+"]
@@ -168,18 +218,24 @@ class Benchmark:
     fmt: str                                     # the data format its files are read as
     metrics: Callable[[list[ScoredGroup]], dict]
     rows: Callable[[dict], list]
-    leaderboard: Callable[[dict], tuple[list[str], list[str]]]
+    leaderboard: Callable[..., tuple[list[str], list[str]]]   # (metrics, strict=False) -> (columns, values)
     reference: str
+    ties: str                                    # how its own script counts a pair without a verdict (a tie)
 
 
 BENCHMARKS = {
-    "vl-rewardbench": Benchmark("vl-rewardbench", "VL-RewardBench", "vl_rewardbench", vl_rewardbench_metrics,
-                                vl_rewardbench_rows, vl_rewardbench_leaderboard, "arXiv 2411.17451"),
-    "mm-rewardbench": Benchmark("mm-rewardbench", "Multimodal RewardBench", "mm_rewardbench", mm_rewardbench_metrics,
-                                mm_rewardbench_rows, mm_rewardbench_leaderboard, "arXiv 2502.14191"),
-    "mmrlhf-rewardbench": Benchmark("mmrlhf-rewardbench", "MM-RLHF-RewardBench", "mmrlhf_bench",
-                                    mmrlhf_rewardbench_metrics, mmrlhf_rewardbench_rows,
-                                    mmrlhf_rewardbench_leaderboard, "arXiv 2502.10391"),
+    "vl-rewardbench": Benchmark(
+        "vl-rewardbench", "VL-RewardBench", "vl_rewardbench", vl_rewardbench_metrics, vl_rewardbench_rows,
+        vl_rewardbench_leaderboard, "arXiv 2411.17451",
+        "as VL-RewardBench's cal.py counts: a pair without a verdict (a score tie) is left out of both counts"),
+    "mm-rewardbench": Benchmark(
+        "mm-rewardbench", "Multimodal RewardBench", "mm_rewardbench", mm_rewardbench_metrics, mm_rewardbench_rows,
+        mm_rewardbench_leaderboard, "arXiv 2502.14191",
+        f"as Multimodal RewardBench's 2_get_accuracy.py counts: a pair without a verdict (a score tie) gets a "
+        f"random one (Python's `random` seeded {MM_TIE_SEED}, one draw per tie in file order)"),
+    "mmrlhf-rewardbench": Benchmark(
+        "mmrlhf-rewardbench", "MM-RLHF-RewardBench", "mmrlhf_bench", mmrlhf_rewardbench_metrics,
+        mmrlhf_rewardbench_rows, mmrlhf_rewardbench_leaderboard, "arXiv 2502.10391", "a score tie is wrong"),
 }
 
 
@@ -189,23 +245,33 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _percent(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+ROW_FIELDS = ("acc", "right", "pairs", "acc_strict", "right_strict", "all_pairs", "score_ties")
+
+
 def table_rows(bench: Benchmark, m: dict) -> list[dict]:
-    """The benchmark's metric table as plain records (what report.json keeps and the UI shows)."""
+    """The benchmark's metric table as plain records (what report.json keeps and the UI shows): `acc` = `right`
+    / `pairs` counted by the benchmark's own rule, `acc_strict` = `right_strict` / `all_pairs` with every score
+    tie wrong."""
     out = []
     for label, r in bench.rows(m):
-        if r is None or isinstance(r, float):
-            out.append({"metric": label, "acc": r, "right": None, "pairs": None, "score_ties": None, "unit": ""})
-        else:
-            out.append({"metric": label, **{k: r.get(k) for k in ("acc", "right", "pairs", "score_ties")},
-                        "unit": r.get("unit", "pairs")})
+        r = r or {}
+        out.append({"metric": label, **{k: r.get(k) for k in ROW_FIELDS}, "unit": r.get("unit", "pairs")})
     return out
 
 
 def leaderboard_line(bench: Benchmark, m: dict, label: str) -> str:
-    """A markdown header + row to paste beside published numbers."""
+    """A markdown header + row to paste beside published numbers (the benchmark's own count), and a second
+    row with score ties counted wrong when that differs."""
     cols, vals = bench.leaderboard(m)
-    return "\n".join([f"| Model | {' | '.join(cols)} |", "|---|" + "---|" * len(cols),
-                      f"| {label} | {' | '.join(vals)} |"])
+    lines = [f"| Model | {' | '.join(cols)} |", "|---|" + "---|" * len(cols), f"| {label} | {' | '.join(vals)} |"]
+    _, strict = bench.leaderboard(m, strict=True)
+    if strict != vals:
+        lines.append(f"| {label}, score ties counted wrong | {' | '.join(strict)} |")
+    return "\n".join(lines)
 
 
 def bench_result(bench: str, groups: list[ScoredGroup], label: str) -> dict:
@@ -241,13 +307,17 @@ def markdown(report: dict) -> str:
         lines += [f"{n} warning(s) while reading (report.json lists up to 20):", ""]
         lines += [f"- {w}" for w in report["warnings"][:5]] + [""]
     for mode, res in report["results"].items():
-        lines += [f"## Critique mode `{mode}` ({res['seconds']} s)", "", "| metric | accuracy | right / total | score ties |",
-                  "|---|---|---|---|"]
+        lines += [f"## Critique mode `{mode}` ({res['seconds']} s)", "",
+                  "| metric | accuracy | right / counted | score ties counted wrong | score ties |",
+                  "|---|---|---|---|---|"]
         for r in res["table"]:
-            acc = "-" if r["acc"] is None else f"{100 * r['acc']:.1f}%"
             n = "" if r["pairs"] is None else f"{r['right'] or 0} / {r['pairs']} {r['unit']}"
-            lines.append(f"| {r['metric']} | {acc} | {n} | {'' if r['score_ties'] is None else r['score_ties']} |")
-        lines += ["", "Score ties count as wrong. Leaderboard line:", "", res["leaderboard"], ""]
+            strict = _percent(r.get("acc_strict")) + ("" if r.get("all_pairs") is None else
+                                                      f" ({r['right_strict'] or 0} / {r['all_pairs']})")
+            ties = "" if r["score_ties"] is None else r["score_ties"]
+            lines.append(f"| {r['metric']} | {_percent(r['acc'])} | {n} | {strict} | {ties} |")
+        lines += ["", f"Accuracy: {bench.ties}. Score ties counted wrong: our stricter count, over every pair. "
+                  "Leaderboard line:", "", res["leaderboard"], ""]
     for mode, why in report.get("skipped_modes", {}).items():
         lines.append(f"- critique mode `{mode}` skipped: {why}")
     return "\n".join(lines).rstrip() + "\n"

@@ -49,6 +49,17 @@ def scored_groups(groups: list[PreferenceGroup], scores: list[list[float]]) -> l
     return merge_by_id([ScoredGroup(g.id, g.category, g.pairs(), s, len(g.ties())) for g, s in zip(groups, scores)])
 
 
+def reward_results(groups: list[PreferenceGroup], scored: list[list], weight: float) -> dict:
+    """`reward_bench` of the scores; a hybrid score (weight > 0: head + w x mean log-prob) also gets each part
+    ranked alone under `parts` (`head`, `response_logp`), so a report says which part does the ranking."""
+    res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+    if weight > 0:
+        res["response_logp_weight"] = weight
+        res["parts"] = {part: reward_bench(scored_groups(groups, [[getattr(s, part) for s in g] for g in scored]))
+                        for part in ("head", "response_logp")}
+    return res
+
+
 def split_over_ranks(ctx, part: str, items: list, chunk_size: int, fn) -> list:
     """`fn(chunk, index)` over `items`, chunks dealt to the ranks (one process: all of them), with
     progress and throughput events labelled `part` and the run's stop request agreed between ranks."""
@@ -108,7 +119,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
         t = time.time()
         # scored exactly as after training (same samples per critique), so before vs after compares models only
         scored = score_split(ctx, scorer, groups, m, f"reward model before training, {m}")
-        out["before"][m] = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+        out["before"][m] = reward_results(groups, scored, scorer.response_logp_weight)
         out["before"][m]["seconds"] = round(time.time() - t, 1)
         if m == "generate":
             out["before"][m]["critique_fact_rate"] = critique_fact_rate(groups, [[s.critiques for s in g] for g in scored])
@@ -122,7 +133,7 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
     for m in modes:
         t = time.time()
         scored = score_split(ctx, scorer, groups, m, f"reward model, {m}")
-        res = reward_bench(scored_groups(groups, [[s.score for s in g] for g in scored]))
+        res = reward_results(groups, scored, scorer.response_logp_weight)
         res["seconds"] = round(time.time() - t, 1)
         res["delta_rank"] = delta_rank_correlation(groups, [[s.score for s in g] for g in scored])
         if m == "generate":

@@ -8,17 +8,32 @@ def _f(x, pct: bool = True) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+PART_LABELS = {"head": "head alone", "response_logp": "log-prob term alone"}
+
+
 def bench_table(title: str, results: dict) -> list[str]:
-    """results: {mode: reward_bench output}"""
+    """results: {mode: reward_bench output}. A hybrid score (`response_logp_weight` > 0, with `parts`) gets a
+    row per part under each mode's row: what the head alone and the log-prob term alone would rank."""
     if not results:
         return []
     cats = sorted({c for r in results.values() for c in r["by_category"]})
-    lines = [f"### {title}", "", "| mode | Acc | Acc+ | pairs | " + " | ".join(f"{c} Acc" for c in cats) + " |",
-             "|---|---|---|---|" + "---|" * len(cats)]
-    for mode, r in results.items():
+    lines = [f"### {title}", ""]
+    weight = next((r["response_logp_weight"] for r in results.values() if r.get("response_logp_weight")), None)
+    if weight:
+        lines += [f"Hybrid score: head on the critique + {weight:g} x the answer's mean log-prob "
+                  "(`reward.response_logp_weight`); each part's accuracy on its own below its mode's.", ""]
+    lines += ["| mode | Acc | Acc+ | pairs | " + " | ".join(f"{c} Acc" for c in cats) + " |",
+              "|---|---|---|---|" + "---|" * len(cats)]
+
+    def row(label: str, r: dict) -> str:
         o = r["overall"]
         per = " | ".join(_f(r["by_category"].get(c, {}).get("acc")) for c in cats)
-        lines.append(f"| {mode} | {_f(o['acc'])} | {_f(o['acc_plus'])} | {o['pairs']} | {per} |")
+        return f"| {label} | {_f(o['acc'])} | {_f(o['acc_plus'])} | {o['pairs']} | {per} |"
+
+    for mode, r in results.items():
+        lines.append(row(f"{mode}: hybrid sum" if r.get("parts") else mode, r))
+        for part, pr in (r.get("parts") or {}).items():
+            lines.append(row(f"{mode}: {PART_LABELS.get(part, part)}", pr))
     lines.append("")
     return lines
 

@@ -21,6 +21,7 @@ from ..data.groups import PreferenceGroup
 from ..data.media import list_frames, load_image, sample_frames
 from .families import FamilySpec, reply_boundary
 from .packing import Branch, EncodedGroup
+from .reward_score import TemplateText
 
 
 class SequenceTooLong(ValueError):
@@ -41,45 +42,30 @@ class GroupEncoder:
     def __post_init__(self):
         self.tokenizer = self.processor.tokenizer
         self.reply_prefix, self.end_of_turn = reply_boundary(self.processor, self.spec)
-        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
-        self.special_strings = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+        self.text = TemplateText(self.tokenizer)
+        self.special_strings = self.text.special_strings
 
-    # ----- tokens
+    # ----- tokens (reward_score.TemplateText: the reward model's score function tokenises with the same code)
     def tokens(self, text: str) -> list[int]:
         """Ids of data text: special-token strings in it are tokenised as ordinary characters."""
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.text.tokens(text)
 
     def template_tokens(self, text: str) -> list[int]:
         """Ids of text the chat template wrote: its special tokens are special."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _special_span(self, text: str, last: bool) -> int:
-        """Where the template text's plain part begins (last=True: after its last special token) or
-        ends (last=False: at its first special token)."""
-        best = 0 if last else len(text)
-        for sp in self.special_strings:
-            i = text.rfind(sp) if last else text.find(sp)
-            if i >= 0:
-                best = max(best, i + len(sp)) if last else min(best, i)
-        return best
+        return self.text.template_tokens(text)
 
     def join(self, lead: str, data: str, trail: str) -> list[int]:
         """Ids of template text `lead` + data text + template text `trail`, as the tokenizer splits the
-        whole rendering: the plain text around the data (up to the nearest special tokens) is tokenised
-        with it, so e.g. SmolVLM's reply space merges with the first word, while the data's own
-        special-token strings stay text."""
-        a, b = self._special_span(lead, last=True), self._special_span(trail, last=False)
-        ids = self.template_tokens(lead[:a]) if a else []
-        ids += self.tokens(lead[a:] + data + trail[:b])
-        return ids + (self.template_tokens(trail[b:]) if b < len(trail) else [])
+        whole rendering (`TemplateText.join`)."""
+        return self.text.join(lead, data, trail)
 
     def check_prompt_text(self, group: PreferenceGroup, text: str) -> None:
-        for sp in self.special_strings:
-            if sp in text:
-                raise SpecialTokenInPrompt(
-                    f"{group.source or group.id}: the prompt text contains {sp!r}, a special token of this "
-                    "model's tokenizer: the chat template would read it as that token (an image placeholder, "
-                    "a turn boundary), not as text; remove or rewrite it in the data")
+        sp = self.text.special_string_in(text)
+        if sp:
+            raise SpecialTokenInPrompt(
+                f"{group.source or group.id}: the prompt text contains {sp!r}, a special token of this "
+                "model's tokenizer: the chat template would read it as that token (an image placeholder, "
+                "a turn boundary), not as text; remove or rewrite it in the data")
 
     # ----- media
     def open_media(self, media):

@@ -11,19 +11,7 @@ import torch
 
 from .families import FamilySpec
 from .packing import TOKEN_LEVEL_KEYS, concat_media, forward_keys
-
-
-def stop_ids(processor, end_of_turn: str) -> list[int]:
-    """The token ids that end a generated turn: the template's end-of-turn token (when it is one token) and
-    the tokenizer's EOS."""
-    tok = processor.tokenizer
-    ids = set()
-    eot = tok(end_of_turn, add_special_tokens=False)["input_ids"]
-    if len(eot) == 1:
-        ids.add(eot[0])
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return sorted(ids)
+from .reward_score import cut_reply, stop_ids
 
 
 @torch.no_grad()
@@ -36,7 +24,7 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stop = stop_ids(processor, end_of_turn)
+    stop = stop_ids(tok, end_of_turn)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -66,9 +54,8 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
                                  top_p=top_p if do_sample and top_p < 1 else None, top_k=None,
                                  eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
             for row in gen[:, L:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                text = tok.decode(row[:cut], skip_special_tokens=True).strip()
-                texts.append((text, row[:cut + 1]) if return_ids else text)
+                text, ids = cut_reply(tok, row, stop)  # the score function's decoding rule
+                texts.append((text, ids) if return_ids else text)
     finally:
         if was_training:
             model.train()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import torch
 
 from ..recipe import ModelConfig
 from .families import FamilySpec, apply_pixel_limits, cap_model_grid, detect_family
-from .heads import RewardHead
+from .reward_score import RewardHead, processor_without_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -168,39 +167,6 @@ def _torchvision_available() -> bool:
         return False
 
 
-class FramesOnlyVideoProcessor:
-    """Stands in for a torchvision video processor: mmrlhf-lite feeds videos as sampled frames (images)."""
-
-    merge_size = 2
-    temporal_patch_size = 2
-
-    def __call__(self, *args, **kwargs):
-        raise ModelLoadError("native video input needs torchvision; mmrlhf-lite passes videos as frames")
-
-
-def _image_only_processor_class(base: type) -> type:
-    class ImageOnly(base):  # type: ignore[misc, valid-type]
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if isinstance(argument, FramesOnlyVideoProcessor):
-                return FramesOnlyVideoProcessor
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImageOnly.__name__ = base.__name__
-    return ImageOnly
-
-
-def _saved_processor_kwargs(path: str, proc_cls: type) -> dict[str, Any]:
-    """The processor's own settings from processor_config.json (LLaVA-OV's `num_image_tokens`,
-    Idefics3's `image_seq_len`), as AutoProcessor would pass them: they fix how many image tokens
-    the text gets, so leaving them at the class defaults would mismatch the model."""
-    cfg_file = Path(path) / "processor_config.json"
-    if not cfg_file.exists():
-        return {}
-    accepted = set(inspect.signature(proc_cls.__init__).parameters) - set(proc_cls.get_attributes()) - {
-        "self", "chat_template", "args", "kwargs"}
-    return {k: v for k, v in json.loads(cfg_file.read_text()).items() if k in accepted}
-
-
 def local_processor_files(path: str) -> str:
     """A hub id's tokenizer/processor files (no weights) as a local folder, for the torchvision-free
     path that reads them by file name; a local folder is returned as is."""
@@ -218,19 +184,9 @@ def load_processor(path: str, family: FamilySpec, cfg: ModelConfig | None = None
     if _torchvision_available():
         processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust)
     else:
-        path = local_processor_files(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        image_processor = family.image_processor_type().from_pretrained(path)
-        proc_cls = _image_only_processor_class(getattr(transformers, family.processor_class))
-        chat_template = tokenizer.chat_template
-        tpl = Path(path) / "chat_template.jinja"
-        if chat_template is None and tpl.exists():
-            chat_template = tpl.read_text()
-        kwargs = _saved_processor_kwargs(path, proc_cls)
-        if "video_processor" in proc_cls.get_attributes():
-            kwargs["video_processor"] = FramesOnlyVideoProcessor()
-        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-                             **kwargs)
+        processor = processor_without_torchvision(local_processor_files(path),
+                                                  getattr(transformers, family.processor_class),
+                                                  family.image_processor_type(), trust)
     if cfg is not None:
         for note in apply_pixel_limits(processor.image_processor, family, cfg.min_pixels, cfg.max_pixels):
             log.warning(note)

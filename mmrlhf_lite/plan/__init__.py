@@ -30,7 +30,7 @@ from ..data.groups import PreferenceGroup
 from ..models.image_tokens import (IMAGE_COUNTERS, SizedImage, count_idefics3, count_llava_onevision,  # noqa: F401
                                    count_qwen, image_counter, image_size)
 from ..recipe import Recipe, TrainConfig
-from ..runs import RunDir, cache_dir_of, changed_message
+from ..runs import RunDir, cache_dir_of, changed_message, redo_for
 from .counters import (CRITIQUE_STAGES, POLICY_STAGES, PROCESSOR_DEFAULTS, CountingProcessor,  # noqa: F401
                        GroupTokens, _chars_counter, _CharsTokenizer, _Counter, _formula_counter, _processor_counter,
                        _size_only_encoder_class, _too_long, model_config, offline_processor)
@@ -83,10 +83,11 @@ def stage_status(recipe: Recipe, stages: Sequence[str]) -> tuple[list[dict], lis
     again) or `changed` (its recipe inputs changed: a real run refuses, `RunDir.check_recipe`), and the
     errors for the changed ones."""
     run = RunDir(recipe.run.dir)
-    changed, stale = run.changed_stages(recipe), run.stale_stages()
+    stale = run.stale_stages()
+    changed = {s: keys for s, keys in run.changed_stages(recipe).items() if s not in stale}  # as check_recipe
     rows = [{"stage": s, "status": "changed" if s in changed else "stale" if s in stale
              else "done" if run.is_done(s) else "run"} for s in stages]
-    return rows, [changed_message(run.path, s, keys) for s, keys in changed.items()]
+    return rows, [changed_message(run.path, s, keys, redo_for(changed)) for s, keys in changed.items()]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def _processor_counter(recipe: Recipe, stages: Sequence[str], family, processor,
 
 def _formula_counter(recipe: Recipe, family, config: dict, reason: str) -> _Counter:
     """Offline: text as characters/4, images by the family's formula from the config."""
-    from ..reward.prompt import INSTRUCTION
+    from ..models.reward_score import INSTRUCTION
 
     proc = offline_processor(family, config, recipe.model)
     count_images = image_counter(family)

@@ -119,7 +119,7 @@ def _counter(recipe: Recipe, stages: Sequence[str], config: dict | None = None,
     c.config_source = config_source
     if memo_dir is not None:
         from ..cache.store import model_fingerprint
-        from ..reward.prompt import TEMPLATE_VERSION
+        from ..models.reward_score import TEMPLATE_VERSION
 
         m = recipe.model
         salt = [model_fingerprint(m.path), family.name, TEMPLATE_VERSION, m.min_pixels, m.max_pixels,

@@ -2,16 +2,18 @@
 
 REFERENCE.md ("Critique-based reward model"): the image, an "unbiased and fair evaluator" instruction,
 then `[Question]: {question}` `[LMM Response]: {answer}` `[Evaluation]:`; the model's reply is the
-critique; the scalar head reads the last token of [prompt + response + critique].
+critique; the scalar head reads the last token of [prompt + response + critique]. The template, the
+branch tokens and the score are the score function's (`models/reward_score.py`, which an export carries);
+this module lays them out as one packed group.
 
 Packing: the text before the response (image + instruction + question) is the shared prefix of the
 K responses; each branch is `response + [Evaluation]: + assistant header` (context) followed by
 `reply prefix + critique + end of turn` (target tokens of the critique LM loss, masked by position). The
 split falls where the tokenizer splits the template's own rendering of the whole conversation (the space
 after `[LMM Response]:` goes with the response's first word), and response and critique texts are
-tokenised as text (GroupEncoder.join), so the ids equal that rendering's (tests/test_chat_templates.py).
+tokenised as text (TemplateText.join), so the ids equal that rendering's (tests/test_chat_templates.py).
 
-    python -m pytest tests/test_reward.py -q
+    python -m pytest tests/test_chat_templates.py -q
 """
 from __future__ import annotations
 
@@ -20,16 +22,7 @@ from dataclasses import dataclass
 from ..data.groups import PreferenceGroup
 from ..models.encoding import GroupEncoder
 from ..models.packing import Branch, EncodedGroup
-
-TEMPLATE_VERSION = "critique-v2"  # v2: template-exact token boundaries, data text never parsed for special tokens
-
-INSTRUCTION = (
-    "You are an unbiased and fair evaluator tasked with assessing the quality of answers provided by a Large "
-    "Multimodal Model (LMM). Given the following question and the LMM's response, please evaluate the "
-    "correctness, clarity, and completeness of the answer. Provide a detailed explanation of your assessment, "
-    "including specific points of strength and areas for improvement."
-)
-_MARK = "\x1eMMRLHF_RESPONSE\x1e"
+from ..models.reward_score import critique_branch, critique_turn, split_at_response
 
 
 @dataclass
@@ -51,64 +44,38 @@ class CritiqueEncoder:
 
     def __init__(self, encoder: GroupEncoder):
         self.encoder = encoder
-        self._split_cache: dict[tuple[str, int], tuple[str, str]] = {}
-
-    def _template_split(self, group: PreferenceGroup) -> tuple[list[dict], list, str, str]:
-        """(messages, images, text after the prefix up to the response, text after the response).
-
-        The user turn is rendered once with a marker in place of the response and split there, so the
-        chat template decides every separator exactly as in a full rendering.
-        """
-        messages, images = self.encoder.media(group)
-        image_parts = [p for t in messages for p in t["content"] if p["type"] == "image"]
-        text = f"{INSTRUCTION}\n[Question]: {group.question_text()}\n[LMM Response]: {_MARK}\n[Evaluation]:"
-        user = {"role": "user", "content": image_parts + [{"type": "text", "text": text}]}
-        rendered = self.encoder.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        before, after = rendered.split(_MARK, 1)
-        return [user], images, before, after
 
     def encode(self, group: PreferenceGroup, critiques: list[str | None] | None = None,
                with_critique: bool = True, response_targets: bool = False,
                generated: bool = False) -> tuple[EncodedGroup, list[CritiqueParts]]:
         """One EncodedGroup whose branch i scores response i (with critique i when given).
 
+        The prompt and each branch come from the score function (`reward_score.critique_turn`,
+        `split_at_response`, `critique_branch`), the code an exported reward model scores with.
         `response_targets`: also mark the response's tokens as targets (before the critique's), so that the
         forward returns their log-probs (`reward.response_logp_weight`).
         `generated`: the critiques are the model's own; an empty one (the model ended its turn at once) is
         the end-of-turn token alone, as generated, so the head reads the end-of-turn position as for every
         other critique, not the no-critique position."""
-        messages, images, before, after = self._template_split(group)
-        proc, ge = self.encoder.processor, self.encoder
-        # the whitespace before the response belongs to its first token (`: The` is `:` + ` The`)
-        lead = before[len(before.rstrip()):]
-        before = before[:len(before) - len(lead)]
+        ge = self.encoder
+        messages, images = ge.media(group)
+        n_images = sum(1 for t in messages for p in t["content"] if p["type"] == "image")
+        before, lead, after = split_at_response(ge.processor, critique_turn(n_images, group.question_text()))
         # images nested per sample, as GroupEncoder.encode_prefix does (LLaVA-OV multi-image rules)
-        full = proc(text=[before], images=[images] if images else None, return_tensors="pt")
+        full = ge.processor(text=[before], images=[images] if images else None, return_tensors="pt")
         prefix = {k: v for k, v in full.items() if hasattr(v, "shape") and k != "attention_mask"}
         if critiques is None:
             critiques = [r.critique for r in group.responses]
         parts, branches = [], []
         for r, crit in zip(group.responses, critiques):
-            context = ge.join(lead, r.text, after)
-            use = with_critique and (bool(crit) or (generated and crit is not None))
-            critique = ge.join(ge.reply_prefix, crit, ge.end_of_turn) if use else []
-            parts.append(CritiqueParts(context, critique))
-            n_resp = self._response_len(lead, r.text, context) if response_targets else 0
-            branches.append(CritiqueBranch(ids=context + critique, n_response=n_resp,
-                                           target=[True] * n_resp + [False] * (len(context) - n_resp)
-                                           + [True] * len(critique)))
+            b = critique_branch(ge.text, lead, after, r.text, crit, reply_prefix=ge.reply_prefix,
+                                end_of_turn=ge.end_of_turn, with_critique=with_critique, generated=generated,
+                                response_targets=response_targets)
+            parts.append(CritiqueParts(b.context, b.critique))
+            branches.append(CritiqueBranch(ids=b.ids, target=b.target, n_response=b.n_response))
         enc = EncodedGroup(prefix=prefix, branches=branches, group_id=group.id, source=group.source)
-        self.encoder.check_length(group, enc, "critique prompt + response + critique")
+        ge.check_length(group, enc, "critique prompt + response + critique")
         return enc, parts
-
-    def _response_len(self, lead: str, text: str, context: list[int]) -> int:
-        """How many leading context tokens are the response's own: the whitespace before it and its text
-        (up to where tokenising it together with the text after it merges differently)."""
-        alone = self.encoder.join(lead, text, "")
-        n = 0
-        while n < min(len(alone), len(context)) and alone[n] == context[n]:
-            n += 1
-        return n
 
     def generation_inputs(self, group: PreferenceGroup) -> tuple[dict, list[list[int]]]:
         """(prefix inputs, per-response context ids): the prompt for generating each critique is

@@ -25,9 +25,10 @@ from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
 from ..models.logprobs import use_packing
+from ..models.reward_score import TEMPLATE_VERSION, AnswerScore
 from ..recipe import ModelConfig, RewardConfig
 from ..runs import write_atomic
-from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+from .prompt import CritiqueEncoder
 from .trainer import compute_rewards, response_logp_weight, reward_model_dir
 
 REWARD_CACHE = "reward.jsonl"
@@ -36,10 +37,14 @@ REWARD_FIELDS = {"score": (int, float), "scores": list, "critiques": list}  # th
 
 @dataclass
 class ScoredResponse:
+    """A response's score (the mean over its critique samples) and, apart, the two parts of a hybrid score
+    (`reward_score.hybrid_score`): score = head + response_logp_weight * response_logp."""
     score: float
     scores: list[float]
     critiques: list[str]
     empty_critiques: int = 0  # generated critiques that were empty (the model ended its turn at once)
+    head: float | None = None           # the head's part, mean over samples
+    response_logp: float | None = None  # mean log-prob of the response's tokens (None when the weight is 0)
 
 
 class RewardScorer:
@@ -96,36 +101,49 @@ class RewardScorer:
         return out
 
     # ----- scores
+    @property
+    def response_logp_weight(self) -> float:
+        """w of the hybrid score (0: the head alone)."""
+        return response_logp_weight(self.model)
+
     @torch.no_grad()
     def score_with(self, groups: Sequence[PreferenceGroup], critiques: list[list[list[str]]] | None,
-                   batch_groups: int = 4, generated: bool = False) -> list[list[list[float]]]:
-        """scores[g][r][s]; `critiques=None` scores without critique (mode `none`); `generated`: the
-        critiques are the model's own (an empty one is its end-of-turn token, see CritiqueEncoder.encode)."""
+                   batch_groups: int = 4, generated: bool = False) -> list[list[list[AnswerScore]]]:
+        """scores[g][r][s] with their parts; `critiques=None` scores without critique (mode `none`);
+        `generated`: the critiques are the model's own (an empty one is its end-of-turn token, see
+        CritiqueEncoder.encode)."""
         jobs = []  # expand samples into extra branches of the same group (same prefix, same image)
         for gi, g in enumerate(groups):
             n = len(critiques[gi][0]) if critiques is not None else 1
             for si in range(n):
                 crit = [critiques[gi][ri][si] for ri in range(len(g.responses))] if critiques is not None else None
                 jobs.append((gi, si, g, crit))
-        scores = [[[0.0] * (len(critiques[gi][0]) if critiques is not None else 1) for _ in g.responses]
-                  for gi, g in enumerate(groups)]
+        scores: list[list[list[AnswerScore | None]]] = [
+            [[None] * (len(critiques[gi][0]) if critiques is not None else 1) for _ in g.responses]
+            for gi, g in enumerate(groups)]
+        resp = self.response_logp_weight > 0
         for s in range(0, len(jobs), batch_groups):
             chunk = jobs[s:s + batch_groups]
-            resp = response_logp_weight(self.model) > 0
             encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
                                         generated=generated)[0] for _, _, g, c in chunk]
-            rewards, _ = distributed.through_root(self.model, lambda: compute_rewards(
+            out = distributed.through_root(self.model, lambda: compute_rewards(
                 self.model, self.spec, encoded, self.packed, with_logps=False))  # FSDP: through the root
             off = 0
-            for gi, si, g, _ in chunk:
+            for gi, si, g, crit in chunk:
                 for ri in range(len(g.responses)):
-                    scores[gi][ri][si] = float(rewards[off + ri])
+                    k = off + ri
+                    scores[gi][ri][si] = AnswerScore(
+                        score=float(out.scores[k]), head=float(out.head[k]),
+                        response_logp=None if out.response_logp is None else float(out.response_logp[k]),
+                        critique=None if crit is None else crit[ri])
                 off += len(g.responses)
         return scores
 
     def score_groups(self, groups: Sequence[PreferenceGroup], mode: str = "generate", *, n_samples: int = 1,
                      temperature: float = 0.7, max_new_tokens: int = 96, batch_size: int = 8,
-                     seed: int = 0) -> list[list[ScoredResponse]]:
+                     seed: int = 0, batch_groups: int = 4) -> list[list[ScoredResponse]]:
+        """Each group's responses scored in `mode`; `batch_size` critiques per generation call, `batch_groups`
+        groups per packed scoring forward."""
         if mode == "generate":
             crits = self.generate_critiques(groups, n_samples=n_samples, temperature=temperature,
                                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
@@ -138,10 +156,9 @@ class RewardScorer:
             crits = None
         else:
             raise ValueError(f"unknown critique mode {mode!r}")
-        scores = self.score_with(groups, crits, generated=mode == "generate")
-        return [[ScoredResponse(score=sum(sc) / len(sc), scores=sc, critiques=crits[gi][ri] if crits else [],
-                                empty_critiques=sum(not c for c in crits[gi][ri]) if mode == "generate" else 0)
-                 for ri, sc in enumerate(group_scores)] for gi, group_scores in enumerate(scores)]
+        scores = self.score_with(groups, crits, batch_groups=batch_groups, generated=mode == "generate")
+        return [[_scored(samples, crits[gi][ri] if crits else [], mode) for ri, samples in enumerate(group_scores)]
+                for gi, group_scores in enumerate(scores)]
 
     def score_answers(self, image, question: str, answers: list[str], mode: str = "generate",
                       max_new_tokens: int = 96) -> list[ScoredResponse]:
@@ -150,6 +167,15 @@ class RewardScorer:
         g = PreferenceGroup(id="playground", prompt=[text_to_turn(question, len(images))],
                             responses=[Response(a) for a in answers], images=images)
         return self.score_groups([g], mode, max_new_tokens=max_new_tokens)[0]
+
+
+def _scored(samples: list[AnswerScore], critiques: list[str], mode: str) -> ScoredResponse:
+    """A response's samples as one ScoredResponse: each part averaged over the samples."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    logps = [s.response_logp for s in samples]
+    return ScoredResponse(score=mean([s.score for s in samples]), scores=[s.score for s in samples],
+                          critiques=critiques, empty_critiques=sum(not c for c in critiques) if mode == "generate" else 0,
+                          head=mean([s.head for s in samples]), response_logp=None if None in logps else mean(logps))
 
 
 # --------------------------------------------------------------------------------------------------

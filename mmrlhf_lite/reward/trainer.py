@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.wrappers import unwrap
 from ..models.logprobs import group_forward, use_packing
+from ..models.reward_score import TEMPLATE_VERSION, hybrid_score
 from ..recipe import RewardConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
 from .loss import bradley_terry, reward_loss, step_counts
-from .prompt import TEMPLATE_VERSION, CritiqueEncoder
+from .prompt import CritiqueEncoder
 
 
 def pair_tensors(groups, offsets: list[int], margin_scale: float = 0.0):
@@ -64,24 +66,36 @@ def response_logp_weight(model) -> float:
     return float(getattr(unwrap(model).reward_head, "response_logp_weight", 0.0) or 0.0)
 
 
-def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool, head_part: bool = False):
-    """(rewards (N,), per-branch critique token log-probs) for a list of encoded critique groups.
+@dataclass
+class Rewards:
+    """What one forward of the critique reward model gives, per branch (response), in input order.
+
+    `scores` = `head` + response_logp_weight * `response_logp` (the hybrid score when the weight is > 0;
+    the paper's head alone at 0). The parts are kept apart: the centring loss acts on the head's part only,
+    the evaluation reports each part's accuracy, and the log-prob part has its own ranking loss."""
+    scores: torch.Tensor                 # (N,)
+    head: torch.Tensor                   # (N,) head(h at the branch's last token)
+    response_logp: torch.Tensor | None   # (N,) mean log p(response tokens); None when no branch marks them
+    critique_token_logps: list[torch.Tensor] = field(default_factory=list)  # per branch (n_critique,); [] unless asked
+
+
+def compute_rewards(model, spec, encoded, packed: bool, with_logps: bool) -> Rewards:
+    """The rewards of a list of encoded critique groups (one packed or unpacked forward).
 
     reward = head(h at the branch's last token) [+ response_logp_weight * mean log p(response tokens)
     when the branches mark the response's tokens as targets (CritiqueEncoder.encode(response_targets=True))].
-    `head_part`: also return the head's part alone (the centering loss keeps that part near 0; the
-    log-prob part is centred by nothing, since pulling it toward 0 would raise every response's likelihood)."""
+    `with_logps`: also return each branch's critique token log-probs (the critique LM loss)."""
     n_resp = [getattr(b, "n_response", 0) for e in encoded for b in e.branches]
     need_resp = any(n_resp)
     out = group_forward(model, spec, encoded, packed=packed, logps=with_logps or need_resp, hidden=True)
     head = unwrap(model).reward_head
     head_rewards = rewards = head(torch.stack(out.last_hidden))
-    crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if out.token_logps else out.token_logps
+    crit = [t[n:] for t, n in zip(out.token_logps, n_resp)] if with_logps else []
+    resp = None
     if need_resp:
-        w = response_logp_weight(model)
         resp = torch.stack([t[:n].mean() if n else t.new_zeros(()) for t, n in zip(out.token_logps, n_resp)])
-        rewards = head_rewards + w * resp.to(head_rewards.dtype)
-    return (rewards, crit, head_rewards) if head_part else (rewards, crit)
+        rewards = hybrid_score(head_rewards, resp, response_logp_weight(model))
+    return Rewards(scores=rewards, head=head_rewards, response_logp=resp, critique_token_logps=crit)
 
 
 class RewardTrainer(GroupTrainer):
@@ -94,8 +108,8 @@ class RewardTrainer(GroupTrainer):
 
     def group_loss(self, model, batch, norm=None):
         c = self.cfg
-        rewards, token_logps, head_rewards = compute_rewards(model, self.spec, batch["encoded"], self.packed,
-                                                             c.w_crit > 0, head_part=True)
+        out = compute_rewards(model, self.spec, batch["encoded"], self.packed, c.w_crit > 0)
+        rewards, token_logps, head_rewards = out.scores, out.critique_token_logps, out.head
         pairs = batch["pairs"].to(rewards.device)
         margins = None if batch["margins"] is None else batch["margins"].to(rewards.device)
         loss, parts = reward_loss(rewards, pairs, batch["ties"].to(rewards.device),
@@ -136,7 +150,7 @@ def given_critique_accuracy(model, spec, crit: CritiqueEncoder, groups, packed: 
     for s in range(0, len(groups), batch):
         chunk = groups[s:s + batch]
         encoded = [crit.encode(g, response_targets=response_logp_weight(model) > 0)[0] for g in chunk]
-        rewards, _ = compute_rewards(model, spec, encoded, packed, with_logps=False)
+        rewards = compute_rewards(model, spec, encoded, packed, with_logps=False).scores
         off = 0
         for g in chunk:
             for b, w in g.pairs():

@@ -3,7 +3,8 @@
 Reads each run's `eval/report.json` (`evaluate.pipeline.load_report`) and `events.jsonl`; e.g. an
 MM-DPO run (dpo.w > 0) against plain DPO (dpo.w = 0) on the same data. The reward-model benchmarks
 scored into a run (`python -m mmrlhf_lite.evaluate bench`, `RUN/bench/<benchmark>/report.json`) are shown
-side by side: one row per benchmark metric, one column per run and critique mode.
+side by side: one row per benchmark metric, one column per run and critique mode; a cell holds the benchmark's
+own count of score ties, and ours (every tie wrong) where that differs.
 
     python app.py            # Compare runs tab
 """
@@ -83,12 +84,20 @@ def bench_table(runs_root: str | os.PathLike, names: list[str]) -> pd.DataFrame:
                 col = f"{name} ({mode}{', smoke run' if report.get('smoke') else ''})"  # smoke: a tiny test model
                 if col not in columns:
                     columns.append(col)
-                entries = [("pairs scored", str(report.get("pairs")))] + [(r["metric"], _pct(r["acc"]))
+                entries = [("pairs scored", str(report.get("pairs")))] + [(r["metric"], _bench_cell(r))
                                                                           for r in res["table"]]
                 for metric, value in entries:
                     cells.setdefault((spec.title, metric), {})[col] = value
     rows = [{"benchmark": b, "metric": m, **{c: per.get(c, "-") for c in columns}} for (b, m), per in cells.items()]
     return pd.DataFrame(rows, columns=["benchmark", "metric"] + columns)
+
+
+def _bench_cell(row: dict) -> str:
+    """The benchmark's own count, and beside it ours with every score tie wrong where that differs (a report
+    written before it was kept has only the first)."""
+    official = _pct(row["acc"])
+    strict = _pct(row["acc_strict"]) if "acc_strict" in row else official
+    return official if strict == official else f"{official} (score ties wrong: {strict})"
 
 
 def overlay(runs_root: str | os.PathLike, names: list[str], curve: str, tail: EventTail) -> pd.DataFrame:

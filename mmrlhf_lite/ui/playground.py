@@ -1,5 +1,8 @@
 """Reward playground: score answers with a run's trained critique reward model; browse its reward cache.
 
+A hybrid reward model (`reward.response_logp_weight` > 0) shows on each card how its score adds up: the
+head's part + w x the answer's mean log-prob (`hybrid_line`).
+
 Scoring goes through `RewardScorer.from_run(...).score_answers(...)`, the same API notebooks use, with
 the model settings of the run's own recipe (so `trust_remote_code` is on only when that recipe asked).
 The loaded model is kept for the next request (one at a time). The cache browser reads
@@ -98,8 +101,19 @@ def score(runs_root, run_name: str, image: bytes | None, question: str, answers:
         scored = scorer.score_answers(image, question.strip(), answers, mode=mode, max_new_tokens=max_new_tokens)
     order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
     ranks = {i: r + 1 for r, i in enumerate(order)}
-    return [{"answer": a, "score": s.score, "rank": ranks[i], "critique": " | ".join(s.critiques)}
+    weight = scorer.response_logp_weight
+    return [{"answer": a, "score": s.score, "rank": ranks[i], "critique": " | ".join(s.critiques), "head": s.head,
+             "response_logp": s.response_logp, "response_logp_weight": weight}
             for i, (a, s) in enumerate(zip(answers, scored))]
+
+
+def hybrid_line(r: dict) -> str:
+    """How a hybrid score (reward.response_logp_weight > 0) adds up, in words; '' for the head alone."""
+    w = r.get("response_logp_weight")
+    if not w or r.get("response_logp") is None:
+        return ""
+    return (f"hybrid score = head {r['head']:.4f} + {w:g} × mean log-prob of the answer {r['response_logp']:.4f} "
+            f"(reward.response_logp_weight = {w:g})")
 
 
 def _printable(text: str) -> str:
@@ -118,7 +132,8 @@ def cards_html(results: list[dict]) -> str:
             f"<div class='mm-card-head'><b>Answer {i + 1}</b> · rank <b>{r['rank']}</b> · "
             f"score <b>{r['score']:.4f}</b></div>"
             f"<div class='mm-card-answer'>{html.escape(r['answer'])}</div>"
-            f"<div class='mm-card-critique'><b>Critique:</b> {crit}</div></div>")
+            + (f"<div class='mm-card-hybrid'>{hybrid_line(r)}</div>" if hybrid_line(r) else "")
+            + f"<div class='mm-card-critique'><b>Critique:</b> {crit}</div></div>")
     return "<div class='mm-cards'>" + "".join(cards) + "</div>"
 
 
