@@ -344,3 +344,36 @@ def test_the_stop_rule_ends_the_rounds_before_the_next_one(two_rounds, tmp_path)
     assert any("right_answers 0.5 -> 0.4" in w and w.endswith("rounds 3..3 not run") for w in warned)
     summary = json.loads((run / "rounds" / "summary.json").read_text())
     assert summary["stopped_early"] == st["stopped_early"] and len(summary["history"]) == 3
+
+
+def test_given_the_same_samples_two_ranks_write_the_same_score_and_reference_caches(offline, two_rounds, tmp_path):
+    """torchrun --nproc_per_node 2 on round 1 with the one-process round's samples in its cache: the ranks split the
+    scoring and the reference pass, and their caches hold the one process's entries (critiques included)."""
+    from test_distributed import _finish, _launch
+
+    run = _copy(offline, tmp_path / "run")
+    (run / "rounds" / "1" / "cache").mkdir(parents=True)
+    shutil.copy(two_rounds / "rounds" / "1" / "cache" / "samples.jsonl", run / "rounds" / "1" / "cache")
+    _recipe(run, "rounds.n=1").save(tmp_path / "rounds.yaml")
+    rc, out = _finish(_launch(tmp_path / "rounds.yaml", "rounds"))
+    assert rc == 0, out[-4000:]
+    events, _ = read_events(run)
+    assert any(e["type"] == "run_start" and e.get("world_size") == 2 for e in events)
+    for part in ("score", "reference"):  # each rank computed a share
+        [m] = [e for e in events if e["type"] == "metrics" and e.get("part") == part and "groups_per_s" in e][-1:]
+        assert m["rank0_groups_per_s"] > 0 and m["rank1_groups_per_s"] > 0, part
+    one, two = two_rounds / "rounds" / "1" / "cache", run / "rounds" / "1" / "cache"
+    assert _by_key(two / "samples.jsonl", "answers") == _by_key(one / "samples.jsonl", "answers")  # none sampled
+    for name, field in (("reward.jsonl", "score"), ("reward.jsonl", "critiques"), ("reference.jsonl", "logp")):
+        a, b = _by_key(one / name, field), _by_key(two / name, field)
+        assert a.keys() == b.keys() and a, name
+        for k in a:
+            assert b[k] == (a[k] if field == "critiques" else pytest.approx(a[k], rel=1e-4, abs=1e-4)), (name, k)
+    # both ranks scored: progress counted every rank's groups, and the round's groups and margins are the same
+    a = json.loads((two_rounds / "rounds" / "1" / "round.json").read_text())
+    b = json.loads((run / "rounds" / "1" / "round.json").read_text())
+    assert (a["groups"], a["pairs"], a["dropped"]) == (b["groups"], b["pairs"], b["dropped"])
+    ma, mb = (_lines(r / "rounds" / "1" / "score" / "margins.jsonl") for r in (two_rounds, run))
+    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert y["scores"] == pytest.approx(x["scores"], rel=1e-4, abs=1e-4) and y["critiques"] == x["critiques"]
