@@ -272,13 +272,14 @@ def preflight_plan(recipe: Recipe, stages: list[str], gpu_mem: str | None = None
     """The dry run's plan (recipe, data and pre-flight checks, no model) without printing it: the UI's
     Train tab shows the same numbers beside Start. Data warnings go to `events` (default: the terminal)."""
     from .checks import preflight_problems
-    from .data import prepare_data
+    from .data import load_data
     from .plan import make_plan
 
     events = events if events is not None else EventLog(None, echo=True)
     problems = preflight_problems(recipe, stages)
-    train, evals = prepare_data(recipe, Path(recipe.run.dir), events, dry_run=True)
-    plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
+    data = load_data(recipe, Path(recipe.run.dir), events, dry_run=True)
+    plan = make_plan(recipe, stages, data.train, data.evals, gpu_mem=gpu_mem,
+                     prompts=(data.train_prompts, data.eval_prompts))
     plan["errors"] = problems + list(plan["errors"])
     return plan
 

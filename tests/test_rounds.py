@@ -377,3 +377,25 @@ def test_given_the_same_samples_two_ranks_write_the_same_score_and_reference_cac
     assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb]
     for x, y in zip(ma, mb):
         assert y["scores"] == pytest.approx(x["scores"], rel=1e-4, abs=1e-4) and y["critiques"] == x["critiques"]
+
+
+def test_the_dry_run_says_what_the_rounds_will_do(tmp_path, capsys):
+    from mmrlhf_lite.train import dry_run, main
+
+    recipe = _recipe(tmp_path / "run", "rounds.n=2", "rounds.max_prompts=5")
+    plan = dry_run(recipe, list(recipe.run.stages))
+    train, evals = _data(recipe)
+    assert plan["rounds"] == {"n": 2, "samples": 3, "prompts": len(train), "which": "all", "max_prompts": 5,
+                              "steps": 2, "reference": "previous", "held_out": len(evals), "held_out_prompts": 0}
+    out = capsys.readouterr().out
+    assert "stages: reward, score, reference, dpo, eval, rounds\n" in out
+    assert (f"rounds: 2 online round(s), 3 answers for each of {len(train)} prompts (rounds.prompts all, 5 a round), "
+            f"2 MM-DPO steps each, reference: the previous policy; held out: {len(evals)} groups, 0 prompts") in out
+    # without rounds: no rounds line, and the stage is not listed
+    plan = dry_run(_recipe(tmp_path / "run"), list(recipe.run.stages))
+    assert plan["rounds"] is None and "rounds:" not in capsys.readouterr().out
+    # --rounds N on the command line sets rounds.n
+    recipe.save(tmp_path / "r.yaml")
+    assert main([str(tmp_path / "r.yaml"), "--dry-run", "--rounds", "4"]) == 0
+    assert "rounds: 4 online round(s)" in capsys.readouterr().out
+    assert main([str(tmp_path / "r.yaml"), "--dry-run", "--rounds", "-1"]) == 2
