@@ -399,3 +399,20 @@ def test_the_dry_run_says_what_the_rounds_will_do(tmp_path, capsys):
     assert main([str(tmp_path / "r.yaml"), "--dry-run", "--rounds", "4"]) == 0
     assert "rounds: 4 online round(s)" in capsys.readouterr().out
     assert main([str(tmp_path / "r.yaml"), "--dry-run", "--rounds", "-1"]) == 2
+
+
+def test_a_round_s_groups_are_a_data_file_with_the_answers_scores_and_critiques(two_rounds):
+    """rounds/<r>/groups.jsonl loads with the data readers: the margins' groups, answers ranked by their scores,
+    each answer's critique, the pairs MM-DPO trained on."""
+    from mmrlhf_lite.data.readers import load_groups
+
+    folder = two_rounds / "rounds" / "1"
+    res = load_groups(folder / "groups.jsonl")
+    margins = _lines(folder / "score" / "margins.jsonl")
+    assert res.formats == {str(folder / "groups.jsonl"): "ranked"} and len(res.groups) == len(margins)
+    for g, m in zip(res.groups, margins):
+        assert g.id == m["group_id"] and [r.score for r in g.responses] == m["scores"]
+        assert [r.critique for r in g.responses] == [" | ".join(c) or None for c in m["critiques"]]
+        assert [{"better": b, "worse": w} for b, w in g.pairs()] == [{k: p[k] for k in ("better", "worse")}
+                                                                      for p in m["pairs"]]
+        assert all(Path(p).is_file() for p in g.images)

@@ -7,6 +7,7 @@ human-ranked data) and writes into `rounds/<r>/`:
     cache/reward.jsonl      each distinct answer's critique and score           (reward.scorer.score_into_cache)
     cache/reference.jsonl   each answer's log-prob under the reference policy  (cache.reference.fill_reference)
     score/margins.jsonl     the round's MM-DPO groups: scores, critiques, pairs (reward.scorer.write_margins)
+    groups.jsonl            the same groups as `ranked` data rows: answers, scores, critiques, pairs (write_groups)
     dpo/final/              pi_r, MM-DPO continued from pi_{r-1}               (dpo.trainer.train_policy)
     eval/report.json        pi_r's held-out policy metrics                      (evaluate.pipeline.eval_policy)
     round.json              the round's summary, written last: the round is done
@@ -33,6 +34,7 @@ from .ranking import answer_group, distinct_answers, rank_answers
 from .sampling import sample_answers
 
 ROUND_FILE = "round.json"
+GROUPS_FILE = "groups.jsonl"
 
 
 def round_dir(ctx, r: int) -> Path:
@@ -118,6 +120,7 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     if distributed.is_main():
         write_margins(folder / "score" / "margins.jsonl", ranked.groups, ranked.records, {},
                       splits=["train"] * len(ranked.groups))
+        write_groups(folder / GROUPS_FILE, ranked.groups)
     distributed.barrier(f"round {r} margins")
     summary: dict = {"round": r, "prompts": len(chosen), "samples": sum(len(a) for a in answers),
                      "dropped": ranked.dropped, "groups": len(ranked.groups),
@@ -162,6 +165,19 @@ def guard_view(distinct, records_by_prompt: dict, scored, policy_logps, initial_
                                  scores=[float(x["score"]) for x in recs] if recs else None,
                                  policy_logps=lp[0] if lp else None, initial_logps=lp[1] if lp else None))
     return out
+
+
+def write_groups(path: Path, groups: list[PreferenceGroup]) -> int:
+    """The round's MM-DPO groups as native `ranked` rows (prompt, images, each answer with its score and critique,
+    the pairs): a preference data set of the policy's own answers that the data tools and the UI's data browser
+    read. Groups whose images are inline bytes (not files) are left out. Returns the rows written."""
+    rows = []
+    for g in groups:
+        if any(isinstance(m, bytes) for m in list(g.images) + list(g.video or [])):
+            continue
+        rows.append(json.dumps(g.to_record(), ensure_ascii=False))
+    write_atomic(path, "\n".join(rows) + ("\n" if rows else ""))
+    return len(rows)
 
 
 def evaluate_policy(ctx, folder: Path, held_out: list[PreferenceGroup], held_out_prompts: list[PreferenceGroup],
