@@ -288,8 +288,9 @@ class RoundsConfig:
     temperature: float = _f(1.0, "Sampling temperature of the round's answers.", gt=0, stages=ROUNDS)
     top_p: float = _f(1.0, "Nucleus sampling top-p of the round's answers (1 = off).", gt=0, le=1, stages=ROUNDS)
     max_new_tokens: int = _f(48, "Longest sampled answer.", gt=0, stages=ROUNDS)
-    steps: int = _f(0, "MM-DPO optimizer steps per round; 0 = as dpo.train (max_steps, else epochs over the "
-                    "round's groups).", ge=0, stages=ROUNDS)
+    steps: int = _f(0, "MM-DPO optimizer steps per round; 0 = one pass over the round's groups (their number "
+                    "varies: prompts whose answers are degenerate or tied are dropped). The other optimisation "
+                    "settings are dpo.train's.", ge=0, stages=ROUNDS)
     prompts: str = _f("all", "Which training prompts the rounds sample for: `all` (the human-ranked groups' prompts "
                       "and the rows without a ranking) or `unranked` (only the rows without a ranking).",
                       choices=("all", "unranked"), stages=ROUNDS)

@@ -20,7 +20,7 @@ from ..cache.reference import reference_logps
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.logprobs import group_forward, use_packing
-from ..recipe import DpoConfig
+from ..recipe import DpoConfig, TrainConfig
 from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
 from .loss import mm_dpo_loss
 
@@ -138,16 +138,14 @@ def run_stage(ctx) -> dict:
 
 
 def train_policy(ctx, groups, reference: dict[str, list[float]], deltas: dict[str, list[float]], out_dir: Path,
-                 final: Path, *, start_from: Path | None = None, max_steps: int | None = None) -> dict:
+                 final: Path, *, start_from: Path | None = None, train: TrainConfig | None = None) -> dict:
     """MM-DPO on `groups` (their reference log-probs and pair margins by group id): checkpoints in
     `out_dir/checkpoints` (a stopped run resumes from the last), the policy adapter saved to `final`.
     `start_from`: continue training that saved policy adapter (online rounds) instead of a fresh LoRA;
-    `max_steps`: instead of dpo.train's."""
-    import dataclasses
-
+    `train`: optimisation settings instead of dpo.train (a round's own step count)."""
     recipe, events = ctx.recipe, ctx.events
     dc = recipe.dpo
-    train_cfg = dc.train if max_steps is None else dataclasses.replace(dc.train, max_steps=max_steps)
+    train_cfg = train or dc.train
     seed_everything(recipe.run.seed)
     model, processor = load_model(recipe.model, adapter=start_from, trainable=True)
     info = model.mmrlhf

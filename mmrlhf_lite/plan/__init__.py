@@ -21,6 +21,7 @@ Each family's image-token rule lives in models/image_tokens.py, named by the fam
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -97,7 +98,8 @@ def rounds_plan(recipe: Recipe, stages: Sequence[str], train_groups, eval_groups
         return None
     train_prompts, eval_prompts = prompts
     n = len(train_prompts) + (len(train_groups) if rc.prompts == "all" else 0)
-    steps = rc.steps or optimizer_steps(recipe.dpo.train, min(n, rc.max_prompts or n))["steps"]
+    one_pass = dataclasses.replace(recipe.dpo.train, max_steps=0, epochs=1.0)
+    steps = rc.steps or f"up to {optimizer_steps(one_pass, min(n, rc.max_prompts or n))['steps']}"
     return {"n": rc.n, "samples": rc.samples, "prompts": n, "which": rc.prompts, "max_prompts": rc.max_prompts,
             "steps": steps, "reference": recipe.dpo.reference, "held_out": len(eval_groups),
             "held_out_prompts": len(eval_prompts)}

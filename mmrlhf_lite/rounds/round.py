@@ -19,6 +19,7 @@ killed round resumes where it stopped (the same command), and the MM-DPO step re
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -52,6 +53,11 @@ def pick_prompts(prompts: Sequence[PreferenceGroup], max_prompts: int | None, se
         return list(prompts)
     keep = set(random.Random(f"rounds:{seed}:{r}").sample(range(len(prompts)), max_prompts))
     return [g for i, g in enumerate(prompts) if i in keep]
+
+
+def round_training(recipe):
+    """dpo.train with the round's steps: `rounds.steps`, or one pass over the round's groups when it is 0."""
+    return dataclasses.replace(recipe.dpo.train, max_steps=recipe.rounds.steps, epochs=1.0)
 
 
 def score_mode(critique_mode: str) -> str:
@@ -139,9 +145,10 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     reference_policy = start if dc.reference == "previous" else initial
     reference = reference_of(ref_events, ranked.groups, cache, reference_policy)   # cached above
     deltas = margins_for(ranked.groups, dc.margin_source if dc.w > 0 else "none", folder)
-    train_policy(ctx.with_events(events.tagged(part="dpo")), ranked.groups,
-                 {g.id: ref for g, ref in zip(ranked.groups, reference)}, deltas, folder / "dpo", policy_of(ctx, r),
-                 start_from=start, max_steps=rc.steps or None)
+    result = train_policy(ctx.with_events(events.tagged(part="dpo")), ranked.groups,
+                          {g.id: ref for g, ref in zip(ranked.groups, reference)}, deltas, folder / "dpo",
+                          policy_of(ctx, r), start_from=start, train=round_training(recipe))
+    summary["steps"] = result.get("steps")
     distributed.barrier(f"round {r} policy saved")
     summary["held_out"] = evaluate_policy(ctx.with_events(events.tagged(part="eval")), folder, held_out,
                                           held_out_prompts, policy_of(ctx, r))
