@@ -123,9 +123,8 @@ def _vision_cached_trainer_class():
             out = packed_forward_embedded(model, self.spec, encoded, embeds)
             logps = torch.stack(out.logps)
             sft = None
-            if c.gamma > 0:
-                best_nll = torch.stack([-out.token_logps[i].mean() for i in batch["best"].tolist()])
-                sft = best_nll[batch["pair_group"].to(device)]
+            if c.gamma > 0:  # as DpoTrainer.group_loss: per pair, the NLL of its SFT response
+                sft = torch.stack([-out.token_logps[i].mean() for i in batch["sft_responses"].tolist()])
             loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(device), batch["pairs"].to(device),
                                         batch["deltas"].to(device), beta=c.beta, w=c.w, k=c.k,
                                         beta_floor=c.beta_floor, loss_type=c.loss_type,

@@ -84,7 +84,7 @@ def device_problems(recipe: Recipe) -> list[str]:
             from .models.loading import unsloth_available
 
             if not unsloth_available():
-                out.append("model.backend=unsloth but unsloth is not importable; pip install -r "
+                out.append("model.backend=unsloth but unsloth is not installed; pip install -r "
                            "requirements-gpu.txt, or use model.backend=transformers")
     return out
 

@@ -41,7 +41,9 @@ def _clean(value: Any) -> Any:
 
 
 class EventLog:
-    """Append-only writer of `events.jsonl`; optionally mirrors progress to tqdm in the terminal."""
+    """Append-only writer of `events.jsonl`; optionally mirrors progress to tqdm in the terminal. A process
+    killed while writing leaves a torn last line: the next writer cuts it before its first append (as the
+    caches do), so the line it appends is not glued to it and every line stays readable."""
 
     def __init__(self, run_dir: str | os.PathLike | None, *, echo: bool = True):
         self.path = Path(run_dir) / EVENTS_FILE if run_dir is not None else None
@@ -50,6 +52,7 @@ class EventLog:
         self.echo = echo
         self._bars: dict[str, Any] = {}
         self.stage: str | None = None
+        self._tail_checked = False
         self.tags: dict[str, Any] = {}
 
     def tagged(self, **tags: Any) -> "EventLog":
@@ -66,8 +69,11 @@ class EventLog:
             fields["stage"] = self.stage
         event.update(_clean(fields))
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event) + "\n")
+            with open(self.path, "a+b") as fh:
+                if not self._tail_checked:
+                    cut_torn_tail(fh)
+                    self._tail_checked = True
+                fh.write((json.dumps(event) + "\n").encode("utf-8"))
         if self.echo:
             self._echo(event)
         return event
@@ -152,6 +158,27 @@ class EventLog:
         bar = self._bars.pop(stage, None)
         if bar is not None:
             bar.close()
+
+
+def cut_torn_tail(fh, block: int = 1 << 16) -> int:
+    """Truncate a binary file open for appending after its last newline (a torn last line: an interrupted
+    write); returns the bytes cut."""
+    size = fh.seek(0, os.SEEK_END)
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        fh.seek(start)
+        newline = fh.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        end = start
+    else:
+        keep = 0
+    if keep < size:
+        fh.truncate(keep)
+    fh.seek(0, os.SEEK_END)
+    return size - keep
 
 
 class StageStopped(Exception):

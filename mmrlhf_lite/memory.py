@@ -443,13 +443,14 @@ ROOT_KEYS = ("embeddings, norms, LM head", "vision tower + projector")   # the r
 GATHERED_BLOCKS = 2   # the block running and the one prefetched
 
 
-def fsdp_training_estimate(stage: dict, processes: int, layers: int) -> dict:
+def fsdp_training_estimate(stage: dict, processes: int, layers: int, load: dict | None = None) -> dict:
     """Per-GPU memory of a training stage (a `Estimate.to_dict()`) when FSDP2 shards the base over
     `processes` GPUs as the trainers do: each decoder layer is a unit, gathered only while it runs
     (about `GATHERED_BLOCKS` decoder blocks at a time); the root unit (embeddings, norms, LM head, the
     vision tower and merger, reward head) stays gathered through the forward and backward, so it counts in
     full plus its 1/N shard. LoRA and AdamW states are sharded too; activations are those of one GPU's
-    micro-batch."""
+    micro-batch. `load` (`largest_linear`, `weight_bytes`, `load_in_4bit`): also the peak while the base is
+    loaded (`fsdp_load_estimate`); the stage needs the larger of the two."""
     comps = dict(stage["components_gib"])
     out: dict[str, float] = {}
     for k, v in comps.items():
@@ -463,5 +464,27 @@ def fsdp_training_estimate(stage: dict, processes: int, layers: int) -> dict:
     out[f"{GATHERED_BLOCKS} gathered blocks"] = GATHERED_BLOCKS * block
     allocated = sum(out.values())
     overhead = stage["needed_gib"] - stage["allocated_gib"]   # allocator slack on activations + CUDA context
-    return {"allocated_gib": round(allocated, 2), "needed_gib": round(allocated + overhead, 2),
+    result = {"allocated_gib": round(allocated, 2), "needed_gib": round(allocated + overhead, 2),
+              "components_gib": {k: round(v, 3) for k, v in out.items()}}
+    if load is not None:
+        result["load"] = fsdp_load_estimate(stage, processes, **load)
+        result["needed_gib"] = max(result["needed_gib"], result["load"]["needed_gib"])
+    return result
+
+
+def fsdp_load_estimate(stage: dict, processes: int, largest_linear: int, weight_bytes: int,
+                       load_in_4bit: bool) -> dict:
+    """Per-GPU memory while a training stage loads its model under FSDP2 (`load_model(..., shard=True)`,
+    models/sharded_loading.py): the shards only, 1/N of every weight and of the trainable parameters, and
+    for a 4-bit base one decoder linear at a time read whole in the compute dtype and quantised on the GPU
+    (`largest_linear` parameters, plus its packed copy). `whole_base_gib`: what a rank that loaded the base
+    whole before sharding it would hold (the weights of one GPU), for comparison."""
+    comps = stage["components_gib"]
+    out = {f"{k} / {processes}": comps[k] / processes for k in SHARDED_KEYS + ROOT_KEYS if k in comps}
+    if load_in_4bit:
+        out["one linear read whole + packed"] = largest_linear * (weight_bytes + NF4_BYTES_PER_PARAM) / GIB
+    allocated = sum(out.values())
+    whole = sum(comps.get(k, 0.0) for k in SHARDED_KEYS + ROOT_KEYS)
+    return {"allocated_gib": round(allocated, 2), "needed_gib": round(allocated + CUDA_CONTEXT_BYTES / GIB, 2),
+            "whole_base_gib": round(whole + CUDA_CONTEXT_BYTES / GIB, 2),
             "components_gib": {k: round(v, 3) for k, v in out.items()}}

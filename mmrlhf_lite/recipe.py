@@ -175,6 +175,10 @@ class TrainConfig:
     logging_steps: int = _f(5, "Log metrics every N optimizer steps.", gt=0, stages=(),
                             why="how often metrics are logged")
     save_total_limit: int = _f(2, "Checkpoints kept.", gt=0, stages=(), why="how many checkpoints stay on disk")
+    dataloader_workers: int | None = _f(None, "Processes that collate the next micro-batches (image decoding, chat "
+                                        "template, masks) while the step runs; null = auto: up to 4 on CUDA, 0 on "
+                                        "CPU (workers would take cores from the step). Same batches, same order.",
+                                        ge=0, stages=(), why="who collates the batches, not which or in what order")
 
 
 @dataclass
@@ -242,7 +246,13 @@ class DpoConfig:
     loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo` (on length-normalised log-probs, as in TRL).",
                         choices=("sigmoid", "ipo"), stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
     alpha: float = _f(1.0, "Weight of the DPO term.", ge=0, stages=("dpo", "rounds"))
-    gamma: float = _f(0.25, "Weight of the SFT (NLL) term on the best response.", ge=0, stages=("dpo", "rounds"))
+    gamma: float = _f(0.25, "Weight of the SFT (NLL) term (its response: sft_target).", ge=0,
+                      stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
+    sft_target: str = _f("chosen", "Response whose mean token NLL the SFT term adds to each pair: `chosen` = the "
+                         "pair's better response (the paper's alpha * L_dpo + gamma * NLL(chosen)), `best` = its "
+                         "group's rank-1 response (the same for every pair of the group; in online rounds the "
+                         "reward model's pick among the samples).",
+                         choices=("chosen", "best"), stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
     label_smoothing: float = _f(0.0, "Conservative DPO label smoothing (sigmoid loss only).", ge=0, lt=0.5,
                                 stages=("dpo", "rounds"))
     margin_source: str = _f("reward", "Where delta_i comes from: `reward` (the reward cache of stage score), "

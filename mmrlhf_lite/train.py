@@ -113,12 +113,11 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     Under `torchrun` / `accelerate launch` (docs/distributed.md) every rank calls this: rank 0 owns the
     run folder (lock, recipe, events, data preparation, stage status), the others wait for it and read;
     a stage is marked done once every rank has finished it."""
-    from . import distributed as dist
+    from . import distributed
 
     stages = active_stages(recipe, stages or recipe.run.stages)
-    dist.check_launch(recipe.model.backend)
-    dist.init("cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
-    main = dist.is_main()
+    launch = distributed.start(recipe.model.backend, "cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
+    main = launch.main
     run = RunDir(recipe.run.dir)
     if main:
         run.acquire()
@@ -147,8 +146,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
 
             todo = [s for s in stages if s not in skip]
             problems = preflight_problems(recipe, todo)
-            sharded = dist.sharding() is not None and dist.world_size() > 1
-            if sharded:
+            if launch.sharded:
                 from .checks import FSDP_EVAL, fsdp_problems
 
                 problems += fsdp_problems(recipe, todo)
@@ -158,13 +156,13 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
                 raise UserError("not starting:\n" + "\n".join(f"  {p}" for p in problems))
             recipe.save(run.path / "recipe.yaml")
             events.emit("run_start", stages=stages, skip=skip, recipe=str(run.path / "recipe.yaml"),
-                        **({"world_size": dist.world_size()} if dist.is_distributed() else {}))
-            if dist.is_distributed():
-                events.info(launch_summary(recipe, dist.world_size(), dist.sharding() is not None))
+                        **({"world_size": launch.world} if launch.several else {}))
+            if launch.several:
+                events.info(launch_summary(recipe, launch.world, launch.sharded))
             refuse_over_long(ctx, [s for s in stages if s not in skip])
             return skip
 
-        skip = dist.main_first("run setup", setup)
+        skip = distributed.on_main("run setup", setup)
         for stage in stages:
             if stage in skip:
                 events.info(f"stage {stage} already done with these settings; skipped (--redo {stage} recomputes)",
@@ -178,7 +176,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
             # every stage runs on every rank: reward/dpo data-parallel, score/reference/eval on each rank's
             # share of the groups (cache/sharded.py, distributed/lockstep.py)
             info = run_stage()
-            dist.barrier(f"end of stage {stage}")
+            distributed.barrier(f"end of stage {stage}")
             if main:
                 run.mark_done(stage, recipe, **info)
         if main:
@@ -227,17 +225,26 @@ def fsdp_memory_lines(plan: dict, processes: int) -> list[str]:
         return [f"memory per GPU with FSDP2 over {processes} GPUs: {m.get('note', 'no estimate')}"]
     lines = [f"memory per GPU with FSDP2 over {processes} GPUs (training stages; the base sharded; "
              "docs/distributed.md):"]
+    loads = []
     for stage in ("reward", "dpo"):
         e = m["stages"].get(stage)
         if not e:
             continue
-        f = fsdp_training_estimate(e, processes, m["architecture"]["layers"])
+        f = fsdp_training_estimate(e, processes, m["architecture"]["layers"], load={
+            "largest_linear": m["architecture"]["largest_linear"], "weight_bytes": m["weight_bytes"],
+            "load_in_4bit": m["load_in_4bit"]})
         fit = ""
         if m.get("budget"):
             fit = "; fits" if f["needed_gib"] * 2**30 <= m["budget"]["bytes"] else "; does NOT fit"
         lines.append(f"  {stage:<10}{f['allocated_gib']:>6.1f} GiB allocated {f['needed_gib']:>5.1f} GiB needed "
                      f"(one GPU: {e['needed_gib']} GiB){fit} = "
                      + " + ".join(f"{k} {v:.2f}" for k, v in f["components_gib"].items() if v >= 0.005))
+        loads.append(f["load"])
+    if loads:   # the stages' loads differ by the reward head only: the larger one
+        load = max(loads, key=lambda x: x["needed_gib"])
+        lines.append(f"  {'loading':<10}{load['allocated_gib']:>6.1f} GiB allocated {load['needed_gib']:>5.1f} GiB needed "
+                     f"(each rank reads only its shards; loaded whole first: {load['whole_base_gib']} GiB) = "
+                     + " + ".join(f"{k} {v:.2f}" for k, v in load["components_gib"].items() if v >= 0.005))
     pre = [s for s in m["stages"] if s in ("score", "reference")]
     if pre:
         lines.append(f"  {', '.join(pre)}: the base sharded too (decoder layers; the vision tower, embeddings and "
@@ -471,7 +478,8 @@ def known_user_errors() -> tuple[type, ...]:
     out: list[type] = []
     for mod, name in (("mmrlhf_lite.data.errors", "DataError"), ("mmrlhf_lite.data.media", "MediaError"),
                       ("mmrlhf_lite.models.loading", "ModelLoadError"),
-                      ("mmrlhf_lite.models.encoding", "SequenceTooLong")):
+                      ("mmrlhf_lite.models.encoding", "SequenceTooLong"),
+                      ("mmrlhf_lite.models.precision", "NonFiniteLoss")):
         try:
             out.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

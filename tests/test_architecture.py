@@ -157,3 +157,91 @@ def test_the_checks_find_a_lazy_cycle_and_a_private_reach_in(tmp_path):
     assert cycles(modules, imports) == [["pkg.a", "pkg.sub.b"]]
     bad = private_imports_across_packages(modules, imports, root)
     assert bad == ["pkg/sub/d.py:1: from pkg.a import _helper", "pkg/sub/d.py:2: from os import _exit"]
+
+
+# ---- the distributed seam: stage modules ask `mmrlhf_lite.distributed` only what its SEAM names
+
+STAGE_MODULES = ("mmrlhf_lite/cache/reference.py", "mmrlhf_lite/reward/scorer.py", "mmrlhf_lite/cache/sharded.py",
+                 "mmrlhf_lite/cache/store.py", "mmrlhf_lite/evaluate/pipeline.py", "mmrlhf_lite/training.py",
+                 "mmrlhf_lite/dpo/trainer.py", "mmrlhf_lite/reward/trainer.py", "mmrlhf_lite/rounds/__init__.py",
+                 "mmrlhf_lite/rounds/round.py", "mmrlhf_lite/rounds/sampling.py")
+
+
+def distributed_uses(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, dotted name) of every use of `torch.distributed` or of a name of `mmrlhf_lite.distributed` (or of
+    its submodules) in a module: the names it imports from there and the attributes it reads off them."""
+    mod = module_name(path, root)
+    pkg = package_of(mod, path.name == "__init__.py")
+    tree = ast.parse(path.read_text(), str(path))
+    aliases: dict[str, str] = {}
+    uses: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                if a.name.startswith("torch.distributed"):
+                    uses.append((node.lineno, a.name))
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")[:len(pkg.split(".")) - (node.level - 1)] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                full = f"{target}.{a.name}"
+                aliases[a.asname or a.name] = full
+                if full.startswith(("torch.distributed", "mmrlhf_lite.distributed.")):
+                    uses.append((node.lineno, full))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            full = f"{aliases.get(node.value.id, node.value.id)}.{node.attr}"
+            if full.startswith(("torch.distributed", "mmrlhf_lite.distributed.")):
+                uses.append((node.lineno, full))
+    return uses
+
+
+def seam_violations(paths, seam, root: Path = ROOT) -> list[str]:
+    bad = []
+    for p in paths:
+        for line, name in distributed_uses(p, root):
+            inside = name.removeprefix("mmrlhf_lite.distributed.")
+            if name.startswith("torch.distributed") or inside not in seam:
+                bad.append(f"{p.relative_to(root)}:{line}: {name}")
+    return bad
+
+
+def test_stage_modules_ask_the_distributed_package_only_what_its_seam_offers():
+    """A stage reads as if it ran in one process: no `torch.distributed`, no lockstep or FSDP internals, only
+    `distributed.SEAM` (documented in mmrlhf_lite/distributed/__init__.py and docs/distributed.md)."""
+    from mmrlhf_lite.distributed import SEAM
+
+    paths = [ROOT / p for p in STAGE_MODULES]
+    assert sum(len(distributed_uses(p)) for p in paths) >= 10      # the walk sees the stages' seam calls
+    bad = seam_violations(paths, set(SEAM))
+    assert not bad, "stage modules reaching past the distributed seam:\n" + "\n".join(bad)
+
+
+def test_the_seam_check_finds_internals_and_torch_distributed(tmp_path):
+    root = _tree(tmp_path, {
+        "mmrlhf_lite/__init__.py": "",
+        "mmrlhf_lite/stage.py": ("from . import distributed\nfrom .distributed.lockstep import work_split\n"
+                                 "import torch.distributed as dist\n"
+                                 "def f(m):\n    distributed.forward(m, f)\n    distributed.is_main()\n"
+                                 "    dist.get_world_size()\n"),
+    })
+    bad = seam_violations([root / "mmrlhf_lite/stage.py"], {"forward"}, root)
+    assert bad == ["mmrlhf_lite/stage.py:2: mmrlhf_lite.distributed.lockstep.work_split",
+                   "mmrlhf_lite/stage.py:3: torch.distributed", "mmrlhf_lite/stage.py:6: mmrlhf_lite.distributed.is_main",
+                   "mmrlhf_lite/stage.py:7: torch.distributed.get_world_size"]
+
+
+def test_each_stage_module_says_what_it_reads_and_writes_in_the_run_folder_and_its_command():
+    """A reader opening a stage's module learns first what it reads and writes in the run folder and the
+    command that exercises it (the stages of train.STAGE_RUNNERS, and the data preparation)."""
+    from mmrlhf_lite.train import STAGE_RUNNERS
+
+    modules = [runner.split(":")[0] for runner in STAGE_RUNNERS.values()] + ["mmrlhf_lite.data"]
+    for mod in modules:
+        rel = mod.replace(".", "/")
+        path = ROOT / (rel + ".py") if (ROOT / (rel + ".py")).exists() else ROOT / rel / "__init__.py"
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        words = set(doc.split())
+        assert "In the run folder" in doc and {"reads", "writes"} <= words, (mod, doc[:200])
+        assert "python -m mmrlhf_lite." in doc, mod

@@ -191,3 +191,25 @@ def test_a_cache_that_cannot_be_repaired_still_leaves_bad_lines_out(tmp_path):
     s = JsonlStore(p, FIELDS)
     assert sorted(s.records) == ["a"] and s.repair_error
     assert "the file could not be repaired (Is a directory), so this is said again next time" in s.warning("x")
+
+
+def test_an_adapter_saved_twice_has_one_fingerprint_whatever_order_peft_lists_its_modules(tmp_path):
+    """peft writes `target_modules` from a set, so two processes saving the same adapter can list them in
+    another order (seen: two identical reward runs got different reward-cache keys and split their groups
+    over the ranks differently). Key order and those lists' order do not change the fingerprint; their
+    content does."""
+    from mmrlhf_lite.cache.store import directory_fingerprint
+
+    def adapter(name: str, config: dict) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps(config))
+        (d / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+        return d
+
+    a = adapter("a", {"r": 16, "target_modules": ["q_proj", "v_proj", "o_proj"], "modules_to_save": ["head", "x"]})
+    b = adapter("b", {"modules_to_save": ["x", "head"], "target_modules": ["o_proj", "q_proj", "v_proj"], "r": 16})
+    c = adapter("c", {"r": 16, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["head", "x"]})
+    fp = lambda d: directory_fingerprint(d, hash_files=("adapter_model.safetensors",))  # noqa: E731
+    assert fp(a) == fp(b)
+    assert fp(a) != fp(c)

@@ -107,7 +107,7 @@ def test_plain_dpo_side_by_side(demo):
 
 
 # Online rounds (docs/rounds.md): the measured configuration and the floor set from it
-ROUNDS_SETTINGS = ["dpo.alpha=0", "dpo.gamma=1", "dpo.train.max_steps=150", "rounds.n=2", "rounds.steps=150",
+ROUNDS_SETTINGS = ["dpo.alpha=0", "dpo.gamma=1", "dpo.sft_target=best", "dpo.train.max_steps=150", "rounds.n=2", "rounds.steps=150",
                    "rounds.temperature=0.5", "rounds.samples=4", "rounds.max_prompts=200", "rounds.prompts=unranked",
                    "reward.critique_mode=none", "eval.critique_modes=[]"]
 ROUNDS_GAIN = 0.04   # held-out right answers, round 2 minus round 0 (measured: see docs/rounds.md)

@@ -197,16 +197,17 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 def _wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
-    """Until the dpo checkpoint of `step` is completely written (its trainer_state.json is written last)."""
-    state = run_dir / "dpo" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    """Until the dpo checkpoint of `step` is completely written: every rank's part (rank 0 then writes its
+    completion marker, training.CHECKPOINT_COMPLETE)."""
+    from mmrlhf_lite.training import CHECKPOINT_COMPLETE
+
+    marker = run_dir / "dpo" / "checkpoints" / f"checkpoint-{step}" / CHECKPOINT_COMPLETE
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[0][-4000:]
-        try:
-            json.loads(state.read_text())
+        if marker.exists():
             return
-        except (OSError, ValueError):
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise AssertionError(f"no complete checkpoint-{step} within {timeout} s")
 
 def _kill_rank_1_after_checkpoint(proc, run_dir: Path, step: int) -> tuple[int, str]:
@@ -238,6 +239,38 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes
     assert rc == 0, out[-4000:]
     events = (run_dir / "events.jsonl").read_text()
     assert "resuming from" in events
+    _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
+
+
+def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(tmp_path, two_ranks):
+    """What a rank killed while saving leaves: the newest checkpoint with rank 1's rng_state_1.pth cut short
+    and no completion marker. The same command resumes from the checkpoint before (it used to pick the newest
+    every time, and rank 1 died in transformers' _load_rng_state with EOFError) and ends with the
+    uninterrupted run's weights."""
+    from mmrlhf_lite.training import CHECKPOINT_COMPLETE
+
+    recipe = _recipe(tmp_path, "run", 1)
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(recipe, "reference"))
+    assert rc == 0, out[-4000:]
+    proc = _launch(recipe, "dpo")
+    _wait_for_checkpoint(run_dir, 4, proc)
+    (run_dir / "STOP").write_text("test")
+    rc, out = _finish(proc, timeout=120)
+    assert rc != 0
+    saved = sorted((d for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")),
+                   key=lambda d: int(d.name.split("-")[1]))
+    newest = saved[-1]
+    assert [d.name for d in saved] == ["checkpoint-4", newest.name] and newest.name != "checkpoint-4"  # 2 kept
+    part = newest / "rng_state_1.pth"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    (newest / CHECKPOINT_COMPLETE).unlink()
+    (run_dir / "STOP").unlink(missing_ok=True)
+    rc, out = _finish(_launch(recipe, "dpo"))
+    assert rc == 0, out[-4000:]
+    said = [e["message"] for e in _events(run_dir) if e["type"] in ("log", "warning")]
+    assert f"{newest.name} was not completely written (interrupted save); removed" in said
+    assert any(m.startswith("resuming from") and m.endswith("checkpoint-4") for m in said), said[-10:]
     _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
 
 

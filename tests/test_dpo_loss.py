@@ -121,3 +121,33 @@ def test_ipo_uses_length_normalised_log_probs():
     assert loss.item() == pytest.approx(16.0, abs=1e-12)
     with pytest.raises(ValueError, match="n_tokens"):
         mm_dpo_loss(pol, ref, torch.tensor([[0, 1]]), torch.zeros(1, dtype=torch.float64), loss_type="ipo")
+
+
+@pytest.mark.parametrize("target", ["chosen", "best"])
+def test_sft_term_of_each_pair_by_hand(target):
+    """One group ranked 1, 2, 3: pairs (0, 1), (0, 2), (1, 2). Token log-probs r0 [-1, -3] (NLL 2),
+    r1 [-4] (NLL 4), r2 [-5, -7, -6] (NLL 6); sums -4, -4, -18 against reference -3, -5, -20: ratios -1, 1, 2,
+    h = -2, -3, -1. beta 0.1, w 0, alpha 1, gamma 0.5:
+    chosen (the paper's): L = mean(log(1 + e^0.2), log(1 + e^0.3), log(1 + e^0.1)) + 0.5 * (2 + 2 + 4) / 3
+                            = mean(0.7981389, 0.8543552, 0.7443967) + 1.3333333 = 0.7989636 + 1.3333333
+                            = 2.1322969;
+    best:                 L = 0.7989636 + 0.5 * (2 + 2 + 2) / 3 = 1.7989636."""
+    from mmrlhf_lite.data.groups import PreferenceGroup, Response
+    from mmrlhf_lite.dpo.trainer import sft_response
+
+    group = PreferenceGroup(id="g", prompt=[{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                            responses=[Response("a", rank=1), Response("b", rank=2), Response("c", rank=3)])
+    tokens = [torch.tensor(t, dtype=torch.float64) for t in ([-1.0, -3.0], [-4.0], [-5.0, -7.0, -6.0])]
+    pairs = group.pairs()
+    assert pairs == [(0, 1), (0, 2), (1, 2)]
+    sft = torch.stack([-tokens[sft_response(group, p, target)].mean() for p in pairs])
+    loss, metrics = mm_dpo_loss(torch.stack([t.sum() for t in tokens]),
+                                torch.tensor([-3.0, -5.0, -20.0], dtype=torch.float64), torch.tensor(pairs),
+                                torch.zeros(3, dtype=torch.float64), beta=0.1, w=0.0, alpha=1.0, gamma=0.5,
+                                sft_nll=sft)
+    dpo = (math.log1p(math.exp(0.2)) + math.log1p(math.exp(0.3)) + math.log1p(math.exp(0.1))) / 3
+    assert dpo == pytest.approx(0.7989636, abs=1e-7)
+    expected = {"chosen": 2.1322969, "best": 1.7989636}[target]
+    assert loss.item() == pytest.approx(dpo + 0.5 * {"chosen": 8 / 3, "best": 2.0}[target], abs=1e-12)
+    assert loss.item() == pytest.approx(expected, abs=1e-7)
+    assert metrics["sft_nll"] == pytest.approx({"chosen": 8 / 3, "best": 2.0}[target], abs=1e-12)

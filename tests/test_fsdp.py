@@ -259,7 +259,7 @@ def _cache(run_dir: Path, name: str) -> dict[str, dict]:
 def _shares(recipe, run_dir: Path) -> list[int]:
     """Groups of each of 2 ranks (cache/sharded.py's split by content)."""
     from mmrlhf_lite.cache.reference import reference_keys
-    from mmrlhf_lite.cache.sharded import rank_of
+    from mmrlhf_lite.distributed import rank_of
     from mmrlhf_lite.data import prepare_data
     from mmrlhf_lite.events import EventLog
 
@@ -307,7 +307,7 @@ def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_
 
 def _score_owners(recipe, run_dir: Path, reward_dir: Path) -> dict[str, int]:
     """The rank (of 2) owning each response's reward-cache key (mode given: every demo group has critiques)."""
-    from mmrlhf_lite.cache.sharded import rank_of
+    from mmrlhf_lite.distributed import rank_of
     from mmrlhf_lite.data import prepare_data
     from mmrlhf_lite.events import EventLog
     from mmrlhf_lite.reward.scorer import response_keys, reward_fingerprint

@@ -34,6 +34,7 @@ def test_all_stages_small(tmp_path):
     assert pol["win_rate"]["critique_mode"] == "generate" and pol["win_rate"]["n"] == report["groups"]
     md = (run / "eval" / "report.md").read_text()
     assert "| given |" in md and "implicit reward accuracy" in md
+    assert f"gamma={recipe.dpo.gamma} sft_target=chosen" in md   # the SFT term's response, default the paper's
     events, _ = read_events(run)
     kinds = {e["type"] for e in events}
     assert {"run_start", "stage_start", "progress", "metrics", "stage_end", "run_end"} <= kinds

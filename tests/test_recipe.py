@@ -52,7 +52,8 @@ def test_unknown_key_in_a_nested_section(write):
 def test_unknown_key_without_a_close_match_lists_the_valid_ones(write):
     path = write("dpo:\n  zzzz: 1\n")
     assert str(error_of(path)) == (f"{path}, key 'dpo.zzzz': unknown key; valid keys: beta, w, k, beta_floor, "
-                                   "pairs, loss_type, alpha, gamma, label_smoothing, margin_source, reference, train")
+                                   "pairs, loss_type, alpha, gamma, sft_target, label_smoothing, margin_source, reference, "
+                                   "train")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,12 +51,11 @@ def _groups(tmp_path):
     return groups
 
 
-def _grads_dpo(tmp_path, groups, b, a):
+def _dpo_trainer(tmp_path, groups, overrides, out_name):
+    """The stage's collator and trainer on `groups` (margins from the groups' scores, random reference)."""
     from mmrlhf_lite.dpo.trainer import DpoCollator, DpoTrainer, margins_for
 
-    recipe = load_recipe(None, BASE + [f"dpo.train.groups_per_step={b}", f"dpo.train.grad_accum={a}",
-                                       "dpo.train.max_steps=1", "dpo.train.max_grad_norm=1e9", "dpo.gamma=0.5",
-                                       "dpo.w=0.5", f"run.dir={tmp_path / 'run'}"])
+    recipe = load_recipe(None, BASE + overrides + [f"run.dir={tmp_path / 'run'}"])
     dc = recipe.dpo
     rng = random.Random(0)
     reference = {g.id: [rng.uniform(-30, -10) for _ in g.responses] for g in groups}
@@ -65,10 +64,18 @@ def _grads_dpo(tmp_path, groups, b, a):
     model, processor = load_model(recipe.model)
     info = model.mmrlhf
     encoder = GroupEncoder(processor, info.family, max_length=dc.train.max_length, max_frames=4)
-    args = training_arguments(dc.train, tmp_path / f"dpo-{b}x{a}", device=info.device, dtype=info.dtype,
+    args = training_arguments(dc.train, tmp_path / out_name, device=info.device, dtype=info.dtype,
                               seed=0, report_to="none")
-    trainer = DpoTrainer(model, args, groups=groups, collate=DpoCollator(encoder, dc, reference, deltas),
+    collator = DpoCollator(encoder, dc, reference, deltas)
+    trainer = DpoTrainer(model, args, groups=groups, collate=collator,
                          events=EventLog(None, echo=False), cfg=dc, spec=info.family, packed=True)
+    return trainer, collator, reference
+
+
+def _grads_dpo(tmp_path, groups, b, a):
+    trainer, _, _ = _dpo_trainer(tmp_path, groups, [f"dpo.train.groups_per_step={b}", f"dpo.train.grad_accum={a}",
+                                                    "dpo.train.max_steps=1", "dpo.train.max_grad_norm=1e9",
+                                                    "dpo.gamma=0.5", "dpo.w=0.5"], f"dpo-{b}x{a}")
     cb = _Grads()
     trainer.add_callback(cb)
     trainer.train()
@@ -112,6 +119,47 @@ def test_gradients_do_not_depend_on_the_split(tmp_path, stage):
             scale = ref[name].abs().max().item()   # fp32 sums in another order: relative to the tensor's scale
             err = (got[name] - ref[name]).abs().max().item()
             assert err <= 1e-4 * scale + 1e-9, (stage, split, name, err, scale)
+
+
+@pytest.mark.parametrize("target", [None, "chosen", "best"])
+def test_dpo_step_loss_adds_the_nll_of_each_pairs_chosen_response(tmp_path, target):
+    """The stage's loss on 4 groups (1, 6, 2 and 1 ranked pairs) against the formula written out in float64
+    from the policy's own log-probs: mean over pairs of -log sigmoid(beta h_i) + gamma * NLL_i, where NLL_i
+    is the mean token NLL of pair i's chosen (better) response, the paper's and the default (target None),
+    or of its group's rank-1 response (`best`). In the 4-response group the pairs (1, 2), (1, 3) and (2, 3)
+    have a chosen response that is not the best, so the two targets give different losses."""
+    from mmrlhf_lite.dpo.trainer import policy_forward
+
+    groups = _groups(tmp_path)
+    overrides = ["dpo.gamma=0.5", "dpo.w=0", "dpo.beta=0.1"] + ([f"dpo.sft_target={target}"] if target else [])
+    trainer, collator, reference = _dpo_trainer(tmp_path, groups, overrides, "dpo-sft")
+    model = trainer.model
+    with torch.no_grad():
+        loss, metrics = trainer.group_loss(model, collator(groups))
+        logps, token_logps = policy_forward(model, trainer.spec, [collator.encoder.encode_policy(g) for g in groups],
+                                            packed=True)
+    expected, nlls = {}, {}
+    for sft_target in ("chosen", "best"):
+        terms, off = [], 0
+        for g in groups:
+            ranks = g.ranks()
+            best = min(range(len(ranks)), key=lambda i: ranks[i])
+            for b, w in g.pairs():
+                ratio = [logps[off + i].double().item() - reference[g.id][i] for i in (b, w)]
+                sft = b if sft_target == "chosen" else best
+                nll = -sum(token_logps[off + sft].double().tolist()) / len(token_logps[off + sft])
+                nlls[(sft_target, g.id, b, w)] = nll
+                terms.append(math_log1p_exp(-0.1 * (ratio[0] - ratio[1])) + 0.5 * nll)
+            off += len(g.responses)
+        assert len(terms) == 10
+        expected[sft_target] = sum(terms) / len(terms)
+    want = target or "chosen"
+    # float32 forwards: about 1e-7 relative; the two targets' losses lie 1e-4 apart on this model
+    assert abs(expected["chosen"] - expected["best"]) > 50 * 2e-6
+    assert loss.item() == pytest.approx(expected[want], abs=2e-6)
+    assert metrics["sft_nll"] == pytest.approx(sum(v for k, v in nlls.items() if k[0] == want) / 10, abs=2e-6)
+    four = groups[1]
+    assert len({nlls[(want, four.id, b, w)] for b, w in four.pairs()}) == (1 if want == "best" else 3)
 
 
 # -- the pure functions: the shares of a split step add up to the step's mean (float64, by hand) ------------

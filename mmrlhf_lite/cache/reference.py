@@ -7,6 +7,11 @@ a trained policy instead: `adapter` names its folder, and the keys then hold the
 (base-model fingerprint, prompt turns, media bytes, response text, processor settings), written as
 produced, and reused by any later run that points `cache.dir` at the same folder.
 
+In the run folder it reads the groups (`data.path`, train and eval) and the base model (`model.path`; no
+adapter) and writes `<cache>/reference.jsonl` (`cache.dir`, default `cache/`: `{"key", "logp", "n_tokens"}`
+per response), its progress in `events.jsonl` and, through train.py, `stages/reference.json`. The dpo and
+eval stages read the cache (`reference_logps`), computing first what it lost since.
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reference
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .. import distributed
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model
 from ..models.logprobs import group_forward, use_packing
+from ..models.precision import policy_forward_context
 from ..recipe import ModelConfig
 from .sharded import fill_missing_sharded, open_shared_store
 from .store import JsonlStore, content_key, directory_fingerprint, group_content, model_fingerprint
@@ -95,9 +101,11 @@ def report_repeats(train: Sequence[PreferenceGroup], evals: Sequence[PreferenceG
 @torch.no_grad()
 def compute_reference(model, spec, encoder: GroupEncoder, groups: Sequence[PreferenceGroup], packed: bool,
                       max_row_tokens: int | None = None) -> list[list[tuple[float, int]]]:
-    """[(summed log-prob, n_tokens)] per response of each group."""
+    """[(summed log-prob, n_tokens)] per response of each group, in the numerics of the training step
+    (`policy_forward_context`, the one both use): at step 0 the policy's log-probs equal these."""
     encoded = [encoder.encode_policy(g) for g in groups]
-    out = group_forward(model, spec, encoded, packed=packed, logps=True, max_row_tokens=max_row_tokens)
+    with policy_forward_context(model.mmrlhf.device):
+        out = group_forward(model, spec, encoded, packed=packed, logps=True, max_row_tokens=max_row_tokens)
     res, k = [], 0
     for g in groups:
         res.append([(float(out.logps[k + i]), out.n_tokens[k + i]) for i in range(len(g.responses))])
@@ -129,43 +137,35 @@ def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg
 
 def fill_reference(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore, adapter: Path | None = None) -> int:
     """Compute the entries `store` lacks for `groups` (the base model, with `adapter` when one is given, loads only
-    if one is missing); under several processes each rank computes its share (cache/sharded.py).
-
-    Under an FSDP2 launch the base is sharded over the ranks (`distributed.shard_frozen`) and each batch's
-    forward runs through the FSDP root. Those forwards are collectives, so every rank loads the model when
-    any rank has something missing, and a rank with no batch left in a round (uneven shares, or none)
-    runs a dummy forward on the first group, its result discarded: every rank makes one forward per round."""
+    if one is missing); under several processes each rank computes its share (cache/sharded.py). When the launch
+    shards the model (FSDP2) its forwards are collectives: a rank with no batch left in a round runs the forward
+    of the first group instead (`idle_forward`, its result discarded)."""
     recipe = ctx.recipe
     keys = reference_keys(groups, recipe.model, recipe.data.max_frames, adapter)
     loaded: dict = {}
-    sharded = distributed.shards_base()
 
-    def load() -> None:
-        model, processor = load_model(recipe.model, adapter=adapter, trainable=False, lora=False)
-        spec = model.mmrlhf.family
-        if sharded:
-            distributed.shard_frozen(model, ctx.events)
-        loaded.update(model=model, spec=spec,
-                      packed=use_packing(spec, recipe.model.packing, recipe.model.attn_implementation),
-                      encoder=GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
-                                           max_frames=recipe.data.max_frames))
+    def policy() -> dict:   # loaded on first need
+        if not loaded:
+            model, processor = load_model(recipe.model, adapter=adapter, trainable=False, lora=False, shard=True)
+            distributed.shard(model, ctx.events)
+            spec = model.mmrlhf.family
+            loaded.update(model=model, spec=spec,
+                          packed=use_packing(spec, recipe.model.packing, recipe.model.attn_implementation),
+                          encoder=GroupEncoder(processor, spec, max_length=recipe.dpo.train.max_length,
+                                               max_frames=recipe.data.max_frames))
+        return loaded
 
     def forward(batch: list[PreferenceGroup]) -> list[list[tuple[float, int]]]:
-        return distributed.through_root(loaded["model"], lambda: compute_reference(
-            loaded["model"], loaded["spec"], loaded["encoder"], batch, loaded["packed"]))
+        p = policy()
+        return distributed.forward(p["model"], lambda: compute_reference(p["model"], p["spec"], p["encoder"], batch,
+                                                                         p["packed"]))
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
-        if not loaded:  # the model is loaded only when something is missing
-            load()
         return [[{"logp": lp, "n_tokens": n} for lp, n in res] for res in forward(batch)]
 
-    idle = None
-    if sharded and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
-        load()
-        idle = lambda: forward([groups[0]])  # noqa: E731 - the dummy forward of a rank without a batch
-    _, computed = fill_missing_sharded(groups, keys, store, compute,
-                                       per_batch=max(1, recipe.dpo.train.groups_per_step), events=ctx.events,
-                                       stop_requested=ctx.stop_requested, idle=idle)
+    _, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=max(1, recipe.dpo.train.groups_per_step),
+                                       events=ctx.events, stop_requested=ctx.stop_requested,
+                                       idle_forward=lambda: forward(list(groups[:1])))
     return computed
 
 
@@ -177,9 +177,7 @@ def reference_logps(ctx, groups: Sequence[PreferenceGroup]) -> list[list[float]]
         ctx.events.warning(store.warning("reference cache"))
     keys = reference_keys(groups, ctx.recipe.model, ctx.recipe.data.max_frames)
     missing = sum(k not in store for ks in keys for k in ks)
-    if distributed.is_distributed():  # every rank takes the same branch (the fill has a barrier)
-        missing = int(distributed.all_reduce_max(float(missing)))
-    if missing:
+    if distributed.any_rank(missing > 0):  # every rank takes the same branch: the fill is collective
         ctx.events.warning(f"reference cache {store.path} lacks {missing} entr{'y' if missing == 1 else 'ies'} "
                            "the reference stage had written: computing them now")
         fill_reference(ctx, groups, store)

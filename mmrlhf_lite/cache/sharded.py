@@ -1,22 +1,22 @@
-"""The precompute stages (score, reference) under N processes: each rank fills its share of a shared,
-content-keyed cache, and every rank then reads the whole of it.
+"""The precompute stages' caches (score, reference) under N processes: each rank fills its share of a shared,
+content-keyed cache, and every rank then reads the whole of it. In one process: the whole fill.
 
-The share is a stable assignment by content: a group goes to rank `hash(its first content key) mod N`,
-so a resumed run with the same N gives each rank the same groups, and groups with identical content
-land on the same rank (computed once there). Whatever any rank wrote before a kill is in the cache and
-is not computed again. Appends from several ranks are serialised by `JsonlStore.put_many`'s lock.
-The ranks fill their shares in lockstep (distributed/lockstep.py): the progress events count every rank's
-groups, the metrics carry each rank's throughput, and a stop request seen by one rank stops them all
+The share is `distributed.shares` of the groups' content keys: a stable assignment by content, so a resumed
+run with the same N gives each rank the same groups, and groups with identical content land on the same
+rank (computed once there). Whatever any rank wrote before a kill is in the cache and is not computed again.
+Appends from several ranks are serialised by `JsonlStore.put_many`'s lock. The ranks fill their shares in
+lockstep (`distributed.run_in_lockstep`, through `store.fill_missing`): the progress events count every
+rank's groups, the metrics carry each rank's throughput, and a stop request seen by one rank stops them all
 after the same batch.
+
+    python -m pytest tests/test_distributed.py -q -k cache
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import distributed
-from ..distributed.lockstep import work_split
 from .store import JsonlStore, fill_missing
 
 
@@ -26,27 +26,21 @@ def open_shared_store(path: Path, fields: dict | None = None) -> JsonlStore:
 
     def first() -> None:
         mine["store"] = JsonlStore(path, fields)
-    distributed.main_first(f"open {Path(path).name}", first)
+    distributed.on_main(f"open {Path(path).name}", first)
     return mine.get("store") or JsonlStore(path, fields)
-
-
-def rank_of(keys: list[str], world: int) -> int:
-    digest = hashlib.sha256((keys[0] if keys else "").encode()).digest()
-    return int.from_bytes(digest[:8], "big") % world
 
 
 def fill_missing_sharded(groups: Sequence, keys: list[list[str]], store: JsonlStore, compute: Callable, *,
                          per_batch: int, events, stop_requested: Callable[[], bool] = lambda: False,
-                         idle: Callable[[], None] | None = None) -> tuple[JsonlStore, int]:
+                         idle_forward: Callable[[], object] | None = None) -> tuple[JsonlStore, int]:
     """`store.fill_missing` on this rank's share, in lockstep with the other ranks (one process: all groups).
-    Returns the store holding every rank's entries (re-read under a launcher) and the number of entries
-    computed by all ranks. A stop request seen by any rank raises StageStopped on every rank after the
-    same round, naming the groups done by all of them. `idle`: what a rank runs in a round it has no batch
-    for (a dummy forward under FSDP)."""
-    world, me = work_split()
-    idx = [i for i, ks in enumerate(keys) if world == 1 or rank_of(ks, world) == me]
-    computed = fill_missing([groups[i] for i in idx], [keys[i] for i in idx], store, compute, per_batch=per_batch,
-                            events=events, stop_requested=stop_requested, idle=idle)
-    if world > 1:  # every rank's appends are in the file (each appended before the last round)
+    Returns the store holding every rank's entries and the number of entries computed by all ranks. A stop
+    request seen by any rank raises StageStopped on every rank after the same round, naming the groups done
+    by all of them. `idle_forward`: a forward of the model `compute` uses, run in a round this rank has no
+    batch for when the model is sharded (`distributed.run_in_lockstep`)."""
+    mine = distributed.shares(keys)
+    computed = fill_missing([groups[i] for i in mine], [keys[i] for i in mine], store, compute, per_batch=per_batch,
+                            events=events, stop_requested=stop_requested, idle_forward=idle_forward)
+    if computed and len(mine) < len(groups):   # other ranks appended entries (each before the last round)
         store = JsonlStore(store.path, store.fields)
     return store, computed

@@ -53,6 +53,29 @@ def group_content(group: PreferenceGroup) -> dict:
 _HASHED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # configs, tokenizers, chat templates
 
 
+# peft writes these adapter_config.json lists from a set: their order changes from process to process
+_SET_VALUED_KEYS = ("target_modules", "modules_to_save")
+
+
+def _canonical_bytes(f: Path) -> bytes:
+    """A file's bytes for its fingerprint; a JSON object re-serialised with sorted keys and its set-valued
+    lists sorted, so two saves of the same adapter in two processes have one fingerprint (peft's
+    `target_modules` order follows Python's per-process string hashing)."""
+    data = f.read_bytes()
+    if f.suffix != ".json":
+        return data
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return data
+    if not isinstance(obj, dict):
+        return data
+    for key in _SET_VALUED_KEYS:
+        if isinstance(obj.get(key), list) and all(isinstance(x, str) for x in obj[key]):
+            obj[key] = sorted(obj[key])
+    return json.dumps(obj, sort_keys=True).encode()
+
+
 def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] = ()) -> str:
     """Identity of a model or adapter folder: contents of its small config/tokenizer/template files, names
     and sizes of the large ones (weights, a large tokenizer.json), and full hashes of the files in
@@ -66,7 +89,7 @@ def directory_fingerprint(path: str | os.PathLike, *, hash_files: Iterable[str] 
             continue
         small = f.stat().st_size < 1 << 20
         if f.name in hash_files or f.suffix in _HASHED_SUFFIXES and small:
-            parts.append((f.name, hashlib.sha256(f.read_bytes()).hexdigest()))
+            parts.append((f.name, hashlib.sha256(_canonical_bytes(f)).hexdigest()))
         elif f.suffix in _HASHED_SUFFIXES or f.suffix in (".safetensors", ".bin", ".gguf"):
             parts.append((f.name, f.stat().st_size))
     return content_key(parts)
@@ -347,7 +370,8 @@ def compute_batch(groups: Sequence[PreferenceGroup], keys: list[list[str]], plan
 
 def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store: JsonlStore,
                  compute: Callable[[list[PreferenceGroup]], list[list[dict]]], *, per_batch: int, events,
-                 stop_requested: Callable[[], bool] = lambda: False, idle: Callable[[], None] | None = None) -> int:
+                 stop_requested: Callable[[], bool] = lambda: False,
+                 idle_forward: Callable[[], object] | None = None) -> int:
     """Compute only the missing entries, `per_batch` groups at a time, and append them as they come.
 
     `compute(subgroups)` gets each group cut down to its missing responses (`PreferenceGroup.subset`) and
@@ -358,17 +382,19 @@ def fill_missing(groups: Sequence[PreferenceGroup], keys: list[list[str]], store
     A stop request between batches raises StageStopped: everything written so far stays. Returns the
     number of entries computed.
 
-    The batches run through `distributed.lockstep.run_in_lockstep`: in one process a plain loop; on a rank of a launch
+    The batches run through `distributed.run_in_lockstep`: in one process a plain loop; on a rank of a launch
     (`cache.sharded.fill_missing_sharded` passes each rank its share) in lockstep with the other ranks,
-    with their progress, stop and entry counts summed, and `idle()` run in a round this rank has no batch for.
+    with their progress, stop and entry counts summed, and `idle_forward()` run in a round this rank has no
+    batch for when the model is sharded.
     """
-    from ..distributed.lockstep import run_in_lockstep
+    from ..distributed import run_in_lockstep
 
     plan = plan_missing(keys, store)
     todo = [gi for gi, mine in enumerate(plan) if mine]
     per_batch = max(1, per_batch)
     batches = [todo[s:s + per_batch] for s in range(0, len(todo), per_batch)]
     result = run_in_lockstep(batches, lambda batch: compute_batch(groups, keys, plan, batch, store, compute),
-                           done=len(groups) - len(todo), events=events, stop_requested=stop_requested, idle=idle,
-                           stopped=lambda done, total: f"stopped after {done} of {total} groups; the cache keeps them")
+                             done=len(groups) - len(todo), events=events, stop_requested=stop_requested,
+                             idle_forward=idle_forward,
+                             stopped=lambda done, total: f"stopped after {done} of {total} groups; the cache keeps them")
     return result.computed

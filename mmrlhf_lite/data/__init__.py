@@ -1,5 +1,13 @@
 """Preference data: readers for each format, validation, pair expansion, media, the demo set.
 
+Data preparation (`prepare_data`, run once per process before the first stage that needs groups, by rank 0
+first under a launcher) reads `data.path` (and `data.eval_path`, media under `data.media_root`), validates
+every row (bad rows stop the run naming file:line, or are skipped with `data.on_error: skip`) and splits
+train / eval by group. In the run folder it writes `data/demo/` (the synthetic set's JSONL and images) for
+`data.path: demo`, and `events.jsonl` lines for the counts, skipped rows and warnings (stage `data`); the
+stages then read the groups from the source files, never a copy.
+
+    python -m mmrlhf_lite.train recipes/demo.yaml --dry-run      # prepares (and plans) without a model
     python -m mmrlhf_lite.data stats runs/demo/data/demo/demo.jsonl
 """
 from __future__ import annotations

@@ -104,7 +104,8 @@ class PreferenceGroup:
         return [(best, worst)] if ranks[best] != ranks[worst] else []
 
     def best_index(self) -> int:
-        """The response the SFT term trains on: rank 1 (or the most-preferred in the given pairs)."""
+        """The most-preferred response: rank 1 (or the most-preferred in the given pairs); the SFT term's
+        response for every pair of the group under `dpo.sft_target: best`."""
         if self.explicit_pairs is not None:
             wins = [0] * len(self.responses)
             for b, _ in self.explicit_pairs:

@@ -1,10 +1,10 @@
 """Collectives of a launch, each a no-op in one process: join the group (`init`), barriers, sums and
-maxima over ranks, gathers, `main_first` (rank 0 works, the others get its result or its error) and the
-gradient average of data-parallel training.
+maxima over ranks, gathers, `on_main` (rank 0 works, the others get its result or its error),
+`any_rank` (one rank's stop request is every rank's) and the gradient average of data-parallel training.
 
 Failures: a rank that dies ends the job through the launcher (it stops the other processes and names
 the failed rank); a collective that does not complete within `MMRLHF_LITE_DIST_TIMEOUT` seconds (default
-1800) raises instead of hanging; a rank waiting for rank 0 (`main_first`) raises with rank 0's error.
+1800) raises instead of hanging; a rank waiting for rank 0 (`on_main`) raises with rank 0's error.
 
     python -m pytest tests/test_distributed.py -q
 """
@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from .launch import (DEFAULT_WAIT_S, WAIT_TIMEOUT_ENV, RankFailure, is_distributed, is_main, local_rank, rank,
-                     timeout_s, world_size)
+from .launch import (DEFAULT_WAIT_S, WAIT_TIMEOUT_ENV, RankFailure, check_launch, is_distributed, is_main,
+                     local_rank, rank, shards_base, timeout_s, world_size)
 
 T = TypeVar("T")
-_wait = {"group": None}   # the gloo group of `main_first` waits (long timeout), made by `init`
+_wait = {"group": None}   # the gloo group of `on_main` waits (long timeout), made by `init`
 
 
 def init(device_type: str = "cpu") -> None:
@@ -44,6 +45,31 @@ def init(device_type: str = "cpu") -> None:
     except ValueError:
         raise RankFailure(f"{WAIT_TIMEOUT_ENV}={os.environ[WAIT_TIMEOUT_ENV]!r} is not a number of seconds") from None
     _wait["group"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The launch this process is part of, as `start` found it."""
+    rank: int
+    world: int
+    sharded: bool   # the stages shard their models over the ranks (FSDP2)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: it owns the run folder (lock, recipe, events, stage status)."""
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+
+def start(backend: str, device_type: str) -> Launch:
+    """Refuse the launches that cannot work (`check_launch`, before anything loads), join the process group
+    (`init`) and say what this process is. One process: rank 0 of 1, nothing joined."""
+    check_launch(backend)
+    init(device_type)
+    return Launch(rank=rank(), world=world_size(), sharded=shards_base())
 
 
 def _group_ready() -> bool:
@@ -94,14 +120,18 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when it is True on at least one (e.g. a stop request seen by one rank)."""
+    """True on every rank when it is True on at least one, so that every rank takes the same branch: a stop
+    request seen by one rank stops all of them at the same point; entries missing on one rank make all of
+    them join the (collective) fill. Collective."""
     return all_reduce_max(1.0 if flag else 0.0) > 0
 
 
-def main_first(name: str, fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 only; the other ranks wait and get its result, or raise its error. They wait in a
-    gloo group of their own with a long timeout (`MMRLHF_LITE_WAIT_TIMEOUT`, default 7 days), since rank 0
-    may work alone for hours (data preparation); a rank 0 that dies ends the job through the launcher."""
+def on_main(name: str, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only (the run folder's writes, data preparation); every rank gets its result (None
+    when it does not pickle), or raises its error naming `name`. One process: `fn()`. The other ranks wait
+    in a gloo group of their own with a long timeout (`MMRLHF_LITE_WAIT_TIMEOUT`, default 7 days), since
+    rank 0 may work alone for hours (data preparation); a rank 0 that dies ends the job through the
+    launcher. It does not wait for the other ranks before `fn` runs: `barrier` first for that."""
     if not _group_ready():
         return fn()
 
@@ -137,7 +167,7 @@ def _broadcast(box: list, name: str) -> None:
         raise RankFailure(f"rank {rank()}: lost rank 0 at '{name}' ({_short(exc)}); see the launcher's report") from None
 
 
-def gather_objects(obj: Any) -> list[Any]:
+def gather(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not _group_ready():
         return [obj]

@@ -1,9 +1,10 @@
 """FSDP2: the frozen base sharded over the ranks (docs/distributed.md).
 
-`shard_model` makes each decoder layer a `fully_shard` unit and the whole model the root unit;
-`through_root` runs the trainers' packed forward (which calls the model's parts directly) inside the
-root's forward so that its hooks gather and reduce-scatter; `trainable_state` / `load_trainable_state`
-move the LoRA and head parameters between shards and full tensors for saving and resuming.
+`shard_model` makes each decoder layer a `fully_shard` unit and the whole model the root unit; `shard`
+is what a stage calls on the model it loaded (shard it under an FSDP2 launch, say what each rank holds);
+`forward` runs the packed forward (which calls the model's parts directly) inside the root's forward so
+that its hooks gather and reduce-scatter; `trainable_state` / `load_trainable_state` move the LoRA and head
+parameters between shards and full tensors for saving and resuming.
 
     python -m pytest tests/test_fsdp.py -q
 """
@@ -14,8 +15,8 @@ from typing import Callable, TypeVar
 import torch
 
 from ..models.wrappers import unwrap
-from .collectives import gather_objects
-from .launch import RankFailure, world_size
+from .collectives import gather
+from .launch import RankFailure, shards_base, world_size
 
 T = TypeVar("T")
 
@@ -35,18 +36,21 @@ def shard_units(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in hf_model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
     """FSDP2 over every rank: each decoder layer of the language model is one `fully_shard` unit (gathered
     when it runs, freed after), and the whole `...ForConditionalGeneration` is the root unit holding the
     rest (embeddings, final norm, LM head, the vision tower and merger, reward head). The packed forward
-    calls those parts directly, not the root's forward, so `through_root` runs it inside the root's forward:
+    calls those parts directly, not the root's forward, so `forward` runs it inside the root's forward:
     its hooks gather the root's parameters and reduce-scatter their gradients. Gradients are averaged over
     ranks by FSDP (once), so the trainers must not also run `average_gradients`. Returns the root.
 
     The vision blocks are not units of their own: every forward then makes the same collectives (the root,
     then each decoder layer once) whatever its media, so ranks whose batches differ (images on one, text
     only or a video on the other, or a dummy forward) stay in lockstep; with the vision blocks as units, a
-    rank without images would skip their gathers and the collectives would no longer match."""
+    rank without images would skip their gathers and the collectives would no longer match.
+
+    `device`: where the shards live (default: the device of the model's first parameter); parameters on
+    the meta device stay there, sharded (`models/sharded_loading.py` fills them)."""
     from torch.distributed.fsdp import fully_shard
 
     hf = unwrap(model)
@@ -59,7 +63,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
                           "launch with recipes/accelerate/ddp.yaml instead")
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = next(hf.parameters()).device   # the mesh of the model's own device type (cuda:LOCAL_RANK, cpu)
+    device = device or next(hf.parameters()).device   # the mesh of the model's device type (cuda:LOCAL_RANK, cpu)
     mesh = init_device_mesh(device.type, (world_size(),))
     for unit in units:
         fully_shard(unit, mesh=mesh)
@@ -67,17 +71,22 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-def shard_frozen(model: torch.nn.Module, events) -> list[dict]:
-    """`shard_model(model)` (reward and dpo before their optimizer exists; score, reference), and an
-    `FSDP2:` event with what each rank holds (`sharded_numel`). Collective: every rank calls it."""
-    shard_model(model)
-    held = gather_objects(sharded_numel(model))
+def shard(model: torch.nn.Module, events) -> None:
+    """Hold a loaded model as the launch says: under an FSDP2 launch (`shards_base()`) its base sharded over
+    the ranks (`shard_model`, unless `load_model(..., shard=True)` loaded it straight into its shards), and an
+    `FSDP2:` event with what each rank holds (`sharded_numel`); otherwise nothing. The trainers call it
+    before their optimizer exists, score and reference on the model they load. Collective under FSDP2:
+    every rank calls it."""
+    if not shards_base():
+        return
+    if sharded_root(model) is None:
+        shard_model(model)
+    held = gather(sharded_numel(model))
     total = held[0]["frozen_total_bytes"]
     events.info(f"FSDP2: the base is sharded over {len(held)} ranks (decoder layers; the vision tower is "
                 "gathered with the root); frozen weights held per rank: "
                 + ", ".join(f"rank {r} {h['frozen_local_bytes'] / 2**20:.2f} MiB" for r, h in enumerate(held))
                 + f" of {total / 2**20:.2f} MiB", sharded_params=held)
-    return held
 
 
 def sharded_root(model: torch.nn.Module):
@@ -87,20 +96,21 @@ def sharded_root(model: torch.nn.Module):
     return hf if isinstance(hf, FSDPModule) else None
 
 
-def through_root(model: torch.nn.Module, fn: Callable[[], T]) -> T:
-    """`fn()` (a forward that calls the model's parts directly), run inside the FSDP root's forward so that
-    its hooks gather the root unit's parameters (and, with grad, reduce-scatter their gradients after
-    backward). Without sharding: `fn()`."""
+def forward(model: torch.nn.Module, fn: Callable[[], T]) -> T:
+    """`fn()`, a forward that calls the model's parts directly (the packed forward: backbone, then the LM
+    head on response positions only), under the sharding: inside the FSDP root's forward, so that its hooks
+    gather the root unit's parameters (and, with grad, reduce-scatter their gradients after backward).
+    Without sharding: `fn()`."""
     root = sharded_root(model)
     if root is None:
         return fn()
     box: list = []
 
-    def forward(*_args, **_kwargs):
+    def run_inside(*_args, **_kwargs):
         box.append(fn())
         return box[0]
 
-    root.forward = forward   # an instance attribute: nn.Module.__call__ runs the FSDP hooks around it
+    root.forward = run_inside   # an instance attribute: nn.Module.__call__ runs the FSDP hooks around it
     try:
         root()
     finally:

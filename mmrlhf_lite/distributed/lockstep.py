@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..events import StageStopped
-from .collectives import all_reduce_sum, gather_objects
-from .launch import is_distributed, rank, world_size
+from .collectives import all_reduce_sum, gather
+from .launch import is_distributed, rank, shards_base, world_size
 
 METRICS_EVERY_S = 30.0
 _SLOTS = ("batches", "groups", "done", "stop", "computed_groups", "computed")
@@ -51,6 +51,21 @@ def work_split() -> tuple[int, int]:
     return 1, 0
 
 
+def rank_of(keys: Sequence[str], world: int) -> int:
+    """The rank (of `world`) that works on an item with these content keys: `sha256(keys[0]) mod world`."""
+    digest = hashlib.sha256((keys[0] if keys else "").encode()).digest()
+    return int.from_bytes(digest[:8], "big") % world
+
+
+def shares(item_keys: Sequence[Sequence[str]]) -> list[int]:
+    """The indices of the items this rank works on (one process: all of them). An item goes to the rank
+    `rank_of` its content keys names: a stable assignment by content, so a resumed launch with the same
+    number of ranks gives each rank the same items, and items of identical content land on one rank
+    (computed once there)."""
+    world, me = work_split()
+    return [i for i, keys in enumerate(item_keys) if world == 1 or rank_of(keys, world) == me]
+
+
 def throughput(computed_groups: Sequence[float], seconds: float) -> dict[str, float]:
     """`groups_per_s` over all ranks and, with several, `rankN_groups_per_s` of each (they add up)."""
     rates = [g / max(seconds, 1e-9) for g in computed_groups]
@@ -61,17 +76,18 @@ def throughput(computed_groups: Sequence[float], seconds: float) -> dict[str, fl
 
 
 def run_in_lockstep(batches: Sequence, work: Callable[[Any], int | None], *, events,
-                  stopped: Callable[[int, int], str], size: Callable[[Any], int] = len, done: int = 0,
-                  stop_requested: Callable[[], bool] = lambda: False, unit: str = "group",
-                  idle: Callable[[], None] | None = None, **extra: Any) -> LockstepResult:
+                    stopped: Callable[[int, int], str], size: Callable[[Any], int] = len, done: int = 0,
+                    stop_requested: Callable[[], bool] = lambda: False, unit: str = "group",
+                    idle_forward: Callable[[], Any] | None = None, **extra: Any) -> LockstepResult:
     """Run `work(batch)` for each of this rank's `batches`, step by step with the other ranks.
 
     `size(batch)`: the groups in a batch; `done`: this rank's groups that need no work (already cached),
     counted as done from the start; `work` returns the number of entries it computed (or None);
     `stopped(done, total)`: the StageStopped message, from numbers every rank agrees on. `extra` fields
-    (e.g. `part`) go into the progress and metrics events. `idle()`: run instead of `work` in a step where
-    this rank has no batch left (or none at all), so that every rank makes the same calls each step:
-    FSDP forwards are collectives (cache/reference.py, reward/scorer.py run a dummy forward there)."""
+    (e.g. `part`) go into the progress and metrics events. `idle_forward()`: a forward of the model `work`
+    runs (on any input, its result discarded), run instead of `work` in a step where this rank has no batch
+    left (or none at all) when the launch shards the model (`shards_base()`): FSDP forwards are
+    collectives, so every rank must make one in each step. Without sharding it is never called."""
     world, me = work_split()
     mine = {"batches": len(batches), "groups": done + sum(size(b) for b in batches), "done": done, "stop": 0.0,
             "computed_groups": 0, "computed": 0}
@@ -105,8 +121,8 @@ def run_in_lockstep(batches: Sequence, work: Callable[[Any], int | None], *, eve
             mine["computed"] += int(got or 0)
             mine["computed_groups"] += n
             mine["done"] += n
-        elif idle is not None:
-            idle()
+        elif idle_forward is not None and shards_base():
+            idle_forward()
         k += 1
 
 
@@ -141,6 +157,6 @@ def sharded_map(items: Sequence, chunk_size: int, fn: Callable[[list, int], list
     run_in_lockstep(mine, work, size=lambda ci: len(chunks[ci]), events=events, stopped=stopped,
                   stop_requested=stop_requested, **extra)
     merged: dict[int, list] = {}
-    for part in (gather_objects(results) if world > 1 else [results]):
+    for part in (gather(results) if world > 1 else [results]):
         merged.update(part)
     return [r for ci in range(len(chunks)) for r in merged[ci]]

@@ -9,17 +9,22 @@ Per ranked pair i = (better y_w, worse y_l) of a group, with reward-model margin
              the IPO paper and TRL): on sums the target 1 / (2 beta) = 5 nats at beta 0.1 would be spread
              over a whole response whatever its length
     L_dpo  = weighted mean of L_i over all pairs of the batch
-    L      = alpha * L_dpo + gamma * NLL(best response)   (NLL = mean token negative log-likelihood)
+    L      = alpha * L_dpo + gamma * NLL(chosen)   (NLL = mean token negative log-likelihood)
+
+The SFT term is the paper's: each pair i carries NLL_i of its own chosen (better) response y_w, so with
+`pairs: all` a group's rank-2 response, chosen against ranks 3 and 4, is trained on too. `dpo.sft_target:
+best` gives every pair of a group the NLL of the group's rank-1 response instead (dpo/trainer.py's
+`sft_response` picks the response; this function takes the per-pair NLLs).
 
 Every pair weighs the same, however the pairs of one optimizer step are split into micro-batches,
-accumulation steps and ranks: each pair carries its own DPO term and the SFT term of its group's best
-response (as the paper's per-pair `alpha * L_dpo + gamma * NLL(chosen)`), and the step's loss is
+accumulation steps and ranks: each pair carries its own DPO term and its own SFT term, and the step's
+loss is
 
     L_step = sum over the step's pairs i of w_i * (alpha * L_i + gamma * NLL_i) / sum over the step's pairs of w_i
 
 A micro-batch passes `num_pairs` = the step's (weighted) pair count, summed over ranks; its loss is then
 its share of L_step, and the shares add up to L_step. Without `num_pairs` (one batch = one step) it is
-the formula above on the batch, so a single group gets alpha * mean L_i + gamma * NLL(best).
+the formula above on the batch, so a single group gets alpha * mean L_i + gamma * mean NLL_i.
 
 Log-probs are per response (N of them); pairs index into them, so a group of K responses gives all
 K(K-1)/2 pairs from K forwards. With w = 0 it is standard DPO. Pairs the reward model is sure of
@@ -66,7 +71,7 @@ def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs
                 num_pairs: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """policy_logps, reference_logps (N,) summed over response tokens; pairs (P, 2) long (better, worse);
     deltas (P,); pair_weights (P,) or None; sft_nll: None, a scalar (the same NLL for every pair) or (P,)
-    (per pair: the mean token NLL of its group's best response); n_tokens (N,) response token counts, needed
+    (per pair: the mean token NLL of its SFT response, see the module docstring); n_tokens (N,) response token counts, needed
     by `ipo` (length-normalised); num_pairs: the (weighted) pair count of the whole optimizer step when this
     batch is only part of it (None: this batch's own).
     Returns (total loss, metrics); the metrics are this batch's own means."""
@@ -95,6 +100,10 @@ def mm_dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, pairs
             "beta_mean": betas.mean().item(), "beta_min": betas.min().item(), "beta_max": betas.max().item(),
             "delta_mean": deltas.float().mean().item(),
             "logp_chosen": chosen.mean().item(), "logp_rejected": rejected.mean().item(),
+            # largest |log pi - log pi_ref| (summed over tokens) of the batch: 0 at step 0, where the policy is
+            # the reference; a nonzero value there means the reference cache was computed in other numerics
+            "abs_log_ratio_max": (policy_logps.detach() - reference_logps.to(policy_logps)).abs().max().item()
+            if policy_logps.numel() else 0.0,
         }
     if sft_nll is not None and gamma > 0:
         sft_nll = sft_nll.to(losses)

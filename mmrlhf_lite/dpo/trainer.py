@@ -1,15 +1,24 @@
 """Stage `dpo`: MM-DPO on preference groups with cached reference log-probs and reward margins.
 
-Each step forwards every response of its groups once (one packed sequence per group: the prompt and
-its image tokens once), gathers log-probs on response tokens only, and forms every ranked pair's loss
-from the K log-probs (dpo/loss.py). The reference log-probs come from the `reference` cache: no
-reference forward pass runs during training. The margins delta come from the reward cache (`score`).
+One DPO step, read top to bottom: `DpoCollator` turns the step's groups into a batch (the encoded groups,
+every ranked pair as indices into the flat list of responses, each pair's margin delta, the cached
+reference log-probs, each pair's SFT response by `dpo.sft_target`); `DpoTrainer.group_loss` runs
+`policy_forward` (one packed sequence per group: the prompt and its image tokens once, log-probs gathered on
+response tokens only, models/logprobs.py) and forms every pair's loss from the K log-probs with
+`mm_dpo_loss` (dpo/loss.py: the dynamic beta_i from delta, the SFT term). The optimizer step, accumulation,
+schedule and checkpoints are transformers.Trainer's (training.GroupTrainer). No reference forward pass runs
+during training.
+
+In the run folder it reads the training groups (`data.path`), `<cache>/reference.jsonl` (the `reference`
+stage; entries it lost are computed first) and, with `dpo.margin_source: reward`, `score/margins.jsonl`; it
+writes `dpo/checkpoints/checkpoint-N/` while it trains (resume points, removed once it is done),
+`dpo/final/` (the policy's LoRA adapter and `mmrlhf_lite.json`), `dpo/train_result.json`, its progress and
+metrics in `events.jsonl` and, through train.py, `stages/dpo.json`.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --stages dpo
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +30,8 @@ from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.logprobs import group_forward, use_packing
 from ..recipe import DpoConfig, TrainConfig
-from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
+from ..training import (GroupTrainer, finished_result, remove_checkpoints, run_training, seed_everything,
+                        training_arguments, write_result)
 from .loss import mm_dpo_loss
 
 
@@ -53,15 +63,22 @@ def margins_for(groups, source: str, run_dir: Path) -> dict[str, list[float]]:
     return out
 
 
+def sft_response(group, pair: tuple[int, int], target: str) -> int:
+    """Index in `group` of the response whose mean token NLL the SFT term adds to `pair` = (better, worse):
+    `chosen`, the pair's better response (REFERENCE.md: alpha * L_dpo + gamma * NLL(chosen)), or `best`,
+    the group's rank-1 response (one response for all of the group's pairs)."""
+    return pair[0] if target == "chosen" else group.best_index()
+
+
 class DpoCollator:
     def __init__(self, encoder: GroupEncoder, cfg: DpoConfig, reference: dict[str, list[float]],
                  deltas: dict[str, list[float]]):
         self.encoder, self.cfg, self.reference, self.deltas = encoder, cfg, reference, deltas
 
     def __call__(self, groups) -> dict:
-        encoded, pairs, deltas, ref, best, pair_group = [], [], [], [], [], []
+        encoded, pairs, deltas, ref, sft = [], [], [], [], []
         off = 0
-        for gi, g in enumerate(groups):
+        for g in groups:
             encoded.append(self.encoder.encode_policy(g))
             all_pairs = g.pairs()
             chosen = set(group_pairs(g, self.cfg.pairs))
@@ -69,15 +86,13 @@ class DpoCollator:
                 if (b, w) in chosen:
                     pairs.append((off + b, off + w))
                     deltas.append(d)
-                    pair_group.append(gi)
+                    sft.append(off + sft_response(g, (b, w), self.cfg.sft_target))
             ref.extend(self.reference[g.id])
-            best.append(off + g.best_index())
             off += len(g.responses)
         return {"encoded": encoded, "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
                 "deltas": torch.tensor(deltas, dtype=torch.float32),
                 "reference_logps": torch.tensor(ref, dtype=torch.float32),
-                "best": torch.tensor(best, dtype=torch.long),
-                "pair_group": torch.tensor(pair_group, dtype=torch.long)}
+                "sft_responses": torch.tensor(sft, dtype=torch.long)}
 
 
 def policy_forward(model, spec, encoded, packed: bool):
@@ -98,9 +113,8 @@ class DpoTrainer(GroupTrainer):
         c = self.cfg
         logps, token_logps = policy_forward(model, self.spec, batch["encoded"], self.packed)
         sft = None
-        if c.gamma > 0:  # each pair carries the NLL of its group's best response
-            best_nll = torch.stack([-token_logps[i].mean() for i in batch["best"].tolist()])
-            sft = best_nll[batch["pair_group"].to(best_nll.device)]
+        if c.gamma > 0:  # per pair: the mean token NLL of its SFT response (dpo.sft_target, see sft_response)
+            sft = torch.stack([-token_logps[i].mean() for i in batch["sft_responses"].tolist()])
         loss, metrics = mm_dpo_loss(logps, batch["reference_logps"].to(logps.device), batch["pairs"].to(logps.device),
                                     batch["deltas"].to(logps.device), beta=c.beta, w=c.w, k=c.k,
                                     beta_floor=c.beta_floor, loss_type=c.loss_type,
@@ -119,8 +133,9 @@ def run_stage(ctx) -> dict:
     recipe, events = ctx.recipe, ctx.events
     out_dir = ctx.run.stage_dir("dpo")
     final = policy_dir(ctx.run_dir)
-    if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
-        return json.loads((out_dir / "train_result.json").read_text())
+    done = finished_result(out_dir, final, events)   # finished; killed before marked done
+    if done is not None:
+        return done
     dc = recipe.dpo
     train_groups, _ = ctx.data()
     groups = [g for g in train_groups if group_pairs(g, dc.pairs)]
@@ -147,7 +162,7 @@ def train_policy(ctx, groups, reference: dict[str, list[float]], deltas: dict[st
     dc = recipe.dpo
     train_cfg = train or dc.train
     seed_everything(recipe.run.seed)
-    model, processor = load_model(recipe.model, adapter=start_from, trainable=True)
+    model, processor = load_model(recipe.model, adapter=start_from, trainable=True, shard=True)
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"policy: {info.family.name} via {info.backend} on {info.device}; "
@@ -161,11 +176,12 @@ def train_policy(ctx, groups, reference: dict[str, list[float]], deltas: dict[st
                          events=events, stop_check=ctx.stop_requested, cfg=dc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
-    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (rank 0 reads the model)
-    if not distributed.is_main():
-        return result  # rank 0 writes the policy and the result
-    save_adapter(model, final, state_dict=state, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
-    result["train_seconds"] = round(time.time() - start, 1)
-    (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
-    remove_checkpoints(out_dir / "checkpoints")
-    return result
+    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (the model holds it whole)
+
+    def write() -> dict:   # the policy and the result are written once
+        save_adapter(model, final, state_dict=state, kind="policy", beta=dc.beta, w=dc.w, k=dc.k)
+        result["train_seconds"] = round(time.time() - start, 1)
+        write_result(out_dir, result)
+        remove_checkpoints(out_dir / "checkpoints")
+        return result
+    return distributed.on_main("dpo: the policy", write)

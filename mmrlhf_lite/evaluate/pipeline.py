@@ -2,12 +2,17 @@
 training), critique quality on the demo set, and the policy: held-out implicit reward accuracy, and of
 its own answers before vs after MM-DPO the share that is right (when the data knows the right answer),
 the share that is well-formed, the reward model's rank among the group's K responses, and a win rate
-(withheld when the starting policy's answers are not well-formed). Writes `eval/report.json` and
-`eval/report.md`.
+(withheld when the starting policy's answers are not well-formed).
+
+In the run folder it reads the held-out groups (`data.eval_fraction` / `data.eval_path`), the reward model
+(`reward/final/` or `reward.model_from`'s), the policy (`dpo/final/`), `<cache>/reference.jsonl` (computing
+what it lacks) and `stages/*.json` (the training stages' times, the score stage's margins summary); it
+writes `eval/report.json` and `eval/report.md`, its progress per part in `events.jsonl` and, through
+train.py, `stages/eval.json`. Nothing is cached: a stopped evaluation starts over.
 
 Under a launcher every part that loops over groups (each critique mode before and after training, the
 policy's log-probs, its generations, the scoring of its answers) is split over the ranks in chunks whose
-size and sampling seed come from the recipe, not from the number of ranks (`distributed.lockstep.sharded_map`); every
+size and sampling seed come from the recipe, not from the number of ranks (`distributed.sharded_map`); every
 rank gathers the per-group results and runs the one-process aggregation, and rank 0 writes the report,
 which is the one a single process writes.
 
@@ -30,7 +35,6 @@ from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
 from ..models.loading import load_model
 from ..models.logprobs import use_packing
-from ..distributed.lockstep import chunk_seed, sharded_map
 from ..runs import write_atomic
 from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate
@@ -63,9 +67,10 @@ def reward_results(groups: list[PreferenceGroup], scored: list[list], weight: fl
 def split_over_ranks(ctx, part: str, items: list, chunk_size: int, fn) -> list:
     """`fn(chunk, index)` over `items`, chunks dealt to the ranks (one process: all of them), with
     progress and throughput events labelled `part` and the run's stop request agreed between ranks."""
-    return sharded_map(items, chunk_size, fn, events=ctx.events, stop_requested=ctx.stop_requested, part=part,
-                       stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups; "
-                                               "an evaluation is not kept in parts: it starts over)")
+    return distributed.sharded_map(
+        items, chunk_size, fn, events=ctx.events, stop_requested=ctx.stop_requested, part=part,
+        stopped=lambda done, total: f"stopped during evaluation ({part}: {done} of {total} groups; "
+                                    "an evaluation is not kept in parts: it starts over)")
 
 
 def score_split(ctx, scorer, groups: list[PreferenceGroup], mode: str, part: str) -> list:
@@ -75,7 +80,7 @@ def score_split(ctx, scorer, groups: list[PreferenceGroup], mode: str, part: str
     rc, seed = ctx.recipe.reward, ctx.recipe.run.seed
     return split_over_ranks(ctx, part, groups, groups_per_batch(rc, mode), lambda chunk, i: scorer.score_groups(
         chunk, mode, n_samples=rc.n_samples, temperature=rc.temperature, max_new_tokens=rc.max_new_tokens,
-        batch_size=rc.generation_batch_size, seed=chunk_seed(seed, i)))
+        batch_size=rc.generation_batch_size, seed=distributed.chunk_seed(seed, i)))
 
 
 def critique_fact_rate(groups: list[PreferenceGroup], critiques: list[list[list[str]]]) -> dict | None:
@@ -193,7 +198,7 @@ def eval_policy(ctx, groups: list[PreferenceGroup], *, adapter: Path | None = No
         def answer(chunk: list[PreferenceGroup], index: int) -> list[tuple[list[str], list[str]]]:
             prompts_ = [(encoder.policy_prompt(g), []) for g in chunk for _ in range(n)]
             kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens, do_sample=n > 1,
-                      temperature=1.0, seed=chunk_seed(recipe.run.seed, index), batch_size=gbs)
+                      temperature=1.0, seed=distributed.chunk_seed(recipe.run.seed, index), batch_size=gbs)
             after = generate_after(model, spec, processor, prompts_, **kw)
             prior = [[] for _ in after]
             if before:
@@ -320,7 +325,8 @@ def run_stage(ctx) -> dict:
     start = time.time()
     report = {"groups": len(evals), "pairs": sum(len(g.pairs()) for g in evals),
               "dpo": {"beta": recipe.dpo.beta, "w": recipe.dpo.w, "k": recipe.dpo.k, "pairs": recipe.dpo.pairs,
-                      "loss_type": recipe.dpo.loss_type}}
+                      "loss_type": recipe.dpo.loss_type, "gamma": recipe.dpo.gamma,
+                      "sft_target": recipe.dpo.sft_target}}
     stage_seconds = {}
     for st in ("reward", "score", "reference", "dpo"):
         s = ctx.run.status(st)
@@ -335,10 +341,12 @@ def run_stage(ctx) -> dict:
         raise StageStopped("stopped during evaluation (an evaluation is not kept in parts: it starts over)")
     report["policy"] = eval_policy(ctx, evals)
     report["seconds"] = round(time.time() - start, 1)
-    if distributed.is_main():  # every rank holds the whole report; rank 0 writes it
-        out_dir = ctx.run.stage_dir("eval")
+    out_dir = ctx.run.stage_dir("eval")
+
+    def write() -> None:   # every rank holds the whole report; it is written once
         write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
         write_atomic(out_dir / "report.md", format_report(report))
+    distributed.on_main("eval: report", write)
     summary = {"reward_acc": {m: r["overall"]["acc"] for m, r in report["reward_model"]["modes"].items()}}
     if report.get("margins"):
         summary["delta_rank_spearman"] = report["margins"]["eval_delta_rank_spearman"]

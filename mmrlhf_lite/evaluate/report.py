@@ -91,6 +91,6 @@ def format_report(report: dict) -> str:
             lines.append(f"- win rate after vs before DPO: not reported: {wr['withheld']}")
         d = report.get("dpo", {})
         lines.append(f"- settings: beta={d.get('beta')} w={d.get('w')} k={d.get('k')} pairs={d.get('pairs')} "
-                     f"loss={d.get('loss_type')}")
+                     f"loss={d.get('loss_type')} gamma={d.get('gamma')} sft_target={d.get('sft_target')}")
         lines.append("")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import torch
 
 from ..recipe import ModelConfig
 from .families import FamilySpec, apply_pixel_limits, cap_model_grid, detect_family
+from .precision import auto_dtype, native_bf16
 from .reward_score import RewardHead, processor_without_torchvision
 
 log = logging.getLogger(__name__)
@@ -119,20 +121,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU with native bf16, float16 on older GPUs (a T4), float32 on CPU
+    (models/precision.py); an explicit bfloat16 on a GPU without native bf16 runs emulated, with a warning."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
+        return auto_dtype(device)
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
+        log.warning("model.compute_dtype=bfloat16 on a GPU without native bf16 (compute capability %s < 8.0): it is "
+                    "emulated, slowly, and SDPA falls back to its math kernel; model.compute_dtype=auto uses float16",
+                    ".".join(map(str, torch.cuda.get_device_capability(device))))
+    return dtype
 
 
 def unsloth_available() -> bool:
+    """Whether the unsloth backend could run here: CUDA and an installed unsloth. Looked up without importing
+    it: importing unsloth patches transformers, peft and TRL process-wide, and this is asked for every
+    `backend: auto` load and every cache key, so a transformers run on a machine with requirements-gpu.txt
+    installed would otherwise train on unsloth's patched classes. unsloth is imported on its own path only
+    (`_load_unsloth`)."""
     if not torch.cuda.is_available():
         return False
     try:
-        importlib.import_module("unsloth")
-        return True
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return importlib.util.find_spec("unsloth") is not None
+    except (ImportError, ValueError):  # a broken install: a module without a spec, a failing parent
         return False
 
 
@@ -148,7 +159,7 @@ def resolve_backend(cfg: ModelConfig, device: torch.device, family: FamilySpec) 
             raise ModelLoadError("model.backend=unsloth needs a CUDA GPU (FastVisionModel is CUDA only); "
                                  "use model.backend=transformers (4-bit also works on CPU) or auto")
         if not unsloth_available():
-            raise ModelLoadError("model.backend=unsloth but unsloth is not importable; "
+            raise ModelLoadError("model.backend=unsloth but unsloth is not installed; "
                                  "pip install -r requirements-gpu.txt, or use model.backend=transformers")
         return "unsloth"
     if cfg.backend == "auto" and device.type == "cuda" and family.unsloth and unsloth_available():
@@ -264,11 +275,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, trainable: bool = True,
-               reward_head: dict | None = None, lora: bool = True):
+               reward_head: dict | None = None, lora: bool = True, shard: bool = False):
     """Load model + processor.
 
     adapter: a saved adapter folder to load (trainable or frozen); else a fresh LoRA when `lora`.
     reward_head: {"kind": "mlp"|"linear", "dropout": p} attaches a scalar head saved with the adapter.
+    shard: the caller holds the model sharded under an FSDP2 launch (the reward and dpo trainers, score,
+    reference: `distributed.shard`); there the base is loaded straight into its shards, never whole
+    (models/sharded_loading.py). One process or a DDP launch: ignored. Collective under FSDP2.
     Returns (model, processor); `model.mmrlhf` is a `LoadedModel` with family/backend/device/dtype.
     """
     path = resolve_model_path(cfg.path)
@@ -293,58 +307,80 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     if backend == "unsloth":
         model = _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora)
     else:
-        model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora)
+        model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora, shard)
     cap_model_grid(model, family, cfg.max_pixels)
     processor = load_processor(path, family, cfg)
     model.mmrlhf = LoadedModel(path=path, family=family, backend=backend, device=device, dtype=dtype)
     return model, processor
 
 
-def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora):
+def _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora, shard=False):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText
+
+    from ..distributed import shards_base
 
     quant = _quantization_config(cfg, family, dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
                                   trust_remote_code=cfg.trust_remote_code)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        with _quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load model from '{path}': {exc}") from None
-    if quant is None:
-        model.to(device)
-    if device.type == "cpu":
-        _disable_bnb_cpu_packed_kernel(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if reward_head is not None:
-        hidden = model.config.get_text_config().hidden_size
-        model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0),
-                                       reward_head.get("response_logp_weight", 0.0)).to(
-            device=device, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    elif lora:
-        targets = lora_target_names(model, family, cfg)
-        lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, bias="none",
-                              modules_to_save=["reward_head"] if reward_head is not None else None)
-        model = get_peft_model(model, lora_cfg)
-    if trainable and cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if not trainable:
-        model.eval()
+
+    def attach(model):
+        """What follows `from_pretrained`: frozen base, reward head, adapter or fresh LoRA, checkpointing."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if reward_head is not None:
+            hidden = model.config.get_text_config().hidden_size
+            model.reward_head = RewardHead(hidden, reward_head.get("kind", "mlp"), reward_head.get("dropout", 0.0),
+                                           reward_head.get("response_logp_weight", 0.0)).to(
+                device=device, dtype=torch.float32)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        elif lora:
+            targets = lora_target_names(model, family, cfg)
+            lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  target_modules=targets, bias="none",
+                                  modules_to_save=["reward_head"] if reward_head is not None else None)
+            model = get_peft_model(model, lora_cfg)
+        if trainable and cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if not trainable:
+            model.eval()
+        return model
+
+    def pretrained(**placement):
+        try:
+            with _quiet_transformers():
+                return AutoModelForImageTextToText.from_pretrained(path, **kwargs, **placement)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load model from '{path}': {exc}") from None
+
+    if shard and shards_base():
+        from .sharded_loading import ShardedLoadError, load_sharded
+        try:
+            model = load_sharded(path, pretrained, device, attach)
+        except ShardedLoadError as exc:
+            raise ModelLoadError(f"cannot load model '{path}' sharded (FSDP2): {exc}") from None
+    else:
+        model = pretrained(**({"device_map": {"": str(device)}} if quant is not None else {}))
+        if quant is None:
+            model.to(device)
+        if device.type == "cpu":
+            _disable_bnb_cpu_packed_kernel(model)
+        model = attach(model)
     if device.type == "cpu":
         _disable_bnb_cpu_packed_kernel(model)
     return model
 
 
 def _load_unsloth(path, cfg, family, dtype, adapter, trainable, reward_head, lora):  # pragma: no cover - CUDA
-    from unsloth import FastVisionModel  # noqa: I001 - must come first on CUDA
+    try:
+        from unsloth import FastVisionModel  # noqa: I001 - imported here only: it patches libraries process-wide
+    except Exception as exc:  # noqa: BLE001 - an install that find_spec sees but that does not import
+        raise ModelLoadError(f"model.backend=unsloth but importing unsloth failed ({type(exc).__name__}: {exc}); "
+                             "reinstall it (pip install -r requirements-gpu.txt) or use "
+                             "model.backend=transformers") from None
 
     model, _ = FastVisionModel.from_pretrained(path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
                                                use_gradient_checkpointing=cfg.gradient_checkpointing and trainable,

@@ -304,6 +304,15 @@ def open_image(image):
     return img.convert("RGB")
 
 
+def auto_dtype(device) -> str:
+    """The run's `compute_dtype: auto` on `device`, as the project picks it (models/precision.py): bfloat16 on
+    a GPU that computes it natively (compute capability 8.0 and up), float16 below (a T4 passes
+    `torch.cuda.is_bf16_supported()` through emulation), float32 on the CPU."""
+    if not str(device).startswith("cuda"):
+        return "float32"
+    return "bfloat16" if tuple(torch.cuda.get_device_capability(torch.device(device))) >= (8, 0) else "float16"
+
+
 def _base_module(model):
     """The transformers `...ForConditionalGeneration` under a peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -336,9 +345,8 @@ class Scorer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or settings.get("compute_dtype")
-        if dtype is None:  # the run's `auto`: bfloat16 on a GPU that has it (else float16), float32 on the CPU
-            on_gpu = str(device).startswith("cuda")
-            dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
+        if dtype is None:  # the run's `auto`
+            dtype = auto_dtype(device)
         dtype = getattr(torch, dtype)
         adapter = (folder / "adapter_config.json").exists()
         source = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter \

@@ -141,6 +141,10 @@ SIZES = {
     # the demo recipe: big enough to learn the synthetic image-grounded task on CPU in minutes
     "s": TinySize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vision_depth=2,
                   vision_dim=128, vision_heads=4, image_size=112, vocab=1024, init_range=0.08),
+    # loading tests (tests/test_fsdp_loading.py): ~97M parameters (388 MB in fp32), 94% of them in the decoder
+    # layers, so that the weights, not the interpreter, dominate a load's memory
+    "m": TinySize(hidden=1024, layers=8, heads=8, kv_heads=4, intermediate=2816, vision_depth=1,
+                  vision_dim=64, vision_heads=2, image_size=56, vocab=1024),
 }
 
 

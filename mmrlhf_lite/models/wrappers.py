@@ -20,7 +20,7 @@ class ShardedModel(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args, **kwargs):  # the trainers call the model's parts through `distributed.through_root`
+    def forward(self, *args, **kwargs):  # the trainers call the model's parts through `distributed.forward`
         return self.module(*args, **kwargs)
 
 

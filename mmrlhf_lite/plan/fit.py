@@ -239,9 +239,11 @@ def memory_plan(recipe: Recipe, stages: Sequence[str], tokens: dict, per_group: 
     estimates = stage_estimates(arch, settings, recipe, stages, L, packed)
     mbs = micro_batches(recipe, L, packed)
     out.update(available=True, config=config_source, family=family.name, packed=packed,
+               weight_bytes=settings.weight_bytes, load_in_4bit=settings.load_in_4bit,
                approximate_tokens=tokens["method"] != "processor",
                architecture={"params": arch.params, "params_b": round(arch.params / 1e9, 2), "hidden": arch.hidden,
                              "layers": arch.layers, "vocab": arch.vocab,
+                             "largest_linear": max((i * o for i, o, _ in arch.text_linears.values()), default=0),
                              "lora_params": arch.lora_params(settings.lora_r, settings.lora_targets,
                                                              settings.lora_vision)},
                stages={s: {**e.to_dict(), "micro_batch": dataclasses.asdict(mbs[s]) if s in mbs else None}

@@ -6,6 +6,12 @@ one (`none`). Results go to the reward cache (`<cache>/reward.jsonl`), keyed by 
 they are produced; `<run>/score/margins.jsonl` then lists, per group, the scores and every pair's
 margin delta = r(better) - r(worse) that MM-DPO's dynamic beta uses.
 
+In the run folder the stage reads the groups (`data.path`) and the reward model (`reward/final/`, or that of
+`reward.model_from`) and writes `<cache>/reward.jsonl` (`cache.dir`, default `cache/`: one line per
+response, reused by any run with the same model and content), `score/margins.jsonl`, `score/beta_hist.png`
+(the training pairs' beta_i), its progress in `events.jsonl` and, through train.py, `stages/score.json`
+(with the held-out Spearman(delta, human rank gap) and the spread of beta_i).
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages score
 """
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -65,11 +71,16 @@ class RewardScorer:
         return cls.from_adapter(reward_model_dir(Path(run_dir)), model_cfg, max_length, max_frames)
 
     @classmethod
-    def from_adapter(cls, adapter: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8):
+    def from_adapter(cls, adapter: str | Path, model_cfg: ModelConfig, max_length: int = 4096, max_frames: int = 8,
+                     events=None):
+        """`events`: the stage's event stream; with it the model is held as the launch says (sharded under
+        FSDP2, `distributed.shard`), without it (UI, notebooks, eval) whole."""
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"no trained reward model in {adapter}: run the `reward` stage first")
-        model, processor = load_model(model_cfg, adapter=adapter, trainable=False)
+        model, processor = load_model(model_cfg, adapter=adapter, trainable=False, shard=events is not None)
+        if events is not None:
+            distributed.shard(model, events)
         return cls(model, processor, max_length=max_length, max_frames=max_frames, packing=model_cfg.packing,
                    attn_implementation=model_cfg.attn_implementation)
 
@@ -126,8 +137,8 @@ class RewardScorer:
             chunk = jobs[s:s + batch_groups]
             encoded = [self.crit.encode(g, critiques=c, with_critique=c is not None, response_targets=resp,
                                         generated=generated)[0] for _, _, g, c in chunk]
-            out = distributed.through_root(self.model, lambda: compute_rewards(
-                self.model, self.spec, encoded, self.packed, with_logps=False))  # FSDP: through the root
+            out = distributed.forward(self.model, lambda: compute_rewards(
+                self.model, self.spec, encoded, self.packed, with_logps=False))
             off = 0
             for gi, si, g, crit in chunk:
                 for ri in range(len(g.responses)):
@@ -211,40 +222,25 @@ def groups_per_batch(cfg: RewardConfig, mode: str) -> int:
 
 
 def score_into_cache(ctx, groups: list[PreferenceGroup], mode: str, store: JsonlStore,
-                     scorer_factory) -> tuple[list[list[dict]], int]:
+                     scorer: Callable[[], RewardScorer]) -> tuple[list[list[dict]], int]:
     """Fill `store` for every response of `groups`; returns (records per group/response, newly computed).
-
-    Under an FSDP2 launch (`distributed.shards_base`, modes given / none) the scorer's forwards are
-    collectives: every rank builds the scorer when any rank has something missing, and a rank with no batch
-    left in a round scores a copy of the first group (result discarded), so every rank makes one forward
-    per round."""
+    When the launch shards the reward model (FSDP2, modes given / none) its forwards are collectives: a rank
+    with no batch left in a round scores the first group instead (`idle_forward`, its result discarded)."""
     recipe, events = ctx.recipe, ctx.events
     rc = recipe.reward
     fp = reward_fingerprint(recipe.model, ctx.reward_model_dir())
     keys = response_keys(groups, fp, rc, mode, recipe.run.seed)
-    scorer = None
-
-    def get() -> RewardScorer:
-        nonlocal scorer
-        scorer = scorer or scorer_factory()
-        return scorer
 
     def compute(batch: list[PreferenceGroup]) -> list[list[dict]]:
-        scored = get().score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
-                                    max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
-                                    seed=recipe.run.seed)
+        scored = scorer().score_groups(batch, mode, n_samples=rc.n_samples, temperature=rc.temperature,
+                                       max_new_tokens=rc.max_new_tokens, batch_size=rc.generation_batch_size,
+                                       seed=recipe.run.seed)
         return [[{"score": sr.score, "scores": sr.scores, "critiques": sr.critiques, "mode": mode} for sr in g]
                 for g in scored]
 
-    idle = None
-    if distributed.shards_base() and distributed.any_rank(any(k not in store for ks in keys for k in ks)):
-        if mode == "generate":
-            raise distributed.RankFailure(FSDP_GENERATE)
-        get()
-        idle = lambda: get().score_groups([groups[0]], mode)  # noqa: E731 - a rank without a batch: dummy forward
     store, computed = fill_missing_sharded(groups, keys, store, compute, per_batch=groups_per_batch(rc, mode),
-                                           events=events,
-                                           stop_requested=ctx.stop_requested, idle=idle)
+                                           events=events, stop_requested=ctx.stop_requested,
+                                           idle_forward=lambda: scorer().score_groups(list(groups[:1]), mode))
     return [[store.get(k) for k in ks] for ks in keys], computed
 
 
@@ -326,46 +322,43 @@ def run_stage(ctx) -> dict:
     if store.problems:
         events.warning(store.warning("reward cache"), stage="score")
 
-    sharded = distributed.shards_base()
-    if sharded and mode == "generate":
+    if distributed.shards_base() and mode == "generate":   # (the pre-flight refuses it before anything loads)
         raise distributed.RankFailure(FSDP_GENERATE)
     loaded: list[RewardScorer] = []
 
-    def factory():   # loaded once, on first need: both parts of mode given share it (sharded under FSDP)
+    def scorer() -> RewardScorer:   # loaded on first need: both parts of mode given share it
         if not loaded:
-            scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
-                                               max_frames=recipe.data.max_frames)
-            if sharded:
-                distributed.shard_frozen(scorer.model, events)
-            loaded.append(scorer)
+            loaded.append(RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, events=events,
+                                                    max_length=rc.train.max_length, max_frames=recipe.data.max_frames))
         return loaded[0]
 
     if mode == "given":
         with_crit = [g for g in groups if all(r.critique for r in g.responses)]
         without = [g for g in groups if not all(r.critique for r in g.responses)]
-        rec_a, n_a = score_into_cache(ctx, with_crit, "given", store, factory)
-        rec_b, n_b = score_into_cache(ctx, without, "none", store, factory)
+        rec_a, n_a = score_into_cache(ctx, with_crit, "given", store, scorer)
+        rec_b, n_b = score_into_cache(ctx, without, "none", store, scorer)
         by_index = {id(g): r for g, r in zip(with_crit + without, rec_a + rec_b)}  # ids may repeat across splits
         records, computed = [by_index[id(g)] for g in groups], n_a + n_b
     else:
-        records, computed = score_into_cache(ctx, groups, mode, store, factory)
+        records, computed = score_into_cache(ctx, groups, mode, store, scorer)
     empty = sum(c == "" for recs in records for r in recs if r.get("mode") == "generate" for c in r["critiques"])
     if empty:
         events.warning(f"{empty} generated critique(s) are empty (the model ended its turn at once); they are "
                        "scored at their end-of-turn token, like every other critique")
-    split = {g.id: "eval" for g in evals}
-    out_dir = ctx.run.stage_dir("score")
-    if distributed.is_main():  # every rank holds all records; rank 0 writes the margins
-        write_margins(out_dir / "margins.jsonl", groups, records, split,
-                      splits=["train"] * len(train) + ["eval"] * len(evals))
     n = sum(len(g.responses) for g in groups)
     events.info(f"scored {n} responses ({computed} computed, {n - computed} from cache) in mode {mode}")
     result = {"responses": n, "computed": computed, "reused": n - computed, "mode": mode}
     if mode == "generate":
         result["empty_critiques"] = empty
+    out_dir = ctx.run.stage_dir("score")
     is_eval = [False] * len(train) + [True] * len(evals)  # by position: a train and an eval group may share an id
-    result.update(margin_summary(recipe, groups, records, is_eval,
-                                 out_dir / BETA_HISTOGRAM if distributed.is_main() else None))
+
+    def write() -> dict:   # every rank holds all records; the margins and the histogram are written once
+        write_margins(out_dir / "margins.jsonl", groups, records, {g.id: "eval" for g in evals},
+                      splits=["train"] * len(train) + ["eval"] * len(evals))
+        return margin_summary(recipe, groups, records, is_eval, out_dir / BETA_HISTOGRAM)
+
+    result.update(distributed.on_main("score: margins", write))
     if result.get("eval_delta_rank_spearman") is not None:
         events.metrics(eval_delta_rank_spearman=result["eval_delta_rank_spearman"])
     return result

@@ -4,11 +4,17 @@ Per group, one packed forward scores all K responses: each branch is response + 
 critique tokens carry the LM loss and the last token feeds the head; every pair's Bradley-Terry term
 comes from the K rewards (reward/loss.py). The image is encoded once per group.
 
+In the run folder it reads the training groups (`data.path`; the demo set in `data/demo/`) and writes
+`reward/checkpoints/checkpoint-N/` while it trains (resume points, removed once it is done),
+`reward/final/` (the LoRA adapter, the head and `mmrlhf_lite.json`: what the score and eval stages load),
+`reward/train_result.json` (loss, steps, seconds, held-out accuracy with the dataset's critiques), its
+progress and metrics in `events.jsonl`, and, through train.py, `stages/reward.json`. With
+`reward.model_from` it trains nothing and the other stages read that run's `reward/final/`.
+
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +29,8 @@ from ..models.wrappers import unwrap
 from ..models.logprobs import group_forward, use_packing
 from ..models.reward_score import TEMPLATE_VERSION, hybrid_score
 from ..recipe import RewardConfig
-from ..training import GroupTrainer, remove_checkpoints, run_training, seed_everything, training_arguments
+from ..training import (GroupTrainer, finished_result, remove_checkpoints, run_training, seed_everything,
+                        training_arguments, write_result)
 from .loss import bradley_terry, reward_loss, step_counts
 from .prompt import CritiqueEncoder
 
@@ -169,13 +176,14 @@ def run_stage(ctx) -> dict:
         return {"model_from": recipe.reward.model_from}
     out_dir = ctx.run.stage_dir("reward")
     final = out_dir / "final"
-    if (out_dir / "train_result.json").exists() and (final / "adapter_config.json").exists():
-        return json.loads((out_dir / "train_result.json").read_text())  # finished; killed before marked done
+    done = finished_result(out_dir, final, events)   # finished; killed before marked done
+    if done is not None:
+        return done
     train_groups, eval_groups = ctx.data()
     seed_everything(recipe.run.seed)
     train_groups = trainable_groups(train_groups, events)
     rc = recipe.reward
-    model, processor = load_model(recipe.model, reward_head=head_settings(rc))
+    model, processor = load_model(recipe.model, reward_head=head_settings(rc), shard=True)
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"reward model: {info.family.name} via {info.backend} on {info.device}, "
@@ -188,22 +196,21 @@ def run_stage(ctx) -> dict:
                             events=events, stop_check=ctx.stop_requested, cfg=rc, spec=info.family, packed=packed)
     start = time.time()
     result = run_training(trainer, out_dir / "checkpoints")
-    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (rank 0 reads the model)
-    acc = None
-    if eval_groups and (distributed.is_main() or trainer.sharded):  # sharded: every rank runs the forwards
-        acc = distributed.through_root(model, lambda: given_critique_accuracy(
-            model, info.family, crit, [g for g in eval_groups if g.pairs()], packed))
-    if not distributed.is_main():
-        return result  # rank 0 writes the model, the held-out accuracy and the result
-    save_adapter(model, final, state_dict=state, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
-    result["train_seconds"] = round(time.time() - start, 1)
-    if eval_groups:
+    state = trainer.trainable_state()   # sharded: gathered on every rank; else None (the model holds it whole)
+    held_out = [g for g in eval_groups if g.pairs()]
+    acc = distributed.forward(model, lambda: given_critique_accuracy(model, info.family, crit, held_out, packed)
+                              ) if held_out else None
+
+    def write() -> dict:   # the model and the result are written once
+        save_adapter(model, final, state_dict=state, kind="reward", template=TEMPLATE_VERSION, head=rc.head)
+        result["train_seconds"] = round(time.time() - start, 1)
         if acc is not None:
             result["eval_pair_accuracy_given"] = acc
             events.metrics(step=result["steps"], eval_pair_accuracy_given=acc)
-    (out_dir / "train_result.json").write_text(json.dumps(result, indent=2))
-    remove_checkpoints(out_dir / "checkpoints")
-    return result
+        write_result(out_dir, result)
+        remove_checkpoints(out_dir / "checkpoints")
+        return result
+    return distributed.on_main("reward: the model", write)
 
 
 def reward_model_dir(run_dir: str | Path) -> Path:

@@ -8,10 +8,14 @@ model in the recipe's critique mode (critiques kept), drops the prompts whose an
 mean score it reports what the reward model cannot game (rounds/guard.py: right and well-formed answers, their
 length, the KL to the starting policy) and stops early, with a warning, when for `rounds.patience` rounds in a row
 the reward rose while a held-out signal fell. Every step is a stage's own
-function (rounds/round.py lists them); the rounds are not a second pipeline. Reads the run's `reward/final` (or
-`reward.model_from`'s), `dpo/final` and its data (ranked groups and prompts without a ranking, docs/rounds.md);
-writes `rounds/<r>/` per round (round 0: the starting policy's held-out metrics) and `rounds/summary.json` /
-`rounds/report.md`, the table of every round.
+function (rounds/round.py lists them); the rounds are not a second pipeline.
+
+In the run folder it reads the groups and prompts (`data.path`: ranked groups and rows without a ranking,
+docs/rounds.md), the reward model (`reward/final`, or `reward.model_from`'s), the offline policy (`dpo/final`; none:
+the base model) and the reference cache of the held-out groups, and writes `rounds/<r>/` per round (its caches,
+margins, groups, policy and eval report, then `round.json`; round 0: the starting policy's held-out metrics),
+`rounds/summary.json` and `rounds/report.md` (the table of every round), its progress in `events.jsonl` (every
+event tagged with its round) and, through train.py, `stages/rounds.json`.
 
     python -m mmrlhf_lite.train recipes/demo.yaml --rounds 3
     python -m mmrlhf_lite.train recipes/demo.yaml --stages rounds rounds.n=5     # 2 more rounds after those 3
@@ -110,10 +114,12 @@ def run_stage(ctx) -> dict:
         if late:
             events.warning(late.replace("stopped after", "after", 1))
     summary = {"rounds": len(history) - 1, "stopped_early": stopped, "history": history}
-    if distributed.is_main():
-        folder = ctx.run.stage_dir("rounds")
+    folder = ctx.run.stage_dir("rounds")
+
+    def write() -> None:
         write_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2))
         write_atomic(folder / REPORT_FILE, format_rounds(history))
+    distributed.on_main("rounds summary", write)
     last = history[-1]["held_out"]
     return {"rounds": len(history) - 1, "stopped_early": stopped,
             **{f"last_{k}": v for k, v in last.items() if v is not None}}

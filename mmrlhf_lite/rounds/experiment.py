@@ -91,7 +91,9 @@ def one_seed(args, task: str, seed: int, task_file: Path) -> dict:
     common = list(args.overrides) + [f"run.seed={seed}", f"data.eval_path={files['eval']}",
                                      f"reward.critique_mode={args.critique_mode}", "eval.critique_modes=[]",
                                      f"cache.dir={root / 'cache'}", f"rounds.temperature={args.temperature}",
-                                     f"rounds.samples={args.samples}", "rounds.patience=0"]
+                                     f"rounds.samples={args.samples}", "rounds.patience=0",
+                                     # the SFT term on each group's best answer: in a round, the reward model's pick
+                                     "dpo.sft_target=best"]
     if args.max_prompts:
         common.append(f"rounds.max_prompts={args.max_prompts}")
     seconds = {}

@@ -123,11 +123,12 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     policy_logps = reference_of(ref_events, answer_groups, cache, start)
     initial_logps = policy_logps if start == initial else reference_of(ref_events, answer_groups, cache, initial)
     ranked = rank_answers(distinct, [by_prompt.get(id(d)) for d in distinct], rc.min_gap)
-    if distributed.is_main():
+
+    def write_ranked() -> None:  # rank 0 writes, every rank goes on once it has
         write_margins(folder / "score" / "margins.jsonl", ranked.groups, ranked.records, {},
                       splits=["train"] * len(ranked.groups))
         write_groups(folder / GROUPS_FILE, ranked.groups)
-    distributed.barrier(f"round {r} margins")
+    distributed.on_main(f"round {r}: its groups", write_ranked)
     summary: dict = {"round": r, "prompts": len(chosen), "samples": sum(len(a) for a in answers),
                      "dropped": ranked.dropped, "groups": len(ranked.groups),
                      "pairs": sum(len(g.pairs()) for g in ranked.groups),
@@ -149,12 +150,9 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
                           {g.id: ref for g, ref in zip(ranked.groups, reference)}, deltas, folder / "dpo",
                           policy_of(ctx, r), start_from=start, train=round_training(recipe))
     summary["steps"] = result.get("steps")
-    distributed.barrier(f"round {r} policy saved")
     summary["held_out"] = evaluate_policy(ctx.with_events(events.tagged(part="eval")), folder, held_out,
                                           held_out_prompts, policy_of(ctx, r))
-    if distributed.is_main():
-        write_atomic(folder / ROUND_FILE, json.dumps(summary, indent=2))
-    distributed.barrier(f"round {r} done")
+    distributed.on_main(f"round {r}: done", lambda: write_atomic(folder / ROUND_FILE, json.dumps(summary, indent=2)))
     return summary
 
 
@@ -195,8 +193,8 @@ def evaluate_policy(ctx, folder: Path, held_out: list[PreferenceGroup], held_out
 
     report = eval_policy(ctx, held_out, adapter=policy, base=policy is None, before=False,
                          prompts=held_out_prompts) or {}
-    if distributed.is_main():
-        write_atomic(folder / "eval" / "report.json", json.dumps(report, indent=2))
+    distributed.on_main("round eval report", lambda: write_atomic(folder / "eval" / "report.json",
+                                                                  json.dumps(report, indent=2)))
     return held_out_numbers(report)
 
 
@@ -220,7 +218,5 @@ def start_round(ctx, initial: Path | None, held_out: list[PreferenceGroup],
     events = ctx.events.tagged(round=0, part="eval")
     summary = {"round": 0, "start_policy": str(initial) if initial is not None else "base",
                "held_out": evaluate_policy(ctx.with_events(events), folder, held_out, held_out_prompts, initial)}
-    if distributed.is_main():
-        write_atomic(folder / ROUND_FILE, json.dumps(summary, indent=2))
-    distributed.barrier("round 0 done")
+    distributed.on_main("round 0: done", lambda: write_atomic(folder / ROUND_FILE, json.dumps(summary, indent=2)))
     return summary
