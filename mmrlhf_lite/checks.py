@@ -93,7 +93,8 @@ def reward_from_problem(recipe: Recipe, stages: list[str]) -> str | None:
     """The reward model the stages score with (score, eval) when they do not train it: `reward.model_from`
     must be a run folder holding a trained one; that one, or this run's own, must be readable."""
     src = recipe.reward.model_from
-    if not any(s in ("score", "eval") for s in stages) or "reward" in stages and not src:
+    scorers = ("score", "eval", "rounds") if recipe.rounds.n > 0 else ("score", "eval")
+    if not any(s in scorers for s in stages) or "reward" in stages and not src:
         return None
     if not src:
         final = Path(recipe.run.dir) / "reward" / "final"
@@ -121,7 +122,15 @@ def fsdp_problems(recipe: Recipe, stages: list[str]) -> list[str]:
     stage generating critiques (reward/scorer.py `FSDP_GENERATE` says what to use)."""
     from .reward.scorer import FSDP_GENERATE
 
-    return [FSDP_GENERATE] if "score" in stages and recipe.reward.critique_mode == "generate" else []
+    out = [FSDP_GENERATE] if "score" in stages and recipe.reward.critique_mode == "generate" else []
+    if "rounds" in stages and recipe.rounds.n > 0:
+        out.append(FSDP_ROUNDS)
+    return out
+
+
+FSDP_ROUNDS = ("rounds.n > 0: the online rounds cannot run under an FSDP launch (they sample answers and critiques "
+               "by generation, which is not sharded); run `--stages rounds` under torchrun (each GPU holds the whole "
+               "model) or in one process, and the other stages under FSDP")
 
 
 FSDP_EVAL = ("eval is not sharded under FSDP: each GPU loads the whole policy (and the reward model) for its "
@@ -132,7 +141,7 @@ FSDP_EVAL = ("eval is not sharded under FSDP: each GPU loads the whole policy (a
 def preflight_problems(recipe: Recipe, stages: list[str]) -> list[str]:
     """Every problem found, each naming its key; empty when the run can start."""
     problems = []
-    if any(s in ("reward", "score", "reference", "dpo", "eval") for s in stages):
+    if any(s in ("reward", "score", "reference", "dpo", "eval", "rounds") for s in stages):
         problems += [p for p in [model_path_problem(recipe.model.path)] if p]
         problems += device_problems(recipe)
     problems += [p for p in [reward_from_problem(recipe, stages)] if p]

@@ -15,6 +15,7 @@ The CLI writes it (and mirrors it to tqdm bars in the terminal), the UI and note
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -52,9 +53,18 @@ class EventLog:
         self._bars: dict[str, Any] = {}
         self.stage: str | None = None
         self._tail_checked = False
+        self.tags: dict[str, Any] = {}
+
+    def tagged(self, **tags: Any) -> "EventLog":
+        """A view writing to the same stream (and terminal bars) whose every event also carries `tags`, e.g.
+        `round=2` for the events of an online round's steps."""
+        view = copy.copy(self)
+        view.tags = {**self.tags, **tags}
+        return view
 
     def emit(self, type: str, **fields: Any) -> dict:
         event = {"time": round(time.time(), 3), "type": type}
+        fields = {**self.tags, **fields}
         if "stage" not in fields and self.stage is not None:
             fields["stage"] = self.stage
         event.update(_clean(fields))

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("reward", "score", "reference", "dpo", "eval")
+STAGES = ("reward", "score", "reference", "dpo", "eval", "rounds")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -42,8 +42,9 @@ class RecipeError(ValueError):
 # checkpoints, or where files go feeds none, and its `why` says so.
 EVERY_STAGE = STAGES  # every stage reads the groups and loads the model
 TRAINER = ("<trainer>",)  # in TrainConfig: the stage that trains with the section holding it (its `trains`)
-LORA_STAGES = ("reward", "dpo")
-LORA_WHY = "the stages that train an adapter; score and eval load the saved one, reference none"
+LORA_STAGES = ("reward", "dpo", "rounds")
+LORA_WHY = ("the stages that train an adapter (rounds: when they start from the base model); score and eval load "
+            "the saved one, reference none")
 SPLIT_WHY = "the split decides the training and held-out groups, and what each stage reports per split"
 CRITIQUE_WHY = "eval generates critiques with the same settings"
 BETA_WHY = "score reports the training pairs' beta_i and their histogram with it; eval's report quotes it"
@@ -184,7 +185,8 @@ class TrainConfig:
 class RewardConfig:
     model_from: str | None = _f(None, "A run folder whose trained reward model this run uses instead of "
                                 "training one (stage `reward` then does nothing): one reward model, many DPO runs.",
-                                stages=("reward", "score", "eval"), why="the reward model that score and eval load")
+                                stages=("reward", "score", "eval", "rounds"),
+                                why="the reward model that score, eval and the rounds load")
     head: str = _f("mlp", "`mlp` = the paper's dropout-Linear(h,h)-tanh-dropout-Linear(h,1); `linear` = Linear(h,1).",
                    choices=("mlp", "linear"), stages=("reward", "eval"),
                    why="eval's before-training baseline builds a fresh head of this kind")
@@ -208,13 +210,14 @@ class RewardConfig:
                              "0 = plain BT.", ge=0, stages=("reward",))
     critique_mode: str = _f("generate", "How `score` gets critiques: `generate` (the model writes them), "
                             "`given` (the dataset's), `none` (score without critique).",
-                            choices=("generate", "given", "none"), stages=("score", "eval"),
+                            choices=("generate", "given", "none"), stages=("score", "eval", "rounds"),
                             why="eval scores the policy's answers in this mode")
     n_samples: int = _f(1, "Critiques sampled per response; scores are averaged (1 = greedy).", gt=0,
-                        stages=("score", "eval"), why=CRITIQUE_WHY)
-    temperature: float = _f(0.7, "Sampling temperature when n_samples > 1.", gt=0, stages=("score", "eval"),
+                        stages=("score", "eval", "rounds"), why=CRITIQUE_WHY)
+    temperature: float = _f(0.7, "Sampling temperature when n_samples > 1.", gt=0, stages=("score", "eval", "rounds"),
                             why=CRITIQUE_WHY)
-    max_new_tokens: int = _f(96, "Longest generated critique.", gt=0, stages=("score", "eval"), why=CRITIQUE_WHY)
+    max_new_tokens: int = _f(96, "Longest generated critique.", gt=0, stages=("score", "eval", "rounds"),
+                             why=CRITIQUE_WHY)
     generation_batch_size: int = _f(8, "Responses per batched generate call.", gt=0, stages=(),
                                     why="a batch size of no-grad passes: with sampling it decides which random draw "
                                         "a response gets, not how the draws are distributed; the reward cache does "
@@ -232,55 +235,89 @@ class CacheConfig:
 
 @dataclass
 class DpoConfig:
-    beta: float = _f(0.1, "beta_0 of MM-DPO.", gt=0, stages=("score", "dpo", "eval"), why=BETA_WHY)
+    beta: float = _f(0.1, "beta_0 of MM-DPO.", gt=0, stages=("score", "dpo", "eval", "rounds"), why=BETA_WHY)
     w: float = _f(0.1, "Dynamic reward scaling weight: beta_i = beta*(1 + w*(1 - exp(-k*delta_i))); "
-                  "0 = plain DPO.", ge=0, stages=("score", "dpo", "eval"), why=BETA_WHY)
-    k: float = _f(0.5, "Dynamic reward scaling sharpness k.", ge=0, stages=("score", "dpo", "eval"), why=BETA_WHY)
-    beta_floor: float = _f(1e-3, "Positive floor on beta_i.", gt=0, stages=("score", "dpo"),
+                  "0 = plain DPO.", ge=0, stages=("score", "dpo", "eval", "rounds"), why=BETA_WHY)
+    k: float = _f(0.5, "Dynamic reward scaling sharpness k.", ge=0, stages=("score", "dpo", "eval", "rounds"), why=BETA_WHY)
+    beta_floor: float = _f(1e-3, "Positive floor on beta_i.", gt=0, stages=("score", "dpo", "rounds"),
                            why="score reports the training pairs' beta_i and their histogram with it")
     pairs: str = _f("all", "`all` ranked pairs of a group, or `best_vs_worst`.", choices=("all", "best_vs_worst"),
-                    stages=("dpo", "eval"), why="eval's report quotes it")
+                    stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
     loss_type: str = _f("sigmoid", "`sigmoid` (the paper's) or `ipo` (on length-normalised log-probs, as in TRL).",
-                        choices=("sigmoid", "ipo"), stages=("dpo", "eval"), why="eval's report quotes it")
-    alpha: float = _f(1.0, "Weight of the DPO term.", ge=0, stages=("dpo",))
-    gamma: float = _f(0.25, "Weight of the SFT (NLL) term (its response: sft_target).", ge=0, stages=("dpo", "eval"),
-                      why="eval's report quotes it")
+                        choices=("sigmoid", "ipo"), stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
+    alpha: float = _f(1.0, "Weight of the DPO term.", ge=0, stages=("dpo", "rounds"))
+    gamma: float = _f(0.25, "Weight of the SFT (NLL) term (its response: sft_target).", ge=0,
+                      stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
     sft_target: str = _f("chosen", "Response whose mean token NLL the SFT term adds to each pair: `chosen` = the "
                          "pair's better response (the paper's alpha * L_dpo + gamma * NLL(chosen)), `best` = its "
-                         "group's rank-1 response (the same for every pair of the group).",
-                         choices=("chosen", "best"), stages=("dpo", "eval"), why="eval's report quotes it")
+                         "group's rank-1 response (the same for every pair of the group; in online rounds the "
+                         "reward model's pick among the samples).",
+                         choices=("chosen", "best"), stages=("dpo", "eval", "rounds"), why="eval's report quotes it")
     label_smoothing: float = _f(0.0, "Conservative DPO label smoothing (sigmoid loss only).", ge=0, lt=0.5,
-                                stages=("dpo",))
+                                stages=("dpo", "rounds"))
     margin_source: str = _f("reward", "Where delta_i comes from: `reward` (the reward cache of stage score), "
                             "`scores` (the dataset's scores), `none` (delta = 0, plain DPO beta).",
-                            choices=("reward", "scores", "none"), stages=("dpo",))
+                            choices=("reward", "scores", "none"), stages=("dpo", "rounds"))
+    reference: str = _f("previous", "Online rounds: the reference policy of each round's MM-DPO, `previous` (the policy "
+                        "the round starts from, i.e. the previous round's) or `initial` (the policy round 1 started "
+                        "from). The offline `dpo` stage always starts from, and refers to, the base model.",
+                        choices=("previous", "initial"), stages=("rounds",))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5),
-                               metadata={"help": "MM-DPO optimisation.", "trains": "dpo"})
+                               metadata={"help": "MM-DPO optimisation.", "trains": ("dpo", "rounds")})
 
 
 @dataclass
 class EvalConfig:
     critique_modes: list = _f(["given", "none", "generate"], "Reward-bench critique modes to report.",
                               stages=("eval",))
-    max_groups: int | None = _f(None, "Evaluate at most this many held-out groups.", gt=0, stages=("eval",))
+    max_groups: int | None = _f(None, "Evaluate at most this many held-out groups.", gt=0, stages=("eval", "rounds"))
     policy_samples: int = _f(1, "Answers per held-out prompt for the policy metrics before vs after DPO (1 = "
                              "greedy; more are sampled at temperature 1).",
-                             ge=0, stages=("eval",))
-    max_new_tokens: int = _f(48, "Longest generated policy answer.", gt=0, stages=("eval",))
+                             ge=0, stages=("eval", "rounds"))
+    max_new_tokens: int = _f(48, "Longest generated policy answer.", gt=0, stages=("eval", "rounds"))
     min_well_formed: float = _f(0.5, "The win rate after vs before DPO is reported only when at least this share "
                                 "of the starting policy's answers is well-formed (non-empty, clean text, >= 80% "
                                 "of its words among the group's responses' words); else the report says why.",
                                 ge=0, le=1, stages=("eval",))
 
 
+ROUNDS = ("rounds",)
+
+
+@dataclass
+class RoundsConfig:
+    n: int = _f(0, "Online MM-DPO rounds after the offline stages (stage `rounds`; `--rounds N` sets it): each round "
+                "the current policy samples answers per prompt, the reward model ranks them, MM-DPO trains on them. "
+                "0 = none. Raising it later continues from the last finished round.", ge=0, stages=(),
+                why="how many rounds run, not what one computes: raising it continues after the last finished round")
+    patience: int = _f(2, "Stop early when, for this many rounds in a row, the reward model's mean score of the "
+                       "policy's held-out answers rose while a signal it cannot game (right answers, well-formed "
+                       "answers, held-out implicit accuracy) fell (docs/rounds.md). 0 = never stop early.", ge=0, stages=(),
+                       why="read again from the finished rounds' metrics each time the stage runs")
+    samples: int = _f(4, "Answers sampled per prompt each round (K of a group).", ge=2, stages=ROUNDS)
+    temperature: float = _f(1.0, "Sampling temperature of the round's answers.", gt=0, stages=ROUNDS)
+    top_p: float = _f(1.0, "Nucleus sampling top-p of the round's answers (1 = off).", gt=0, le=1, stages=ROUNDS)
+    max_new_tokens: int = _f(48, "Longest sampled answer.", gt=0, stages=ROUNDS)
+    steps: int = _f(0, "MM-DPO optimizer steps per round; 0 = one pass over the round's groups (their number "
+                    "varies: prompts whose answers are degenerate or tied are dropped). The other optimisation "
+                    "settings are dpo.train's.", ge=0, stages=ROUNDS)
+    prompts: str = _f("all", "Which training prompts the rounds sample for: `all` (the human-ranked groups' prompts "
+                      "and the rows without a ranking) or `unranked` (only the rows without a ranking).",
+                      choices=("all", "unranked"), stages=ROUNDS)
+    max_prompts: int | None = _f(None, "Sample for at most this many prompts per round (a different seeded subset "
+                                 "each round); null = all.", gt=0, stages=ROUNDS)
+    min_gap: float = _f(0.0, "Two sampled answers whose reward scores differ by no more than this are a tie (no "
+                        "pair); a group whose answers are all tied is dropped and counted.", ge=0, stages=ROUNDS)
+
+
 @dataclass
 class RunConfig:
     dir: str = _f("runs/demo", "Run folder: resolved recipe, events.jsonl, logs, and each stage's outputs.",
                   stages=(), why="the run folder itself: another one starts empty")
-    seed: int = _f(0, "Seed of model init, sampling and data order.", stages=("reward", "score", "dpo", "eval"),
+    seed: int = _f(0, "Seed of model init, sampling and data order.", stages=("reward", "score", "dpo", "eval", "rounds"),
                    why="reference log-probs draw nothing at random")
-    stages: list = _f(list(STAGES), "Stages to run, in order: reward, score, reference, dpo, eval.", stages=(),
-                      why="which stages run, not what they compute")
+    stages: list = _f(list(STAGES), "Stages to run, in order: reward, score, reference, dpo, eval, rounds (rounds "
+                      "runs only with rounds.n > 0).", stages=(), why="which stages run, not what they compute")
     report_to: str = _f("none", "transformers `report_to` (none, tensorboard, wandb).", stages=(),
                         why="where metrics are logged")
 
@@ -293,6 +330,7 @@ class Recipe:
     cache: CacheConfig = field(default_factory=CacheConfig, metadata={"help": "Content-keyed caches."})
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "MM-DPO."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    rounds: RoundsConfig = field(default_factory=RoundsConfig, metadata={"help": "Online MM-DPO rounds."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run folder and stages."})
     source: str | None = field(default=None, repr=False, metadata={"help": "", "internal": True})
 
@@ -338,7 +376,7 @@ def stages_fed(cls=Recipe, prefix: str = "", trainer: str | None = None) -> dict
         if TRAINER[0] in stages:
             if trainer is None:
                 raise ValueError(f"recipe key '{key}' feeds the trainer of its section, which names none (`trains`)")
-            stages = stages - {TRAINER[0]} | {trainer}
+            stages = stages - {TRAINER[0]} | set((trainer,) if isinstance(trainer, str) else trainer)
         unknown = stages - set(STAGES)
         if unknown:
             raise ValueError(f"recipe key '{key}' feeds unknown stage(s) {sorted(unknown)}; stages are {STAGES}")

@@ -30,8 +30,10 @@ _FED = stages_fed()
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {stage: tuple(k for k, fed in _FED.items() if stage in fed)
                                             for stage in STAGES}
 # Which finished stages each stage reads (a recomputed input stage makes its finished readers stale).
-STAGE_DEPS: dict[str, tuple[str, ...]] = {"score": ("reward",), "dpo": ("score", "reference"), "eval": ("reward", "dpo")}
-STAGE_DIRS = {"reward": "reward", "score": "score", "reference": "reference", "dpo": "dpo", "eval": "eval"}
+STAGE_DEPS: dict[str, tuple[str, ...]] = {"score": ("reward",), "dpo": ("score", "reference"), "eval": ("reward", "dpo"),
+                                          "rounds": ("reward", "dpo")}
+STAGE_DIRS = {"reward": "reward", "score": "score", "reference": "reference", "dpo": "dpo", "eval": "eval",
+              "rounds": "rounds"}
 STOP_FILE = "STOP"
 LOCK_FILE = "run.lock"
 

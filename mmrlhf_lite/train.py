@@ -4,8 +4,9 @@
     python -m mmrlhf_lite.train recipes/demo.yaml --dry-run            # validate + plan, no model
     python -m mmrlhf_lite.train recipes/demo.yaml --stages reward,score dpo.beta=0.2 run.dir=runs/x
 
-Stages run in order: reward -> score -> reference -> dpo -> eval. Each reads the previous stages'
-files from the run folder, so any stage can be re-run or resumed alone. Exit codes: 0 done,
+Stages run in order: reward -> score -> reference -> dpo -> eval -> rounds (online MM-DPO rounds, only with
+rounds.n > 0 or `--rounds N`). Each reads the previous stages' files from the run folder, so any stage can be
+re-run or resumed alone. Exit codes: 0 done,
 1 error (a clear message, no traceback), 2 usage error / stage not available, 3 stopped on request
 (resume with the same command).
 """
@@ -36,6 +37,7 @@ STAGE_RUNNERS = {
     "reference": "mmrlhf_lite.cache.reference:run_stage",
     "dpo": "mmrlhf_lite.dpo.trainer:run_stage",
     "eval": "mmrlhf_lite.evaluate.pipeline:run_stage",
+    "rounds": "mmrlhf_lite.rounds:run_stage",
 }
 
 
@@ -64,14 +66,25 @@ class RunContext:
         return cache_dir_of(self.recipe)
 
     def data(self):
-        """(train_groups, eval_groups), loaded and validated once per process."""
+        """(train_groups, eval_groups): the human-ranked groups, loaded and validated once per process."""
+        data = self.prepared()
+        return data.train, data.evals
+
+    def prepared(self):
+        """All of the recipe's data (`data.PreparedData`): the ranked groups and the prompts for online rounds."""
         if self._data is None:
-            from .data import prepare_data
-            self._data = prepare_data(self.recipe, self.run.path, self.events)
+            from .data import load_data
+            self._data = load_data(self.recipe, self.run.path, self.events)
         return self._data
 
     def stop_requested(self) -> bool:
         return self.run.stop_requested()
+
+    def with_events(self, events: EventLog) -> "RunContext":
+        """The same context (data included) writing to `events` (e.g. a view tagged with an online round)."""
+        import dataclasses
+
+        return dataclasses.replace(self, events=events)
 
     def reward_model_dir(self) -> Path:
         """The trained critique reward model: this run's, or the one of `reward.model_from`."""
@@ -102,7 +115,7 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     a stage is marked done once every rank has finished it."""
     from . import distributed
 
-    stages = list(stages or recipe.run.stages)
+    stages = active_stages(recipe, stages or recipe.run.stages)
     launch = distributed.start(recipe.model.backend, "cuda" if recipe.model.device in ("cuda", "auto") else "cpu")
     main = launch.main
     run = RunDir(recipe.run.dir)
@@ -124,6 +137,11 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
                     events.warning(f"stage {stage} is out of date ({why}); run it again with --stages {stage}",
                                    stage=stage)
             skip = run.check_recipe(recipe, stages)
+            if "rounds" in skip and recipe.rounds.n > 0:
+                from .rounds import rounds_pending
+
+                if rounds_pending(run, recipe):  # rounds.n was raised: continue after the last finished round
+                    skip.remove("rounds")
             from .checks import preflight_problems
 
             todo = [s for s in stages if s not in skip]
@@ -175,6 +193,11 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, *, redo: tuple
     finally:
         if main:
             run.release()
+
+
+def active_stages(recipe: Recipe, stages) -> list[str]:
+    """The stages that run: `rounds` only when online rounds are asked for (rounds.n > 0)."""
+    return [s for s in stages if s != "rounds" or recipe.rounds.n > 0]
 
 
 def launch_summary(recipe: Recipe, world: int, fsdp: bool = False) -> str:
@@ -256,13 +279,14 @@ def preflight_plan(recipe: Recipe, stages: list[str], gpu_mem: str | None = None
     """The dry run's plan (recipe, data and pre-flight checks, no model) without printing it: the UI's
     Train tab shows the same numbers beside Start. Data warnings go to `events` (default: the terminal)."""
     from .checks import preflight_problems
-    from .data import prepare_data
+    from .data import load_data
     from .plan import make_plan
 
     events = events if events is not None else EventLog(None, echo=True)
     problems = preflight_problems(recipe, stages)
-    train, evals = prepare_data(recipe, Path(recipe.run.dir), events, dry_run=True)
-    plan = make_plan(recipe, stages, train, evals, gpu_mem=gpu_mem)
+    data = load_data(recipe, Path(recipe.run.dir), events, dry_run=True)
+    plan = make_plan(recipe, stages, data.train, data.evals, gpu_mem=gpu_mem,
+                     prompts=(data.train_prompts, data.eval_prompts))
     plan["errors"] = problems + list(plan["errors"])
     return plan
 
@@ -316,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --dry-run with --processes: estimate the per-GPU memory with the base sharded by FSDP2 "
                         "(recipes/accelerate/fsdp2.yaml; default: on when ACCELERATE_USE_FSDP=true)")
     p.add_argument("--gpu-mem", help="memory budget for the dry-run estimate, e.g. 16GB (default: the GPU found)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="run N online MM-DPO rounds after the offline stages (sets rounds.n; docs/rounds.md)")
     p.add_argument("--redo", default="", help="comma-separated finished stages to recompute (outputs deleted)")
     p.add_argument("--help-recipe", action="store_true", help="list every recipe key with type, default, help")
     p.add_argument("-q", "--quiet", action="store_true", help="no terminal progress (events.jsonl still written)")
@@ -357,10 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stages = _split_stages(args.stages, "--stages")
         redo = tuple(_split_stages(args.redo, "--redo") or ())
-        recipe = load_recipe(args.recipe, args.overrides)
+        overrides = list(args.overrides)
+        if args.rounds is not None:
+            if args.rounds < 0:
+                raise RecipeError("--rounds must be >= 0", source="command line", key="--rounds")
+            overrides.append(f"rounds.n={args.rounds}")
+        recipe = load_recipe(args.recipe, overrides)
         for warning in getattr(recipe, "load_warnings", ()):
             print(f"warning: {warning}", file=sys.stderr)
-        stages = stages or list(recipe.run.stages)
+        stages = active_stages(recipe, stages or list(recipe.run.stages))
         from .checks import check_run_dir
 
         check_run_dir(recipe)

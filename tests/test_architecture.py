@@ -163,7 +163,8 @@ def test_the_checks_find_a_lazy_cycle_and_a_private_reach_in(tmp_path):
 
 STAGE_MODULES = ("mmrlhf_lite/cache/reference.py", "mmrlhf_lite/reward/scorer.py", "mmrlhf_lite/cache/sharded.py",
                  "mmrlhf_lite/cache/store.py", "mmrlhf_lite/evaluate/pipeline.py", "mmrlhf_lite/training.py",
-                 "mmrlhf_lite/dpo/trainer.py", "mmrlhf_lite/reward/trainer.py")
+                 "mmrlhf_lite/dpo/trainer.py", "mmrlhf_lite/reward/trainer.py", "mmrlhf_lite/rounds/__init__.py",
+                 "mmrlhf_lite/rounds/round.py", "mmrlhf_lite/rounds/sampling.py")
 
 
 def distributed_uses(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:

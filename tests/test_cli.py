@@ -31,7 +31,7 @@ def test_help_documents_stages_overrides_and_exit_codes(tmp_path):
     assert out.returncode == 0
     text = " ".join(out.stdout.split())  # argparse wraps lines
     assert "usage: python -m mmrlhf_lite.train" in text
-    assert "--stages STAGES comma-separated subset of reward,score,reference,dpo,eval" in text
+    assert "--stages STAGES comma-separated subset of reward,score,reference,dpo,eval,rounds" in text
     assert "Overrides are key.path=value pairs, e.g. dpo.beta=0.2" in text
     assert "Exit codes: 0 done, 1 error, 2 usage/unavailable stage, 3 stopped (re-run to resume)." in text
     for flag in ("--dry-run", "--redo", "--help-recipe", "--gpu-mem"):
@@ -75,7 +75,7 @@ def test_missing_recipe_and_unknown_stage(tmp_path):
     out = cli(DEMO, "--stages", "reward,dpoo", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr == ("error: command line, key '--stages': unknown stage 'dpoo'; "
-                          "stages are reward, score, reference, dpo, eval\n")
+                          "stages are reward, score, reference, dpo, eval, rounds\n")
 
 
 def test_dry_run_on_the_demo_recipe_prints_the_plan(tmp_path):

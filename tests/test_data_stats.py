@@ -48,7 +48,9 @@ def test_group_stats_counts(tmp_path):
         "categories": {"general": {"groups": 1, "pairs": 1, "ties": 0}, "mcq": {"groups": 1, "pairs": 2, "ties": 1},
                        "video": {"groups": 1, "pairs": 2, "ties": 0}},
         "media": {"images": 1, "distinct_images": 1, "inline_images": 0, "video_groups": 1, "frames": 2,
-                  "text_only_groups": 1}}
+                  "text_only_groups": 1},
+        "prompts": {"prompts": 3, "images": 1, "distinct_images": 1, "rounds_ready_rows": 0, "unranked_responses": 0,
+                    "with_meta": 0}}
 
 
 def test_stats_cli_report(tmp_path, capsys):
@@ -65,6 +67,7 @@ def test_stats_cli_report(tmp_path, capsys):
         "categories  general 1 groups / 1 pairs / 0 ties; mcq 1 groups / 2 pairs / 1 ties; video 1 groups / 2 pairs "
         "/ 0 ties",
         "media       1 images (1 distinct, 0 inline), 1 video groups (2 frames), 1 text-only groups",
+        "prompts     3 (1 images, 1 distinct; 0 with meta): 3 ranked groups + 0 rounds-ready rows without a ranking",
         "warnings    0",
     ]
 

@@ -18,15 +18,15 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # small enough that each notebook runs in well under a minute on one CPU thread
 CI_OVERRIDES = ("reward.train.max_steps=4 dpo.train.max_steps=4 reward.train.logging_steps=1 "
                 "dpo.train.logging_steps=1 data.demo.groups=24 reward.max_new_tokens=8 eval.max_new_tokens=8 "
-                "eval.max_groups=4")
+                "eval.max_groups=4 rounds.max_new_tokens=8 rounds.max_prompts=6 rounds.samples=2")
 
 
 def _cells(path: Path) -> list[dict]:
     return json.loads(path.read_text())["cells"]
 
 
-def test_the_three_notebooks_are_shipped():
-    assert [p.name for p in NOTEBOOKS] == ["mm_dpo.ipynb", "quickstart.ipynb", "reward_model.ipynb"]
+def test_the_four_notebooks_are_shipped():
+    assert [p.name for p in NOTEBOOKS] == ["mm_dpo.ipynb", "quickstart.ipynb", "reward_model.ipynb", "rounds.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -78,7 +78,8 @@ def test_notebook_executes_on_the_demo_recipe(path, tmp_path, monkeypatch, cache
     assert "plan OK" in text  # the pre-flight printed its plan
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     logged = {e.get("stage") for e in events if e["type"] == "metrics" and "loss" in e}
-    assert logged == ({"reward"} if path.name == "reward_model.ipynb" else {"reward", "dpo"})  # the curves
+    assert logged == {"reward_model.ipynb": {"reward"}, "rounds.ipynb": {"reward", "dpo", "rounds"}}.get(
+        path.name, {"reward", "dpo"})  # the curves
     if path.name == "reward_model.ipynb":
         assert (run_dir / "reward" / "final" / "adapter_config.json").exists()
         assert "critique:" in text and len(images) >= 2
@@ -86,6 +87,12 @@ def test_notebook_executes_on_the_demo_recipe(path, tmp_path, monkeypatch, cache
         assert set(bench["results"]) == {"generate", "none"} and bench["smoke"] and bench["pairs"] >= 1
         assert any("Macro Average Accuracy" in o.get("data", {}).get("text/markdown", "") for o in outputs)
         assert any("Overall Accuracy" in o.get("data", {}).get("text/html", "") for o in outputs)  # the compare table
+    elif path.name == "rounds.ipynb":
+        summary = json.loads((run_dir / "rounds" / "summary.json").read_text())
+        assert [h["round"] for h in summary["history"]] == [0, 1, 2]          # ROUNDS = 2
+        assert all(h["prompts"] == 6 and h["samples"] == 12 for h in summary["history"][1:])
+        shown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs if o.output_type == "display_data")
+        assert "| round | right answers |" in shown and "| prompt | answer | score | critique |" in shown
     else:
         report = json.loads((run_dir / "eval" / "report.json").read_text())
         assert report["policy"]["implicit_accuracy"] is not None

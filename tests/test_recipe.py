@@ -52,7 +52,8 @@ def test_unknown_key_in_a_nested_section(write):
 def test_unknown_key_without_a_close_match_lists_the_valid_ones(write):
     path = write("dpo:\n  zzzz: 1\n")
     assert str(error_of(path)) == (f"{path}, key 'dpo.zzzz': unknown key; valid keys: beta, w, k, beta_floor, "
-                                   "pairs, loss_type, alpha, gamma, sft_target, label_smoothing, margin_source, train")
+                                   "pairs, loss_type, alpha, gamma, sft_target, label_smoothing, margin_source, reference, "
+                                   "train")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_bad_choice_suggests_the_closest(write):
 def test_bad_stage_name(write):
     path = write("run:\n  stages: [reward, dpoo]\n")
     assert str(error_of(path)) == (f"{path}, key 'run.stages': unknown stage 'dpoo' (did you mean 'dpo'?); "
-                                   "stages are reward, score, reference, dpo, eval")
+                                   "stages are reward, score, reference, dpo, eval, rounds")
 
 
 def test_bad_critique_mode(write):
@@ -308,4 +309,4 @@ def test_every_field_has_help_and_describe_lists_it():
 
 
 def test_default_stages_are_all_stages_in_order():
-    assert Recipe().run.stages == list(STAGES) == ["reward", "score", "reference", "dpo", "eval"]
+    assert Recipe().run.stages == list(STAGES) == ["reward", "score", "reference", "dpo", "eval", "rounds"]

@@ -37,7 +37,7 @@ def test_recipe_loads_and_validates(path):
     if not recipe.model.path.startswith("tiny:"):
         # a hub id must load offline too (pre-flight and loader): the family is named, not detected
         assert recipe.model.family != "auto", f"{path.name}: set model.family for {recipe.model.path}"
-        assert recipe.run.stages == ["reward", "score", "reference", "dpo", "eval"]  # the full pipeline
+        assert recipe.run.stages == ["reward", "score", "reference", "dpo", "eval", "rounds"]  # the full pipeline
 
 
 def test_accelerate_configs_are_shipped():

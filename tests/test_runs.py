@@ -68,7 +68,7 @@ def test_finished_stages_with_the_same_inputs_are_skipped(tmp_path, calls):
     assert skipped.count("stage reward already done with these settings; skipped (--redo reward recomputes)") == 2
     assert [e["status"] for e in events if e["type"] == "run_end"] == ["done", "done", "done"]
     saved = load_recipe(tmp_path / "run" / "recipe.yaml", check_paths=False)
-    assert saved.run.stages == ["reward", "score", "reference", "dpo", "eval"]  # the latest invocation's
+    assert saved.run.stages == ["reward", "score", "reference", "dpo", "eval", "rounds"]  # the latest invocation's
 
 
 def test_changed_inputs_are_refused_naming_the_keys(tmp_path, calls):

@@ -24,9 +24,12 @@ from mmrlhf_lite.recipe import STAGES, Recipe, describe_fields, load_recipe, rec
 from mmrlhf_lite.runs import RunDir, RunFolderError
 
 # Which stages read which (the run folder's dependency graph as the stages' code reads it: score loads the
-# reward model; dpo reads score's margins and the reference cache; eval loads the reward model and the policy).
+# reward model; dpo reads score's margins and the reference cache; eval loads the reward model and the policy;
+# the online rounds load the reward model and start from the policy).
 READS = {"reward": set(), "score": {"reward"}, "reference": set(), "dpo": {"score", "reference"},
-         "eval": {"reward", "dpo"}}
+         "eval": {"reward", "dpo"}, "rounds": {"reward", "dpo"}}
+# every recipe of these tests asks for a round, so that the `rounds` stage runs too
+ROUNDS_ON = ["rounds.n=1"]
 
 
 def with_readers(stages) -> list[str]:
@@ -50,7 +53,8 @@ def fake_stages(monkeypatch):
         def run(ctx):
             ran.append(stage)
             ctx.run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-            return {}
+            # the rounds stage records how many rounds it finished (a larger rounds.n continues from there)
+            return {"rounds": ctx.recipe.rounds.n} if stage == "rounds" else {}
         return run
 
     monkeypatch.setattr(train, "_runner", runner_for)
@@ -83,7 +87,7 @@ def another_value(key: str, f: dataclasses.Field, t, current, tmp_path):
 
 
 def changed_recipe(run_dir, key, value):
-    return load_recipe(None, [f"run.dir={run_dir}", f"{key}={json.dumps(value)}"], check_paths=False)
+    return load_recipe(None, ROUNDS_ON + [f"run.dir={run_dir}", f"{key}={json.dumps(value)}"], check_paths=False)
 
 
 def redo_named(message: str) -> tuple[str, ...]:
@@ -97,7 +101,7 @@ def finished_folder(tmp_path, fake_stages):
     model.mkdir(parents=True)
     (model / "adapter_config.json").write_text("{}")
     base = tmp_path / "base"
-    train.run_pipeline(load_recipe(None, [f"run.dir={base}"], check_paths=False), list(STAGES), echo=False)
+    train.run_pipeline(load_recipe(None, ROUNDS_ON + [f"run.dir={base}"], check_paths=False), list(STAGES), echo=False)
     assert fake_stages == list(STAGES)
     fake_stages.clear()
     return base
@@ -133,7 +137,7 @@ def test_every_key_says_which_stages_it_feeds():
         if not fed[key]:
             assert f.metadata["why"], f"{key} feeds no stage and does not say why"
     # a section's TrainConfig feeds the stage that trains with it
-    assert fed["reward.train.learning_rate"] == ("reward",) and fed["dpo.train.learning_rate"] == ("dpo",)
+    assert fed["reward.train.learning_rate"] == ("reward",) and fed["dpo.train.learning_rate"] == ("dpo", "rounds")
     # --help-recipe (and docs/recipes.md) say it per key
     text = describe_fields()
     assert ("  reward.w_response_rank (float, default 1.0)\n      With response_logp_weight > 0: weight of a "
@@ -187,7 +191,7 @@ def test_changing_each_key_marks_exactly_the_stages_it_feeds_and_reruns_their_re
 
 # The decisions that matter, written out: stages rerun (the changed ones and their readers) per key.
 ALL = list(STAGES)
-REWARD_ON = ["reward", "score", "dpo", "eval"]
+REWARD_ON = ["reward", "score", "dpo", "eval", "rounds"]
 EXPECTED_RERUNS = {
     # shape the reward model's training (and are saved with it, so score applies them)
     "reward.response_logp_weight": (10.0, REWARD_ON),
@@ -195,14 +199,19 @@ EXPECTED_RERUNS = {
     "reward.head_dropout": (0.1, REWARD_ON),
     "reward.train.learning_rate": (1e-3, REWARD_ON),
     "model.lora_r": (8, REWARD_ON),
-    # how the scores are made
-    "reward.critique_mode": ("given", ["score", "dpo", "eval"]),
-    "reward.n_samples": (3, ["score", "dpo", "eval"]),
-    # score reports beta_i at these; dpo trains with them
-    "dpo.beta": (0.2, ["score", "dpo", "eval"]),
-    "dpo.gamma": (0.5, ["dpo", "eval"]),
-    "dpo.train.learning_rate": (1e-4, ["dpo", "eval"]),
-    "eval.max_groups": (5, ["eval"]),
+    # how the scores are made (the rounds score their answers the same way)
+    "reward.critique_mode": ("given", ["score", "dpo", "eval", "rounds"]),
+    "reward.n_samples": (3, ["score", "dpo", "eval", "rounds"]),
+    # score reports beta_i at these; dpo and the rounds train with them
+    "dpo.beta": (0.2, ["score", "dpo", "eval", "rounds"]),
+    "dpo.gamma": (0.5, ["dpo", "eval", "rounds"]),
+    "dpo.train.learning_rate": (1e-4, ["dpo", "eval", "rounds"]),
+    "dpo.reference": ("initial", ["rounds"]),
+    "eval.max_groups": (5, ["eval", "rounds"]),
+    # what a round samples and trains with; when they stop early changes no finished round
+    "rounds.temperature": (0.7, ["rounds"]),
+    "rounds.steps": (20, ["rounds"]),
+    "rounds.patience": (5, []),
     "run.seed": (1, REWARD_ON),
     "data.label_noise": (0.25, REWARD_ON),
     "data.eval_fraction": (0.3, ALL),
@@ -226,6 +235,16 @@ def test_a_changed_key_reruns_what_it_changes(tmp_path, fake_stages, key):
     _, ran, refusal = reruns_after(tmp_path, fake_stages, base, key, value)
     assert ran == expected
     assert (refusal is None) == (not expected)
+
+
+def test_more_rounds_continue_without_a_refusal_and_fewer_rerun_nothing(tmp_path, fake_stages):
+    """rounds.n feeds no stage: raising it runs the rounds stage again (it continues after its last finished
+    round), with no refusal and nothing else rerun; lowering it reruns nothing."""
+    base = finished_folder(tmp_path, fake_stages)
+    _, ran, refusal = reruns_after(tmp_path, fake_stages, base, "rounds.n", 3)
+    assert (ran, refusal) == (["rounds"], None)
+    _, ran, refusal = reruns_after(tmp_path / "fewer", fake_stages, base, "rounds.n", 0)
+    assert (ran, refusal) == ([], None)
 
 
 def test_a_change_that_needs_two_redos_names_both(tmp_path, fake_stages):
@@ -288,6 +307,6 @@ def test_a_changed_stage_already_out_of_date_does_not_block_a_run_of_the_stages_
     train.run_pipeline(recipe, ["score"], redo=("score",), echo=False)
     assert fake_stages == ["score"]
     assert RunDir(base).stale_stages() == {"dpo": "'score' was recomputed after it finished",
-                                           "eval": "'dpo' is out of date"}
+                                           "eval": "'dpo' is out of date", "rounds": "'dpo' is out of date"}
     train.run_pipeline(recipe, list(STAGES), echo=False)
-    assert fake_stages == ["score", "dpo", "eval"]
+    assert fake_stages == ["score", "dpo", "eval", "rounds"]

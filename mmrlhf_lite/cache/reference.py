@@ -2,7 +2,8 @@
 
 REFERENCE.md ("MM-DPO"): reference log-probs are precomputed so that DPO training runs no reference
 forward pass. The starting policy is the base model (a fresh LoRA starts at zero, so "adapter off" and
-"base" agree); each group is one packed forward without gradients. Entries are keyed by content
+"base" agree); each group is one packed forward without gradients. Online rounds (mmrlhf_lite/rounds) refer to
+a trained policy instead: `adapter` names its folder, and the keys then hold the adapter's fingerprint too. Entries are keyed by content
 (base-model fingerprint, prompt turns, media bytes, response text, processor settings), written as
 produced, and reused by any later run that points `cache.dir` at the same folder.
 
@@ -28,7 +29,7 @@ from ..models.logprobs import group_forward, use_packing
 from ..models.precision import policy_forward_context
 from ..recipe import ModelConfig
 from .sharded import fill_missing_sharded, open_shared_store
-from .store import JsonlStore, content_key, group_content, model_fingerprint
+from .store import JsonlStore, content_key, directory_fingerprint, group_content, model_fingerprint
 
 REFERENCE_CACHE = "reference.jsonl"
 POLICY_TEMPLATE = "policy-v2"  # v2: branch ids = the template's reply tokens (reply prefix), data text never parsed for special tokens
@@ -53,8 +54,12 @@ def policy_settings(model_cfg: ModelConfig) -> dict:
             "packed": use_packing(family, model_cfg.packing, model_cfg.attn_implementation)}
 
 
-def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, max_frames: int) -> list[list[str]]:
+def reference_keys(groups: Sequence[PreferenceGroup], model_cfg: ModelConfig, max_frames: int,
+                   adapter: Path | None = None) -> list[list[str]]:
+    """One key per response; `adapter`: the log-probs are the policy's with that saved adapter, not the base's."""
     fp = model_fingerprint(model_cfg.path)
+    if adapter is not None:
+        fp = content_key(fp, "adapter", directory_fingerprint(adapter, hash_files=("adapter_model.safetensors",)))
     settings = policy_settings(model_cfg)
     keys = []
     for g in groups:
@@ -109,10 +114,10 @@ def compute_reference(model, spec, encoder: GroupEncoder, groups: Sequence[Prefe
 
 
 def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg: ModelConfig,
-                   max_frames: int) -> list[list[float]]:
+                   max_frames: int, adapter: Path | None = None) -> list[list[float]]:
     """Reference log-probs for every response; a clear error if the cache lacks any."""
     store = JsonlStore(Path(cache_dir) / REFERENCE_CACHE, REFERENCE_FIELDS)
-    keys = reference_keys(groups, model_cfg, max_frames)
+    keys = reference_keys(groups, model_cfg, max_frames, adapter)
     out, missing = [], 0
     for g, ks in zip(groups, keys):
         row = []
@@ -130,17 +135,18 @@ def load_reference(cache_dir: Path, groups: Sequence[PreferenceGroup], model_cfg
     return out
 
 
-def _fill(ctx, groups: Sequence[PreferenceGroup], keys: list[list[str]], store: JsonlStore) -> int:
-    """Compute the entries `store` lacks for `groups` (the base model loads only if one is missing); under
-    several processes each rank computes its share (cache/sharded.py). When the launch shards the model
-    (FSDP2) its forwards are collectives: a rank with no batch left in a round runs the forward of the first
-    group instead (`idle_forward`, its result discarded)."""
+def fill_reference(ctx, groups: Sequence[PreferenceGroup], store: JsonlStore, adapter: Path | None = None) -> int:
+    """Compute the entries `store` lacks for `groups` (the base model, with `adapter` when one is given, loads only
+    if one is missing); under several processes each rank computes its share (cache/sharded.py). When the launch
+    shards the model (FSDP2) its forwards are collectives: a rank with no batch left in a round runs the forward
+    of the first group instead (`idle_forward`, its result discarded)."""
     recipe = ctx.recipe
+    keys = reference_keys(groups, recipe.model, recipe.data.max_frames, adapter)
     loaded: dict = {}
 
     def policy() -> dict:   # loaded on first need
         if not loaded:
-            model, processor = load_model(recipe.model, trainable=False, lora=False, shard=True)
+            model, processor = load_model(recipe.model, adapter=adapter, trainable=False, lora=False, shard=True)
             distributed.shard(model, ctx.events)
             spec = model.mmrlhf.family
             loaded.update(model=model, spec=spec,
@@ -174,7 +180,7 @@ def reference_logps(ctx, groups: Sequence[PreferenceGroup]) -> list[list[float]]
     if distributed.any_rank(missing > 0):  # every rank takes the same branch: the fill is collective
         ctx.events.warning(f"reference cache {store.path} lacks {missing} entr{'y' if missing == 1 else 'ies'} "
                            "the reference stage had written: computing them now")
-        _fill(ctx, groups, keys, store)
+        fill_reference(ctx, groups, store)
     return load_reference(ctx.cache_dir, groups, ctx.recipe.model, ctx.recipe.data.max_frames)
 
 
@@ -186,7 +192,7 @@ def run_stage(ctx) -> dict:
     if store.problems:
         events.warning(store.warning("reference cache"), stage="reference")
     repeats = report_repeats(train, evals, events)
-    computed = _fill(ctx, groups, reference_keys(groups, ctx.recipe.model, ctx.recipe.data.max_frames), store)
+    computed = fill_reference(ctx, groups, store)
     n = sum(len(g.responses) for g in groups)
     events.info(f"reference log-probs: {n} responses ({computed} computed, {n - computed} from cache)")
     return {"responses": n, "computed": computed, "reused": n - computed, **repeats}

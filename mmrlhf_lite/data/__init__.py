@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 from .groups import PreferenceGroup, Response, text_to_turn  # noqa: F401 - public API
 
@@ -55,39 +56,64 @@ def flip_pairs(groups, fraction: float, seed: int):
     return out, flipped
 
 
+class PreparedData(NamedTuple):
+    """A recipe's data: human-ranked groups split into training and held-out ones, and the groups without a
+    ranking (prompts for online rounds, `rounds.n > 0`), split the same way."""
+    train: list[PreferenceGroup]
+    evals: list[PreferenceGroup]
+    train_prompts: list[PreferenceGroup]
+    eval_prompts: list[PreferenceGroup]
+
+
 def prepare_data(recipe, run_dir: str | Path, events, dry_run: bool = False):
-    """Load, validate and split the recipe's data -> (train_groups, eval_groups).
+    """Load, validate and split the recipe's data -> (train_groups, eval_groups), the human-ranked groups
+    every offline stage reads (`load_data` also gives the prompts for online rounds)."""
+    data = load_data(recipe, run_dir, events, dry_run)
+    return data.train, data.evals
+
+
+def load_data(recipe, run_dir: str | Path, events, dry_run: bool = False) -> PreparedData:
+    """Load, validate and split the recipe's data.
 
     `data.path: demo` writes the synthetic set into `<run dir>/data/demo` first (in dry runs too, since
-    the plan counts its tokens).
+    the plan counts its tokens). With online rounds asked for (`rounds.n > 0`), rows without ranked responses
+    are prompts (`readers.load_groups(prompts=True)`); they are split by the same hash as the ranked groups
+    (or come from `data.eval_path`), and never reach the offline stages.
     """
     from .demo import write_demo
     from .media import set_max_image_pixels
     from .readers import load_groups
 
     cfg = recipe.data
+    rounds = getattr(getattr(recipe, "rounds", None), "n", 0) > 0
     set_max_image_pixels(cfg.max_image_pixels)  # also guards the decoding in the stages' collators
     path = cfg.path
     if path == "demo":
         d = cfg.demo
         path = str(write_demo(Path(run_dir) / "data" / "demo", d.groups, d.seed, d.image_size, d.safety_fraction))
     result = load_groups(path, fmt=cfg.format, media_root=cfg.media_root, on_error=cfg.on_error,
-                         max_frames=cfg.max_frames, events=events, dataset=cfg.dataset)
+                         max_frames=cfg.max_frames, events=events, dataset=cfg.dataset, prompts=rounds)
     groups = result.groups
     if cfg.max_groups:
         groups = groups[: cfg.max_groups]
     if cfg.eval_path:
         evals = load_groups(cfg.eval_path, fmt=cfg.format, media_root=cfg.media_root, on_error=cfg.on_error,
-                            max_frames=cfg.max_frames, events=events).groups
+                            max_frames=cfg.max_frames, events=events, prompts=rounds).groups
         train = groups
     else:
         train, evals = split_groups(groups, cfg.eval_fraction, cfg.split_seed)
+    train_prompts = [g for g in train if not g.is_ranked()]
+    eval_prompts = [g for g in evals if not g.is_ranked()]
+    train = [g for g in train if g.is_ranked()]
+    evals = [g for g in evals if g.is_ranked()]
     if cfg.label_noise:
         train, flipped = flip_pairs(train, cfg.label_noise, cfg.split_seed)
         events.warning(f"data.label_noise={cfg.label_noise}: {flipped} ranked training pairs flipped on purpose "
                        "(held-out groups keep their labels)", stage="data")
     fmts = ", ".join(sorted(set(result.formats.values())))
     skipped = f"; {sum(result.skipped.values())} rows skipped" if result.skipped else ""
-    events.info(f"data: {len(train)} train groups, {len(evals)} eval groups from {path} ({fmts}{skipped})",
+    prompts = (f", {len(train_prompts)} train and {len(eval_prompts)} eval prompts without ranked responses (for "
+               "online rounds)" if train_prompts or eval_prompts else "")
+    events.info(f"data: {len(train)} train groups, {len(evals)} eval groups{prompts} from {path} ({fmts}{skipped})",
                 stage="data")
-    return train, evals
+    return PreparedData(train, evals, train_prompts, eval_prompts)

@@ -1,6 +1,7 @@
 """Data CLI: inspect a preference data set, or convert it to another format.
 
     python -m mmrlhf_lite.data stats PATH [--format F] [--media-root DIR] [--processor MODEL_PATH]
+        (also counts the prompts, their images and the rows without a ranking that online rounds can use)
     python -m mmrlhf_lite.data export PATH OUT --to FORMAT [--format F] [--media-root DIR]
 
 `--processor` takes a model folder or a `tiny:qwen2_vl:xs` style path and adds token-length
@@ -17,20 +18,20 @@ from .media import DEFAULT_MAX_IMAGE_PIXELS
 from .writers import WRITERS
 
 
-def _load(args):
+def _load(args, prompts: bool = False):
     from .media import set_max_image_pixels
     from .readers import load_groups
 
     set_max_image_pixels(args.max_image_pixels)
 
     return load_groups(args.path, fmt=args.format, media_root=args.media_root, on_error=args.on_error,
-                       max_frames=args.max_frames, dataset=args.dataset)
+                       max_frames=args.max_frames, dataset=args.dataset, prompts=prompts)
 
 
 def cmd_stats(args) -> int:
     from .stats import format_report, group_stats, token_stats
 
-    result = _load(args)
+    result = _load(args, prompts=True)  # rows without a ranking are counted as prompts for online rounds
     stats = group_stats(result)
     tokens = None
     if args.processor:

@@ -124,14 +124,20 @@ def asked_value(kind: str, f: dict) -> str:
 
 
 def answer_correct(group: PreferenceGroup, text: str) -> bool | None:
-    """Whether a free-form answer to a demo group gives the right value of the asked attribute and no
-    other value of it; None when the group does not know its right answer (safety prompts, other data)."""
-    facts = (group.meta or {}).get("facts")
-    if not facts or group.category not in KINDS:
-        return None
-    right = asked_value(group.category, facts)
+    """Whether a free-form answer gives the right value and no other of the possible ones; None when the group
+    does not know its right answer (safety prompts, other data). The right answer comes from the group's `meta`:
+    the demo's `facts` (the asked attribute's value), or, for any data, `{"answer": "red", "choices": ["red",
+    "green", ...]}` (one-word values; docs/rounds.md)."""
+    meta = group.meta or {}
+    if meta.get("answer") is not None and isinstance(meta.get("choices"), list):
+        right, values = str(meta["answer"]).lower(), [str(c).lower() for c in meta["choices"]]
+    else:
+        facts = meta.get("facts")
+        if not facts or group.category not in KINDS:
+            return None
+        right, values = asked_value(group.category, facts), _values(group.category)
     ws = set(re.findall(r"[a-z]+", text.lower()))
-    named = {v for v in _values(group.category) if v in ws}
+    named = {v for v in values if v in ws}
     return named == {right}
 
 

@@ -18,6 +18,10 @@
     9. `chosen` + `rejected` as plain strings (with `prompt` or `conversations`)
                                                          -> mmrlhf (also MM-RLHF-RewardBench)
 
+With online rounds asked for (`detect(row, prompts=True)`), a row none of those rules matches may be a prompt
+without responses: `conversations` -> llamafactory, `messages` or an ms-swift query key (`query`, `question`, ...)
+-> swift, `prompt` -> ranked with an `id`, else trl (docs/data-formats.md, "Prompts for online rounds").
+
 `data.format` forces one (`mmrlhf_bench` = `mmrlhf` with a required `id`). A forced or detected
 format then parses every row of the file; a row that lacks its fields is reported by name.
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .formats_bench import parse_mm_rewardbench, parse_vl_rewardbench
-from .formats_pairs import (parse_llamafactory, parse_mmrlhf, parse_mmrlhf_bench, parse_rlaifv, parse_rlhfv,
+from .formats_pairs import (SWIFT_QUERY_KEYS, SWIFT_RESPONSE_KEYS, parse_llamafactory, parse_mmrlhf, parse_mmrlhf_bench, parse_rlaifv, parse_rlhfv,
                             parse_swift, parse_trl)
 from .formats_ranked import parse_ranked, parse_vlfeedback
 from .rows import present
@@ -54,8 +58,36 @@ def _is_chat(value) -> bool:
     return isinstance(value, (list, dict))
 
 
-def detect(row: dict) -> str | None:
-    """The format of a row from its fields (None when nothing matches); see the module doc for the rules."""
+# fields that hold an answer in some format: a row with none of them holds a prompt only
+ANSWER_KEYS = ("chosen", "rejected", "responses", "completions", "completion", "chosen_messages", "rejected_messages",
+               "rejected_response", "response", "Output1", "Output2") + SWIFT_RESPONSE_KEYS
+
+
+def detect(row: dict, prompts: bool = False) -> str | None:
+    """The format of a row from its fields (None when nothing matches); see the module doc for the rules.
+    `prompts`: a row without responses may be a prompt for online rounds (`detect_prompt`)."""
+    found = _detect_ranked(row)
+    return found if found is not None or not prompts else detect_prompt(row)
+
+
+def detect_prompt(row: dict) -> str | None:
+    """The format a prompt-only row is read in (its response fields absent), or None."""
+    has = lambda key: present(row, key)  # noqa: E731
+    if has("conversations"):
+        return "llamafactory"
+    if has("messages") or any(has(k) for k in SWIFT_QUERY_KEYS if k != "prompt"):
+        return "swift"
+    if has("prompt"):
+        return "ranked" if has("id") else "trl"
+    return None
+
+
+def is_prompt_row(row: dict) -> bool:
+    """A row that reads as a prompt without any answer field: valid only when online rounds are asked for."""
+    return detect_prompt(row) is not None and not any(present(row, k) for k in ANSWER_KEYS)
+
+
+def _detect_ranked(row: dict) -> str | None:
     has = lambda key: present(row, key)  # noqa: E731 - Arrow fills absent keys with None
     if has("response") and has("human_ranking"):
         return "vl_rewardbench"

@@ -13,13 +13,21 @@
 Every format also honours an optional `id` (rows sharing it form one group) and `category`.
 docs/data-formats.md shows an example row of each.
 
+When online rounds are asked for (`rounds.n > 0`, `RowContext.prompts`), a `trl`, `swift` or `llamafactory` row
+whose response fields are absent is a prompt (`prompt_group`): TRL prompt-only rows `{prompt, images}` (a
+`completion` is kept as an unranked answer), ms-swift `{messages, images}` or `{query, images}` and LLaMA-Factory
+`{conversations, images}` (a final assistant turn, as in SFT rows, is kept as an unranked answer).
+
     python -m pytest -q tests/test_data_formats.py
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from . import chat
+from .groups import PreferenceGroup, Response
 from .rows import (PairRow, RowContext, as_list, category_from_media, get, need, optional_text, parse_bool,
                    parse_json_text, parse_listish, present, resolve_images, resolve_video, single_video)
 from .templated import template_style, untemplate_prompt, untemplate_response
@@ -28,6 +36,33 @@ from .validate import check_distinct, check_response_text
 SWIFT_QUERY_KEYS = ("query", "prompt", "input", "instruction", "question", "problem")
 SWIFT_RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_key", "answers", "solution",
                        "text", "completion", "content")
+
+
+def _row_media(ctx: RowContext, images: Any, images_key: str, inline: list | None, prompt_key: str) -> list:
+    """The row's images, resolved and checked: its image field, else the sources its image parts name."""
+    if not as_list(images) and inline and any(s is not None for s in inline):
+        if any(s is None for s in inline):
+            raise ctx.error(f"key '{prompt_key}': some image parts name their image and some do not", "media_mismatch",
+                            key=prompt_key)
+        images, images_key = inline, f"{prompt_key} image parts"
+    return resolve_images(images, ctx, images_key)
+
+
+def prompt_group(ctx: RowContext, row: dict, *, turns: list, prompt_key: str, images: Any, images_key: str,
+                 inline: list | None = None, video: list | None = None, answers: tuple[str, ...] = (),
+                 category: str = "general") -> PreferenceGroup:
+    """A row without ranked responses, read as a prompt for online rounds: its media and turns checked like a
+    pair's, its id the row's `id` or a hash of its content, `answers` kept unranked (rounds do not use them)."""
+    resolved = _row_media(ctx, images, images_key, inline, prompt_key)
+    prompt = chat.build_prompt(turns, len(resolved), video is not None, ctx, prompt_key)
+    gid = get(row, "id")
+    if gid is None:
+        media = [m if isinstance(m, str) else hashlib.sha1(m).hexdigest() for m in resolved + list(video or [])]
+        gid = "p" + hashlib.sha1(json.dumps([prompt, media], sort_keys=True).encode()).hexdigest()[:12]
+    kept = [a for a in answers if isinstance(a, str) and a.strip()]
+    return PreferenceGroup(id=str(gid), prompt=prompt, responses=[Response(a) for a in kept], images=resolved,
+                           video=video, category=str(row["category"]) if present(row, "category") else category,
+                           source=ctx.source, meta=row["meta"] if isinstance(row.get("meta"), dict) else {})
 
 
 def make_pair(ctx: RowContext, row: dict, *, turns: list, prompt_key: str, images: Any, images_key: str,
@@ -39,12 +74,7 @@ def make_pair(ctx: RowContext, row: dict, *, turns: list, prompt_key: str, image
     check_response_text(rejected, ctx.source, keys[1])
     if chosen.strip() == rejected.strip():
         check_distinct([chosen, rejected], ctx.source, list(keys))
-    if not as_list(images) and inline and any(s is not None for s in inline):
-        if any(s is None for s in inline):
-            raise ctx.error(f"key '{prompt_key}': some image parts name their image and some do not", "media_mismatch",
-                            key=prompt_key)
-        images, images_key = inline, f"{prompt_key} image parts"
-    resolved = resolve_images(images, ctx, images_key)
+    resolved = _row_media(ctx, images, images_key, inline, prompt_key)
     prompt = _prompt(turns, len(resolved), video is not None, ctx, prompt_key)
     gid = get(row, "id")
     return PairRow(source=ctx.source, group_id=None if gid is None else str(gid), prompt=prompt, images=resolved,
@@ -97,9 +127,11 @@ def parse_mmrlhf_bench(row: dict, ctx: RowContext) -> PairRow:
 
 # ----------------------------------------------------------------------------------------------- TRL
 
-def parse_trl(row: dict, ctx: RowContext) -> PairRow:
+def parse_trl(row: dict, ctx: RowContext) -> PairRow | PreferenceGroup:
     images_key = "images" if present(row, "images") else "image"
     inline: list = []
+    if ctx.prompts and not present(row, "chosen") and not present(row, "rejected"):
+        return _trl_prompt(row, ctx, images_key)
     if present(row, "prompt"):
         prompt = row["prompt"]
         chosen, rejected = row.get("chosen"), row.get("rejected")
@@ -136,11 +168,32 @@ def parse_trl(row: dict, ctx: RowContext) -> PairRow:
                      inline=inline, chosen=chosen, rejected=rejected)
 
 
+def _trl_prompt(row: dict, ctx: RowContext, images_key: str) -> PreferenceGroup:
+    """TRL's prompt-only rows ({prompt, images}) and prompt-completion rows (the completion kept unranked)."""
+    prompt = row.get("prompt")
+    inline: list = []
+    if prompt is None:
+        raise ctx.error(f"missing field 'prompt' (format {ctx.fmt}, a prompt-only row)", "missing_field", key="prompt")
+    completion = row.get("completion")
+    if isinstance(prompt, str):
+        style = template_style(prompt)
+        turns = (untemplate_prompt(prompt, style) if style else []) or [("user", prompt)]
+        if style and isinstance(completion, str):
+            completion = untemplate_response(completion, style)
+    else:
+        turns, inline = chat.messages(prompt, ctx, "prompt")
+    answer = chat.response_text(completion, ctx, "completion") if completion is not None else None
+    return prompt_group(ctx, row, turns=turns, prompt_key="prompt", images=row.get(images_key), images_key=images_key,
+                        inline=inline, answers=(answer,) if answer else ())
+
+
 # -------------------------------------------------------------------------------------------- ms-swift
 
-def parse_swift(row: dict, ctx: RowContext) -> PairRow:
+def parse_swift(row: dict, ctx: RowContext) -> PairRow | PreferenceGroup:
     images_key = "images" if present(row, "images") else "image"
     images = row.get(images_key)
+    if ctx.prompts and not any(present(row, k) for k in ("rejected_response", "rejected_messages")):
+        return _swift_prompt(row, ctx, images_key)
     if present(row, "rejected_images") and _media_names(row["rejected_images"]) != _media_names(images):
         raise ctx.error("key 'rejected_images': it differs from 'images', so this pair contrasts two images rather "
                         "than two responses; a preference group shares one prompt and its media across responses, "
@@ -187,13 +240,43 @@ def parse_swift(row: dict, ctx: RowContext) -> PairRow:
                      category=category_from_media(media, video is not None))
 
 
+def _swift_prompt(row: dict, ctx: RowContext, images_key: str) -> PreferenceGroup:
+    """ms-swift rows without a rejected response: SFT rows (the answer kept unranked) or bare prompts."""
+    inline: list = []
+    answers: tuple[str, ...] = ()
+    if present(row, "messages"):
+        turns, inline = chat.messages(row["messages"], ctx, "messages")
+        if turns and turns[-1][0] == "assistant":
+            turns, answer = chat.split_conversation(turns, ctx, "messages")
+            answers = (answer,)
+        prompt_key = "messages"
+    else:
+        prompt_key = next((k for k in SWIFT_QUERY_KEYS if present(row, k)), None)
+        if prompt_key is None:
+            raise ctx.error(f"missing field 'messages' (or 'query') (format {ctx.fmt})", "missing_field", key="query")
+        turns = [("system", need(row, "system", ctx))] if present(row, "system") else []
+        turns.append(("user", need(row, prompt_key, ctx)))
+        a_key = next((k for k in SWIFT_RESPONSE_KEYS if present(row, k)), None)
+        if a_key is not None and isinstance(row[a_key], str):
+            answers = (row[a_key],)
+    video_key = "videos" if present(row, "videos") else "video"
+    video = single_video(row.get(video_key), ctx, video_key)
+    media = row.get(video_key) if video is not None else row.get(images_key)
+    return prompt_group(ctx, row, turns=turns, prompt_key=prompt_key, images=row.get(images_key), images_key=images_key,
+                        inline=inline, video=video, answers=answers,
+                        category=category_from_media(media, video is not None))
+
+
 def _media_names(value: Any) -> list:
     return [v.get("path") or v.get("bytes") if isinstance(v, dict) else v for v in as_list(value)]
 
 
 # --------------------------------------------------------------------------------------- LLaMA-Factory
 
-def parse_llamafactory(row: dict, ctx: RowContext) -> PairRow:
+def parse_llamafactory(row: dict, ctx: RowContext) -> PairRow | PreferenceGroup:
+    if ctx.prompts and not any(present(row, k) for k in ("chosen", "rejected", "chosen_messages",
+                                                         "rejected_messages")):
+        return _llamafactory_prompt(row, ctx)
     if present(row, "chosen_messages"):  # v1: two whole conversations
         c_turns, inline = chat.messages(need(row, "chosen_messages", ctx, list), ctx, "chosen_messages")
         r_turns, _ = chat.messages(need(row, "rejected_messages", ctx, list), ctx, "rejected_messages")
@@ -214,6 +297,21 @@ def parse_llamafactory(row: dict, ctx: RowContext) -> PairRow:
     video = single_video(row.get("videos"), ctx, "videos")
     return make_pair(ctx, row, turns=turns, prompt_key=prompt_key, images=row.get("images"), images_key="images",
                      inline=inline, video=video, chosen=chosen, rejected=rejected, keys=keys)
+
+
+def _llamafactory_prompt(row: dict, ctx: RowContext) -> PreferenceGroup:
+    """A sharegpt conversation without chosen/rejected: an SFT row (its final answer kept unranked) or a prompt."""
+    prompt_key = "conversations" if present(row, "conversations") else "messages"
+    turns, inline = chat.messages(need(row, prompt_key, ctx, list), ctx, prompt_key)
+    if present(row, "system"):
+        turns = [("system", need(row, "system", ctx))] + turns
+    answers: tuple[str, ...] = ()
+    if turns and turns[-1][0] == "assistant":
+        turns, answer = chat.split_conversation(turns, ctx, prompt_key)
+        answers = (answer,)
+    video = single_video(row.get("videos"), ctx, "videos")
+    return prompt_group(ctx, row, turns=turns, prompt_key=prompt_key, images=row.get("images"), images_key="images",
+                        inline=inline, video=video, answers=answers)
 
 
 # ------------------------------------------------------------------------------------ RLAIF-V, RLHF-V

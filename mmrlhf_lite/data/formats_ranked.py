@@ -5,6 +5,9 @@
     vlfeedback  {id, prompt, completions: [{model, response, annotations: {Aspect: {Rating: "4", Rationale}}}]
                  | {model: [...], response: [...], annotations: [...]}, img_path?}
 
+With online rounds asked for (`RowContext.prompts`), a `ranked` row with no `responses` (absent or empty), with
+fewer than 2, or with responses that carry no rank, score or pairs, is a prompt: its responses are kept unranked.
+
 VLFeedback has no chosen/rejected: a completion's score is the mean of its numeric ratings (`"N/A"`
 and missing aspects are left out) and ranks follow the scores. A completion without any numeric
 rating cannot be placed: it is left out with a warning.
@@ -54,6 +57,8 @@ def _index_pairs(value: Any, k: int, ctx: RowContext, key: str) -> list[tuple[in
 
 def parse_ranked(row: dict, ctx: RowContext) -> PreferenceGroup:
     gid = need(row, "id", ctx, (str, int))
+    if ctx.prompts and row.get("responses") is None:
+        row = {**row, "responses": []}
     items = need(row, "responses", ctx, list)
     responses = []
     for i, item in enumerate(items):
@@ -67,14 +72,27 @@ def parse_ranked(row: dict, ctx: RowContext) -> PreferenceGroup:
         rank = None if item.get("rank") is None else _number(item["rank"], ctx, f"{key}.rank", integer=True)
         score = None if item.get("score") is None else _number(item["score"], ctx, f"{key}.score")
         responses.append(Response(text, rank, score, optional_text(item.get("critique"))))
+    explicit = present(row, "pairs")
+    labelled = explicit or all(r.rank is not None for r in responses) or all(r.score is not None for r in responses)
+    unlabelled = not explicit and all(r.rank is None and r.score is None for r in responses)
+    if ctx.prompts and (len(responses) < 2 or unlabelled):
+        return _ranked_prompt(row, ctx, str(gid), responses)
     if len(responses) < 2:
         raise ctx.error(f"key 'responses': a group needs at least 2 responses, got {len(responses)}",
                         "too_few_responses", key="responses")
     check_distinct([r.text for r in responses], ctx.source, [f"responses[{i}].text" for i in range(len(responses))])
-    explicit = present(row, "pairs")
-    if not explicit and not (all(r.rank is not None for r in responses) or all(r.score is not None for r in responses)):
+    if not labelled:
         raise ctx.error("key 'responses': give every response a 'rank' (1 = best), or every response a 'score', "
                         "or list the 'pairs'", "missing_field", key="responses")
+    group = _ranked_prompt(row, ctx, str(gid), responses)
+    if explicit:
+        group.explicit_pairs = _index_pairs(row["pairs"], len(responses), ctx, "pairs")
+        group.explicit_ties = _index_pairs(row.get("ties") or [], len(responses), ctx, "ties")
+    return group
+
+
+def _ranked_prompt(row: dict, ctx: RowContext, gid: str, responses: list[Response]) -> PreferenceGroup:
+    """The group's prompt, media, category and meta; its responses as parsed (ranked or not)."""
     images = resolve_images(get(row, "images", "image"), ctx, "images")
     video = resolve_video(row["video"], ctx, "video") if present(row, "video") else None
     turns, _ = _prompt_turns(need(row, "prompt", ctx, (str, list)), ctx)
@@ -82,11 +100,9 @@ def parse_ranked(row: dict, ctx: RowContext) -> PreferenceGroup:
     if not isinstance(meta, dict):
         raise ctx.error("key 'meta' must be an object", "bad_value", key="meta")
     return PreferenceGroup(
-        id=str(gid), prompt=chat.build_prompt(turns, len(images), video is not None, ctx, "prompt"),
+        id=gid, prompt=chat.build_prompt(turns, len(images), video is not None, ctx, "prompt"),
         responses=responses, images=images, video=video, category=str(row.get("category") or "general"),
-        source=ctx.source, meta=meta,
-        explicit_pairs=_index_pairs(row["pairs"], len(responses), ctx, "pairs") if explicit else None,
-        explicit_ties=_index_pairs(row.get("ties") or [], len(responses), ctx, "ties") if explicit else None)
+        source=ctx.source, meta=meta)
 
 
 # ------------------------------------------------------------------------------------------ VLFeedback

@@ -30,7 +30,9 @@ class Response:
 
 @dataclass
 class PreferenceGroup:
-    """One prompt with its media and K >= 2 responses.
+    """One prompt with its media and K >= 2 ranked responses, or, as a prompt for online rounds
+    (`rounds.n > 0`), one without a ranking: no responses, or responses no rank, score or pair compares
+    (`is_ranked()` tells them apart).
 
     `prompt` is a list of chat turns in the typed-content form every chat template takes:
     `[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]`; the last turn
@@ -50,6 +52,15 @@ class PreferenceGroup:
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ----- pairs
+    def is_ranked(self) -> bool:
+        """Whether the responses can be compared: at least 2, with every rank, every score, or given pairs.
+        A group that is not is a prompt only (what online rounds sample answers for)."""
+        if len(self.responses) < 2:
+            return False
+        if self.explicit_pairs is not None:
+            return True
+        return all(r.rank is not None for r in self.responses) or all(r.score is not None for r in self.responses)
+
     def pairs(self) -> list[tuple[int, int]]:
         """Every (better, worse) pair of responses with different ranks (or the pairs as given)."""
         if self.explicit_pairs is not None:

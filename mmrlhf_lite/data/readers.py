@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from . import registry
 from .errors import DataError
-from .formats import FORMATS, PARSERS, detect
+from .formats import FORMATS, PARSERS, detect, is_prompt_row
 from .groups import PreferenceGroup
 from .merge import GroupBuilder
 from .rows import PairRow, RowContext
@@ -51,8 +51,11 @@ class _Warnings:
 
 
 def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=8, events=None,
-                allow_empty=False, dataset=None) -> LoadResult:
+                allow_empty=False, dataset=None, prompts=False) -> LoadResult:
     """Read every row under `path` (file, folder, `datasets` folder) into groups; see the module doc.
+
+    `prompts` (online rounds asked for): rows without ranked responses are read as prompts, groups whose
+    `is_ranked()` is False (formats*.py say which rows per format); without it they are the errors they were.
 
     `dataset` names an entry of the LLaMA-Factory registry (`dataset_info.json`) at `path` (registry.py);
     `path` naming a registry file without it is an error that lists the entries.
@@ -75,7 +78,7 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
         root = str(media_root) if media_root else (file if os.path.isdir(file) else os.path.dirname(file) or ".")
         file_fmt = None if fmt == "auto" else fmt
         warn = (lambda f: lambda kind, msg: warnings.add(kind, msg, f))(file)
-        ctx = RowContext(file, root, max_frames, checker, file_fmt or "", warn, memo)
+        ctx = RowContext(file, root, max_frames, checker, file_fmt or "", warn, memo, prompts=prompts)
         parse = PARSERS.get(file_fmt)
         for raw in iter_rows(file):
             result.rows += 1
@@ -85,7 +88,7 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
                     raise raw.error
                 row = transform(raw.row, raw.source) if transform else raw.row
                 if parse is None:
-                    file_fmt = ctx.fmt = _detect(raw.source, row)
+                    file_fmt = ctx.fmt = _detect(raw.source, row, prompts)
                     result.formats[file] = file_fmt
                     parse = PARSERS[file_fmt]
                 parsed = parse(row, ctx)
@@ -109,18 +112,22 @@ def load_groups(path, fmt="auto", media_root=None, on_error="raise", max_frames=
     _report(result, warnings.items, events)
     if not groups and not allow_empty:
         summary = f" ({skip_summary(result.skipped)})" if result.skipped else ""
-        raise DataError(str(path), f"no preference groups were loaded from {result.rows} row(s){summary}",
-                        reason="bad_source")
+        raise DataError(str(path), f"no {'groups or prompts' if prompts else 'preference groups'} were loaded from "
+                        f"{result.rows} row(s){summary}", reason="bad_source")
     return result
 
 
-def _detect(source: str, row: dict) -> str:
-    found = detect(row)
+PROMPTS_HINT = ("; a row without responses is a prompt for online rounds, read only when rounds are asked for "
+                "(rounds.n > 0, or --rounds N; docs/rounds.md)")
+
+
+def _detect(source: str, row: dict, prompts: bool = False) -> str:
+    found = detect(row, prompts)
     if found is None:
         keys = sorted(k for k, v in row.items() if v is not None)
         raise DataError(source, f"cannot tell the format from the fields {keys}; set data.format to one of "
-                        f"{', '.join(f for f in FORMATS if f != 'auto')} (docs/data-formats.md)",
-                        reason="unknown_format")
+                        f"{', '.join(f for f in FORMATS if f != 'auto')} (docs/data-formats.md)"
+                        f"{PROMPTS_HINT if is_prompt_row(row) else ''}", reason="unknown_format")
     return found
 
 

@@ -34,6 +34,7 @@ class RowContext:
     fmt: str
     warn: Callable[[str, str], None] = lambda kind, msg: None   # (kind, message) -> collected warning
     memo: dict = field(default_factory=dict)  # per-load cache: resolved paths, video folders, built prompts
+    prompts: bool = False            # rows without ranked responses are prompts (online rounds asked for)
 
     def remember(self, key, value):
         if len(self.memo) > MEMO_LIMIT:

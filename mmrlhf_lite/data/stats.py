@@ -14,10 +14,17 @@ from .readers import LoadResult, skip_summary
 
 
 def group_stats(result: LoadResult) -> dict[str, Any]:
-    groups = result.groups
+    """Counts over the ranked groups, and over every prompt (ranked groups and rows without a ranking, the
+    rounds-ready rows online rounds sample answers for)."""
+    groups = [g for g in result.groups if g.is_ranked()]
+    unranked = [g for g in result.groups if not g.is_ranked()]
     categories: dict[str, dict[str, int]] = {}
     k, images, distinct = Counter(), 0, set()
     n = Counter()
+    prompt_images, prompt_distinct = 0, set()
+    for g in result.groups:
+        prompt_images += len(g.images)
+        prompt_distinct.update(m if isinstance(m, str) else hash(m) for m in g.images)
     for g in groups:
         pairs, ties = len(g.pairs()), len(g.ties())
         n["pairs"] += pairs
@@ -44,6 +51,10 @@ def group_stats(result: LoadResult) -> dict[str, Any]:
         "categories": dict(sorted(categories.items())),
         "media": {"images": images, "distinct_images": len(distinct), "inline_images": n["inline"],
                   "video_groups": n["video"], "frames": n["frames"], "text_only_groups": n["text_only"]},
+        "prompts": {"prompts": len(result.groups), "images": prompt_images, "distinct_images": len(prompt_distinct),
+                    "rounds_ready_rows": len(unranked),
+                    "unranked_responses": sum(len(g.responses) for g in unranked),
+                    "with_meta": sum(bool(g.meta) for g in result.groups)},
     }
 
 
@@ -111,6 +122,15 @@ def format_report(stats: dict[str, Any], tokens: dict[str, Any] | None = None) -
     m = stats["media"]
     lines.append(f"media       {m['images']} images ({m['distinct_images']} distinct, {m['inline_images']} inline), "
                  f"{m['video_groups']} video groups ({m['frames']} frames), {m['text_only_groups']} text-only groups")
+    p = stats.get("prompts")
+    if p:
+        lines.append(f"prompts     {p['prompts']} ({p['images']} images, {p['distinct_images']} distinct; {p['with_meta']} "
+                     f"with meta): {p['prompts'] - p['rounds_ready_rows']} ranked groups + {p['rounds_ready_rows']} "
+                     "rounds-ready rows without a ranking"
+                     + (f" ({p['unranked_responses']} unranked responses, not used)" if p["unranked_responses"] else ""))
+        if p["rounds_ready_rows"]:
+            lines.append("            rows without a ranking are prompts for online rounds: read only with rounds.n > 0 "
+                         "(--rounds N); docs/rounds.md")
     lines.append(f"warnings    {stats['warnings']}")
     if tokens is not None:
         lines.append(f"tokens      (prompt over {tokens['sampled_groups']} groups, with image tokens)")

@@ -29,7 +29,7 @@ from ..cache.reference import reference_logps
 from ..models.encoding import GroupEncoder
 from ..models.loading import load_model, save_adapter
 from ..models.logprobs import group_forward, use_packing
-from ..recipe import DpoConfig
+from ..recipe import DpoConfig, TrainConfig
 from ..training import (GroupTrainer, finished_result, remove_checkpoints, run_training, seed_everything,
                         training_arguments, write_result)
 from .loss import mm_dpo_loss
@@ -142,18 +142,35 @@ def run_stage(ctx) -> dict:
     if len(groups) < len(train_groups):
         events.warning(f"{len(train_groups) - len(groups)} groups have no ranked pair (ties only) and are not used")
     if not groups:
+        if recipe.rounds.n > 0:
+            events.info("no human-ranked training group: no offline MM-DPO; the online rounds start from the base "
+                        "policy")
+            return {"skipped": "no human-ranked training group; the rounds start from the base policy"}
         raise ValueError("no training group has a ranked pair for DPO")
     reference = dict(zip((g.id for g in groups), reference_logps(ctx, groups)))
     deltas = margins_for(groups, dc.margin_source if dc.w > 0 else "none", ctx.run_dir)
+    return train_policy(ctx, groups, reference, deltas, out_dir, final)
+
+
+def train_policy(ctx, groups, reference: dict[str, list[float]], deltas: dict[str, list[float]], out_dir: Path,
+                 final: Path, *, start_from: Path | None = None, train: TrainConfig | None = None) -> dict:
+    """MM-DPO on `groups` (their reference log-probs and pair margins by group id): checkpoints in
+    `out_dir/checkpoints` (a stopped run resumes from the last), the policy adapter saved to `final`.
+    `start_from`: continue training that saved policy adapter (online rounds) instead of a fresh LoRA;
+    `train`: optimisation settings instead of dpo.train (a round's own step count)."""
+    recipe, events = ctx.recipe, ctx.events
+    dc = recipe.dpo
+    train_cfg = train or dc.train
     seed_everything(recipe.run.seed)
-    model, processor = load_model(recipe.model, shard=True)
+    model, processor = load_model(recipe.model, adapter=start_from, trainable=True, shard=True)
     info = model.mmrlhf
     packed = use_packing(info.family, recipe.model.packing, recipe.model.attn_implementation)
     events.info(f"policy: {info.family.name} via {info.backend} on {info.device}; "
                 f"{'packed groups' if packed else 'one row per response (unpacked)'}; "
-                f"beta={dc.beta} w={dc.w} k={dc.k} pairs={dc.pairs} margins={dc.margin_source if dc.w > 0 else 'none'}")
-    encoder = GroupEncoder(processor, info.family, max_length=dc.train.max_length, max_frames=recipe.data.max_frames)
-    args = training_arguments(dc.train, out_dir / "checkpoints", device=info.device, dtype=info.dtype,
+                f"beta={dc.beta} w={dc.w} k={dc.k} pairs={dc.pairs} margins={dc.margin_source if dc.w > 0 else 'none'}"
+                + (f"; continuing from {start_from}" if start_from is not None else ""))
+    encoder = GroupEncoder(processor, info.family, max_length=train_cfg.max_length, max_frames=recipe.data.max_frames)
+    args = training_arguments(train_cfg, out_dir / "checkpoints", device=info.device, dtype=info.dtype,
                               seed=recipe.run.seed, report_to=recipe.run.report_to)
     trainer = DpoTrainer(model, args, groups=groups, collate=DpoCollator(encoder, dc, reference, deltas),
                          events=events, stop_check=ctx.stop_requested, cfg=dc, spec=info.family, packed=packed)

@@ -69,16 +69,22 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def well_formed(answer: str, references: list[str], min_known: float = 0.8) -> bool:
+def known_words(references: list[str]) -> set[str]:
+    """The words of `references` (what `well_formed` compares an answer with), computed once for many answers."""
+    return {w for r in references for w in words(r)}
+
+
+def well_formed(answer: str, references: list[str], min_known: float = 0.8, known: set[str] | None = None) -> bool:
     """A policy answer is well-formed when it is non-empty, decodes cleanly (no U+FFFD) and at least
-    `min_known` of its words occur among the words of the group's own responses: it speaks the language
-    and format of the data (the untrained tiny model writes e.g. "answer gray\ufffdtriangle**in*etaile")."""
+    `min_known` of its words occur among the words of the group's own responses (`known`: those words,
+    precomputed by `known_words`): it speaks the language and format of the data (the untrained tiny model
+    writes e.g. "answer gray\ufffdtriangle**in*etaile")."""
     if not answer.strip() or "\ufffd" in answer:
         return False
     ws = words(answer)
     if not ws:
         return False
-    known = {w for r in references for w in words(r)}
+    known = known if known is not None else known_words(references)
     return sum(w in known for w in ws) >= min_known * len(ws)
 
 

@@ -153,16 +153,22 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
 
 
 @torch.no_grad()
-def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
+def eval_policy(ctx, groups: list[PreferenceGroup], *, adapter: Path | None = None, base: bool = False,
+                before: bool = True, prompts: list[PreferenceGroup] = ()) -> dict | None:
+    """The policy's held-out metrics: implicit reward accuracy against the base model's log-probs (the `reference`
+    cache of the run), and, with `eval.policy_samples`, the metrics of its own answers (`policy_answer_metrics`).
+    `adapter`: the policy to evaluate (default: the run's `dpo` policy; online rounds pass each round's); `base`:
+    evaluate the base model instead (a fresh, zero LoRA); `before`: also answer with the adapter off (the base model); `prompts`: held-out prompts without a ranking,
+    answered too (right answers where their `meta` knows them, and the reward model's mean score)."""
     from ..cache.reference import reference_logps
     from ..dpo.trainer import policy_dir, policy_forward
 
     recipe, events = ctx.recipe, ctx.events
-    adapter = policy_dir(ctx.run_dir)
-    if not (adapter / "adapter_config.json").exists():
+    adapter = None if base else Path(adapter) if adapter is not None else policy_dir(ctx.run_dir)
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
         return None
     groups = [g for g in groups if g.pairs()]
-    reference = reference_logps(ctx, groups)
+    reference = reference_logps(ctx, groups) if groups else []
     model, processor = load_model(recipe.model, adapter=adapter, trainable=False)
     spec = model.mmrlhf.family
     packed = use_packing(spec, recipe.model.packing, recipe.model.attn_implementation)
@@ -176,59 +182,74 @@ def eval_policy(ctx, groups: list[PreferenceGroup]) -> dict | None:
             k += len(g.responses)
         return rows
 
-    policy = split_over_ranks(ctx, "policy log-probs", groups, 4, forward)
-    out = implicit_accuracy(policy, reference, [g.pairs() for g in groups])
-    out["logp_accuracy"] = implicit_accuracy(policy, [[0.0] * len(p) for p in policy],
-                                             [g.pairs() for g in groups])["implicit_accuracy"]
-    events.metrics(eval_implicit_accuracy=out["implicit_accuracy"])
+    out: dict = {"implicit_accuracy": None}
+    if groups:
+        policy = split_over_ranks(ctx, "policy log-probs", groups, 4, forward)
+        out = implicit_accuracy(policy, reference, [g.pairs() for g in groups])
+        out["logp_accuracy"] = implicit_accuracy(policy, [[0.0] * len(p) for p in policy],
+                                                 [g.pairs() for g in groups])["implicit_accuracy"]
+        events.metrics(eval_implicit_accuracy=out["implicit_accuracy"])
     ec = recipe.eval
-    if ec.policy_samples > 0:
+    asked = groups + list(prompts)
+    if ec.policy_samples > 0 and asked:
         n = ec.policy_samples
         gbs = recipe.reward.generation_batch_size
 
         def answer(chunk: list[PreferenceGroup], index: int) -> list[tuple[list[str], list[str]]]:
-            prompts = [(encoder.policy_prompt(g), []) for g in chunk for _ in range(n)]
+            prompts_ = [(encoder.policy_prompt(g), []) for g in chunk for _ in range(n)]
             kw = dict(end_of_turn=encoder.end_of_turn, max_new_tokens=ec.max_new_tokens, do_sample=n > 1,
                       temperature=1.0, seed=distributed.chunk_seed(recipe.run.seed, index), batch_size=gbs)
-            after = generate_after(model, spec, processor, prompts, **kw)
-            with model.disable_adapter():
-                before = generate_after(model, spec, processor, prompts, **kw)
+            after = generate_after(model, spec, processor, prompts_, **kw)
+            prior = [[] for _ in after]
+            if before:
+                with model.disable_adapter():
+                    prior = generate_after(model, spec, processor, prompts_, **kw)
             # (after samples, before samples) of each group: prompts were laid out group by group
-            return [(after[i * n:(i + 1) * n], before[i * n:(i + 1) * n]) for i in range(len(chunk))]
+            return [(after[i * n:(i + 1) * n], list(prior[i * n:(i + 1) * n]) if before else [])
+                    for i in range(len(chunk))]
 
         # about generation_batch_size prompts per chunk
-        answers = split_over_ranks(ctx, "policy answers", groups, max(1, gbs // n), answer)
+        answers = split_over_ranks(ctx, "policy answers", asked, max(1, gbs // n), answer)
         _free(model)
-        out.update(policy_answer_metrics(ctx, groups, answers))
-        out["samples"] = [{"group": g.id, "before": b, "after": a} for g, (a, b) in list(zip(groups, answers))[:3]]
+        out.update(policy_answer_metrics(ctx, asked, answers))
+        out["samples"] = [{"group": g.id, "before": b, "after": a} for g, (a, b) in list(zip(asked, answers))[:3]]
     return out
 
 
+def _share(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tuple[list[str], list[str]]]) -> dict:
-    """Metrics of the policy's own answers before vs after MM-DPO (answers[g] = (after, before) samples):
-    share of right answers (data whose right answer is known: the demo's `meta`), share of well-formed
-    answers, the reward model's rank of each answer among its group's K responses (1 = above all of
-    them), and the win rate after vs before, reported only when the answers before are well-formed."""
+    """Metrics of the policy's own answers before vs after MM-DPO (answers[g] = (after, before) samples; `before`
+    may be empty: online rounds answer with the round's policy only): share of right answers (data whose right
+    answer is known: the demo's `meta`), share of well-formed answers (groups with responses to compare the words
+    with), the reward model's rank of each answer among its group's K responses (1 = above all of them), its mean
+    score of the answers, and the win rate after vs before, reported only when the answers before are well-formed."""
     from ..data.demo import answer_correct
     from ..reward.scorer import RewardScorer
     from .metrics import well_formed
 
     recipe, events, ec, rc = ctx.recipe, ctx.events, ctx.recipe.eval, ctx.recipe.reward
+    has_before = any(b for _, b in answers)
+    sides = ("after", "before") if has_before else ("after",)
     out: dict = {}
-    right = {"after": [], "before": []}
-    formed = {"after": [], "before": []}
+    right: dict[str, list] = {side: [] for side in sides}
+    formed: dict[str, list] = {side: [] for side in sides}
     for g, (a, b) in zip(groups, answers):
-        for side, texts in (("after", a), ("before", b)):
+        for side, texts in zip(sides, (a, b)):
             for t in texts:
-                formed[side].append(well_formed(t, [r.text for r in g.responses]))
+                if g.responses:
+                    formed[side].append(well_formed(t, [r.text for r in g.responses]))
                 ok = answer_correct(g, t)
                 if ok is not None:
                     right[side].append(ok)
     if right["after"]:
-        out["right_answers"] = {side: sum(v) / len(v) for side, v in right.items()} | {"n": len(right["after"])}
-        events.metrics(eval_right_answers_before=out["right_answers"]["before"],
-                       eval_right_answers_after=out["right_answers"]["after"])
-    out["well_formed"] = {side: sum(v) / len(v) for side, v in formed.items()} | {"n": len(formed["after"])}
+        out["right_answers"] = {side: _share(v) for side, v in right.items()} | {"n": len(right["after"])}
+        events.metrics(eval_right_answers_after=out["right_answers"]["after"],
+                       **({"eval_right_answers_before": out["right_answers"]["before"]} if has_before else {}))
+    if formed["after"]:
+        out["well_formed"] = {side: _share(v) for side, v in formed.items()} | {"n": len(formed["after"])}
     if not (ctx.reward_model_dir() / "adapter_config.json").exists():
         return out
     scorer = RewardScorer.from_adapter(ctx.reward_model_dir(), recipe.model, max_length=rc.train.max_length,
@@ -241,31 +262,40 @@ def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tupl
                                + [Response(t or " ") for t in a + b]) for g, (a, b) in zip(groups, answers)]
     scored = score_split(ctx, scorer, scoring, mode, "scoring the policy's answers")
     _free(scorer)
-    ranks = {"after": [], "before": []}
-    win_after, win_before = [], []
+    ranks: dict[str, list] = {side: [] for side in sides}
+    scores: dict[str, list] = {side: [] for side in sides}
     for g, (a, b), sc in zip(groups, answers, scored):
         k = len(g.responses)
         own = [s.score for s in sc[:k]]
         extra = [s.score for s in sc[k:]]
-        for side, vals in (("after", extra[:len(a)]), ("before", extra[len(a):])):
-            ranks[side] += [answer_rank(v, own) for v in vals]
-        win_after += extra[:len(a)]
-        win_before += extra[len(a):]
-    out["reward_rank"] = {side: sum(v) / len(v) for side, v in ranks.items()}
-    out["reward_rank"].update({f"top_{side}": sum(r == 1 for r in v) / len(v) for side, v in ranks.items()})
-    out["reward_rank"].update({"k": len(groups[0].responses) if groups else 0, "n": len(ranks["after"]),
-                               "critique_mode": mode})
-    events.metrics(eval_reward_rank_before=out["reward_rank"]["before"],
-                   eval_reward_rank_after=out["reward_rank"]["after"],
-                   eval_well_formed_before=out["well_formed"]["before"],
-                   eval_well_formed_after=out["well_formed"]["after"])
-    wr = win_rate(win_after, win_before)
+        for side, vals in zip(sides, (extra[:len(a)], extra[len(a):])):
+            scores[side] += vals
+            if k:
+                ranks[side] += [answer_rank(v, own) for v in vals]
+    out["reward_score"] = {side: _share(v) for side, v in scores.items()} | {"n": len(scores["after"]),
+                                                                              "critique_mode": mode}
+    metrics = {"eval_reward_score_after": out["reward_score"]["after"]}
+    if ranks["after"]:
+        out["reward_rank"] = {side: _share(v) for side, v in ranks.items()}
+        out["reward_rank"].update({f"top_{side}": _share([r == 1 for r in v]) for side, v in ranks.items()})
+        out["reward_rank"].update({"k": len(groups[0].responses) if groups else 0, "n": len(ranks["after"]),
+                                   "critique_mode": mode})
+        metrics["eval_reward_rank_after"] = out["reward_rank"]["after"]
+    if "well_formed" in out:
+        metrics["eval_well_formed_after"] = out["well_formed"]["after"]
+    if has_before:
+        metrics.update({f"eval_{name}_before": out[key]["before"] for name, key in (
+            ("reward_rank", "reward_rank"), ("well_formed", "well_formed")) if key in out})
+    events.metrics(**metrics)
+    if not has_before:
+        return out
+    wr = win_rate(scores["after"], scores["before"])
     wr["critique_mode"] = mode
-    if out["well_formed"]["before"] < ec.min_well_formed:
+    if out.get("well_formed", {}).get("before", 0.0) < ec.min_well_formed:
         wr = {"win_rate": None, "n": wr["n"], "critique_mode": mode,
-              "withheld": f"only {100 * out['well_formed']['before']:.1f}% of the starting policy's answers are "
-                          f"well-formed (eval.min_well_formed = {ec.min_well_formed}): a win rate against it "
-                          "measures how the reward model extrapolates to malformed text, not the policy"}
+              "withheld": f"only {100 * out.get('well_formed', {}).get('before', 0.0):.1f}% of the starting "
+                          f"policy's answers are well-formed (eval.min_well_formed = {ec.min_well_formed}): a win rate "
+                          "against it measures how the reward model extrapolates to malformed text, not the policy"}
         events.info(f"win rate after vs before DPO not reported: {wr['withheld']}")
     else:
         events.metrics(eval_win_rate=wr["win_rate"])
@@ -282,6 +312,10 @@ def run_stage(ctx) -> dict:
     recipe = ctx.recipe
     _, evals = ctx.data()
     if not evals:
+        if recipe.rounds.n > 0:
+            ctx.events.info("no held-out human-ranked group: nothing to evaluate offline (the rounds report on the "
+                            "held-out prompts)")
+            return {"skipped": "no held-out human-ranked group"}
         raise ValueError("no held-out groups: set data.eval_fraction > 0 or data.eval_path")
     if recipe.eval.max_groups:
         evals = evals[: recipe.eval.max_groups]

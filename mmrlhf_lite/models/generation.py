@@ -27,9 +27,10 @@ from .wrappers import unwrap
 @torch.no_grad()
 def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[dict, list[int]]], *,
                    end_of_turn: str, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                   batch_size: int = 8, seed: int | None = None, return_ids: bool = False) -> list:
+                   top_p: float = 1.0, batch_size: int = 8, seed: int | None = None, return_ids: bool = False) -> list:
     """For each (prefix inputs, context ids): the decoded continuation, cut at the end of turn.
-    `return_ids`: (text, generated ids up to and including the stop token when one was generated) instead."""
+    `top_p` < 1: nucleus sampling (with `do_sample`). `return_ids`: (text, generated ids up to and including the
+    stop token when one was generated) instead."""
     device = next(p for p in model.parameters()).device
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -59,7 +60,8 @@ def generate_after(model, spec: FamilySpec, processor, prompts: Sequence[tuple[d
             kwargs = {k: v.to(device) for k, v in {**media, **token_keys}.items()}
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs,
                                  max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                 temperature=temperature if do_sample else None,
+                                 top_p=top_p if do_sample and top_p < 1 else None, top_k=None,
                                  eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
             for row in gen[:, L:].tolist():
                 text, ids = cut_reply(tok, row, stop)  # the score function's decoding rule

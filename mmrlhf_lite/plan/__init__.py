@@ -21,6 +21,7 @@ Each family's image-token rule lives in models/image_tokens.py, named by the fam
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -90,12 +91,28 @@ def stage_status(recipe: Recipe, stages: Sequence[str]) -> tuple[list[dict], lis
     return rows, [changed_message(run.path, s, keys, redo_for(changed)) for s, keys in changed.items()]
 
 
+def rounds_plan(recipe: Recipe, stages: Sequence[str], train_groups, eval_groups, prompts) -> dict | None:
+    """What the online rounds will do (None when they do not run)."""
+    rc = recipe.rounds
+    if "rounds" not in stages or rc.n <= 0:
+        return None
+    train_prompts, eval_prompts = prompts
+    n = len(train_prompts) + (len(train_groups) if rc.prompts == "all" else 0)
+    one_pass = dataclasses.replace(recipe.dpo.train, max_steps=0, epochs=1.0)
+    steps = rc.steps or f"up to {optimizer_steps(one_pass, min(n, rc.max_prompts or n))['steps']}"
+    return {"n": rc.n, "samples": rc.samples, "prompts": n, "which": rc.prompts, "max_prompts": rc.max_prompts,
+            "steps": steps, "reference": recipe.dpo.reference, "held_out": len(eval_groups),
+            "held_out_prompts": len(eval_prompts)}
+
+
 # --------------------------------------------------------------------------------------------------
 # the plan
 
 def make_plan(recipe: Recipe, stages: Sequence[str], train_groups: Sequence[PreferenceGroup],
-              eval_groups: Sequence[PreferenceGroup], gpu_mem: str | None = None) -> dict[str, Any]:
-    """Everything the dry run reports, as data. `errors` is non-empty when a real run would fail."""
+              eval_groups: Sequence[PreferenceGroup], gpu_mem: str | None = None,
+              prompts: tuple[Sequence[PreferenceGroup], Sequence[PreferenceGroup]] = ((), ())) -> dict[str, Any]:
+    """Everything the dry run reports, as data. `errors` is non-empty when a real run would fail. `prompts`: the
+    training and held-out prompts without a ranking (what online rounds also sample for)."""
     stage_rows, errors = stage_status(recipe, stages)
     config, config_source = model_config(recipe)
     memo = cache_dir_of(recipe)  # a dry run reuses (and adds to) the counts of a run folder that exists
@@ -130,6 +147,7 @@ def make_plan(recipe: Recipe, stages: Sequence[str], train_groups: Sequence[Pref
         "steps": steps,
         "memory": memory,
         "too_long": too_long,
+        "rounds": rounds_plan(recipe, stages, train_groups, eval_groups, prompts),
         "notes": notes,
         "warnings": warnings,
         "errors": errors,

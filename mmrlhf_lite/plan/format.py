@@ -121,6 +121,12 @@ def format_plan(plan: dict) -> str:
                          f"{s['groups_per_step']} per micro-batch x {s['grad_accum']} accumulated = "
                          f"{s['groups_per_optimizer_step']} per step, {s['steps_per_epoch']} steps per epoch; "
                          f"warm-up {s['warmup_steps']}; max_length {s['max_length']})")
+    if plan.get("rounds"):
+        r = plan["rounds"]
+        lines += ["", f"rounds: {r['n']} online round(s), {r['samples']} answers for each of {r['prompts']} prompts "
+                      f"(rounds.prompts {r['which']}{', ' + str(r['max_prompts']) + ' a round' if r['max_prompts'] else ''})"
+                      f", {r['steps']} MM-DPO steps each, reference: the {r['reference']} policy; held out: "
+                      f"{r['held_out']} groups, {r['held_out_prompts']} prompts"]
     if plan["too_long"]:
         lines += ["", f"too long ({len(plan['too_long'])}):"]
         lines += [f"  [{x['limit']}] {x['message']}" for x in plan["too_long"][:TOO_LONG_SHOWN]]

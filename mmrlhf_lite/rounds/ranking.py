@@ -1,0 +1,83 @@
+"""From a round's sampled answers to MM-DPO groups: distinct answers per prompt, ranked by the reward model.
+
+Per prompt the K sampled answers are reduced to the distinct non-empty ones (outer whitespace ignored; each keeps
+how often it was sampled). A prompt left with fewer than 2 is degenerate: nothing to compare. The reward model's
+scores then rank the rest: a pair (better, worse) for every two answers whose scores differ by more than
+`rounds.min_gap` (MM-DPO's pairs; the margin delta = r(better) - r(worse) gives each pair its beta), a tie
+otherwise; a group whose answers are all tied is dropped. Both drops are counted.
+
+    python -m pytest -q tests/test_rounds.py -k degenerate
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..data.groups import PreferenceGroup, Response
+
+
+@dataclass
+class Distinct:
+    """A prompt's distinct non-empty answers and how many times each was sampled."""
+    prompt: PreferenceGroup
+    texts: list[str]
+    counts: list[int]
+    empty: int            # answers that were empty
+
+
+def distinct_answers(prompts: Sequence[PreferenceGroup], answers: Sequence[Sequence[str]]) -> list[Distinct]:
+    out = []
+    for g, sampled in zip(prompts, answers):
+        texts, counts, seen, empty = [], [], {}, 0
+        for a in sampled:
+            norm = a.strip()
+            if not norm:
+                empty += 1
+            elif norm in seen:
+                counts[seen[norm]] += 1
+            else:
+                seen[norm] = len(texts)
+                texts.append(norm)
+                counts.append(1)
+        out.append(Distinct(g, texts, counts, empty))
+    return out
+
+
+def answer_group(d: Distinct) -> PreferenceGroup:
+    """The prompt with its distinct answers as (unranked) responses: what the scorer and the reference pass read."""
+    return dataclasses.replace(d.prompt, responses=[Response(t) for t in d.texts], explicit_pairs=None,
+                               explicit_ties=None)
+
+
+@dataclass
+class Ranked:
+    groups: list[PreferenceGroup]                    # MM-DPO groups: answers with scores, pairs and ties
+    records: list[list[dict]]                        # their reward records (score, critiques), per answer
+    dropped: dict[str, int] = field(default_factory=dict)   # degenerate / tied prompts
+
+
+def rank_answers(distinct: Sequence[Distinct], records: Sequence[list[dict] | None], min_gap: float) -> Ranked:
+    """`records[i]`: the reward records of `distinct[i]`'s answers (None for a prompt that was not scored)."""
+    groups, kept, dropped = [], [], {"degenerate": 0, "tied": 0}
+    for d, recs in zip(distinct, records):
+        if len(d.texts) < 2:
+            dropped["degenerate"] += 1
+            continue
+        scores = [float(r["score"]) for r in recs]
+        pairs, ties = [], []
+        for i, j in itertools.combinations(range(len(scores)), 2):
+            gap = scores[i] - scores[j]
+            if abs(gap) <= min_gap:
+                ties.append((i, j))
+            else:
+                pairs.append((i, j) if gap > 0 else (j, i))
+        if not pairs:
+            dropped["tied"] += 1
+            continue
+        responses = [Response(t, score=s, critique=" | ".join(r.get("critiques") or []) or None)
+                     for t, s, r in zip(d.texts, scores, recs)]
+        groups.append(dataclasses.replace(d.prompt, responses=responses, explicit_pairs=pairs, explicit_ties=ties))
+        kept.append(list(recs))
+    return Ranked(groups, kept, dropped)
