@@ -9,8 +9,9 @@ Every launcher runs in its own process group with a hard timeout, and the group 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ COMMON = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.devi
           "reward.train.max_steps=2", "reward.train.logging_steps=1", "reward.train.learning_rate=1e-2",
           "reward.train.grad_accum=1", "reward.critique_mode=given"]
 STAGES = "reward,score,reference,dpo"
-TIMEOUT = 240
+TIMEOUT = 480   # a hang's bound, not a speed bound: a launch of the four stages takes ~1 min on 2 idle cores
 
 
 def _per_rank(groups: int) -> list[str]:
@@ -46,21 +47,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MMRLHF_LITE_DIST_TIMEOUT": "60"}
+def _env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MMRLHF_LITE_DIST_TIMEOUT": "60", **extra}
 
 
 def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
-            port: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+            port: int | None = None, extra: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _free_port()}",
            "-m", "mmrlhf_lite.train", str(recipe), "--stages", stages, "-q", *extra]
-    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, env=_env(**(env or {})), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop the launcher and every rank it started (they share its process group)."""
+    """Stop the launcher and every rank it started. torchrun starts each rank in a session of its own (its
+    process group: the rank and its DataLoader workers), so killing the launcher's group alone left the ranks of
+    a launch that timed out running on (two DDP ranks train on together); their groups are killed first."""
+    ranks = _children(proc.pid) if proc.poll() is None else []
+    for pid in ranks:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -84,6 +93,19 @@ def _recipe(tmp: Path, name: str, groups_per_rank: int) -> Path:
     path = tmp / f"{name}.yaml"
     load_recipe(None, COMMON + _per_rank(groups_per_rank) + [f"run.dir={tmp / name}"]).save(path)
     return path
+
+
+def _copy_run(src: Path, tmp: Path, drop: tuple[str, ...] = ("dpo",)) -> Path:
+    """`tmp/run`: a copy of the finished run folder `src` (data, caches, stage results) without the stages in `drop`.
+    The tests that need the precompute stages done start from the module's two-rank run instead of launching
+    them again: the same recipe (`_recipe(tmp, "run", 1)`) finds them done with its settings."""
+    dst = tmp / "run"
+    shutil.copytree(src, dst)
+    (dst / "run.lock").unlink(missing_ok=True)
+    for stage in drop:
+        shutil.rmtree(dst / stage, ignore_errors=True)
+        (dst / "stages" / f"{stage}.json").unlink(missing_ok=True)
+    return dst
 
 
 def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
@@ -177,7 +199,11 @@ def test_sharded_score_and_reference_give_the_same_caches_and_margins(single, tw
 
 def _children(pid: int) -> list[int]:
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:          # exited meanwhile
+        return out
+    for task in tasks:
         try:
             out += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
@@ -210,54 +236,71 @@ def _wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeo
         time.sleep(0.05)
     raise AssertionError(f"no complete checkpoint-{step} within {timeout} s")
 
+# a launch whose collectives would wait an hour for a dead rank: a job that ends is ended by the launcher
+NO_COLLECTIVE_TIMEOUT = {"MMRLHF_LITE_DIST_TIMEOUT": "3600"}
+KILL_BOUND = 240
+
+
 def _kill_rank_1_after_checkpoint(proc, run_dir: Path, step: int) -> tuple[int, str]:
-    """SIGKILL rank 1 of the launch `proc` once dpo's checkpoint `step` is written; the launcher must end the
-    job within 90 s. Returns its (exit code, output)."""
+    """SIGKILL rank 1 of the launch `proc` (started with NO_COLLECTIVE_TIMEOUT) once dpo's checkpoint `step` is
+    written; the launcher must end the job within KILL_BOUND s, far less than the hour rank 0 would otherwise wait
+    in its next collective (with the default 60 s timeout, a 90 s bound could not tell the launcher's doing from
+    the timeout's, and was tight on a loaded machine). Returns its (exit code, output)."""
     try:
         _wait_for_checkpoint(run_dir, step, proc)
         victim = _rank_pid(proc.pid, 1)
         assert victim, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
-        killed = time.time()
-        rc, out = _finish(proc, timeout=90)
+        rc, out = _finish(proc, timeout=KILL_BOUND)
     finally:
         _kill_group(proc)
-    assert rc != 0 and time.time() - killed < 90, (rc, out[-3000:])
+    assert rc != 0, (rc, out[-3000:])
     return rc, out
 
 
 def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
+    run_dir = _copy_run(two_ranks, tmp_path)            # reward, score, reference done (two ranks)
     recipe = _recipe(tmp_path, "run", 1)
-    run_dir = tmp_path / "run"
-    rc, out = _finish(_launch(recipe, "reward,score,reference"))
-    assert rc == 0, out[-4000:]
-    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, "dpo"), run_dir, 2)  # 6 steps left: killed mid-dpo
+    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, "dpo", env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)  # mid-dpo
     assert "rank      : 1 (local_rank: 1)" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
     assert not (run_dir / "stages" / "dpo.json").exists()
 
+    offset = (run_dir / "events.jsonl").stat().st_size
     rc, out = _finish(_launch(recipe, "dpo"))          # the same command resumes
     assert rc == 0, out[-4000:]
-    events = (run_dir / "events.jsonl").read_text()
+    events = (run_dir / "events.jsonl").read_bytes()[offset:].decode()
     assert "resuming from" in events
     _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
 
 
-def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(tmp_path, two_ranks):
+@pytest.fixture(scope="module")
+def stopped_dpo(two_ranks, tmp_path_factory) -> tuple[Path, int, str]:
+    """A two-rank dpo launch (the precompute stages copied from `two_ranks`) stopped by the run folder's STOP
+    file once checkpoint-4 is complete: (run folder, launcher exit code, launcher output). One launch serves the
+    stop test (what the ranks and the launcher said) and the cut-short-checkpoint test (the folder it left)."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    run_dir = _copy_run(two_ranks, tmp)
+    proc = _launch(_recipe(tmp, "run", 1), "dpo")
+    try:
+        _wait_for_checkpoint(run_dir, 4, proc)
+        (run_dir / "STOP").write_text("test")
+        rc, out = _finish(proc, timeout=120)
+    finally:
+        _kill_group(proc)
+    return run_dir, rc, out
+
+
+def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(tmp_path, two_ranks, stopped_dpo):
     """What a rank killed while saving leaves: the newest checkpoint with rank 1's rng_state_1.pth cut short
     and no completion marker. The same command resumes from the checkpoint before (it used to pick the newest
     every time, and rank 1 died in transformers' _load_rng_state with EOFError) and ends with the
     uninterrupted run's weights."""
     from mmrlhf_lite.training import CHECKPOINT_COMPLETE
 
+    run_dir = _copy_run(stopped_dpo[0], tmp_path, drop=())   # a copy: the stop test reads the stopped folder
+    (run_dir / "STOP").unlink(missing_ok=True)
     recipe = _recipe(tmp_path, "run", 1)
-    run_dir = tmp_path / "run"
-    rc, out = _finish(_launch(recipe, "reference"))
-    assert rc == 0, out[-4000:]
-    proc = _launch(recipe, "dpo")
-    _wait_for_checkpoint(run_dir, 4, proc)
-    (run_dir / "STOP").write_text("test")
-    rc, out = _finish(proc, timeout=120)
-    assert rc != 0
+    assert stopped_dpo[1] != 0
     saved = sorted((d for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")),
                    key=lambda d: int(d.name.split("-")[1]))
     newest = saved[-1]
@@ -265,25 +308,38 @@ def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_befo
     part = newest / "rng_state_1.pth"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     (newest / CHECKPOINT_COMPLETE).unlink()
-    (run_dir / "STOP").unlink(missing_ok=True)
+    offset = len(_events(run_dir))
     rc, out = _finish(_launch(recipe, "dpo"))
     assert rc == 0, out[-4000:]
-    said = [e["message"] for e in _events(run_dir) if e["type"] in ("log", "warning")]
+    said = [e["message"] for e in _events(run_dir)[offset:] if e["type"] in ("log", "warning")]
     assert f"{newest.name} was not completely written (interrupted save); removed" in said
     assert any(m.startswith("resuming from") and m.endswith("checkpoint-4") for m in said), said[-10:]
     _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
 
 
-EVAL = ["data.demo.groups=16", "data.eval_fraction=0.25", "eval.max_new_tokens=8", "reward.max_new_tokens=8"]
+# every eval part, critiques sampled (n_samples 2) and policy answers sampled (policy_samples 2), on 8 held-out groups
+EVAL = ["data.demo.groups=24", "data.eval_fraction=0.34", "eval.max_new_tokens=6", "reward.max_new_tokens=6",
+        "reward.n_samples=2", "eval.policy_samples=2", "reward.generation_batch_size=4", "dpo.train.max_steps=2"]
 
 
-def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path):
+def _eval_recipe(run_dir: Path, groups_per_rank: int):
+    return load_recipe(None, COMMON + _per_rank(groups_per_rank) + EVAL + [f"run.dir={run_dir}"])
+
+
+@pytest.fixture(scope="module")
+def single_eval(tmp_path_factory) -> Path:
+    """1 process x 2 groups per step, the five stages (in-process: the real pipeline), on the EVAL data: the
+    single-process weights and eval report the two-node and the two-rank eval runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("single-eval") / "run"
+    run_pipeline(_eval_recipe(run_dir, 2), None, echo=False)
+    return run_dir
+
+
+def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path, single_eval):
     """Two launchers (`--nnodes 2 --node_rank 0|1`, one process each) run all five stages; the weights and
     the eval report (split over the two nodes) are those of a single process with twice the groups per step."""
-    one = load_recipe(None, COMMON + _per_rank(2) + EVAL + [f"run.dir={tmp_path / 'single'}"])
-    run_pipeline(one, None, echo=False)
     path = tmp_path / "nodes.yaml"
-    load_recipe(None, COMMON + _per_rank(1) + EVAL + [f"run.dir={tmp_path / 'nodes'}"]).save(path)
+    _eval_recipe(tmp_path / "nodes", 1).save(path)
     port = _free_port()
     procs = [_launch(path, "reward,score,reference,dpo,eval", nproc=1, nnodes=2, node_rank=r, port=port)
              for r in (0, 1)]
@@ -291,10 +347,10 @@ def test_two_nodes_on_localhost_run_the_stages_end_to_end(tmp_path):
     for rc, out in results:
         assert rc == 0, out[-4000:]
     for stage in ("reward", "dpo"):
-        _same_weights(_weights(tmp_path / "single", stage), _weights(tmp_path / "nodes", stage))
+        _same_weights(_weights(single_eval, stage), _weights(tmp_path / "nodes", stage))
     assert sorted(p.name for p in (tmp_path / "nodes" / "stages").glob("*.json")) == [
         "dpo.json", "eval.json", "reference.json", "reward.json", "score.json"]
-    a = json.loads((tmp_path / "single" / "eval" / "report.json").read_text())
+    a = json.loads((single_eval / "eval" / "report.json").read_text())
     b = json.loads((tmp_path / "nodes" / "eval" / "report.json").read_text())
     assert _numbers(a) == pytest.approx(_numbers(b), rel=1e-4, abs=1e-4)
 
@@ -341,26 +397,18 @@ def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_noth
     assert set(_cache(tmp_path / "run", "reference.jsonl")) >= kept and len(_cache(tmp_path / "run", "reference.jsonl")) == 96
 
 
-def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
-    recipe = _recipe(tmp_path, "run", 1)
-    run_dir = tmp_path / "run"
-    rc, out = _finish(_launch(recipe, "reference"))
-    assert rc == 0, out[-4000:]
-    proc = _launch(recipe, "dpo")
-    _wait_for_checkpoint(run_dir, 2, proc)
-    (run_dir / "STOP").write_text("test")
-    rc, out = _finish(proc, timeout=120)
+def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(stopped_dpo):
+    run_dir, rc, out = stopped_dpo
     assert rc != 0
     # both ranks stopped at the same step (the first to exit with code 3 makes the launcher end the other,
     # which may be SIGTERMed while it exits)
-    import re
     steps_seen = re.findall(r"stopped: stopped at step (\d+);", out)
     assert len(steps_seen) == 2 and len(set(steps_seen)) == 1, out[-3000:]
     assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
     ends = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if '"stage_end"' in x]
     assert ends[-1]["stage"] == "dpo" and ends[-1]["status"] == "stopped"
     steps = [int(d.name.split("-")[1]) for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
-    assert max(steps) > 2 and not (run_dir / "stages" / "dpo.json").exists()
+    assert max(steps) > 4 and not (run_dir / "stages" / "dpo.json").exists()   # STOP came after checkpoint-4
 
 
 def test_unsloth_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):
@@ -383,16 +431,16 @@ def test_dry_run_shows_the_global_batch_of_a_launch(tmp_path, capsys):
     assert "torchrun --nproc_per_node 4 -m mmrlhf_lite.train" in out
 
 
-def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(tmp_path):
+def test_an_error_of_rank_0_before_the_stages_ends_every_rank_with_its_message(tmp_path, two_ranks):
     """A refusal of rank 0 (here: a finished stage with other settings) reaches rank 1 as rank 0's message,
-    and the launcher exits; nothing waits for a timeout."""
+    and the launcher exits; nothing waits for a timeout: the collectives' timeout is an hour in this launch, so
+    a rank left waiting would keep the job past the test's bound (a wall-clock bound on the exit would not tell
+    a timeout from a slow start on a loaded machine)."""
+    _copy_run(two_ranks, tmp_path, drop=("reward", "score", "dpo"))   # reference alone done (two ranks)
     recipe = _recipe(tmp_path, "run", 1)
-    rc, out = _finish(_launch(recipe, "reference"))
-    assert rc == 0, out[-4000:]
     load_recipe(recipe, ["model.max_pixels=50000"]).save(recipe)   # reference's inputs changed
-    start = time.time()
-    rc, out = _finish(_launch(recipe, "reference"), timeout=120)
-    assert rc != 0 and time.time() - start < 120
+    rc, out = _finish(_launch(recipe, "reference", env={"MMRLHF_LITE_DIST_TIMEOUT": "3600"}))
+    assert rc != 0
     assert "has finished stage 'reference' with different settings" in out
     assert "rank 0 failed at 'run setup'" in out, out[-3000:]
 
@@ -463,13 +511,16 @@ def _lines_with_keys(path: Path) -> set[str]:
     return kept
 
 
+SCORE_GROUPS = 16   # 64 responses: STOP after 8 leaves most of them to the resume
+
+
 def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_resumes(tmp_path):
     """STOP created mid-score (critiques generated, sharded unevenly by content): both ranks stop after the
     same round with the same message and exit code 3; the cache keeps what was written; the same command
     computes only the rest."""
     path = tmp_path / "score.yaml"
     recipe = load_recipe(None, COMMON + _per_rank(1) + [
-        "data.demo.groups=32", "reward.critique_mode=generate", "reward.max_new_tokens=16",
+        f"data.demo.groups={SCORE_GROUPS}", "reward.critique_mode=generate", "reward.max_new_tokens=8",
         "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
     recipe.save(path)
     run_pipeline(recipe, ["reward"], echo=False)
@@ -485,23 +536,24 @@ def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_
     finally:
         _kill_group(proc)
     assert rc != 0
-    said = re.findall(r"stopped: stopped after (\d+) of 32 groups; the cache keeps them\. Run the same command", out)
+    said = re.findall(rf"stopped: stopped after (\d+) of {SCORE_GROUPS} groups; the cache keeps them\. "
+                      r"Run the same command", out)
     assert len(said) == 2 and len(set(said)) == 1, out[-3000:]
     assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
     events = _events(run_dir)
     end = [e for e in events if e["type"] == "stage_end"][-1]
     assert end["stage"] == "score" and end["status"] == "stopped"
     last = [e for e in events if e["type"] == "progress" and e.get("stage") == "score"][-1]
-    assert last["n"] == int(said[0]) < last["total"] == 32          # both ranks' groups, stopped midway
+    assert last["n"] == int(said[0]) < last["total"] == SCORE_GROUPS          # both ranks' groups, stopped midway
     kept = _lines_with_keys(cache)
-    assert 8 <= len(kept) < 32 * 4
+    assert 8 <= len(kept) < SCORE_GROUPS * 4
     assert not (run_dir / "stages" / "score.json").exists()
 
     rc, out = _finish(_launch(path, "score"))                          # the same command resumes
     assert rc == 0, out[-4000:]
     result = json.loads((run_dir / "stages" / "score.json").read_text())
-    assert result["computed"] == 32 * 4 - len(kept) and result["reused"] == len(kept)
-    assert len(_cache(run_dir, "reward.jsonl")) == 32 * 4
+    assert result["computed"] == SCORE_GROUPS * 4 - len(kept) and result["reused"] == len(kept)
+    assert len(_cache(run_dir, "reward.jsonl")) == SCORE_GROUPS * 4
 
 
 def _without_timings(tree):
@@ -512,33 +564,70 @@ def _without_timings(tree):
     return tree
 
 
-def test_eval_split_over_two_ranks_writes_the_report_of_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def eval_stopped_then_resumed(single_eval, tmp_path_factory) -> dict:
+    """The trained `single_eval` run copied without its eval; a two-rank eval launch that gets SIGTERM to rank 1
+    alone once eval has made progress; then the same command again, which evaluates from the start (an evaluation
+    is not kept in parts). What each launch said and left: the stop test reads the first, the report test the
+    second (one two-rank eval serves both)."""
+    tmp = tmp_path_factory.mktemp("eval-stop")
+    run_dir = _copy_run(single_eval, tmp, drop=("eval",))   # trained: eval's nine parts to run
+    path = tmp / "eval.yaml"
+    _eval_recipe(run_dir, 2).save(path)
+    offset = (run_dir / "events.jsonl").stat().st_size     # the copied run's own events come before
+    proc = _launch(path, "eval")
+    try:
+        deadline = time.time() + TIMEOUT
+        while not any('"stage": "eval"' in x and '"progress"' in x and '"n": 0,' not in x
+                      for x in (run_dir / "events.jsonl").read_bytes()[offset:].decode(errors="replace").splitlines()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.05)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        stopped_rc, stopped_out = _finish(proc, timeout=120)
+    finally:
+        _kill_group(proc)
+    stopped = {"rc": stopped_rc, "out": stopped_out, "events": _events(run_dir),
+               "report": (run_dir / "eval" / "report.json").exists(),
+               "done": (run_dir / "stages" / "eval.json").exists()}
+    start = len(stopped["events"])
+    rc, out = _finish(_launch(path, "eval"))
+    return {"run": run_dir, "stopped": stopped, "rc": rc, "out": out, "events": _events(run_dir)[start:]}
+
+
+def test_sigterm_of_one_rank_during_eval_stops_both_at_one_point_and_the_same_command_evaluates(
+        eval_stopped_then_resumed):
+    """SIGTERM to rank 1 alone while eval runs: both ranks stop after the same round of the same part with
+    the same message and exit code 3, no report is written; the same command then evaluates."""
+    stopped = eval_stopped_then_resumed["stopped"]
+    out = stopped["out"]
+    assert stopped["rc"] != 0
+    said = re.findall(r"stopped: stopped during evaluation \(([^)]*)\)", out)
+    assert len(said) == 2 and len(set(said)) == 1 and " of " in said[0], out[-3000:]
+    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
+    end = [e for e in stopped["events"] if e["type"] == "stage_end"][-1]
+    assert end["stage"] == "eval" and end["status"] == "stopped"
+    assert not stopped["report"] and not stopped["done"]
+    assert eval_stopped_then_resumed["rc"] == 0, eval_stopped_then_resumed["out"][-4000:]
+    run_dir = eval_stopped_then_resumed["run"]
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["reward_model"]["modes"]["generate"]
+
+
+def test_eval_split_over_two_ranks_writes_the_report_of_one_process(single_eval, eval_stopped_then_resumed):
     """Every eval part is split over 2 ranks (critique modes before/after training with sampled critiques,
     policy log-probs, sampled policy answers, their scoring): the report equals a single process's, every
-    number and every generated text, timings aside; both ranks worked on each part."""
-    path = tmp_path / "eval.yaml"
-    recipe = load_recipe(None, COMMON + _per_rank(1) + [
-        "data.demo.groups=24", "data.eval_fraction=0.34", "eval.max_new_tokens=6", "reward.max_new_tokens=6",
-        "reward.n_samples=2", "eval.policy_samples=2", "reward.generation_batch_size=4", "dpo.train.max_steps=2",
-        f"run.dir={tmp_path / 'run'}"])
-    recipe.save(path)
-    run_pipeline(recipe, STAGES.split(","), echo=False)
-    run_dir = tmp_path / "run"
-    one = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(path), "--stages", "eval", "-q"], env=_env(),
-                         cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
-    assert one.returncode == 0, one.stderr[-4000:]
-    single = json.loads((run_dir / "eval" / "report.json").read_text())
-    single_md = (run_dir / "eval" / "report.md").read_text()
-    start = len(_events(run_dir))
-    rc, out = _finish(_launch(path, "eval", extra=("--redo", "eval")))
-    assert rc == 0, out[-4000:]
+    number and every generated text, timings aside; both ranks worked on each part. (The two-rank eval is the
+    resumed one of the stop test: it starts over, so it computes every part.)"""
+    run_dir = eval_stopped_then_resumed["run"]
+    assert eval_stopped_then_resumed["rc"] == 0, eval_stopped_then_resumed["out"][-4000:]
+    single = json.loads((single_eval / "eval" / "report.json").read_text())
+    single_md = (single_eval / "eval" / "report.md").read_text()
     double = json.loads((run_dir / "eval" / "report.json").read_text())
     n = single["groups"]
     assert n >= 5 and single["policy"]["samples"] and single["reward_model"]["modes"]["generate"]
     assert _without_timings(double) == _without_timings(single)
     wall = re.compile(r"Wall time: [\d.]+ s\.")
     assert wall.sub("", (run_dir / "eval" / "report.md").read_text()) == wall.sub("", single_md)
-    events = _events(run_dir)[start:]
+    events = eval_stopped_then_resumed["events"]
     parts = {e["part"] for e in events if e["type"] == "progress" and e.get("stage") == "eval"}
     assert parts == {"reward model before training, given", "reward model before training, none",
                      "reward model before training, generate", "reward model, given", "reward model, none",
@@ -548,36 +637,3 @@ def test_eval_split_over_two_ranks_writes_the_report_of_one_process(tmp_path):
         assert last["n"] == last["total"] == n, last
         rates = [e for e in events if e["type"] == "metrics" and e.get("part") == part][-1]
         assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
-
-
-def test_sigterm_of_one_rank_during_eval_stops_both_at_one_point_and_the_same_command_evaluates(tmp_path):
-    """SIGTERM to rank 1 alone while eval runs: both ranks stop after the same round of the same part with
-    the same message and exit code 3, no report is written; the same command then evaluates."""
-    path = tmp_path / "eval.yaml"
-    recipe = load_recipe(None, COMMON + _per_rank(1) + [
-        "data.demo.groups=36", "data.eval_fraction=0.34", "reward.max_new_tokens=16",
-        "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
-    recipe.save(path)
-    run_pipeline(recipe, ["reward"], echo=False)
-    run_dir = tmp_path / "run"
-    proc = _launch(path, "eval")
-    try:
-        deadline = time.time() + TIMEOUT
-        while not any('"stage": "eval"' in x and '"progress"' in x and '"n": 0,' not in x
-                      for x in ((run_dir / "events.jsonl").read_text().splitlines())):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-            time.sleep(0.05)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
-        rc, out = _finish(proc, timeout=120)
-    finally:
-        _kill_group(proc)
-    assert rc != 0
-    said = re.findall(r"stopped: stopped during evaluation \(([^)]*)\)", out)
-    assert len(said) == 2 and len(set(said)) == 1 and " of " in said[0], out[-3000:]
-    assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
-    end = [e for e in _events(run_dir) if e["type"] == "stage_end"][-1]
-    assert end["stage"] == "eval" and end["status"] == "stopped"
-    assert not (run_dir / "eval" / "report.json").exists() and not (run_dir / "stages" / "eval.json").exists()
-    rc, out = _finish(_launch(path, "eval"))
-    assert rc == 0, out[-4000:]
-    assert json.loads((run_dir / "eval" / "report.json").read_text())["reward_model"]["modes"]["generate"]
