@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (COMMON, STAGES, _finish, _kill_rank_1_after_checkpoint, _launch, _per_rank, _recipe,
-                              _same_weights, _weights, single)  # noqa: F401 - fixture
+from test_distributed import (COMMON, NO_COLLECTIVE_TIMEOUT, STAGES, _copy_run, _finish, _kill_rank_1_after_checkpoint,
+                              _launch, _per_rank, _recipe, _same_weights, _weights, single)  # noqa: F401 - fixture
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
@@ -82,11 +82,9 @@ def test_fsdp_adapters_are_full_adapters_the_next_stages_load_and_score_the_same
 
 
 def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weights(tmp_path, fsdp, capsys):
+    run_dir = _copy_run(fsdp, tmp_path)             # reward, score, reference done (FSDP2, two ranks)
     recipe = _recipe(tmp_path, "run", 1)
-    run_dir = tmp_path / "run"
-    rc, out = _finish(_launch_fsdp(recipe, "reward,score,reference"))
-    assert rc == 0, out[-4000:]
-    rc, out = _kill_rank_1_after_checkpoint(_launch_fsdp(recipe, "dpo"), run_dir, 2)
+    rc, out = _kill_rank_1_after_checkpoint(_launch_fsdp(recipe, "dpo", env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)
     ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-2"
     assert "rank      : 1 (local_rank: 1)" in out, out[-3000:]
     # the checkpoint holds a normal adapter, one full optimizer state and the trainable parameters by name
@@ -98,9 +96,10 @@ def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weig
     err = capsys.readouterr().err
     assert "was written by an FSDP launch and this run is without FSDP" in err and "--redo dpo" in err, err
     assert "Traceback" not in err
+    offset = len(_events(run_dir))
     rc, out = _finish(_launch_fsdp(recipe, "dpo"))      # the same command resumes
     assert rc == 0, out[-4000:]
-    assert any(e["type"] == "log" and e["message"].startswith("resuming from") for e in _events(run_dir))
+    assert any(e["type"] == "log" and e["message"].startswith("resuming from") for e in _events(run_dir)[offset:])
     _same_weights(_weights(fsdp, "dpo"), _weights(run_dir, "dpo"))
 
 
@@ -279,25 +278,16 @@ def _half_each(run_dir: Path, stage: str) -> None:
         assert abs(h["frozen_local"] / total - 0.5) < 0.02, h
 
 
-def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_probs(tmp_path):
-    """2 ranks under the FSDP2 variables, uneven shares (the rank with fewer groups runs dummy forwards in
-    the lockstep steps it has no batch for, in lockstep with the other): each rank holds about half the base, and
-    every cache line equals the one-process run's within fp32 tolerance."""
+def test_fsdp_reference_stage_shards_the_base_and_writes_the_single_process_log_probs(tmp_path, single, fsdp):
+    """2 ranks under the FSDP2 variables (the module's launch), uneven shares (the rank with fewer groups runs
+    dummy forwards in the lockstep steps it has no batch for, in lockstep with the other): each rank holds about
+    half the base, and every cache line equals the one-process run's within fp32 tolerance."""
     from mmrlhf_lite.recipe import load_recipe
-    from mmrlhf_lite.train import run_pipeline
 
-    over = COMMON + _per_rank(1) + ["data.demo.groups=5"]
-    run_pipeline(load_recipe(None, over + [f"run.dir={tmp_path / 'one'}"]), ["reference"], echo=False)
-    recipe = load_recipe(None, over + [f"run.dir={tmp_path / 'fsdp'}"])
-    shares = _shares(recipe, tmp_path / "fsdp")
-    assert sum(shares) == 5 and shares[0] != shares[1], shares
-    path = tmp_path / "fsdp.yaml"
-    recipe.save(path)
-    rc, out = _finish(_launch_fsdp(path, "reference"), timeout=180)
-    assert rc == 0, out[-4000:]
-    assert "terminate called" not in out, out[-3000:]
-    _half_each(tmp_path / "fsdp", "reference")
-    one, two = _cache(tmp_path / "one", "reference.jsonl"), _cache(tmp_path / "fsdp", "reference.jsonl")
+    shares = _shares(load_recipe(fsdp / "recipe.yaml"), tmp_path / "data")   # the module's 8 demo groups
+    assert sum(shares) == 8 and shares[0] != shares[1], shares
+    _half_each(fsdp, "reference")
+    one, two = _cache(single, "reference.jsonl"), _cache(fsdp, "reference.jsonl")
     assert one.keys() == two.keys() and len(one) >= 10
     diff = max(abs(one[k]["logp"] - two[k]["logp"]) for k in one)
     print(f"max |logp diff| FSDP2 2 ranks vs 1 process: {diff:.3g}")
@@ -320,19 +310,16 @@ def _score_owners(recipe, run_dir: Path, reward_dir: Path) -> dict[str, int]:
     return {k: rank_of(ks, 2) for ks in keys for k in ks}
 
 
-def test_fsdp_score_stage_shards_the_reward_model_and_gives_the_single_process_margins(tmp_path):
-    """Mode given with the reward model of a one-process run, under the FSDP2 variables on 2 ranks, rank 0's
-    share already in the cache (it has no batch at all: a dummy forward in every round, in lockstep with
+def test_fsdp_score_stage_shards_the_reward_model_and_gives_the_single_process_margins(tmp_path, single):
+    """Mode given with the reward model of the one-process run (`single`), under the FSDP2 variables on 2 ranks,
+    rank 0's share already in the cache (it has no batch at all: a dummy forward in every round, in lockstep with
     rank 1's real ones): each rank holds about half the base, and rank 1's scores, hence every margin,
     equal the one-process run's within fp32 tolerance."""
     from mmrlhf_lite.recipe import load_recipe
-    from mmrlhf_lite.train import run_pipeline
 
-    over = COMMON + _per_rank(2) + ["data.demo.groups=14"]
-    run_pipeline(load_recipe(None, over + [f"run.dir={tmp_path / 'one'}"]), ["reward", "score"], echo=False)
-    recipe = load_recipe(None, over + [f"run.dir={tmp_path / 'fsdp'}", f"reward.model_from={tmp_path / 'one'}"])
-    owner = _score_owners(recipe, tmp_path / "fsdp", tmp_path / "one" / "reward" / "final")
-    cached = _cache(tmp_path / "one", "reward.jsonl")
+    recipe = load_recipe(None, COMMON + _per_rank(2) + [f"run.dir={tmp_path / 'fsdp'}", f"reward.model_from={single}"])
+    owner = _score_owners(recipe, tmp_path / "fsdp", single / "reward" / "final")
+    cached = _cache(single, "reward.jsonl")
     assert set(owner) == set(cached) and sum(owner.values()) >= 4, owner   # rank 1 has a group or more to score
     (tmp_path / "fsdp" / "cache").mkdir(parents=True)
     (tmp_path / "fsdp" / "cache" / "reward.jsonl").write_text(
@@ -349,11 +336,11 @@ def test_fsdp_score_stage_shards_the_reward_model_and_gives_the_single_process_m
     print(f"responses per rank {sum(r == 0 for r in owner.values())}/{sum(owner.values())} (rank 0 cached); "
           f"max |score diff| FSDP2 vs 1 process: {diff:.3g}")
     assert diff < 1e-4, diff
-    ma = [json.loads(x) for x in (tmp_path / "one" / "score" / "margins.jsonl").read_text().splitlines()]
+    ma = [json.loads(x) for x in (single / "score" / "margins.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "fsdp" / "score" / "margins.jsonl").read_text().splitlines()]
-    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb] and len(ma) == 14
+    assert [m["group_id"] for m in ma] == [m["group_id"] for m in mb] and len(ma) == 8
     da = [p["delta"] for m in ma for p in m["pairs"]]
-    assert len(da) >= 14 and [p["delta"] for m in mb for p in m["pairs"]] == pytest.approx(da, abs=1e-4)
+    assert len(da) >= 8 and [p["delta"] for m in mb for p in m["pairs"]] == pytest.approx(da, abs=1e-4)
 
 
 def test_fsdp_launch_refuses_generated_critiques_and_warns_that_eval_is_not_sharded(tmp_path):
