@@ -14,7 +14,7 @@ from mmrlhf_lite.train import run_pipeline
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["model.path=tiny:qwen2_vl:xs", "model.load_in_4bit=false", "model.device=cpu", "data.demo.groups=12",
         "data.demo.image_size=56", "data.eval_fraction=0", "dpo.margin_source=none", "dpo.w=0",
-        "dpo.train.groups_per_step=1", "dpo.train.grad_accum=1", "dpo.train.max_steps=40",
+        "dpo.train.groups_per_step=1", "dpo.train.grad_accum=1", "dpo.train.max_steps=16",
         "dpo.train.save_steps=4", "dpo.train.logging_steps=1"]
 
 
@@ -33,7 +33,7 @@ def _cli(run_dir: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, offset: int, timeout: float = 240) -> None:
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, offset: int, timeout: float = 480) -> None:
     """Wait until this process (events after byte `offset`) reports training step `step`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -44,7 +44,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, offset: int
                 e = json.loads(line)
                 if e["type"] == "progress" and e.get("stage") == "dpo" and e["n"] >= step:
                     return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
@@ -55,7 +55,7 @@ def test_sigkill_then_sigterm_then_finish(tmp_path):
     run_pipeline(recipe, ["reference"], echo=False)
 
     proc = _cli(run_dir)
-    _wait_for_step(run_dir, 6, proc, (run_dir / "events.jsonl").stat().st_size)
+    _wait_for_step(run_dir, 5, proc, (run_dir / "events.jsonl").stat().st_size)   # checkpoint-4 written
     proc.send_signal(signal.SIGKILL)          # no chance to save anything
     proc.wait(timeout=60)
     # a kill can land mid-save: only checkpoints marked complete are resumable
@@ -79,7 +79,10 @@ def test_sigkill_then_sigterm_then_finish(tmp_path):
     last_ckpt = max(int(p.name.split("-")[1]) for p in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*"))
     assert last_ckpt >= latest + 3             # the step SIGTERM interrupted was saved too
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(_command(run_dir), env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
+    # the rest of the run (in-process: the CLI's resume was seen above; this proves the stopped run finishes)
+    offset = (run_dir / "events.jsonl").stat().st_size
+    run_pipeline(recipe, ["dpo"], echo=False)
     assert (run_dir / "dpo" / "final" / "adapter_config.json").exists()
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_bytes()[offset:].decode().splitlines()]
+    assert any(e["type"] == "log" and e["message"].endswith(f"checkpoint-{last_ckpt}") for e in events)
+    assert json.loads((run_dir / "dpo" / "train_result.json").read_text())["steps"] == 16
