@@ -258,63 +258,84 @@ def _kill_rank_1_after_checkpoint(proc, run_dir: Path, step: int) -> tuple[int, 
     return rc, out
 
 
-def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(tmp_path, two_ranks):
-    run_dir = _copy_run(two_ranks, tmp_path)            # reward, score, reference done (two ranks)
-    recipe = _recipe(tmp_path, "run", 1)
-    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, "dpo", env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)  # mid-dpo
-    assert "rank      : 1 (local_rank: 1)" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
-    assert not (run_dir / "stages" / "dpo.json").exists()
-
-    offset = (run_dir / "events.jsonl").stat().st_size
-    rc, out = _finish(_launch(recipe, "dpo"))          # the same command resumes
-    assert rc == 0, out[-4000:]
-    events = (run_dir / "events.jsonl").read_bytes()[offset:].decode()
-    assert "resuming from" in events
-    _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
+def _checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(d.name.split("-")[1]) for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*"))
 
 
 @pytest.fixture(scope="module")
-def stopped_dpo(two_ranks, tmp_path_factory) -> tuple[Path, int, str]:
-    """A two-rank dpo launch (the precompute stages copied from `two_ranks`) stopped by the run folder's STOP
-    file once checkpoint-4 is complete: (run folder, launcher exit code, launcher output). One launch serves the
-    stop test (what the ranks and the launcher said) and the cut-short-checkpoint test (the folder it left)."""
-    tmp = tmp_path_factory.mktemp("stopped")
+def dpo_interrupted(two_ranks, tmp_path_factory) -> dict:
+    """One two-rank dpo run (the precompute stages copied from `two_ranks`) interrupted twice, each launch of the
+    same command checked by its own test (three launches where the three tests made five):
+    1. `killed`: rank 1 SIGKILLed once checkpoint-2 is complete;
+    2. `stopped`: the same command resumes, and is stopped by the run folder's STOP file once the next checkpoint
+       (`waited`) is complete;
+    3. `cut`: the newest checkpoint is cut short as a rank killed while saving leaves it, and the same command
+       finishes; the final weights, after both interruptions, must be the uninterrupted run's."""
+    from mmrlhf_lite.training import CHECKPOINT_COMPLETE
+
+    tmp = tmp_path_factory.mktemp("dpo-interrupted")
     run_dir = _copy_run(two_ranks, tmp)
-    proc = _launch(_recipe(tmp, "run", 1), "dpo")
+    recipe = _recipe(tmp, "run", 1)
+    state: dict = {"run": run_dir}
+
+    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, "dpo", env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)
+    complete = [c for c in _checkpoints(run_dir)
+                if (run_dir / "dpo" / "checkpoints" / f"checkpoint-{c}" / CHECKPOINT_COMPLETE).exists()]
+    state["killed"] = {"rc": rc, "out": out, "done": (run_dir / "stages" / "dpo.json").exists(), "complete": complete}
+
+    waited = max(complete) + 2           # written by the resumed launch (the marker of a newer one cannot be there)
+    offset = len(_events(run_dir))
+    proc = _launch(recipe, "dpo")
     try:
-        _wait_for_checkpoint(run_dir, 4, proc)
+        _wait_for_checkpoint(run_dir, waited, proc)
         (run_dir / "STOP").write_text("test")
         rc, out = _finish(proc, timeout=120)
     finally:
         _kill_group(proc)
-    return run_dir, rc, out
+    events = _events(run_dir)
+    state["stopped"] = {"rc": rc, "out": out, "events": events[offset:], "waited": waited,
+                        "checkpoints": _checkpoints(run_dir), "done": (run_dir / "stages" / "dpo.json").exists()}
+
+    newest = run_dir / "dpo" / "checkpoints" / f"checkpoint-{_checkpoints(run_dir)[-1]}"
+    part = newest / "rng_state_1.pth"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    (newest / CHECKPOINT_COMPLETE).unlink()
+    (run_dir / "STOP").unlink(missing_ok=True)
+    offset = len(events)
+    rc, out = _finish(_launch(recipe, "dpo"))
+    state["cut"] = {"rc": rc, "out": out, "newest": newest.name, "events": _events(run_dir)[offset:]}
+    return state
 
 
-def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(tmp_path, two_ranks, stopped_dpo):
+def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(dpo_interrupted, two_ranks):
+    killed, stopped = dpo_interrupted["killed"], dpo_interrupted["stopped"]
+    assert killed["rc"] != 0
+    assert "rank      : 1 (local_rank: 1)" in killed["out"] and "Signal 9 (SIGKILL)" in killed["out"], \
+        killed["out"][-3000:]
+    assert not killed["done"] and 2 in killed["complete"]
+    # the same command resumes from the newest complete checkpoint the kill left ...
+    said = [e["message"] for e in stopped["events"] if e["type"] == "log"]
+    assert any(m.startswith("resuming from") and m.endswith(f"checkpoint-{max(killed['complete'])}")
+               for m in said), said[-10:]
+    # ... and the run ends (after the stop and the cut checkpoint below) with the uninterrupted run's weights
+    assert dpo_interrupted["cut"]["rc"] == 0, dpo_interrupted["cut"]["out"][-4000:]
+    _same_weights(_weights(two_ranks, "dpo"), _weights(dpo_interrupted["run"], "dpo"))
+
+
+def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(dpo_interrupted, two_ranks):
     """What a rank killed while saving leaves: the newest checkpoint with rank 1's rng_state_1.pth cut short
     and no completion marker. The same command resumes from the checkpoint before (it used to pick the newest
     every time, and rank 1 died in transformers' _load_rng_state with EOFError) and ends with the
     uninterrupted run's weights."""
-    from mmrlhf_lite.training import CHECKPOINT_COMPLETE
-
-    run_dir = _copy_run(stopped_dpo[0], tmp_path, drop=())   # a copy: the stop test reads the stopped folder
-    (run_dir / "STOP").unlink(missing_ok=True)
-    recipe = _recipe(tmp_path, "run", 1)
-    assert stopped_dpo[1] != 0
-    saved = sorted((d for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")),
-                   key=lambda d: int(d.name.split("-")[1]))
-    newest = saved[-1]
-    assert [d.name for d in saved] == ["checkpoint-4", newest.name] and newest.name != "checkpoint-4"  # 2 kept
-    part = newest / "rng_state_1.pth"
-    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
-    (newest / CHECKPOINT_COMPLETE).unlink()
-    offset = len(_events(run_dir))
-    rc, out = _finish(_launch(recipe, "dpo"))
-    assert rc == 0, out[-4000:]
-    said = [e["message"] for e in _events(run_dir)[offset:] if e["type"] in ("log", "warning")]
-    assert f"{newest.name} was not completely written (interrupted save); removed" in said
-    assert any(m.startswith("resuming from") and m.endswith("checkpoint-4") for m in said), said[-10:]
-    _same_weights(_weights(two_ranks, "dpo"), _weights(run_dir, "dpo"))
+    stopped, cut = dpo_interrupted["stopped"], dpo_interrupted["cut"]
+    waited = stopped["waited"]
+    newest = int(cut["newest"].split("-")[1])
+    assert stopped["checkpoints"] == [waited, newest] and newest > waited                   # 2 kept
+    assert cut["rc"] == 0, cut["out"][-4000:]
+    said = [e["message"] for e in cut["events"] if e["type"] in ("log", "warning")]
+    assert f"{cut['newest']} was not completely written (interrupted save); removed" in said
+    assert any(m.startswith("resuming from") and m.endswith(f"checkpoint-{waited}") for m in said), said[-10:]
+    _same_weights(_weights(two_ranks, "dpo"), _weights(dpo_interrupted["run"], "dpo"))
 
 
 # every eval part, critiques sampled (n_samples 2) and policy answers sampled (policy_samples 2), on 8 held-out groups
@@ -397,18 +418,19 @@ def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_noth
     assert set(_cache(tmp_path / "run", "reference.jsonl")) >= kept and len(_cache(tmp_path / "run", "reference.jsonl")) == 96
 
 
-def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(stopped_dpo):
-    run_dir, rc, out = stopped_dpo
-    assert rc != 0
+def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(dpo_interrupted):
+    stopped = dpo_interrupted["stopped"]
+    out = stopped["out"]
+    assert stopped["rc"] != 0
     # both ranks stopped at the same step (the first to exit with code 3 makes the launcher end the other,
     # which may be SIGTERMed while it exits)
     steps_seen = re.findall(r"stopped: stopped at step (\d+);", out)
     assert len(steps_seen) == 2 and len(set(steps_seen)) == 1, out[-3000:]
     assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
-    ends = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if '"stage_end"' in x]
+    ends = [e for e in stopped["events"] if e["type"] == "stage_end"]
     assert ends[-1]["stage"] == "dpo" and ends[-1]["status"] == "stopped"
-    steps = [int(d.name.split("-")[1]) for d in (run_dir / "dpo" / "checkpoints").glob("checkpoint-*")]
-    assert max(steps) > 4 and not (run_dir / "stages" / "dpo.json").exists()   # STOP came after checkpoint-4
+    # STOP came once checkpoint `waited` was complete: the step it stopped at was saved too
+    assert max(stopped["checkpoints"]) > stopped["waited"] and not stopped["done"]
 
 
 def test_unsloth_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):
