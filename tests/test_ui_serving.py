@@ -103,6 +103,15 @@ def test_ports_in_use_and_bad_ports_are_refused_before_launching(tmp_path):
         assert serving.port_in_use(busy)
         with pytest.raises(Refused, match=f"port {busy} is in use on 127.0.0.1 .another program listens on it"):
             serving.start_service(tmp_path, "run", busy)
+        # the page says it in the state line, beside the command it would have run
+        from mmrlhf_lite.ui.base import UIConfig
+        from mmrlhf_lite.ui.tabs.playground import PlaygroundHandlers
+
+        line, usage, _ = next(PlaygroundHandlers(UIConfig(tmp_path, tmp_path, tmp_path, tmp_path, 1)).serve_start(
+            "run", busy))
+        assert line == (f"**Refused**: port {busy} is in use on 127.0.0.1 (another program listens on it): choose "
+                        "another port\n\nState: **not serving** run run"), line
+        assert f"mmrlhf_lite.serve {run} --host 127.0.0.1 --port {busy}\n```" in usage
     for port, words in ((80, "from 1024 to 65535"), (70000, "from 1024 to 65535"), (8008.5, "whole number"),
                         ("eighty", "whole number"), (None, "give a port"), (True, "give a port")):
         with pytest.raises(Refused, match=words):
@@ -125,7 +134,6 @@ def test_ports_in_use_and_bad_ports_are_refused_before_launching(tmp_path):
         # and a served run's folder is neither renamed nor deleted (its service reads it and writes its log there)
         import gradio as gr
 
-        from mmrlhf_lite.ui.base import UIConfig
         from mmrlhf_lite.ui.tabs.live import LiveHandlers
 
         live = LiveHandlers(UIConfig(tmp_path, tmp_path, tmp_path, tmp_path, 1))
