@@ -148,9 +148,62 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("MMRLHF_LITE_TEST_SESSION", f"{os.getpid()}-{random.random()}")
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The fuzz suite's number of generated cases per target (tests/test_fuzz.py writes them)."""
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the child processes it has waited for (torchrun's ranks,
+    training subprocesses, the app): load-independent, unlike wall time on a shared machine."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test's wall and CPU seconds (setup, call and teardown, waited-for subprocesses included), appended to
+    `$MMRLHF_LITE_CACHE/test_costs.<session>.<worker>.jsonl`; the terminal summary ranks the files by CPU."""
     import json
+    import time
+
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    yield
+    record = {"test": item.nodeid, "wall_s": round(time.perf_counter() - wall0, 3),
+              "cpu_s": round(_cpu_seconds() - cpu0, 3)}
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    path = Path(os.environ["MMRLHF_LITE_CACHE"]) / f"test_costs.{os.environ['MMRLHF_LITE_TEST_SESSION']}.{worker}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _cost_summary(terminalreporter) -> None:
+    import json
+
+    per_file: dict[str, list[float]] = {}
+    per_worker: dict[str, float] = {}
+    for path in Path(os.environ["MMRLHF_LITE_CACHE"]).glob(f"test_costs.{os.environ['MMRLHF_LITE_TEST_SESSION']}.*.jsonl"):
+        worker = path.name.rsplit(".", 2)[-2]
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            wall, cpu = per_file.setdefault(record["test"].split("::")[0], [0.0, 0.0])
+            per_file[record["test"].split("::")[0]] = [wall + record["wall_s"], cpu + record["cpu_s"]]
+            per_worker[worker] = per_worker.get(worker, 0.0) + record["wall_s"]
+    if not per_file:
+        return
+    terminalreporter.write_sep("-", f"test cost: {sum(v[1] for v in per_file.values()):.0f} CPU s in "
+                               f"{len(per_file)} files; busy wall per worker: "
+                               + ", ".join(f"{w} {s:.0f} s" for w, s in sorted(per_worker.items())))
+    for name, (wall, cpu) in sorted(per_file.items(), key=lambda kv: -kv[1][1])[:25]:
+        terminalreporter.write_line(f"  {cpu:8.1f} CPU s {wall:8.1f} wall s  {name}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Per-file CPU and wall costs of this session. The fuzz suite's number of generated cases per target (tests/test_fuzz.py writes them)."""
+    import json
+
+    _cost_summary(terminalreporter)
 
     counts: dict[str, int] = {}
     for path in Path(os.environ["MMRLHF_LITE_CACHE"]).glob("fuzz_counts.*.json"):
