@@ -200,10 +200,10 @@ def test_a_round_killed_while_scoring_resumes_to_the_same_caches(offline, two_ro
     reward = run / "rounds" / "1" / "cache" / "reward.jsonl"
     proc = _train_cli(tmp_path / "recipe.yaml", "--stages", "rounds")
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while not (reward.exists() and reward.read_text().count("\n") >= 2):
             assert proc.poll() is None, proc.communicate()[0][-3000:]
-            assert time.time() < deadline, "no reward entry within 300 s"
+            assert time.time() < deadline, "no reward entry within 600 s"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)   # mid-scoring: the samples are all cached, some scores are
         proc.wait(timeout=60)
@@ -213,9 +213,7 @@ def test_a_round_killed_while_scoring_resumes_to_the_same_caches(offline, two_ro
     partial = _by_key(reward, "score")
     assert 2 <= len(partial) < len(_by_key(two_rounds / "rounds" / "1" / "cache" / "reward.jsonl", "score"))
     assert not (run / "rounds" / "1" / "round.json").exists()
-    proc = _train_cli(tmp_path / "recipe.yaml", "--stages", "rounds")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+    run_pipeline(recipe, ["rounds"], echo=False)   # the resume, in-process: the pipeline the command runs
     # the scores written before the kill are kept, and the caches equal those of the round that was not killed
     done = two_rounds / "rounds" / "1" / "cache"
     for name, field in (("samples.jsonl", "answers"), ("reward.jsonl", "score"), ("reference.jsonl", "logp")):
