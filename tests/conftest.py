@@ -136,10 +136,21 @@ def images(tmp_path) -> list[Path]:
     return out
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Longest first: the demo end-to-end file (minutes) starts at once, so with `-n 2 --dist loadfile`
-    (scripts/test.sh) the rest of the suite runs beside it on the other worker."""
-    first = ("test_demo_e2e.py", "test_ui_browser.py", "test_kill_resume.py", "test_notebooks.py")
+    """How `-n 2 --dist loadgroup` (scripts/test.sh) shares the suite between the workers: a module whose tests
+    share a module- or class-scoped fixture of its own (a trained run, a served app) runs on one worker, so the
+    fixture is built once; every other test goes wherever a worker is free. Longest first: the modules that take
+    minutes start at once, and the many short tests fill the other worker around them."""
+    for item in items:
+        here = item.nodeid.split("::")[0]
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs is not None and any(d.scope in ("module", "class") and d.baseid.split("::")[0] == here
+                                          for fixturedefs in defs.name2fixturedefs.values() for d in fixturedefs)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(here))
+    first = ("test_demo_e2e.py", "test_ui_browser.py", "test_distributed.py", "test_kill_resume.py",
+             "test_notebooks.py")
     rank = {name: i for i, name in enumerate(first)}
     items.sort(key=lambda item: rank.get(item.path.name, len(first)))
 
@@ -148,9 +159,62 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("MMRLHF_LITE_TEST_SESSION", f"{os.getpid()}-{random.random()}")
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The fuzz suite's number of generated cases per target (tests/test_fuzz.py writes them)."""
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the child processes it has waited for (torchrun's ranks,
+    training subprocesses, the app): load-independent, unlike wall time on a shared machine."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test's wall and CPU seconds (setup, call and teardown, waited-for subprocesses included), appended to
+    `$MMRLHF_LITE_CACHE/test_costs.<session>.<worker>.jsonl`; the terminal summary ranks the files by CPU."""
     import json
+    import time
+
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    yield
+    record = {"test": item.nodeid, "wall_s": round(time.perf_counter() - wall0, 3),
+              "cpu_s": round(_cpu_seconds() - cpu0, 3)}
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    path = Path(os.environ["MMRLHF_LITE_CACHE"]) / f"test_costs.{os.environ['MMRLHF_LITE_TEST_SESSION']}.{worker}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _cost_summary(terminalreporter) -> None:
+    import json
+
+    per_file: dict[str, list[float]] = {}
+    per_worker: dict[str, float] = {}
+    for path in Path(os.environ["MMRLHF_LITE_CACHE"]).glob(f"test_costs.{os.environ['MMRLHF_LITE_TEST_SESSION']}.*.jsonl"):
+        worker = path.name.rsplit(".", 2)[-2]
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            wall, cpu = per_file.setdefault(record["test"].split("::")[0], [0.0, 0.0])
+            per_file[record["test"].split("::")[0]] = [wall + record["wall_s"], cpu + record["cpu_s"]]
+            per_worker[worker] = per_worker.get(worker, 0.0) + record["wall_s"]
+    if not per_file:
+        return
+    terminalreporter.write_sep("-", f"test cost: {sum(v[1] for v in per_file.values()):.0f} CPU s in "
+                               f"{len(per_file)} files; busy wall per worker: "
+                               + ", ".join(f"{w} {s:.0f} s" for w, s in sorted(per_worker.items())))
+    for name, (wall, cpu) in sorted(per_file.items(), key=lambda kv: -kv[1][1])[:25]:
+        terminalreporter.write_line(f"  {cpu:8.1f} CPU s {wall:8.1f} wall s  {name}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Per-file CPU and wall costs of this session. The fuzz suite's number of generated cases per target (tests/test_fuzz.py writes them)."""
+    import json
+
+    _cost_summary(terminalreporter)
 
     counts: dict[str, int] = {}
     for path in Path(os.environ["MMRLHF_LITE_CACHE"]).glob("fuzz_counts.*.json"):

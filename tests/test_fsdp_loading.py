@@ -22,10 +22,10 @@ from test_distributed import REPO, _env, _finish, _free_port
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
-def _torchrun(script: Path, *args: str, nproc: int = 2, fsdp: bool = True) -> subprocess.Popen:
+def _torchrun(script: Path, *args: str, nproc: int = 2, fsdp: bool = True, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
-    env = {**_env(), **(FSDP_ENV if fsdp else {})}
+    env = {**_env(), **(FSDP_ENV if fsdp else {}), **(env or {})}
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -87,7 +87,7 @@ def test_a_base_loaded_into_its_shards_equals_a_normal_load_sharded_after(tmp_pa
 
 
 LOAD_RSS_SCRIPT = '''
-import json, sys
+import json, os, sys
 import torch  # noqa: F401
 from mmrlhf_lite import distributed
 from mmrlhf_lite.events import EventLog
@@ -113,14 +113,15 @@ with open("/proc/self/clear_refs", "w") as fh:
 before = status("VmRSS")
 model, _ = load_model(cfg, shard=True)             # one process, or DDP: the normal load
 distributed.shard(model, EventLog(None, echo=False))
-print("RSS " + json.dumps({"rank": launch.rank, "world": launch.world, "growth": status("VmHWM") - before}),
-      flush=True)
+# one file per rank: the ranks share torchrun's stdout, where two unbuffered prints can interleave mid-line
+with open(f"{os.environ['RSS_DIR']}/rank{launch.rank}.json", "w") as fh:
+    json.dump({"rank": launch.rank, "world": launch.world, "growth": status("VmHWM") - before}, fh)
 distributed.destroy()
 '''
 
 
-def _growths(out: str) -> list[int]:
-    rows = [json.loads(x[4:]) for x in out.splitlines() if x.startswith("RSS ")]
+def _growths(folder: Path) -> list[int]:
+    rows = [json.loads(f.read_text()) for f in sorted(folder.glob("rank*.json"))]
     return [r["growth"] for r in sorted(rows, key=lambda r: r["rank"])]
 
 
@@ -135,12 +136,14 @@ def test_two_fsdp2_ranks_loading_a_base_hold_about_one_process_worth_of_memory(t
     ensure_tiny("tiny:qwen2_vl:m")
     script = tmp_path / "load_rss.py"
     script.write_text(LOAD_RSS_SCRIPT)
-    one = subprocess.run([sys.executable, str(script), *dtype.split()], env=_env(), cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    alone, two = tmp_path / "one", tmp_path / "two"
+    alone.mkdir(), two.mkdir()
+    one = subprocess.run([sys.executable, str(script), *dtype.split()], env={**_env(), "RSS_DIR": str(alone)},
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    rc, out = _finish(_torchrun(script, *dtype.split()), timeout=300)
+    rc, out = _finish(_torchrun(script, *dtype.split(), env={"RSS_DIR": str(two)}), timeout=300)
     assert rc == 0, out[-4000:]
-    (single,), ranks = _growths(one.stdout), _growths(out)
+    (single,), ranks = _growths(alone), _growths(two)
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     print(f"{dtype}: one process {mib(single)}; ranks {', '.join(map(mib, ranks))} (sum {mib(sum(ranks))}, "
           f"{sum(ranks) / single:.2f}x)")

@@ -130,7 +130,7 @@ def test_form_comes_from_the_recipe_dataclasses(client):
     by_key = dict(zip(KEYS, values))
     assert run_name.startswith("tiny-")
     assert by_key["reward.train.max_steps"] == 3 and by_key["model.load_in_4bit"] is False
-    assert by_key["dpo.beta"] == 0.1 and by_key["run.stages"] == ["reward", "score", "reference", "dpo", "eval"]
+    assert by_key["dpo.beta"] == 0.1 and by_key["run.stages"] == ["reward", "score", "reference", "dpo", "eval", "rounds"]
     assert by_key["model.lora_target_modules"].startswith("q_proj, k_proj")
     with pytest.raises(AppError, match="not found"):
         client.predict("nope.yaml", api_name="/load_recipe")

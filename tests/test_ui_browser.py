@@ -1,14 +1,14 @@
 """End to end in a real browser: Playwright (PyPI) driving Debian's Chromium against `python app.py`.
 
 Upload the demo data and see its preview; bad rows named by the pre-flight and skipped in one click; start,
-stop and resume a run (a second tab finds the running jobs) while the tiny recipe trains to the end; the Live
-tab polls only while a run can change and updates its plots in place; a run's online rounds plotted over
-rounds; rename, delete and download a run's files; score answers in the playground; compare runs (numeric
-axes, lines drawn, tables that fit); chat with the policy over two turns beside the base and export it; the
-Train form keeps edits; the Sharding choice follows Processes. Every request the pages make must go to
-127.0.0.1. One tiny run (`tiny-ui`, `trained` fixture) serves every test that needs a trained model.
-Screenshots are taken with animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-*.png (every
-tab).
+stop and resume a run (a second tab finds the running jobs) while the tiny recipe trains to the end; the
+Live tab polls only while a run can change and updates its plots in place; a run's online rounds plotted over
+rounds; rename, delete and download a run's files; score answers in the playground; serve its reward model from
+there and stop it; compare runs (numeric axes, lines drawn, tables that fit); chat with the policy over two turns
+beside the base and export it; the Train form keeps edits; the Sharding choice follows Processes. Every request
+the pages make must go to 127.0.0.1. One tiny run (`tiny-ui`, `trained` fixture) serves every test that needs a
+trained model. Screenshots are taken with animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh
+docs/ui-*.png (every tab).
 
     python -m pytest -q -m browser tests/test_ui_browser.py
 """
@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import LONG_STEPS, REPO, TINY, demo_zip, start_server, stop_server, wait_for, write_recipe
+from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, free_port, start_server, stop_server, wait_for,
+                             write_recipe)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -747,6 +748,48 @@ def test_playground_scores_answers_and_compare(page, server, trained, tmp_path, 
     assert "run.stages" in diff and "model.path" not in diff, diff  # tiny vs long differ in these, share the model
     shot(page, tmp_path, "ui-compare.png", full_page=True)
     assert_all_local(requests_seen)
+
+
+def test_playground_serves_the_reward_model_and_stops_it(context, server, trained):
+    """Serve this reward model: the exact command with the port typed in, "starting" then "serving" (and then
+    no more polling), the URL and the examples; a second tab finds it serving on that port and stops it: the
+    state says stopped and the port is free."""
+    from mmrlhf_lite.ui import serving
+
+    port = free_port()
+    p = context.new_page()
+    seen = record_events(p)
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "4 · Reward playground")
+    pick(p, "pg-run", "tiny-ui")
+    until(p, "#pg-serve-state", "el.innerText.includes('State: not serving run tiny-ui')")
+    box = p.locator("#pg-serve-port input")
+    box.fill(str(port))
+    box.blur()
+    command = f"{sys.executable} -m mmrlhf_lite.serve {trained} --host 127.0.0.1 --port {port}"
+    until(p, "#pg-serve-usage", f"el.innerText.includes({command!r})")
+    p.locator("#pg-serve").click()
+    until(p, "#pg-serve-state", f"el.innerText.includes('State: serving at http://127.0.0.1:{port}')",
+          timeout=180_000)
+    usage = text(p, "pg-serve-usage")
+    assert command in usage and f"URL: http://127.0.0.1:{port}" in usage, usage
+    assert f"curl -s http://127.0.0.1:{port}/score" in usage and f'httpx.post("http://127.0.0.1:{port}/score"' in usage
+    assert serving.health(port)["model"] == str(trained)
+    assert no_events(p, seen, 2.0) == 0, "the page still polls a service that serves"
+
+    other = context.new_page()  # a second tab (or a reloaded page) finds the service, and stops it
+    other.goto(server.url)
+    other.wait_for_selector("#data-file")
+    tab(other, "4 · Reward playground")
+    pick(other, "pg-run", "tiny-ui")
+    until(other, "#pg-serve-state", f"el.innerText.includes('State: serving at http://127.0.0.1:{port}')")
+    assert other.locator("#pg-serve-port input").input_value() == str(port)
+    other.locator("#pg-serve-stop").click()
+    until(other, "#pg-serve-state", f"el.innerText.includes('State: stopped (it served on port {port})')")
+    assert not serving.port_in_use(port) and serving.service_state(trained).status == "stopped"
+    other.close()
+    p.close()
 
 
 FRESH_LOAD = """

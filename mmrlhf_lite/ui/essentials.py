@@ -294,8 +294,8 @@ def time_estimate(plan: dict, recipe, runs_root) -> tuple[float | None, dict[str
     per_stage = {}
     for row in plan["stages"]:
         stage = row["stage"]
-        if row["status"] == "done":
-            continue
+        if row["status"] == "done" or (stage == "rounds" and not plan.get("rounds")):
+            continue  # finished, or online rounds not asked for (rounds.n 0): no work
         if stage not in speeds:
             return None, {}, source  # a stage this run never measured: no honest total
         per_stage[stage] = speeds[stage] * work.get(stage, 0)

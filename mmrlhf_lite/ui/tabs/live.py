@@ -26,7 +26,7 @@ import pandas as pd
 from ...events import EVENTS_FILE
 from ...recipe import STAGES
 from ...runs import RunDir
-from .. import evalcard, jobs, runview
+from .. import evalcard, jobs, runview, serving
 from ..base import UIConfig, log, readable
 from ..safety import Refused
 
@@ -201,6 +201,7 @@ class LiveHandlers:
         if state.active:
             raise Refused(f"run '{run_name}' is {state.status}: Stop it and wait until it has stopped before you "
                           "delete it")
+        _not_served(run, "delete")
         size = jobs.folder_size(run) / 2**20
         notice = (f"**Delete run {html.escape(run_name)}?** Its folder goes, with everything in it ({size:.1f} MB: "
                   "recipe, log, checkpoints, caches, exports). This cannot be undone.")
@@ -211,6 +212,7 @@ class LiveHandlers:
         """Delete, confirmed: the run that was asked about (not whatever is picked now)."""
         if not pending:
             raise Refused("nothing is waiting to be deleted; click Delete first")
+        _not_served(jobs.run_path(self.cfg.runs_root, pending), "delete")
         message = jobs.delete_run(self.cfg.runs_root, pending)
         return (f"{html.escape(message[0].upper() + message[1:])}.", "", gr.update(visible=False),
                 gr.update(visible=False), None, self.choices(None))
@@ -223,6 +225,7 @@ class LiveHandlers:
         if not run_name:
             raise Refused("choose a run")
         new_name = (new_name or "").strip()
+        _not_served(jobs.run_path(self.cfg.runs_root, run_name), "rename")
         message = jobs.rename_run(self.cfg.runs_root, run_name, new_name)
         return f"{html.escape(message[0].upper() + message[1:])}.", "", self.choices(new_name)
 
@@ -314,6 +317,15 @@ def _plot(name: str, height: int = 220):
     return gr.LinePlot(runview.curve_plot([], name), x="step", y="value", color="series", title=title,
                        y_title=ylabel, x_title="step", height=height, elem_id=f"plot-{name}",
                        elem_classes="mm-plot")
+
+
+def _not_served(run: Path, what: str) -> None:
+    """Refuse to touch a run folder whose reward model is being served (its service reads it and writes its log
+    there; a renamed or deleted folder would leave it running untracked)."""
+    port = serving.serving_port(run)
+    if port is not None:
+        raise Refused(f"run '{run.name}' is being served on port {port}: Stop serving it (Reward playground) "
+                      f"before you {what} it")
 
 
 def build(h: LiveHandlers) -> SimpleNamespace:

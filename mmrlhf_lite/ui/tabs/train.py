@@ -281,7 +281,7 @@ def build(h: TrainHandlers) -> SimpleNamespace:
             save = gr.Button("Save as recipe", elem_id="save-recipe", scale=1)
         loaded = gr.State(None)  # the form right after the last load/save/start (see TrainHandlers.choose_recipe)
         pending = gr.State(None)  # the preset waiting for "Apply (discard my edits)"
-        for section in dict.fromkeys(s.section for s in form.FIELDS):  # every recipe section, in the recipe's order
+        for section in dict.fromkeys(s.section for s in form.FIELDS):   # every recipe section, in recipe order
             specs = [s for s in form.FIELDS if s.section == section and s.key not in essentials.ESSENTIALS]
             with gr.Accordion(f"{section} ({len(specs)} more settings)", open=False, elem_id=f"section-{section}"):
                 for i in range(0, len(specs), 3):
