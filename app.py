@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmrlhf_lite.ui.blocks import LAUNCH_KWARGS, build_app
     from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.serving import stop_services_at_exit
 
     cfg = UIConfig(data_root=roots["data"], runs_root=roots["runs"], recipes_root=Path(args.recipes_dir).resolve(),
                    upload_dir=roots["upload"], max_upload_bytes=int(args.max_upload_mb * 2**20))
     print(f"mmrlhf-lite UI: {note}\n  data root: {cfg.data_root}\n  runs root: {cfg.runs_root}\n"
           f"  uploads:   {cfg.upload_dir} (limit {args.max_upload_mb:g} MB)", flush=True)
     app = build_app(cfg)
+    stop_services_at_exit()  # the reward-model services started from the page end with the app (SIGTERM too)
     app.queue(default_concurrency_limit=2)
     app.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, inbrowser=False,
                max_file_size=cfg.max_upload_bytes, allowed_paths=[], show_error=False, quiet=False,

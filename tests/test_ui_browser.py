@@ -2,12 +2,13 @@
 
 Upload the demo data and see its preview; bad rows named by the pre-flight and skipped in one click; start,
 stop and resume a run (a second tab finds the running jobs) while the tiny recipe trains to the end; the
-Live tab polls only while a run can change and updates its plots in place; rename, delete and download a
-run's files; score answers in the playground; compare runs (numeric axes, lines drawn, tables that fit); chat
-with the policy over two turns beside the base and export it; the Train form keeps edits; the Sharding
-choice follows Processes. Every request the pages make must go to 127.0.0.1. One tiny run (`tiny-ui`,
-`trained` fixture) serves every test that needs a trained model. Screenshots are taken with animations
-disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh docs/ui-*.png (every tab).
+Live tab polls only while a run can change and updates its plots in place; a run's online rounds plotted over
+rounds; rename, delete and download a run's files; score answers in the playground; serve its reward model from
+there and stop it; compare runs (numeric axes, lines drawn, tables that fit); chat with the policy over two turns
+beside the base and export it; the Train form keeps edits; the Sharding choice follows Processes. Every request
+the pages make must go to 127.0.0.1. One tiny run (`tiny-ui`, `trained` fixture) serves every test that needs a
+trained model. Screenshots are taken with animations disabled; set MMRLHF_UI_SCREENSHOTS=docs to refresh
+docs/ui-*.png (every tab).
 
     python -m pytest -q -m browser tests/test_ui_browser.py
 """
@@ -25,7 +26,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import LONG_STEPS, REPO, TINY, demo_zip, start_server, stop_server, wait_for, write_recipe
+from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, free_port, start_server, stop_server, wait_for,
+                             write_recipe)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -666,6 +668,48 @@ def test_runs_are_renamed_deleted_and_their_files_downloaded(context, server):
     p.close()
 
 
+def test_live_tab_plots_online_rounds_over_rounds(context, server):
+    """A run with online rounds (its events written as the rounds stage writes them, rounds 0 to 10): the Live
+    tab's rounds section plots each metric over rounds, the x axis titled "round" with one tick per round in
+    numeric order ("10" last), each legend naming its metrics, every point marked (round 0 has no samples: the
+    sampled series start at round 1)."""
+    t0 = time.time()
+    events = [{"time": t0, "type": "run_start", "stages": ["rounds"], "skip": []},
+              {"time": t0, "type": "stage_start", "stage": "rounds"}]
+    for r in range(11):
+        numbers = {"rounds_right_answers": 0.3 + r / 50, "rounds_well_formed": 0.5 + r / 40,
+                   "rounds_implicit_accuracy": 0.66, "rounds_reward_rank": 2.2 - r / 10, "rounds_reward_score": -49 + r}
+        if r:
+            numbers.update(rounds_sampled_reward_score=-50 + r, rounds_sampled_right_answers=0.3)
+            events.append({"time": t0 + r, "type": "metrics", "stage": "rounds", "round": r, "part": "dpo",
+                           "step": 10, "loss": 1.5})
+        events.append({"time": t0 + r + 0.5, "type": "metrics", "stage": "rounds", "step": r, "round": r, **numbers})
+    events += [{"time": t0 + 12, "type": "stage_end", "stage": "rounds", "status": "done", "seconds": 12.0},
+               {"time": t0 + 12, "type": "run_end", "status": "done"}]
+    fake_run(server.runs, "rounds-fake", events)
+    p = context.new_page()
+    p.set_viewport_size({"width": 1400, "height": 1000})
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "3 · Live")
+    pick(p, "live-run", "rounds-fake")
+    until(p, "#rounds-curves", "el.offsetParent !== null")
+    rounds = [str(r) for r in range(11)]
+    legend = ("(id) => [...document.querySelectorAll('#' + id + ' g.role-legend-label text')]"
+              ".map(t => t.textContent)")
+    for elem_id, series, points in (("plot-rounds_held_out", ["right answers", "well-formed", "implicit accuracy"], 33),
+                                    ("plot-rounds_reward", ["held-out answers", "sampled answers"], 21)):
+        marks = (f"[...document.querySelectorAll('#{elem_id} g.mark-symbol.role-mark path')].filter(m => {{"
+                 "const b = m.getBoundingClientRect(); return b.width >= 3 && getComputedStyle(m).opacity !== '0'; })")
+        p.wait_for_function(f"{marks}.length == {points}", timeout=30_000)
+        state = plot_state(p, elem_id)
+        x_axis = next(a for a in state["axes"] if a.startswith("X-axis"))
+        assert x_axis.startswith("X-axis titled 'round' for a discrete scale with 11 values: 0, 1, 2"), x_axis
+        assert state["labels"][:11] == rounds, state["labels"]
+        assert p.evaluate(legend, elem_id) == series
+    p.close()
+
+
 def test_playground_scores_answers_and_compare(page, server, trained, tmp_path, requests_seen):
     tab(page, "4 · Reward playground")
     pick(page, "pg-run", "tiny-ui")
@@ -704,6 +748,48 @@ def test_playground_scores_answers_and_compare(page, server, trained, tmp_path, 
     assert "run.stages" in diff and "model.path" not in diff, diff  # tiny vs long differ in these, share the model
     shot(page, tmp_path, "ui-compare.png", full_page=True)
     assert_all_local(requests_seen)
+
+
+def test_playground_serves_the_reward_model_and_stops_it(context, server, trained):
+    """Serve this reward model: the exact command with the port typed in, "starting" then "serving" (and then
+    no more polling), the URL and the examples; a second tab finds it serving on that port and stops it: the
+    state says stopped and the port is free."""
+    from mmrlhf_lite.ui import serving
+
+    port = free_port()
+    p = context.new_page()
+    seen = record_events(p)
+    p.goto(server.url)
+    p.wait_for_selector("#data-file")
+    tab(p, "4 · Reward playground")
+    pick(p, "pg-run", "tiny-ui")
+    until(p, "#pg-serve-state", "el.innerText.includes('State: not serving run tiny-ui')")
+    box = p.locator("#pg-serve-port input")
+    box.fill(str(port))
+    box.blur()
+    command = f"{sys.executable} -m mmrlhf_lite.serve {trained} --host 127.0.0.1 --port {port}"
+    until(p, "#pg-serve-usage", f"el.innerText.includes({command!r})")
+    p.locator("#pg-serve").click()
+    until(p, "#pg-serve-state", f"el.innerText.includes('State: serving at http://127.0.0.1:{port}')",
+          timeout=180_000)
+    usage = text(p, "pg-serve-usage")
+    assert command in usage and f"URL: http://127.0.0.1:{port}" in usage, usage
+    assert f"curl -s http://127.0.0.1:{port}/score" in usage and f'httpx.post("http://127.0.0.1:{port}/score"' in usage
+    assert serving.health(port)["model"] == str(trained)
+    assert no_events(p, seen, 2.0) == 0, "the page still polls a service that serves"
+
+    other = context.new_page()  # a second tab (or a reloaded page) finds the service, and stops it
+    other.goto(server.url)
+    other.wait_for_selector("#data-file")
+    tab(other, "4 · Reward playground")
+    pick(other, "pg-run", "tiny-ui")
+    until(other, "#pg-serve-state", f"el.innerText.includes('State: serving at http://127.0.0.1:{port}')")
+    assert other.locator("#pg-serve-port input").input_value() == str(port)
+    other.locator("#pg-serve-stop").click()
+    until(other, "#pg-serve-state", f"el.innerText.includes('State: stopped (it served on port {port})')")
+    assert not serving.port_in_use(port) and serving.service_state(trained).status == "stopped"
+    other.close()
+    p.close()
 
 
 FRESH_LOAD = """

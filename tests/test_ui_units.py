@@ -390,6 +390,82 @@ def test_curves_and_point_counts():
     assert set(runview.curve_frame(ev, "reward_loss", run_label="x")["series"]) == {"x: total"}
 
 
+def round_events():
+    """The rounds stage as it writes events: round 0's held-out numbers, then per round its progress, its MM-DPO
+    steps (stage rounds, part dpo) and one metrics event (step = the round)."""
+    held = lambda right, well, rank, score, imp: {"rounds_right_answers": right, "rounds_well_formed": well,
+                                                  "rounds_reward_rank": rank, "rounds_reward_score": score,
+                                                  "rounds_implicit_accuracy": imp}
+    sampled = lambda right, kl, length: {"rounds_sampled_samples": 800, "rounds_sampled_reward_score": -48.0,
+                                         "rounds_sampled_right_answers": right, "rounds_sampled_well_formed": 0.9,
+                                         "rounds_sampled_empty": 0.0, "rounds_sampled_length_words": length,
+                                         "rounds_sampled_kl_to_initial": kl, "rounds_groups": 150, "rounds_pairs": 400,
+                                         "rounds_dropped_degenerate": 50, "rounds_dropped_tied": 0}
+    return [
+        {"time": 1.0, "type": "stage_start", "stage": "rounds"},
+        {"time": 2.0, "type": "metrics", "stage": "rounds", "step": 0, "round": 0, **held(0.36, 0.5, 2.25, -49.5, 0.66)},
+        {"time": 3.0, "type": "progress", "stage": "rounds", "round": 1, "part": "sample", "n": 4, "total": 8},
+        {"time": 4.0, "type": "metrics", "stage": "rounds", "round": 1, "part": "dpo", "step": 10, "loss": 1.7},
+        {"time": 4.5, "type": "metrics", "stage": "rounds", "round": 1, "part": "eval", "step": None,
+         "eval_implicit_accuracy": 0.62},
+        {"time": 5.0, "type": "metrics", "stage": "rounds", "step": 1, "round": 1,
+         **held(0.4, 0.6, 1.75, -48.0, 0.7), **sampled(0.32, 0.0, 7.3)},
+        {"time": 6.0, "type": "metrics", "stage": "rounds", "step": 2, "round": 2,
+         **held(0.44, 0.62, 1.5, -47.0, 0.68), **sampled(0.43, 8.05, 7.7)},
+    ]
+
+
+def test_round_curves_have_one_point_per_round_from_the_round_metrics_events():
+    ev = round_events()
+    assert runview.has_rounds(ev) and not runview.has_rounds(run_events())
+    assert runview.round_frame(ev, "rounds_held_out").to_dict("records") == [
+        {"round": "0", "value": 0.36, "series": "right answers"}, {"round": "0", "value": 0.5, "series": "well-formed"},
+        {"round": "0", "value": 0.66, "series": "implicit accuracy"},
+        {"round": "1", "value": 0.4, "series": "right answers"}, {"round": "1", "value": 0.6, "series": "well-formed"},
+        {"round": "1", "value": 0.7, "series": "implicit accuracy"},
+        {"round": "2", "value": 0.44, "series": "right answers"}, {"round": "2", "value": 0.62, "series": "well-formed"},
+        {"round": "2", "value": 0.68, "series": "implicit accuracy"}]
+    # the round's MM-DPO steps (part dpo, step 10) are not a round
+    assert runview.round_frame(ev, "rounds_drift").to_dict("records") == [
+        {"round": "1", "value": 0.0, "series": "KL to pi_0 (nats)"}, {"round": "1", "value": 7.3, "series": "length (words)"},
+        {"round": "2", "value": 8.05, "series": "KL to pi_0 (nats)"}, {"round": "2", "value": 7.7, "series": "length (words)"}]
+    assert [(r["round"], r["value"]) for r in runview.round_frame(ev, "rounds_rank").to_dict("records")] == \
+        [("0", 2.25), ("1", 1.75), ("2", 1.5)]
+    # round 0 only: the sampled series have no point yet, each is named (a NaN row, not drawn) for its colour
+    first = runview.round_plot(ev[:2], "rounds_sampled")
+    assert list(first["series"]) == runview.round_series_labels("rounds_sampled") and first["value"].isna().all()
+    assert runview.round_plot(ev[:2], "rounds_reward").dropna().to_dict("records") == [
+        {"round": "0", "value": -49.5, "series": "held-out answers"}]
+    # the rounds redone from round 0 (--redo rounds): rounds 1 and 2 of the first attempt are gone
+    redo = ev + [{"time": 9.0, "type": "metrics", "stage": "rounds", "step": 0, "round": 0, "rounds_right_answers": 0.3}]
+    assert runview.round_frame(redo, "rounds_held_out").to_dict("records") == [
+        {"round": "0", "value": 0.3, "series": "right answers"}]
+    # rounds past 9 keep their numeric order on the text axis
+    many = [{"time": float(r), "type": "metrics", "stage": "rounds", "step": r, "rounds_reward_rank": 1.0 + r / 10}
+            for r in range(12)]
+    assert list(runview.round_frame(many, "rounds_rank")["round"]) == [str(r) for r in range(12)]
+
+
+def test_live_view_shows_the_rounds_section_only_for_a_run_with_rounds(tmp_path):
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.tabs.live import LiveHandlers
+
+    cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
+                   max_upload_bytes=1 << 20)
+    write_events(cfg.runs_root / "plain", run_events())
+    write_events(cfg.runs_root / "online", round_events())
+    asked = cfg.runs_root / "asked"
+    write_events(asked, run_events())
+    (asked / "recipe.yaml").write_text(yaml.safe_dump({"rounds": {"n": 3}}))
+    h = LiveHandlers(cfg)
+    parts = {name: h.parts(name) for name in ("plain", "online", "asked")}
+    assert [parts[n]["rounds"]["visible"] for n in ("plain", "online", "asked")] == [False, True, True]
+    held = parts["online"]["plot-rounds_held_out"]
+    assert list(held["value"].dropna()["value"]) == [0.36, 0.5, 0.66, 0.4, 0.6, 0.7, 0.44, 0.62, 0.68]
+    assert held["sort"] == ["0", "1", "2"]  # the x axis in numeric order
+    assert parts["asked"]["plot-rounds_held_out"]["value"]["value"].isna().all()
+
+
 def test_tokens_per_second_by_hand():
     ev = [{"time": 0.0, "type": "stage_start", "stage": "dpo"},
           {"time": 5.0, "type": "progress", "stage": "dpo", "n": 1, "total": 9},
@@ -499,6 +575,62 @@ def test_group_view_hides_images_outside_the_roots(tmp_path):
     assert databrowser.pairs_markdown(g).startswith("**Pairs training forms** (1; better > worse): #1 > #2")
 
 
+def round_groups_run(runs: Path) -> Path:
+    """A run folder with rounds 1, 2 and 10's groups.jsonl as the rounds stage writes them (`to_record` of the
+    round's groups: the sampled answers with the reward model's scores and critiques), round 0 without any."""
+    from PIL import Image
+
+    from mmrlhf_lite.data.groups import PreferenceGroup, Response, text_to_turn
+
+    run = runs / "online"
+    (run / "data").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(run / "data" / "q1.png")
+    (run / "rounds" / "0").mkdir(parents=True)
+    (run / "rounds" / "0" / "round.json").write_text("{}")
+    for r in (1, 2, 10):
+        g = PreferenceGroup("q1", [text_to_turn("Which colour are the dots?", 1)],
+                            [Response("Red.", score=2.5, critique="names the colour of the dots"),
+                             Response("Blue dots.", score=-1.0, critique="the dots are red, not blue"),
+                             Response(f"Round {r}.", score=0.5, critique="says no colour")],
+                            images=[str(run / "data" / "q1.png")])
+        (run / "rounds" / str(r)).mkdir(parents=True, exist_ok=True)
+        (run / "rounds" / str(r) / "groups.jsonl").write_text(json.dumps(g.to_record()) + "\n")
+    return run
+
+
+def test_the_data_browser_opens_a_round_s_sampled_answers_with_scores_and_critiques(tmp_path):
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.tabs.data import DataHandlers
+
+    cfg = UIConfig(data_root=tmp_path / "data", runs_root=tmp_path / "runs", recipes_root=tmp_path,
+                   upload_dir=tmp_path, max_upload_bytes=1 << 20)
+    (cfg.data_root).mkdir()
+    (cfg.data_root / "a.jsonl").write_text("{}\n")
+    round_groups_run(cfg.runs_root)
+    (cfg.runs_root / "plain").mkdir()
+    names = [f"run:online/rounds/{r}/groups.jsonl" for r in (1, 2, 10)]
+    assert databrowser.list_round_data(cfg.runs_root) == names
+    h = DataHandlers(cfg)
+    assert h.files() == ["a.jsonl", *names]
+    summary, problems, _, images, question, responses, pairs = h.inspect(names[0], "auto", "", "")
+    assert summary.startswith(f"**{names[0]}** — 1 groups from 1 rows (ranked); no problems found.")
+    assert problems.empty and [label for _, label in images] == ["image 1"]
+    assert f"`{names[0]}:1`" in question  # where the group was read, named as the list names it
+    # ranked by the reward model's scores, each answer with its score and critique
+    assert responses[["rank", "response", "score (data)", "critique (data)"]].values.tolist() == [
+        [1, "Red.", 2.5, "names the colour of the dots"], [3, "Blue dots.", -1.0, "the dots are red, not blue"],
+        [2, "Round 1.", 0.5, "says no colour"]]
+    assert pairs.startswith("**Pairs training forms** (3; better > worse): #1 > #2, #1 > #3, #3 > #2")
+    # only a round's groups file of a run opens this way, and it is read here, not trained on from this tab
+    for bad in ("run:online/recipe.yaml", "run:../runs/online/rounds/1/groups.jsonl", "run:online/rounds/3/groups.jsonl"):
+        with pytest.raises(Refused):
+            databrowser.resolve_data(cfg.data_root, bad, cfg.runs_root)
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="copy the file under the data root"):
+        h.use_data(names[0], "auto", "", True)
+
+
 # --------------------------------------------------------------------------------------------------
 # reward cache browser and compare table
 
@@ -596,14 +728,21 @@ def test_every_plot_gets_numeric_axes_even_before_any_point(tmp_path, monkeypatc
     (tmp_path / "runs").mkdir()
     fake_run(tmp_path / "runs", "dpo-only", {})
     plots = [b for b in build_app(cfg).blocks.values() if isinstance(b, gr.LinePlot)]
-    assert len(plots) == len(runview.CURVES) + 3
+    round_plots = [p for p in plots if p.x == "round"]
+    plots = [p for p in plots if p.x != "round"]
+    assert len(plots) == len(runview.CURVES) + 3 and len(round_plots) == len(runview.ROUND_CURVES)
+    # over rounds: the round as text (one tick per round), numeric values, every series named from the start
+    for plot in round_plots:
+        assert plot.value["datatypes"] == {"round": "nominal", "value": "quantitative", "series": "nominal"}
+        assert {row[2] for row in plot.value["data"]} == set(
+            runview.round_series_labels(plot.elem_id.removeprefix("plot-"))), plot.elem_id
     numeric = {"step": "quantitative", "value": "quantitative", "series": "nominal"}
     for plot in plots:
         assert plot.value["datatypes"] == numeric, (plot.elem_id, plot.value["datatypes"])
     h = LiveHandlers(cfg)
     tables = [v for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, pd.DataFrame) and "step" in v]
     tables += [v["value"] for v in (*h.view(None), *h.view("dpo-only")) if isinstance(v, dict) and "value" in v
-               and isinstance(v["value"], pd.DataFrame)]
+               and isinstance(v["value"], pd.DataFrame) and "step" in v["value"]]
     tables.append(compare.overlay(tmp_path / "runs", ["dpo-only"], "reward_acc", runview.EventTail()))
     assert len(tables) == 2 * (len(runview.CURVES) + 2) + 1
     # the plots also keep the colour scale of their first table: every series must be named from the start
@@ -741,7 +880,13 @@ def test_the_tabs_hold_only_tabs(tmp_path, monkeypatch):
     cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
                    max_upload_bytes=1 << 20)
     (tmp_path / "runs").mkdir()
-    tabs = [b for b in build_app(cfg).blocks.values() if isinstance(b, gr.Tabs)]
+    blocks = build_app(cfg).blocks.values()
+    # and the Train form has a folded section per recipe section (a section missing from the tab's list, as
+    # `rounds` was, stopped the app from starting: KeyError 'rounds.n')
+    sections = {b.elem_id for b in blocks if isinstance(b, gr.Accordion) and (b.elem_id or "").startswith("section-")}
+    assert sections == {f"section-{s}" for s in ("model", "data", "reward", "cache", "dpo", "eval", "rounds", "run")}
+    assert any(getattr(b, "elem_id", None) == "f-rounds-n" for b in blocks)
+    tabs = [b for b in blocks if isinstance(b, gr.Tabs)]
     assert len(tabs) == 1
     kids = tabs[0].children
     assert [type(c).__name__ for c in kids] == ["Tab"] * len(kids)

@@ -18,6 +18,10 @@ responses, 1 = above all) and the implicit reward accuracy, mean ± sd over the 
 the two offline runs, into `OUT/table.md` and `OUT/results.json`, with the wall time and the machine's load.
 
     python -m mmrlhf_lite.rounds.experiment --out /tmp/rounds-exp --seeds 0,1,2 --tasks shapes,majority
+
+The tasks can run side by side, one process each (`--tasks shapes --out A`, `--tasks majority --out B`); `--merge
+A,B` then writes the one table of the seeds that finished in each (`results.json` is rewritten after every seed),
+training nothing.
 """
 from __future__ import annotations
 
@@ -194,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prompts", type=int, default=0, help="rounds.max_prompts (0 = all)")
     ap.add_argument("--critique-mode", default="none", choices=("none", "generate"),
                     help="how the reward model scores answers (none: no critique, the faster)")
+    ap.add_argument("--merge", default="", help="comma-separated OUT folders of earlier runs: write the table of "
+                                                "their finished seeds into --out, training nothing")
     ap.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. rounds.max_prompts=200")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args, out)
     results, lines = {}, []
     start, loads = time.time(), []
     for task in args.tasks.split(","):
@@ -216,6 +224,31 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - start
     lines.append(f"Wall time {wall / 60:.0f} min; 1-minute load average after each seed: "
                  + ", ".join(f"{x:.1f}" for x in loads) + f" ({os.cpu_count()} CPUs).")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+    return 0
+
+
+def merge(args, out: Path) -> int:
+    """The table of the finished seeds of several earlier runs' `results.json` (a task in two of them: the seeds
+    of both)."""
+    results: dict[str, list] = {}
+    for folder in args.merge.split(","):
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            print(f"error: {path} not found (a run writes it once its first seed has finished)", file=sys.stderr)
+            return 2
+        for task, per_seed in json.loads(path.read_text()).items():
+            results.setdefault(task, []).extend(per_seed)
+    lines = []
+    for task, per_seed in results.items():
+        args.rounds = max(len(s["rounds"]) for s in per_seed) - 1
+        lines += table(task, sorted(per_seed, key=lambda s: s["seed"]), args) + [""]
+    seconds = [sum(s["seconds"].values()) for per_seed in results.values() for s in per_seed]
+    lines.append("Seeds: " + "; ".join(f"{task} {', '.join(str(s['seed']) for s in sorted(per_seed, key=lambda s: s['seed']))}"
+                                        for task, per_seed in results.items())
+                 + f". Training time per task and seed (all three runs): {min(seconds) / 60:.0f}-{max(seconds) / 60:.0f} min.")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))

@@ -1,5 +1,10 @@
 """The Data tab: pick or upload a preference file, see its validation report, stats and groups.
 
+Besides the files under the data root, each run's online rounds are listed as data files named
+`run:<run>/rounds/<r>/groups.jsonl` (under the runs root): the round's prompts with the policy's sampled answers
+ranked by the reward model, each with its score and critique, and the pairs MM-DPO trained on (native `ranked`
+rows, written by the rounds stage). Only that file of a run is opened this way.
+
 Everything is read through the data layer (`load_groups` with `on_error="skip"`, so one pass lists
 every bad row with its file:line instead of stopping at the first). Files live under the data root;
 an upload (any format the data layer reads, or a .zip of a data file with its images) is copied
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import stat
 import threading
@@ -34,6 +40,8 @@ MAX_DEPTH = 5
 ZIP_MAX_FILES = 200_000
 ZIP_EXPAND = 20          # a zip may unpack to at most this many times the upload limit
 DISPLAY_PIXELS = 640     # longest side of an image shown in the browser
+RUN_DATA = "run:"        # a round's groups in a run folder: run:<run>/rounds/<r>/groups.jsonl (under the runs root)
+ROUND_GROUPS = re.compile(r"[^/]+/rounds/\d+/groups\.jsonl")  # mmrlhf_lite.rounds.round.GROUPS_FILE per round
 
 # reason -> what to do about it (the data layer's REASONS say what the reason means)
 FIXES = {
@@ -87,7 +95,36 @@ def list_data(data_root: str | os.PathLike) -> list[str]:
     return out[:MAX_LISTED]
 
 
-def resolve_data(data_root: str | os.PathLike, name: str) -> Path:
+def list_round_data(runs_root: str | os.PathLike | None) -> list[str]:
+    """Every run's rounds' groups files (`run:<run>/rounds/<r>/groups.jsonl`), by run name, rounds in order."""
+    root = Path(runs_root) if runs_root else None
+    if root is None or not root.is_dir():
+        return []
+    out = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rounds = run / "rounds"
+        if not rounds.is_dir():
+            continue
+        for r in sorted((d for d in rounds.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+            if (r / "groups.jsonl").is_file():
+                out.append(f"{RUN_DATA}{run.name}/rounds/{r.name}/groups.jsonl")
+    return out[:MAX_LISTED]
+
+
+def is_round_data(name: str | None) -> bool:
+    return bool(name) and name.startswith(RUN_DATA)
+
+
+def resolve_data(data_root: str | os.PathLike, name: str, runs_root: str | os.PathLike | None = None) -> Path:
+    """The file `name` names: under the data root, or a round's groups under the runs root (`run:...`)."""
+    if is_round_data(name):
+        rel = name[len(RUN_DATA):]
+        if runs_root is None or not ROUND_GROUPS.fullmatch(rel):
+            raise Refused(f"'{name}' is not a round's groups file of a run (run:<run>/rounds/<r>/groups.jsonl)")
+        path = inside(runs_root, rel, what="data file")
+        if not path.is_file():
+            raise Refused(f"'{name}' not found: that run has no such round")
+        return path
     path = inside(data_root, name, what="data file")
     if not path.exists():
         raise Refused(f"data file '{name}' not found under the data root")
@@ -205,11 +242,12 @@ def _signature(path: Path) -> tuple:
 
 
 def load_report(data_root: str | os.PathLike, name: str, fmt: str = "auto", media_root: str | None = None,
-                max_frames: int = 8) -> DataReport:
-    """Validate `name` (every bad row reported, none fatal); cached per file version and settings."""
+                max_frames: int = 8, runs_root: str | os.PathLike | None = None) -> DataReport:
+    """Validate `name` (every bad row reported, none fatal); cached per file version and settings. `runs_root`:
+    where `run:...` names (a round's groups) lie."""
     from ..data.readers import load_groups
 
-    path = resolve_data(data_root, name)
+    path = resolve_data(data_root, name, runs_root)
     media = str(inside(data_root, media_root, what="media root")) if media_root else None
     key = (str(path), fmt, media, max_frames, _signature(path))
     with _cache_lock:
@@ -221,7 +259,7 @@ def load_report(data_root: str | os.PathLike, name: str, fmt: str = "auto", medi
                              allow_empty=True)
         report = DataReport(name, result.groups, result)
     except (DataError, MediaError, ValueError) as exc:
-        report = DataReport(name, error=_relative(str(exc), data_root))
+        report = DataReport(name, error=_relative(str(exc), data_root, runs_root))
     except OSError as exc:
         report = DataReport(name, error=f"cannot read {name}: {exc.strerror or exc}")
     with _cache_lock:
@@ -231,14 +269,20 @@ def load_report(data_root: str | os.PathLike, name: str, fmt: str = "auto", medi
     return report
 
 
-def _relative(text: str, data_root: str | os.PathLike) -> str:
-    """Messages name files relative to the data root (shorter, and no server paths in the page)."""
+def _relative(text: str, data_root: str | os.PathLike, runs_root: str | os.PathLike | None = None) -> str:
+    """Messages name files relative to the data root (shorter, and no server paths in the page), and a file in
+    the runs root as `run:<run>/...`."""
+    if runs_root:
+        runs = str(Path(runs_root).resolve())
+        text = text.replace(runs + os.sep, RUN_DATA)
     root = str(Path(data_root).resolve())
     return text.replace(root + os.sep, "").replace(root, ".")
 
 
-def problems_frame(report: DataReport, data_root: str | os.PathLike, limit: int = 500) -> pd.DataFrame:
-    """Every skipped row: where (file:line), the problem, and what to fix."""
+def problems_frame(report: DataReport, data_root: str | os.PathLike, limit: int = 500,
+                   extra_roots: tuple = ()) -> pd.DataFrame:
+    """Every skipped row: where (file:line), the problem, and what to fix. Images under `extra_roots` (the runs
+    root) are shown too, as `group_images` does."""
     rows = []
     errors = list(getattr(report.result, "errors", []) or []) if report.result is not None else []
     for err in errors[:limit]:
@@ -249,7 +293,8 @@ def problems_frame(report: DataReport, data_root: str | os.PathLike, limit: int 
             where, _, msg = w.partition(": ")
             rows.append({"where": _relative(where, data_root), "problem": "warning: " + _relative(msg, data_root),
                          "how to fix": "check the rows named here; they are used as the message says"})
-    outside = sum(1 for g in report.groups for m in _media(g) if isinstance(m, str) and not _allowed(m, data_root))
+    outside = sum(1 for g in report.groups for m in _media(g)
+                  if isinstance(m, str) and not _allowed(m, data_root, extra_roots))
     if outside:
         rows.append({"where": report.name, "problem": f"{outside} image(s) lie outside the data root and are not shown",
                      "how to fix": "keep the images next to the data (or upload a .zip with them)"})
@@ -345,11 +390,11 @@ def pairs_markdown(group: PreferenceGroup, dpo_pairs: str = "all") -> str:
     return "\n\n".join(lines)
 
 
-def question_markdown(group: PreferenceGroup, data_root) -> str:
+def question_markdown(group: PreferenceGroup, data_root, runs_root=None) -> str:
     import html
 
     media = f"{len(group.images)} image(s)" + (f", video of {len(group.video)} frame(s)" if group.video else "")
-    where = f" · `{html.escape(_relative(group.source, data_root))}`" if group.source else ""
+    where = f" · `{html.escape(_relative(group.source, data_root, runs_root))}`" if group.source else ""
     text = html.escape(group.question_text()).replace("\n", "<br>")
     return f"**{html.escape(group.id)}** · {html.escape(group.category)} · {media}{where}\n\n> {text}"
 

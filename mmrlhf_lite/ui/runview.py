@@ -4,7 +4,9 @@ Pure functions of `events.jsonl` (mmrlhf_lite.events): the UI never asks the tra
 re-reads the file. `EventTail` keeps one growing list per run and reads only the bytes appended since
 the last look, so every open tab can poll every second or two at no real cost.
 
-Curves are long-format tables (step, value, series) for gradio's LinePlot. Tokens/s is derived: the
+Curves are long-format tables (step, value, series) for gradio's LinePlot. The rounds stage's curves
+(`ROUND_CURVES`) are tables (round, value, series) over rounds instead of steps, one point per round's metrics
+event (docs/rounds.md). Tokens/s is derived: the
 DPO trainer logs `tokens`, the mean packed tokens per micro-batch over the logging window, so a window
 of `s - s_prev` optimizer steps processed `tokens * grad_accum * (s - s_prev)` tokens between the
 progress events of steps `s_prev` and `s`.
@@ -39,6 +41,25 @@ CURVES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
                                       ("dpo", "delta_mean", "reward delta of DPO pairs")]),
     "beta": ("Dynamic beta", "beta", [("dpo", "beta_min", "min"), ("dpo", "beta_mean", "mean"),
                                       ("dpo", "beta_max", "max")]),
+}
+# plot name -> (title, y label, [(metrics key, series label)]): the rounds stage's one metrics event per round
+# (`step` = the round, keys `rounds_*`; rounds/__init__.py), grouped by what shares a y axis
+ROUND_CURVES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
+    "rounds_held_out": ("Rounds: held-out answers", "share", [
+        ("rounds_right_answers", "right answers"), ("rounds_well_formed", "well-formed"),
+        ("rounds_implicit_accuracy", "implicit accuracy")]),
+    "rounds_sampled": ("Rounds: the round's sampled answers", "share", [
+        ("rounds_sampled_right_answers", "right answers"), ("rounds_sampled_well_formed", "well-formed"),
+        ("rounds_sampled_empty", "empty")]),
+    "rounds_reward": ("Rounds: reward model's mean score", "score", [
+        ("rounds_reward_score", "held-out answers"), ("rounds_sampled_reward_score", "sampled answers")]),
+    "rounds_rank": ("Rounds: reward rank of the held-out answers", "rank (1 = first)", [
+        ("rounds_reward_rank", "reward rank")]),
+    "rounds_drift": ("Rounds: sampled answers' drift", "nats / words", [
+        ("rounds_sampled_kl_to_initial", "KL to pi_0 (nats)"), ("rounds_sampled_length_words", "length (words)")]),
+    "rounds_groups": ("Rounds: MM-DPO groups", "count", [
+        ("rounds_groups", "groups"), ("rounds_pairs", "pairs"), ("rounds_dropped_degenerate", "dropped: degenerate"),
+        ("rounds_dropped_tied", "dropped: tied")]),
 }
 SPEED_CURVES = ("tokens_per_s", "gpu_mem")
 STAGE_ORDER = ("data", "reward", "score", "reference", "dpo", "eval")
@@ -291,6 +312,67 @@ def curve_frame(events: list[dict], name: str, run_label: str | None = None) -> 
                 rows.append({"step": int(e["step"]), "value": float(value),
                              "series": f"{run_label}: {label}" if run_label else label})
     return curve_table(rows)
+
+
+def round_metrics(events: list[dict]) -> dict[int, dict]:
+    """Per round, the numbers of its metrics event (stage `rounds`, no `part`, `step` = the round).
+
+    Only a round finished for the first time reports (a resumed stage does not repeat the rounds it had), so a
+    report of round r after rounds beyond r means the rounds were redone from r (`--redo rounds`): the later
+    ones are dropped until they report again."""
+    out: dict[int, dict] = {}
+    for e in _metric_events(events):
+        if e.get("stage") != "rounds" or e.get("part") is not None:
+            continue
+        try:
+            r = int(e["step"])
+        except (TypeError, ValueError):
+            continue
+        out = {k: v for k, v in out.items() if k < r}
+        out[r] = {k: float(v) for k, v in e.items() if k.startswith("rounds_") and isinstance(v, (int, float))
+                  and not isinstance(v, bool) and math.isfinite(v)}
+    return dict(sorted(out.items()))
+
+
+def has_rounds(events: list[dict]) -> bool:
+    """Whether the run has a round to show (the round-0 metrics of the policy the rounds start from count)."""
+    return bool(round_metrics(events))
+
+
+def round_table(rows: list[dict] | None = None) -> pd.DataFrame:
+    """(round, value, series) with the round as text: a nominal x axis, whose ticks are the rounds themselves
+    (a numeric axis over rounds 0..3 would tick at 0.5 steps). `round_order` gives its order."""
+    frame = pd.DataFrame(rows or [], columns=["round", "value", "series"])
+    return frame.astype({"round": "object", "value": "float64", "series": "object"})
+
+
+def round_series_labels(name: str) -> list[str]:
+    return [label for _, label in ROUND_CURVES[name][2]]
+
+
+def round_frame(events: list[dict], name: str) -> pd.DataFrame:
+    """Long table (round, value, series) for one of ROUND_CURVES, rounds in order."""
+    keys = ROUND_CURVES[name][2]
+    rows = [{"round": str(r), "value": numbers[key], "series": label}
+            for r, numbers in round_metrics(events).items() for key, label in keys if key in numbers]
+    return round_table(rows)
+
+
+def round_plot(events: list[dict], name: str) -> pd.DataFrame:
+    """What the Live tab's plot of one of ROUND_CURVES gets: its points and every series it can have (a series
+    without points gets one row with value NaN, which the plot skips: see `with_series`)."""
+    frame = round_frame(events, name)
+    present = set(frame["series"])
+    first = frame["round"].iloc[0] if len(frame) else "0"
+    missing = [{"round": first, "value": math.nan, "series": label}
+               for label in round_series_labels(name) if label not in present]
+    return round_table(frame.to_dict("records") + missing) if missing else frame
+
+
+def round_order(events: list[dict]) -> list[str]:
+    """The x axis's order (the plot's `sort`): the rounds as numbers, not as text ("10" after "9"; a nominal axis
+    sorts its values as text unless told)."""
+    return [str(r) for r in round_metrics(events)]
 
 
 def tokens_per_second(events: list[dict], grad_accum: int) -> pd.DataFrame:

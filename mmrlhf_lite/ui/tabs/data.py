@@ -1,5 +1,6 @@
 """The Data tab: pick, upload or create a preference file; its validation report, stats and groups; "Train on
-this data" (its wiring to the Train tab is in blocks.py).
+this data" (its wiring to the Train tab is in blocks.py). The file list also holds each run's rounds' sampled
+answers with their scores and critiques (`run:<run>/rounds/<r>/groups.jsonl`, databrowser.list_round_data).
 
 `DataHandlers` holds the tab's handlers (what its tests call); `build` lays the tab out and wires its own
 events. The work is done by databrowser / datanav.
@@ -37,8 +38,12 @@ class DataHandlers:
         return (files, self.score_run_choices(), *self.inspect(files["value"], "auto", "", ""))
 
     def data_choices(self, value: str | None = None):
-        choices = databrowser.list_data(self.cfg.data_root)
+        choices = self.files()
         return gr.update(choices=choices, value=value if value is not None else (choices[0] if choices else None))
+
+    def files(self) -> list[str]:
+        """The data files under the data root, then every run's rounds' groups."""
+        return databrowser.list_data(self.cfg.data_root) + databrowser.list_round_data(self.cfg.runs_root)
 
     def score_run_choices(self):
         return gr.update(choices=[""] + playground.cache_runs(self.cfg.runs_root))
@@ -59,7 +64,8 @@ class DataHandlers:
         return self.data_choices(databrowser.make_demo(self.cfg.data_root, groups=n))
 
     def report(self, name: str, fmt: str | None, media_root: str | None):
-        return databrowser.load_report(self.cfg.data_root, name, fmt or "auto", (media_root or "").strip() or None)
+        return databrowser.load_report(self.cfg.data_root, name, fmt or "auto", (media_root or "").strip() or None,
+                                       runs_root=self.cfg.runs_root)
 
     @readable
     def inspect(self, name: str | None, fmt: str, media_root: str | None, scores_run: str | None = None):
@@ -70,7 +76,7 @@ class DataHandlers:
                     *self._empty_group())
         report = self.report(name, fmt, media_root)
         summary = databrowser.summary_markdown(report)
-        problems = databrowser.problems_frame(report, self.cfg.data_root)
+        problems = databrowser.problems_frame(report, self.cfg.data_root, extra_roots=(self.cfg.runs_root,))
         n = len(report.groups)
         slider = gr.update(maximum=max(n - 1, 1), value=0, interactive=n > 1)
         return (summary, problems, slider, *self.group(name, fmt, media_root, 0, scores_run))
@@ -90,7 +96,7 @@ class DataHandlers:
         g = report.groups[i]
         reward = self._reward_for(scores_run, g.id) if scores_run else None
         images, notes = databrowser.group_images(g, self.cfg.data_root, (self.cfg.runs_root,))
-        question = databrowser.question_markdown(g, self.cfg.data_root)
+        question = databrowser.question_markdown(g, self.cfg.data_root, self.cfg.runs_root)
         if notes:
             question += "\n\n" + "\n".join(f"- {html.escape(n)}" for n in notes)
         if scores_run and reward is None:
@@ -169,6 +175,9 @@ class DataHandlers:
         out (else the pre-flight names them and Start waits)."""
         if not name:
             raise Refused("pick a data file first")
+        if databrowser.is_round_data(name):
+            raise Refused(f"'{name}' is a run's round (the policy's own answers), shown here to read: to train on "
+                          "it, copy the file under the data root (or upload it) and pick that copy")
         databrowser.resolve_data(self.cfg.data_root, name)
         report = self.report(name, fmt, media_root)
         on_error = "skip" if skip_bad and bad_rows(report) else "raise"
@@ -243,6 +252,9 @@ def build(h: DataHandlers) -> SimpleNamespace:
     demo_btn.click(h.make_demo, demo_groups, data_file, api_name="make_demo").then(
         h.inspect, inspect_in, inspect_out, api_name=False)
     data_file.input(h.inspect, inspect_in, inspect_out, api_name="inspect")
+    # the list is read again when it is opened: a round finished since the page loaded is there (only the choices:
+    # the answer may come after the user's pick, which it must not undo)
+    data_file.focus(lambda: gr.update(choices=h.files()), None, data_file, api_name=False, show_progress="hidden")
     fmt.input(h.inspect, inspect_in, inspect_out, api_name=False)
     media_root.submit(h.inspect, inspect_in, inspect_out, api_name=False)
     index.input(h.group, group_in, group_out, api_name="group",

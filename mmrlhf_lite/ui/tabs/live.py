@@ -1,5 +1,6 @@
-"""The Live tab: one run's progress, curves, messages and log; Stop / Resume; rename, delete, and the run's
-log and report to download; the table of all runs.
+"""The Live tab: one run's progress, curves, messages and log; for a run with online rounds, one curve per
+round metric over rounds; Stop / Resume; rename, delete, and the run's log and report to download; the table of
+all runs.
 
 The page polls only what can change: one timer, ticking only while this tab is shown, the browser tab is
 visible and some run is active (starting, running, stopping); it stops itself when the last run ends. Each
@@ -25,7 +26,7 @@ import pandas as pd
 from ...events import EVENTS_FILE
 from ...recipe import STAGES
 from ...runs import RunDir
-from .. import evalcard, jobs, runview
+from .. import evalcard, jobs, runview, serving
 from ..base import UIConfig, log, readable
 from ..safety import Refused
 
@@ -33,7 +34,8 @@ JOB_COLUMNS = ["run", "status", "stages done", "launch", "updated"]  # the "All 
 TICK_SECONDS = 1.5
 # the outputs of `view` and `tick`, in order (the first 14 are the API's /view answer as before)
 OUTPUTS = ["status", "progress", "error", "points", *[f"plot-{n}" for n in runview.CURVES], "tokens", "gpu", "log",
-           "jobs", "stop", "resume", "card", "hist", "rename", "delete"]
+           "jobs", "stop", "resume", "card", "hist", "rename", "delete", "rounds",
+           *[f"plot-{n}" for n in runview.ROUND_CURVES]]
 
 
 class LiveHandlers:
@@ -90,6 +92,7 @@ class LiveHandlers:
                    "resume": gr.update(interactive=False), "card": "", "hist": None,
                    "rename": gr.update(interactive=False), "delete": gr.update(interactive=False)}
             out.update({f"plot-{n}": runview.curve_plot([], n) for n in runview.CURVES})
+            out.update(self.round_parts([], False))
             return out
         run = jobs.run_path(self.cfg.runs_root, run_name)
         events = self.tail.events(run)
@@ -129,6 +132,19 @@ class LiveHandlers:
                # never renamed or deleted while its job runs (the handlers refuse it too)
                "rename": gr.update(interactive=not state.active), "delete": gr.update(interactive=not state.active)}
         out.update({f"plot-{n}": runview.curve_plot(events, n) for n in runview.CURVES})
+        out.update(self.round_parts(events, _rounds_asked(run)))
+        return out
+
+    @staticmethod
+    def round_parts(events: list[dict], asked: bool) -> dict:
+        """The rounds section (shown for a run whose recipe asks for rounds or that has a round's metrics) and its
+        plots over rounds."""
+        shown = asked or runview.has_rounds(events)
+        out = {"rounds": gr.update(visible=shown)}
+        events = events if shown else []
+        order = runview.round_order(events) or None
+        out.update({f"plot-{n}": gr.update(value=runview.round_plot(events, n), sort=order)
+                    for n in runview.ROUND_CURVES})
         return out
 
     @readable
@@ -185,6 +201,7 @@ class LiveHandlers:
         if state.active:
             raise Refused(f"run '{run_name}' is {state.status}: Stop it and wait until it has stopped before you "
                           "delete it")
+        _not_served(run, "delete")
         size = jobs.folder_size(run) / 2**20
         notice = (f"**Delete run {html.escape(run_name)}?** Its folder goes, with everything in it ({size:.1f} MB: "
                   "recipe, log, checkpoints, caches, exports). This cannot be undone.")
@@ -195,6 +212,7 @@ class LiveHandlers:
         """Delete, confirmed: the run that was asked about (not whatever is picked now)."""
         if not pending:
             raise Refused("nothing is waiting to be deleted; click Delete first")
+        _not_served(jobs.run_path(self.cfg.runs_root, pending), "delete")
         message = jobs.delete_run(self.cfg.runs_root, pending)
         return (f"{html.escape(message[0].upper() + message[1:])}.", "", gr.update(visible=False),
                 gr.update(visible=False), None, self.choices(None))
@@ -207,6 +225,7 @@ class LiveHandlers:
         if not run_name:
             raise Refused("choose a run")
         new_name = (new_name or "").strip()
+        _not_served(jobs.run_path(self.cfg.runs_root, run_name), "rename")
         message = jobs.rename_run(self.cfg.runs_root, run_name, new_name)
         return f"{html.escape(message[0].upper() + message[1:])}.", "", self.choices(new_name)
 
@@ -273,11 +292,40 @@ def _grad_accum(run: Path) -> int:
         return 4
 
 
+def _rounds_asked(run: Path) -> bool:
+    """Whether the run's recipe asks for online rounds (rounds.n > 0)."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load((run / jobs.RECIPE_FILE).read_text()) or {}
+        return int((tree.get("rounds") or {}).get("n") or 0) > 0
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return False
+
+
+def _round_plot(name: str, height: int = 220):
+    """A plot over rounds: x is the round as text (a nominal axis: one tick per round; its `sort`, the rounds in
+    numeric order, comes with the data), each point marked (`mm-plot`: a round-0-only series is one point)."""
+    title, ylabel, _ = runview.ROUND_CURVES[name]
+    return gr.LinePlot(runview.round_plot([], name), x="round", y="value", color="series", title=title,
+                       y_title=ylabel, x_title="round", sort=None, height=height, elem_id=f"plot-{name}",
+                       elem_classes="mm-plot")
+
+
 def _plot(name: str, height: int = 220):
     title, ylabel, _ = runview.CURVES.get(name, (name, "", []))
     return gr.LinePlot(runview.curve_plot([], name), x="step", y="value", color="series", title=title,
                        y_title=ylabel, x_title="step", height=height, elem_id=f"plot-{name}",
                        elem_classes="mm-plot")
+
+
+def _not_served(run: Path, what: str) -> None:
+    """Refuse to touch a run folder whose reward model is being served (its service reads it and writes its log
+    there; a renamed or deleted folder would leave it running untracked)."""
+    port = serving.serving_port(run)
+    if port is not None:
+        raise Refused(f"run '{run.name}' is being served on port {port}: Stop serving it (Reward playground) "
+                      f"before you {what} it")
 
 
 def build(h: LiveHandlers) -> SimpleNamespace:
@@ -310,6 +358,13 @@ def build(h: LiveHandlers) -> SimpleNamespace:
         for i in range(0, len(names), 2):
             with gr.Row():
                 plots += [_plot(n) for n in names[i:i + 2]]
+        with gr.Column(visible=False, elem_id="rounds-curves") as rounds_box:
+            gr.Markdown("### Online rounds: held-out and sampled metrics per round (round 0: the starting policy)")
+            round_names = list(runview.ROUND_CURVES)
+            round_plots = []
+            for i in range(0, len(round_names), 2):
+                with gr.Row():
+                    round_plots += [_round_plot(n) for n in round_names[i:i + 2]]
         with gr.Row():
             speed = gr.LinePlot(runview.with_series(runview.curve_table(), runview.SPEED_SERIES), x="step", y="value",
                                 color="series", title="DPO tokens/s", y_title="tokens/s", x_title="step", height=220,
@@ -327,8 +382,9 @@ def build(h: LiveHandlers) -> SimpleNamespace:
         pending = gr.State(None)  # the run the delete confirmation is about
     by_name = {"status": status, "progress": progress, "error": error, "points": points, "tokens": speed, "gpu": gpu,
                "log": log_box, "jobs": jobs_table, "stop": stop, "resume": resume, "card": eval_card, "hist": beta_hist,
-               "rename": rename, "delete": delete}
+               "rename": rename, "delete": delete, "rounds": rounds_box}
     by_name.update({f"plot-{n}": p for n, p in zip(names, plots)})
+    by_name.update({f"plot-{n}": p for n, p in zip(round_names, round_plots)})
     outputs = [by_name[k] for k in OUTPUTS]
 
     def show(dep):
