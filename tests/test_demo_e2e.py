@@ -21,6 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # held-out Acc floors of the shipped demo recipe (docs/demo.md)
 FLOOR_GIVEN, FLOOR_GENERATE, FLOOR_NONE = 0.95, 0.85, 0.80
+# CPU seconds of the demo run in the fixture: about 3x what it costs on one thread (a regression that makes the
+# pipeline several times slower fails here, whatever the machine's load)
+DEMO_CPU_S = 600
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children: load-independent, unlike wall."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _stage_seconds(run_dir: Path) -> dict:
@@ -37,11 +48,11 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", [
         f"run.dir={root / 'mm_dpo'}", f"cache.dir={root / 'cache'}", "reward.critique_mode=given"])
-    start = time.time()
+    start, cpu0 = time.time(), _cpu_seconds()
     run_pipeline(recipe, echo=False)
-    wall = time.time() - start
+    wall, cpu = time.time() - start, _cpu_seconds() - cpu0
     report = json.loads((root / "mm_dpo" / "eval" / "report.json").read_text())
-    return {"root": root, "report": report, "wall": wall, "seconds": _stage_seconds(root / "mm_dpo")}
+    return {"root": root, "report": report, "wall": wall, "cpu_s": cpu, "seconds": _stage_seconds(root / "mm_dpo")}
 
 
 def test_reward_model_learns_from_critiques(demo):
@@ -56,7 +67,9 @@ def test_reward_model_learns_from_critiques(demo):
     assert rm["modes"]["given"]["overall"]["acc_plus"] >= 0.7
     assert rm["modes"]["generate"]["overall"]["acc"] >= FLOOR_GENERATE
     assert rm["modes"]["none"]["overall"]["acc"] >= FLOOR_NONE
-    assert demo["seconds"]["reward"] < 600
+    # the whole run's cost in CPU seconds (its own and its waited-for children's), not wall time: on the shared
+    # 2-core machine a wall bound on the reward stage (600 s) failed under load with nothing wrong
+    assert demo["cpu_s"] < DEMO_CPU_S, demo["cpu_s"]
 
 
 def test_reward_margins_follow_the_human_ranking(demo):
@@ -96,21 +109,39 @@ def test_plain_dpo_side_by_side(demo):
         f"run.dir={root / 'plain_dpo'}", f"cache.dir={root / 'cache'}", f"reward.model_from={root / 'mm_dpo'}",
         "reward.critique_mode=given", "dpo.w=0", "eval.critique_modes=[]", "eval.policy_samples=0"])
     ctx = run_pipeline(recipe, ["score", "reference", "dpo", "eval"], echo=False)
-    assert ctx.run.status("score")["computed"] == 0 and ctx.run.status("reference")["computed"] == 0
+    for stage in ("score", "reference"):   # every response's score and reference log-prob read from the cache
+        st = ctx.run.status(stage)
+        assert st["computed"] == 0 and st["reused"] == st["responses"] > 0, (stage, st)
     plain = json.loads((root / "plain_dpo" / "eval" / "report.json").read_text())["policy"]
     mm = demo["report"]["policy"]
     sec = _stage_seconds(root / "plain_dpo")
     print(f"\nheld-out implicit accuracy: MM-DPO (w=0.1) {mm['implicit_accuracy']:.3f} | plain DPO (w=0) "
           f"{plain['implicit_accuracy']:.3f}; dpo stage {demo['seconds']['dpo']:.0f} s vs {sec['dpo']:.0f} s")
     assert plain["implicit_accuracy"] >= 0.75
-    assert sec["score"] < 30 and sec["reference"] < 30
 
 
 # Online rounds (docs/rounds.md): the measured configuration and the floor set from it
 ROUNDS_SETTINGS = ["dpo.alpha=0", "dpo.gamma=1", "dpo.sft_target=best", "dpo.train.max_steps=150", "rounds.n=2", "rounds.steps=150",
                    "rounds.temperature=0.5", "rounds.samples=4", "rounds.max_prompts=200", "rounds.prompts=unranked",
                    "reward.critique_mode=none", "eval.critique_modes=[]"]
-ROUNDS_GAIN = 0.04   # held-out right answers, round 2 minus round 0 (measured: see docs/rounds.md)
+# held-out right answers, round 2 minus round 0. NOT steady (docs/rounds.md's table, from a 600-step first policy: right
+# answers fall over 3 rounds in all 5 runs). The rounds flow of
+# this test (its splits, a reward model trained by recipes/demo.yaml, no kill), run on 2026-12-05 on the 2-core machine:
+#   these settings, seed 0: 0.280 -> 0.253 -> 0.280 (+0.000); the last CI run: 0.280 -> 0.307 (+0.027)
+#   rounds.max_prompts=100 rounds.steps=120, seeds 0/1/2 (run.seed and the labelled split): +0.080, +0.027, -0.080
+#   same + rounds.samples=8 temperature=0.7 max_new_tokens=24, seeds 0/1/2: +0.053, -0.213, -0.080
+# on 75 held-out prompts (1 prompt = 0.013): no threshold holds with margin until a configuration is found where
+# rounds help across seeds
+ROUNDS_GAIN = 0.04
+ROUND_1_CPU_S = 600   # the killed child: start-up, round 0 eval, sampling, then 8 scored groups (tens of CPU s)
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used (/proc/<pid>/stat, fields 14 and 15)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_rounds_raise_the_held_out_right_answer_rate_and_a_killed_round_resumes(demo, tmp_path):
@@ -141,10 +172,13 @@ def test_rounds_raise_the_held_out_right_answer_rate_and_a_killed_round_resumes(
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline = time.time() + 900
+        # bounded by the child's CPU seconds (its work), not wall time, which a loaded machine stretches; the wall
+        # limit only guards against a hang
+        hang = time.time() + 3600
         while not (reward.exists() and reward.read_text().count("\n") >= 8):
             assert proc.poll() is None, proc.communicate()[0][-3000:]
-            assert time.time() < deadline, "round 1 scored nothing within 900 s"
+            assert _process_cpu_seconds(proc.pid) < ROUND_1_CPU_S, f"round 1 scored nothing in {ROUND_1_CPU_S} CPU s"
+            assert time.time() < hang, "round 1 scored nothing within an hour"
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)

@@ -6,6 +6,7 @@ numbers (the same as `--dry-run`), the measured-speed time estimate, and the smo
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -193,7 +194,9 @@ def test_time_estimate_scales_a_finished_runs_measured_speed_by_hand(tmp_path):
     other = json.loads(json.dumps(recipe))
     other["model"]["device"] = "cuda"  # another device: its speed is not used
     _finished_run(runs, "gpu", other, 80, 20, {"reward": 1.0}, {"reward": 10})
-    time.sleep(0.01)
+    # the newest run is read first: make it the one on another device (set, not slept for: no timing dependence)
+    st = (runs / "measured").stat()
+    os.utime(runs / "gpu", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     plan = {"stages": [{"stage": s, "status": "run"} for s in ("reward", "score", "reference", "dpo", "eval")],
             "data": {"train": {"groups": 160}, "eval": {"groups": 40}},
             "steps": {"reward": {"steps": 30, "groups_per_optimizer_step": 4},
