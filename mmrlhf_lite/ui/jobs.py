@@ -91,6 +91,14 @@ def _proc_alive(pid: int | None) -> bool:
         with _children_lock:
             _children.pop(pid, None)
         return False
+    cmdline = command_line(pid, ours=child is not None)
+    return cmdline if isinstance(cmdline, bool) else b"mmrlhf_lite.train" in cmdline
+
+
+def command_line(pid: int, *, ours: bool) -> bytes | bool:
+    """The NUL-separated command line of a live `pid` (the caller checks it is the program it launched), False
+    when no such process runs, or `ours` where the command line cannot tell: between fork and exec (just
+    launched: empty for a moment), a zombie, or no /proc (not Linux) -- our own child counts as alive then."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,10 +108,8 @@ def _proc_alive(pid: int | None) -> bool:
     try:
         cmdline = _cmdline(pid)
     except OSError:
-        return child is not None  # no /proc (not Linux): trust our own child record
-    if not cmdline:  # between fork and exec (just launched), or a zombie: ours while it is our child
-        return child is not None
-    return b"mmrlhf_lite.train" in cmdline
+        return ours
+    return cmdline or ours
 
 
 def _cmdline(pid: int) -> bytes:

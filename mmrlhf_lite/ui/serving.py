@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..runs import write_atomic
 from ..serve import DEFAULT_PORT
-from .jobs import LAUNCH_MARK, PROJECT_ROOT, list_runs, run_path, tail_text
+from .jobs import LAUNCH_MARK, PROJECT_ROOT, command_line, list_runs, run_path, tail_text
 from .safety import Refused
 
 SERVE_FILE = "ui_serve.json"
@@ -131,18 +131,9 @@ def _alive(pid: int, run: Path) -> bool:
     ours = proc is not None and proc.pid == pid
     if ours and proc.poll() is not None:  # reaped: a zombie would look alive to kill(0)
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ours  # no /proc (not Linux): trust our own child record
-    if not cmdline:  # between fork and exec, or a zombie: ours while it is our child
-        return ours
+    cmdline = command_line(pid, ours=ours)
+    if not isinstance(cmdline, bytes):
+        return cmdline
     args = cmdline.split(b"\0")
     return b"mmrlhf_lite.serve" in args and str(run).encode() in args
 
