@@ -137,8 +137,8 @@ def images(tmp_path) -> list[Path]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first: the files that take minutes start at once, so with `-n 3 --dist loadfile`
-    (scripts/test.sh) the many short files fill the other workers around them. (Not `--dist loadgroup`: with
+    """Longest first: the files that take minutes start at once, so with `-n 2 --dist loadfile`
+    (scripts/test.sh) the many short files fill the other worker around them. (Not `--dist loadgroup`: with
     pytest 9.2 a node id no longer reads `_nodeid`, where pytest-xdist 3.8 writes a test's group, so groups are
     ignored and a module's shared fixture is built on both workers.)"""
     first = ("test_demo_e2e.py", "test_ui_browser.py", "test_distributed.py", "test_fsdp.py", "test_kill_resume.py",
