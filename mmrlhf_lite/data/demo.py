@@ -207,13 +207,28 @@ def write_demo(out_dir: str | Path, groups: int = 480, seed: int = 0, image_size
                safety_fraction: float = 0.05) -> Path:
     """Write `demo.jsonl` (native ranked rows, image paths relative to it) + images; returns the file.
     Re-uses an existing identical set (same settings) instead of rewriting it."""
-    out = Path(out_dir)
     settings = {"groups": groups, "seed": seed, "image_size": image_size, "safety_fraction": safety_fraction,
                 "version": 3}
-    stamp = out / "demo_settings.json"
-    target = out / "demo.jsonl"
+    return write_set(out_dir, "demo", settings, lambda out: generate(out, groups, seed, image_size, safety_fraction))
+
+
+def write_set(out_dir: str | Path, name: str, settings: dict, make_groups) -> Path:
+    """Write `<name>.jsonl` from `make_groups(out_dir)` (native ranked rows, image paths relative to the file)
+    atomically, with `<name>_settings.json` beside it; an existing set written with the same settings is reused."""
+    out = Path(out_dir)
+    stamp, target = out / f"{name}_settings.json", out / f"{name}.jsonl"
     if target.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
         return target
+    rows = make_groups(out)
+    tmp = target.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for g in rows:
+            rec = g.to_record()
+            rec["images"] = [str(Path(p).relative_to(out)) for p in rec["images"]]
+            fh.write(json.dumps(rec) + "\n")
+    tmp.replace(target)
+    stamp.write_text(json.dumps(settings))
+    return target
     rows = generate(out, groups, seed, image_size, safety_fraction)
     tmp = target.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:

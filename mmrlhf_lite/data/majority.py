@@ -20,14 +20,13 @@ the eval stage and the online rounds count right answers with (`data.demo.answer
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .demo import COLOURS
+from .demo import COLOURS, write_set
 from .groups import PreferenceGroup, Response, text_to_turn
 
 DOT_SIZES = {"big": 0.2, "small": 0.12}   # dot diameter as a share of the canvas
@@ -88,23 +87,13 @@ def make_group(rng: random.Random, index: int, image_dir: Path, size: int) -> Pr
 def write_majority(out_dir: str | Path, groups: int = 600, seed: int = 0, image_size: int = 112) -> Path:
     """Write `majority.jsonl` (native ranked rows, image paths relative to it) + images; returns the file. Reuses
     an existing set written with the same settings."""
-    out = Path(out_dir)
     settings = {"groups": groups, "seed": seed, "image_size": image_size, "version": VERSION}
-    stamp, target = out / "majority_settings.json", out / "majority.jsonl"
-    if target.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
-        return target
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    rows = []
-    for i in range(groups):
-        rec = make_group(rng, i, out / "images", image_size).to_record()
-        rec["images"] = [str(Path(p).relative_to(out)) for p in rec["images"]]
-        rows.append(json.dumps(rec))
-    tmp = target.with_suffix(".jsonl.tmp")
-    tmp.write_text("\n".join(rows) + "\n")
-    tmp.replace(target)
-    stamp.write_text(json.dumps(settings))
-    return target
+
+    def make_groups(out: Path) -> list:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        rng = random.Random(seed)
+        return [make_group(rng, i, out / "images", image_size) for i in range(groups)]
+    return write_set(out_dir, "majority", settings, make_groups)
 
 
 if __name__ == "__main__":
