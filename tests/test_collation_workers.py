@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from run_support import wait_for_dpo_step
 from mmrlhf_lite.recipe import load_recipe
 from mmrlhf_lite.train import run_pipeline
 from mmrlhf_lite.training import dataloader_workers
@@ -95,21 +96,6 @@ def _children(pid: int) -> list[int]:
             out.append(int(stat.parent.name))
     return out
 
-
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 480) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0]
-        path = run_dir / "events.jsonl"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                e = json.loads(line)
-                if e["type"] == "progress" and e.get("stage") == "dpo" and e["n"] >= step:
-                    return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
 def test_a_killed_run_with_workers_resumes_to_the_same_weights(runs):
     """SIGKILL after step 5 (checkpoints every 2 steps), then the resume: the final adapter equals the
     uninterrupted run's, and the killed run's worker processes did not outlive it."""
@@ -120,7 +106,7 @@ def test_a_killed_run_with_workers_resumes_to_the_same_weights(runs):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(run_dir, 5, proc)
+        wait_for_dpo_step(run_dir, 5, proc)
         workers = _children(proc.pid)
         assert len(workers) >= 2, workers               # the collating workers run beside the step
         proc.send_signal(signal.SIGKILL)

@@ -5,9 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from run_support import wait_for_dpo_step
 from mmrlhf_lite.recipe import load_recipe
 from mmrlhf_lite.train import run_pipeline
 
@@ -32,22 +32,6 @@ def _cli(run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(_command(run_dir), env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
-
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, offset: int, timeout: float = 480) -> None:
-    """Wait until this process (events after byte `offset`) reports training step `step`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0]
-        path = run_dir / "events.jsonl"
-        if path.exists():
-            for line in path.read_bytes()[offset:].decode().splitlines():
-                e = json.loads(line)
-                if e["type"] == "progress" and e.get("stage") == "dpo" and e["n"] >= step:
-                    return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
 def test_sigkill_then_sigterm_then_finish(tmp_path):
     run_dir = tmp_path / "run"
     recipe = load_recipe(None, ARGS + [f"run.dir={run_dir}"])
@@ -55,7 +39,7 @@ def test_sigkill_then_sigterm_then_finish(tmp_path):
     run_pipeline(recipe, ["reference"], echo=False)
 
     proc = _cli(run_dir)
-    _wait_for_step(run_dir, 5, proc, (run_dir / "events.jsonl").stat().st_size)   # checkpoint-4 written
+    wait_for_dpo_step(run_dir, 5, proc, offset=(run_dir / "events.jsonl").stat().st_size)   # checkpoint-4 written
     proc.send_signal(signal.SIGKILL)          # no chance to save anything
     proc.wait(timeout=60)
     # a kill can land mid-save: only checkpoints marked complete are resumable
@@ -66,7 +50,7 @@ def test_sigkill_then_sigterm_then_finish(tmp_path):
 
     offset = (run_dir / "events.jsonl").stat().st_size
     proc = _cli(run_dir)                       # same command: resumes
-    _wait_for_step(run_dir, latest + 3, proc, offset)
+    wait_for_dpo_step(run_dir, latest + 3, proc, offset=offset)
     proc.send_signal(signal.SIGTERM)           # clean stop: checkpoint, exit 3
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out
