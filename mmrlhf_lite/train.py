@@ -414,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageStopped as exc:
         print(f"stopped: {exc}. Run the same command again to resume.", file=sys.stderr)
+        # every rank stops at the same point (lockstep), so all of them can leave the group together: a rank
+        # that exited with its gloo connections still open could abort ("terminate called without an active
+        # exception", SIGABRT) while the other still used them
+        from . import distributed
+        distributed.destroy()
         return 3
     except KeyboardInterrupt:
         print("interrupted. Run the same command again to resume from the last checkpoint.", file=sys.stderr)

@@ -659,3 +659,24 @@ def test_eval_split_over_two_ranks_writes_the_report_of_one_process(single_eval,
         assert last["n"] == last["total"] == n, last
         rates = [e for e in events if e["type"] == "metrics" and e.get("part") == part][-1]
         assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
+
+
+def test_a_stopped_run_leaves_the_process_group_like_a_finished_one(tmp_path, monkeypatch, capsys):
+    """Every rank stops at one point (StageStopped, exit code 3) and then leaves the process group as a finished
+    run does; a rank that exited without it kept its gloo connections open, and was seen to abort at exit
+    ("terminate called without an active exception", SIGABRT) in a two-rank stop under CI."""
+    import mmrlhf_lite.train as train
+    from mmrlhf_lite import distributed
+    from mmrlhf_lite.events import StageStopped
+
+    left = []
+    monkeypatch.setattr(distributed, "destroy", lambda: left.append(True))
+
+    def stops(*args, **kwargs):
+        raise StageStopped("stopped at step 5; checkpoint saved in x")
+
+    monkeypatch.setattr(train, "run_pipeline", stops)
+    recipe = _recipe(tmp_path, "run", 1)
+    assert train.main([str(recipe), "--stages", "dpo", "-q"]) == 3
+    assert "stopped: stopped at step 5" in capsys.readouterr().err
+    assert left == [True]
