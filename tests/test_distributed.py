@@ -48,7 +48,11 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MMRLHF_LITE_DIST_TIMEOUT": "60", **extra}
+    """A launch's environment. TORCHDYNAMO_DISABLE: bitsandbytes wraps its int8 kernels (unused here) in
+    torch.compile at import, which imports inductor: ~1.1 of a rank's ~6 CPU s of imports (measured side by side);
+    nothing these launches run is compiled."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MMRLHF_LITE_DIST_TIMEOUT": "60",
+            "TORCHDYNAMO_DISABLE": "1", **extra}
 
 
 def _launch(recipe: Path, stages: str, *, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
@@ -113,7 +117,8 @@ def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
 
 
 def _same_weights(a: dict, b: dict, tol: float = 5e-5) -> None:
-    """Within fp32 noise after 8 Adam steps at lr 1e-2 (measured <= 1.2e-5; unsynchronised ranks: 1.9e-2)."""
+    """Within fp32 noise after 8 Adam steps at lr 1e-2 (measured <= 1.2e-5; the two-rank run killed, stopped and
+    resumed against one process: <= 1e-7; unsynchronised ranks: 1.9e-2)."""
     assert a.keys() == b.keys() and a
     for k in a:
         err = (a[k].float() - b[k].float()).abs().max().item()
@@ -130,12 +135,10 @@ def single(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> Path:
-    """torchrun --nproc_per_node 2, 1 group per rank per step."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    rc, out = _finish(_launch(_recipe(tmp, "run", 1), STAGES))
-    assert rc == 0, out[-4000:]
-    return tmp / "run"
+def two_ranks(dpo_interrupted) -> Path:
+    """torchrun --nproc_per_node 2, 1 group per rank per step: the run of `dpo_interrupted`, its four stages
+    launched by one command (killed, stopped and cut short in dpo, and finished by the same command)."""
+    return dpo_interrupted["run"]
 
 
 def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(single, two_ranks):
@@ -263,29 +266,29 @@ def _checkpoints(run_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def dpo_interrupted(two_ranks, tmp_path_factory) -> dict:
-    """One two-rank dpo run (the precompute stages copied from `two_ranks`) interrupted twice, each launch of the
-    same command checked by its own test (three launches where the three tests made five):
-    1. `killed`: rank 1 SIGKILLed once checkpoint-2 is complete;
-    2. `stopped`: the same command resumes, and is stopped by the run folder's STOP file once the next checkpoint
-       (`waited`) is complete;
+def dpo_interrupted(tmp_path_factory) -> dict:
+    """The module's two-rank run (`two_ranks`): one command, `--stages reward,score,reference,dpo`, launched three
+    times, each launch checked by its own test (three launches where the tests once made six):
+    1. `killed`: rank 1 SIGKILLed once dpo's checkpoint-2 is complete (the precompute stages done before);
+    2. `stopped`: the same command (the done stages skipped) resumes dpo, and is stopped by the run folder's STOP
+       file once the next checkpoint (`waited`) is complete;
     3. `cut`: the newest checkpoint is cut short as a rank killed while saving leaves it, and the same command
-       finishes; the final weights, after both interruptions, must be the uninterrupted run's."""
+       finishes; the final weights, after both interruptions, must be the single process's (`single`)."""
     from mmrlhf_lite.training import CHECKPOINT_COMPLETE
 
-    tmp = tmp_path_factory.mktemp("dpo-interrupted")
-    run_dir = _copy_run(two_ranks, tmp)
-    recipe = _recipe(tmp, "run", 1)
+    tmp = tmp_path_factory.mktemp("ddp")
+    run_dir, recipe = tmp / "run", _recipe(tmp, "run", 1)
     state: dict = {"run": run_dir}
 
-    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, "dpo", env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)
+    rc, out = _kill_rank_1_after_checkpoint(_launch(recipe, STAGES, env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)
     complete = [c for c in _checkpoints(run_dir)
                 if (run_dir / "dpo" / "checkpoints" / f"checkpoint-{c}" / CHECKPOINT_COMPLETE).exists()]
-    state["killed"] = {"rc": rc, "out": out, "done": (run_dir / "stages" / "dpo.json").exists(), "complete": complete}
+    state["killed"] = {"rc": rc, "out": out, "done": (run_dir / "stages" / "dpo.json").exists(), "complete": complete,
+                       "precomputed": sorted(p.name for p in (run_dir / "stages").glob("*.json"))}
 
     waited = max(complete) + 2           # written by the resumed launch (the marker of a newer one cannot be there)
     offset = len(_events(run_dir))
-    proc = _launch(recipe, "dpo")
+    proc = _launch(recipe, STAGES)
     try:
         _wait_for_checkpoint(run_dir, waited, proc)
         (run_dir / "STOP").write_text("test")
@@ -302,27 +305,29 @@ def dpo_interrupted(two_ranks, tmp_path_factory) -> dict:
     (newest / CHECKPOINT_COMPLETE).unlink()
     (run_dir / "STOP").unlink(missing_ok=True)
     offset = len(events)
-    rc, out = _finish(_launch(recipe, "dpo"))
+    rc, out = _finish(_launch(recipe, STAGES))
     state["cut"] = {"rc": rc, "out": out, "newest": newest.name, "events": _events(run_dir)[offset:]}
     return state
 
 
-def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(dpo_interrupted, two_ranks):
+def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_same_command_resumes(dpo_interrupted, single):
     killed, stopped = dpo_interrupted["killed"], dpo_interrupted["stopped"]
     assert killed["rc"] != 0
     assert "rank      : 1 (local_rank: 1)" in killed["out"] and "Signal 9 (SIGKILL)" in killed["out"], \
         killed["out"][-3000:]
     assert not killed["done"] and 2 in killed["complete"]
+    assert killed["precomputed"] == ["reference.json", "reward.json", "score.json"]   # killed in dpo
     # the same command resumes from the newest complete checkpoint the kill left ...
     said = [e["message"] for e in stopped["events"] if e["type"] == "log"]
     assert any(m.startswith("resuming from") and m.endswith(f"checkpoint-{max(killed['complete'])}")
                for m in said), said[-10:]
-    # ... and the run ends (after the stop and the cut checkpoint below) with the uninterrupted run's weights
+    # ... and the run ends (after the stop and the cut checkpoint below) with the uninterrupted weights (those of
+    # one process with twice the batch: two ranks train those, test_two_ranks_train_the_same_weights...)
     assert dpo_interrupted["cut"]["rc"] == 0, dpo_interrupted["cut"]["out"][-4000:]
-    _same_weights(_weights(two_ranks, "dpo"), _weights(dpo_interrupted["run"], "dpo"))
+    _same_weights(_weights(single, "dpo"), _weights(dpo_interrupted["run"], "dpo"))
 
 
-def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(dpo_interrupted, two_ranks):
+def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_before(dpo_interrupted, single):
     """What a rank killed while saving leaves: the newest checkpoint with rank 1's rng_state_1.pth cut short
     and no completion marker. The same command resumes from the checkpoint before (it used to pick the newest
     every time, and rank 1 died in transformers' _load_rng_state with EOFError) and ends with the
@@ -335,7 +340,7 @@ def test_a_checkpoint_whose_rank_1_part_is_cut_short_is_skipped_for_the_one_befo
     said = [e["message"] for e in cut["events"] if e["type"] in ("log", "warning")]
     assert f"{cut['newest']} was not completely written (interrupted save); removed" in said
     assert any(m.startswith("resuming from") and m.endswith(f"checkpoint-{waited}") for m in said), said[-10:]
-    _same_weights(_weights(two_ranks, "dpo"), _weights(dpo_interrupted["run"], "dpo"))
+    _same_weights(_weights(single, "dpo"), _weights(dpo_interrupted["run"], "dpo"))
 
 
 # every eval part, critiques sampled (n_samples 2) and policy answers sampled (policy_samples 2), on 8 held-out groups
@@ -388,34 +393,6 @@ def _numbers(tree, prefix="") -> dict:
     elif isinstance(tree, (int, float)) and not isinstance(tree, bool) and "second" not in prefix and "time" not in prefix:
         out[prefix] = float(tree)
     return out
-
-
-def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_nothing(tmp_path):
-    path = tmp_path / "ref.yaml"
-    load_recipe(None, COMMON + _per_rank(1) + ["data.demo.groups=24", f"run.dir={tmp_path / 'run'}"]).save(path)
-    cache = tmp_path / "run" / "cache" / "reference.jsonl"
-    proc = _launch(path, "reference")
-    try:
-        deadline = time.time() + TIMEOUT
-        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 8):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-            time.sleep(0.05)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
-        rc, out = _finish(proc, timeout=90)
-    finally:
-        _kill_group(proc)
-    assert rc != 0
-    kept = set()
-    for line in cache.read_bytes().splitlines():
-        try:
-            kept.add(json.loads(line)["key"])
-        except ValueError:
-            pass                                   # a line torn by the kill: repaired by the next run
-    assert 8 <= len(kept) < 96
-    rc, out = _finish(_launch(path, "reference"))
-    assert rc == 0, out[-4000:]
-    assert json.loads((tmp_path / "run" / "stages" / "reference.json").read_text())["computed"] == 96 - len(kept)
-    assert set(_cache(tmp_path / "run", "reference.jsonl")) >= kept and len(_cache(tmp_path / "run", "reference.jsonl")) == 96
 
 
 def test_a_stop_request_stops_every_rank_at_the_same_step_with_a_checkpoint(dpo_interrupted):
@@ -533,49 +510,98 @@ def _lines_with_keys(path: Path) -> set[str]:
     return kept
 
 
-SCORE_GROUPS = 16   # 64 responses: STOP after 8 leaves most of them to the resume
+SCORE_GROUPS = 16   # 64 responses: STOP after 8 leaves most of them to the resume, and so does the kill in reference
 
 
-def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_resumes(tmp_path):
-    """STOP created mid-score (critiques generated, sharded unevenly by content): both ranks stop after the
-    same round with the same message and exit code 3; the cache keeps what was written; the same command
-    computes only the rest."""
-    path = tmp_path / "score.yaml"
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    """Until the cache file `path` holds `n` lines, the launch `proc` still running."""
+    deadline = time.time() + timeout
+    while not (path.exists() and path.read_bytes().count(b"\n") >= n):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.time() < deadline, f"{path.name} held fewer than {n} lines after {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def precompute_interrupted(tmp_path_factory) -> dict:
+    """One command, `--stages score,reference` on 2 ranks (critiques generated: score's shards are uneven by
+    content), launched three times, each launch checked by its own test (three launches where the two tests made
+    four): 1. `stopped`: STOP once two groups are scored; 2. `killed`: the same command finishes score, then rank 1
+    is SIGKILLed once reference has written 8 cache lines; 3. `resumed`: the same command finishes reference."""
+    tmp = tmp_path_factory.mktemp("precompute")
+    path, run_dir = tmp / "score.yaml", tmp / "run"
     recipe = load_recipe(None, COMMON + _per_rank(1) + [
         f"data.demo.groups={SCORE_GROUPS}", "reward.critique_mode=generate", "reward.max_new_tokens=8",
-        "reward.generation_batch_size=4", f"run.dir={tmp_path / 'run'}"])
+        "reward.generation_batch_size=4", f"run.dir={run_dir}"])
     recipe.save(path)
     run_pipeline(recipe, ["reward"], echo=False)
-    run_dir, cache = tmp_path / "run", tmp_path / "run" / "cache" / "reward.jsonl"
-    proc = _launch(path, "score")
+    scores, references = run_dir / "cache" / "reward.jsonl", run_dir / "cache" / "reference.jsonl"
+    state: dict = {"run": run_dir}
+
+    proc = _launch(path, "score,reference")
     try:
-        deadline = time.time() + TIMEOUT
-        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 8):   # two groups scored
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-            time.sleep(0.05)
+        _wait_for_lines(scores, 8, proc)                                    # two groups scored
         (run_dir / "STOP").write_text("test")
         rc, out = _finish(proc, timeout=120)
     finally:
         _kill_group(proc)
-    assert rc != 0
+    state["stopped"] = {"rc": rc, "out": out, "events": _events(run_dir), "kept": _lines_with_keys(scores),
+                        "score_done": (run_dir / "stages" / "score.json").exists()}
+
+    proc = _launch(path, "score,reference", env=NO_COLLECTIVE_TIMEOUT)     # the same command resumes
+    try:
+        _wait_for_lines(references, 8, proc)
+        state["score"] = json.loads((run_dir / "stages" / "score.json").read_text())   # score ended before
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        rc, out = _finish(proc, timeout=KILL_BOUND)
+    finally:
+        _kill_group(proc)
+    state["killed"] = {"rc": rc, "out": out, "kept": _lines_with_keys(references),
+                       "reference_done": (run_dir / "stages" / "reference.json").exists()}
+
+    rc, out = _finish(_launch(path, "score,reference"))
+    state["resumed"] = {"rc": rc, "out": out}
+    return state
+
+
+def test_a_stop_during_score_stops_every_rank_at_one_point_and_the_same_command_resumes(precompute_interrupted):
+    """STOP created mid-score (critiques generated, sharded unevenly by content): both ranks stop after the
+    same round with the same message and exit code 3; the cache keeps what was written; the same command
+    computes only the rest."""
+    stopped, run_dir = precompute_interrupted["stopped"], precompute_interrupted["run"]
+    out = stopped["out"]
+    assert stopped["rc"] != 0
     said = re.findall(rf"stopped: stopped after (\d+) of {SCORE_GROUPS} groups; the cache keeps them\. "
                       r"Run the same command", out)
     assert len(said) == 2 and len(set(said)) == 1, out[-3000:]
     assert "exitcode  : 3" in out and not re.search(r"exitcode\s*:\s*(1|-9)\b", out), out[-3000:]
-    events = _events(run_dir)
+    events = stopped["events"]
     end = [e for e in events if e["type"] == "stage_end"][-1]
     assert end["stage"] == "score" and end["status"] == "stopped"
     last = [e for e in events if e["type"] == "progress" and e.get("stage") == "score"][-1]
     assert last["n"] == int(said[0]) < last["total"] == SCORE_GROUPS          # both ranks' groups, stopped midway
-    kept = _lines_with_keys(cache)
+    kept = stopped["kept"]
     assert 8 <= len(kept) < SCORE_GROUPS * 4
-    assert not (run_dir / "stages" / "score.json").exists()
+    assert not stopped["score_done"]
 
-    rc, out = _finish(_launch(path, "score"))                          # the same command resumes
-    assert rc == 0, out[-4000:]
-    result = json.loads((run_dir / "stages" / "score.json").read_text())
+    result = precompute_interrupted["score"]                             # the same command resumed score
     assert result["computed"] == SCORE_GROUPS * 4 - len(kept) and result["reused"] == len(kept)
     assert len(_cache(run_dir, "reward.jsonl")) == SCORE_GROUPS * 4
+
+
+def test_two_ranks_killed_while_filling_one_shared_cache_lose_and_duplicate_nothing(precompute_interrupted):
+    """Rank 1 SIGKILLed while both ranks append to cache/reference.jsonl: the job fails, the cache keeps every
+    whole line (a line torn by the kill is repaired by the next run), and the same command computes the rest only."""
+    killed, run_dir = precompute_interrupted["killed"], precompute_interrupted["run"]
+    assert killed["rc"] != 0, killed["out"][-3000:]
+    assert not killed["reference_done"]
+    kept, total = killed["kept"], SCORE_GROUPS * 4
+    assert 8 <= len(kept) < total
+    resumed = precompute_interrupted["resumed"]
+    assert resumed["rc"] == 0, resumed["out"][-4000:]
+    assert json.loads((run_dir / "stages" / "reference.json").read_text())["computed"] == total - len(kept)
+    cache = _cache(run_dir, "reference.jsonl")
+    assert set(cache) >= kept and len(cache) == total
 
 
 def _without_timings(tree):
