@@ -30,69 +30,20 @@ def _torchrun(script: Path, *args: str, nproc: int = 2, fsdp: bool = True, env: 
                             start_new_session=True)
 
 
-SAME_SHARDS_SCRIPT = '''
-import sys, torch
-from mmrlhf_lite import distributed
-from mmrlhf_lite.models.loading import load_model
-from mmrlhf_lite.recipe import load_recipe
-from torch.distributed.tensor import DTensor
-
-launch = distributed.start("transformers", "cpu")
-assert launch.sharded
-full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().contiguous()
-bits = lambda t: full(t).view(torch.uint8)   # packed 4-bit bytes seen as floats can be NaNs: compare bytes
-for variant in sys.argv[1:]:
-    cfg = load_recipe(None, ["model.path=tiny:qwen2_vl:xs", "model.device=cpu", *variant.split(",")]).model
-    torch.manual_seed(0)
-    whole, _ = load_model(cfg, reward_head={"kind": "mlp", "dropout": 0.0})    # one whole copy per rank ...
-    distributed.shard_model(whole)                                                # ... sharded after
-    torch.manual_seed(0)
-    straight, _ = load_model(cfg, reward_head={"kind": "mlp", "dropout": 0.0}, shard=True)
-    a, b = dict(whole.named_parameters()), dict(straight.named_parameters())
-    assert a.keys() == b.keys()
-    differ = [n for n in a if not torch.equal(bits(a[n]), bits(b[n]))]
-    buffers = dict(straight.named_buffers())
-    differ += [n for n, t in whole.named_buffers() if not torch.equal(t, buffers[n])]
-    qa = {n: m.quant_state for n, m in whole.named_modules() if getattr(m, "quant_state", None) is not None}
-    qb = {n: m.quant_state for n, m in straight.named_modules() if getattr(m, "quant_state", None) is not None}
-    assert qa.keys() == qb.keys()
-    differ += [n for n in qa if not (torch.equal(qa[n].absmax, qb[n].absmax) and qa[n].offset == qb[n].offset
-                                     and torch.equal(qa[n].state2.absmax, qb[n].state2.absmax))]
-    sharded = sum(isinstance(p, DTensor) for p in b.values())
-    trainable = sum(p.requires_grad for p in b.values())
-    print(f"[{variant}] rank {launch.rank}: {len(a)} parameters ({sharded} sharded, {trainable} trainable), "
-          f"{len(qa)} 4-bit; differ: {differ[:3]}", flush=True)
-distributed.destroy()
-'''
-
-VARIANTS = ["model.load_in_4bit=false", "model.load_in_4bit=false,model.compute_dtype=bfloat16",
-            "model.load_in_4bit=true", "model.load_in_4bit=true,model.compute_dtype=bfloat16"]
-
-
-def test_a_base_loaded_into_its_shards_equals_a_normal_load_sharded_after(tmp_path):
-    """fp32, bf16, 4-bit with fp32 and bf16 storage: every parameter (base shards, LoRA, reward head), buffer and
-    4-bit quantisation state of the straight-to-shards load equals the whole load sharded after, bit for bit
-    (the LoRA and the head draw the same random numbers as one process does)."""
-    script = tmp_path / "same_shards.py"
-    script.write_text(SAME_SHARDS_SCRIPT)
-    rc, out = _finish(_torchrun(script, *VARIANTS), timeout=300)
-    assert rc == 0, out[-4000:]
-    said = {(v, int(r)): rest for v, r, rest in re.findall(r"\[([^\]]+)\] rank (\d): (.*?differ: \[[^\]]*\])", out)}
-    for variant in VARIANTS:
-        for rank in (0, 1):
-            four_bit = 14 if "4bit=true" in variant else 0
-            # 28 LoRA matrices and the reward head's 4 parameters train; every parameter is sharded
-            assert said.get((variant, rank)) == (f"82 parameters (82 sharded, 32 trainable), {four_bit} 4-bit; "
-                                                 "differ: []"), (variant, rank, out[-3000:])
-
-
-LOAD_RSS_SCRIPT = '''
+LOADS_SCRIPT = '''
+# Under torchrun (2 ranks, FSDP2):  load_rss.py OUT_DIR OPTIONS [VARIANT ...]
+#   each rank's peak memory growth while it loads the size-m base with OPTIONS straight into its shards, then for
+#   each VARIANT (tiny size xs) the straight-to-shards load against the whole load sharded after.
+# One process:                      load_rss.py --alone OUT_DIR OPTIONS [OPTIONS ...]
+#   the peak growth of one process loading the base whole, in a fresh child (fork) per OPTIONS, after the imports.
 import json, os, sys
-import torch  # noqa: F401
+import torch
 from mmrlhf_lite import distributed
 from mmrlhf_lite.events import EventLog
 from mmrlhf_lite.models.loading import load_model
 from mmrlhf_lite.recipe import load_recipe
+import bitsandbytes, peft  # noqa: F401,E401 - imported before the baseline, as any load imports them
+import transformers.models.qwen2_vl.modeling_qwen2_vl  # noqa: F401
 
 
 def status(field):
@@ -103,21 +54,106 @@ def status(field):
     raise KeyError(field)
 
 
+def growth(launch, options, out):
+    cfg = load_recipe(None, ["model.path=tiny:qwen2_vl:m", "model.device=cpu", *options.split(",")]).model
+    distributed.barrier("ready")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")   # VmHWM, the peak, starts again from the resident set now
+    before = status("VmRSS")
+    model, _ = load_model(cfg, shard=True)             # one process, or DDP: the normal load
+    distributed.shard(model, EventLog(None, echo=False))
+    # one file per rank: the ranks share torchrun's stdout, where two unbuffered prints can interleave mid-line
+    os.makedirs(out, exist_ok=True)
+    with open(f"{out}/rank{launch.rank}.json", "w") as fh:
+        json.dump({"rank": launch.rank, "world": launch.world, "growth": status("VmHWM") - before}, fh)
+
+
+def same_shards(launch, variants):
+    from torch.distributed.tensor import DTensor
+
+    assert launch.sharded
+    full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().contiguous()
+    bits = lambda t: full(t).view(torch.uint8)   # packed 4-bit bytes seen as floats can be NaNs: compare bytes
+    for variant in variants:
+        cfg = load_recipe(None, ["model.path=tiny:qwen2_vl:xs", "model.device=cpu", *variant.split(",")]).model
+        torch.manual_seed(0)
+        whole, _ = load_model(cfg, reward_head={"kind": "mlp", "dropout": 0.0})    # one whole copy per rank ...
+        distributed.shard_model(whole)                                                # ... sharded after
+        torch.manual_seed(0)
+        straight, _ = load_model(cfg, reward_head={"kind": "mlp", "dropout": 0.0}, shard=True)
+        a, b = dict(whole.named_parameters()), dict(straight.named_parameters())
+        assert a.keys() == b.keys()
+        differ = [n for n in a if not torch.equal(bits(a[n]), bits(b[n]))]
+        buffers = dict(straight.named_buffers())
+        differ += [n for n, t in whole.named_buffers() if not torch.equal(t, buffers[n])]
+        qa = {n: m.quant_state for n, m in whole.named_modules() if getattr(m, "quant_state", None) is not None}
+        qb = {n: m.quant_state for n, m in straight.named_modules() if getattr(m, "quant_state", None) is not None}
+        assert qa.keys() == qb.keys()
+        differ += [n for n in qa if not (torch.equal(qa[n].absmax, qb[n].absmax) and qa[n].offset == qb[n].offset
+                                         and torch.equal(qa[n].state2.absmax, qb[n].state2.absmax))]
+        sharded = sum(isinstance(p, DTensor) for p in b.values())
+        trainable = sum(p.requires_grad for p in b.values())
+        print(f"[{variant}] rank {launch.rank}: {len(a)} parameters ({sharded} sharded, {trainable} trainable), "
+              f"{len(qa)} 4-bit; differ: {differ[:3]}", flush=True)
+
+
 launch = distributed.start("transformers", "cpu")
-cfg = load_recipe(None, ["model.path=tiny:qwen2_vl:m", "model.device=cpu", *sys.argv[1:]]).model
-import bitsandbytes, peft  # noqa: F401,E401 - imported before the baseline, as any load imports them
-import transformers.models.qwen2_vl.modeling_qwen2_vl  # noqa: F401
-distributed.barrier("ready")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")   # VmHWM, the peak, starts again from the resident set now
-before = status("VmRSS")
-model, _ = load_model(cfg, shard=True)             # one process, or DDP: the normal load
-distributed.shard(model, EventLog(None, echo=False))
-# one file per rank: the ranks share torchrun's stdout, where two unbuffered prints can interleave mid-line
-with open(f"{os.environ['RSS_DIR']}/rank{launch.rank}.json", "w") as fh:
-    json.dump({"rank": launch.rank, "world": launch.world, "growth": status("VmHWM") - before}, fh)
+if sys.argv[1] == "--alone":
+    for i, options in enumerate(sys.argv[3:]):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                growth(launch, options, f"{sys.argv[2]}/{i}")
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+else:
+    growth(launch, sys.argv[2], sys.argv[1])
+    same_shards(launch, sys.argv[3:])
 distributed.destroy()
 '''
+
+VARIANTS = ["model.load_in_4bit=false", "model.load_in_4bit=false,model.compute_dtype=bfloat16",
+            "model.load_in_4bit=true", "model.load_in_4bit=true,model.compute_dtype=bfloat16"]
+DTYPES = {"bf16": "model.compute_dtype=bfloat16,model.load_in_4bit=false",
+          "4bit": "model.compute_dtype=float32,model.load_in_4bit=true"}
+
+
+@pytest.fixture(scope="module")
+def loads(tmp_path_factory) -> dict:
+    """One process loading the ~100M-parameter base whole (a fork per dtype, after one set of imports), and two
+    FSDP2 launches of 2 ranks loading it straight into their shards, one per dtype (the bf16 one then runs the
+    same-shards variants: two launches where the tests once made three, and one process where they made two)."""
+    from mmrlhf_lite.models.tiny import ensure_tiny
+
+    ensure_tiny("tiny:qwen2_vl:m")
+    tmp = tmp_path_factory.mktemp("loads")
+    script = tmp / "loads.py"
+    script.write_text(LOADS_SCRIPT)
+    one = subprocess.run([sys.executable, str(script), "--alone", str(tmp / "one"), *DTYPES.values()], env=_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    state = {}
+    for i, (name, options) in enumerate(DTYPES.items()):
+        rc, out = _finish(_torchrun(script, str(tmp / name), options, *(VARIANTS if name == "bf16" else ())),
+                          timeout=300)
+        assert rc == 0, out[-4000:]
+        state[name] = {"one": _growths(tmp / "one" / str(i)), "ranks": _growths(tmp / name), "out": out}
+    return state
+
+
+def test_a_base_loaded_into_its_shards_equals_a_normal_load_sharded_after(loads):
+    """fp32, bf16, 4-bit with fp32 and bf16 storage: every parameter (base shards, LoRA, reward head), buffer and
+    4-bit quantisation state of the straight-to-shards load equals the whole load sharded after, bit for bit
+    (the LoRA and the head draw the same random numbers as one process does)."""
+    out = loads["bf16"]["out"]
+    said = {(v, int(r)): rest for v, r, rest in re.findall(r"\[([^\]]+)\] rank (\d): (.*?differ: \[[^\]]*\])", out)}
+    for variant in VARIANTS:
+        for rank in (0, 1):
+            four_bit = 14 if "4bit=true" in variant else 0
+            # 28 LoRA matrices and the reward head's 4 parameters train; every parameter is sharded
+            assert said.get((variant, rank)) == (f"82 parameters (82 sharded, 32 trainable), {four_bit} 4-bit; "
+                                                 "differ: []"), (variant, rank, out[-3000:])
 
 
 def _growths(folder: Path) -> list[int]:
@@ -125,25 +161,12 @@ def _growths(folder: Path) -> list[int]:
     return [r["growth"] for r in sorted(rows, key=lambda r: r["rank"])]
 
 
-@pytest.mark.parametrize("dtype", ["model.compute_dtype=bfloat16 model.load_in_4bit=false",
-                                   "model.compute_dtype=float32 model.load_in_4bit=true"], ids=["bf16", "4bit"])
-def test_two_fsdp2_ranks_loading_a_base_hold_about_one_process_worth_of_memory(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_two_fsdp2_ranks_loading_a_base_hold_about_one_process_worth_of_memory(loads, dtype):
     """A ~100M-parameter base (tiny kit size m: 388 MB in fp32 on disk): each rank's peak resident memory while
     it loads and shards the base, above what it held before, summed over 2 ranks, stays under 1.3x that of one
     process loading it whole. When every rank loaded the whole base first, the sum was 2x or more."""
-    from mmrlhf_lite.models.tiny import ensure_tiny
-
-    ensure_tiny("tiny:qwen2_vl:m")
-    script = tmp_path / "load_rss.py"
-    script.write_text(LOAD_RSS_SCRIPT)
-    alone, two = tmp_path / "one", tmp_path / "two"
-    alone.mkdir(), two.mkdir()
-    one = subprocess.run([sys.executable, str(script), *dtype.split()], env={**_env(), "RSS_DIR": str(alone)},
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    rc, out = _finish(_torchrun(script, *dtype.split(), env={"RSS_DIR": str(two)}), timeout=300)
-    assert rc == 0, out[-4000:]
-    (single,), ranks = _growths(alone), _growths(two)
+    (single,), ranks = loads[dtype]["one"], loads[dtype]["ranks"]
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     print(f"{dtype}: one process {mib(single)}; ranks {', '.join(map(mib, ranks))} (sum {mib(sum(ranks))}, "
           f"{sum(ranks) / single:.2f}x)")
