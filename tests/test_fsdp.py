@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (COMMON, NO_COLLECTIVE_TIMEOUT, STAGES, _copy_run, _finish, _kill_rank_1_after_checkpoint,
-                              _launch, _per_rank, _recipe, _same_weights, _weights, single)  # noqa: F401 - fixture
+from test_distributed import (COMMON, NO_COLLECTIVE_TIMEOUT, STAGES, _finish, _kill_rank_1_after_checkpoint, _launch,
+                              _per_rank, _recipe, _same_weights, _weights, single)  # noqa: F401 - fixture
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
@@ -34,21 +34,54 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
+def _launches(events: list[dict]) -> list[list[dict]]:
+    """The events of a run folder, split at each launch's run_start."""
+    out: list[list[dict]] = []
+    for e in events:
+        if e["type"] == "run_start" or not out:
+            out.append([])
+        out[-1].append(e)
+    return out
+
+
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory) -> Path:
-    """torchrun --nproc_per_node 2 with the FSDP2 variables, 1 group per rank per step."""
+def fsdp_killed(tmp_path_factory) -> dict:
+    """torchrun --nproc_per_node 2 with the FSDP2 variables, 1 group per rank per step, the four stages in one
+    command launched twice (two launches where the tests once made three): rank 1 SIGKILLed once dpo's
+    checkpoint-2 is complete (`killed`; the folder as the kill left it is copied to `at_kill`), then the same
+    command resumes from that sharded checkpoint and finishes (`resumed`): the module's FSDP run, `fsdp`."""
+    import shutil
+
     tmp = tmp_path_factory.mktemp("fsdp")
-    rc, out = _finish(_launch_fsdp(_recipe(tmp, "run", 1), STAGES))
-    assert rc == 0, out[-4000:]
-    assert "terminate called" not in out, out[-3000:]
-    return tmp / "run"
+    run_dir, recipe = tmp / "run", _recipe(tmp, "run", 1)
+    rc, out = _kill_rank_1_after_checkpoint(_launch_fsdp(recipe, STAGES, env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)
+    ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-2"
+    state = {"run": run_dir, "killed": {"rc": rc, "out": out, "checkpoint": sorted(p.name for p in ckpt.iterdir())}}
+    at_kill = tmp_path_factory.mktemp("fsdp-at-kill")
+    shutil.copytree(run_dir, at_kill / "run")
+    (at_kill / "run" / "run.lock").unlink(missing_ok=True)
+    state["at_kill"] = at_kill
+    offset = len(_events(run_dir))
+    rc, out = _finish(_launch_fsdp(recipe, STAGES))      # the same command resumes
+    state["resumed"] = {"rc": rc, "out": out, "events": _events(run_dir)[offset:]}
+    return state
+
+
+@pytest.fixture(scope="module")
+def fsdp(fsdp_killed) -> Path:
+    """The FSDP2 run of `fsdp_killed`, finished."""
+    resumed = fsdp_killed["resumed"]
+    assert resumed["rc"] == 0, resumed["out"][-4000:]
+    assert "terminate called" not in resumed["out"], resumed["out"][-3000:]
+    return fsdp_killed["run"]
 
 
 def test_fsdp_two_ranks_train_the_same_weights_as_one_rank_and_hold_half_the_base(single, fsdp):
-    events = _events(fsdp)
-    sharded = [e for e in events if e["type"] == "log" and e["message"].startswith("FSDP2:")]
-    # both trainers sharded the base, and so did the score and reference stages
-    assert [e["stage"] for e in sharded] == ["reward", "score", "reference", "dpo"]
+    launches = _launches(_events(fsdp))
+    assert len(launches) == 2                       # the killed one, the resumed one (test_fsdp_sigkill...)
+    sharded = [e for events in launches for e in events if e["type"] == "log" and e["message"].startswith("FSDP2:")]
+    # both trainers sharded the base, and so did the score and reference stages; dpo again when resumed
+    assert [e["stage"] for e in sharded] == ["reward", "score", "reference", "dpo", "dpo"]
     for e in sharded:
         held = e["sharded_params"]
         assert len(held) == 2
@@ -81,50 +114,24 @@ def test_fsdp_adapters_are_full_adapters_the_next_stages_load_and_score_the_same
         assert torch.equal(loaded[k].detach().cpu(), v), k
 
 
-def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weights(tmp_path, fsdp, capsys):
-    run_dir = _copy_run(fsdp, tmp_path)             # reward, score, reference done (FSDP2, two ranks)
-    recipe = _recipe(tmp_path, "run", 1)
-    rc, out = _kill_rank_1_after_checkpoint(_launch_fsdp(recipe, "dpo", env=NO_COLLECTIVE_TIMEOUT), run_dir, 2)
-    ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-2"
-    assert "rank      : 1 (local_rank: 1)" in out, out[-3000:]
+def test_fsdp_sigkill_of_one_rank_then_the_same_command_resumes_to_the_same_weights(fsdp_killed, single, capsys):
+    killed = fsdp_killed["killed"]
+    assert "rank      : 1 (local_rank: 1)" in killed["out"], killed["out"][-3000:]
     # the checkpoint holds a normal adapter, one full optimizer state and the trainable parameters by name
-    assert {"adapter_model.safetensors", "optimizer.pt", "sharded_trainable.safetensors"} <= {
-        p.name for p in ckpt.iterdir()}
-    # resuming that checkpoint without FSDP (one process here) is refused, naming what to do
+    assert {"adapter_model.safetensors", "optimizer.pt", "sharded_trainable.safetensors"} <= set(killed["checkpoint"])
+    # resuming that checkpoint without FSDP (one process here, on the folder as the kill left it) is refused,
+    # naming what to do
     from mmrlhf_lite.train import main
-    assert main([str(recipe), "--stages", "dpo", "-q"]) == 1
+    at_kill = fsdp_killed["at_kill"]
+    assert main([str(_recipe(at_kill, "run", 1)), "--stages", "dpo", "-q"]) == 1
     err = capsys.readouterr().err
     assert "was written by an FSDP launch and this run is without FSDP" in err and "--redo dpo" in err, err
     assert "Traceback" not in err
-    offset = len(_events(run_dir))
-    rc, out = _finish(_launch_fsdp(recipe, "dpo"))      # the same command resumes
-    assert rc == 0, out[-4000:]
-    assert any(e["type"] == "log" and e["message"].startswith("resuming from") for e in _events(run_dir)[offset:])
-    _same_weights(_weights(fsdp, "dpo"), _weights(run_dir, "dpo"))
-
-
-QLORA = ["model.load_in_4bit=true", "data.eval_fraction=0.25", "data.demo.groups=16"]
-
-
-def test_qlora_fsdp_shards_the_4bit_base_and_trains_what_one_process_trains(tmp_path):
-    """QLoRA + FSDP2 (nf4 storage in the compute dtype): 2 ranks x 1 group give the reward model of 1 rank x 2
-    groups, each rank holds about half the packed 4-bit base, and the held-out accuracy after training (every
-    rank runs the forwards through the sharded model) is the single process's."""
-    from mmrlhf_lite.recipe import load_recipe
-    from mmrlhf_lite.train import run_pipeline
-
-    run_pipeline(load_recipe(None, COMMON + _per_rank(2) + QLORA + [f"run.dir={tmp_path / 'one'}"]), ["reward"],
-                 echo=False)
-    path = tmp_path / "q.yaml"
-    load_recipe(None, COMMON + _per_rank(1) + QLORA + [f"run.dir={tmp_path / 'fsdp'}"]).save(path)
-    rc, out = _finish(_launch_fsdp(path, "reward"))
-    assert rc == 0, out[-4000:]
-    held = next(e for e in _events(tmp_path / "fsdp") if "sharded_params" in e)["sharded_params"]
-    for h in held:
-        assert abs(h["frozen_local_bytes"] / h["frozen_total_bytes"] - 0.5) < 0.02, h
-    _same_weights(_weights(tmp_path / "one", "reward"), _weights(tmp_path / "fsdp", "reward"))
-    a, b = (json.loads((tmp_path / r / "reward" / "train_result.json").read_text()) for r in ("one", "fsdp"))
-    assert "eval_pair_accuracy_given" in a and b["eval_pair_accuracy_given"] == a["eval_pair_accuracy_given"]
+    # the same command resumes (the module's `fsdp` run) to the weights of the uninterrupted single process
+    resumed = fsdp_killed["resumed"]
+    assert resumed["rc"] == 0, resumed["out"][-4000:]
+    assert any(e["type"] == "log" and e["message"].startswith("resuming from") for e in resumed["events"])
+    _same_weights(_weights(single, "dpo"), _weights(fsdp_killed["run"], "dpo"))
 
 
 # ---- refusals (in-process: they come before anything loads)
@@ -361,11 +368,11 @@ def test_fsdp_launch_refuses_generated_critiques_and_warns_that_eval_is_not_shar
     assert not (tmp_path / "run" / "score").exists()
 
 
-def _mixed_media_data(tmp: Path) -> Path:
+def _mixed_media_data(tmp: Path, groups: int) -> Path:
     """The demo set with every other group made text-only (no image in its prompt), beside the demo's images."""
     from mmrlhf_lite.data.demo import write_demo
 
-    src = write_demo(tmp / "demo", groups=8, image_size=56, safety_fraction=0)
+    src = write_demo(tmp / "demo", groups=groups, image_size=56, safety_fraction=0)
     rows = [json.loads(x) for x in src.read_text().splitlines()]
     for row in rows[1::2]:
         row["images"] = []
@@ -377,19 +384,30 @@ def _mixed_media_data(tmp: Path) -> Path:
     return out
 
 
-def test_fsdp_training_with_an_image_group_on_one_rank_and_a_text_only_one_on_the_other(tmp_path):
-    """At a step where one rank's group has an image and the other's is text-only, only one rank runs the
-    vision tower: the sharded units must not include vision blocks (their gathers would be collectives
-    made by one rank only). The 2-rank run trains the weights of 1 rank x 2 groups."""
+QLORA = ["model.load_in_4bit=true", "data.eval_fraction=0.25", "reward.train.max_steps=4"]
+
+
+def test_qlora_fsdp_trains_what_one_process_trains_with_an_image_group_on_one_rank_and_a_text_only_one_on_the_other(
+        tmp_path):
+    """QLoRA + FSDP2 (nf4 storage in the compute dtype), on data where every other group is text-only: 2 ranks x 1
+    group give the reward model of 1 rank x 2 groups, each rank holds about half the packed 4-bit base, and the
+    held-out accuracy after training (every rank runs the forwards through the sharded model) is the single
+    process's. At a step where one rank's group has an image and the other's is text-only, only one rank runs the
+    vision tower: the sharded units must not include vision blocks (their gathers would be collectives made by one
+    rank only: gloo's 'collective mismatch'). (One launch where a QLoRA test and a mixed-media test made two.)"""
     from mmrlhf_lite.recipe import load_recipe
     from mmrlhf_lite.train import run_pipeline
 
-    data = _mixed_media_data(tmp_path)
-    opts = [o for o in COMMON if not o.startswith("data.demo.")] + [f"data.path={data}", "reward.train.max_steps=4"]
-    one = load_recipe(None, opts + _per_rank(2) + [f"run.dir={tmp_path / 'one'}"])
-    run_pipeline(one, ["reward"], echo=False)
+    data = _mixed_media_data(tmp_path, groups=16)
+    opts = [o for o in COMMON if not o.startswith("data.demo.")] + [f"data.path={data}", *QLORA]
+    run_pipeline(load_recipe(None, opts + _per_rank(2) + [f"run.dir={tmp_path / 'one'}"]), ["reward"], echo=False)
     path = tmp_path / "two.yaml"
-    load_recipe(None, opts + _per_rank(1) + [f"run.dir={tmp_path / 'two'}"]).save(path)
+    load_recipe(None, opts + _per_rank(1) + [f"run.dir={tmp_path / 'fsdp'}"]).save(path)
     rc, out = _finish(_launch_fsdp(path, "reward"), timeout=180)
     assert rc == 0, out[-4000:]
-    _same_weights(_weights(tmp_path / "one", "reward"), _weights(tmp_path / "two", "reward"))
+    held = next(e for e in _events(tmp_path / "fsdp") if "sharded_params" in e)["sharded_params"]
+    for h in held:
+        assert abs(h["frozen_local_bytes"] / h["frozen_total_bytes"] - 0.5) < 0.02, h
+    _same_weights(_weights(tmp_path / "one", "reward"), _weights(tmp_path / "fsdp", "reward"))
+    a, b = (json.loads((tmp_path / r / "reward" / "train_result.json").read_text()) for r in ("one", "fsdp"))
+    assert "eval_pair_accuracy_given" in a and b["eval_pair_accuracy_given"] == a["eval_pair_accuracy_given"]
