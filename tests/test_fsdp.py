@@ -3,7 +3,8 @@ FSDP_VERSION=2, what `accelerate launch --config_file recipes/accelerate/fsdp2.y
 and dpo trainers shard the frozen base over the ranks: 2 ranks x B groups train the same LoRA weights and
 reward head as 1 rank x 2B, each rank holds about half the base, the saved adapters are normal full
 adapters (the next stages load them in one process each and score the same), and a run whose rank was
-SIGKILLed resumes from its sharded checkpoint to the uninterrupted run's weights. The reference and score
+SIGKILLed resumes from its sharded checkpoint to the weights of one uninterrupted process (the module's FSDP2 run
+is that run: one command, killed, then finished). The reference and score
 (modes given / none) stages shard the model too and write the one-process cache lines and margins, with
 uneven shares (a rank without a batch runs dummy forwards in lockstep). The launches that cannot work are
 refused before anything loads, with what to use instead (score generating critiques under FSDP among them),
