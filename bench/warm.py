@@ -8,6 +8,7 @@ with it. The GPU run does not use this: each of its items starts a fresh interpr
 
     python -m bench.warm serve SOCKET [MODULE ...]       # import (default PRELOAD), then serve until stopped
     python -m bench.warm run SOCKET -m MODULE [ARGS ...]  # one command; exits with its code
+    python -m bench.warm run SOCKET SCRIPT.py [ARGS ...]  # the same for a script
 """
 from __future__ import annotations
 
@@ -104,10 +105,15 @@ def _command(request: dict, fds: list[int]) -> int:
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True, write_through=unbuffered)
     sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True, write_through=True)
-    sys.argv = [request["module"], *request["args"]]
     code = 0
     try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        if request.get("module"):
+            sys.argv = [request["module"], *request["args"]]
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        else:   # as `python SCRIPT`: its folder first on sys.path
+            sys.argv = [request["script"], *request["args"]]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(request["script"])))
+            runpy.run_path(request["script"], run_name="__main__")
     except SystemExit as exc:
         if isinstance(exc.code, int) or exc.code is None:
             code = exc.code or 0
@@ -126,9 +132,10 @@ def _command(request: dict, fds: list[int]) -> int:
 
 
 def run(path: str, argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] != "-m":
-        print("usage: python -m bench.warm run SOCKET -m MODULE [ARGS ...]", file=sys.stderr)
+    if not argv or (argv[0] == "-m" and len(argv) < 2):
+        print("usage: python -m bench.warm run SOCKET (-m MODULE | SCRIPT) [ARGS ...]", file=sys.stderr)
         return 2
+    command = {"module": argv[1], "args": argv[2:]} if argv[0] == "-m" else {"script": argv[0], "args": argv[1:]}
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     deadline = time.time() + CONNECT_S
     while True:
@@ -140,7 +147,7 @@ def run(path: str, argv: list[str]) -> int:
                 print(f"bench.warm: no server at {path} after {CONNECT_S} s", file=sys.stderr)
                 return 1
             time.sleep(0.1)
-    body = json.dumps({"module": argv[1], "args": argv[2:], "cwd": os.getcwd(), "env": dict(os.environ)})
+    body = json.dumps({**command, "cwd": os.getcwd(), "env": dict(os.environ)})
     socket.send_fds(client, [body.encode()], [0, 1, 2])
     pid = int(client.recv(32))
 
