@@ -15,7 +15,8 @@
 #
 #   bash bench/gpu.sh            # on the GPU machine: installs the carried wheels (.whl/, built here by
 #                                # `bash ../shared/gpu/make-wheels.sh .whl`), then runs; $OUT must be set
-#   bash bench/gpu.sh --dry      # the same items on the tiny shape on CPU (.venv), in seconds per item: CI
+#   bash bench/gpu.sh --dry      # the same items on the tiny shape on CPU (.venv), in seconds per item: CI;
+#                                # each item is a fork of one warm interpreter (bench/warm.py), not a fresh one
 #
 # Files in $OUT: gpu-bench.jsonl (bench rows, `kind` env / run / gate / memcap / summary / critiques, plus
 # one `kind: item` row per item with its exit code and seconds), gpu-bench.log (everything printed).
@@ -79,15 +80,23 @@ item() {  # item NAME ESTIMATED_SECONDS COMMAND...: run it if its estimate fits 
     echo "[gpu.sh] $name: $status after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-DPO=("$PY" -m bench.dpo "${MODEL[@]}" --k 4 --out "$RES")
-item model 70 "$PY" -m bench.build "${MODEL[1]}"
+RUN=("$PY")
+if (( DRY )); then   # on the tiny model a fresh interpreter's imports cost more than an item: fork them from one
+    WARM=$(mktemp -u /tmp/gpu-bench-warm.XXXXXX)
+    "$PY" -m bench.warm serve "$WARM" >>"$LOG" 2>&1 &
+    WARM_PID=$!
+    trap 'kill "$WARM_PID" 2>/dev/null; wait "$WARM_PID" 2>/dev/null; rm -f "$WARM"' EXIT
+    RUN=("$PY" -m bench.warm run "$WARM")
+fi
+DPO=("${RUN[@]}" -m bench.dpo "${MODEL[@]}" --k 4 --out "$RES")
+item model 70 "${RUN[@]}" -m bench.build "${MODEL[1]}"
 item ours 110 "${DPO[@]}" --systems ours --groups-per-step "${OURS_BATCHES[0]}" "${STEPS[@]}" --isolate no --no-gate
 item ours-vcache 40 "${DPO[@]}" --systems ours-vcache --groups-per-step "${OURS_BATCHES[1]}" "${STEPS[@]}" --isolate no --no-gate
 item trl 60 "${DPO[@]}" --systems trl --pairs-per-step "${TRL_BATCHES[0]}" "${STEPS[@]}" --isolate no --no-gate
 item unsloth-trl 150 "${DPO[@]}" --systems unsloth-trl --pairs-per-step "${TRL_BATCHES[1]}" "${STEPS[@]}" --isolate yes --no-gate
 item gate 70 "${DPO[@]}" --no-runs --gate-dtype "$GATE_DTYPE" --gate-groups 1 --isolate no
 item memcap 150 "${DPO[@]}" --systems ours --no-runs --no-gate --mem-cap-gb 12,24 "${MEMCAP[@]}" --isolate yes
-item critiques 90 "$PY" -m bench.critiques "${CRITIQUES[@]}" --out "$RES"
+item critiques 90 "${RUN[@]}" -m bench.critiques "${CRITIQUES[@]}" --out "$RES"
 echo "[gpu.sh] done in $((SECONDS - START)) s; rows in $RES" | tee -a "$LOG"
 grep -E "^(ours|trl|unsloth)[a-z-]* +[0-9]+ (groups|pairs)|^gate:|^memcap|critiques/s" "$LOG" || true
 "$PY" -m bench.summary "$RES" --from-line "$FIRST_LINE" --append 2>>"$LOG" | tee -a "$LOG"

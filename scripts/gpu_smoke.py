@@ -22,6 +22,9 @@ first training step, steps/s and groups/s of reward and dpo (after step 1), crit
 first batch; and over the whole stage, model load included), the step-0 log-ratio max |log pi - log pi_ref|
 of dpo (0 when the reference pass and the training step agree: models/precision.py), the compute dtype,
 and the collation seconds per step of reward and dpo (`collate_s`, `data_wait_s`: docs/benchmarks.md).
+With `--dry` the build, the pre-flight and each stage are forks of one warm interpreter (bench/warm.py: torch,
+transformers and peft imported once; on the tiny twin a fresh interpreter's imports cost more than a stage), each
+still a process of its own with its own peaks; on a GPU each is a fresh interpreter.
 `MMRLHF_LITE_SMOKE_EXTRA='key=value ...'` adds recipe overrides (to try a setting); `--budget` bounds the
 whole run (a stage still running at the end is stopped and recorded).
 """
@@ -212,6 +215,21 @@ def child(peaks_file: str, argv: list[str]) -> int:
     return code
 
 
+WARM_PRELOAD = ("torch", "transformers", "peft", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
+
+
+def start_warm(env: dict, log: Path):
+    """(the bench/warm.py server, the command prefix that runs a command forked from it, its socket's folder)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="gpu-smoke-warm-"))   # a short path: a unix socket's is at most 107 bytes
+    sock = str(folder / "sock")
+    with open(log, "a") as fh:
+        server = subprocess.Popen([sys.executable, "-m", "bench.warm", "serve", sock, *WARM_PRELOAD], cwd=REPO,
+                                  env=env, stdout=fh, stderr=subprocess.STDOUT)
+    return server, [sys.executable, "-m", "bench.warm", "run", sock], folder
+
+
 def environment(dry: bool) -> dict:
     import torch
     import transformers
@@ -248,9 +266,24 @@ def main() -> int:
     log = out / "stages.log"
     env = _python_env(args.dry)
     rec.add("environment", **environment(args.dry))
+    if not args.dry:
+        return run_steps(args, deadline, out, run_dir, rec, log, env, [sys.executable])
+    import shutil
 
-    builder = [sys.executable, "-m", "mmrlhf_lite.models.tiny", "qwen2_5_vl:xs"] if args.dry else \
-        [sys.executable, "-m", "bench.build", "2.5-7b"]
+    server, launcher, folder = start_warm(env, log)
+    try:
+        return run_steps(args, deadline, out, run_dir, rec, log, env, launcher)
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_steps(args, deadline: float, out: Path, run_dir: Path, rec: Recorder, log: Path, env: dict,
+              python: list[str]) -> int:
+    """Build, pre-flight and stages, each a process started by `python` (the interpreter, or bench/warm.py's client)."""
+    builder = [*python, "-m", "mmrlhf_lite.models.tiny", "qwen2_5_vl:xs"] if args.dry else \
+        [*python, "-m", "bench.build", "2.5-7b"]
     code, text, seconds = _run(builder, log, env, deadline - time.time())
     folders = [line.strip() for line in text.splitlines() if line.strip().startswith("/")]
     model_path = next((f for f in reversed(folders) if (Path(f) / "config.json").is_file()), None) \
@@ -269,7 +302,7 @@ def main() -> int:
     from mmrlhf_lite.recipe import load_recipe
     from mmrlhf_lite.train import preflight_plan
 
-    code, text, seconds = _run([sys.executable, "-m", "mmrlhf_lite.train", str(RECIPE), *settings, "--dry-run",
+    code, text, seconds = _run([*python, "-m", "mmrlhf_lite.train", str(RECIPE), *settings, "--dry-run",
                                 "--gpu-mem", f"{CAP_GIB}GiB"], log, env, deadline - time.time())
     (out / "preflight.txt").write_text(text)
     recipe = None
@@ -296,7 +329,7 @@ def main() -> int:
         peaks_file = out.parent / f".peaks-{stage}.json"
         peaks_file.unlink(missing_ok=True)
         started = time.time()
-        code, text, seconds = _run([sys.executable, str(Path(__file__).resolve()), "--child", str(peaks_file), "--",
+        code, text, seconds = _run([*python, str(Path(__file__).resolve()), "--child", str(peaks_file), "--",
                                     str(RECIPE), *settings, "--stages", stage, "-q"], log, env, left)
         peaks = json.loads(peaks_file.read_text()) if peaks_file.exists() else {}
         peaks_file.unlink(missing_ok=True)

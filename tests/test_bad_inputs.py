@@ -1,7 +1,9 @@
 """Damaged and hostile inputs met through the real entry points, one test per example of each class
 (docs/errors.md): `python -m mmrlhf_lite.train`, `python -m mmrlhf_lite.data stats`,
 `python -m mmrlhf_lite.evaluate`, and the UI's run readers. Each gives exit 1 or 2 (or 0 with a named
-warning), no traceback, and a message naming the file and line or the key.
+warning), no traceback, and a message naming the file and line or the key. Each command is run once as a real
+process (its exit code, nothing printed by the interpreter); the other calls run its `main` in the test process
+(tests/run_support.run_main: the same code, exit code and output, without ~7 CPU s of imports each).
 
     python -m pytest -q tests/test_bad_inputs.py -p no:cacheprovider
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from run_support import run_main
 
 from mmrlhf_lite.recipe import load_recipe
 
@@ -34,6 +37,23 @@ def _run(module: str, *args, cwd, timeout: int = 600) -> subprocess.CompletedPro
 
 def train(*args, cwd, **kw):
     return _run("mmrlhf_lite.train", *args, cwd=cwd, **kw)
+
+
+@pytest.fixture
+def here(capsys):
+    """`here(module, *args, cwd=...)`: the command `python -m module args` run in this process (run_main)."""
+    from mmrlhf_lite.data.__main__ import main as data_main
+    from mmrlhf_lite.evaluate.__main__ import main as evaluate_main
+    from mmrlhf_lite.train import main as train_main
+
+    mains = {"mmrlhf_lite.train": train_main, "mmrlhf_lite.data": data_main, "mmrlhf_lite.evaluate": evaluate_main}
+    return lambda module, *args, cwd: run_main(mains[module], args, cwd=cwd, capsys=capsys)
+
+
+@pytest.fixture
+def train_here(here):
+    """`train_here(*args, cwd=...)`: `python -m mmrlhf_lite.train args` run in this process."""
+    return lambda *args, cwd: here("mmrlhf_lite.train", *args, cwd=cwd)
 
 
 def rows(n: int = 6) -> list[dict]:
@@ -97,7 +117,7 @@ def run_folder(tmp_path, recipe: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # 1. text that is not UTF-8
 
-def test_non_utf8_line_under_data_stats_train_and_evaluate(tmp_path, recipe):
+def test_non_utf8_line_under_data_stats_train_and_evaluate(tmp_path, recipe, here, train_here):
     bad = latin1(tmp_path)
     want = "latin1.jsonl:3: not UTF-8 text: byte 0xe9 at byte "
     out = _run("mmrlhf_lite.data", "stats", bad, cwd=tmp_path)
@@ -105,20 +125,20 @@ def test_non_utf8_line_under_data_stats_train_and_evaluate(tmp_path, recipe):
     assert "file offset " in out.stderr
     out = train(recipe, f"data.path={bad}", "--dry-run", cwd=tmp_path)
     assert out.returncode == 1 and want in out.stderr, out.stderr
-    out = train(recipe, f"data.path={bad}", "data.on_error=skip", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, f"data.path={bad}", "data.on_error=skip", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0 and "skipped 1 row(s): 1 bad_encoding" in out.stderr, out.stderr
-    out = _run("mmrlhf_lite.evaluate", "reward", run_folder(tmp_path, recipe), "--data", bad, cwd=tmp_path)
+    out = here("mmrlhf_lite.evaluate", "reward", run_folder(tmp_path, recipe), "--data", bad, cwd=tmp_path)
     assert out.returncode == 1 and want in out.stderr, out.stderr
 
 
-def test_unpaired_surrogate_escape_is_refused_at_its_row_and_key(tmp_path, recipe):
+def test_unpaired_surrogate_escape_is_refused_at_its_row_and_key(tmp_path, recipe, train_here):
     """`"\\ud800"` alone is valid JSON but no character: it used to reach the tokenizer and fail there
     (`TypeError: TextEncodeInput must be Union[...]`, under --dry-run)."""
     rs = rows()
     rs[3]["responses"][1]["text"] = "It is blue \ud800."
     bad = tmp_path / "surrogate.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rs))
-    out = train(recipe, f"data.path={bad}", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, f"data.path={bad}", "--dry-run", cwd=tmp_path)
     assert out.returncode == 1, out.stderr
     assert "surrogate.jsonl:4: key 'responses[1].text': text holds an unpaired UTF-16 surrogate escape" in out.stderr
 
@@ -126,17 +146,17 @@ def test_unpaired_surrogate_escape_is_refused_at_its_row_and_key(tmp_path, recip
 # --------------------------------------------------------------------------------------------------
 # 2. images too large to open
 
-def test_decompression_bomb_is_a_validation_error_naming_row_image_and_key(tmp_path, recipe):
+def test_decompression_bomb_is_a_validation_error_naming_row_image_and_key(tmp_path, recipe, train_here):
     bad = bomb(tmp_path)
     for out in (_run("mmrlhf_lite.data", "stats", bad, cwd=tmp_path),
-                train(recipe, f"data.path={bad}", "--dry-run", cwd=tmp_path)):
+                train_here(recipe, f"data.path={bad}", "--dry-run", cwd=tmp_path)):
         assert out.returncode == 1, out.stderr
         assert "bomb.jsonl:2: key 'images': image too large to open: " in out.stderr
         assert "bomb.png is 30000x30000 = 900,000,000 pixels, over the limit of 178,956,970" in out.stderr
         assert "raise data.max_image_pixels" in out.stderr
-    out = train(recipe, f"data.path={bad}", "data.on_error=skip", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, f"data.path={bad}", "data.on_error=skip", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0 and "1 image_too_large" in out.stderr
-    out = train(recipe, f"data.path={bad}", "data.max_image_pixels=1000", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, f"data.path={bad}", "data.max_image_pixels=1000", "--dry-run", cwd=tmp_path)
     assert out.returncode == 1 and "red.png is 32x32 = 1,024 pixels, over the limit of 1,000" in out.stderr
 
 
@@ -152,30 +172,30 @@ def _damage_middle_line(path: Path, drop: str) -> str:
     return rec["key"]
 
 
-def test_reference_cache_line_without_logp_is_dropped_once_and_recomputed(tmp_path, recipe):
-    out = train(recipe, "--stages", "reference", cwd=tmp_path)
+def test_reference_cache_line_without_logp_is_dropped_once_and_recomputed(tmp_path, recipe, train_here):
+    out = train_here(recipe, "--stages", "reference", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     cache = tmp_path / "runs" / "a" / "cache" / "reference.jsonl"
     n = len(cache.read_text().splitlines())
     key = _damage_middle_line(cache, "logp")
-    out = train(recipe, "--stages", "dpo", cwd=tmp_path)       # the next stage, which read rec["logp"]
+    out = train_here(recipe, "--stages", "dpo", cwd=tmp_path)       # the next stage, which read rec["logp"]
     assert out.returncode == 0, out.stderr
     assert ("[dpo] WARNING: reference cache runs/a/cache/reference.jsonl: dropped 1 damaged line(s) (line 2: field "
             "'logp' missing") in out.stderr
     assert "computing them now" in out.stderr
     recs = [json.loads(ln) for ln in cache.read_text().splitlines()]
     assert len(recs) == n and sum(r["key"] == key for r in recs) == 1 and all("logp" in r for r in recs)
-    out = train(recipe, "--stages", "dpo", "--redo", "dpo", cwd=tmp_path)
+    out = train_here(recipe, "--stages", "dpo", "--redo", "dpo", cwd=tmp_path)
     assert out.returncode == 0 and "damaged line" not in out.stderr     # said once: the file was repaired
 
 
-def test_reward_cache_damage_recomputed_and_damaged_adapter_named(tmp_path, recipe):
-    out = train(recipe, "--stages", "reward,score", cwd=tmp_path)
+def test_reward_cache_damage_recomputed_and_damaged_adapter_named(tmp_path, recipe, train_here):
+    out = train_here(recipe, "--stages", "reward,score", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     cache = tmp_path / "runs" / "a" / "cache" / "reward.jsonl"
     _damage_middle_line(cache, "critiques")
     shared = [f"reward.model_from={tmp_path / 'runs' / 'a'}", f"cache.dir={tmp_path / 'runs' / 'a' / 'cache'}"]
-    out = train(recipe, "run.dir=runs/b", *shared, "--stages", "score", cwd=tmp_path)
+    out = train_here(recipe, "run.dir=runs/b", *shared, "--stages", "score", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"reward cache {cache}: dropped 1 damaged line(s) (line 2: field 'critiques' missing" in out.stderr
     assert "(1 computed, 11 from cache)" in out.stderr
@@ -183,9 +203,9 @@ def test_reward_cache_damage_recomputed_and_damaged_adapter_named(tmp_path, reci
     adapter = tmp_path / "runs" / "a" / "reward" / "final" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:40])
     want = f"saved adapter file {adapter} is damaged: unreadable safetensors"
-    out = train(recipe, "run.dir=runs/c", *shared, "--stages", "score", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, "run.dir=runs/c", *shared, "--stages", "score", "--dry-run", cwd=tmp_path)
     assert out.returncode == 1 and want in out.stdout and "--redo reward" in out.stdout, out.stdout
-    out = train(recipe, "--stages", "score", "--redo", "score", cwd=tmp_path)   # the run's own reward model
+    out = train_here(recipe, "--stages", "score", "--redo", "score", cwd=tmp_path)   # the run's own reward model
     want = "saved adapter file runs/a/reward/final/adapter_model.safetensors is damaged: unreadable safetensors"
     assert out.returncode == 1 and want in out.stderr and "rebuild it with --redo reward" in out.stderr, out.stderr
 
@@ -242,16 +262,16 @@ def test_damaged_events_file_shows_the_run_as_damaged_not_a_crash(tmp_path):
                                  "Face cache, and the hub is offline"),
     ("model.path=models/qwen/v1", "ERROR: model.path 'models/qwen/v1' is not an existing folder (nor a hub id"),
 ])
-def test_dry_run_refuses_what_the_real_run_refuses(tmp_path, recipe, override, want):
-    out = train(recipe, override, "--dry-run", cwd=tmp_path)
+def test_dry_run_refuses_what_the_real_run_refuses(tmp_path, recipe, override, want, train_here):
+    out = train_here(recipe, override, "--dry-run", cwd=tmp_path)
     assert out.returncode == 1, out.stdout
     assert want in out.stdout and "plan OK" not in out.stdout
 
 
-def test_empty_recipe_says_it_uses_the_defaults(tmp_path):
+def test_empty_recipe_says_it_uses_the_defaults(tmp_path, train_here):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
-    out = train(empty, "--dry-run", "--stages", "reward", "data.demo.groups=8", cwd=tmp_path)
+    out = train_here(empty, "--dry-run", "--stages", "reward", "data.demo.groups=8", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stderr.startswith(f"warning: {empty}: recipe is empty: using the defaults")
 
@@ -269,11 +289,11 @@ def test_evaluate_refuses_negative_max_groups_and_names_its_format_flag(tmp_path
 # --------------------------------------------------------------------------------------------------
 # 7. messages that name the wrong thing
 
-def test_yaml_error_at_the_line_where_the_bracket_opened(tmp_path, data):
+def test_yaml_error_at_the_line_where_the_bracket_opened(tmp_path, data, train_here):
     path = tmp_path / "y.yaml"
     path.write_text(f"model:\n  path: {TINY}\ndata:\n  path: {data.name}\nreward: {{train: [1, 2\n"
                     "run:\n  dir: runs/x\n")
-    out = train(path, "--dry-run", cwd=tmp_path)
+    out = train_here(path, "--dry-run", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.startswith(f"error: {path}:5: not valid YAML: a flow sequence starts here (column 17) and is "
                                  "never closed"), out.stderr
@@ -287,20 +307,20 @@ def test_gpu_mem_that_is_not_a_size_is_a_usage_error_before_any_work(tmp_path, r
     assert "data:" not in out.stderr and not (tmp_path / "runs").exists()
 
 
-def test_run_dir_that_is_a_file(tmp_path, recipe):
+def test_run_dir_that_is_a_file(tmp_path, recipe, train_here):
     (tmp_path / "afile").write_text("x")
-    out = train(recipe, "run.dir=afile", "--stages", "score", cwd=tmp_path)
+    out = train_here(recipe, "run.dir=afile", "--stages", "score", cwd=tmp_path)
     assert (out.returncode, out.stderr) == (1, "error: run.dir 'afile' is a file, not a folder; choose another "
                                                "run.dir (e.g. run.dir=runs/try2) or move the file away\n")
-    out = train(recipe, "run.dir=afile/sub", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, "run.dir=afile/sub", "--dry-run", cwd=tmp_path)
     assert out.returncode == 1 and "run.dir 'afile/sub' lies under 'afile', which is a file" in out.stderr
 
 
-def test_reward_model_from_that_is_not_a_run_is_caught_in_the_preflight(tmp_path, recipe):
+def test_reward_model_from_that_is_not_a_run_is_caught_in_the_preflight(tmp_path, recipe, train_here):
     (tmp_path / "notarun").mkdir()
     want = (f"reward.model_from '{tmp_path / 'notarun'}' holds no trained reward model (not a run folder; "
             f"expected {tmp_path / 'notarun' / 'reward' / 'final'}/adapter_config.json)")
-    out = train(recipe, "reward.model_from=notarun", "--stages", "score", "--dry-run", cwd=tmp_path)
+    out = train_here(recipe, "reward.model_from=notarun", "--stages", "score", "--dry-run", cwd=tmp_path)
     assert out.returncode == 1 and f"ERROR: {want}" in out.stdout, out.stdout
-    out = train(recipe, "reward.model_from=notarun", "--stages", "score", cwd=tmp_path)
+    out = train_here(recipe, "reward.model_from=notarun", "--stages", "score", cwd=tmp_path)
     assert out.returncode == 1 and want in out.stderr and "not starting" in out.stderr, out.stderr

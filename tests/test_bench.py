@@ -252,8 +252,10 @@ def test_cpu_side_by_side_script_tiny(tmp_path):
 
     out = tmp_path / "side.jsonl"
     env = {**os.environ, "BENCH_OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "cpu.sh"), "--tiny"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    # one torch thread, as everywhere in the suite (conftest): the script's two threads spin on a shared machine, and
+    # cost 19.5 CPU s here against 12.3 (arguments after --tiny go to bench.dpo and win)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "cpu.sh"), "--tiny", "--threads", "1"], capture_output=True,
+                          text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     m = RATIO_LINE.match(last)
@@ -453,3 +455,50 @@ def test_gpu_script_dry_run(tmp_path):
     assert summary["kind"] == "summary" and set(summary["systems"]) == {"ours", "ours-vcache", "trl"}
     assert RATIO_LINE.match(proc.stdout.strip().splitlines()[-1])
     assert (tmp_path / "gpu-bench.log").stat().st_size > 1000
+
+
+def test_warm_commands_keep_their_exit_code_output_and_are_stopped_with_their_client(tmp_path):
+    """bench/warm.py (gpu.sh --dry's items): a command forked from the server prints to the client's stdout, reads its
+    stdin, exits with its own code; a client stopped by `timeout` (SIGTERM) or killed (SIGKILL) takes its command's
+    process group with it, and the server goes on serving."""
+    import os
+    import subprocess
+    import time
+
+    (tmp_path / "echo_args.py").write_text("import sys\nprint(sys.stdin.read().strip(), *sys.argv[1:])\n"
+                                           "sys.exit(int(sys.argv[-1]))\n")
+    (tmp_path / "linger.py").write_text("import os, pathlib, subprocess, sys, time\n"
+                                        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                                        "pathlib.Path(sys.argv[1]).write_text(f'{os.getpid()} {child.pid}')\n"
+                                        "time.sleep(600)\n")
+    sock = tmp_path / "warm.sock"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "bench.warm", "serve", str(sock), "json"], cwd=tmp_path, env=env)
+    client = [sys.executable, "-m", "bench.warm", "run", str(sock), "-m"]
+    try:
+        out = subprocess.run(client + ["echo_args", "a b", "3"], input="from stdin", capture_output=True, text=True,
+                             cwd=tmp_path, env=env, timeout=120)
+        assert (out.returncode, out.stdout) == (3, "from stdin a b 3\n"), out.stderr
+        for stop in ("TERM", "KILL"):
+            pids = tmp_path / f"pids-{stop}"
+            proc = subprocess.run(["timeout", "-s", stop, "5", *client, "linger", str(pids)], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode in ((124,) if stop == "TERM" else (137, -9)), proc.stderr   # timeout ran out
+            deadline = time.time() + 30
+            while any(_alive(int(p)) for p in pids.read_text().split()):
+                assert time.time() < deadline, f"{stop}: the command or its child outlived the client"
+                time.sleep(0.1)
+        out = subprocess.run(client + ["echo_args", "0"], input="", capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=120)
+        assert (out.returncode, out.stdout) == (0, " 0\n"), out.stderr
+    finally:
+        server.kill()
+        server.wait(timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has: it waits only for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -1,6 +1,8 @@
 """The CLI as a user meets it: help, recipe help, recipe errors (exit 2, no traceback), the dry-run plan.
 
-Each test runs `python -m mmrlhf_lite.train` as a subprocess in a temporary working directory (the
+The help, no recipe given and a recipe error run `python -m mmrlhf_lite.train` as a subprocess (a real
+process's exit code and output); the other tests run its `main` in the test process (tests/run_support.run_main:
+the same exit code and output, without ~7 CPU s of imports each). Both in a temporary working directory (the
 demo recipe's run folder is relative), with the session's offline environment and tiny-model cache.
 
     python -m pytest -q tests/test_cli.py
@@ -14,6 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from run_support import run_main
+
 from mmrlhf_lite.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +29,14 @@ def cli(*args, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def cli_here(capsys):
+    """`cli_here(*args, cwd=...)`: `python -m mmrlhf_lite.train args` run in this process."""
+    from mmrlhf_lite.train import main
+
+    return lambda *args, cwd: run_main(main, args, cwd=cwd, capsys=capsys)
 
 
 def test_help_documents_stages_overrides_and_exit_codes(tmp_path):
@@ -60,26 +73,26 @@ def test_recipe_error_exits_2_with_the_key_path_and_no_traceback(tmp_path):
     assert out.stdout == ""
 
 
-def test_error_inside_the_file_names_file_and_key(tmp_path):
+def test_error_inside_the_file_names_file_and_key(tmp_path, cli_here):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  path: tiny:qwen2_vl:xs\ndpo:\n  beta: -1\n")
-    out = cli(bad, cwd=tmp_path)
+    out = cli_here(bad, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr == f"error: {bad}, key 'dpo.beta': must be > 0, got -1.0\n"
     assert "Traceback" not in out.stderr
 
 
-def test_missing_recipe_and_unknown_stage(tmp_path):
-    out = cli(tmp_path / "nope.yaml", cwd=tmp_path)
+def test_missing_recipe_and_unknown_stage(tmp_path, cli_here):
+    out = cli_here(tmp_path / "nope.yaml", cwd=tmp_path)
     assert (out.returncode, out.stderr) == (2, f"error: {tmp_path / 'nope.yaml'}: recipe file not found\n")
-    out = cli(DEMO, "--stages", "reward,dpoo", cwd=tmp_path)
+    out = cli_here(DEMO, "--stages", "reward,dpoo", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr == ("error: command line, key '--stages': unknown stage 'dpoo'; "
                           "stages are reward, score, reference, dpo, eval, rounds\n")
 
 
-def test_dry_run_on_the_demo_recipe_prints_the_plan(tmp_path):
-    out = cli(DEMO, "--dry-run", cwd=tmp_path)
+def test_dry_run_on_the_demo_recipe_prints_the_plan(tmp_path, cli_here):
+    out = cli_here(DEMO, "--dry-run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     text = out.stdout
@@ -111,8 +124,8 @@ def test_dry_run_on_the_demo_recipe_prints_the_plan(tmp_path):
     assert f"data: {n_train} train groups, {n_eval} eval groups" in out.stderr
 
 
-def test_dry_run_reports_over_long_samples_and_exits_1(tmp_path):
-    out = cli(DEMO, "--dry-run", "data.demo.groups=12", "dpo.train.max_length=40", "--stages", "dpo",
+def test_dry_run_reports_over_long_samples_and_exits_1(tmp_path, cli_here):
+    out = cli_here(DEMO, "--dry-run", "data.demo.groups=12", "dpo.train.max_length=40", "--stages", "dpo",
               cwd=tmp_path)
     assert out.returncode == 1, out.stderr
     listed = re.findall(r"^  \[dpo\.train\.max_length\] (runs/demo/data/demo/demo\.jsonl:\d+): prompt \+ response "
