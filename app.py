@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in roots.values():
         p.mkdir(parents=True, exist_ok=True)
 
-    from mmrlhf_lite.ui.blocks import LAUNCH_KWARGS, build_app
+    from mmrlhf_lite.ui.blocks import LAUNCH_KWARGS, build_app, queue
     from mmrlhf_lite.ui.base import UIConfig
     from mmrlhf_lite.ui.serving import stop_services_at_exit
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  uploads:   {cfg.upload_dir} (limit {args.max_upload_mb:g} MB)", flush=True)
     app = build_app(cfg)
     stop_services_at_exit()  # the reward-model services started from the page end with the app (SIGTERM too)
-    app.queue(default_concurrency_limit=2)
+    queue(app)
     app.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, inbrowser=False,
                max_file_size=cfg.max_upload_bytes, allowed_paths=[], show_error=False, quiet=False,
                **LAUNCH_KWARGS)
