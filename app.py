@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--upload-dir", default=str(HERE / ".gradio_tmp"),
                     help="gradio's temp folder for uploads and served images (default .gradio_tmp/ here)")
     ap.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default 512 MB)")
+    ap.add_argument("--poll-seconds", type=float, default=1.5,
+                    help="how often the Live tab asks for news while a run is active (default 1.5 s)")
     ap.add_argument("--auth", default=None, help="user:password login (required with a non-local --host); "
                     "or set MMRLHF_UI_AUTH")
     return ap.parse_args(argv)
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.poll_seconds > 0:
+        print(f"error: --poll-seconds must be a positive number of seconds, not {args.poll_seconds}", file=sys.stderr)
+        return 2
     # nothing that imports gradio may run before these two lines
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["GRADIO_TEMP_DIR"] = str(Path(args.upload_dir).resolve())
@@ -52,17 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     for p in roots.values():
         p.mkdir(parents=True, exist_ok=True)
 
-    from mmrlhf_lite.ui.blocks import LAUNCH_KWARGS, build_app
+    from mmrlhf_lite.ui.blocks import LAUNCH_KWARGS, build_app, queue
     from mmrlhf_lite.ui.base import UIConfig
     from mmrlhf_lite.ui.serving import stop_services_at_exit
 
     cfg = UIConfig(data_root=roots["data"], runs_root=roots["runs"], recipes_root=Path(args.recipes_dir).resolve(),
-                   upload_dir=roots["upload"], max_upload_bytes=int(args.max_upload_mb * 2**20))
+                   upload_dir=roots["upload"], max_upload_bytes=int(args.max_upload_mb * 2**20),
+                   poll_seconds=args.poll_seconds)
     print(f"mmrlhf-lite UI: {note}\n  data root: {cfg.data_root}\n  runs root: {cfg.runs_root}\n"
           f"  uploads:   {cfg.upload_dir} (limit {args.max_upload_mb:g} MB)", flush=True)
     app = build_app(cfg)
     stop_services_at_exit()  # the reward-model services started from the page end with the app (SIGTERM too)
-    app.queue(default_concurrency_limit=2)
+    queue(app)
     app.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, inbrowser=False,
                max_file_size=cfg.max_upload_bytes, allowed_paths=[], show_error=False, quiet=False,
                **LAUNCH_KWARGS)

@@ -18,6 +18,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from mmrlhf_lite.ui import jobs  # noqa: E402
 from mmrlhf_lite.ui.form import FIELDS  # noqa: E402
 
 KEYS = [f.key for f in FIELDS]
@@ -42,6 +43,20 @@ def form(client, recipe: str, **changes) -> tuple[list, str]:
     for key, value in changes.items():
         by_key[key.replace("__", ".")] = value
     return [by_key[k] for k in KEYS], run_name
+
+
+def settle(client, server, name: str, status: str, timeout: float) -> dict:
+    """The app's view of run `name` once it shows `status`. Waited for in the run folder first (read here:
+    asking the app's view twice a second while a job trains is the app's work, each call building every curve,
+    the log and the runs table), then in the view, which can lag a moment behind (a trainer that wrote its
+    last event and is exiting is still "running" there)."""
+    wait_for(lambda: jobs.job_state(server.runs / name).status == status, timeout,
+             what=f"{name} {status}; app log:\n{server.log()[-2000:]}")
+
+    def shown():
+        v = view(client, name)
+        return v if f"status: **{status}**" in v["status"] else None
+    return wait_for(shown, 60, what=f"the view of {name} saying {status}")
 
 
 def view(client, run: str) -> dict:
@@ -150,8 +165,7 @@ def test_start_stop_resume_and_live_view(client, server, job):
     assert dict(zip(KEYS, last))["data.path"] == "uploads/demo-data/demo.jsonl"
     assert dict(zip(KEYS, last))["run.stages"] == ["reward", "score", "eval"]
 
-    wait_for(lambda: "status: **stopped**" in view(client, "tiny-api")["status"], 180, interval=1, what="stopped")
-    v = view(client, "tiny-api")
+    v = settle(client, server, "tiny-api", "stopped", 180)
     assert "data-stage='reward' data-status='stopped'" in v["progress"] and "stopped after" in v["progress"]
     assert "data-stage='score' data-status='pending'" in v["progress"]
     ends = [e for e in events(run) if e["type"] in ("stage_end", "run_end")]
@@ -163,8 +177,7 @@ def test_start_stop_resume_and_live_view(client, server, job):
         client.predict("tiny-api", api_name="/stop")
 
     assert "Resumed" in client.predict("tiny-api", api_name="/resume")
-    wait_for(lambda: "status: **done**" in view(client, "tiny-api")["status"], 300, interval=1,
-             what=f"resumed pipeline done; app log:\n{server.log()[-2000:]}")
+    settle(client, server, "tiny-api", "done", 300)
     evs = events(run)
     assert any(e["type"] == "log" and "resuming from" in e.get("message", "") for e in evs)
     steps = [e["step"] for e in evs if e["type"] == "metrics" and e.get("stage") == "reward" and "loss" in e]
@@ -210,8 +223,7 @@ def test_a_failing_job_shows_a_readable_error(client, server, job, tmp_path):
     values, _ = form(client, "tiny.yaml", model__path=str(half), data__path="uploads/demo-data/demo.jsonl",
                      run__stages=["reward"])
     client.predict("broken-api", *values, api_name="/start")
-    wait_for(lambda: "status: **error**" in view(client, "broken-api")["status"], 180, what="error status")
-    v = view(client, "broken-api")
+    v = settle(client, server, "broken-api", "error", 180)
     assert v["error"].startswith("**Error:** ") and "Traceback" not in v["error"], v["error"]
     assert "Traceback" not in v["log"]
 

@@ -40,9 +40,14 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)", allow_module_level=True)
 
 
+# the Live tab's timer period in this app (app.py --poll-seconds; 1.5 s by default): a page that does not poll is
+# shown by a quiet window of a few periods, shorter than with the default
+POLL_S = 0.5
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("ui-browser"))
+    srv = start_server(tmp_path_factory.mktemp("ui-browser"), "--poll-seconds", str(POLL_S))
     yield srv
     stop_server(srv)
 
@@ -70,18 +75,58 @@ def context(browser, requests_seen):
     ctx.close()
 
 
-@pytest.fixture(scope="module")
-def page(context, server):
-    p = context.new_page()
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
-    return p
+@pytest.fixture
+def new_page(context, server):
+    """`new_page(width, height)`: another tab on the app, loaded; closed at the end of the test whatever happens
+    (an open page keeps its timers and its events going for the tests after it)."""
+    opened = []
+
+    def open_page(width: int = 1280, height: int = 900, seen: bool = False):
+        p = context.new_page()
+        opened.append(p)
+        p.set_viewport_size({"width": width, "height": height})
+        events = record_events(p) if seen else None
+        p.goto(server.url)
+        p.wait_for_selector("#data-file")
+        return (p, events) if seen else p
+    yield open_page
+    for p in opened:
+        if not p.is_closed():
+            p.close()
+
+
+@pytest.fixture
+def page(new_page):
+    """A tab on the app of this test's own (a page left open keeps its browser process busy for the tests after
+    it: one kept over the file took a fifth of a core while later tests ran)."""
+    return new_page()
+
+
+@pytest.fixture
+def runs_made(server):
+    """Run folders a test makes (by name): removed at its end, so that every later page lists only the runs it
+    needs (each page load, tab and tick reads every run folder)."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        shutil.rmtree(server.runs / name, ignore_errors=True)
+
+
+def quiet_dom(page, ms: int = 300, timeout: float = 15_000) -> None:
+    """Wait until the page has not changed for `ms` (plots drawn, layout done) and no output is faded while an
+    event that updates it is under way."""
+    page.wait_for_function("""(ms) => new Promise(resolve => {
+        let timer = null;
+        const done = () => { obs.disconnect(); resolve(!document.querySelector('.pending')); };
+        const obs = new MutationObserver(() => { clearTimeout(timer); timer = setTimeout(done, ms); });
+        obs.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+        timer = setTimeout(done, ms);
+    })""", arg=ms, timeout=timeout, polling=100)
 
 
 def shot(page, tmp_path: Path, name: str, full_page: bool = False) -> Path:
-    page.wait_for_timeout(1500)  # let the plots finish drawing
-    try:  # and no output faded while an event that updates it is under way
-        page.wait_for_function("!document.querySelector('.pending')", timeout=30_000)
+    try:  # the plots drawn, and no output faded while an event that updates it is under way
+        quiet_dom(page, 500, timeout=30_000)
     except sync_api.TimeoutError:
         pass
     path = tmp_path / name
@@ -111,7 +156,18 @@ def until(page, selector: str, condition: str, timeout: float = 60_000) -> None:
 
 def text(page, elem_id: str) -> str:
     """The element's text, without gradio's "processing | 0.6s" overlay while an event runs."""
-    lines = page.locator(f"#{elem_id}").inner_text().splitlines()
+    return _shown(page.locator(f"#{elem_id}").inner_text())
+
+
+def texts(page, *elem_ids: str) -> list[str]:
+    """Several elements' texts (as `text`) read at one moment: what the page shows together, never one element
+    before an update and the next after it."""
+    return [_shown(t) for t in page.evaluate("(ids) => ids.map(id => document.getElementById(id)?.innerText ?? '')",
+                                             list(elem_ids))]
+
+
+def _shown(inner_text: str) -> str:
+    lines = inner_text.splitlines()
     return "\n".join(ln for ln in lines if not re.fullmatch(r"\s*(processing \| )?[\d./]+s\s*", ln)).strip()
 
 
@@ -190,40 +246,56 @@ def assert_all_local(requests_seen: list[str]) -> None:
     assert not outside, f"the page requested outside 127.0.0.1: {outside[:5]}"
 
 
-def record_events(page) -> list[float]:
-    """The times of the events the page sends to the server (each is a POST to the queue's join)."""
-    seen: list[float] = []
-    page.on("request", lambda r: seen.append(time.time()) if r.method == "POST" and "/queue/join" in r.url else None)
+def record_events(page) -> list[tuple[float, int]]:
+    """The events the page sends to the server (each is a POST to the queue's join): when, and which handler
+    (its `fn_index`)."""
+    seen: list[tuple[float, int]] = []
+
+    def on_request(r):
+        if r.method == "POST" and "/queue/join" in r.url:
+            seen.append((time.time(), (r.post_data_json or {}).get("fn_index", -1)))
+    page.on("request", on_request)
     return seen
 
 
-def settled(page, seen: list[float], quiet: float = 3.0, timeout: float = 120.0) -> None:
-    """Wait until the page has sent no event for `quiet` seconds (what the page load started has finished)."""
+def tick_handlers(page) -> set[int]:
+    """The `fn_index` of the handlers a timer's tick calls (from the page's own gradio config)."""
+    return set(page.evaluate("window.gradio_config.dependencies.filter(d => d.targets.some(t => t[1] == 'tick'))"
+                             ".map(d => d.id)"))
+
+
+def settled(page, seen: list, quiet: float = 3.0, timeout: float = 120.0, outputs: str = "") -> None:
+    """Wait until the page has sent no event for `quiet` seconds and no output waits for one (what the page
+    load or the last action started has finished); with `outputs` (a selector list), only those outputs."""
+    pending = ", ".join(f"{o}.pending, {o} .pending" for o in outputs.split(",")) if outputs else ".pending"
     end = time.time() + timeout
     while time.time() < end:
-        page.wait_for_timeout(500)
-        if not seen or time.time() - seen[-1] >= quiet:
+        page.wait_for_timeout(100)
+        if (not seen or time.time() - seen[-1][0] >= quiet) and not page.locator(pending).count():
             return
-    raise AssertionError(f"the page kept sending events for {timeout} s")
+    pending = page.evaluate("[...document.querySelectorAll('.pending')].map(e => e.id || e.className).slice(0, 5)")
+    raise AssertionError(f"the page kept sending events for {timeout} s (the last: {seen[-5:]} at {time.time():.1f}; "
+                         f"waiting for an event: {pending})")
 
 
-def events_in(page, seen: list[float], seconds: float = 3.0) -> int:
-    """How many events the page sends in the next `seconds` (after a second for what is under way)."""
-    page.wait_for_timeout(1000)
-    return _count(page, seen, seconds)
+def ticks_come(page, seen: list, timeout: float = 20 * POLL_S + 10) -> None:
+    """The Live tab's timer ticks: a tick event is sent from now on (within `timeout`, a loaded machine's)."""
+    ticks, t0 = tick_handlers(page), time.time()
+    end = t0 + timeout
+    while time.time() < end:
+        if any(t >= t0 and fn in ticks for t, fn in seen):
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"no timer tick in {timeout} s: {[(round(t - t0, 2), fn) for t, fn in seen[-8:]]}")
 
 
-def no_events(page, seen: list[float], seconds: float = 3.0) -> int:
-    """How many events the page sends in `seconds` once what the last action started has finished (a timer
-    that still ticks every 1.5 s never lets it settle)."""
-    settled(page, seen, quiet=2.0, timeout=30.0)
-    return _count(page, seen, seconds)
-
-
-def _count(page, seen: list[float], seconds: float) -> int:
+def no_events(page, seen: list, seconds: float = 3 * POLL_S) -> int:
+    """How many events the page sends in `seconds` (three timer periods) once what the last action started has
+    finished (a timer that still ticks never lets it settle, and would tick in the window)."""
+    settled(page, seen, quiet=2 * POLL_S, timeout=30.0)
     t0 = time.time()
     page.wait_for_timeout(seconds * 1000)
-    return sum(t >= t0 for t in seen)
+    return sum(t >= t0 for t, _ in seen)
 
 
 def text_lines(page, selector: str) -> list[dict]:
@@ -315,7 +387,7 @@ def test_upload_shows_validation_stats_and_groups(page, server, tmp_path, reques
     assert page.locator("#group-images img").count() >= 1
     assert "demo-00000" in text(page, "group-question")
     page.wait_for_function("document.querySelector('#group-images img')?.naturalWidth > 0")
-    page.wait_for_timeout(500)
+    quiet_dom(page)  # laid out at its size
     for img in image_fit(page, "group-images"):  # the whole image is visible, undistorted, and not tiny
         (nw, nh), (w, h), (vw, vh) = img["natural"], img["drawn"], img["visible"]
         assert abs(w / h - nw / nh) < 0.02, f"image drawn distorted: {img}"
@@ -368,7 +440,7 @@ def bad_rows_zip(tmp: Path) -> Path:
     return out
 
 
-def test_bad_rows_are_named_by_the_preflight_and_skipped_in_one_click(page, server, tmp_path):
+def test_bad_rows_are_named_by_the_preflight_and_skipped_in_one_click(page, runs_made, server, tmp_path):
     """A .zip whose data has a malformed line and a missing image: the Data tab lists both (its report in its
     box), "Train on this data" carries its choice about them; without the skip the pre-flight names both rows,
     Start stays disabled, and one click sets `data.on_error: skip`. A taken run name is the pre-flight's too,
@@ -406,6 +478,7 @@ def test_bad_rows_are_named_by_the_preflight_and_skipped_in_one_click(page, serv
     until(page, "#train-estimate", "el.innerText.includes('plan OK')")
     assert "on_error: skip" in page.locator("#train-yaml textarea").input_value()
     # a run name that is taken: said by the pre-flight, Start disabled
+    runs_made.extend(["taken-run", "race-run"])
     fake_run(server.runs, "taken-run", [{"time": 1.0, "type": "run_start", "stages": ["eval"], "skip": []},
                                         {"time": 2.0, "type": "run_end", "status": "done"}])
     page.locator("#run-name textarea").fill("taken-run")
@@ -423,12 +496,8 @@ def test_bad_rows_are_named_by_the_preflight_and_skipped_in_one_click(page, serv
     assert "run 'race-run' already exists" in status and not status.startswith("Error"), status
     assert page.locator("#train-status .error").count() == 0
     assert page.get_by_role("tab", name="2 · Train").get_attribute("aria-selected") == "true"
-    shutil.rmtree(server.runs / "race-run")
-    shutil.rmtree(server.runs / "taken-run")
-    page.reload()  # the next test starts from a form without these edits
-    page.wait_for_selector("#data-file")
 
-def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen):
+def test_train_watch_stop_resume(page, new_page, server, tmp_path, requests_seen):
     # run 1: reward only, long enough to stop; the data path typed into the form
     page.evaluate("window.scrollTo(0, 0)")
     tab(page, "2 · Train")
@@ -442,8 +511,7 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     assert page.get_by_role("tab", name="3 · Live").get_attribute("aria-selected") == "true"
 
     # a second tab finds the job running (its state lives in the run folder)
-    other = context.new_page()
-    other.goto(server.url)
+    other = new_page()
     tab(other, "3 · Live")
     until(other, "#jobs", "el.innerText.includes('long-ui')")
     assert re.search(r"long-ui\s+(starting|running)", text(other, "jobs")), text(other, "jobs")
@@ -494,7 +562,7 @@ def test_train_watch_stop_resume(page, context, server, tmp_path, requests_seen)
     seen = [stopped_points]
 
     def done():
-        points, status = text(page, "curve-points"), text(page, "run-status")
+        points, status = texts(page, "curve-points", "run-status")  # (one moment: both of the same run)
         if "long-ui" in status and points != seen[-1] and re.search(r"reward \d+", points):
             seen.append(points)  # (while the pick is under way the view may still be run 2's)
         return "long-ui" in status and "status: done" in status
@@ -544,16 +612,12 @@ def set_visibility(page, state: str) -> None:
         get: () => state}); document.dispatchEvent(new Event('visibilitychange')); }""", state)
 
 
-def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(context, server, trained):
+def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(new_page, runs_made, server, trained):
     """A finished run on the Live tab: no request at all. An active run (a live job process whose events the
     test writes as a trainer would): the timer ticks while the Live tab is shown, and not while another tab
     is, nor while the browser tab is hidden; new points reach the same plot element, one held-out point is
     drawn as a mark, the ETA follows the recent pace; when the job is gone the timer stops by itself."""
-    p = context.new_page()
-    p.set_viewport_size({"width": 1400, "height": 1000})
-    seen = record_events(p)
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p, seen = new_page(1400, 1000, seen=True)
     tab(p, "3 · Live")
     pick(p, "live-run", "tiny-ui")
     until(p, "#run-status", "el.innerText.includes('tiny-ui') && el.innerText.includes('status: done')")
@@ -561,6 +625,7 @@ def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(c
     assert no_events(p, seen) == 0, "a finished run's Live tab polled"
 
     t0 = time.time()
+    runs_made.append("live-fake")
     run = fake_run(server.runs, "live-fake", [{"time": t0 + 1, "type": "run_start", "stages": ["reward"], "skip": []},
                                               {"time": t0 + 1, "type": "stage_start", "stage": "reward"}])
 
@@ -572,15 +637,15 @@ def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(c
     try:
         pick(p, "live-run", "live-fake")
         until(p, "#run-status", "el.innerText.includes('live-fake') && el.innerText.includes('status: running')")
-        assert events_in(p, seen) >= 1, "the Live tab of a running job did not poll"
+        ticks_come(p, seen)  # the Live tab of a running job polls
         tab(p, "1 · Data")
         assert no_events(p, seen) == 0, "polled while another tab was shown"
         tab(p, "3 · Live")
-        assert events_in(p, seen) >= 1
+        ticks_come(p, seen)
         set_visibility(p, "hidden")
         assert no_events(p, seen) == 0, "polled while the browser tab was hidden"
         set_visibility(p, "visible")
-        assert events_in(p, seen) >= 1
+        ticks_come(p, seen)
 
         # two train-accuracy points and one held-out point: the held-out one is drawn as a mark
         append({"time": t0 + 2, "type": "metrics", "stage": "reward", "step": 30, "pair_accuracy": 0.6},
@@ -612,15 +677,12 @@ def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(c
     until(p, "#run-status", "el.innerText.includes('live-fake') && el.innerText.includes('interrupted')",
           timeout=30_000)
     assert no_events(p, seen) == 0, "still polling after the last job ended"
-    p.close()
 
 
-def test_runs_are_renamed_deleted_and_their_files_downloaded(context, server):
+def test_runs_are_renamed_deleted_and_their_files_downloaded(new_page, runs_made, server):
     """Rename and delete (after a confirmation) a finished run, never a running one; download its log and report."""
-    p = context.new_page()
-    p.set_viewport_size({"width": 1400, "height": 1000})
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p = new_page(1400, 1000)
+    runs_made.extend(["to-rename", "renamed-run", "busy-run"])
     t0 = time.time()
     finished = [{"time": t0, "type": "run_start", "stages": ["eval"], "skip": []},
                 {"time": t0 + 1, "type": "run_end", "status": "done"}]
@@ -664,11 +726,9 @@ def test_runs_are_renamed_deleted_and_their_files_downloaded(context, server):
     p.locator("#live-run input").click()
     assert "renamed-run" not in " ".join(p.get_by_role("option").all_inner_texts())
     p.keyboard.press("Escape")
-    shutil.rmtree(busy)
-    p.close()
 
 
-def test_live_tab_plots_online_rounds_over_rounds(context, server):
+def test_live_tab_plots_online_rounds_over_rounds(new_page, runs_made, server):
     """A run with online rounds (its events written as the rounds stage writes them, rounds 0 to 10): the Live
     tab's rounds section plots each metric over rounds, the x axis titled "round" with one tick per round in
     numeric order ("10" last), each legend naming its metrics, every point marked (round 0 has no samples: the
@@ -686,11 +746,9 @@ def test_live_tab_plots_online_rounds_over_rounds(context, server):
         events.append({"time": t0 + r + 0.5, "type": "metrics", "stage": "rounds", "step": r, "round": r, **numbers})
     events += [{"time": t0 + 12, "type": "stage_end", "stage": "rounds", "status": "done", "seconds": 12.0},
                {"time": t0 + 12, "type": "run_end", "status": "done"}]
+    runs_made.append("rounds-fake")
     fake_run(server.runs, "rounds-fake", events)
-    p = context.new_page()
-    p.set_viewport_size({"width": 1400, "height": 1000})
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p = new_page(1400, 1000)
     tab(p, "3 · Live")
     pick(p, "live-run", "rounds-fake")
     until(p, "#rounds-curves", "el.offsetParent !== null")
@@ -707,7 +765,6 @@ def test_live_tab_plots_online_rounds_over_rounds(context, server):
         assert x_axis.startswith("X-axis titled 'round' for a discrete scale with 11 values: 0, 1, 2"), x_axis
         assert state["labels"][:11] == rounds, state["labels"]
         assert p.evaluate(legend, elem_id) == series
-    p.close()
 
 
 def test_playground_scores_answers_and_compare(page, server, trained, tmp_path, requests_seen):
@@ -750,17 +807,14 @@ def test_playground_scores_answers_and_compare(page, server, trained, tmp_path, 
     assert_all_local(requests_seen)
 
 
-def test_playground_serves_the_reward_model_and_stops_it(context, server, trained):
+def test_playground_serves_the_reward_model_and_stops_it(new_page, server, trained):
     """Serve this reward model: the exact command with the port typed in, "starting" then "serving" (and then
     no more polling), the URL and the examples; a second tab finds it serving on that port and stops it: the
     state says stopped and the port is free."""
     from mmrlhf_lite.ui import serving
 
     port = free_port()
-    p = context.new_page()
-    seen = record_events(p)
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p, seen = new_page(seen=True)
     tab(p, "4 · Reward playground")
     pick(p, "pg-run", "tiny-ui")
     until(p, "#pg-serve-state", "el.innerText.includes('State: not serving run tiny-ui')")
@@ -778,9 +832,7 @@ def test_playground_serves_the_reward_model_and_stops_it(context, server, traine
     assert serving.health(port)["model"] == str(trained)
     assert no_events(p, seen, 2.0) == 0, "the page still polls a service that serves"
 
-    other = context.new_page()  # a second tab (or a reloaded page) finds the service, and stops it
-    other.goto(server.url)
-    other.wait_for_selector("#data-file")
+    other = new_page()  # a second tab (or a reloaded page) finds the service, and stops it
     tab(other, "4 · Reward playground")
     pick(other, "pg-run", "tiny-ui")
     until(other, "#pg-serve-state", f"el.innerText.includes('State: serving at http://127.0.0.1:{port}')")
@@ -788,8 +840,6 @@ def test_playground_serves_the_reward_model_and_stops_it(context, server, traine
     other.locator("#pg-serve-stop").click()
     until(other, "#pg-serve-state", f"el.innerText.includes('State: stopped (it served on port {port})')")
     assert not serving.port_in_use(port) and serving.service_state(trained).status == "stopped"
-    other.close()
-    p.close()
 
 
 FRESH_LOAD = """
@@ -878,12 +928,10 @@ def test_policy_tab_chats_over_two_turns_beside_the_base_and_exports(page, serve
     assert_all_local(requests_seen)
 
 
-def test_train_form_keeps_edits(context, server, tmp_path):
+def test_train_form_keeps_edits(new_page, server, tmp_path):
     """Opening the recipe list and clicking elsewhere changes nothing; choosing another recipe over edited
     settings asks first, and loads it only when told to."""
-    p = context.new_page()
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p, seen = new_page(seen=True)
     tab(p, "2 · Train")
     pick(p, "recipe", "tiny.yaml")
     until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
@@ -909,7 +957,8 @@ def test_train_form_keeps_edits(context, server, tmp_path):
             p.mouse.click(5, 5)  # an empty corner of the page
         else:
             p.locator(target).click()
-        p.wait_for_timeout(2500)
+        # what the click started (if anything) has come back to the fields compared
+        settled(p, seen, quiet=1.0, timeout=60, outputs="#f-data-path, #run-name, #f-data-eval_fraction, #recipe")
         assert form_values() == kept, f"the form changed after opening the recipe list: {form_values()} != {kept}"
 
     # choosing another recipe over edits: nothing is lost, the page says what would be, and offers to load
@@ -929,17 +978,13 @@ def test_train_form_keeps_edits(context, server, tmp_path):
     pick(p, "recipe", "tiny.yaml")
     until(p, "#run-name textarea", "el.value.startsWith('tiny-')")
     assert "Loaded recipe tiny.yaml" in text(p, "train-status")
-    p.close()
 
 
-def test_train_essentials_presets_and_yaml_beside_start(context, server, trained, tmp_path):
+def test_train_essentials_presets_and_yaml_beside_start(new_page, server, trained, tmp_path):
     """The essentials and the pre-flight estimate are beside Start with every section folded; a preset
     changes the shown values and the YAML preview, and says what it set; over an edit of one of its keys it
     asks first; the demo set's settings hide for a data path that is not `demo`."""
-    p = context.new_page()
-    p.set_viewport_size({"width": 1400, "height": 1000})
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p = new_page(1400, 1000)
     tab(p, "2 · Train")
     # the presets' labels say how long they take here, scaled from a finished run of the same model and device
     # (tiny-ui ran the tiny recipe's settings), or that nothing was timed yet (the demo recipe's 4-bit setting)
@@ -1012,15 +1057,12 @@ def test_train_essentials_presets_and_yaml_beside_start(context, server, trained
         assert not p.locator(f"#f-data-demo-{key}").is_visible()
     until(p, "#train-yaml textarea", "el.value.includes('demo-data/demo.jsonl') && !el.value.includes('refuse')")
     until(p, "#train-estimate", "el.innerText.includes('data: 18 train / 2 held-out groups')")
-    p.close()
 
 
-def test_sharding_follows_processes_and_fsdp2_shows_its_per_gpu_memory(context, server):
+def test_sharding_follows_processes_and_fsdp2_shows_its_per_gpu_memory(new_page, server):
     """Sharding is off (and "none") with one process, on with two; FSDP2 adds the per-GPU lines of
     `--dry-run --processes 2 --fsdp` to the pre-flight beside Start, and they go with one process again."""
-    p = context.new_page()
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p = new_page()
     tab(p, "2 · Train")
     pick(p, "recipe", "demo.yaml")
     until(p, "#train-estimate", "el.innerText.includes('optimizer steps') && el.innerText.includes('memory')",
@@ -1039,7 +1081,6 @@ def test_sharding_follows_processes_and_fsdp2_shows_its_per_gpu_memory(context, 
     procs.blur()
     until(p, "#sharding", f"[...{radios}].every(r => r.disabled) && {radios}[0].checked")
     until(p, "#train-estimate", "!el.innerText.includes('FSDP2') && el.innerText.includes('plan OK')")
-    p.close()
 
 
 def _compared_run(runs: Path, name: str, i: int) -> None:
@@ -1069,16 +1110,14 @@ def _compared_run(runs: Path, name: str, i: int) -> None:
     (run / "events.jsonl").write_text(json.dumps({"time": 1.0, "type": "run_end", "status": "done"}) + "\n")
 
 
-def test_compare_tables_stay_within_the_screen_width(context, server, tmp_path):
+def test_compare_tables_stay_within_the_screen_width(new_page, runs_made, server, tmp_path):
     """Four runs with long recipe values and many evaluation columns, in a 1400 px window: the tables wrap
     or scroll inside their boxes; the page itself has no horizontal scroll."""
     names = [f"wide-comparison-run-number-{i}-with-a-long-name" for i in range(4)]
+    runs_made.extend(names)
     for i, name in enumerate(names):
         _compared_run(server.runs, name, i)
-    p = context.new_page()
-    p.set_viewport_size({"width": 1400, "height": 1000})
-    p.goto(server.url)
-    p.wait_for_selector("#data-file")
+    p = new_page(1400, 1000)
     tab(p, "5 · Compare runs")
     box = p.locator("#cmp-runs input")
     for name in names:  # typed and taken with Enter (the growing list of chosen names moves the options)
@@ -1090,7 +1129,7 @@ def test_compare_tables_stay_within_the_screen_width(context, server, tmp_path):
     p.locator("#cmp-go").click()
     until(p, "#cmp-diff", "el.innerText.includes('dpo.beta') && el.innerText.includes('lora_target_modules')")
     until(p, "#cmp-table", "el.innerText.includes('size-and-position')")
-    p.wait_for_timeout(1000)
+    quiet_dom(p)  # the tables laid out
     # the evaluation: a row per metric, a column per run; every header in whole words, every cell in the window
     assert_whole_words(text_lines(p, "#cmp-table th span.header"), "evaluation header")
     cells = text_lines(p, "#cmp-table [role=gridcell]")
@@ -1119,4 +1158,3 @@ def test_compare_tables_stay_within_the_screen_width(context, server, tmp_path):
     assert not outside, f"recipe-difference cells beyond the box (a horizontal scroll to see them): {outside[:4]}"
     clipped = [c for c in cells if c["clipped"]]
     assert not clipped, f"recipe-difference values cut off in their cells: {clipped[:4]}"
-    p.close()

@@ -95,7 +95,7 @@ def test_yaml_preview_holds_exactly_the_keys_that_differ_and_rebuilds_the_recipe
     assert bad.startswith("# Start would refuse this form") and "missing.jsonl" in bad and "does not exist" in bad
 
 
-def test_estimate_shows_the_dry_runs_numbers(tmp_path):
+def test_estimate_shows_the_dry_runs_numbers(tmp_path, monkeypatch, capsys):
     """The steps, groups and memory peak beside Start are the ones `--dry-run` prints for the same recipe."""
     values, _ = essentials.apply_preset(essentials.SMOKE, demo_values(tmp_path))
     p = essentials.preflight(values, data_root=tmp_path, runs_root=tmp_path, scratch=tmp_path / "pf")
@@ -103,8 +103,13 @@ def test_estimate_shows_the_dry_runs_numbers(tmp_path):
     assert p.can_start and not p.errors
     recipe = tmp_path / "smoke.yaml"
     recipe.write_text(form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "dry"))
-    out = subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), "--dry-run"], capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path).stdout
+    from mmrlhf_lite.train import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    # the command's own code in-process (its output is the same; a subprocess only imported the stack again)
+    assert main([str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
     train, evals = (int(x) for x in re.search(r"\n  train\s+(\d+).*\n(?:.*\n)*?  eval\s+(\d+)", out).groups())
     assert f"data: {train} train / {evals} held-out groups" in md, (md, out)
     for stage in ("reward", "dpo"):

@@ -892,3 +892,67 @@ def test_the_tabs_hold_only_tabs(tmp_path, monkeypatch):
     assert [type(c).__name__ for c in kids] == ["Tab"] * len(kids)
     assert [c.label for c in kids] == ["1 · Data", "2 · Train", "3 · Live", "4 · Reward playground",
                                        "5 · Compare runs", "6 · Policy"]
+
+
+def test_the_live_tabs_timer_ticks_at_the_poll_period_asked_for(tmp_path, monkeypatch):
+    """`app.py --poll-seconds` sets the Live tab's timer period (1.5 s by default); a period that is not a
+    positive number of seconds is refused before the app starts."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import subprocess
+    import sys
+
+    import gradio as gr
+
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.blocks import build_app
+
+    (tmp_path / "runs").mkdir()
+    for asked, period in ((None, 1.5), (0.5, 0.5)):
+        kw = {} if asked is None else {"poll_seconds": asked}
+        cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
+                       max_upload_bytes=1 << 20, **kw)
+        timers = [b for b in build_app(cfg).blocks.values() if isinstance(b, gr.Timer)]
+        assert [t.value for t in timers] == [period]
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(repo))
+    import app
+
+    assert app.parse_args([]).poll_seconds == 1.5 and app.parse_args(["--poll-seconds", "0.25"]).poll_seconds == 0.25
+    r = subprocess.run([sys.executable, str(repo / "app.py"), "--poll-seconds", "0", "--runs-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 2 and "--poll-seconds must be a positive number of seconds, not 0.0" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_app_does_not_summarise_its_events_after_each_one(tmp_path, monkeypatch):
+    """gradio's queue re-summarised every recorded event (a pandas group-by, ~25 ms of CPU) after each event,
+    for a monitoring page the app never turns on: most of the server's work while a Live tab polls. The queue
+    app.py makes, fed 300 events of a named handler, builds no summary."""
+    import sys
+
+    import gradio as gr
+    from gradio.queueing import Queue
+
+    for key in ("GRADIO_ANALYTICS_CACHE_FREQUENCY", "GRADIO_TEMP_DIR", "HF_HUB_DISABLE_TELEMETRY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.append(self))
+    from mmrlhf_lite.ui import serving
+    monkeypatch.setattr(serving, "stop_services_at_exit", lambda: None)
+    summaries = []
+    real = Queue._get_df
+    monkeypatch.setattr(Queue, "_get_df", staticmethod(lambda records: summaries.append(len(records)) or real(records)))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    import app
+
+    assert app.main(["--port", "9", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+                     "--upload-dir", str(tmp_path / "up")]) == 0
+    queue = launched[0]._queue
+    records = []
+    for i in range(300):  # what the queue does per event: record it, then summarise (gradio/queueing.py)
+        records.append({"time": float(i), "status": "success", "process_time": 0.01, "function": "view",
+                        "session_hash": "s"})
+        queue.events_recorded += 1
+        queue.compute_analytics_summary(records)
+    assert summaries == [], f"{len(summaries)} summaries over 300 events"

@@ -33,6 +33,7 @@ class UIConfig:
     recipes_root: Path
     upload_dir: Path
     max_upload_bytes: int
+    poll_seconds: float = 1.5  # the Live tab's timer period (app.py --poll-seconds)
 
 
 def readable(fn):

@@ -31,7 +31,6 @@ from ..base import UIConfig, log, readable
 from ..safety import Refused
 
 JOB_COLUMNS = ["run", "status", "stages done", "launch", "updated"]  # the "All runs" table
-TICK_SECONDS = 1.5
 # the outputs of `view` and `tick`, in order (the first 14 are the API's /view answer as before)
 OUTPUTS = ["status", "progress", "error", "points", *[f"plot-{n}" for n in runview.CURVES], "tokens", "gpu", "log",
            "jobs", "stop", "resume", "card", "hist", "rename", "delete", "rounds",
@@ -377,7 +376,7 @@ def build(h: LiveHandlers) -> SimpleNamespace:
         log_box = gr.Textbox(label="Log (console.log, newest last)", lines=12, max_lines=12, autoscroll=True,
                              elem_id="run-log")
         jobs_table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="All runs", elem_id="jobs", interactive=False)
-        timer = gr.Timer(TICK_SECONDS, active=False)  # inside the Tab (outside, it broke the tab bar)
+        timer = gr.Timer(h.cfg.poll_seconds, active=False)  # inside the Tab (outside, it broke the tab bar)
         sig = gr.State(None)
         pending = gr.State(None)  # the run the delete confirmation is about
     by_name = {"status": status, "progress": progress, "error": error, "points": points, "tokens": speed, "gpu": gpu,
