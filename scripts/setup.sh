@@ -25,7 +25,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if [[ -z "${MMRLHF_LITE_NO_UV:-}" ]] && "$VENV/bin/python" -m uv --version >/dev/null 2>&1; then
     # uv reads neither pip.conf nor PIP_* variables: pass on the local wheel folder pip would use
-    install() { UV_HTTP_RETRIES=${UV_HTTP_RETRIES:-1} "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" \
+    install() { UV_HTTP_RETRIES=${UV_HTTP_RETRIES:-1} "$VENV/bin/python" -m uv pip install -q --compile-bytecode --python "$VENV/bin/python" \
         ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} "$@"; }
 else
     install() { pip install -q "$@"; }
