@@ -229,16 +229,6 @@ def write_set(out_dir: str | Path, name: str, settings: dict, make_groups) -> Pa
     tmp.replace(target)
     stamp.write_text(json.dumps(settings))
     return target
-    rows = generate(out, groups, seed, image_size, safety_fraction)
-    tmp = target.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for g in rows:
-            rec = g.to_record()
-            rec["images"] = [str(Path(p).relative_to(out)) for p in rec["images"]]
-            fh.write(json.dumps(rec) + "\n")
-    tmp.replace(target)
-    stamp.write_text(json.dumps(settings))
-    return target
 
 
 if __name__ == "__main__":
