@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_support import run_main
 
 from mmrlhf_lite.recipe import Recipe, load_recipe
 from mmrlhf_lite.ui import essentials, form
@@ -95,7 +96,7 @@ def test_yaml_preview_holds_exactly_the_keys_that_differ_and_rebuilds_the_recipe
     assert bad.startswith("# Start would refuse this form") and "missing.jsonl" in bad and "does not exist" in bad
 
 
-def test_estimate_shows_the_dry_runs_numbers(tmp_path, monkeypatch, capsys):
+def test_estimate_shows_the_dry_runs_numbers(tmp_path, capsys):
     """The steps, groups and memory peak beside Start are the ones `--dry-run` prints for the same recipe."""
     values, _ = essentials.apply_preset(essentials.SMOKE, demo_values(tmp_path))
     p = essentials.preflight(values, data_root=tmp_path, runs_root=tmp_path, scratch=tmp_path / "pf")
@@ -105,11 +106,10 @@ def test_estimate_shows_the_dry_runs_numbers(tmp_path, monkeypatch, capsys):
     recipe.write_text(form.run_recipe(values, data_root=tmp_path, runs_root=tmp_path, run_dir=tmp_path / "dry"))
     from mmrlhf_lite.train import main
 
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
     # the command's own code in-process (its output is the same; a subprocess only imported the stack again)
-    assert main([str(recipe), "--dry-run"]) == 0
-    out = capsys.readouterr().out
+    result = run_main(main, [recipe, "--dry-run"], cwd=tmp_path, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     train, evals = (int(x) for x in re.search(r"\n  train\s+(\d+).*\n(?:.*\n)*?  eval\s+(\d+)", out).groups())
     assert f"data: {train} train / {evals} held-out groups" in md, (md, out)
     for stage in ("reward", "dpo"):
