@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, free_port, start_server, stop_server, wait_for,
-                             write_recipe)
+from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, free_port, run_report, start_server, stop_server,
+                             wait_for, write_recipe)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -149,9 +149,16 @@ def pick(page, elem_id: str, option: str) -> None:
 
 
 def until(page, selector: str, condition: str, timeout: float = 60_000) -> None:
-    """Wait until `condition` (JS, about element `el`) holds for the element (which may not exist yet)."""
-    page.wait_for_function(f"(() => {{ const el = document.querySelector({selector!r}); return !!el && ({condition}); }})()",
-                           timeout=timeout)
+    """Wait until `condition` (JS, about element `el`) holds for the element (which may not exist yet); on a
+    timeout, the failure says what the element showed."""
+    try:
+        page.wait_for_function(f"(() => {{ const el = document.querySelector({selector!r}); "
+                               f"return !!el && ({condition}); }})()", timeout=timeout)
+    except sync_api.TimeoutError:
+        shown = page.evaluate("(s) => { const el = document.querySelector(s); return el ? el.innerText : null; }",
+                              selector)
+        raise AssertionError(f"timed out after {timeout / 1000:.0f} s waiting for {selector}: {condition}; "
+                             f"it shows: {shown!r}") from None
 
 
 def text(page, elem_id: str) -> str:
@@ -561,12 +568,16 @@ def test_train_watch_stop_resume(page, new_page, server, tmp_path, requests_seen
     pick(page, "live-run", "long-ui")
     seen = [stopped_points]
 
+    shown = {}
+
     def done():
         points, status = texts(page, "curve-points", "run-status")  # (one moment: both of the same run)
+        shown.update(points=points, status=status)
         if "long-ui" in status and points != seen[-1] and re.search(r"reward \d+", points):
             seen.append(points)  # (while the pick is under way the view may still be run 2's)
         return "long-ui" in status and "status: done" in status
-    wait_for(done, 300, interval=0.3, what="long-ui done")
+    wait_for(done, 300, interval=0.3, what="long-ui done",
+             detail=lambda: f"the page shows {shown}\n{run_report(server.runs, 'long-ui', 'tiny-ui')}")
     until(page, "#curve-points", f"el.innerText.includes('reward {LONG_STEPS}')")
     if text(page, "curve-points") != seen[-1]:
         seen.append(text(page, "curve-points"))
@@ -618,10 +629,14 @@ def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(n
     is, nor while the browser tab is hidden; new points reach the same plot element, one held-out point is
     drawn as a mark, the ETA follows the recent pace; when the job is gone the timer stops by itself."""
     p, seen = new_page(1400, 1000, seen=True)
+    # the page load's own events are done: the Train tab's pre-flight has answered (on a server that just
+    # started, the first one takes seconds, and the form's next one is sent only then)
+    tab(p, "2 · Train")
+    until(p, "#train-estimate", "!el.innerText.includes('Pre-flight: ...')", timeout=120_000)
     tab(p, "3 · Live")
     pick(p, "live-run", "tiny-ui")
     until(p, "#run-status", "el.innerText.includes('tiny-ui') && el.innerText.includes('status: done')")
-    settled(p, seen)  # the page load's own events (the Train tab's pre-flight) are done
+    settled(p, seen)
     assert no_events(p, seen) == 0, "a finished run's Live tab polled"
 
     t0 = time.time()
@@ -670,10 +685,16 @@ def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(n
             progress.append({"time": tp, "type": "progress", "stage": "reward", "n": n, "total": 20, "unit": "step"})
         append(*progress)
         until(p, "#run-progress", "el.innerText.includes('11/20 steps · 10.0 s/step · ETA 1m30s')", timeout=30_000)
+        # the job ends while the browser tab is hidden (no polling then) ...
+        set_visibility(p, "hidden")
     finally:
         job.kill()
         job.wait()
-    # the job is gone (no run_end: interrupted); the timer stops itself
+    assert no_events(p, seen) == 0, "polled while the browser tab was hidden"
+    assert "status: running" in text(p, "run-status")
+    # ... shown again, the page catches up at once: the job is gone (no run_end: interrupted), and the timer,
+    # with no run left to follow, stays off (before, the page stayed on "running" for good)
+    set_visibility(p, "visible")
     until(p, "#run-status", "el.innerText.includes('live-fake') && el.innerText.includes('interrupted')",
           timeout=30_000)
     assert no_events(p, seen) == 0, "still polling after the last job ended"

@@ -144,7 +144,9 @@ def stop_server(server: Server) -> None:
             pass
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition", detail=None):
+    """`predicate()` until truthy; on a timeout an AssertionError with its last value and, when given,
+    `detail()` (what the page and the run folders showed then: a failure in CI must say what was going on)."""
     end = time.time() + timeout
     last = None
     while time.time() < end:
@@ -152,7 +154,34 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+    extra = ""
+    if detail is not None:
+        try:
+            extra = "\n" + str(detail())
+        except Exception as exc:  # noqa: BLE001 - the report of a failure must not hide it
+            extra = f"\n(detail failed: {exc!r})"
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r}){extra}")
+
+
+def run_report(runs: Path, *names: str, lines: int = 15) -> str:
+    """Each run's job state as the UI reads it, its last events and the tail of its console.log."""
+    from mmrlhf_lite.ui import jobs
+
+    out = []
+    for name in names:
+        run = runs / name
+        try:
+            state = jobs.job_state(run)
+        except Exception as exc:  # noqa: BLE001
+            state = f"unreadable: {exc!r}"
+        try:
+            tail = [json.dumps(e)[:200] for e in events(run)[-lines:]]
+        except Exception as exc:  # noqa: BLE001
+            tail = [f"events unreadable: {exc!r}"]
+        log = run / "console.log"
+        console = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no console.log)"]
+        out += [f"--- run {name}: {state}", "events:", *tail, "console.log:", *console]
+    return "\n".join(out)
 
 
 def events(run: Path) -> list[dict]:

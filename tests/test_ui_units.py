@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import zipfile
 from pathlib import Path
 
@@ -214,6 +215,65 @@ def test_a_job_between_fork_and_exec_is_alive(monkeypatch, alive_trainer):
     assert jobs._proc_alive(alive_trainer.pid)
     del jobs._children[alive_trainer.pid]
     assert not jobs._proc_alive(alive_trainer.pid)
+
+
+def _timer_on(timer) -> bool | None:
+    """What a handler's timer output does: True / False turn it on / off, None leaves it (gr.skip())."""
+    import gradio as gr
+
+    return timer.active if isinstance(timer, gr.Timer) else None
+
+
+def test_a_run_that_ends_while_its_view_is_read_is_shown_ended_before_the_timer_stops(tmp_path, alive_trainer):
+    """Seen in CI: the Live tab stayed on "status: running" for good after the run was done. A tick read the
+    run's view (running), the run ended, then the tick asked whether any run was active (none) and turned the
+    timer off: no tick ever came to show the end. The same held for a view followed by the timer's check (a
+    run picked, Start, a tab opened). Whether a run is active is now read before the view."""
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.tabs.live import LiveHandlers
+
+    runs = tmp_path / "runs"
+    run = runs / "r"
+    run.mkdir(parents=True)
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T}))
+    start = {"time": T + 2, "type": "run_start", "stages": ["reward"], "skip": []}
+    write_events(run, [start])
+    h = LiveHandlers(UIConfig(data_root=tmp_path, runs_root=runs, recipes_root=tmp_path, upload_dir=tmp_path,
+                              max_upload_bytes=1 << 20))
+    read_view = h.parts
+
+    def the_run_ends_after_its_view_is_read(name):
+        out = read_view(name)
+        if alive_trainer.poll() is None:
+            alive_trainer.kill()
+            alive_trainer.wait()
+            write_events(run, [start, {"time": T + 9, "type": "run_end", "status": "done"}])
+        return out
+
+    # a tick
+    shown, *_, sig = h.view("r")
+    h.parts = the_run_ends_after_its_view_is_read
+    status, *_, sig, timer = h.tick("r", sig)
+    shown = status if isinstance(status, str) else shown  # (gr.skip(): unchanged on the page)
+    assert "status: **running**" in shown
+    assert _timer_on(timer) is not False, "the timer stopped on a view that shows the run running"
+    h.parts = read_view
+    status, *_, sig, timer = h.tick("r", sig)
+    assert "status: **done**" in status and _timer_on(timer) is False  # the next tick shows the end, then stops
+
+    # a view, then the timer's check (what follows a pick, a Start, the Live tab opened)
+    alive_trainer.__init__([sys.executable, "-c", "import time; time.sleep(60)", "mmrlhf_lite.train"])
+    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{alive_trainer.pid}/cmdline").read_bytes(), 10,
+             interval=0.01)
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T}))
+    write_events(run, [start])
+    h.parts = the_run_ends_after_its_view_is_read
+    status, *_, sig = h.view("r")
+    assert "status: **running**" in status
+    assert _timer_on(h.follow(sig)) is True, "the timer stayed off after a view that shows the run running"
+    h.parts = read_view
+    status, *_, sig, timer = h.tick("r", sig)
+    assert "status: **done**" in status and _timer_on(timer) is False
 
 
 def finished_run(root: Path, name: str, **recipe) -> Path:

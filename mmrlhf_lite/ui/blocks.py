@@ -115,7 +115,7 @@ def _wire(app, tabs, h, data, train, live, pg, cmp, pol, page_hidden, page_shown
     started.then(_if_started(lambda: ("", "live")), started_run, [live.action, current], api_name=False,
                  show_progress="hidden")
     started.then(_if_started(h.live.view, n=len(live.outputs) + 1, pass_run=True), started_run,
-                 [*live.outputs, live.sig], api_name=False).then(h.live.poll, None, live.timer, api_name=False)
+                 [*live.outputs, live.sig], api_name=False).then(h.live.follow, live.sig, live.timer, api_name=False)
     # what a run started with is kept in its folder: not an edit to guard; the name is now taken
     remember, remember_in, remember_out = train.remember
     train.refresh(started.then(_if_started(remember, n=2, pass_all=True), [started_run, *remember_in], remember_out,
@@ -128,7 +128,7 @@ def _wire(app, tabs, h, data, train, live, pg, cmp, pol, page_hidden, page_shown
     tabs.select(_refresh_lists(h), [live.run, pg.run, pg.cache_run, cmp.runs, data.scores_run],
                 [live.run, pg.run, pg.cache_run, cmp.runs, data.scores_run], api_name=False, show_progress="hidden")
     live.tab.select(h.live.view, live.run, [*live.outputs, live.sig], api_name=False).then(
-        h.live.poll, None, live.timer, api_name=False)
+        h.live.follow, live.sig, live.timer, api_name=False)
     for other in (data.tab, train.tab, pg.tab, cmp.tab, pol.tab):
         other.select(lambda: gr.Timer(active=False), None, live.timer, api_name=False, show_progress="hidden")
     # the browser tab hidden: no polling; shown again: the Live tab (if it is the one open) catches up
@@ -137,8 +137,8 @@ def _wire(app, tabs, h, data, train, live, pg, cmp, pol, page_hidden, page_shown
         block.select(lambda t=tab_id: t, None, current, api_name=False, show_progress="hidden")
     train.refresh(used.then(lambda: "train", None, current, api_name=False, show_progress="hidden"))  # (set by hand)
     page_hidden.click(lambda: gr.Timer(active=False), None, live.timer, api_name=False, show_progress="hidden")
-    page_shown.click(lambda tab: h.live.poll(tab == "live"), current, live.timer, api_name=False,
-                     show_progress="hidden")
+    page_shown.click(h.live.shown_again, [current, live.run, live.sig], [*live.outputs, live.sig, live.timer],
+                     api_name=False, show_progress="hidden")
 
 
 def _if_started(fn, n: int = 2, pass_run: bool = False, pass_all: bool = False):

@@ -3,9 +3,11 @@ round metric over rounds; Stop / Resume; rename, delete, and the run's log and r
 all runs.
 
 The page polls only what can change: one timer, ticking only while this tab is shown, the browser tab is
-visible and some run is active (starting, running, stopping); it stops itself when the last run ends. Each
-tick sends only the outputs whose content changed (`tick`: a fingerprint per output), so a plot gets new
-data in place and is never re-drawn for nothing. Job state is read from the run folders on every look.
+visible and some run is active (starting, running, stopping); it stops itself when the last run ends, on the
+tick that shows that end (whether a run is active is read before the view). A browser tab shown again catches
+up at once (`shown_again`). Each tick sends only the outputs whose content changed (`tick`: a fingerprint per
+output), so a plot gets new data in place and is never re-drawn for nothing. Job state is read from the run
+folders on every look.
 
 `LiveHandlers` holds the tab's handlers (what its tests call); `build` lays the tab out and wires its own
 events; blocks.py turns the timer on and off as tabs and the page's visibility change.
@@ -32,6 +34,8 @@ from ..safety import Refused
 
 JOB_COLUMNS = ["run", "status", "stages done", "launch", "updated"]  # the "All runs" table
 # the outputs of `view` and `tick`, in order (the first 14 are the API's /view answer as before)
+# the fingerprints' entry (never an output) saying whether some run was active when they were read
+ACTIVE = "_active"
 OUTPUTS = ["status", "progress", "error", "points", *[f"plot-{n}" for n in runview.CURVES], "tokens", "gpu", "log",
            "jobs", "stop", "resume", "card", "hist", "rename", "delete", "rounds",
            *[f"plot-{n}" for n in runview.ROUND_CURVES]]
@@ -146,23 +150,31 @@ class LiveHandlers:
                     for n in runview.ROUND_CURVES})
         return out
 
+    # Whether a run is active is read BEFORE the view, never after: a run that ends between the two would
+    # otherwise be shown running while the timer turns off, and the page stays on "running" for good.
+
     @readable
     def view(self, run_name: str | None):
-        """Everything the Live tab shows for one run (OUTPUTS), and the fingerprints `tick` compares with."""
+        """Everything the Live tab shows for one run (OUTPUTS), and the fingerprints `tick` compares with (with
+        ACTIVE: whether some run was active when the view was read, for `follow`)."""
+        active = self.any_active()
         parts = self.parts(run_name)
         sig = {k: _fingerprint(v) for k, v in parts.items()}
+        sig[ACTIVE] = active
         parts["hist"] = self.beta_histogram(run_name)
         return (*[parts[k] for k in OUTPUTS], sig)
 
-    def tick(self, run_name: str | None, last: dict | None):
-        """The timer: only the outputs whose content changed (the rest `gr.skip()`: no traffic, no redraw), the
-        new fingerprints, and the timer itself, turned off once no run is active."""
+    def changes(self, run_name: str | None, last: dict | None) -> tuple[list, dict | None, bool]:
+        """(the outputs whose content changed since the fingerprints `last`, the rest `gr.skip()`; the new
+        fingerprints; whether some run was active before they were read)."""
+        active = self.any_active()
         try:
             parts = self.parts(run_name)
-        except Exception:  # noqa: BLE001 - a run renamed or deleted meanwhile: nothing to show, keep ticking
-            return (*[gr.skip()] * len(OUTPUTS), last, gr.skip())
+        except Exception:  # noqa: BLE001 - a run renamed or deleted meanwhile: nothing to show; the timer
+            return [gr.skip()] * len(OUTPUTS), last, active  # follows the other runs
         last = last or {}
         sig = {k: _fingerprint(v) for k, v in parts.items()}
+        sig[ACTIVE] = active
         out = []
         for k in OUTPUTS:
             if sig[k] == last.get(k):
@@ -171,12 +183,28 @@ class LiveHandlers:
                 out.append(self.beta_histogram(run_name))
             else:
                 out.append(parts[k])
-        active = self.any_active()
+        return out, sig, active
+
+    def tick(self, run_name: str | None, last: dict | None):
+        """The timer: only the outputs whose content changed (no traffic, no redraw for the rest), the new
+        fingerprints, and the timer itself, turned off once no run was active before the outputs were read
+        (the tick that turns it off has shown every run's end)."""
+        out, sig, active = self.changes(run_name, last)
         return (*out, sig, gr.skip() if active else gr.Timer(active=False))
 
-    def poll(self, shown: bool = True):
-        """The timer's state for a shown Live tab: on while some run is active, else off."""
-        return gr.Timer(active=bool(shown) and self.any_active())
+    def follow(self, sig: dict | None):
+        """The timer after a view: on while some run is active, or was when the view was read (one more tick
+        then shows the end of a run that ended meanwhile)."""
+        return gr.Timer(active=bool((sig or {}).get(ACTIVE)) or self.any_active())
+
+    def shown_again(self, tab: str | None, run_name: str | None, last: dict | None):
+        """The browser tab shown again: on the Live tab, what changed while it was hidden (a run may have ended
+        then, and no tick would come to show it) and the timer on while a run is active; on another tab,
+        nothing (its timer stays off)."""
+        if tab != "live":
+            return (*[gr.skip()] * len(OUTPUTS), last, gr.Timer(active=False))
+        out, sig, active = self.changes(run_name, last)
+        return (*out, sig, gr.Timer(active=active))
 
     # ------------------------------------------------------------------------------------ jobs
     @readable
@@ -388,7 +416,7 @@ def build(h: LiveHandlers) -> SimpleNamespace:
 
     def show(dep):
         """After an action: the view again, and the timer on while a run is active."""
-        return dep.then(h.view, live_run, [*outputs, sig], api_name=False).then(h.poll, None, timer, api_name=False)
+        return dep.then(h.view, live_run, [*outputs, sig], api_name=False).then(h.follow, sig, timer, api_name=False)
 
     # another run shown: no files or delete confirmation of the one before stay under it (nor its action's
     # message: cleared when a run is picked, and by Start, in blocks.py; a rename or delete keeps its own)
