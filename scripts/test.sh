@@ -21,7 +21,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 T0=$SECONDS
 rc=0
-.venv/bin/python -m pytest -q -ra --durations=20 -n "${MMRLHF_LITE_TEST_WORKERS:-2}" --dist loadfile "$@" || rc=$?
+.venv/bin/python -m pytest -q -ra --durations=20 -n "${MMRLHF_LITE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" || rc=$?
 echo "[test] pytest took $((SECONDS - T0)) s (exit $rc)"
 if [[ $rc -eq 5 ]]; then
     echo "[test] no tests collected: treated as success"

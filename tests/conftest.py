@@ -25,6 +25,11 @@ os.environ.setdefault("MMRLHF_LITE_CACHE", str(REPO / ".cache" / "test"))
 # are too small to gain from two, and when the browser, the app and a training job share 2 cores, two
 # spinning OpenMP threads per process made steps 10-80x slower (measured 1.7 s vs 14 s per reward step).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No TorchDynamo (inherited by every process the tests start): the project never calls torch.compile, but
+# bitsandbytes wraps its CPU int8 kernels (unused here) in it at import, which imports inductor: 1.7 of the
+# 6.1 CPU s that importing torch + transformers + peft + bitsandbytes takes, paid by each of the ~200
+# Python processes a run of the suite starts (torchrun ranks, training jobs, app servers)
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -137,12 +142,15 @@ def images(tmp_path) -> list[Path]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first: the files that take minutes start at once, so with `-n 2 --dist loadfile`
-    (scripts/test.sh) the many short files fill the other worker around them. (Not `--dist loadgroup`: with
+    """Longest first (wall seconds of a clean-clone run): the files that take minutes start at once, so with
+    `-n 2 --dist loadfile --no-loadscope-reorder` (scripts/test.sh; without the last flag, pytest-xdist
+    reorders the files by their number of tests, and the five tests of test_demo_e2e.py started late) the many
+    short files fill the other worker around them. (Not `--dist loadgroup`: with
     pytest 9.2 a node id no longer reads `_nodeid`, where pytest-xdist 3.8 writes a test's group, so groups are
     ignored and a module's shared fixture is built on both workers.)"""
-    first = ("test_demo_e2e.py", "test_ui_browser.py", "test_distributed.py", "test_fsdp.py", "test_kill_resume.py",
-             "test_notebooks.py")
+    first = ("test_ui_browser.py", "test_demo_e2e.py", "test_distributed.py", "test_fsdp.py", "test_notebooks.py",
+             "test_rounds.py", "test_ui_essentials.py", "test_bench.py", "test_ui_api.py", "test_fsdp_loading.py",
+             "test_gpu_smoke.py", "test_collation_workers.py", "test_disk_full.py", "test_fuzz.py", "test_runs.py")
     rank = {name: i for i, name in enumerate(first)}
     items.sort(key=lambda item: rank.get(item.path.name, len(first)))
 
