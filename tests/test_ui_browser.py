@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, free_port, run_report, start_server, stop_server,
-                             wait_for, write_recipe)
+from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, events, free_port, run_report, start_server,
+                             stop_server, wait_for, write_recipe)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -143,9 +143,12 @@ def tab(page, name: str) -> None:
 
 
 def pick(page, elem_id: str, option: str) -> None:
-    """Choose an option of a gradio dropdown the way a user does."""
+    """Choose an option of a gradio dropdown the way a user does; fail at once if the choice did not take."""
     page.locator(f"#{elem_id} input").click()
     page.get_by_role("option", name=option, exact=True).click()
+    # (a single choice shows in the input; a multiselect's choices show as tokens beside it)
+    until(page, f"#{elem_id}", f"el.querySelector('input')?.value == {option!r} || [...el.querySelectorAll("
+                               f"'.token')].some(t => t.innerText.trim() == {option!r})", timeout=30_000)
 
 
 def until(page, selector: str, condition: str, timeout: float = 60_000) -> None:
@@ -524,8 +527,11 @@ def test_train_watch_stop_resume(page, new_page, server, tmp_path, requests_seen
     assert re.search(r"long-ui\s+(starting|running)", text(other, "jobs")), text(other, "jobs")
     other.close()
 
-    # stop it once it trains, from the live view
-    wait_for(lambda: re.search(r"reward [1-9]", text(page, "curve-points")), 240, what="long-ui reward points")
+    # stop it once it trains (its first curve point written; waiting for the page to draw it first took up to
+    # 15 s under load, most of the run), from the live view
+    wait_for(lambda: any(e.get("type") == "metrics" and e.get("stage") == "reward"
+                         for e in events(server.runs / "long-ui")), 240, interval=0.1,
+             what="long-ui's first reward point", detail=lambda: run_report(server.runs, "long-ui"))
     page.locator("#stop").click()
     until(page, "#run-status", "el.innerText.includes('status: stopped')", timeout=180_000)
     assert "stopped after" in text(page, "run-progress")

@@ -30,9 +30,10 @@ TINY = {
     "eval": {"critique_modes": ["none"], "policy_samples": 0, "max_new_tokens": 4},
 }
 # a reward-only run long enough to be stopped and resumed
-# long enough that a Stop clicked once its first curve point shows lands mid-run on a loaded machine (at 6
-# steps, about 4 s of training, the run sometimes finished before the stop was seen)
-LONG_STEPS = 30
+# long enough that a Stop clicked once its first curve point is written lands mid-run on a loaded machine (at 6
+# steps, about 4 s of training, the run sometimes finished before the stop was seen; at 30, 16 s of training
+# at a load of about 5, the click waited for the page to show the point and landed 15 s after it: too late)
+LONG_STEPS = 60
 LONG = {"model": {"load_in_4bit": False},
         "reward": {"critique_mode": "none", "max_new_tokens": 4,
                    "train": {"max_steps": LONG_STEPS, "grad_accum": 2, "logging_steps": 1, "save_steps": 1000}},

@@ -349,6 +349,18 @@ def test_list_runs_and_run_path(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     assert sorted(jobs.list_runs(tmp_path)) == ["a", "b"]
     assert jobs.run_path(tmp_path, "a") == (tmp_path / "a").resolve()
+    # newest made first, and a run writing events does not move: seen in the browser, two running jobs writing
+    # in turn swapped places in the open list, and the click meant for one picked the other
+    import os
+
+    for name, made in (("a", 1_000), ("b", 2_000)):
+        for f in (tmp_path / name).iterdir():
+            os.utime(f, (made, made))
+        (tmp_path / name / "recipe.yaml").write_text("{}")
+        os.utime(tmp_path / name / "recipe.yaml", (made, made))
+    assert jobs.list_runs(tmp_path) == ["b", "a"]
+    os.utime(tmp_path / "a" / "events.jsonl", (3_000, 3_000))  # a's job appends an event
+    assert jobs.list_runs(tmp_path) == ["b", "a"]
     with pytest.raises(Refused):
         jobs.run_path(tmp_path, "../a")
 

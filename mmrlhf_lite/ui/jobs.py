@@ -57,7 +57,9 @@ class JobState:
 # listing
 
 def list_runs(runs_root: str | os.PathLike) -> list[str]:
-    """Run folder names under the root, newest first (a run folder holds a recipe or events)."""
+    """Run folder names under the root, newest made first (a run folder holds a recipe or events). The order is
+    by the oldest of those files, not the newest: a run that writes events must not move while the list is
+    open (two runs writing in turn swapped places under the pointer, and a click picked the other run)."""
     root = Path(runs_root)
     if not root.is_dir():
         return []
@@ -66,7 +68,7 @@ def list_runs(runs_root: str | os.PathLike) -> list[str]:
         if d.is_dir() and not d.is_symlink() and not d.name.startswith("."):
             marker = [d / f for f in (EVENTS_FILE, RECIPE_FILE, JOB_FILE) if (d / f).exists()]
             if marker:
-                found.append((max(f.stat().st_mtime for f in marker), d.name))
+                found.append((min(f.stat().st_mtime for f in marker), d.name))
     return [name for _, name in sorted(found, reverse=True)]
 
 
