@@ -178,15 +178,20 @@ def test_job_that_failed_before_its_events_shows_the_clis_message(tmp_path):
 def alive_trainer():
     """A live process whose command line names mmrlhf_lite.train (what job_state checks a pid against): a job
     that is still there, without the cost of one."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mmrlhf_lite.train"])
-    # (its command line shows once it has exec'd: empty for a moment after the spawn)
-    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, interval=0.01)
+    proc = trainer_stand_in()
     yield proc
     proc.kill()
     proc.wait()
+
+
+def trainer_stand_in():
+    """A sleeping process whose command line names mmrlhf_lite.train, once it has exec'd (its command line is
+    empty for a moment after the spawn)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mmrlhf_lite.train"])
+    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, interval=0.01)
+    return proc
 
 
 def test_a_finishing_job_is_running_never_starting_again(tmp_path, alive_trainer):
@@ -242,11 +247,13 @@ def test_a_run_that_ends_while_its_view_is_read_is_shown_ended_before_the_timer_
                               max_upload_bytes=1 << 20))
     read_view = h.parts
 
+    trainer = alive_trainer
+
     def the_run_ends_after_its_view_is_read(name):
         out = read_view(name)
-        if alive_trainer.poll() is None:
-            alive_trainer.kill()
-            alive_trainer.wait()
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
             write_events(run, [start, {"time": T + 9, "type": "run_end", "status": "done"}])
         return out
 
@@ -262,10 +269,8 @@ def test_a_run_that_ends_while_its_view_is_read_is_shown_ended_before_the_timer_
     assert "status: **done**" in status and _timer_on(timer) is False  # the next tick shows the end, then stops
 
     # a view, then the timer's check (what follows a pick, a Start, the Live tab opened)
-    alive_trainer.__init__([sys.executable, "-c", "import time; time.sleep(60)", "mmrlhf_lite.train"])
-    wait_for(lambda: b"mmrlhf_lite.train" in Path(f"/proc/{alive_trainer.pid}/cmdline").read_bytes(), 10,
-             interval=0.01)
-    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "started": T}))
+    trainer = trainer_stand_in()
+    (run / "ui_job.json").write_text(json.dumps({"pid": trainer.pid, "started": T}))
     write_events(run, [start])
     h.parts = the_run_ends_after_its_view_is_read
     status, *_, sig = h.view("r")

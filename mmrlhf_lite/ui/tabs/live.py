@@ -157,24 +157,27 @@ class LiveHandlers:
     def view(self, run_name: str | None):
         """Everything the Live tab shows for one run (OUTPUTS), and the fingerprints `tick` compares with (with
         ACTIVE: whether some run was active when the view was read, for `follow`)."""
+        parts, sig = self._read(run_name)
+        parts["hist"] = self.beta_histogram(run_name)
+        return (*[parts[k] for k in OUTPUTS], sig)
+
+    def _read(self, run_name: str | None) -> tuple[dict, dict]:
+        """The view's parts and their fingerprints, with ACTIVE read first."""
         active = self.any_active()
         parts = self.parts(run_name)
         sig = {k: _fingerprint(v) for k, v in parts.items()}
         sig[ACTIVE] = active
-        parts["hist"] = self.beta_histogram(run_name)
-        return (*[parts[k] for k in OUTPUTS], sig)
+        return parts, sig
 
     def changes(self, run_name: str | None, last: dict | None) -> tuple[list, dict | None, bool]:
         """(the outputs whose content changed since the fingerprints `last`, the rest `gr.skip()`; the new
         fingerprints; whether some run was active before they were read)."""
-        active = self.any_active()
         try:
-            parts = self.parts(run_name)
+            parts, sig = self._read(run_name)
         except Exception:  # noqa: BLE001 - a run renamed or deleted meanwhile: nothing to show; the timer
-            return [gr.skip()] * len(OUTPUTS), last, active  # follows the other runs
+            return [gr.skip()] * len(OUTPUTS), last, self.any_active()  # follows the other runs
         last = last or {}
-        sig = {k: _fingerprint(v) for k, v in parts.items()}
-        sig[ACTIVE] = active
+        active = sig[ACTIVE]
         out = []
         for k in OUTPUTS:
             if sig[k] == last.get(k):
