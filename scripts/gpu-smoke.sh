@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The product on a GPU in one command (scripts/gpu_smoke.py says what it measures): every stage of
 # recipes/qwen2_5_vl_7b-24gb.yaml on a random-init Qwen2.5-VL-7B-shaped checkpoint under a 24 GiB cap, a few
-# steps each, results in $OUT (default runs/gpu-smoke/out) as they are measured. At most ~5 minutes on an H100.
+# steps each, results in $OUT (default runs/gpu-smoke/out) as they are measured. About 5 minutes on an H100
+# (300 s measured on 2026-12-06, docs/gpu.md; the budget, 330 s, stops a stage that runs over).
 #
 #   bash scripts/gpu-smoke.sh            # GPU; installs the carried wheels in .whl/ first when they are there
 #   bash scripts/gpu-smoke.sh --dry      # CPU, the tiny Qwen2.5-VL twin, same steps (CI: tests/test_gpu_smoke.py)

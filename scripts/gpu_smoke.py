@@ -253,14 +253,14 @@ def main() -> int:
     p.add_argument("--dry", action="store_true", help="the tiny Qwen2.5-VL twin on CPU (the same steps)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu-smoke" / "out"))
     p.add_argument("--run-dir", default=str(REPO / "runs" / "gpu-smoke" / "run"))
-    p.add_argument("--budget", type=float, default=None, help="seconds for everything (default 285 on a GPU, "
+    p.add_argument("--budget", type=float, default=None, help="seconds for everything (default 330 on a GPU, "
                    "900 with --dry); a stage past it is stopped and recorded, later ones as not run")
     p.add_argument("--child", metavar="PEAKS_JSON", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.child:
         return child(args.child, [a for a in rest if a != "--"])
 
-    deadline = time.time() + (args.budget or (900.0 if args.dry else 285.0))
+    deadline = time.time() + (args.budget or (900.0 if args.dry else 330.0))
     out, run_dir = Path(args.out), Path(args.run_dir)
     rec = Recorder(out, args.dry)
     log = out / "stages.log"

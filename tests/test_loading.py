@@ -259,3 +259,25 @@ def test_auto_backend_picks_transformers_even_where_unsloth_would_run(tiny_qwen2
     caplog.clear()
     assert loading.resolve_backend(cfg_for(tiny_qwen2_vl_xs), torch.device("cpu"), spec) == "transformers"
     assert loading.AUTO_BACKEND_NOTE not in caplog.text
+
+
+def test_a_load_while_an_earlier_model_is_still_referenced_is_named_in_a_warning(tiny_qwen2_vl_xs, caplog):
+    """The pre-flight counts one model in memory at a time; a load while another is alive says which one."""
+    import bitsandbytes  # noqa: F401  imported here, not inside a load: on this CPU its import logs a warning
+    # whose exception (kept by pytest's log capture) holds the importing frames, and so the model of a load
+
+    from mmrlhf_lite.models import loading
+
+    cfg = cfg_for(tiny_qwen2_vl_xs, load_in_4bit=False)
+    first, _ = load_model(cfg, lora=False)
+    with caplog.at_level("WARNING", logger=loading.__name__):
+        second, _ = load_model(cfg, lora=False)
+    said = [r.getMessage() for r in caplog.records if "still in memory" in r.getMessage()]
+    assert len(said) == 1 and str(tiny_qwen2_vl_xs) in said[0] and "1 loaded before is" in said[0], said
+    assert loading.models_in_memory() == [str(tiny_qwen2_vl_xs)] * 2
+    del first, second   # dropped: the next load finds nothing alive and says nothing
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=loading.__name__):
+        third, _ = load_model(cfg, lora=False)
+    assert not [r for r in caplog.records if "still in memory" in r.getMessage()]
+    assert loading.models_in_memory() == [str(tiny_qwen2_vl_xs)]

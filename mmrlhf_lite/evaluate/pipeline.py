@@ -21,7 +21,6 @@ which is the one a single process writes.
 """
 from __future__ import annotations
 
-import gc
 import json
 import time
 from pathlib import Path
@@ -33,20 +32,12 @@ from ..data.groups import PreferenceGroup, Response
 from ..events import StageStopped
 from ..models.encoding import GroupEncoder
 from ..models.generation import generate_after
-from ..models.loading import load_model
+from ..models.loading import load_model, release_memory
 from ..models.logprobs import use_packing
 from ..runs import write_atomic
 from .margins import delta_rank_correlation
 from .metrics import ScoredGroup, implicit_accuracy, merge_by_id, reward_bench, win_rate
 from .report import format_report
-
-
-def _free(*objs) -> None:
-    for o in objs:
-        del o
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def scored_groups(groups: list[PreferenceGroup], scores: list[list[float]]) -> list[ScoredGroup]:
@@ -129,7 +120,8 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
         if m == "generate":
             out["before"][m]["critique_fact_rate"] = critique_fact_rate(groups, [[s.critiques for s in g] for g in scored])
         events.metrics(**{f"reward_acc_before_{m}": out["before"][m]["overall"]["acc"]})
-    _free(scorer, base)
+    del scorer, base   # before the trained model loads: one model in memory at a time
+    release_memory()
     if not (ctx.reward_model_dir() / "adapter_config.json").exists():
         events.warning("eval: no trained reward model in this run; reward bench shows the untrained baseline only")
         return out
@@ -148,7 +140,8 @@ def eval_reward_model(ctx, groups: list[PreferenceGroup]) -> dict:
         out["modes"][m] = res
         events.metrics(**{f"reward_acc_{m}": res["overall"]["acc"], f"reward_acc_plus_{m}": res["overall"]["acc_plus"],
                           f"delta_rank_spearman_{m}": res["delta_rank"]["spearman"]})
-    _free(scorer)
+    del scorer
+    release_memory()
     return out
 
 
@@ -210,7 +203,8 @@ def eval_policy(ctx, groups: list[PreferenceGroup], *, adapter: Path | None = No
 
         # about generation_batch_size prompts per chunk
         answers = split_over_ranks(ctx, "policy answers", asked, max(1, gbs // n), answer)
-        _free(model)
+        del model   # the reward model scores the answers next: one model in memory at a time
+        release_memory()
         out.update(policy_answer_metrics(ctx, asked, answers))
         out["samples"] = [{"group": g.id, "before": b, "after": a} for g, (a, b) in list(zip(asked, answers))[:3]]
     return out
@@ -261,7 +255,8 @@ def policy_answer_metrics(ctx, groups: list[PreferenceGroup], answers: list[tupl
                                responses=[Response(r.text) for r in g.responses]
                                + [Response(t or " ") for t in a + b]) for g, (a, b) in zip(groups, answers)]
     scored = score_split(ctx, scorer, scoring, mode, "scoring the policy's answers")
-    _free(scorer)
+    del scorer
+    release_memory()
     ranks: dict[str, list] = {side: [] for side in sides}
     scores: dict[str, list] = {side: [] for side in sides}
     for g, (a, b), sc in zip(groups, answers, scored):

@@ -10,15 +10,21 @@ so it is not picked for you; `auto` says so when unsloth would have been usable.
 The 4-bit model keeps every non-quantised weight in the compute dtype: peft's
 `prepare_model_for_kbit_training` would upcast them to fp32 (3x slower, +50% memory on a 7B step),
 so gradient checkpointing and input gradients are enabled here directly.
+
+One model in memory at a time: the pre-flight's estimates (docs/memory.md) count one, so a stage that loads a
+second model drops its references to the first before (`release_memory`); `load_model` logs a warning naming
+any model still alive when it loads another (`models_in_memory`).
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,21 @@ from .reward_score import RewardHead, processor_without_torchvision
 log = logging.getLogger(__name__)
 
 META_FILE = "mmrlhf_lite.json"
+
+_IN_MEMORY: weakref.WeakSet = weakref.WeakSet()   # every model load_model returned that is still referenced
+
+
+def release_memory() -> None:
+    """Collect what the caller has dropped and return the CUDA allocator's cached blocks to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def models_in_memory() -> list[str]:
+    """What each model loaded by `load_model` and still referenced somewhere was loaded from."""
+    gc.collect()
+    return sorted(getattr(getattr(m, "mmrlhf", None), "what", "?") for m in list(_IN_MEMORY))
 
 
 class ModelLoadError(RuntimeError):
@@ -85,6 +106,7 @@ class LoadedModel:
     backend: str
     device: torch.device
     dtype: torch.dtype
+    what: str = ""      # the base folder, and the adapter folder when one was loaded
 
 
 def resolve_model_path(path: str) -> str:
@@ -287,6 +309,11 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     Returns (model, processor); `model.mmrlhf` is a `LoadedModel` with family/backend/device/dtype.
     """
     path = resolve_model_path(cfg.path)
+    release_memory()
+    if _IN_MEMORY and (alive := models_in_memory()):
+        log.warning("loading a model while %d loaded before %s still in memory (%s): the memory they hold "
+                    "adds up, and the pre-flight's estimate counts one model", len(alive),
+                    "is" if len(alive) == 1 else "are", "; ".join(alive))
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1" and not in_hub_cache(path):
         raise ModelLoadError(f"model.path '{cfg.path}' is not a local folder, not in the Hugging Face cache, "
                              "and the hub is offline (HF_HUB_OFFLINE=1)")
@@ -311,7 +338,9 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
         model = _load_transformers(path, cfg, family, device, dtype, adapter, trainable, reward_head, lora, shard)
     cap_model_grid(model, family, cfg.max_pixels)
     processor = load_processor(path, family, cfg)
-    model.mmrlhf = LoadedModel(path=path, family=family, backend=backend, device=device, dtype=dtype)
+    model.mmrlhf = LoadedModel(path=path, family=family, backend=backend, device=device, dtype=dtype,
+                               what=f"{path}" + (f" + {adapter}" if adapter is not None else ""))
+    _IN_MEMORY.add(model)
     return model, processor
 
 
