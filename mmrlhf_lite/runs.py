@@ -92,13 +92,33 @@ def cache_dir_of(recipe: Recipe) -> Path:
 
 
 def _read_pid(lock: Path) -> int:
+    return _read_lock(lock)[0]
+
+
+def _read_lock(lock: Path) -> tuple[int, int | None]:
+    """(pid, its kernel start time or None) of a lock file `pid time [start]` (-1 when unreadable)."""
     try:
-        return int(lock.read_text().split()[0])
+        fields = lock.read_text().split()
+        return int(fields[0]), (int(fields[2]) if len(fields) > 2 else None)
     except (OSError, ValueError, IndexError):
-        return -1
+        return -1, None
 
 
-def _pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in the kernel's clock ticks since boot (/proc/<pid>/stat, field 22): with the
+    pid it names one process for good, where a pid alone is reused once the process exits (pid_max is often
+    32768, and every thread takes an id from the same pool, so a busy machine wraps it in minutes). None where
+    there is no /proc or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: int | None = None) -> bool:
+    """Process `pid` runs, and when `start` (its `process_start`) is known, it is that process, not a later one
+    that was given the same pid."""
     if not 0 < pid < 1 << 31:  # a damaged lock file: 0 or a negative pid would signal a process group
         return False
     try:
@@ -106,7 +126,10 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if start is not None:
+        now = process_start(pid)
+        return now is None or now == start
     return True
 
 
@@ -220,14 +243,16 @@ class RunDir:
         lock = self.path / LOCK_FILE
         fd = self._lock_os(lock)
         try:
-            pid = _read_pid(lock)  # a live pid without the OS lock: a process of a version without it
-            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+            pid, start = _read_lock(lock)  # a live pid without the OS lock: a process of a version without it
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid, start):
                 raise RunFolderError(self._in_use(pid))
+            me = os.getpid()
+            line = f"{me} {time.time()}" + (f" {t}" if (t := process_start(me)) is not None else "") + "\n"
             if fd is None:
-                lock.write_text(f"{os.getpid()} {time.time()}\n")
+                lock.write_text(line)
             else:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()} {time.time()}\n".encode(), 0)
+                os.pwrite(fd, line.encode(), 0)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -274,12 +299,8 @@ class RunDir:
             self._lock_fd = None
 
     def running_pid(self) -> int | None:
-        lock = self.path / LOCK_FILE
-        try:
-            pid = int(lock.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _pid_alive(pid) else None
+        pid, start = _read_lock(self.path / LOCK_FILE)
+        return pid if pid > 0 and _pid_alive(pid, start) else None
 
     @property
     def stop_file(self) -> Path:

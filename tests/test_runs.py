@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,30 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert (run.path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
     run.release()
     assert not (run.path / LOCK_FILE).exists()
+
+
+def started_at(pid: int) -> int:
+    """The kernel's start time of `pid` (clock ticks since boot), read here from /proc/<pid>/stat (field 22)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def test_a_lock_whose_pid_was_given_to_a_later_process_is_not_held(tmp_path, other_process):
+    """A trainer killed without releasing its lock leaves its pid there; once the kernel hands that pid to another
+    process (pid_max is often 32768, threads use the pool too: minutes on a busy machine), the run is not
+    running, and a new run takes the folder. The lock names the process by pid and start time."""
+    start = started_at(other_process.pid)
+    assert isinstance(start, int) and start > 0
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / LOCK_FILE).write_text(f"{other_process.pid} 0 {start}\n")   # the process that wrote it: held
+    assert run.running_pid() == other_process.pid
+    (run.path / LOCK_FILE).write_text(f"{other_process.pid} 0 {start - 1}\n")   # an earlier one with its pid
+    assert run.running_pid() is None
+    run.acquire()   # taken over, and the new lock names this process by pid and start time
+    assert (run.path / LOCK_FILE).read_text().split()[::2] == [str(os.getpid()), str(started_at(os.getpid()))]
+    assert run.running_pid() == os.getpid()
+    run.release()
 
 
 def test_pipeline_refuses_a_locked_folder_without_touching_the_lock(tmp_path, calls, other_process):

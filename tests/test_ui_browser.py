@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, events, free_port, run_report, start_server,
-                             stop_server, wait_for, write_recipe)
+from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, events, free_port, jobs_report, run_report,
+                             start_server, stop_server, wait_for, write_recipe)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -274,9 +274,11 @@ def tick_handlers(page) -> set[int]:
                              ".map(d => d.id)"))
 
 
-def settled(page, seen: list, quiet: float = 3.0, timeout: float = 120.0, outputs: str = "") -> None:
+def settled(page, seen: list, quiet: float = 3.0, timeout: float = 120.0, outputs: str = "",
+            runs: Path | None = None) -> None:
     """Wait until the page has sent no event for `quiet` seconds and no output waits for one (what the page
-    load or the last action started has finished); with `outputs` (a selector list), only those outputs."""
+    load or the last action started has finished); with `outputs` (a selector list), only those outputs. With
+    `runs`, a timeout says how each run's job stands (an active one keeps the Live tab's timer on)."""
     pending = ", ".join(f"{o}.pending, {o} .pending" for o in outputs.split(",")) if outputs else ".pending"
     end = time.time() + timeout
     while time.time() < end:
@@ -285,7 +287,7 @@ def settled(page, seen: list, quiet: float = 3.0, timeout: float = 120.0, output
             return
     pending = page.evaluate("[...document.querySelectorAll('.pending')].map(e => e.id || e.className).slice(0, 5)")
     raise AssertionError(f"the page kept sending events for {timeout} s (the last: {seen[-5:]} at {time.time():.1f}; "
-                         f"waiting for an event: {pending})")
+                         f"waiting for an event: {pending})" + (f"\n{jobs_report(runs)}" if runs else ""))
 
 
 def ticks_come(page, seen: list, timeout: float = 20 * POLL_S + 10) -> None:
@@ -643,7 +645,7 @@ def test_live_tab_polls_only_while_a_run_can_change_and_updates_plots_in_place(n
     tab(p, "3 · Live")
     pick(p, "live-run", "tiny-ui")
     until(p, "#run-status", "el.innerText.includes('tiny-ui') && el.innerText.includes('status: done')")
-    settled(p, seen)
+    settled(p, seen, runs=server.runs)
     assert no_events(p, seen) == 0, "a finished run's Live tab polled"
 
     t0 = time.time()

@@ -185,6 +185,34 @@ def run_report(runs: Path, *names: str, lines: int = 15) -> str:
     return "\n".join(out)
 
 
+def jobs_report(runs: Path) -> str:
+    """Every run under `runs` as the Live tab's timer sees it (whether some run is active keeps it ticking): its
+    job state, the pids its ui_job.json and run.lock name, and what each pid runs now."""
+    from mmrlhf_lite.ui import jobs
+
+    def proc(pid) -> str:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return f"pid {pid} (start {stat[stat.rindex(')') + 2:].split()[19]}): {cmd}"
+        except (OSError, ValueError, IndexError, TypeError):
+            return f"pid {pid}: not running"
+
+    out = []
+    for name in jobs.list_runs(runs):
+        run = runs / name
+        try:
+            state = jobs.job_state(run)
+        except Exception as exc:  # noqa: BLE001
+            state = f"unreadable: {exc!r}"
+        job = jobs._job(run)
+        lock = (run / "run.lock").read_text().strip() if (run / "run.lock").exists() else None
+        out.append(f"{name}: {state}; ui_job pid {job.get('pid')} start {job.get('proc_start')} -> "
+                   f"{proc(job.get('pid'))}; run.lock {lock!r}"
+                   + (f" -> {proc(int(lock.split()[0]))}" if lock else ""))
+    return "\n".join(out)
+
+
 def events(run: Path) -> list[dict]:
     from mmrlhf_lite.events import read_events
 

@@ -211,6 +211,48 @@ def test_a_finishing_job_is_running_never_starting_again(tmp_path, alive_trainer
     assert jobs.job_state(run).status == "starting"
 
 
+def started_at(pid: int) -> int:
+    """The kernel's start time of `pid` (clock ticks since boot), read here from /proc/<pid>/stat (field 22)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def test_a_launch_whose_pid_another_trainer_was_given_is_over(tmp_path, alive_trainer):
+    """A job's pid reused by a later trainer (another run's, the test suite's ranks: pid_max is often 32768, and
+    threads draw from the same pool) made a finished run look running again, and the Live tab polled for good
+    (seen in CI on a run that had ended). The launch records its process's start time; another process with
+    the same pid is not the job."""
+    run = tmp_path / "r"
+    write_events(run, [{"time": T, "type": "run_start", "stages": ["reward"], "skip": []},
+                       {"time": T + 9, "type": "run_end", "status": "done"}])
+    start = started_at(alive_trainer.pid)
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "proc_start": start, "started": T}))
+    assert jobs.job_state(run).status == "running"   # the launched process itself, still there
+    (run / "ui_job.json").write_text(json.dumps({"pid": alive_trainer.pid, "proc_start": start - 1, "started": T}))
+    state = jobs.job_state(run)
+    assert state.status == "done" and not state.active, state
+    # the lock of a trainer started outside the app names its process the same way
+    (run / "ui_job.json").unlink()
+    (run / "run.lock").write_text(f"{alive_trainer.pid} {T} {start - 1}\n")
+    assert jobs.job_state(run).status == "done"
+    (run / "run.lock").write_text(f"{alive_trainer.pid} {T} {start}\n")
+    assert jobs.job_state(run).status == "running"
+
+
+def test_the_app_records_the_start_time_of_what_it_launches(tmp_path):
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text("run: {}\n")
+    pid = jobs._launch(run)
+    try:
+        job = json.loads((run / "ui_job.json").read_text())
+        assert job["pid"] == pid and job.get("proc_start") == started_at(pid)
+    finally:
+        proc = jobs._children.pop(pid)
+        proc.kill()
+        proc.wait()
+
+
 def test_a_job_between_fork_and_exec_is_alive(monkeypatch, alive_trainer):
     """Right after the launch, the child's /proc cmdline is empty for a moment (it has not exec'd yet): a job
     the app launched read as ended then ("interrupted" just after Start). Empty means alive for our own child,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..events import EVENTS_FILE, read_events
-from ..runs import LOCK_FILE, RunDir, write_atomic
+from ..runs import LOCK_FILE, RunDir, process_start, write_atomic
 from .safety import Refused, inside, safe_name
 
 JOB_FILE = "ui_job.json"
@@ -83,8 +83,10 @@ def run_path(runs_root: str | os.PathLike, name: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 # state
 
-def _proc_alive(pid: int | None) -> bool:
-    """Alive and really our trainer (a reused pid of another program does not count)."""
+def _proc_alive(pid: int | None, start: int | None = None) -> bool:
+    """Alive and really our trainer: a reused pid does not count, whether another program's or another
+    trainer's (the suite, or a second UI, runs many). `start`, the launch's `process_start` when recorded,
+    tells the launched process from a later one with its pid; without it, the command line must be a trainer's."""
     if not pid or not 0 < pid < 1 << 31:
         return False
     with _children_lock:
@@ -92,6 +94,8 @@ def _proc_alive(pid: int | None) -> bool:
     if child is not None and child.poll() is not None:  # reap: a zombie would look alive to kill(0)
         with _children_lock:
             _children.pop(pid, None)
+        return False
+    if start is not None and (now := process_start(pid)) is not None and now != start:
         return False
     cmdline = command_line(pid, ours=child is not None)
     return cmdline if isinstance(cmdline, bool) else b"mmrlhf_lite.train" in cmdline
@@ -127,7 +131,7 @@ def _job(run: Path) -> dict:
     if not isinstance(job, dict):
         return {}
     pid, started, stop = job.get("pid"), job.get("started", 0), job.get("stop_requested", 0)
-    if not (pid is None or type(pid) is int) or not all(
+    if not all(v is None or type(v) is int for v in (pid, job.get("proc_start"))) or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) for t in (started, stop)):
         return {}
     return job
@@ -172,7 +176,7 @@ def job_state(run: str | os.PathLike, events: list[dict] | None = None) -> JobSt
     launched = job.get("pid")
     start, end, error = _last_run(run, events)
     launched_at = job.get("started", 0)
-    if lock_pid and _proc_alive(lock_pid) or _proc_alive(launched):
+    if lock_pid and _proc_alive(lock_pid) or _proc_alive(launched, job.get("proc_start")):
         stopping = RunDir(run).stop_requested() or job.get("stop_requested", 0) > launched_at
         # without the lock, the launch is "starting" only until its CLI began: a CLI that released its lock
         # and is finishing (writing its last events, exiting) is still running, never starting again
@@ -283,7 +287,8 @@ def _launch(run: Path, processes: int | None = None, sharding: str | None = None
                                 start_new_session=True, env=env, cwd=str(PROJECT_ROOT))
     with _children_lock:
         _children[proc.pid] = proc
-    write_atomic(run / JOB_FILE, json.dumps({"pid": proc.pid, "started": time.time(), "command": cmd,
+    write_atomic(run / JOB_FILE, json.dumps({"pid": proc.pid, "proc_start": process_start(proc.pid),
+                                             "started": time.time(), "command": cmd,
                                              "processes": processes, "sharding": sharding,
                                              "env": {k: env[k] for k in FSDP2_ENV if k in env}}))
     return proc.pid
