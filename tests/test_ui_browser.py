@@ -256,16 +256,34 @@ def assert_all_local(requests_seen: list[str]) -> None:
     assert not outside, f"the page requested outside 127.0.0.1: {outside[:5]}"
 
 
-def record_events(page) -> list[tuple[float, int]]:
+class Events(list):
+    """(when, fn_index) of each event the page sent; `triggers`: the id of the component that set each off."""
+
+    def __init__(self):
+        super().__init__()
+        self.triggers: list = []
+
+
+def record_events(page) -> Events:
     """The events the page sends to the server (each is a POST to the queue's join): when, and which handler
-    (its `fn_index`)."""
-    seen: list[tuple[float, int]] = []
+    (its `fn_index`); what triggered each in `.triggers`."""
+    seen = Events()
 
     def on_request(r):
         if r.method == "POST" and "/queue/join" in r.url:
-            seen.append((time.time(), (r.post_data_json or {}).get("fn_index", -1)))
+            body = r.post_data_json or {}
+            seen.append((time.time(), body.get("fn_index", -1)))
+            seen.triggers.append(body.get("trigger_id"))
     page.on("request", on_request)
     return seen
+
+
+def triggers_named(page, seen) -> list:
+    """The last events' handlers with the elem_id (or label) of the component that triggered each."""
+    names = page.evaluate("""(ids) => ids.map(id => { const c = (window.gradio_config.components || [])
+        .find(c => c.id === id); return c ? (c.props.elem_id || c.props.label || c.type) : id; })""",
+                          list(getattr(seen, "triggers", [])[-8:]))
+    return [(fn, name) for (_, fn), name in zip(seen[-len(names):] if names else [], names)]
 
 
 def tick_handlers(page) -> set[int]:
@@ -287,7 +305,8 @@ def settled(page, seen: list, quiet: float = 3.0, timeout: float = 120.0, output
             return
     pending = page.evaluate("[...document.querySelectorAll('.pending')].map(e => e.id || e.className).slice(0, 5)")
     raise AssertionError(f"the page kept sending events for {timeout} s (the last: {seen[-5:]} at {time.time():.1f}; "
-                         f"waiting for an event: {pending})" + (f"\n{jobs_report(runs)}" if runs else ""))
+                         f"waiting for an event: {pending}; handler and trigger of the last: "
+                         f"{triggers_named(page, seen)})" + (f"\n{jobs_report(runs)}" if runs else ""))
 
 
 def ticks_come(page, seen: list, timeout: float = 20 * POLL_S + 10) -> None:
