@@ -1075,3 +1075,27 @@ def test_the_app_does_not_summarise_its_events_after_each_one(tmp_path, monkeypa
         queue.events_recorded += 1
         queue.compute_analytics_summary(records)
     assert summaries == [], f"{len(summaries)} summaries over 300 events"
+
+
+def test_the_page_edit_events_compute_once_per_distinct_form():
+    """A text box's `change` fires again with the same value (the run name's, after the page's first pre-flight):
+    the YAML preview's and the pre-flight's page events then compute nothing and leave their outputs alone."""
+    import gradio as gr
+
+    from mmrlhf_lite.ui.tabs.train import when_inputs_change
+
+    calls = []
+
+    def estimate(run_name, values):
+        calls.append((run_name, dict(values)))
+        return f"plan for {run_name}", gr.update(interactive=True), gr.update(visible=False)
+
+    event = when_inputs_change(estimate, 3)
+    *out, seen = event(None, "a", {"dpo.beta": 0.1})
+    assert out[0] == "plan for a" and len(calls) == 1
+    *again, seen2 = event(seen, "a", {"dpo.beta": 0.1})   # the same form again: nothing computed or redrawn
+    assert len(calls) == 1 and seen2 == seen and all(isinstance(o, type(gr.skip())) for o in again), again
+    *out, seen3 = event(seen, "a", {"dpo.beta": 0.2})      # an edit: computed
+    assert len(calls) == 2 and out[0] == "plan for a" and seen3 != seen
+    *out, _ = event(seen3, "a", {"dpo.beta": 0.1})         # back to the first form: computed again
+    assert len(calls) == 3

@@ -10,7 +10,9 @@ out and wires its own events; blocks.py wires "Train on this data" and Start's s
 """
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import re
 import time
 from types import SimpleNamespace
@@ -221,6 +223,21 @@ def _choice_label(choice: str | None) -> str:
     return choice or "the form's defaults"
 
 
+def when_inputs_change(fn, n_out: int):
+    """`fn` for the page's edit events, taking first a gr.State with the digest of the inputs of its last call
+    from this page and returning it last: when the inputs are the same again, nothing is computed and every
+    output is left as it is (gr.skip()). A text box's `change` fires again with the same value (seen: the run
+    name's, with nothing edited, after the page's first pre-flight), and each repeat was a whole pre-flight
+    (it reads the data) and a redraw of its outputs."""
+    def call(last, *args):
+        key = hashlib.sha1(json.dumps(args, sort_keys=True, default=repr).encode()).hexdigest()
+        if key == last:
+            return (*[gr.skip()] * n_out, last)
+        out = fn(*args)
+        return (*(out if isinstance(out, tuple) else (out,)), key)
+    return call
+
+
 def _input(spec: form.FieldSpec):
     common = {"label": spec.key, "info": spec.info, "elem_id": "f-" + spec.key.replace(".", "-")}
     if spec.kind == "bool":
@@ -245,6 +262,11 @@ def build(h: TrainHandlers) -> SimpleNamespace:
                 inputs[key] = _input(form.FIELD_BY_KEY[key])
 
     with gr.Tab("2 · Train", id="train") as tab:
+        # (inside the tab: a component made between the tabs becomes a tab of its own)
+        yaml_seen, estimate_seen = gr.State(None), gr.State(None)  # the page's last form (when_inputs_change)
+        with gr.Row(elem_classes="mm-offscreen"):  # the API's preview and pre-flight, out of sight
+            api_yaml = gr.Button("recipe YAML (API)", elem_id="api-recipe-yaml", elem_classes="mm-offscreen")
+            api_estimate = gr.Button("pre-flight (API)", elem_id="api-estimate", elem_classes="mm-offscreen")
         with gr.Row():
             recipe_dd = gr.Dropdown(label="Recipe (recipes/ or the last one used)", choices=[], elem_id="recipe",
                                     allow_custom_value=True, scale=2)
@@ -336,14 +358,19 @@ def build(h: TrainHandlers) -> SimpleNamespace:
     def edited(components):
         return [c.change if isinstance(c, gr.Textbox) else c.input for c in components]
 
-    gr.on(edited([run_name, *form_inputs]), yaml_fn, [run_name, *form_inputs], preview,
-          api_name="recipe_yaml", trigger_mode="always_last", show_progress="hidden")
+    # the page's edits: computed once per distinct form (when_inputs_change); the API's calls: always
+    gr.on(edited([run_name, *form_inputs]), when_inputs_change(yaml_fn, 1), [yaml_seen, run_name, *form_inputs],
+          [preview, yaml_seen], api_name=False, trigger_mode="always_last", show_progress="hidden")
+    api_yaml.click(yaml_fn, [run_name, *form_inputs], preview, api_name="recipe_yaml", show_progress="hidden")
     # sharding only means something over several processes: off (and back to "none") with one
     processes.change(lambda n: gr.update(interactive=(n or 1) > 1) if (n or 1) > 1 else
                      gr.update(interactive=False, value=jobs.NO_SHARDING), processes, sharding,
                      api_name=False, show_progress="hidden")
-    gr.on([*edited([run_name, *form_inputs]), processes.change, sharding.change], estimate_fn, launch_inputs,
-          estimate_out, api_name="estimate", trigger_mode="always_last", show_progress="minimal", **preflight)
+    gr.on([*edited([run_name, *form_inputs]), processes.change, sharding.change], when_inputs_change(estimate_fn, 3),
+          [estimate_seen, *launch_inputs], [*estimate_out, estimate_seen], api_name=False, trigger_mode="always_last",
+          show_progress="minimal", **preflight)
+    api_estimate.click(estimate_fn, launch_inputs, estimate_out, api_name="estimate", show_progress="minimal",
+                       **preflight)
     for dep in (chosen, loaded_dep, applied, *preset_deps):
         refresh(dep)
     for dep in (chosen, loaded_dep):
