@@ -107,8 +107,8 @@ def _read_lock(lock: Path) -> tuple[int, int | None]:
 def process_start(pid: int) -> int | None:
     """When process `pid` started, in the kernel's clock ticks since boot (/proc/<pid>/stat, field 22): with the
     pid it names one process for good, where a pid alone is reused once the process exits (pid_max is often
-    32768, and every thread takes an id from the same pool, so a busy machine wraps it in minutes). None where
-    there is no /proc or no such process."""
+    32768, and every thread takes an id from the same pool: this project's test suite wraps it in about 2.5
+    hours on the 2-core development machine). None where there is no /proc or no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
         return int(stat[stat.rindex(b")") + 2:].split()[19])
@@ -127,10 +127,12 @@ def _pid_alive(pid: int, start: int | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    if start is not None:
-        now = process_start(pid)
-        return now is None or now == start
-    return True
+    return same_process(pid, start)
+
+
+def same_process(pid: int, start: int | None) -> bool:
+    """False only when the process now holding `pid` started at another time than `start` (both known)."""
+    return start is None or (now := process_start(pid)) is None or now == start
 
 
 class RunDir:

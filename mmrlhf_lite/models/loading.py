@@ -50,9 +50,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def models_in_memory() -> list[str]:
-    """What each model loaded by `load_model` and still referenced somewhere was loaded from."""
-    gc.collect()
+def models_in_memory(collect: bool = True) -> list[str]:
+    """What each model loaded by `load_model` and still referenced somewhere was loaded from (after a garbage
+    collection, unless the caller just ran one)."""
+    if collect:
+        gc.collect()
     return sorted(getattr(getattr(m, "mmrlhf", None), "what", "?") for m in list(_IN_MEMORY))
 
 
@@ -310,7 +312,7 @@ def load_model(cfg: ModelConfig, *, adapter: str | os.PathLike | None = None, tr
     """
     path = resolve_model_path(cfg.path)
     release_memory()
-    if _IN_MEMORY and (alive := models_in_memory()):
+    if _IN_MEMORY and (alive := models_in_memory(collect=False)):   # (release_memory collected)
         log.warning("loading a model while %d loaded before %s still in memory (%s): the memory they hold "
                     "adds up, and the pre-flight's estimate counts one model", len(alive),
                     "is" if len(alive) == 1 else "are", "; ".join(alive))

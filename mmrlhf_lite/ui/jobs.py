@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..events import EVENTS_FILE, read_events
-from ..runs import LOCK_FILE, RunDir, process_start, write_atomic
+from ..runs import LOCK_FILE, RunDir, process_start, same_process, write_atomic
 from .safety import Refused, inside, safe_name
 
 JOB_FILE = "ui_job.json"
@@ -95,7 +95,7 @@ def _proc_alive(pid: int | None, start: int | None = None) -> bool:
         with _children_lock:
             _children.pop(pid, None)
         return False
-    if start is not None and (now := process_start(pid)) is not None and now != start:
+    if not same_process(pid, start):
         return False
     cmdline = command_line(pid, ours=child is not None)
     return cmdline if isinstance(cmdline, bool) else b"mmrlhf_lite.train" in cmdline
