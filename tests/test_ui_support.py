@@ -188,14 +188,14 @@ def run_report(runs: Path, *names: str, lines: int = 15) -> str:
 def jobs_report(runs: Path) -> str:
     """Every run under `runs` as the Live tab's timer sees it (whether some run is active keeps it ticking): its
     job state, the pids its ui_job.json and run.lock name, and what each pid runs now."""
+    from mmrlhf_lite.runs import process_start
     from mmrlhf_lite.ui import jobs
 
     def proc(pid) -> str:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            return f"pid {pid} (start {stat[stat.rindex(')') + 2:].split()[19]}): {cmd}"
-        except (OSError, ValueError, IndexError, TypeError):
+            return f"pid {pid} (start {process_start(pid)}): {cmd}"
+        except (OSError, TypeError):
             return f"pid {pid}: not running"
 
     out = []
