@@ -1099,3 +1099,48 @@ def test_the_page_edit_events_compute_once_per_distinct_form():
     assert len(calls) == 2 and out[0] == "plan for a" and seen3 != seen
     *out, _ = event(seen3, "a", {"dpo.beta": 0.1})         # back to the first form: computed again
     assert len(calls) == 3
+
+
+def test_no_trigger_of_the_app_has_two_always_last_handlers(tmp_path, monkeypatch):
+    """Gradio's page runs an `always_last` handler again after it finishes when its trigger fired meanwhile, by
+    dispatching the trigger itself again: two such handlers of one trigger whose runs overlap re-fire each other
+    without end. CI saw it: the Train tab's YAML preview and pre-flight, both on every field's edit, about 5 events
+    a second for 120 s. Walked here from the app's own handler list (a second formulation of the check the app
+    makes when it is built), and the check refuses such a pair."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from mmrlhf_lite.ui.base import UIConfig
+    from mmrlhf_lite.ui.blocks import build_app
+
+    (tmp_path / "runs").mkdir()
+    cfg = UIConfig(data_root=tmp_path, runs_root=tmp_path / "runs", recipes_root=tmp_path, upload_dir=tmp_path,
+                   max_upload_bytes=1 << 20)
+    app = build_app(cfg)
+    config = app.get_config_file()
+    count: dict = {}
+    for dep in config["dependencies"]:
+        for target in dep["targets"]:
+            if target[0] is not None and dep["trigger_mode"] == "always_last":
+                count[tuple(target)] = count.get(tuple(target), 0) + 1
+    shared = {t: n for t, n in count.items() if n > 1}
+    assert not shared, f"triggers with several always_last handlers: {shared}"
+    # the Train form's edits still reach both the preview and the pre-flight (the pre-flight chained after it)
+    ids = {getattr(b, "elem_id", None): i for i, b in app.blocks.items()}
+    deps = config["dependencies"]
+    preview = [d for d in deps if [ids["run-name"], "change"] in [list(t) for t in d["targets"]]
+               and ids["train-yaml"] in d["outputs"]]
+    assert len(preview) == 1 and [ids["f-dpo-beta"], "input"] in [list(t) for t in preview[0]["targets"]]
+    assert any(d["trigger_after"] == preview[0]["id"] and ids["train-estimate"] in d["outputs"]
+               and not d["trigger_only_on_success"] for d in deps), "the pre-flight does not follow the preview"
+    from mmrlhf_lite.ui.blocks import check_one_always_last
+    with gr.Blocks() as toy:
+        box, a, b = gr.Textbox(elem_id="box"), gr.Textbox(), gr.Textbox()
+        box.change(lambda x: x, box, a)
+        box.change(lambda x: x, box, b)
+    with pytest.raises(RuntimeError, match=r"box\.change"):
+        check_one_always_last(toy)
+    with gr.Blocks() as chained:
+        box, a, b = gr.Textbox(elem_id="box"), gr.Textbox(), gr.Textbox()
+        box.change(lambda x: x, box, a).then(lambda x: x, box, b, trigger_mode="always_last")
+    check_one_always_last(chained)

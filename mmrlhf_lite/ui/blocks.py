@@ -85,7 +85,30 @@ def build_app(cfg: UIConfig) -> gr.Blocks:
             page_shown = gr.Button("page shown", elem_id="page-shown", elem_classes="mm-offscreen")
             api_start = gr.Button("start (API)", elem_id="api-start", elem_classes="mm-offscreen")
         _wire(app, tabs, handlers, data, train, live, pg, cmp, pol, page_hidden, page_shown, api_start)
+    check_one_always_last(app)
     return app
+
+
+def check_one_always_last(app: gr.Blocks) -> None:
+    """Refuse a trigger (a component's event) that two `always_last` handlers listen to. Gradio's page runs such
+    a handler again after it finishes when its trigger fired meanwhile, by dispatching the trigger itself once
+    more: every handler of that trigger runs, and one still busy is marked to run again when it is done. Two of
+    them whose runs overlap re-fire each other without end (seen in CI: the Train tab's YAML preview and
+    pre-flight, about 5 events a second for 120 s; docs/ui.md, "Event loops"). Chain the second (`.then`), or
+    give it another trigger mode."""
+    names = {b._id: getattr(b, "elem_id", None) or getattr(b, "label", None) or type(b).__name__
+             for b in app.blocks.values()}
+    listeners: dict = {}
+    for fn in app.fns.values():
+        if fn.trigger_mode != "always_last":
+            continue
+        for block_id, event in fn.targets:
+            if block_id is not None:
+                listeners.setdefault((block_id, event), []).append(fn.name)
+    shared = {f"{names.get(b, b)}.{event}": fns for (b, event), fns in listeners.items() if len(fns) > 1}
+    if shared:
+        raise RuntimeError("these triggers each have several `always_last` handlers, which re-fire each other "
+                           f"without end in the page (chain them with .then): {shared}")
 
 
 def _wire(app, tabs, h, data, train, live, pg, cmp, pol, page_hidden, page_shown, api_start) -> None:

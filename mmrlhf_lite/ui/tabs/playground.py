@@ -158,12 +158,13 @@ def build(h: PlaygroundHandlers) -> SimpleNamespace:
         cache_table = gr.Dataframe(pd.DataFrame(columns=["group", "better #", "worse #", "delta", "beta"]),
                                    label="Pairs", elem_id="cache-table", max_height=400)
     pg_run.input(h.warm, pg_run, None, api_name=False, show_progress="hidden")
-    pg_run.change(h.notice, pg_run, pg_notice, api_name=False, show_progress="hidden")
     score.click(h.score, [pg_run, image, question, *answers, mode, max_tokens], [cards, table], api_name="score")
     show.click(h.cache, cache_run, [cache_summary, cache_table], api_name="reward_cache")
     serve_out = [serve_state, serve_usage, serve_port]
     quiet = {"api_name": False, "show_progress": "hidden"}
-    pg_run.change(h.serve_view, [pg_run, serve_port], serve_out, **quiet)  # a page load's pick too
+    # a page load's pick too; one chain, not two handlers of the same change (blocks.check_one_always_last)
+    pg_run.change(h.notice, pg_run, pg_notice, **quiet).then(h.serve_view, [pg_run, serve_port], serve_out,
+                                                            trigger_mode="always_last", **quiet)
     tab.select(h.serve_view, [pg_run, serve_port], serve_out, **quiet)
     serve_port.input(h.serve_preview, [pg_run, serve_port], [serve_state, serve_usage], **quiet)
     serve.click(h.serve_start, [pg_run, serve_port], serve_out, api_name="serve_reward_model")

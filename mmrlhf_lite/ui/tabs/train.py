@@ -313,8 +313,10 @@ def build(h: TrainHandlers) -> SimpleNamespace:
     form_inputs = [inputs[s.key] for s in form.FIELDS]
     # the demo set's settings only matter (and only show) while data.path is `demo`
     demo_inputs = [inputs[s.key] for s in form.FIELDS if s.key.startswith("data.demo.")]
+    # (`multiple`: the preview's handler is this trigger's one `always_last`, blocks.check_one_always_last)
     inputs["data.path"].change(lambda path: [gr.update(visible=(path or "").strip() == "demo")] * len(demo_inputs),
-                               inputs["data.path"], demo_inputs, api_name=False, show_progress="hidden")
+                               inputs["data.path"], demo_inputs, api_name=False, show_progress="hidden",
+                               trigger_mode="multiple")
     remember = (with_form(h.remember, form_at=2), [recipe_dd, run_name, *form_inputs], [loaded, load])
     # only a pick from the list loads (opening the list and clicking elsewhere fires `input`, not `select`)
     chosen = recipe_dd.select(with_form(h.choose_recipe, form_at=3), [recipe_dd, loaded, run_name, *form_inputs],
@@ -358,17 +360,22 @@ def build(h: TrainHandlers) -> SimpleNamespace:
     def edited(components):
         return [c.change if isinstance(c, gr.Textbox) else c.input for c in components]
 
-    # the page's edits: computed once per distinct form (when_inputs_change); the API's calls: always
+    # the page's edits: computed once per distinct form (when_inputs_change); the API's calls: always.
+    # One `always_last` handler per trigger (blocks.check_one_always_last): the pre-flight follows the preview in
+    # a chain instead of listening to the same edits, since two such handlers on one trigger re-fire each other
+    # without end in gradio's page (docs/ui.md, "Event loops")
+    page_estimate = dict(fn=when_inputs_change(estimate_fn, 3), inputs=[estimate_seen, *launch_inputs],
+                         outputs=[*estimate_out, estimate_seen], api_name=False, trigger_mode="always_last",
+                         show_progress="minimal", **preflight)
     gr.on(edited([run_name, *form_inputs]), when_inputs_change(yaml_fn, 1), [yaml_seen, run_name, *form_inputs],
-          [preview, yaml_seen], api_name=False, trigger_mode="always_last", show_progress="hidden")
+          [preview, yaml_seen], api_name=False, trigger_mode="always_last", show_progress="hidden",
+          ).then(**page_estimate)
     api_yaml.click(yaml_fn, [run_name, *form_inputs], preview, api_name="recipe_yaml", show_progress="hidden")
     # sharding only means something over several processes: off (and back to "none") with one
     processes.change(lambda n: gr.update(interactive=(n or 1) > 1) if (n or 1) > 1 else
                      gr.update(interactive=False, value=jobs.NO_SHARDING), processes, sharding,
-                     api_name=False, show_progress="hidden")
-    gr.on([*edited([run_name, *form_inputs]), processes.change, sharding.change], when_inputs_change(estimate_fn, 3),
-          [estimate_seen, *launch_inputs], [*estimate_out, estimate_seen], api_name=False, trigger_mode="always_last",
-          show_progress="minimal", **preflight)
+                     api_name=False, show_progress="hidden").then(**page_estimate)
+    sharding.input(**page_estimate)
     api_estimate.click(estimate_fn, launch_inputs, estimate_out, api_name="estimate", show_progress="minimal",
                        **preflight)
     for dep in (chosen, loaded_dep, applied, *preset_deps):
