@@ -170,8 +170,13 @@ def _if_started(fn, n: int = 2, pass_run: bool = False, pass_all: bool = False):
     def call(started, *rest):
         if not started:
             return tuple(gr.skip() for _ in range(n))
-        return fn(started) if pass_run else fn(*rest) if pass_all else fn()
-    return call
+        return fn(*rest) if pass_all else fn()
+
+    def call_run(started, request: gr.Request = None):  # (the page's request: the Live view orders its views)
+        if not started:
+            return tuple(gr.skip() for _ in range(n))
+        return fn(started, request=request)
+    return call_run if pass_run else call
 
 
 def _refresh_lists(h):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import html
+import itertools
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +47,36 @@ class LiveHandlers:
     def __init__(self, cfg: UIConfig):
         self.cfg = cfg
         self.tail = runview.EventTail()
+        # the newest view returned to each page: (read number, when); see `_newest`
+        self._reads = itertools.count()
+        self._shown: dict[str, tuple[int, float]] = {}
+        self._shown_lock = threading.Lock()
+
+    # A page's views come from several handlers (the timer's tick, a pick, a tab opened, Start), which run at the
+    # same time and finish in any order. A view read earlier that finishes later would replace a newer one: CI
+    # saw a curve's point count go 24 -> 23 (a pick's view, slower since it draws the margins histogram, read
+    # before a tick that finished first), and a tick for the run shown before showed that run's outputs under
+    # a newly started one for a timer period. So each view is numbered when it starts reading, and one that
+    # finishes after a newer one was returned to the same page changes nothing.
+
+    def _read_number(self) -> int:
+        with self._shown_lock:
+            return next(self._reads)
+
+    def _newest(self, request: gr.Request | None, number: int) -> bool:
+        """Whether the view read as `number` is the newest one returned to the page of `request` (and, if it is,
+        that it now is). Without a page (a direct call, the API), always."""
+        session = getattr(request, "session_hash", None)
+        if not session:
+            return True
+        now = time.monotonic()
+        with self._shown_lock:
+            if number < self._shown.get(session, (-1, now))[0]:
+                return False
+            self._shown[session] = (number, now)
+            if len(self._shown) > 1000:  # pages gone for an hour
+                self._shown = {k: v for k, v in self._shown.items() if now - v[1] < 3600}
+            return True
 
     # ------------------------------------------------------------------------------------ lists
     def choices(self, current: str | None = None):
@@ -154,11 +186,15 @@ class LiveHandlers:
     # otherwise be shown running while the timer turns off, and the page stays on "running" for good.
 
     @readable
-    def view(self, run_name: str | None):
+    def view(self, run_name: str | None, request: gr.Request = None):
         """Everything the Live tab shows for one run (OUTPUTS), and the fingerprints `tick` compares with (with
-        ACTIVE: whether some run was active when the view was read, for `follow`)."""
+        ACTIVE: whether some run was active when the view was read, for `follow`); nothing changed when a view
+        read later was already returned to the page."""
+        number = self._read_number()
         parts, sig = self._read(run_name)
         parts["hist"] = self.beta_histogram(run_name)
+        if not self._newest(request, number):
+            return (*[gr.skip()] * len(OUTPUTS), gr.skip())
         return (*[parts[k] for k in OUTPUTS], sig)
 
     def _read(self, run_name: str | None) -> tuple[dict, dict]:
@@ -188,11 +224,15 @@ class LiveHandlers:
                 out.append(parts[k])
         return out, sig, active
 
-    def tick(self, run_name: str | None, last: dict | None):
+    def tick(self, run_name: str | None, last: dict | None, request: gr.Request = None):
         """The timer: only the outputs whose content changed (no traffic, no redraw for the rest), the new
         fingerprints, and the timer itself, turned off once no run was active before the outputs were read
-        (the tick that turns it off has shown every run's end)."""
+        (the tick that turns it off has shown every run's end). Nothing when a newer view reached the page
+        first."""
+        number = self._read_number()
         out, sig, active = self.changes(run_name, last)
+        if not self._newest(request, number):
+            return (*[gr.skip()] * len(OUTPUTS), gr.skip(), gr.skip())
         return (*out, sig, gr.skip() if active else gr.Timer(active=False))
 
     def follow(self, sig: dict | None):
@@ -200,13 +240,16 @@ class LiveHandlers:
         then shows the end of a run that ended meanwhile)."""
         return gr.Timer(active=bool((sig or {}).get(ACTIVE)) or self.any_active())
 
-    def shown_again(self, tab: str | None, run_name: str | None, last: dict | None):
+    def shown_again(self, tab: str | None, run_name: str | None, last: dict | None, request: gr.Request = None):
         """The browser tab shown again: on the Live tab, what changed while it was hidden (a run may have ended
         then, and no tick would come to show it) and the timer on while a run is active; on another tab,
         nothing (its timer stays off)."""
         if tab != "live":
             return (*[gr.skip()] * len(OUTPUTS), last, gr.Timer(active=False))
+        number = self._read_number()
         out, sig, active = self.changes(run_name, last)
+        if not self._newest(request, number):  # a newer view is shown; the timer as it says
+            return (*[gr.skip()] * len(OUTPUTS), gr.skip(), gr.Timer(active=active))
         return (*out, sig, gr.Timer(active=active))
 
     # ------------------------------------------------------------------------------------ jobs
