@@ -109,6 +109,17 @@ def test_two_rounds_write_each_step_from_the_stages_caches(offline, two_rounds):
         before = load_file(start / "adapter_model.safetensors")
         after = load_file(folder / "dpo" / "final" / "adapter_model.safetensors")
         assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-4
+        # the ranker check recounted from the margins file: right-vs-wrong pairs of distinct answers, ordered by score
+        from mmrlhf_lite.data.demo import answer_correct
+        won = n = 0
+        for m in margins:
+            ok = [answer_correct(by_id[m["group_id"]], t) for t in answers[m["group_id"]]]
+            for i, a in enumerate(m["scores"]):
+                for j, b in enumerate(m["scores"]):
+                    if ok[i] is True and ok[j] is False:
+                        won, n = won + (a > b) + 0.5 * (a == b), n + 1
+        assert h["dropped"]["tied"] == 0 and h["sampled"]["ranker_pairs"] == n
+        assert h["sampled"]["ranker_right"] == (pytest.approx(won / n) if n else None)
         report = json.loads((folder / "eval" / "report.json").read_text())
         assert report["implicit_accuracy"] == h["held_out"]["implicit_accuracy"]
         assert "before" not in report["reward_score"]   # a round answers with its own policy only
@@ -116,6 +127,7 @@ def test_two_rounds_write_each_step_from_the_stages_caches(offline, two_rounds):
     held, sampled = md.split("The answers each round sampled", 1)
     assert held.count("\n| ") == 4 and "| round | right answers |" in held   # header + rounds 0, 1, 2
     assert sampled.count("\n| ") == 3 and "| KL to pi_0 |" in sampled     # header + rounds 1, 2
+    assert "| reward model: right > wrong (pairs) | its top answer right (prompts) |" in sampled
     assert json.loads((run / "stages" / "rounds.json").read_text())["rounds"] == 2
 
 

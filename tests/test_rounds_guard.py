@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from mmrlhf_lite.rounds.guard import RoundSignals, kl_estimate, stop_reason
+from mmrlhf_lite.rounds.guard import PromptSamples, RoundSignals, kl_estimate, ranker_check, sampled_metrics, stop_reason
 
 
 def test_kl_estimate_hand_worked():
@@ -82,3 +82,55 @@ def test_stop_rule_any_signal_counts_and_each_round_may_name_another():
     msg = stop_reason(hist, 2)
     assert "round 1: reward 0.1 -> 0.2, right_answers 0.6 -> 0.5;" in msg
     assert "round 2: reward 0.2 -> 0.3, implicit_accuracy 0.9 -> 0.7" in msg
+
+
+def _prompt(right, scores, counts=None):
+    return PromptSamples(right=right, texts=[f"a{i}" for i in range(len(right))], counts=counts or [1] * len(right),
+                         empty=0, scores=scores)
+
+
+def test_ranker_check_hand_worked():
+    prompts = [
+        # right: 2.0, 0.5; wrong: 1.0, 0.5 -> pairs (2>1 yes, 2>0.5 yes, 0.5>1 no, 0.5=0.5 half) = 2.5 / 4;
+        # top 2.0 is right
+        _prompt([True, False, True, False], [2.0, 1.0, 0.5, 0.5]),
+        # right -1, wrong 3 and an unknown 9 (ignored): 0 / 1; top of the known is wrong
+        _prompt([True, False, None], [-1.0, 3.0, 9.0]),
+        # tie for the top between a right and a wrong answer: the pair counts half, the top half right
+        _prompt([True, False], [1.0, 1.0]),
+        # all right, all wrong, not scored: no pair, not a mixed prompt
+        _prompt([True, True], [0.0, 1.0]), _prompt([False, False], [0.0, 1.0]),
+        PromptSamples(right=[True, False], texts=["a", "b"], counts=[1, 1], empty=0, scores=None),
+    ]
+    out = ranker_check(prompts)
+    assert out["ranker_pairs"] == 4 + 1 + 1 and out["best_prompts"] == 3
+    assert out["ranker_right"] == pytest.approx((2.5 + 0 + 0.5) / 6)
+    assert out["best_right"] == pytest.approx((1 + 0 + 0.5) / 3)
+    # how often an answer was sampled does not weigh a pair: the pairs are those of distinct answers
+    assert ranker_check([_prompt([True, False], [1.0, 0.0], counts=[1, 9])])["ranker_right"] == 1.0
+    assert ranker_check([]) == {"ranker_right": None, "ranker_pairs": 0, "best_right": None, "best_prompts": 0}
+
+
+def test_ranker_check_equals_a_brute_force_count_on_random_prompts():
+    rng = random.Random(3)
+    prompts = []
+    for _ in range(200):
+        k = rng.randint(1, 5)
+        prompts.append(_prompt([rng.choice([True, False, None]) for _ in range(k)],
+                               [float(rng.randint(-3, 3)) for _ in range(k)]))
+    won = n = 0.0
+    tops = []
+    for p in prompts:
+        idx = [i for i, r in enumerate(p.right) if r is not None]
+        for i in idx:
+            for j in idx:
+                if p.right[i] and not p.right[j]:
+                    n += 1
+                    won += 1.0 if p.scores[i] > p.scores[j] else 0.5 if p.scores[i] == p.scores[j] else 0.0
+        if any(p.right[i] is True for i in idx) and any(p.right[i] is False for i in idx):
+            best = max(p.scores[i] for i in idx)
+            at = [p.right[i] for i in idx if p.scores[i] == best]
+            tops.append(sum(at) / len(at))
+    out = sampled_metrics(prompts, None)
+    assert out["ranker_pairs"] == n > 0 and out["ranker_right"] == pytest.approx(won / n)
+    assert out["best_prompts"] == len(tops) and out["best_right"] == pytest.approx(sum(tops) / len(tops))

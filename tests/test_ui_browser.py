@@ -789,7 +789,9 @@ def test_live_tab_plots_online_rounds_over_rounds(new_page, runs_made, server):
         numbers = {"rounds_right_answers": 0.3 + r / 50, "rounds_well_formed": 0.5 + r / 40,
                    "rounds_implicit_accuracy": 0.66, "rounds_reward_rank": 2.2 - r / 10, "rounds_reward_score": -49 + r}
         if r:
-            numbers.update(rounds_sampled_reward_score=-50 + r, rounds_sampled_right_answers=0.3)
+            numbers.update(rounds_sampled_reward_score=-50 + r, rounds_sampled_right_answers=0.3,
+                           rounds_sampled_well_formed=0.9, rounds_sampled_empty=0.0,
+                           rounds_sampled_ranker_right=0.6 + r / 100, rounds_sampled_best_right=0.7)
             events.append({"time": t0 + r, "type": "metrics", "stage": "rounds", "round": r, "part": "dpo",
                            "step": 10, "loss": 1.5})
         events.append({"time": t0 + r + 0.5, "type": "metrics", "stage": "rounds", "step": r, "round": r, **numbers})
@@ -805,14 +807,20 @@ def test_live_tab_plots_online_rounds_over_rounds(new_page, runs_made, server):
     legend = ("(id) => [...document.querySelectorAll('#' + id + ' g.role-legend-label text')]"
               ".map(t => t.textContent)")
     for elem_id, series, points in (("plot-rounds_held_out", ["right answers", "well-formed", "implicit accuracy"], 33),
-                                    ("plot-rounds_reward", ["held-out answers", "sampled answers"], 21)):
+                                    ("plot-rounds_reward", ["held-out answers", "sampled answers"], 21),
+                                    # the ranker check: the reward model on the policy's own answers
+                                    ("plot-rounds_sampled", ["right answers", "well-formed", "empty",
+                                                             "reward model: right > wrong",
+                                                             "reward model's top answer right"], 50)):
         marks = (f"[...document.querySelectorAll('#{elem_id} g.mark-symbol.role-mark path')].filter(m => {{"
                  "const b = m.getBoundingClientRect(); return b.width >= 3 && getComputedStyle(m).opacity !== '0'; })")
         p.wait_for_function(f"{marks}.length == {points}", timeout=30_000)
         state = plot_state(p, elem_id)
         x_axis = next(a for a in state["axes"] if a.startswith("X-axis"))
-        assert x_axis.startswith("X-axis titled 'round' for a discrete scale with 11 values: 0, 1, 2"), x_axis
-        assert state["labels"][:11] == rounds, state["labels"]
+        shown = rounds[1:] if elem_id == "plot-rounds_sampled" else rounds   # samples start at round 1
+        assert x_axis.startswith(f"X-axis titled 'round' for a discrete scale with {len(shown)} values: "
+                                 f"{', '.join(shown[:3])}"), x_axis
+        assert state["labels"][:len(shown)] == shown, state["labels"]
         assert p.evaluate(legend, elem_id) == series
 
 

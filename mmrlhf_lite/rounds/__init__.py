@@ -169,15 +169,28 @@ def format_rounds(history: list[dict]) -> str:
                      + (f"{drop['degenerate']} / {drop['tied']} |" if drop else "- |"))
     lines += ["", "The answers each round sampled (from the policy it started from), every sample counted: the reward "
               "model's mean score beside what it cannot game.", "",
-              "| round | samples | reward score | right answers | well-formed | empty | length (words) | KL to pi_0 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| round | samples | reward score | right answers | well-formed | empty | length (words) | KL to pi_0 | "
+              "reward model: right > wrong (pairs) | its top answer right (prompts) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for h in history:
         sm = h.get("sampled")
         if sm:
             lines.append(f"| {h['round']} | {sm['samples']} | {_num(sm['reward_score'])} | {_pct(sm['right_answers'])} | "
                          f"{_pct(sm['well_formed'])} | {_pct(sm['empty'])} | {_num(sm['length_words'], 1)} | "
-                         f"{_num(sm['kl_to_initial'])} |")
+                         f"{_num(sm['kl_to_initial'])} | {_checked(sm, 'ranker_right', 'ranker_pairs')} | "
+                         f"{_checked(sm, 'best_right', 'best_prompts')} |")
+    lines += ["", "The last two columns check the reward model on the policy's own answers where the data knows which "
+              "are right (each distinct answer once): near 50% it ranks them by chance, and the round trains its "
+              "mistakes in (docs/rounds.md)."]
     return "\n".join(lines) + "\n"
+
+
+def _checked(sampled: dict, share: str, count: str) -> str:
+    """A ranker check's share with its count; '-' where the data knows no right answer (or a round of an older
+    version did not record it)."""
+    if sampled.get(share) is None:
+        return "-"
+    return f"{_pct(sampled[share])} ({sampled[count]})"
 
 
 __all__ = ["ROUND_FILE", "REPORT_FILE", "SUMMARY_FILE", "format_rounds", "round_dir", "rounds_done",

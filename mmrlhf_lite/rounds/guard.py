@@ -11,6 +11,12 @@ from, KL(pi || pi_0), estimated from the round's own samples:
 (the plain Monte-Carlo estimator, "k1" in Schulman's note on KL approximations: unbiased, in nats per answer, and
 negative by chance when the two policies barely differ). `stop_reason` is the early-stop rule of `rounds.patience`.
 
+Where the data knows the right answer, each round also checks the ranker itself on the policy's own answers
+(`ranker_check`): of the pairs of distinct answers to one prompt where one is right and the other wrong, the share
+the reward model scores right-above-wrong, and of the prompts with both kinds, the share whose top-scored answer is
+right. Those are the pairs and the best answers the round trains on; a reward model that ranks human-written
+responses well can rank the policy's near-duplicates near chance (docs/rounds.md, "Why the rounds fail here").
+
     python -m pytest -q tests/test_rounds_guard.py
 """
 from __future__ import annotations
@@ -117,4 +123,35 @@ def sampled_metrics(prompts: Sequence[PromptSamples], known: set[str] | None) ->
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"samples": n, "reward_score": mean(reward), "right_answers": mean(right), "well_formed": mean(formed),
             "empty": sum(p.empty for p in prompts) / n if n else None, "length_words": mean(length),
-            "kl_to_initial": kl_estimate(kl_policy, kl_initial, kl_weights)}
+            "kl_to_initial": kl_estimate(kl_policy, kl_initial, kl_weights), **ranker_check(prompts)}
+
+
+def ranker_check(prompts: Sequence[PromptSamples]) -> dict:
+    """How well the reward model ranks the policy's own answers where the data knows which are right, each distinct
+    answer once (as the round's pairs hold them):
+
+    - `ranker_right`: over the pairs (right answer, wrong answer) of one prompt, the share whose right answer has
+      the higher score (a tie counts half), with their number `ranker_pairs`;
+    - `best_right`: over the prompts with a right and a wrong answer, the share whose top-scored answer is right
+      (a tie for the top: the share of right answers among the tied), with their number `best_prompts`.
+
+    None (and 0) where no prompt has both a right and a wrong scored answer."""
+    won, pairs, best, mixed = 0.0, 0, 0.0, 0
+    for p in prompts:
+        if p.scores is None:
+            continue
+        known = [(s, r) for s, r in zip(p.scores, p.right) if r is not None]
+        rights = [s for s, r in known if r]
+        wrongs = [s for s, r in known if not r]
+        if not rights or not wrongs:
+            continue
+        for a in rights:
+            for b in wrongs:
+                won += 1.0 if a > b else 0.5 if a == b else 0.0
+                pairs += 1
+        top = max(s for s, _ in known)
+        at_top = [r for s, r in known if s == top]
+        best += sum(at_top) / len(at_top)
+        mixed += 1
+    return {"ranker_right": won / pairs if pairs else None, "ranker_pairs": pairs,
+            "best_right": best / mixed if mixed else None, "best_prompts": mixed}

@@ -135,6 +135,12 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
                      "start_policy": str(start) if start is not None else "base",
                      "sampled": sampled_metrics(guard_view(distinct, by_prompt, scored, policy_logps, initial_logps),
                                                 known)}
+    check = summary["sampled"]
+    if check["ranker_pairs"]:
+        events.info(f"round {r}: where the data knows the right answer, the reward model scores it above a wrong one in "
+                    f"{100 * check['ranker_right']:.1f}% of {check['ranker_pairs']} such pairs of sampled answers, and "
+                    f"its top answer is right for {100 * check['best_right']:.1f}% of the {check['best_prompts']} "
+                    "prompts with both (the pairs and best answers this round trains on)", part="score")
     if ranked.dropped["degenerate"] or ranked.dropped["tied"]:
         events.info(f"round {r}: {ranked.dropped['degenerate']} prompt(s) dropped with fewer than 2 distinct non-empty "
                     f"answers, {ranked.dropped['tied']} with every answer tied (rounds.min_gap {rc.min_gap}); "

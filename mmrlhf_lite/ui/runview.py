@@ -50,7 +50,8 @@ ROUND_CURVES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("rounds_implicit_accuracy", "implicit accuracy")]),
     "rounds_sampled": ("Rounds: the round's sampled answers", "share", [
         ("rounds_sampled_right_answers", "right answers"), ("rounds_sampled_well_formed", "well-formed"),
-        ("rounds_sampled_empty", "empty")]),
+        ("rounds_sampled_empty", "empty"), ("rounds_sampled_ranker_right", "reward model: right > wrong"),
+        ("rounds_sampled_best_right", "reward model's top answer right")]),
     "rounds_reward": ("Rounds: reward model's mean score", "score", [
         ("rounds_reward_score", "held-out answers"), ("rounds_sampled_reward_score", "sampled answers")]),
     "rounds_rank": ("Rounds: reward rank of the held-out answers", "rank (1 = first)", [
