@@ -175,6 +175,12 @@ def table(task: str, per_seed: list[dict], args) -> list[str]:
                               f"{fmt([s['sampled'][r]['well_formed'] for s in per_seed], True)} / "
                               f"{fmt([s['sampled'][r]['kl_to_initial'] for s in per_seed], False)}"
                               for r in range(1, args.rounds + 1) if all(s['sampled'][r] for s in per_seed)) + ".",
+              "The reward model on each round's samples (rounds/guard.py, `ranker_check`: right above wrong in the "
+              "pairs where the data knows, / its top answer right where a prompt has both, mean over seeds; '-' "
+              "where no seed recorded it): "
+              + "; ".join(f"round {r}: {fmt([s['sampled'][r].get('ranker_right') for s in per_seed], True)} / "
+                          f"{fmt([s['sampled'][r].get('best_right') for s in per_seed], True)}"
+                          for r in range(1, args.rounds + 1) if all(s['sampled'][r] for s in per_seed)) + ".",
               "Guard (rounds.patience 2, applied after the fact): "
               + "; ".join(f"seed {s['seed']}: {s['guard'] or 'no stop'}" for s in per_seed)]
     return lines
