@@ -136,7 +136,9 @@ def ranker_check(prompts: Sequence[PromptSamples]) -> dict:
       (a tie for the top: the share of right answers among the tied), with their number `best_prompts`.
 
     None (and 0) where no prompt has both a right and a wrong scored answer."""
-    won, pairs, best, mixed = 0.0, 0, 0.0, 0
+    from ..evaluate.metrics import win_rate   # the share of first-above-second, ties half
+
+    right_scores, wrong_scores, best = [], [], []
     for p in prompts:
         if p.scores is None:
             continue
@@ -145,13 +147,10 @@ def ranker_check(prompts: Sequence[PromptSamples]) -> dict:
         wrongs = [s for s, r in known if not r]
         if not rights or not wrongs:
             continue
-        for a in rights:
-            for b in wrongs:
-                won += 1.0 if a > b else 0.5 if a == b else 0.0
-                pairs += 1
+        right_scores += [a for a in rights for _ in wrongs]
+        wrong_scores += [b for _ in rights for b in wrongs]
         top = max(s for s, _ in known)
         at_top = [r for s, r in known if s == top]
-        best += sum(at_top) / len(at_top)
-        mixed += 1
-    return {"ranker_right": won / pairs if pairs else None, "ranker_pairs": pairs,
-            "best_right": best / mixed if mixed else None, "best_prompts": mixed}
+        best.append(sum(at_top) / len(at_top))
+    return {"ranker_right": win_rate(right_scores, wrong_scores)["win_rate"], "ranker_pairs": len(right_scores),
+            "best_right": sum(best) / len(best) if best else None, "best_prompts": len(best)}
