@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_ui_support import (LONG_STEPS, REPO, TINY, demo_zip, events, free_port, jobs_report, run_report,
+from test_ui_support import (LONG, LONG_STEPS, REPO, TINY, demo_zip, events, free_port, jobs_report, run_report,
                              start_server, stop_server, wait_for, write_recipe)
 
 pytestmark = pytest.mark.browser
@@ -389,21 +389,32 @@ def fake_run(runs: Path, name: str, events: list[dict], report: bool = False) ->
     return run
 
 
-@pytest.fixture(scope="module")
-def trained(server):
-    """The tiny recipe's run `tiny-ui`, trained through every stage: started from the browser by
-    test_train_watch_stop_resume; when that test did not run (a test picked alone), trained here by the CLI."""
-    run = server.runs / "tiny-ui"
+def _made_run(server, name: str, tree: dict) -> Path:
+    """Run `name` of recipe `tree`, made from the browser by test_train_watch_stop_resume; when that test did not
+    run (a test picked alone, or the file split over workers), made here by the CLI; once done."""
+    run = server.runs / name
     if not run.exists():
         if not (server.data / DATA).exists():
             from mmrlhf_lite.data.demo import write_demo
             write_demo(server.data / Path(DATA).parent, groups=20, seed=0)
-        recipe = write_recipe(server.root / "tiny-ui.yaml", TINY)
+        recipe = write_recipe(server.root / f"{name}.yaml", tree)
         subprocess.run([sys.executable, "-m", "mmrlhf_lite.train", str(recipe), f"data.path={server.data / DATA}",
                         f"run.dir={run}", "--quiet"], check=True, timeout=900, cwd=str(REPO))
     from mmrlhf_lite.ui import jobs
-    wait_for(lambda: jobs.job_state(run).status == "done", 600, interval=1, what="tiny-ui done")
+    wait_for(lambda: jobs.job_state(run).status == "done", 600, interval=1, what=f"{name} done")
     return run
+
+
+@pytest.fixture(scope="module")
+def trained(server):
+    """The tiny recipe's run `tiny-ui`, trained through every stage."""
+    return _made_run(server, "tiny-ui", TINY)
+
+
+@pytest.fixture(scope="module")
+def long_trained(server):
+    """The long recipe's run `long-ui` (reward only), the second run the Compare tab compares."""
+    return _made_run(server, "long-ui", LONG)
 
 
 def test_upload_shows_validation_stats_and_groups(page, server, tmp_path, requests_seen):
@@ -824,7 +835,7 @@ def test_live_tab_plots_online_rounds_over_rounds(new_page, runs_made, server):
         assert p.evaluate(legend, elem_id) == series
 
 
-def test_playground_scores_answers_and_compare(page, server, trained, tmp_path, requests_seen):
+def test_playground_scores_answers_and_compare(page, server, trained, long_trained, tmp_path, requests_seen):
     tab(page, "4 · Reward playground")
     pick(page, "pg-run", "tiny-ui")
     page.locator("#pg-image input[type=file]").set_input_files(
