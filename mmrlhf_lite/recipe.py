@@ -308,6 +308,11 @@ class RoundsConfig:
                                  "each round); null = all.", gt=0, stages=ROUNDS)
     min_gap: float = _f(0.0, "Two sampled answers whose reward scores differ by no more than this are a tie (no "
                         "pair); a group whose answers are all tied is dropped and counted.", ge=0, stages=ROUNDS)
+    ranker: str = _f("reward", "What orders a round's sampled answers: `reward` (the reward model's scores) or "
+                     "`answer` (the data's `meta` answer: every right answer above every wrong one, score 1 and 0, so "
+                     "each pair's delta is 1; prompts whose right answer the data does not know are dropped and "
+                     "counted). The reward model scores every answer either way (critiques, the guard's numbers).",
+                     choices=("reward", "answer"), stages=ROUNDS)
 
 
 @dataclass

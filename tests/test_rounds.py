@@ -24,7 +24,8 @@ from mmrlhf_lite.cache.store import JsonlStore
 from mmrlhf_lite.data.groups import PreferenceGroup, Response, text_to_turn
 from mmrlhf_lite.events import read_events
 from mmrlhf_lite.recipe import load_recipe
-from mmrlhf_lite.rounds.ranking import answer_group, distinct_answers, rank_answers
+from mmrlhf_lite.rounds.ranking import (answer_group, answer_records, check_answer_ranker, distinct_answers,
+                                        rank_answers)
 from mmrlhf_lite.train import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,12 +173,12 @@ def test_degenerate_and_tied_prompts_are_dropped_and_counted():
                                                               {"score": 0.25, "critiques": ["b"]}],
                [{"score": 1.0, "critiques": ["good"]}, {"score": -1.0, "critiques": ["bad"]}]]
     ranked = rank_answers(distinct, records, min_gap=0.1)
-    assert ranked.dropped == {"degenerate": 2, "tied": 1}
+    assert ranked.dropped == {"degenerate": 2, "tied": 1, "unknown": 0}
     [kept] = ranked.groups
     assert [r.text for r in kept.responses] == ["Red.", "Blue."] and kept.pairs() == [(0, 1)]
     assert [r.critique for r in kept.responses] == ["good", "bad"] and kept.best_index() == 0
     # with no gap the near-tie is a pair
-    assert rank_answers(distinct, records, min_gap=0.0).dropped == {"degenerate": 2, "tied": 0}
+    assert rank_answers(distinct, records, min_gap=0.0).dropped == {"degenerate": 2, "tied": 0, "unknown": 0}
     assert answer_group(distinct[3]).responses == [Response("Red."), Response("Blue.")]
 
 
@@ -192,7 +193,7 @@ def test_the_round_summary_counts_what_the_caches_hold(two_rounds):
     for x in _lines(folder / "cache" / "reward.jsonl"):
         scores.setdefault(x["group_id"], []).append(x["score"])
     tied = sum(1 for v in scores.values() if len(v) >= 2 and max(v) == min(v))
-    assert h["dropped"] == {"degenerate": degenerate, "tied": tied}
+    assert h["dropped"] == {"degenerate": degenerate, "tied": tied, "unknown": 0}   # the reward ranker: none
 
 
 def _train_cli(recipe: Path, *args: str) -> subprocess.Popen:
@@ -285,6 +286,81 @@ def test_prompts_only_data_starts_from_the_base_policy(offline, tmp_path):
     from mmrlhf_lite.data.errors import DataError
     with pytest.raises(DataError, match="rounds.n > 0"):
         run_pipeline(_recipe(tmp_path / "run2", f"data.path={data / 'prompts.jsonl'}"), ["reference"], echo=False)
+
+
+def test_the_answer_ranker_orders_right_above_wrong_whatever_the_reward_model_says():
+    """rounds.ranker answer: every right answer above every wrong one (delta 1), right-right and wrong-wrong pairs
+    tied; a prompt whose right answer the data does not know is dropped as unknown; the reward model's score and
+    critiques are kept beside."""
+    from mmrlhf_lite.data.demo import answer_correct
+
+    def prompt(pid, meta):
+        return PreferenceGroup(id=pid, prompt=[text_to_turn("Which colour?", 0)], responses=[], category="majority",
+                               meta=meta)
+    meta = {"answer": "red", "choices": ["red", "green", "blue"]}
+    prompts = [prompt("a", meta), prompt("b", meta), prompt("c", meta), prompt("d", {"answer": "red"}),
+               prompt("e", meta)]
+    answers = [["Green.", "Red.", "Blue.", "It is red."],   # 2 right, 2 wrong: 4 pairs
+               ["Red.", "It is red."],                     # all right: tied
+               ["Green.", "Blue."],                        # all wrong: tied
+               ["Red.", "Green."],                         # the data cannot tell: unknown
+               ["Red.", "Red."]]                           # one distinct answer: degenerate
+    distinct = distinct_answers(prompts, answers)
+    # the reward model prefers the wrong answers, by a lot
+    reward = [[{"score": s, "critiques": [f"c{s}"]} for s in scores]
+              for scores in ([5.0, -5.0, 4.0, -4.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [0.0])]
+    by_reward = rank_answers(distinct, reward, min_gap=0.0)
+    assert sorted(by_reward.groups[0].pairs()) == [(0, 1), (0, 2), (0, 3), (2, 1), (2, 3), (3, 1)]
+    ranking = answer_records(distinct, reward, answer_correct)
+    assert ranking[3] is None and ranking[1] == [{"score": 1.0, "reward": 1.0, "critiques": ["c1.0"]},
+                                                {"score": 1.0, "reward": 2.0, "critiques": ["c2.0"]}]
+    ranked = rank_answers(distinct, ranking, min_gap=0.0)
+    assert ranked.dropped == {"degenerate": 1, "tied": 2, "unknown": 1}
+    [kept] = ranked.groups
+    assert [r.text for r in kept.responses] == ["Green.", "Red.", "Blue.", "It is red."]
+    assert sorted(kept.pairs()) == [(1, 0), (1, 2), (3, 0), (3, 2)]
+    assert [r.score for r in kept.responses] == [0.0, 1.0, 0.0, 1.0]
+    assert [r.critique for r in kept.responses] == ["c5.0", "c-5.0", "c4.0", "c-4.0"]
+    assert sorted(kept.explicit_ties) == [(0, 2), (1, 3)]
+    assert [rec["reward"] for rec in ranked.records[0]] == [5.0, -5.0, 4.0, -4.0]
+    # a gap of 1 or more ties everything: the answer ranker's scores are 1 and 0
+    assert rank_answers(distinct, ranking, min_gap=1.0).dropped["tied"] == 3
+    # no prompt whose right answer the data knows: refused before anything is sampled, naming what is missing
+    check_answer_ranker(prompts, answer_correct, 1)
+    with pytest.raises(ValueError, match=r"round 2: rounds.ranker is `answer`, but none of the round's 1 prompts "
+                                         r"names its right answer .*rounds.ranker=reward"):
+        check_answer_ranker([prompts[3]], answer_correct, 2)
+
+
+def test_a_round_ranked_by_the_data_s_answer_trains_right_over_wrong(offline, tmp_path):
+    """rounds.ranker answer, end to end: the round's margins hold scores 1 / 0 and every pair puts the answer the
+    data calls right above a wrong one (delta 1); the reward model still scored every answer (its cache and the
+    ranker check)."""
+    from mmrlhf_lite.data.demo import answer_correct
+    from mmrlhf_lite.data.readers import load_groups
+
+    run = _copy(offline, tmp_path / "run")
+    run_pipeline(_recipe(run, "rounds.n=1", "rounds.ranker=answer", "rounds.samples=4"), ["rounds"], echo=False)
+    folder = run / "rounds" / "1"
+    summary = json.loads((folder / "round.json").read_text())
+    assert set(summary["dropped"]) == {"degenerate", "tied", "unknown"} and summary["groups"] > 0
+    groups = _lines(folder / "score" / "margins.jsonl")
+    rows = {g.id: g for g in load_groups(folder / "groups.jsonl").groups}
+    assert len(groups) == summary["groups"] == len(rows)
+    for rec in groups:
+        verdicts = [answer_correct(rows[rec["group_id"]], r.text) for r in rows[rec["group_id"]].responses]
+        assert rec["scores"] == [1.0 if v else 0.0 for v in verdicts] and None not in verdicts
+        assert rec["pairs"] and all(p["delta"] == 1.0 and verdicts[p["better"]] and not verdicts[p["worse"]]
+                                    for p in rec["pairs"])
+        assert len(rec["pairs"]) == verdicts.count(True) * verdicts.count(False)
+    assert len(JsonlStore(folder / "cache" / "reward.jsonl")) >= sum(len(g["scores"]) for g in groups)
+    assert summary["sampled"]["ranker_pairs"] == sum(len(g["pairs"]) for g in groups)
+    drop = summary["dropped"]
+    row = next(x for x in (run / "rounds" / "report.md").read_text().splitlines() if x.startswith("| 1 |"))
+    assert row.endswith(f"| {drop['degenerate']} / {drop['tied']} / {drop['unknown']} |"), row
+    [metrics] = [e for e in read_events(run)[0] if e.get("type") == "metrics" and e.get("stage") == "rounds"
+                 and e.get("step") == 1 and "rounds_groups" in e]
+    assert metrics["rounds_dropped_unknown"] == drop["unknown"] and metrics["rounds_groups"] == summary["groups"]
 
 
 def test_a_prompt_s_meta_can_name_the_right_answer_for_any_data():

@@ -141,7 +141,8 @@ def _report_round(ctx, summary: dict) -> None:
     if summary["round"]:
         flat.update(rounds_groups=summary["groups"], rounds_pairs=summary["pairs"],
                     rounds_dropped_degenerate=summary["dropped"]["degenerate"],
-                    rounds_dropped_tied=summary["dropped"]["tied"])
+                    rounds_dropped_tied=summary["dropped"]["tied"],
+                    rounds_dropped_unknown=summary["dropped"].get("unknown", 0))
     ctx.events.metrics(step=summary["round"], round=summary["round"], **flat)
 
 
@@ -158,7 +159,7 @@ def format_rounds(history: list[dict]) -> str:
     lines = ["# Online MM-DPO rounds", "",
              "Held-out metrics of each round's policy (round 0: the policy the rounds started from).", "",
              "| round | right answers | well-formed | reward rank | reward score | implicit acc | groups | pairs | "
-             "dropped (degenerate / tied) |",
+             "dropped (degenerate / tied / unknown answer) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for h in history:
         ho = h["held_out"]
@@ -166,7 +167,7 @@ def format_rounds(history: list[dict]) -> str:
         lines.append(f"| {h['round']} | {_pct(ho.get('right_answers'))} | {_pct(ho.get('well_formed'))} | "
                      f"{_num(ho.get('reward_rank'), 2)} | {_num(ho.get('reward_score'))} | "
                      f"{_pct(ho.get('implicit_accuracy'))} | {h.get('groups', '-')} | {h.get('pairs', '-')} | "
-                     + (f"{drop['degenerate']} / {drop['tied']} |" if drop else "- |"))
+                     + (f"{drop['degenerate']} / {drop['tied']} / {drop.get('unknown', 0)} |" if drop else "- |"))
     lines += ["", "The answers each round sampled (from the policy it started from), every sample counted: the reward "
               "model's mean score beside what it cannot game.", "",
               "| round | samples | reward score | right answers | well-formed | empty | length (words) | KL to pi_0 | "

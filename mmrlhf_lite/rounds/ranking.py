@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..data.groups import PreferenceGroup, Response
 
@@ -58,12 +58,43 @@ class Ranked:
     dropped: dict[str, int] = field(default_factory=dict)   # degenerate / tied prompts
 
 
+def answer_records(distinct: Sequence[Distinct], records: Sequence[list[dict] | None],
+                   judge: Callable[[PreferenceGroup, str], bool | None]) -> list[list[dict] | None]:
+    """`rounds.ranker: answer`: the records that rank each prompt's answers by what the data knows, not by the reward
+    model. An answer's `score` is 1 when `judge(prompt, text)` says it is right and 0 when wrong (the reward model's
+    score moves to `reward`; its critiques stay); None for a prompt where `judge` cannot tell for some answer (it is
+    dropped as `unknown`) or that was not scored."""
+    out: list[list[dict] | None] = []
+    for d, recs in zip(distinct, records):
+        verdicts = [judge(d.prompt, t) for t in d.texts]
+        if recs is None or any(v is None for v in verdicts):
+            out.append(None)
+            continue
+        out.append([{**rec, "score": 1.0 if v else 0.0, "reward": rec.get("score")} for rec, v in zip(recs, verdicts)])
+    return out
+
+
+def check_answer_ranker(prompts: Sequence[PreferenceGroup], judge: Callable[[PreferenceGroup, str], bool | None],
+                        r: int) -> None:
+    """`rounds.ranker: answer` needs prompts whose data names the right answer: refuse before sampling when none of
+    the round's prompts does (nothing could be ranked)."""
+    if prompts and all(judge(g, "") is None for g in prompts):
+        raise ValueError(f"round {r}: rounds.ranker is `answer`, but none of the round's {len(prompts)} prompts names "
+                         "its right answer (a row's `meta` needs `answer` with `choices`, e.g. {\"answer\": \"red\", "
+                         "\"choices\": [\"red\", \"green\"]}: docs/rounds.md); add them to the data or set "
+                         "rounds.ranker=reward")
+
+
 def rank_answers(distinct: Sequence[Distinct], records: Sequence[list[dict] | None], min_gap: float) -> Ranked:
-    """`records[i]`: the reward records of `distinct[i]`'s answers (None for a prompt that was not scored)."""
-    groups, kept, dropped = [], [], {"degenerate": 0, "tied": 0}
+    """`records[i]`: the ranking records of `distinct[i]`'s answers (None: the prompt cannot be ranked: not scored,
+    or its right answer unknown to `rounds.ranker: answer`; dropped as `unknown`)."""
+    groups, kept, dropped = [], [], {"degenerate": 0, "tied": 0, "unknown": 0}
     for d, recs in zip(distinct, records):
         if len(d.texts) < 2:
             dropped["degenerate"] += 1
+            continue
+        if recs is None:
+            dropped["unknown"] += 1
             continue
         scores = [float(r["score"]) for r in recs]
         pairs, ties = [], []

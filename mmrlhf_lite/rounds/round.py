@@ -31,7 +31,7 @@ from ..cache.sharded import open_shared_store
 from ..data.groups import PreferenceGroup
 from ..runs import write_atomic
 from .guard import PromptSamples, sampled_metrics
-from .ranking import answer_group, distinct_answers, rank_answers
+from .ranking import answer_group, answer_records, check_answer_ranker, distinct_answers, rank_answers
 from .sampling import sample_answers
 
 ROUND_FILE = "round.json"
@@ -109,6 +109,9 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     events = ctx.events
     cache = folder / "cache"
     chosen = pick_prompts(prompts, rc.max_prompts, recipe.run.seed, r)
+    if rc.ranker == "answer":
+        from ..data.demo import answer_correct
+        check_answer_ranker(chosen, answer_correct, r)
     events.info(f"round {r}: {len(chosen)} prompts x {rc.samples} answers from "
                 f"{start if start is not None else 'the base model'}", part="sample")
     answers = sample_answers(ctx.with_events(events.tagged(part="sample")), chosen, start, cache, r)
@@ -122,7 +125,11 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     ref_events = ctx.with_events(events.tagged(part="reference"))
     policy_logps = reference_of(ref_events, answer_groups, cache, start)
     initial_logps = policy_logps if start == initial else reference_of(ref_events, answer_groups, cache, initial)
-    ranked = rank_answers(distinct, [by_prompt.get(id(d)) for d in distinct], rc.min_gap)
+    ranking = [by_prompt.get(id(d)) for d in distinct]
+    if rc.ranker == "answer":
+        from ..data.demo import answer_correct
+        ranking = answer_records(distinct, ranking, answer_correct)
+    ranked = rank_answers(distinct, ranking, rc.min_gap)
 
     def write_ranked() -> None:  # rank 0 writes, every rank goes on once it has
         write_margins(folder / "score" / "margins.jsonl", ranked.groups, ranked.records, {},
@@ -141,14 +148,18 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
                     f"{100 * check['ranker_right']:.1f}% of {check['ranker_pairs']} such pairs of sampled answers, and "
                     f"its top answer is right for {100 * check['best_right']:.1f}% of the {check['best_prompts']} "
                     "prompts with both (the pairs and best answers this round trains on)", part="score")
-    if ranked.dropped["degenerate"] or ranked.dropped["tied"]:
+    if any(ranked.dropped.values()):
+        unknown = (f", {ranked.dropped['unknown']} whose right answer the data does not know (rounds.ranker answer)"
+                   if ranked.dropped["unknown"] else "")
+        tied = "every answer right or every answer wrong" if rc.ranker == "answer" else "every answer tied"
         events.info(f"round {r}: {ranked.dropped['degenerate']} prompt(s) dropped with fewer than 2 distinct non-empty "
-                    f"answers, {ranked.dropped['tied']} with every answer tied (rounds.min_gap {rc.min_gap}); "
+                    f"answers, {ranked.dropped['tied']} with {tied} (rounds.min_gap {rc.min_gap}){unknown}; "
                     f"{len(ranked.groups)} groups, {summary['pairs']} pairs left")
     if not ranked.groups:
         raise ValueError(f"round {r}: every prompt's answers are degenerate or tied ({ranked.dropped}); nothing to "
                          "train on: sample more answers (rounds.samples), at a higher rounds.temperature, or lower "
-                         "rounds.min_gap")
+                         "rounds.min_gap" + (" (with rounds.ranker answer a prompt needs both a right and a wrong "
+                                             "answer)" if rc.ranker == "answer" else ""))
     reference_policy = start if dc.reference == "previous" else initial
     reference = reference_of(ref_events, ranked.groups, cache, reference_policy)   # cached above
     deltas = margins_for(ranked.groups, dc.margin_source if dc.w > 0 else "none", folder)

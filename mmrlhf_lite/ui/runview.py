@@ -60,7 +60,7 @@ ROUND_CURVES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("rounds_sampled_kl_to_initial", "KL to pi_0 (nats)"), ("rounds_sampled_length_words", "length (words)")]),
     "rounds_groups": ("Rounds: MM-DPO groups", "count", [
         ("rounds_groups", "groups"), ("rounds_pairs", "pairs"), ("rounds_dropped_degenerate", "dropped: degenerate"),
-        ("rounds_dropped_tied", "dropped: tied")]),
+        ("rounds_dropped_tied", "dropped: tied"), ("rounds_dropped_unknown", "dropped: answer unknown")]),
 }
 SPEED_CURVES = ("tokens_per_s", "gpu_mem")
 STAGE_ORDER = ("data", "reward", "score", "reference", "dpo", "eval")
