@@ -332,35 +332,42 @@ def test_the_answer_ranker_orders_right_above_wrong_whatever_the_reward_model_sa
         check_answer_ranker([prompts[3]], answer_correct, 2)
 
 
-def test_a_round_ranked_by_the_data_s_answer_trains_right_over_wrong(offline, tmp_path):
+def test_a_round_ranked_by_the_data_s_answer_trains_right_over_wrong(offline, two_rounds, tmp_path):
     """rounds.ranker answer, end to end: the round's margins hold scores 1 / 0 and every pair puts the answer the
     data calls right above a wrong one (delta 1); the reward model still scored every answer (its cache and the
-    ranker check)."""
-    from mmrlhf_lite.data.demo import answer_correct
+    ranker check). The round's samples are written into its cache first (the tiny random policy is rarely right):
+    every value the demo's questions ask for, so each prompt has exactly one right answer."""
+    from mmrlhf_lite.data.demo import KINDS, _values, answer_correct
     from mmrlhf_lite.data.readers import load_groups
 
     run = _copy(offline, tmp_path / "run")
-    run_pipeline(_recipe(run, "rounds.n=1", "rounds.ranker=answer", "rounds.samples=4"), ["rounds"], echo=False)
+    cache = run / "rounds" / "1" / "cache"
+    cache.mkdir(parents=True)
+    answers = [f"It is {v}." for kind in KINDS for v in _values(kind)]
+    lines = [{**x, "answers": answers} for x in _lines(two_rounds / "rounds" / "1" / "cache" / "samples.jsonl")]
+    (cache / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_pipeline(_recipe(run, "rounds.n=1", "rounds.ranker=answer"), ["rounds"], echo=False)
     folder = run / "rounds" / "1"
     summary = json.loads((folder / "round.json").read_text())
-    assert set(summary["dropped"]) == {"degenerate", "tied", "unknown"} and summary["groups"] > 0
+    assert summary["prompts"] == len(lines) and summary["samples"] == len(lines) * len(answers)   # none sampled
+    assert summary["dropped"] == {"degenerate": 0, "tied": 0, "unknown": 0} and summary["groups"] == len(lines)
     groups = _lines(folder / "score" / "margins.jsonl")
     rows = {g.id: g for g in load_groups(folder / "groups.jsonl").groups}
-    assert len(groups) == summary["groups"] == len(rows)
+    assert len(groups) == len(rows) == len(lines)
     for rec in groups:
         verdicts = [answer_correct(rows[rec["group_id"]], r.text) for r in rows[rec["group_id"]].responses]
-        assert rec["scores"] == [1.0 if v else 0.0 for v in verdicts] and None not in verdicts
-        assert rec["pairs"] and all(p["delta"] == 1.0 and verdicts[p["better"]] and not verdicts[p["worse"]]
-                                    for p in rec["pairs"])
-        assert len(rec["pairs"]) == verdicts.count(True) * verdicts.count(False)
-    assert len(JsonlStore(folder / "cache" / "reward.jsonl")) >= sum(len(g["scores"]) for g in groups)
+        assert verdicts.count(True) == 1 and verdicts.count(False) == len(answers) - 1
+        assert rec["scores"] == [1.0 if v else 0.0 for v in verdicts]
+        right = verdicts.index(True)
+        assert sorted((p["better"], p["worse"], p["delta"]) for p in rec["pairs"]) == [
+            (right, w, 1.0) for w in range(len(answers)) if w != right]
+    assert len(JsonlStore(folder / "cache" / "reward.jsonl")) == len(lines) * len(answers)   # all scored
     assert summary["sampled"]["ranker_pairs"] == sum(len(g["pairs"]) for g in groups)
-    drop = summary["dropped"]
     row = next(x for x in (run / "rounds" / "report.md").read_text().splitlines() if x.startswith("| 1 |"))
-    assert row.endswith(f"| {drop['degenerate']} / {drop['tied']} / {drop['unknown']} |"), row
+    assert row.endswith("| 0 / 0 / 0 |"), row
     [metrics] = [e for e in read_events(run)[0] if e.get("type") == "metrics" and e.get("stage") == "rounds"
                  and e.get("step") == 1 and "rounds_groups" in e]
-    assert metrics["rounds_dropped_unknown"] == drop["unknown"] and metrics["rounds_groups"] == summary["groups"]
+    assert metrics["rounds_dropped_unknown"] == 0 and metrics["rounds_groups"] == len(lines)
 
 
 def test_a_prompt_s_meta_can_name_the_right_answer_for_any_data():
@@ -502,3 +509,18 @@ def test_a_round_s_groups_are_a_data_file_with_the_answers_scores_and_critiques(
         assert [{"better": b, "worse": w} for b, w in g.pairs()] == [{k: p[k] for k in ("better", "worse")}
                                                                       for p in m["pairs"]]
         assert all(Path(p).is_file() for p in g.images)
+
+
+def test_the_rounds_report_counts_each_kind_of_dropped_prompt():
+    """rounds/report.md's dropped column: degenerate / tied / unknown answer; a round written before the answer
+    ranker (no `unknown` key) reads 0 there, and round 0 (nothing sampled) '-'."""
+    from mmrlhf_lite.rounds import format_rounds
+
+    held = {"right_answers": 0.5, "well_formed": 0.9, "reward_rank": 1.5, "reward_score": -3.0, "implicit_accuracy": 0.8}
+    history = [{"round": 0, "held_out": held},
+               {"round": 1, "held_out": held, "groups": 9, "pairs": 20,
+                "dropped": {"degenerate": 4, "tied": 2, "unknown": 3}},
+               {"round": 2, "held_out": held, "groups": 8, "pairs": 18, "dropped": {"degenerate": 5, "tied": 1}}]
+    rows = [x for x in format_rounds(history).splitlines() if x.startswith("| ")]
+    assert rows[0].endswith("| dropped (degenerate / tied / unknown answer) |")
+    assert [r.rsplit("|", 2)[1].strip() for r in rows[1:4]] == ["-", "4 / 2 / 3", "5 / 1 / 0"]
