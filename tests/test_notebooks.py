@@ -97,6 +97,8 @@ def test_notebook_executes_on_the_demo_recipe(path, tmp_path, monkeypatch, cache
                    for h in summary["history"][1:])
         shown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs if o.output_type == "display_data")
         assert "| round | right answers |" in shown and "| prompt | answer | score | critique |" in shown
+        # rounds.steps 0 is one pass over each round's groups (not dpo.train.max_steps, which it once printed)
+        assert "ranked by the reward model, one pass of MM-DPO over each round's groups" in text
     else:
         report = json.loads((run_dir / "eval" / "report.json").read_text())
         assert report["policy"]["implicit_accuracy"] is not None
