@@ -479,11 +479,18 @@ def test_the_dry_run_says_what_the_rounds_will_do(tmp_path, capsys):
     plan = dry_run(recipe, list(recipe.run.stages))
     train, evals = _data(recipe)
     assert plan["rounds"] == {"n": 2, "samples": 3, "prompts": len(train), "which": "all", "max_prompts": 5,
-                              "steps": 2, "reference": "previous", "held_out": len(evals), "held_out_prompts": 0}
+                              "steps": 2, "reference": "previous", "held_out": len(evals), "held_out_prompts": 0,
+                              "ranker": "reward"}
     out = capsys.readouterr().out
     assert "stages: reward, score, reference, dpo, eval, rounds\n" in out
     assert (f"rounds: 2 online round(s), 3 answers for each of {len(train)} prompts (rounds.prompts all, 5 a round), "
-            f"2 MM-DPO steps each, reference: the previous policy; held out: {len(evals)} groups, 0 prompts") in out
+            f"2 MM-DPO steps each, reference: the previous policy; held out: {len(evals)} groups, 0 prompts\n"
+            "  ranked by the reward model\n") in out
+    # the answer ranker: how many prompts the data can judge (every demo prompt here: no safety prompts)
+    plan = dry_run(_recipe(tmp_path / "run", "rounds.n=2", "rounds.ranker=answer"), list(recipe.run.stages))
+    assert plan["rounds"]["ranker"] == "answer" and plan["rounds"]["answer_known"] == len(train) > 0
+    assert not plan["errors"] and (f"  ranked by the data's own answer ({len(train)} of the prompts name it; the others "
+                                   "are dropped as unknown)") in capsys.readouterr().out
     # without rounds: no rounds line, and the stage is not listed
     plan = dry_run(_recipe(tmp_path / "run"), list(recipe.run.stages))
     assert plan["rounds"] is None and "rounds:" not in capsys.readouterr().out
@@ -524,3 +531,21 @@ def test_the_rounds_report_counts_each_kind_of_dropped_prompt():
     rows = [x for x in format_rounds(history).splitlines() if x.startswith("| ")]
     assert rows[0].endswith("| dropped (degenerate / tied / unknown answer) |")
     assert [r.rsplit("|", 2)[1].strip() for r in rows[1:4]] == ["-", "4 / 2 / 3", "5 / 1 / 0"]
+
+
+def test_the_plan_refuses_the_answer_ranker_when_no_prompt_names_its_answer(tmp_path):
+    """The dry run (and the UI's pre-flight, which reads the same plan) says before anything runs that
+    rounds.ranker answer has nothing to judge with; prompts that name their answer are counted."""
+    from mmrlhf_lite.plan import rounds_plan
+
+    def prompt(pid, meta):
+        return PreferenceGroup(id=pid, prompt=[text_to_turn("Which colour?", 0)], responses=[], meta=meta)
+    blind = [prompt("a", None), prompt("b", {"answer": "red"})]     # without its choices the check cannot tell
+    recipe = _recipe(tmp_path / "run", "rounds.n=1", "rounds.ranker=answer")
+    plan = rounds_plan(recipe, ["rounds"], [], [], (blind, []))
+    assert plan["answer_known"] == 0 and plan["error"].startswith(
+        "rounds.ranker is `answer`, but none of the 2 prompts the rounds sample names its right answer")
+    known = blind + [prompt("c", {"answer": "red", "choices": ["red", "blue"]})]
+    plan = rounds_plan(recipe, ["rounds"], [], [], (known, []))
+    assert plan["answer_known"] == 1 and "error" not in plan
+    assert "error" not in rounds_plan(_recipe(tmp_path / "run", "rounds.n=1"), ["rounds"], [], [], (blind, []))

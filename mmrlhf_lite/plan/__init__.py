@@ -100,9 +100,18 @@ def rounds_plan(recipe: Recipe, stages: Sequence[str], train_groups, eval_groups
     n = len(train_prompts) + (len(train_groups) if rc.prompts == "all" else 0)
     one_pass = dataclasses.replace(recipe.dpo.train, max_steps=0, epochs=1.0)
     steps = rc.steps or f"up to {optimizer_steps(one_pass, min(n, rc.max_prompts or n))['steps']}"
-    return {"n": rc.n, "samples": rc.samples, "prompts": n, "which": rc.prompts, "max_prompts": rc.max_prompts,
-            "steps": steps, "reference": recipe.dpo.reference, "held_out": len(eval_groups),
-            "held_out_prompts": len(eval_prompts)}
+    out = {"n": rc.n, "samples": rc.samples, "prompts": n, "which": rc.prompts, "max_prompts": rc.max_prompts,
+           "steps": steps, "reference": recipe.dpo.reference, "held_out": len(eval_groups),
+           "held_out_prompts": len(eval_prompts), "ranker": rc.ranker}
+    if rc.ranker == "answer":   # how many of the sampled prompts the data can judge (rounds/ranking.py)
+        from ..data.demo import answer_correct
+        sampled = list(train_prompts) + (list(train_groups) if rc.prompts == "all" else [])
+        out["answer_known"] = sum(answer_correct(g, "") is not None for g in sampled)
+        if sampled and not out["answer_known"]:
+            out["error"] = (f"rounds.ranker is `answer`, but none of the {len(sampled)} prompts the rounds sample names "
+                            "its right answer (a row's `meta` needs `answer` with `choices`: docs/rounds.md); add them "
+                            "to the data or set rounds.ranker=reward")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +136,9 @@ def make_plan(recipe: Recipe, stages: Sequence[str], train_groups: Sequence[Pref
             steps[stage] = {"section": section, **optimizer_steps(cfg, n)}
     if too_long:
         errors.append(f"{len(too_long)} sequence(s) longer than max_length (listed above)")
+    rounds = rounds_plan(recipe, stages, train_groups, eval_groups, prompts)
+    if rounds and rounds.get("error"):
+        errors.append(rounds["error"])
     notes, warnings = [], []
     memory = memory_plan(recipe, stages, tokens, per_group, config, config_source, gpu_mem)
     if memory.get("fits") is False:
@@ -147,7 +159,7 @@ def make_plan(recipe: Recipe, stages: Sequence[str], train_groups: Sequence[Pref
         "steps": steps,
         "memory": memory,
         "too_long": too_long,
-        "rounds": rounds_plan(recipe, stages, train_groups, eval_groups, prompts),
+        "rounds": rounds,
         "notes": notes,
         "warnings": warnings,
         "errors": errors,

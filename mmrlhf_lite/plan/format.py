@@ -126,7 +126,10 @@ def format_plan(plan: dict) -> str:
         lines += ["", f"rounds: {r['n']} online round(s), {r['samples']} answers for each of {r['prompts']} prompts "
                       f"(rounds.prompts {r['which']}{', ' + str(r['max_prompts']) + ' a round' if r['max_prompts'] else ''})"
                       f", {r['steps']} MM-DPO steps each, reference: the {r['reference']} policy; held out: "
-                      f"{r['held_out']} groups, {r['held_out_prompts']} prompts"]
+                      f"{r['held_out']} groups, {r['held_out_prompts']} prompts",
+                  "  ranked by " + ("the reward model" if r.get("ranker", "reward") == "reward" else
+                                    f"the data's own answer ({r.get('answer_known', 0)} of the prompts name it; the "
+                                    "others are dropped as unknown)")]
     if plan["too_long"]:
         lines += ["", f"too long ({len(plan['too_long'])}):"]
         lines += [f"  [{x['limit']}] {x['message']}" for x in plan["too_long"][:TOO_LONG_SHOWN]]
