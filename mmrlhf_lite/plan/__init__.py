@@ -103,14 +103,13 @@ def rounds_plan(recipe: Recipe, stages: Sequence[str], train_groups, eval_groups
     out = {"n": rc.n, "samples": rc.samples, "prompts": n, "which": rc.prompts, "max_prompts": rc.max_prompts,
            "steps": steps, "reference": recipe.dpo.reference, "held_out": len(eval_groups),
            "held_out_prompts": len(eval_prompts), "ranker": rc.ranker}
-    if rc.ranker == "answer":   # how many of the sampled prompts the data can judge (rounds/ranking.py)
+    if rc.ranker == "answer":   # how many of the sampled prompts the data can judge (the round refuses at 0)
         from ..data.demo import answer_correct
+        from ..rounds.ranking import judged_prompts, no_answer_error
         sampled = list(train_prompts) + (list(train_groups) if rc.prompts == "all" else [])
-        out["answer_known"] = sum(answer_correct(g, "") is not None for g in sampled)
+        out["answer_known"] = judged_prompts(sampled, answer_correct)
         if sampled and not out["answer_known"]:
-            out["error"] = (f"rounds.ranker is `answer`, but none of the {len(sampled)} prompts the rounds sample names "
-                            "its right answer (a row's `meta` needs `answer` with `choices`: docs/rounds.md); add them "
-                            "to the data or set rounds.ranker=reward")
+            out["error"] = no_answer_error(f"the {len(sampled)} prompts the rounds sample")
     return out
 
 

@@ -74,15 +74,25 @@ def answer_records(distinct: Sequence[Distinct], records: Sequence[list[dict] | 
     return out
 
 
+def judged_prompts(prompts: Sequence[PreferenceGroup], judge: Callable[[PreferenceGroup, str], bool | None]) -> int:
+    """How many of `prompts` the data can judge (`judge` knows their right answer): what `rounds.ranker: answer`
+    can rank; the others are dropped as `unknown`."""
+    return sum(judge(g, "") is not None for g in prompts)
+
+
+def no_answer_error(what: str) -> str:
+    """The message when none of `what` (e.g. "the round's 5 prompts") names its right answer."""
+    return (f"rounds.ranker is `answer`, but none of {what} names its right answer (a row's `meta` needs `answer` with "
+            "`choices`, e.g. {\"answer\": \"red\", \"choices\": [\"red\", \"green\"]}: docs/rounds.md); add them to "
+            "the data or set rounds.ranker=reward")
+
+
 def check_answer_ranker(prompts: Sequence[PreferenceGroup], judge: Callable[[PreferenceGroup, str], bool | None],
                         r: int) -> None:
     """`rounds.ranker: answer` needs prompts whose data names the right answer: refuse before sampling when none of
-    the round's prompts does (nothing could be ranked)."""
-    if prompts and all(judge(g, "") is None for g in prompts):
-        raise ValueError(f"round {r}: rounds.ranker is `answer`, but none of the round's {len(prompts)} prompts names "
-                         "its right answer (a row's `meta` needs `answer` with `choices`, e.g. {\"answer\": \"red\", "
-                         "\"choices\": [\"red\", \"green\"]}: docs/rounds.md); add them to the data or set "
-                         "rounds.ranker=reward")
+    the round's prompts does (nothing could be ranked). The dry run says the same (plan.rounds_plan)."""
+    if prompts and not judged_prompts(prompts, judge):
+        raise ValueError(f"round {r}: " + no_answer_error(f"the round's {len(prompts)} prompts"))
 
 
 def rank_answers(distinct: Sequence[Distinct], records: Sequence[list[dict] | None], min_gap: float) -> Ranked:

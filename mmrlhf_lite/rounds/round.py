@@ -109,8 +109,8 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     events = ctx.events
     cache = folder / "cache"
     chosen = pick_prompts(prompts, rc.max_prompts, recipe.run.seed, r)
+    from ..data.demo import answer_correct   # what the data calls right (rounds.ranker answer)
     if rc.ranker == "answer":
-        from ..data.demo import answer_correct
         check_answer_ranker(chosen, answer_correct, r)
     events.info(f"round {r}: {len(chosen)} prompts x {rc.samples} answers from "
                 f"{start if start is not None else 'the base model'}", part="sample")
@@ -127,7 +127,6 @@ def run_round(ctx, r: int, start: Path | None, initial: Path | None, prompts: li
     initial_logps = policy_logps if start == initial else reference_of(ref_events, answer_groups, cache, initial)
     ranking = [by_prompt.get(id(d)) for d in distinct]
     if rc.ranker == "answer":
-        from ..data.demo import answer_correct
         ranking = answer_records(distinct, ranking, answer_correct)
     ranked = rank_answers(distinct, ranking, rc.min_gap)
 
