@@ -802,7 +802,9 @@ def test_live_tab_plots_online_rounds_over_rounds(new_page, runs_made, server):
         if r:
             numbers.update(rounds_sampled_reward_score=-50 + r, rounds_sampled_right_answers=0.3,
                            rounds_sampled_well_formed=0.9, rounds_sampled_empty=0.0,
-                           rounds_sampled_ranker_right=0.6 + r / 100, rounds_sampled_best_right=0.7)
+                           rounds_sampled_ranker_right=0.6 + r / 100, rounds_sampled_best_right=0.7,
+                           rounds_groups=40 + r, rounds_pairs=120 + r, rounds_dropped_degenerate=30,
+                           rounds_dropped_tied=20 - r, rounds_dropped_unknown=5)
             events.append({"time": t0 + r, "type": "metrics", "stage": "rounds", "round": r, "part": "dpo",
                            "step": 10, "loss": 1.5})
         events.append({"time": t0 + r + 0.5, "type": "metrics", "stage": "rounds", "step": r, "round": r, **numbers})
@@ -822,13 +824,16 @@ def test_live_tab_plots_online_rounds_over_rounds(new_page, runs_made, server):
                                     # the ranker check: the reward model on the policy's own answers
                                     ("plot-rounds_sampled", ["right answers", "well-formed", "empty",
                                                              "reward model: right > wrong",
-                                                             "reward model's top answer right"], 50)):
+                                                             "reward model's top answer right"], 50),
+                                    # what the round trained on, and what it dropped (unknown: rounds.ranker answer)
+                                    ("plot-rounds_groups", ["groups", "pairs", "dropped: degenerate", "dropped: tied",
+                                                            "dropped: answer unknown"], 50)):
         marks = (f"[...document.querySelectorAll('#{elem_id} g.mark-symbol.role-mark path')].filter(m => {{"
                  "const b = m.getBoundingClientRect(); return b.width >= 3 && getComputedStyle(m).opacity !== '0'; })")
         p.wait_for_function(f"{marks}.length == {points}", timeout=30_000)
         state = plot_state(p, elem_id)
         x_axis = next(a for a in state["axes"] if a.startswith("X-axis"))
-        shown = rounds[1:] if elem_id == "plot-rounds_sampled" else rounds   # samples start at round 1
+        shown = rounds if elem_id in ("plot-rounds_held_out", "plot-rounds_reward") else rounds[1:]   # samples: round 1 on
         assert x_axis.startswith(f"X-axis titled 'round' for a discrete scale with {len(shown)} values: "
                                  f"{', '.join(shown[:3])}"), x_axis
         assert state["labels"][:len(shown)] == shown, state["labels"]
