@@ -526,4 +526,6 @@ def _attach_file_log(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .distributed import exit_rank
+
+    exit_rank(main())   # sys.exit(...) in one process; a rank of a launch skips the interpreter's teardown

@@ -687,6 +687,79 @@ def test_eval_split_over_two_ranks_writes_the_report_of_one_process(single_eval,
         assert rates["rank0_groups_per_s"] > 0 and rates["rank1_groups_per_s"] > 0, rates
 
 
+_SPINNING_RANK = """
+import atexit, runpy, sys, threading, torch
+marker = sys.argv.pop(1)
+a = torch.randn(800, 800)
+def spin():   # a thread inside torch (gil released) whenever the interpreter starts its teardown
+    while True:
+        torch.mm(a, a)
+threading.Thread(target=spin, daemon=True).start()
+atexit.register(lambda: open(marker, "w").write("atexit ran"))
+sys.argv[0] = "mmrlhf_lite.train"
+runpy.run_module("mmrlhf_lite.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_rank_s_exit_code_survives_a_thread_still_in_torch_at_exit(tmp_path):
+    """A rank of a launch (WORLD_SIZE 2) exits with the code its command chose, even with a C++ thread still
+    inside torch when it ends: the interpreter's teardown, where such a thread (gloo's, in the CI failure at
+    3359e87) aborts the process with "terminate called without an active exception" (SIGABRT, exit -6 instead
+    of a clean stop's 3), is skipped; the atexit handlers still run. Here the thread is a Python daemon thread
+    in torch.mm and the command a recipe error (exit 2, before any group is joined): with `sys.exit(main())`
+    every run of it aborted (5 of 5 seen)."""
+    script = tmp_path / "rank.py"
+    script.write_text(_SPINNING_RANK)
+    marker = tmp_path / "atexit.txt"
+    env = _env(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, str(script), str(marker), str(REPO / "recipes" / "demo.yaml"),
+                           "run.no_such_key=1", "-q"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "no_such_key" in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    assert marker.read_text() == "atexit ran"
+
+
+_GLOO_THREADS = """
+import os
+from mmrlhf_lite.distributed import collectives as C
+def runloops():
+    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop" for t in os.listdir("/proc/self/task"))
+C.init("cpu")
+C.on_main("x", lambda: 1); C.gather(1); C.any_rank(False)
+before = runloops()
+C.destroy()
+print("runloops", before, runloops(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_leaving_the_group_ends_both_groups_gloo_threads(tmp_path):
+    """`destroy` ends the gloo threads of both groups a launch joins (the default one and `on_main`'s), so none
+    is left for the interpreter's teardown: the module's own reference kept `on_main`'s group, with its 2 work
+    threads, alive after destroy_process_group. Two ranks started by hand (env://), no launcher."""
+    script = tmp_path / "groups.py"
+    script.write_text(_GLOO_THREADS)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script)], env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                              LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for r in (0, 1)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        counts = re.findall(r"runloops (\d+) (\d+)", out)
+        assert counts and int(counts[0][0]) >= 4 and counts[0][1] == "0", out[-3000:]
+
+
 def test_a_stopped_run_leaves_the_process_group_like_a_finished_one(tmp_path, monkeypatch, capsys):
     """Every rank stops at one point (StageStopped, exit code 3) and then leaves the process group as a finished
     run does; a rank that exited without it kept its gloo connections open, and was seen to abort at exit

@@ -16,7 +16,8 @@ What a stage asks (the whole interface; docs/distributed.md, "The seam"):
 | wait until every rank got here                  | `barrier(what)`                                    | nothing              |
 | train over the ranks                            | `class GroupTrainer(TrainerOverRanks, Trainer)`    | the plain Trainer    |
 
-and the CLI (train.py) starts and ends the launch: `start(backend, device_type) -> Launch`, `destroy()`.
+and the CLI (train.py) starts and ends the launch: `start(backend, device_type) -> Launch`, `destroy()`,
+and every rank's process ends through `exit_rank(code)`.
 Failures of another rank, or a collective past its timeout, raise `RankFailure`.
 
 Behind the seam: the launcher (`torchrun` / `accelerate launch`) starts N copies of `python -m
@@ -33,7 +34,7 @@ variables (a plain `python -m ...`) every helper is a no-op.
 The package's modules, each importable alone:
 - `launch`: rank, world size, the sharding choice, `alone()`: the environment only;
 - `collectives`: `start`, `init`, barriers, sums, gathers, `on_main`, `any_rank`, `average_gradients`,
-  `destroy`;
+  `destroy`, `exit_rank`;
 - `fsdp`: sharding the frozen base (`shard_model`, `shard`), `forward` through the root unit, trainable
   state to and from shards;
 - `lockstep`: the work split by content (`shares`), batches run in lockstep, `sharded_map`;
@@ -41,8 +42,8 @@ The package's modules, each importable alone:
 
     torchrun --nproc_per_node 2 -m mmrlhf_lite.train recipes/demo.yaml
 """
-from .collectives import (Launch, all_reduce_max, all_reduce_sum, average_gradients, barrier, destroy, gather, init,
-                          on_main, start, any_rank)
+from .collectives import (Launch, all_reduce_max, all_reduce_sum, any_rank, average_gradients, barrier, destroy,
+                          exit_rank, gather, init, on_main, start)
 from .fsdp import (forward, load_trainable_state, shard, shard_model, shard_units, sharded_numel, sharded_root,
                    trainable_state)
 from .launch import (DEFAULT_TIMEOUT_S, DEFAULT_WAIT_S, SUPPORTED, TIMEOUT_ENV, WAIT_TIMEOUT_ENV, RankFailure, alone,
@@ -57,7 +58,7 @@ SEAM = ("shard", "shards_base", "forward", "shares", "run_in_lockstep", "sharded
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DEFAULT_WAIT_S", "SEAM", "SUPPORTED", "TIMEOUT_ENV", "WAIT_TIMEOUT_ENV", "Launch",
            "RankFailure", "TrainerOverRanks", "all_reduce_max", "all_reduce_sum", "alone", "average_gradients",
-           "barrier", "check_launch", "chunk_seed", "destroy", "forward", "gather", "init", "is_distributed",
+           "barrier", "check_launch", "chunk_seed", "destroy", "exit_rank", "forward", "gather", "init", "is_distributed",
            "is_main", "load_trainable_state", "local_rank", "on_main", "rank", "rank_of", "run_in_lockstep", "shard",
            "shard_model", "shard_units", "sharded_map", "shares", "sharded_numel", "sharded_root", "sharding",
            "shards_base", "start", "any_rank", "timeout_s", "trainable_state", "world_size"]

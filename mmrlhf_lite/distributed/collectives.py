@@ -10,11 +10,13 @@ the failed rank); a collective that does not complete within `MMRLHF_LITE_DIST_T
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
@@ -213,14 +215,41 @@ def destroy() -> None:
     """Leave the process group once every rank is done with it. Without the barrier a rank that finished
     first could tear down its gloo connections while another still completed the last collective: seen as
     an intermittent "terminate called without an active exception" (SIGABRT) of that rank at exit, in 3 of
-    28 runs of a 2-rank FSDP2 script on CPU, none in 24 runs with a barrier before destroy_process_group."""
+    28 runs of a 2-rank FSDP2 script on CPU, none in 24 runs with a barrier before destroy_process_group.
+    The `on_main` group is let go too: held here, its gloo threads outlived destroy_process_group (seen with
+    the threads' names in /proc). A failure here is logged, not raised: the run's outcome is already known."""
     if _group_ready():
         import torch.distributed as dist
         try:
             dist.barrier()
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort at exit
+            logging.getLogger(__name__).debug("leaving the process group: %s", _short(exc))
+    _wait["group"] = None
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this process with `code`, as `sys.exit(code)` does outside a launch. In a launch (WORLD_SIZE > 1)
+    the interpreter's own teardown is skipped: the atexit handlers run while everything is alive (logging's
+    flush and close, multiprocessing's children, temporary folders), stdout and stderr are flushed, then
+    `os._exit(code)`. In that teardown a C++ thread that torch still runs (gloo's, whose process group outlives
+    destroy_process_group while torch holds it) can reach for the interpreter as it goes away and abort the
+    whole process ("terminate called without an active exception", SIGABRT): a rank that had stopped cleanly
+    with exit code 3 was then reported by the launcher as killed by signal 6 (CI, a two-rank eval stop, at
+    3359e87). Every rank of a launch leaves through here, whatever its code."""
+    if world_size() <= 1:
+        sys.exit(code)
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):   # closed
+                pass
+        os._exit(code if isinstance(code, int) else 1)
 
 
 def _short(exc: BaseException) -> str:
