@@ -212,12 +212,11 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
 
 
 def destroy() -> None:
-    """Leave the process group once every rank is done with it. Without the barrier a rank that finished
-    first could tear down its gloo connections while another still completed the last collective: seen as
-    an intermittent "terminate called without an active exception" (SIGABRT) of that rank at exit, in 3 of
-    28 runs of a 2-rank FSDP2 script on CPU, none in 24 runs with a barrier before destroy_process_group.
-    The `on_main` group is let go too: held here, its gloo threads outlived destroy_process_group (seen with
-    the threads' names in /proc). A failure here is logged, not raised: the run's outcome is already known."""
+    """Leave the process group once every rank is done with it (the barrier: no rank tears down its gloo
+    connections while another still completes the last collective), and let go of the `on_main` group, whose
+    gloo threads outlived destroy_process_group while this module held it (seen with the threads' names in
+    /proc). A failure here is logged, not raised: the run's outcome is already known. Threads torch itself keeps
+    can still abort the interpreter's teardown; a rank skips that teardown (`exit_rank`)."""
     if _group_ready():
         import torch.distributed as dist
         try:
@@ -249,7 +248,7 @@ def exit_rank(code: int) -> NoReturn:
                 stream.flush()
             except (OSError, ValueError):   # closed
                 pass
-        os._exit(code if isinstance(code, int) else 1)
+        os._exit(code)
 
 
 def _short(exc: BaseException) -> str:
